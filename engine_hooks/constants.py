@@ -1,0 +1,86 @@
+"""Wire constants shared by every adapter and the sidecar.
+
+Plain IntEnums with the numbers of proto/enginetime/v1/ingest.proto, so the engine
+process needs no protobuf library; a test checks them against the generated enums.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+
+PROTOCOL_VERSION = 1
+HOOKS_VERSION = "0.1.0"
+
+#: Where hooks send frames and the sidecar listens when nothing else is said.
+#: Overridden by the ENGINETIME_INGEST environment variable (same syntax as
+#: ``enginetime sidecar --ingest``: ``unix:PATH`` or ``tcp:HOST:PORT``).
+DEFAULT_INGEST_ADDRESS = "unix:/tmp/enginetime/ingest.sock"
+INGEST_ENV = "ENGINETIME_INGEST"
+
+#: Largest frame the sidecar accepts; hooks never produce one this big
+#: (a 4096-entry step is ~64 KiB).
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+
+
+def ingest_address(explicit: str | None = None) -> str:
+    """The ingest address to use: explicit, else $ENGINETIME_INGEST, else the default."""
+    return explicit or os.environ.get(INGEST_ENV) or DEFAULT_INGEST_ADDRESS
+
+
+def parse_address(address: str) -> tuple[str, str | tuple[str, int]]:
+    """Split ``unix:PATH`` / ``tcp:HOST:PORT`` into (family, target).
+
+    Raises ValueError with the accepted forms when the address is not one of them.
+    """
+    if address.startswith("unix:"):
+        path = address[len("unix:"):]
+        if not path:
+            raise ValueError(f"bad ingest address {address!r}: unix: needs a path, e.g. unix:/tmp/x.sock")
+        return "unix", path
+    if address.startswith("tcp:"):
+        host, sep, port = address[len("tcp:"):].rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"bad ingest address {address!r}: expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:7070")
+        return "tcp", (host.strip("[]"), int(port))
+    raise ValueError(f"bad ingest address {address!r}: expected unix:PATH or tcp:HOST:PORT")
+
+
+class Coupling(enum.IntEnum):
+    UNSPECIFIED = 0
+    INDEPENDENT = 1
+    LOCKSTEP = 2
+
+    @classmethod
+    def parse(cls, value: Coupling | str | int) -> Coupling:
+        """Accept an enum, its number, or a name like 'lockstep' (CLI flags)."""
+        if isinstance(value, str):
+            try:
+                return cls[value.strip().upper()]
+            except KeyError:
+                raise ValueError(f"unknown coupling {value!r}: use 'independent' or 'lockstep'") from None
+        return cls(value)
+
+
+class TimerSource(enum.IntEnum):
+    UNSPECIFIED = 0
+    MONOTONIC = 1
+    CUDA_EVENT = 2
+
+
+class StepKind(enum.IntEnum):
+    UNSPECIFIED = 0
+    PREFILL = 1
+    DECODE = 2
+    MIXED = 3
+    IDLE = 4
+
+
+class EventKind(enum.IntEnum):
+    UNSPECIFIED = 0
+    ARRIVED = 1
+    SCHEDULED = 2
+    PREEMPTED = 3
+    RESUMED = 4
+    FINISHED = 5
+    ABORTED = 6

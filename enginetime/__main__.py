@@ -1,0 +1,5 @@
+import sys
+
+from enginetime.cli import main
+
+sys.exit(main())

@@ -1,0 +1,142 @@
+"""What the ledger answers with: snapshots the gRPC layer turns into protobuf.
+
+Integer nanoseconds throughout (the API layer converts to Duration/Timestamp).
+Snapshots are immutable copies: safe to hand to another task or thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class RequestState(IntEnum):
+    """Same numbers as enginetime.v1.RequestState."""
+
+    UNSPECIFIED = 0
+    QUEUED = 1
+    RUNNING = 2
+    PREEMPTED = 3
+    FINISHED = 4
+    ABORTED = 5
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RequestState.FINISHED, RequestState.ABORTED)
+
+
+@dataclass(frozen=True, slots=True)
+class BlameView:
+    request_id: str  # "" when the cause is not a single request
+    engine_id: str
+    shard: int
+    seconds_ns: int
+    same_shard: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    request_id: str
+    engine_id: str
+    shard: int
+    state: RequestState
+    arrival_time_ns: int
+    queue_time_ns: int
+    engine_time_ns: int
+    gpu_time_ns: int
+    interference_ns: int
+    wall_ns: int
+    other_ns: int
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    prefilled_tokens: int = 0
+    decoded_tokens: int = 0
+    steps: int = 0
+    excluded_steps: int = 0
+    preemptions: int = 0
+    top_blame: tuple[BlameView, ...] = ()
+    partial: bool = False
+    migrated: bool = False
+    session_id: str = ""
+    traceparent: str = ""
+    last_step_time_ns: int = 0  # 0: never in a step
+    finish_time_ns: int = 0  # 0: not finished
+    finish_reason: str = ""
+    routed_shard: int | None = None
+    #: Monotonic change counter: increases whenever any figure changes.
+    version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StormView:
+    request_id: str
+    shard: int
+    prefill_tokens: int
+    prompt_tokens: int
+    chunks: int
+    start_time_ns: int
+    stall_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShardView:
+    engine_id: str
+    shard: int
+    coupling: int
+    decode_tokens_per_second: float
+    prefill_tokens_per_second: float
+    busy_fraction: float
+    active_requests: int
+    queued_requests: int
+    current_storm: StormView | None
+    last_step_time_ns: int
+    steps: int
+    connected: bool
+    dropped_frames: int
+    engine_kind: str = ""
+    device_name: str = ""
+    timer_source: int = 0
+
+
+class InterferencePhase(IntEnum):
+    UNSPECIFIED = 0
+    STARTED = 1
+    ONGOING = 2
+    ENDED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class InterferenceView:
+    phase: InterferencePhase
+    engine_id: str
+    aggressor_request_id: str
+    aggressor_shard: int
+    aggressor_session_id: str
+    prefill_tokens: int
+    chunks: int
+    victim_shards: tuple[int, ...]
+    victim_requests: int
+    victim_ns: int
+    start_time_ns: int
+    end_time_ns: int  # 0 until ENDED
+    cross_shard: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RequestQuery:
+    """Filter for list/stream calls (mirrors enginetime.v1.RequestFilter)."""
+
+    states: frozenset[RequestState] = frozenset()
+    shard: int | None = None
+    session_id: str = ""
+    engine_id: str = ""
+    request_ids: frozenset[str] = field(default_factory=frozenset)
+
+    def matches(self, v: RequestView) -> bool:
+        return (
+            (not self.states or v.state in self.states)
+            and (self.shard is None or v.shard == self.shard)
+            and (not self.session_id or v.session_id == self.session_id)
+            and (not self.engine_id or v.engine_id == self.engine_id)
+            and (not self.request_ids or v.request_id in self.request_ids)
+        )
