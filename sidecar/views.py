@@ -96,6 +96,9 @@ class ShardView:
     engine_kind: str = ""
     device_name: str = ""
     timer_source: int = 0
+    #: Device time of this shard no request could be charged with (idle waits with no
+    #: critical shard to blame, or a critical shard that never reported).
+    unattributed_ns: int = 0
 
 
 class InterferencePhase(IntEnum):

@@ -1,0 +1,330 @@
+"""Protobuf <-> client types, argument checks and channel settings.
+
+Shared by the sync and async clients so the two cannot drift.
+
+Durations and times are converted through integer nanoseconds: a protobuf
+Duration/Timestamp is exact (seconds + nanos), and so is the ``*_ns`` integer
+the sidecar also sends; floats are derived from the integer last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from enginetime.v1 import accounting_pb2 as pb
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from .types import (
+    Blame,
+    Coupling,
+    InterferenceEvent,
+    InterferencePhase,
+    InterferenceVictims,
+    RequestAccounting,
+    RequestPage,
+    RequestState,
+    ShardStatus,
+    Storm,
+    TimerSource,
+    TokenCounts,
+    UpdateBatch,
+)
+
+NS_PER_S = 1_000_000_000
+
+#: Where ``enginetime sidecar`` serves gRPC when not told otherwise.
+DEFAULT_TARGET = "127.0.0.1:50151"
+
+#: A StreamUpdates batch for a big proxy can hold thousands of requests; grpc's
+#: 4 MiB default receive limit would cut such a stream off with a confusing error.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (("grpc.max_receive_message_length", 64 * 1024 * 1024),)
+
+Metadata = Mapping[str, str] | Iterable[tuple[str, str]] | None
+
+
+def _dur_ns(d: duration_pb2.Duration) -> int:
+    return d.seconds * NS_PER_S + d.nanos
+
+
+def _ts_ns(t: timestamp_pb2.Timestamp) -> int:
+    return t.seconds * NS_PER_S + t.nanos
+
+
+def _opt_ts_ns(msg, field: str) -> int | None:
+    return _ts_ns(getattr(msg, field)) if msg.HasField(field) else None
+
+
+def _s(ns: int | None) -> float | None:
+    return None if ns is None else ns / NS_PER_S
+
+
+def _pick_ns(msg, duration_field: str, ns_field: str) -> int:
+    """The exact ns figure: the Duration when sent, else the integer twin."""
+    if msg.HasField(duration_field):
+        return _dur_ns(getattr(msg, duration_field))
+    return int(getattr(msg, ns_field))
+
+
+def duration_from_seconds(seconds: float, what: str) -> duration_pb2.Duration:
+    """A non-negative float of seconds as a Duration; raises ValueError naming the argument."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise TypeError(f"{what} must be a number of seconds, got {seconds!r}")
+    if not seconds >= 0:  # also rejects NaN
+        raise ValueError(f"{what} must be >= 0 seconds, got {seconds!r}")
+    ns = round(seconds * NS_PER_S)
+    return duration_pb2.Duration(seconds=ns // NS_PER_S, nanos=ns % NS_PER_S)
+
+
+def blame_from_pb(m: pb.Blame) -> Blame:
+    ns = _dur_ns(m.duration)
+    return Blame(
+        request_id=m.request_id,
+        engine_id=m.engine_id,
+        shard=m.shard,
+        seconds=ns / NS_PER_S,
+        seconds_ns=ns,
+        same_shard=m.same_shard,
+    )
+
+
+def request_from_pb(m: pb.RequestAccounting) -> RequestAccounting:
+    queue = _pick_ns(m, "queue_time", "queue_time_ns")
+    engine = _pick_ns(m, "engine_time", "engine_time_ns")
+    gpu = _pick_ns(m, "gpu_time", "gpu_time_ns")
+    interference = _pick_ns(m, "interference", "interference_ns")
+    wall = _pick_ns(m, "wall", "wall_ns")
+    # `other` has no integer twin on the wire; when the sidecar left it out, the
+    # identity wall = queue + engine + interference + other gives it exactly.
+    other = _dur_ns(m.other) if m.HasField("other") else max(0, wall - queue - engine - interference)
+    arrival = _ts_ns(m.arrival_time)
+    last_step = _opt_ts_ns(m, "last_step_time")
+    finish = _opt_ts_ns(m, "finish_time")
+    return RequestAccounting(
+        request_id=m.request_id,
+        session_id=m.session_id,
+        engine_id=m.engine_id,
+        shard=m.shard,
+        state=_enum(RequestState, m.state),
+        arrival=arrival / NS_PER_S,
+        arrival_ns=arrival,
+        queue_time=queue / NS_PER_S,
+        queue_time_ns=queue,
+        engine_time=engine / NS_PER_S,
+        engine_time_ns=engine,
+        gpu_time=gpu / NS_PER_S,
+        gpu_time_ns=gpu,
+        interference=interference / NS_PER_S,
+        interference_ns=interference,
+        wall=wall / NS_PER_S,
+        wall_ns=wall,
+        other=other / NS_PER_S,
+        other_ns=other,
+        tokens=TokenCounts(
+            prompt=m.tokens.prompt,
+            cached=m.tokens.cached,
+            prefilled=m.tokens.prefilled,
+            decoded=m.tokens.decoded,
+        ),
+        steps=m.steps,
+        excluded_steps=m.excluded_steps,
+        preemptions=m.preemptions,
+        top_blame=tuple(blame_from_pb(b) for b in m.top_blame),
+        partial=m.partial,
+        last_step_time=_s(last_step),
+        last_step_time_ns=last_step,
+        migrated=m.migrated,
+        finish_time=_s(finish),
+        finish_time_ns=finish,
+        finish_reason=m.finish_reason,
+        routed_shard=m.routed_shard if m.HasField("routed_shard") else None,
+        traceparent=m.traceparent,
+    )
+
+
+def page_from_pb(m: pb.ListRequestsResponse) -> RequestPage:
+    return RequestPage(
+        requests=tuple(request_from_pb(r) for r in m.requests),
+        next_page_token=m.next_page_token,
+        total_size=m.total_size,
+    )
+
+
+def batch_from_pb(m: pb.StreamUpdatesResponse) -> UpdateBatch:
+    t = _ts_ns(m.time)
+    return UpdateBatch(
+        updates=tuple(request_from_pb(r) for r in m.updates),
+        time=t / NS_PER_S,
+        time_ns=t,
+        coalesced=m.coalesced,
+    )
+
+
+def storm_from_pb(m: pb.Storm) -> Storm:
+    start = _ts_ns(m.start_time)
+    stall = _dur_ns(m.stall)
+    return Storm(
+        request_id=m.request_id,
+        shard=m.shard,
+        prefill_tokens=m.prefill_tokens,
+        prompt_tokens=m.prompt_tokens,
+        chunks=m.chunks,
+        start_time=start / NS_PER_S,
+        start_time_ns=start,
+        stall=stall / NS_PER_S,
+        stall_ns=stall,
+    )
+
+
+def shard_from_pb(m: pb.ShardStatus) -> ShardStatus:
+    last = _opt_ts_ns(m, "last_step_time")
+    return ShardStatus(
+        engine_id=m.engine_id,
+        shard=m.shard,
+        coupling=_enum(Coupling, m.coupling),
+        decode_tokens_per_second=m.decode_tokens_per_second,
+        prefill_tokens_per_second=m.prefill_tokens_per_second,
+        busy_fraction=m.busy_fraction,
+        active_requests=m.active_requests,
+        queued_requests=m.queued_requests,
+        current_storm=storm_from_pb(m.current_storm) if m.HasField("current_storm") else None,
+        last_step_time=_s(last),
+        last_step_time_ns=last,
+        steps=m.steps,
+        connected=m.connected,
+        dropped_frames=m.dropped_frames,
+        engine_kind=m.engine_kind,
+        device_name=m.device_name,
+        timer_source=_enum(TimerSource, m.timer_source),
+    )
+
+
+def interference_from_pb(m: pb.InterferenceEvent) -> InterferenceEvent:
+    start = _ts_ns(m.start_time)
+    end = _opt_ts_ns(m, "end_time")
+    victim_ns = _dur_ns(m.victims.duration)
+    return InterferenceEvent(
+        phase=_enum(InterferencePhase, m.phase),
+        engine_id=m.engine_id,
+        aggressor_request_id=m.aggressor_request_id,
+        aggressor_shard=m.aggressor_shard,
+        aggressor_session_id=m.aggressor_session_id,
+        prefill_tokens=m.prefill_tokens,
+        chunks=m.chunks,
+        victims=InterferenceVictims(
+            shards=tuple(m.victims.shards),
+            request_count=m.victims.request_count,
+            seconds=victim_ns / NS_PER_S,
+            seconds_ns=victim_ns,
+        ),
+        start_time=start / NS_PER_S,
+        start_time_ns=start,
+        end_time=_s(end),
+        end_time_ns=end,
+        cross_shard=m.cross_shard,
+    )
+
+
+def _enum(cls, number: int):
+    """A newer sidecar may send an enum value this client does not know: keep UNSPECIFIED."""
+    try:
+        return cls(number)
+    except ValueError:
+        return cls(0)
+
+
+# --- arguments -> protobuf ------------------------------------------------------------
+
+
+def request_filter(
+    *,
+    states: Iterable[RequestState | str | int] | RequestState | str = (),
+    shard: int | None = None,
+    session_id: str = "",
+    engine_id: str = "",
+    request_ids: Iterable[str] = (),
+) -> pb.RequestFilter:
+    if isinstance(states, str | RequestState):  # one state given bare
+        states = (states,)
+    if isinstance(request_ids, str):
+        request_ids = (request_ids,)
+    f = pb.RequestFilter(
+        states=[int(RequestState.parse(s)) for s in states],
+        session_id=session_id,
+        engine_id=engine_id,
+        request_ids=list(request_ids),
+    )
+    if shard is not None:
+        f.shard = _shard(shard)
+    return f
+
+
+def _shard(shard: int) -> int:
+    if isinstance(shard, bool) or not isinstance(shard, int) or shard < 0:
+        raise ValueError(f"shard must be a non-negative int, got {shard!r}")
+    return shard
+
+
+def list_requests_request(*, page_size: int, page_token: str, **filter_kw) -> pb.ListRequestsRequest:
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= 1000:
+        raise ValueError(f"page_size must be an int from 1 to 1000, got {page_size!r}")
+    return pb.ListRequestsRequest(
+        filter=request_filter(**filter_kw), page_size=page_size, page_token=page_token
+    )
+
+
+def watch_request_request(request_id: str, min_interval: float) -> pb.WatchRequestRequest:
+    return pb.WatchRequestRequest(
+        request_id=_request_id(request_id), min_interval=duration_from_seconds(min_interval, "min_interval")
+    )
+
+
+def stream_updates_request(*, interval: float, **filter_kw) -> pb.StreamUpdatesRequest:
+    return pb.StreamUpdatesRequest(
+        filter=request_filter(**filter_kw), interval=duration_from_seconds(interval, "interval")
+    )
+
+
+def stream_interference_request(
+    *, engine_id: str, shard: int | None, min_stall: float | None
+) -> pb.StreamInterferenceRequest:
+    r = pb.StreamInterferenceRequest(engine_id=engine_id)
+    if shard is not None:
+        r.shard = _shard(shard)
+    if min_stall is not None:
+        r.min_stall.CopyFrom(duration_from_seconds(min_stall, "min_stall"))
+    return r
+
+
+def get_request_request(request_id: str) -> pb.GetRequestRequest:
+    return pb.GetRequestRequest(request_id=_request_id(request_id))
+
+
+def _request_id(request_id: str) -> str:
+    if not isinstance(request_id, str) or not request_id:
+        raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+    return request_id
+
+
+# --- client settings ------------------------------------------------------------------
+
+
+def normalize_metadata(metadata: Metadata) -> tuple[tuple[str, str], ...]:
+    """gRPC wants a sequence of lowercase (key, value) pairs; accept a dict as well."""
+    if metadata is None:
+        return ()
+    pairs = metadata.items() if isinstance(metadata, Mapping) else metadata
+    out = []
+    for key, value in pairs:
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata keys and values must be str, got {key!r}: {value!r}")
+        out.append((key.lower(), value))
+    return tuple(out)
+
+
+def check_timeout(timeout: float | None, what: str = "timeout") -> float | None:
+    """None (no deadline) or a positive number of seconds."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError(f"{what} must be a positive number of seconds or None, got {timeout!r}")
+    return float(timeout)

@@ -1,0 +1,320 @@
+"""AsyncAccountingClient: the asyncio twin of AccountingClient (same method names).
+
+For asyncio session servers (FastAPI, aiohttp, an httpx.AsyncClient proxy). The
+channel is created on first use, inside the running event loop, so the client
+can be built at import or configuration time like an ``httpx.AsyncClient``.
+Streams start their RPC on first iteration and cancel it when closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Generic, TypeVar
+
+import grpc
+import grpc.aio
+from enginetime.v1 import accounting_pb2 as pb
+from enginetime.v1 import accounting_pb2_grpc as pb_grpc
+
+from . import _convert as cv
+from .errors import EnginetimeError, map_rpc_error
+from .types import (
+    InterferenceEvent,
+    RequestAccounting,
+    RequestPage,
+    RequestState,
+    ShardStatus,
+    UpdateBatch,
+)
+
+T = TypeVar("T")
+
+States = Iterable[RequestState | str | int] | RequestState | str
+
+
+class AsyncStream(Generic[T]):
+    """An async iterator over a server stream of typed items.
+
+    ``await aclose()`` (or ``cancel()``, leaving ``async with``, or the client's
+    ``close()``) cancels the RPC; iteration then ends quietly. Errors the server
+    sends mid-stream are raised as typed ``EnginetimeError``\\ s.
+    """
+
+    def __init__(
+        self,
+        start: Callable[[], grpc.aio.UnaryStreamCall],
+        convert: Callable[[object], T],
+        *,
+        target: str,
+        request_id: str | None = None,
+        last: Callable[[T], bool] | None = None,
+    ) -> None:
+        self._start = start
+        self._call: grpc.aio.UnaryStreamCall | None = None
+        self._convert = convert
+        self._target = target
+        self._request_id = request_id
+        self._last = last
+        self._closed = False
+
+    def __aiter__(self) -> AsyncStream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._call is None:
+            self._call = self._start()
+        try:
+            message = await self._call.read()
+        except asyncio.CancelledError:
+            if self._closed:  # our own cancel() while we were waiting: a normal end
+                raise StopAsyncIteration from None
+            raise  # the task reading us was cancelled: let it unwind
+        except grpc.RpcError as exc:
+            was_closed, self._closed = self._closed, True
+            if was_closed and exc.code() == grpc.StatusCode.CANCELLED:
+                raise StopAsyncIteration from None
+            raise map_rpc_error(exc, target=self._target, request_id=self._request_id) from exc
+        if message is grpc.aio.EOF:
+            self._closed = True
+            raise StopAsyncIteration
+        item = self._convert(message)
+        if self._last is not None and self._last(item):
+            self.cancel()  # the item is delivered; nothing can follow it
+        return item
+
+    def cancel(self) -> None:
+        """Cancel the RPC now (idempotent; callable from sync code in the loop's thread)."""
+        self._closed = True
+        if self._call is not None:
+            self._call.cancel()
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    close = aclose
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def __aenter__(self) -> AsyncStream[T]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+
+class AsyncAccountingClient:
+    """Asyncio client for a sidecar's AccountingService; see AccountingClient for the arguments.
+
+    Unary methods are coroutines; stream methods return an ``AsyncStream`` at once
+    (``async for u in client.watch_request(rid): ...``).
+    """
+
+    def __init__(
+        self,
+        target: str = cv.DEFAULT_TARGET,
+        *,
+        timeout: float | None = 5.0,
+        channel: grpc.aio.Channel | None = None,
+        metadata: cv.Metadata = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        if channel is not None and credentials is not None:
+            raise ValueError("pass either channel= or credentials=, not both: a given channel has its own")
+        self.target = target
+        self.timeout = cv.check_timeout(timeout)
+        self._metadata = cv.normalize_metadata(metadata)
+        self._credentials = credentials
+        self._owns_channel = channel is None
+        self._channel = channel
+        self._stub = pb_grpc.AccountingServiceStub(channel) if channel is not None else None
+        self._streams: weakref.WeakSet[AsyncStream] = weakref.WeakSet()
+        self._closed = False
+
+    # --- unary calls ----------------------------------------------------------------
+
+    async def get_request(self, request_id: str, *, timeout: float | None = None) -> RequestAccounting:
+        """One request's accounting; raises RequestNotFound when the sidecar does not know it."""
+        req = cv.get_request_request(request_id)
+        resp = await self._unary("GetRequest", req, timeout, request_id=request_id)
+        return cv.request_from_pb(resp.request)
+
+    async def list_requests(
+        self,
+        *,
+        states: States = (),
+        shard: int | None = None,
+        session_id: str = "",
+        engine_id: str = "",
+        request_ids: Iterable[str] = (),
+        page_size: int = 100,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> RequestPage:
+        """One page of requests matching every given filter, newest arrival first."""
+        req = cv.list_requests_request(
+            states=states,
+            shard=shard,
+            session_id=session_id,
+            engine_id=engine_id,
+            request_ids=request_ids,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return cv.page_from_pb(await self._unary("ListRequests", req, timeout))
+
+    async def iter_requests(
+        self,
+        *,
+        states: States = (),
+        shard: int | None = None,
+        session_id: str = "",
+        engine_id: str = "",
+        request_ids: Iterable[str] = (),
+        page_size: int = 100,
+        timeout: float | None = None,
+    ) -> AsyncIterator[RequestAccounting]:
+        """Every matching request, fetching pages as it goes."""
+        token = ""
+        while True:
+            page = await self.list_requests(
+                states=states,
+                shard=shard,
+                session_id=session_id,
+                engine_id=engine_id,
+                request_ids=request_ids,
+                page_size=page_size,
+                page_token=token,
+                timeout=timeout,
+            )
+            for request in page.requests:
+                yield request
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def get_shards(self, engine_id: str = "", *, timeout: float | None = None) -> list[ShardStatus]:
+        """Every shard the sidecar knows (of one engine when engine_id is given)."""
+        resp = await self._unary("GetShards", pb.GetShardsRequest(engine_id=engine_id), timeout)
+        return [cv.shard_from_pb(s) for s in resp.shards]
+
+    # --- streams --------------------------------------------------------------------
+
+    def watch_request(
+        self, request_id: str, *, min_interval: float = 0.1, timeout: float | None = None
+    ) -> AsyncStream[RequestAccounting]:
+        """The request's accounting as it changes; the iterator ends after the terminal update."""
+        req = cv.watch_request_request(request_id, min_interval)
+        return self._stream(
+            "WatchRequest",
+            req,
+            timeout,
+            lambda m: cv.request_from_pb(m.request),
+            request_id=request_id,
+            last=lambda r: r.state.terminal,
+        )
+
+    def stream_updates(
+        self,
+        *,
+        states: States = (),
+        shard: int | None = None,
+        session_id: str = "",
+        engine_id: str = "",
+        request_ids: Iterable[str] = (),
+        interval: float = 0.1,
+        timeout: float | None = None,
+    ) -> AsyncStream[UpdateBatch]:
+        """Coalesced batches of changed requests matching the filter, every ``interval`` seconds."""
+        req = cv.stream_updates_request(
+            states=states,
+            shard=shard,
+            session_id=session_id,
+            engine_id=engine_id,
+            request_ids=request_ids,
+            interval=interval,
+        )
+        return self._stream("StreamUpdates", req, timeout, cv.batch_from_pb)
+
+    def stream_interference(
+        self,
+        *,
+        engine_id: str = "",
+        shard: int | None = None,
+        min_stall: float | None = None,
+        timeout: float | None = None,
+    ) -> AsyncStream[InterferenceEvent]:
+        """Storms as they start, grow and end (only those whose victims lost >= min_stall seconds)."""
+        req = cv.stream_interference_request(engine_id=engine_id, shard=shard, min_stall=min_stall)
+        return self._stream("StreamInterference", req, timeout, lambda m: cv.interference_from_pb(m.event))
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Cancel open streams and close the channel (unless it was passed in)."""
+        if self._closed:
+            return
+        self._closed = True
+        for stream in list(self._streams):
+            stream.cancel()
+        if self._owns_channel and self._channel is not None:
+            await self._channel.close()
+
+    aclose = close
+
+    async def __aenter__(self) -> AsyncAccountingClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncAccountingClient({self.target!r}{', closed' if self._closed else ''})"
+
+    # --- plumbing -------------------------------------------------------------------
+
+    def _get_stub(self) -> pb_grpc.AccountingServiceStub:
+        if self._closed:
+            raise EnginetimeError(f"this AsyncAccountingClient for {self.target} is closed; create a new one")
+        if self._stub is None:
+            options = list(cv.CHANNEL_OPTIONS)
+            if self._credentials is not None:
+                self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=options)
+            else:
+                self._channel = grpc.aio.insecure_channel(self.target, options=options)
+            self._stub = pb_grpc.AccountingServiceStub(self._channel)
+        return self._stub
+
+    async def _unary(self, method: str, request, timeout: float | None, *, request_id: str | None = None):
+        rpc = getattr(self._get_stub(), method)
+        deadline = cv.check_timeout(timeout) if timeout is not None else self.timeout
+        try:
+            return await rpc(request, timeout=deadline, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, target=self.target, request_id=request_id) from exc
+
+    def _stream(
+        self,
+        method: str,
+        request,
+        timeout: float | None,
+        convert: Callable[[object], T],
+        *,
+        request_id: str | None = None,
+        last: Callable[[T], bool] | None = None,
+    ) -> AsyncStream[T]:
+        deadline = cv.check_timeout(timeout)
+        if self._closed:
+            self._get_stub()  # raises the "closed" error now, not on first iteration
+
+        def start() -> grpc.aio.UnaryStreamCall:
+            return getattr(self._get_stub(), method)(request, timeout=deadline, metadata=self._metadata)
+
+        stream = AsyncStream(start, convert, target=self.target, request_id=request_id, last=last)
+        self._streams.add(stream)
+        return stream

@@ -1,0 +1,497 @@
+"""Recorder: the per-shard API an engine adapter calls.
+
+One Recorder per shard (scheduler loop). Request events may come from any thread
+(HTTP handlers, the scheduler); steps come from the engine thread. Every public
+method is cheap and catches everything: a bug or bad argument is counted in
+``stats().errors`` and logged once per kind, never raised into the engine. The
+engine thread's part of a step is two clock reads, maybe a CUDA event record, a
+tuple and a deque append; encoding and socket I/O happen on the shipper thread.
+
+Typical use in an adapter::
+
+    rec = Recorder("engine-0", shard=rank, num_shards=dp, coupling="lockstep", engine_kind="sglang")
+    h = rec.request_arrived(rid, prompt_tokens=len(ids))       # keep h with the request
+    tok = rec.step_begin()                                      # before the forward
+    ...forward...
+    rec.step_end(tok, kind=StepKind.DECODE, handles=[...], prefill_tokens=[...],
+                 decode_tokens=[...], context_tokens=[...], global_step=forward_ct)
+    rec.request_finished(h, reason="stop", output_tokens=n)
+
+Columns passed to ``step_end`` are copied when they are lists or arrays (cheap), so
+the caller may reuse its buffers; other iterables are materialised as a list.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+from . import wire
+from .constants import (
+    HOOKS_VERSION,
+    PROTOCOL_VERSION,
+    Coupling,
+    EventKind,
+    StepKind,
+    ingest_address,
+    parse_address,
+)
+from .shipper import EVENT, STEP, ErrorLog, LiveRequest, Shipper
+from .timers import CpuTimer, CudaEventTimer, make_timer
+
+log = logging.getLogger("enginetime.engine_hooks")
+
+_U32_MAX = 0xFFFFFFFF
+_I64_MIN = -(1 << 63)
+_I64_MAX = (1 << 63) - 1
+_LIVE_WARN = 100_000
+
+_perf_ns = time.perf_counter_ns
+_wall_ns = time.time_ns
+
+
+@dataclass(slots=True)
+class RecorderStats:
+    """A snapshot of a recorder's health (cumulative since it started)."""
+
+    connected: bool
+    sent_frames: int  # every frame written: hello, events, steps, heartbeats, replays
+    dropped_frames: int  # dropped_steps + dropped_events
+    dropped_steps: int  # lost to a full buffer, an outage, or invalid input
+    dropped_events: int
+    reconnects: int  # successful connections after the first
+    pending: int  # items not yet written (ring + encoded backlog + in-flight batch)
+    shipper_cpu_ns: int  # CPU time of the shipper thread (time.thread_time_ns)
+    timer_fallbacks: int  # steps that wanted CUDA timing but were timed on the CPU
+    errors: int  # bad arguments / internal failures (each kind logged once)
+    steps: int = 0  # step_end calls
+    live_requests: int = 0  # arrived, not yet finished/aborted
+    address: str = ""
+
+
+def _own(column: Any) -> Any:
+    """A copy the caller cannot mutate behind our back (engine thread: keep it cheap)."""
+    kind = type(column)
+    if kind is list or kind is array:
+        return column[:]
+    if kind is tuple:
+        return column
+    return list(column)
+
+
+class Recorder:
+    """Records one shard's request events and steps and ships them to the sidecar.
+
+    Construction never raises: a bad address, coupling or timer is logged (ERROR)
+    and the recorder keeps working as far as it can (with a bad address it records
+    nothing and counts every step as dropped).
+    """
+
+    def __init__(
+        self,
+        engine_id: str,
+        shard: int = 0,
+        num_shards: int = 1,
+        coupling: Coupling | str | int = "independent",
+        *,
+        address: str | None = None,
+        engine_kind: str = "unknown",
+        engine_version: str = "",
+        buffer_size: int = 65536,
+        buffer_bytes: int = 64 << 20,
+        timer: str | CpuTimer | CudaEventTimer = "auto",
+        heartbeat_interval_s: float = 1.0,
+        start: bool = True,
+    ) -> None:
+        # Safe defaults first: whatever fails below, every method still works.
+        self._errors = ErrorLog()
+        self._lock = threading.Lock()
+        self._by_handle: dict[int, LiveRequest] = {}
+        self._by_id: dict[str, LiveRequest] = {}
+        self._next_handle = 1  # 0 is "no handle" (the proto3 default)
+        self._seq = 0
+        self._closed = False
+        self._enabled = False
+        self._cuda = False
+        self._timer: Any = CpuTimer()
+        self._live_warned = False
+        self.engine_id = str(engine_id)
+        self.shard = 0
+        self.num_shards = 1
+        self.coupling = Coupling.UNSPECIFIED
+        self.engine_kind = str(engine_kind)
+        self.engine_version = str(engine_version)
+        self.epoch = (int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)) | 1
+        self.address = ""
+        target = None
+        try:
+            self.shard = self._u32("shard", shard)
+            self.num_shards = max(1, self._u32("num_shards", num_shards))
+            if self.shard >= self.num_shards:
+                self._errors.report("shard out of range", f"shard={self.shard} but "
+                                    f"num_shards={self.num_shards}", level=logging.ERROR)
+            try:
+                self.coupling = Coupling.parse(coupling)
+            except ValueError as exc:
+                self._errors.report("bad coupling", f"{exc}; reporting COUPLING_UNSPECIFIED",
+                                    level=logging.ERROR)
+            self.address = ingest_address(address)
+            try:
+                target = parse_address(self.address)
+            except ValueError as exc:
+                self._errors.report(
+                    "cannot use the ingest address",
+                    f"{exc}. This recorder will send nothing (steps are counted as dropped); pass "
+                    "address='unix:/path/ingest.sock' or set ENGINETIME_INGEST to the sidecar's --ingest",
+                    level=logging.ERROR,
+                )
+            if target is not None:
+                self._timer = make_timer(timer)
+        except Exception as exc:
+            self._errors.report("Recorder setup", exc, level=logging.ERROR)
+            target = None
+        self._cuda = target is not None and not isinstance(self._timer, CpuTimer)
+        self._shipper = Shipper(
+            address=self.address, target=target, hello=self._hello_frame, live=self._live_snapshot,
+            timer=self._timer, errors=self._errors, capacity=buffer_size, backlog_bytes=buffer_bytes,
+            heartbeat_interval_s=heartbeat_interval_s,
+        )
+        self._ring = self._shipper.ring
+        self._cap = self._shipper.capacity
+        self._enabled = target is not None
+        _RECORDERS.add(self)
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the shipper thread (done by the constructor unless start=False)."""
+        try:
+            if self._enabled and not self._closed:
+                self._shipper.start()
+        except Exception as exc:
+            self._errors.report("start shipper thread", exc, level=logging.ERROR)
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until everything queued so far is written to the socket (tests, shutdown).
+
+        True when it was; False on timeout, with no connection, or when part of it was
+        dropped. Never call this from the engine loop.
+        """
+        try:
+            return self._shipper.flush(float(timeout_s))
+        except Exception as exc:
+            self._errors.report("flush", exc)
+            return False
+
+    def close(self, timeout_s: float = 1.0) -> None:
+        """Best-effort flush, then stop the shipper thread. Idempotent."""
+        try:
+            if self._closed:
+                return
+            deadline = time.monotonic() + max(0.0, float(timeout_s))
+            if self._shipper.running:
+                self._shipper.flush(max(0.0, deadline - time.monotonic()))
+            self._closed = True
+            self._enabled = False
+            self._shipper.stop(max(0.0, deadline - time.monotonic()))
+        except Exception as exc:
+            self._errors.report("close", exc)
+        finally:
+            _RECORDERS.discard(self)
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> RecorderStats:
+        try:
+            sh = self._shipper
+            steps, events = sh.dropped_steps, sh.dropped_events
+            timer = self._timer
+            fallbacks = getattr(timer, "fallbacks", 0) + getattr(timer, "capture_skips", 0)
+            return RecorderStats(
+                connected=sh.connected, sent_frames=sh.sent_frames, dropped_frames=steps + events,
+                dropped_steps=steps, dropped_events=events, reconnects=sh.reconnects, pending=sh.pending,
+                shipper_cpu_ns=sh.cpu_ns, timer_fallbacks=fallbacks + sh.resolve_fallbacks,
+                errors=self._errors.count, steps=self._seq, live_requests=len(self._by_handle),
+                address=self.address,
+            )
+        except Exception as exc:  # pragma: no cover - defensive
+            self._errors.report("stats", exc)
+            return RecorderStats(False, 0, 0, 0, 0, 0, 0, 0, 0, self._errors.count)
+
+    # ------------------------------------------------------------------ steps (engine thread)
+
+    def step_begin(self, stream: Any = None) -> tuple[int, int, Any]:
+        """Mark the start of a forward pass; returns a token for ``step_end``.
+
+        With CUDA timing, records a start event on ``stream`` (the current stream if
+        None) — asynchronous, the GPU is not waited for.
+        """
+        wall = _wall_ns()
+        perf = _perf_ns()
+        dev = None
+        if self._cuda:
+            try:
+                dev = self._timer.begin(stream)
+            except Exception as exc:
+                self._errors.report("CUDA start event", exc)
+        return (wall, perf, dev)
+
+    def step_end(
+        self,
+        token: Any,
+        *,
+        kind: StepKind | int,
+        handles: Any,
+        prefill_tokens: Any,
+        decode_tokens: Any,
+        context_tokens: Any,
+        global_step: int | None = None,
+        peer_tokens: Any = None,
+    ) -> None:
+        """Mark the end of the forward pass begun with ``token`` and record its batch.
+
+        Columns hold one int per entry (request) and must be equally long; a step whose
+        columns differ is dropped and counted, never raised. ``peer_tokens`` (indexed
+        by shard) may have any length.
+        """
+        perf = _perf_ns()
+        wall = _wall_ns()
+        seq = self._seq
+        self._seq = seq + 1  # every call takes a seq: a lost step shows as a gap
+        dev = None
+        try:
+            start_wall, start_perf, dev = token
+            if dev is not None:
+                self._timer.end(dev)
+            if not self._enabled:
+                self._lost_step(dev, None, None)
+                return
+            n = len(handles)
+            if len(prefill_tokens) != n or len(decode_tokens) != n or len(context_tokens) != n:
+                self._lost_step(dev, "step columns of unequal length", (
+                    f"handles={n} prefill_tokens={len(prefill_tokens)} decode_tokens={len(decode_tokens)} "
+                    f"context_tokens={len(context_tokens)}; every column needs one value per request"))
+                return
+            item = (STEP, seq, global_step, start_wall, wall, perf - start_perf, dev, kind,
+                    _own(handles), _own(prefill_tokens), _own(decode_tokens), _own(context_tokens),
+                    None if peer_tokens is None else _own(peer_tokens))
+            ring = self._ring
+            if len(ring) >= self._cap:
+                self._shipper.overflow()
+            ring.append(item)
+        except Exception as exc:
+            self._lost_step(dev, "bad step_end arguments", exc)
+
+    def _lost_step(self, dev: Any, kind: str | None, detail: object) -> None:
+        try:
+            if dev is not None:
+                self._timer.release(dev)
+            if not self._closed:
+                self._shipper.count_dropped(steps=1)
+            if kind is not None:
+                self._errors.report(kind, detail)
+        except Exception:  # pragma: no cover - defensive
+            pass
+
+    # ------------------------------------------------------------------ request events (any thread)
+
+    def request_arrived(
+        self,
+        request_id: str,
+        *,
+        prompt_tokens: int = 0,
+        cached_tokens: int = 0,
+        session_id: str = "",
+        traceparent: str = "",
+        routed_shard: int | None = None,
+        time_ns: int | None = None,
+    ) -> int:
+        """Intern ``request_id`` and report its arrival; returns its handle (0 on failure).
+
+        Calling it again for a request that is still live returns the same handle and
+        reports nothing new.
+        """
+        try:
+            rid = request_id if type(request_id) is str else str(request_id)
+            info = self._by_id.get(rid)
+            if info is not None:
+                return info.handle
+            t = self._time("request_arrived", time_ns)
+            prompt = self._u32("prompt_tokens", prompt_tokens)
+            cached = self._u32("cached_tokens", cached_tokens)
+            routed = None if routed_shard is None else self._u32("routed_shard", routed_shard)
+            session = self._text("session_id", session_id)
+            trace = self._text("traceparent", traceparent)
+            with self._lock:
+                info = self._by_id.get(rid)
+                if info is not None:
+                    return info.handle
+                handle = self._new_handle()
+                info = LiveRequest(handle, rid, t, prompt, cached, session, trace, routed)
+                self._by_id[rid] = info
+                self._by_handle[handle] = info
+                live = len(self._by_handle)
+            if live > _LIVE_WARN and not self._live_warned:
+                self._live_warned = True
+                self._errors.report("many live requests", (
+                    f"{live} requests arrived without FINISHED/ABORTED; is the adapter calling "
+                    "request_finished/request_aborted?"))
+            self._push_event(info, EventKind.ARRIVED, t)
+            return handle
+        except Exception as exc:
+            self._errors.report("bad request_arrived arguments", exc)
+            return 0
+
+    def request_scheduled(self, h: int, *, cached_tokens: int | None = None,
+                          time_ns: int | None = None) -> None:
+        """The request entered the running batch (admitted); ``cached_tokens`` if known now."""
+        try:
+            info = self._lookup(h, "request_scheduled")
+            if info is not None:
+                cached = None if cached_tokens is None else self._u32("cached_tokens", cached_tokens)
+                self._push_event(info, EventKind.SCHEDULED, self._time("request_scheduled", time_ns), cached)
+        except Exception as exc:
+            self._errors.report("bad request_scheduled arguments", exc)
+
+    def request_preempted(self, h: int, *, time_ns: int | None = None) -> None:
+        """The request was taken out of the running batch (its KV cache evicted or kept)."""
+        self._simple_event(h, EventKind.PREEMPTED, time_ns, "request_preempted")
+
+    def request_resumed(self, h: int, *, time_ns: int | None = None) -> None:
+        """A preempted request is running again."""
+        self._simple_event(h, EventKind.RESUMED, time_ns, "request_resumed")
+
+    def request_finished(self, h: int, *, reason: str = "stop", output_tokens: int = 0,
+                         time_ns: int | None = None) -> None:
+        """The request completed; forgets its handle."""
+        self._terminal(h, EventKind.FINISHED, reason, output_tokens, time_ns, "request_finished")
+
+    def request_aborted(self, h: int, *, reason: str = "abort", output_tokens: int = 0,
+                        time_ns: int | None = None) -> None:
+        """The request was cancelled (client gone, /abort_request, error); forgets its handle."""
+        self._terminal(h, EventKind.ABORTED, reason, output_tokens, time_ns, "request_aborted")
+
+    # ------------------------------------------------------------------ internals
+
+    def _simple_event(self, h: Any, kind: EventKind, time_ns: Any, method: str) -> None:
+        try:
+            info = self._lookup(h, method)
+            if info is not None:
+                self._push_event(info, kind, self._time(method, time_ns))
+        except Exception as exc:
+            self._errors.report(f"bad {method} arguments", exc)
+
+    def _terminal(self, h: Any, kind: EventKind, reason: Any, output_tokens: Any, time_ns: Any,
+                  method: str) -> None:
+        try:
+            t = self._time(method, time_ns)
+            out = self._u32("output_tokens", output_tokens)
+            why = self._text("reason", reason)
+            with self._lock:
+                info = self._by_handle.pop(h, None)
+                if info is not None:
+                    info.live = False
+                    if self._by_id.get(info.request_id) is info:
+                        del self._by_id[info.request_id]
+            if info is None:
+                self._unknown_handle(h, method)
+                return
+            self._push_event(info, kind, t, None, why, out)
+        except Exception as exc:
+            self._errors.report(f"bad {method} arguments", exc)
+
+    def _lookup(self, h: Any, method: str) -> LiveRequest | None:
+        info = self._by_handle.get(h)
+        if info is None:
+            self._unknown_handle(h, method)
+        return info
+
+    def _unknown_handle(self, h: Any, method: str) -> None:
+        self._errors.report(f"{method}: unknown handle", (
+            f"handle {h!r} is not a live request of this recorder (use the int returned by "
+            "request_arrived; events after FINISHED/ABORTED are ignored)"))
+
+    def _push_event(self, info: LiveRequest, kind: EventKind, t: int, cached: int | None = None,
+                    reason: str = "", output: int = 0) -> None:
+        if not self._enabled:
+            if not self._closed:
+                self._shipper.count_dropped(events=1)
+            return
+        self._shipper.push((EVENT, info, kind, t, cached, reason, output))
+
+    def _new_handle(self) -> int:
+        """Next free handle (caller holds the lock). Wraps at 2**32-1, skipping live ones."""
+        handle = self._next_handle
+        while handle in self._by_handle:
+            handle = handle % _U32_MAX + 1
+        self._next_handle = handle % _U32_MAX + 1
+        return handle
+
+    def _u32(self, name: str, value: Any) -> int:
+        """An int in uint32 range; garbage becomes 0, out-of-range is clamped (both counted)."""
+        try:
+            v = int(value)
+        except (TypeError, ValueError, OverflowError):
+            self._errors.report(f"{name} is not an int", f"{name}={value!r}; using 0")
+            return 0
+        if 0 <= v <= _U32_MAX:
+            return v
+        self._errors.report(f"{name} out of range", f"{name}={v} is outside 0..{_U32_MAX}; clamped")
+        return min(max(v, 0), _U32_MAX)
+
+    def _time(self, method: str, value: Any) -> int:
+        if value is None:
+            return _wall_ns()
+        try:
+            v = int(value)
+            if _I64_MIN <= v <= _I64_MAX:
+                return v
+        except (TypeError, ValueError, OverflowError):
+            pass
+        self._errors.report(f"{method}: bad time_ns",
+                            f"time_ns={value!r} is not an int64 of time.time_ns(); using now")
+        return _wall_ns()
+
+    def _text(self, name: str, value: Any) -> str:
+        if type(value) is str:
+            return value
+        if value is None:
+            return ""
+        self._errors.report(f"{name} is not a str", f"{name}={value!r}; using str()")
+        return str(value)
+
+    def _live_snapshot(self) -> list[LiveRequest]:
+        with self._lock:
+            return list(self._by_handle.values())
+
+    def _hello_frame(self) -> bytes:
+        return wire.frame_hello(
+            engine_id=self.engine_id, shard=self.shard, num_shards=self.num_shards, coupling=self.coupling,
+            engine_kind=self.engine_kind, engine_version=self.engine_version, hooks_version=HOOKS_VERSION,
+            wall_time_ns=_wall_ns(), monotonic_ns=time.monotonic_ns(), timer_source=self._timer.source,
+            device_name=getattr(self._timer, "device_name", ""), recorder_epoch=self.epoch,
+            protocol_version=PROTOCOL_VERSION,
+        )
+
+
+# Recorders still open at interpreter exit get a short best-effort flush.
+_RECORDERS: weakref.WeakSet[Recorder] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    for rec in list(_RECORDERS):
+        rec.close(0.5)

@@ -1,0 +1,625 @@
+"""The shipper: a daemon thread that owns the ingest socket.
+
+The engine thread only appends tuples to ``Shipper.ring`` (a bounded deque: when it
+is full the producer drops the OLDEST item and counts it). Everything else happens
+here, off the engine thread:
+
+1. drain the ring in order; a step timed with CUDA events waits until its end event
+   has completed (``query()``, never ``synchronize()``; the GPU runs a stream in
+   order, so waiting on the head is enough), then its device time is read and the
+   event pair goes back to the pool;
+2. encode each item into a frame (``wire``) and append it to the backlog, which is
+   bounded by count and by bytes (oldest dropped and counted when the sidecar is
+   gone, so an outage costs bounded memory, never engine time);
+3. connect (``unix:PATH`` / ``tcp:HOST:PORT``) with exponential backoff, 50 ms
+   doubling to 2 s; on every (re)connection write EngineHello first, then re-announce
+   every live request (ARRIVED, ``replayed=True``) so a restarted sidecar can name
+   them, then a Heartbeat carrying the drop counts, then the backlog;
+4. write the backlog as one batch per wake-up on a non-blocking socket; a batch the
+   kernel cannot take at once is continued on the next wake-up (never a half frame
+   followed by another frame), a sidecar that reads slowly only makes the buffers
+   fill, and one that reads nothing for ``stall_timeout_s`` (the write timeout) is
+   disconnected and reconnected.
+
+The thread's own CPU time (``time.thread_time_ns``) is exported so the cost of the
+hooks outside the engine thread is visible too.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from . import wire
+from .constants import EventKind, TimerSource
+
+log = logging.getLogger("enginetime.engine_hooks")
+
+# Ring item codes (first element of every ring tuple).
+STEP = 0
+EVENT = 1
+MARK = 2
+
+# Step item: (STEP, seq, global_step, start_wall_ns, end_wall_ns, cpu_ns, device_handle,
+#             kind, handles, prefill_tokens, decode_tokens, context_tokens, peer_tokens)
+# Event item: (EVENT, LiveRequest, kind, time_ns, cached_tokens|None, finish_reason, output_tokens)
+# Mark item: (MARK, FlushMarker)
+
+_BACKOFF_START_S = 0.05
+_BACKOFF_MAX_S = 2.0
+_MAX_BATCH_BYTES = 1 << 20
+_STABLE_CONNECTION_S = 1.0
+_MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+
+
+class LiveRequest:
+    """What the recorder remembers about a request until FINISHED/ABORTED.
+
+    The ARRIVED fields are kept as they were first reported, so a replay after a
+    reconnect says exactly what the original said. ``queued`` is True while the
+    original ARRIVED frame is still waiting in the ring/backlog (then a replay would
+    only duplicate it); ``live`` turns False at FINISHED/ABORTED.
+    """
+
+    __slots__ = ("handle", "request_id", "time_ns", "prompt_tokens", "cached_tokens", "session_id",
+                 "traceparent", "routed_shard", "queued", "live")
+
+    def __init__(self, handle: int, request_id: str, time_ns: int, prompt_tokens: int, cached_tokens: int,
+                 session_id: str, traceparent: str, routed_shard: int | None) -> None:
+        self.handle = handle
+        self.request_id = request_id
+        self.time_ns = time_ns
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = cached_tokens
+        self.session_id = session_id
+        self.traceparent = traceparent
+        self.routed_shard = routed_shard
+        self.queued = True
+        self.live = True
+
+    def arrived_frame(self, replayed: bool) -> bytes:
+        return wire.frame_event(
+            handle=self.handle, kind=EventKind.ARRIVED, time_ns=self.time_ns, request_id=self.request_id,
+            prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens, session_id=self.session_id,
+            traceparent=self.traceparent, routed_shard=self.routed_shard, replayed=replayed,
+        )
+
+
+class FlushMarker:
+    """Put in the ring by ``flush()``; set once everything before it is written (or lost)."""
+
+    __slots__ = ("event", "ok")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.ok = False
+
+    def done(self, ok: bool) -> None:
+        self.ok = ok
+        self.event.set()
+
+
+class ErrorLog:
+    """Counts errors from any thread; logs the first of each kind, then stays quiet.
+
+    Hooks run in the engine's hot loop: a bug that repeats every step must not turn
+    into a log line per step.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: set[str] = set()
+        self.count = 0
+
+    def report(self, kind: str, detail: object, *, level: int = logging.WARNING) -> None:
+        try:
+            with self._lock:
+                self.count += 1
+                first = kind not in self._seen
+                self._seen.add(kind)
+            if first:
+                exc = detail if isinstance(detail, BaseException) else None
+                log.log(level, "enginetime hooks: %s: %s (counted in stats().errors; logged once)",
+                        kind, detail, exc_info=exc)
+        except Exception:  # pragma: no cover - logging itself failed
+            pass
+
+
+class Shipper:
+    """Owns the ring, the backlog, the socket and the background thread."""
+
+    def __init__(
+        self,
+        *,
+        address: str,
+        target: tuple[str, Any] | None,
+        hello: Callable[[], bytes],
+        live: Callable[[], list[LiveRequest]],
+        timer: Any,
+        errors: ErrorLog,
+        capacity: int = 65536,
+        backlog_bytes: int = 64 << 20,
+        heartbeat_interval_s: float = 1.0,
+        connect_timeout_s: float = 1.0,
+        stall_timeout_s: float = 10.0,
+    ) -> None:
+        self.address = address
+        self._target = target
+        self._hello = hello
+        self._live = live
+        self._timer = timer
+        self._errors = errors
+        self.capacity = max(1, int(capacity))
+        self._backlog_bytes_cap = max(1, int(backlog_bytes))
+        self._heartbeat_interval = max(0.01, float(heartbeat_interval_s))
+        self._connect_timeout = connect_timeout_s
+        self._stall_timeout = stall_timeout_s
+
+        #: Producers append here (engine thread, request threads). Unbounded deque with
+        #: an explicit check so a drop can be counted by kind and its CUDA pair reused.
+        self.ring: deque[tuple] = deque()
+        self._drop_lock = threading.Lock()
+        self.dropped_steps = 0
+        self.dropped_events = 0
+
+        # Shipper-thread state.
+        self._held: tuple | None = None  # ring head whose CUDA end event has not completed
+        self._backlog: deque[tuple[int, bytes, Any]] = deque()  # (code, frame, ref)
+        self._backlog_size = 0
+        self._needs_announce: deque[LiveRequest] = deque()  # live requests whose ARRIVED was dropped
+        self._sock: socket.socket | None = None
+        self._conn_id = 0
+        self._connected_at = 0.0
+        self._send_hello = False
+        self._announce_all = False
+        self._next_heartbeat = 0.0
+        self._next_attempt = 0.0
+        self._backoff = _BACKOFF_START_S
+        self._outage_since: float | None = None
+        self._outage_logged = False
+        self._out: memoryview | None = None  # the batch being written
+        self._out_meta: tuple[int, int, int, list[FlushMarker], list[LiveRequest]] | None = None
+        self._last_progress = 0.0
+        self._stall_logged = False
+
+        self.sent_frames = 0
+        self.reconnects = 0
+        self.connections = 0
+        self.resolve_fallbacks = 0
+        self.cpu_ns = 0
+
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ producers
+
+    def push(self, item: tuple) -> None:
+        """Append an item, dropping the oldest when the ring is full (any thread)."""
+        if len(self.ring) >= self.capacity:
+            self.overflow()
+        self.ring.append(item)
+
+    def overflow(self) -> None:
+        """Drop the oldest ring item and count it (called by a producer when full)."""
+        try:
+            old = self.ring.popleft()
+        except IndexError:  # the shipper emptied it meanwhile
+            return
+        self._lost_item(old)
+
+    def count_dropped(self, steps: int = 0, events: int = 0) -> None:
+        with self._drop_lock:
+            self.dropped_steps += steps
+            self.dropped_events += events
+
+    def _lost_item(self, item: tuple) -> None:
+        code = item[0]
+        if code == STEP:
+            self.count_dropped(steps=1)
+            dev = item[6]
+            if dev is not None:
+                try:
+                    self._timer.release(dev)
+                except Exception as exc:
+                    self._errors.report("release CUDA event pair", exc)
+        elif code == EVENT:
+            self.count_dropped(events=1)
+            info: LiveRequest = item[1]
+            if item[2] == EventKind.ARRIVED:
+                self._arrived_lost(info)
+        elif code == MARK:
+            item[1].done(False)
+
+    def _arrived_lost(self, info: LiveRequest) -> None:
+        info.queued = False
+        if info.live:
+            self._needs_announce.append(info)
+
+    # ------------------------------------------------------------------ control
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    @property
+    def pending(self) -> int:
+        out = self._out_meta[0] if self._out_meta is not None else 0
+        return len(self.ring) + len(self._backlog) + (1 if self._held is not None else 0) + out
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="enginetime-shipper", daemon=True)
+        self._thread.start()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every item queued before this call is written to the socket."""
+        if not self.running:
+            return False
+        marker = FlushMarker()
+        self.push((MARK, marker))
+        self._wake.set()
+        marker.event.wait(max(0.0, timeout_s))
+        return marker.ok
+
+    def stop(self, timeout_s: float) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(max(0.0, timeout_s))
+
+    # ------------------------------------------------------------------ thread
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.is_set()
+            self._wake.clear()
+            try:
+                waiting_on_gpu = self._drain(force=stopping)
+                now = time.monotonic()
+                if self._sock is None and self._target is not None and now >= self._next_attempt:
+                    self._connect(now)
+                more = False
+                if self._sock is not None:
+                    more = self._write(time.monotonic())
+            except Exception as exc:  # a bug here must not kill the thread: count, back off
+                self._errors.report("shipper loop", exc)
+                waiting_on_gpu, more = False, False
+                self._stop.wait(0.05)
+            self.cpu_ns = time.thread_time_ns()
+            if stopping:
+                break
+            if more:
+                continue
+            self._wake.wait(self._sleep_time(waiting_on_gpu))
+        self._close_socket()
+        self._fail_leftover_markers()
+        self.cpu_ns = time.thread_time_ns()
+
+    def _sleep_time(self, waiting_on_gpu: bool) -> float:
+        """How long to idle: short while the GPU or the socket owes us, longer when quiet."""
+        if waiting_on_gpu:
+            return 0.0005
+        if self._out is not None:  # the socket was full: retry the write soon
+            return 0.002
+        now = time.monotonic()
+        timeout = 0.005 if (self.ring or self._backlog) else 0.02
+        if self._sock is not None:
+            timeout = min(timeout, self._next_heartbeat - now)
+        elif self._target is not None:
+            timeout = min(timeout, self._next_attempt - now)
+        return max(0.0005, timeout)
+
+    def _fail_leftover_markers(self) -> None:
+        for entry in self._backlog:
+            if entry[0] == MARK:
+                entry[2].done(False)
+        for item in self.ring:
+            if item[0] == MARK:
+                item[1].done(False)
+
+    # ------------------------------------------------------------------ ring -> backlog
+
+    def _drain(self, force: bool = False) -> bool:
+        """Move ring items to the backlog as frames; True if the head waits on the GPU."""
+        ring = self.ring
+        while True:
+            item = self._held
+            if item is None:
+                try:
+                    item = ring.popleft()
+                except IndexError:
+                    return False
+            code = item[0]
+            if code == STEP:
+                dev = item[6]
+                if dev is not None and not force:
+                    try:
+                        ready = self._timer.ready(dev)
+                    except Exception as exc:
+                        self._errors.report("CUDA event query", exc)
+                        ready = True  # resolve() fails too and the step falls back to CPU time
+                    if not ready:
+                        self._held = item
+                        return True
+                self._held = None
+                self._step_to_backlog(item)
+            elif code == EVENT:
+                self._held = None
+                self._event_to_backlog(item)
+            else:
+                self._held = None
+                self._append(MARK, b"", item[1])
+
+    def _step_to_backlog(self, item: tuple) -> None:
+        (_, seq, global_step, start_ns, end_ns, cpu_ns, dev, kind,
+         handles, prefill, decode, context, peer) = item
+        duration = cpu_ns
+        source = TimerSource.MONOTONIC
+        if dev is not None:
+            ns = None
+            try:
+                ns = self._timer.resolve(dev)
+            except Exception as exc:
+                self._errors.report("CUDA event elapsed_time", exc)
+            try:
+                self._timer.release(dev)
+            except Exception as exc:
+                self._errors.report("release CUDA event pair", exc)
+            if ns is None:
+                self.resolve_fallbacks += 1
+            else:
+                duration = ns
+                source = TimerSource.CUDA_EVENT
+        try:
+            frame = wire.frame_step(
+                seq=seq, start_time_ns=start_ns, end_time_ns=end_ns, device_time_ns=duration,
+                timer_source=source, kind=kind, handles=handles, prefill_tokens=prefill,
+                decode_tokens=decode, context_tokens=context, peer_tokens=peer, global_step=global_step,
+            )
+        except Exception as exc:
+            self.count_dropped(steps=1)
+            self._errors.report("invalid step record dropped", exc)
+            return
+        self._append(STEP, frame, None)
+
+    def _event_to_backlog(self, item: tuple) -> None:
+        _, info, kind, time_ns, cached, reason, output = item
+        try:
+            if kind == EventKind.ARRIVED:
+                frame = info.arrived_frame(replayed=False)
+                ref = info
+            else:
+                frame = wire.frame_event(
+                    handle=info.handle, kind=kind, time_ns=time_ns, request_id=info.request_id,
+                    cached_tokens=cached or 0, finish_reason=reason, output_tokens=output,
+                )
+                ref = None
+        except Exception as exc:
+            self.count_dropped(events=1)
+            if kind == EventKind.ARRIVED:
+                info.queued = False
+            self._errors.report("invalid request event dropped", exc)
+            return
+        self._append(EVENT, frame, ref)
+
+    def _append(self, code: int, frame: bytes, ref: Any) -> None:
+        backlog = self._backlog
+        backlog.append((code, frame, ref))
+        self._backlog_size += len(frame)
+        while len(backlog) > self.capacity or self._backlog_size > self._backlog_bytes_cap:
+            old_code, old_frame, old_ref = backlog.popleft()
+            self._backlog_size -= len(old_frame)
+            self._lost_frame(old_code, old_ref)
+
+    def _lost_frame(self, code: int, ref: Any) -> None:
+        if code == STEP:
+            self.count_dropped(steps=1)
+        elif code == EVENT:
+            self.count_dropped(events=1)
+            if ref is not None:
+                self._arrived_lost(ref)
+        elif code == MARK:
+            ref.done(False)
+
+    # ------------------------------------------------------------------ socket
+
+    def _connect(self, now: float) -> None:
+        family, target = self._target  # type: ignore[misc]
+        sock: socket.socket | None = None
+        try:
+            if family == "unix":
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self._connect_timeout)
+                sock.connect(target)
+            else:
+                host, port = target
+                sock = socket.create_connection((host, port), timeout=self._connect_timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Non-blocking from here on: a sidecar that reads slowly must not hold up this
+            # thread (it still has CUDA events to resolve); unwritten bytes wait for the next pass.
+            sock.setblocking(False)
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            self._outage(now, f"cannot connect: {exc}")
+            self._next_attempt = now + self._backoff
+            self._backoff = min(self._backoff * 2, _BACKOFF_MAX_S)
+            return
+        self._sock = sock
+        self.connections += 1
+        if self.connections > 1:
+            self.reconnects += 1
+        self._conn_id += 1
+        self._connected_at = now
+        self._last_progress = now
+        self._send_hello = True
+        self._announce_all = True
+        self._next_heartbeat = now  # first heartbeat right after hello + replay: the drop counts
+        if self._outage_logged:
+            log.warning(
+                "enginetime hooks: connected to the sidecar at %s after %.1f s; %d steps and %d request "
+                "events dropped so far", self.address, now - (self._outage_since or now),
+                self.dropped_steps, self.dropped_events,
+            )
+        self._outage_since = None
+        self._outage_logged = False
+        self._stall_logged = False
+
+    def _outage(self, now: float, why: str) -> None:
+        if self._outage_since is None:
+            self._outage_since = now
+        if not self._outage_logged:
+            self._outage_logged = True
+            log.warning(
+                "enginetime hooks: %s (sidecar at %s). Buffering up to %d records and dropping the oldest "
+                "(counted) until it is reachable; retrying with backoff up to %.0f s. Is `enginetime "
+                "sidecar` running with --ingest %s (or ENGINETIME_INGEST set to the same address)?",
+                why, self.address, self.capacity, _BACKOFF_MAX_S, self.address,
+            )
+
+    def _disconnect(self, now: float, why: str) -> None:
+        """Drop the connection; the in-flight batch is lost (the peer is gone) and counted."""
+        self._close_socket()
+        if self._out_meta is not None:
+            _frames, steps, events, markers, arrivals = self._out_meta
+            self.count_dropped(steps=steps, events=events)
+            for marker in markers:
+                marker.done(False)
+            for info in arrivals:
+                self._arrived_lost(info)
+        self._out = None
+        self._out_meta = None
+        if now - self._connected_at >= _STABLE_CONNECTION_S:
+            self._backoff = _BACKOFF_START_S
+            self._next_attempt = now
+        else:  # connections that die at once (sidecar refusing us) must not become a tight loop
+            self._next_attempt = now + self._backoff
+            self._backoff = min(self._backoff * 2, _BACKOFF_MAX_S)
+        self._outage(now, why)
+
+    def _close_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _peer_closed(self) -> bool:
+        """Has the sidecar closed its end? (A TCP write after that would vanish silently.)"""
+        try:
+            return self._sock.recv(1, _PEEK_FLAGS) == b""  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+    def _build_batch(self, now: float) -> None:
+        parts: list[bytes] = []
+        frames = steps = events = 0
+        markers: list[FlushMarker] = []
+        arrivals: list[LiveRequest] = []
+        if self._send_hello:
+            parts.append(self._hello())
+            frames += 1
+            self._send_hello = False
+        if self._announce_all:
+            self._announce_all = False
+            self._needs_announce.clear()
+            announce = [info for info in self._live() if not info.queued]
+        else:
+            announce = []
+            while self._needs_announce:
+                info = self._needs_announce.popleft()
+                if info.live and not info.queued:
+                    announce.append(info)
+        for info in announce:
+            try:
+                parts.append(info.arrived_frame(replayed=True))
+                frames += 1
+            except Exception as exc:
+                self._errors.report("replayed ARRIVED not encodable", exc)
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self._heartbeat_interval
+            parts.append(self._heartbeat_frame())
+            frames += 1
+        size = sum(len(p) for p in parts)
+        backlog = self._backlog
+        while backlog and size < _MAX_BATCH_BYTES:
+            code, frame, ref = backlog.popleft()
+            self._backlog_size -= len(frame)
+            if code == MARK:
+                markers.append(ref)
+                continue
+            parts.append(frame)
+            size += len(frame)
+            frames += 1
+            if code == STEP:
+                steps += 1
+            else:
+                events += 1
+                if ref is not None:
+                    arrivals.append(ref)
+        if parts or markers:
+            self._out = memoryview(b"".join(parts))
+            self._out_meta = (frames, steps, events, markers, arrivals)
+            self._last_progress = now  # the stall clock runs from the start of each batch
+
+    def _heartbeat_frame(self) -> bytes:
+        with self._drop_lock:
+            steps, events = self.dropped_steps, self.dropped_events
+        return wire.frame_heartbeat(
+            time_ns=time.time_ns(), dropped_frames=steps + events, dropped_steps=steps,
+            dropped_events=events, sent_frames=self.sent_frames, reconnects=self.reconnects,
+        )
+
+    def _write(self, now: float) -> bool:
+        """Write (part of) one batch; True when more is ready to go at once."""
+        if self._out is None:
+            if self._peer_closed():
+                self._disconnect(now, "the sidecar closed the connection")
+                return False
+            self._build_batch(now)
+            if self._out is None:
+                return False
+        sock = self._sock
+        out = self._out
+        while out:
+            try:
+                n = sock.send(out, _MSG_NOSIGNAL)  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                self._out = out
+                if now - self._last_progress > self._stall_timeout:
+                    self._disconnect(now, f"the sidecar has not read for {self._stall_timeout:.0f} s")
+                elif not self._stall_logged and now - self._last_progress > 1.0:
+                    self._stall_logged = True
+                    log.warning("enginetime hooks: the sidecar at %s is reading slowly; records are "
+                                "buffering and the oldest will be dropped (counted)", self.address)
+                return False
+            except OSError as exc:
+                self._disconnect(now, f"lost the connection: {exc}")
+                return False
+            out = out[n:]
+            now = time.monotonic()
+            self._last_progress = now
+        frames, _steps, _events, markers, arrivals = self._out_meta  # type: ignore[misc]
+        self._out = None
+        self._out_meta = None
+        self.sent_frames += frames
+        for info in arrivals:
+            info.queued = False
+        for marker in markers:
+            marker.done(True)
+        return bool(self._backlog) or bool(self._needs_announce)

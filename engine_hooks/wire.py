@@ -1,0 +1,385 @@
+"""Hand-written protobuf encoder for proto/enginetime/v1/ingest.proto.
+
+The engine process must not need the protobuf library (SGLang/vLLM environments pin
+their own protobuf, and importing it costs start-up time and memory), so the hooks
+write the few ingest messages by hand. The encoder follows proto3 wire rules:
+
+* scalar fields equal to their default (0, "", False) are omitted;
+* ``optional`` fields (global_step, routed_shard) are written whenever they are not
+  None, even when 0, so the reader's ``HasField`` says whether the engine knew them;
+* step columns are packed ``repeated fixed32``: one ``array('I').tobytes()`` each
+  (little-endian on the wire; swapped on big-endian hosts);
+* fields are written in field-number order (canonical encoding).
+
+Every ``frame_*`` function returns one length-delimited frame: the base-128 varint
+byte length of an ``IngestFrame`` message, then the message. Out-of-range values
+raise ValueError naming the field: the recorder sanitises user input before it gets
+here, so a ValueError from this module means a bug, never silent truncation.
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections.abc import Iterable, Sequence
+
+from .constants import HOOKS_VERSION, PROTOCOL_VERSION
+
+# Wire types.
+_VARINT = 0
+_I64 = 1
+_LEN = 2
+_I32 = 5
+
+_U32_MAX = 0xFFFFFFFF
+_U64_MAX = 0xFFFFFFFFFFFFFFFF
+_I64_MIN = -(1 << 63)
+_I64_MAX = (1 << 63) - 1
+_I32_MIN = -(1 << 31)
+_I32_MAX = (1 << 31) - 1
+
+
+def _pick_u32_typecode() -> str:
+    """The array typecode whose items are 4-byte unsigned ints on this platform."""
+    for code in ("I", "L"):
+        if array(code).itemsize == 4:
+            return code
+    raise ImportError("no 4-byte unsigned array typecode on this platform")  # pragma: no cover
+
+
+#: Typecode of a fixed32 column. Pass columns as ``array(U32, ...)`` to skip a conversion.
+U32 = _pick_u32_typecode()
+_BIG_ENDIAN = sys.byteorder == "big"
+
+_SMALL_VARINTS = [bytes((i,)) for i in range(128)]
+
+
+def encode_varint(value: int) -> bytes:
+    """Base-128 varint of a non-negative int below 2**64."""
+    if 0 <= value < 128:
+        return _SMALL_VARINTS[value]
+    if value < 0 or value > _U64_MAX:
+        raise ValueError(f"varint out of range: {value}")
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def decode_varint(buf: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int, int]:
+    """Read a varint at ``pos``; return (value, next position).
+
+    Raises IndexError when the buffer ends inside the varint (wait for more bytes)
+    and ValueError when it is longer than 10 bytes (a corrupt stream).
+    """
+    result = 0
+    shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise ValueError("varint longer than 10 bytes: corrupt frame stream")
+
+
+def split_frames(buf: bytes | bytearray) -> tuple[list[bytes], int]:
+    """Split complete length-delimited frames off the front of ``buf``.
+
+    Returns (IngestFrame payloads, bytes consumed); a trailing partial frame is left
+    for the caller to complete with more bytes. Used by tests and diagnostics; the
+    sidecar has its own reader.
+    """
+    frames: list[bytes] = []
+    pos = 0
+    end = len(buf)
+    while pos < end:
+        try:
+            size, start = decode_varint(buf, pos)
+        except IndexError:
+            break
+        if start + size > end:
+            break
+        frames.append(bytes(buf[start:start + size]))
+        pos = start + size
+    return frames, pos
+
+
+def _tag(field: int, wire_type: int) -> bytes:
+    return encode_varint((field << 3) | wire_type)
+
+
+def _u32(name: str, value: int) -> int:
+    value = int(value)
+    if not 0 <= value <= _U32_MAX:
+        raise ValueError(f"{name}={value} does not fit uint32")
+    return value
+
+
+def _u64(name: str, value: int) -> int:
+    value = int(value)
+    if not 0 <= value <= _U64_MAX:
+        raise ValueError(f"{name}={value} does not fit uint64")
+    return value
+
+
+def _i64(name: str, value: int) -> int:
+    value = int(value)
+    if not _I64_MIN <= value <= _I64_MAX:
+        raise ValueError(f"{name}={value} does not fit int64")
+    return value & _U64_MAX  # two's complement: negatives take 10 bytes
+
+
+def _enum(name: str, value: int) -> int:
+    value = int(value)
+    if not _I32_MIN <= value <= _I32_MAX:
+        raise ValueError(f"{name}={value} does not fit an enum (int32)")
+    return value & _U64_MAX
+
+
+def _put_varint(parts: list[bytes], tag: bytes, value: int) -> None:
+    """Append a varint field unless it is the proto3 default."""
+    if value:
+        parts.append(tag)
+        parts.append(encode_varint(value))
+
+
+def _put_bytes(parts: list[bytes], tag: bytes, data: bytes) -> None:
+    if data:
+        parts.append(tag)
+        parts.append(encode_varint(len(data)))
+        parts.append(data)
+
+
+def _put_str(parts: list[bytes], tag: bytes, text: str) -> None:
+    if text:
+        # proto3 strings must be valid UTF-8: lone surrogates become "?"
+        # instead of making the reader reject the whole frame.
+        _put_bytes(parts, tag, str(text).encode("utf-8", "replace"))
+
+
+def column_bytes(name: str, column: Iterable[int]) -> bytes:
+    """Little-endian fixed32 bytes of a column (list, tuple, array or any iterable of ints)."""
+    if isinstance(column, array) and column.typecode == U32:
+        arr = column
+    else:
+        try:
+            arr = array(U32, column)
+        except OverflowError:
+            raise ValueError(f"{name} has a value outside uint32 (0..{_U32_MAX})") from None
+        except TypeError as exc:
+            raise ValueError(f"{name} must hold ints: {exc}") from None
+    if _BIG_ENDIAN:
+        arr = array(U32, arr)
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def _wrap(frame_field: int, inner: bytes) -> bytes:
+    """IngestFrame{oneof frame = inner} with its varint length prefix."""
+    tag = _FRAME_TAGS[frame_field]
+    body = b"".join((tag, encode_varint(len(inner)), inner))
+    return encode_varint(len(body)) + body
+
+
+# IngestFrame oneof members.
+FRAME_HELLO = 1
+FRAME_REQUEST_EVENT = 2
+FRAME_STEP = 3
+FRAME_HEARTBEAT = 4
+_FRAME_TAGS = {f: _tag(f, _LEN) for f in (FRAME_HELLO, FRAME_REQUEST_EVENT, FRAME_STEP, FRAME_HEARTBEAT)}
+
+# ClockInfo
+_CLOCK_WALL = _tag(1, _VARINT)
+_CLOCK_MONO = _tag(2, _VARINT)
+_CLOCK_SOURCE = _tag(3, _VARINT)
+_CLOCK_DEVICE = _tag(4, _LEN)
+
+# EngineHello
+_HELLO_PROTO = _tag(1, _VARINT)
+_HELLO_ENGINE_ID = _tag(2, _LEN)
+_HELLO_SHARD = _tag(3, _VARINT)
+_HELLO_NUM_SHARDS = _tag(4, _VARINT)
+_HELLO_COUPLING = _tag(5, _VARINT)
+_HELLO_KIND = _tag(6, _LEN)
+_HELLO_VERSION = _tag(7, _LEN)
+_HELLO_HOOKS = _tag(8, _LEN)
+_HELLO_CLOCK = _tag(9, _LEN)
+_HELLO_EPOCH = _tag(10, _VARINT)
+
+
+def frame_hello(
+    *,
+    engine_id: str,
+    shard: int,
+    num_shards: int,
+    coupling: int,
+    engine_kind: str = "",
+    engine_version: str = "",
+    hooks_version: str = HOOKS_VERSION,
+    wall_time_ns: int = 0,
+    monotonic_ns: int = 0,
+    timer_source: int = 0,
+    device_name: str = "",
+    recorder_epoch: int = 0,
+    protocol_version: int = PROTOCOL_VERSION,
+) -> bytes:
+    """One framed EngineHello (with its ClockInfo)."""
+    clock: list[bytes] = []
+    _put_varint(clock, _CLOCK_WALL, _i64("wall_time_ns", wall_time_ns))
+    _put_varint(clock, _CLOCK_MONO, _i64("monotonic_ns", monotonic_ns))
+    _put_varint(clock, _CLOCK_SOURCE, _enum("timer_source", timer_source))
+    _put_str(clock, _CLOCK_DEVICE, device_name)
+
+    parts: list[bytes] = []
+    _put_varint(parts, _HELLO_PROTO, _u32("protocol_version", protocol_version))
+    _put_str(parts, _HELLO_ENGINE_ID, engine_id)
+    _put_varint(parts, _HELLO_SHARD, _u32("shard", shard))
+    _put_varint(parts, _HELLO_NUM_SHARDS, _u32("num_shards", num_shards))
+    _put_varint(parts, _HELLO_COUPLING, _enum("coupling", coupling))
+    _put_str(parts, _HELLO_KIND, engine_kind)
+    _put_str(parts, _HELLO_VERSION, engine_version)
+    _put_str(parts, _HELLO_HOOKS, hooks_version)
+    # A set message field is written even when empty, so the reader sees it present.
+    clock_bytes = b"".join(clock)
+    parts += (_HELLO_CLOCK, encode_varint(len(clock_bytes)), clock_bytes)
+    _put_varint(parts, _HELLO_EPOCH, _u64("recorder_epoch", recorder_epoch))
+    return _wrap(FRAME_HELLO, b"".join(parts))
+
+
+# RequestEvent
+_EV_HANDLE = _tag(1, _VARINT)
+_EV_REQUEST_ID = _tag(2, _LEN)
+_EV_KIND = _tag(3, _VARINT)
+_EV_TIME = _tag(4, _VARINT)
+_EV_PROMPT = _tag(5, _VARINT)
+_EV_CACHED = _tag(6, _VARINT)
+_EV_SESSION = _tag(7, _LEN)
+_EV_TRACEPARENT = _tag(8, _LEN)
+_EV_ROUTED = _tag(9, _VARINT)
+_EV_REASON = _tag(10, _LEN)
+_EV_OUTPUT = _tag(11, _VARINT)
+_EV_REPLAYED = _tag(12, _VARINT)
+
+
+def frame_event(
+    *,
+    handle: int,
+    kind: int,
+    time_ns: int,
+    request_id: str = "",
+    prompt_tokens: int = 0,
+    cached_tokens: int = 0,
+    session_id: str = "",
+    traceparent: str = "",
+    routed_shard: int | None = None,
+    finish_reason: str = "",
+    output_tokens: int = 0,
+    replayed: bool = False,
+) -> bytes:
+    """One framed RequestEvent."""
+    parts: list[bytes] = []
+    _put_varint(parts, _EV_HANDLE, _u32("handle", handle))
+    _put_str(parts, _EV_REQUEST_ID, request_id)
+    _put_varint(parts, _EV_KIND, _enum("kind", kind))
+    _put_varint(parts, _EV_TIME, _i64("time_ns", time_ns))
+    _put_varint(parts, _EV_PROMPT, _u32("prompt_tokens", prompt_tokens))
+    _put_varint(parts, _EV_CACHED, _u32("cached_tokens", cached_tokens))
+    _put_str(parts, _EV_SESSION, session_id)
+    _put_str(parts, _EV_TRACEPARENT, traceparent)
+    if routed_shard is not None:  # optional: present even when 0
+        parts += (_EV_ROUTED, encode_varint(_u32("routed_shard", routed_shard)))
+    _put_str(parts, _EV_REASON, finish_reason)
+    _put_varint(parts, _EV_OUTPUT, _u32("output_tokens", output_tokens))
+    if replayed:
+        parts += (_EV_REPLAYED, b"\x01")
+    return _wrap(FRAME_REQUEST_EVENT, b"".join(parts))
+
+
+# StepRecord
+_ST_SEQ = _tag(1, _VARINT)
+_ST_GLOBAL = _tag(2, _VARINT)
+_ST_START = _tag(3, _VARINT)
+_ST_END = _tag(4, _VARINT)
+_ST_DEVICE = _tag(5, _VARINT)
+_ST_SOURCE = _tag(6, _VARINT)
+_ST_KIND = _tag(7, _VARINT)
+_ST_HANDLES = _tag(8, _LEN)
+_ST_PREFILL = _tag(9, _LEN)
+_ST_DECODE = _tag(10, _LEN)
+_ST_CONTEXT = _tag(11, _LEN)
+_ST_PEER = _tag(12, _LEN)
+
+
+def frame_step(
+    *,
+    seq: int,
+    start_time_ns: int,
+    end_time_ns: int,
+    device_time_ns: int,
+    timer_source: int,
+    kind: int,
+    handles: Sequence[int] | array = (),
+    prefill_tokens: Sequence[int] | array = (),
+    decode_tokens: Sequence[int] | array = (),
+    context_tokens: Sequence[int] | array = (),
+    peer_tokens: Sequence[int] | array | None = (),
+    global_step: int | None = None,
+) -> bytes:
+    """One framed StepRecord. Columns must have equal lengths (peer_tokens excepted)."""
+    n = len(handles)
+    if len(prefill_tokens) != n or len(decode_tokens) != n or len(context_tokens) != n:
+        raise ValueError(
+            f"step columns differ in length: handles={n} prefill_tokens={len(prefill_tokens)} "
+            f"decode_tokens={len(decode_tokens)} context_tokens={len(context_tokens)}"
+        )
+    parts: list[bytes] = []
+    _put_varint(parts, _ST_SEQ, _u64("seq", seq))
+    if global_step is not None:  # optional: present even when 0
+        parts += (_ST_GLOBAL, encode_varint(_u64("global_step", global_step)))
+    _put_varint(parts, _ST_START, _i64("start_time_ns", start_time_ns))
+    _put_varint(parts, _ST_END, _i64("end_time_ns", end_time_ns))
+    _put_varint(parts, _ST_DEVICE, _i64("device_time_ns", device_time_ns))
+    _put_varint(parts, _ST_SOURCE, _enum("timer_source", timer_source))
+    _put_varint(parts, _ST_KIND, _enum("kind", kind))
+    if n:
+        _put_bytes(parts, _ST_HANDLES, column_bytes("handles", handles))
+        _put_bytes(parts, _ST_PREFILL, column_bytes("prefill_tokens", prefill_tokens))
+        _put_bytes(parts, _ST_DECODE, column_bytes("decode_tokens", decode_tokens))
+        _put_bytes(parts, _ST_CONTEXT, column_bytes("context_tokens", context_tokens))
+    if peer_tokens:
+        _put_bytes(parts, _ST_PEER, column_bytes("peer_tokens", peer_tokens))
+    return _wrap(FRAME_STEP, b"".join(parts))
+
+
+# Heartbeat
+_HB_TIME = _tag(1, _VARINT)
+_HB_DROPPED = _tag(2, _VARINT)
+_HB_DROPPED_STEPS = _tag(3, _VARINT)
+_HB_DROPPED_EVENTS = _tag(4, _VARINT)
+_HB_SENT = _tag(5, _VARINT)
+_HB_RECONNECTS = _tag(6, _VARINT)
+
+
+def frame_heartbeat(
+    *,
+    time_ns: int,
+    dropped_frames: int = 0,
+    dropped_steps: int = 0,
+    dropped_events: int = 0,
+    sent_frames: int = 0,
+    reconnects: int = 0,
+) -> bytes:
+    """One framed Heartbeat (counters cumulative since the recorder started)."""
+    parts: list[bytes] = []
+    _put_varint(parts, _HB_TIME, _i64("time_ns", time_ns))
+    _put_varint(parts, _HB_DROPPED, _u64("dropped_frames", dropped_frames))
+    _put_varint(parts, _HB_DROPPED_STEPS, _u64("dropped_steps", dropped_steps))
+    _put_varint(parts, _HB_DROPPED_EVENTS, _u64("dropped_events", dropped_events))
+    _put_varint(parts, _HB_SENT, _u64("sent_frames", sent_frames))
+    _put_varint(parts, _HB_RECONNECTS, _u64("reconnects", reconnects))
+    return _wrap(FRAME_HEARTBEAT, b"".join(parts))

@@ -1,0 +1,283 @@
+"""``enginetime sidecar``: run the accounting sidecar beside an engine.
+
+Registered into the ``enginetime`` command (enginetime/cli.py). The heavy
+imports (grpc, numpy, the ledger) happen only when the command runs; at
+registration we only check that the ``[sidecar]`` extra is installed, so
+``enginetime --help`` stays fast and names a missing extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+
+from enginetime.engine_hooks.constants import (
+    DEFAULT_INGEST_ADDRESS,
+    INGEST_ENV,
+    MAX_FRAME_BYTES,
+    parse_address,
+)
+
+for _module in ("grpc", "numpy", "google.protobuf", "grpc_health", "grpc_reflection"):
+    if importlib.util.find_spec(_module) is None:
+        raise ImportError(
+            f"enginetime sidecar needs {_module}: pip install 'enginetime[sidecar]'", name=_module
+        )
+
+DEFAULT_LISTEN = "127.0.0.1:50151"
+
+
+def split_host_port(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` / ``[V6]:PORT`` -> (host, port); ValueError with the accepted form otherwise."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(
+            f"bad listen address {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:50151 or [::1]:0"
+        )
+    return host, int(port)
+
+
+def parse_ingest_address(address: str) -> tuple[str, str | tuple[str, int]]:
+    """``parse_address`` plus ``tcp:HOST:0`` (a free port, reported in the ready line)."""
+    if address.startswith("tcp:") and address.endswith(":0"):
+        family, target = parse_address(address[:-1] + "1")
+        return family, (target[0], 0)  # type: ignore[index]
+    return parse_address(address)
+
+
+# -- argument types: each raises ArgumentTypeError with what was wrong and what is accepted ---
+
+
+def _ingest(value: str) -> str:
+    try:
+        parse_ingest_address(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _listen(value: str) -> str:
+    try:
+        split_host_port(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _number(kind, *, minimum: float, inclusive: bool, what: str):
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}") from None
+        if isinstance(number, float) and not math.isfinite(number):
+            raise argparse.ArgumentTypeError(f"{value!r} is not a finite number of seconds")
+        if number < minimum or (number == minimum and not inclusive):
+            bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+            raise argparse.ArgumentTypeError(f"{value!r} must be {bound}")
+        return number
+
+    return parse
+
+
+_positive_int = _number(int, minimum=1, inclusive=True, what="a whole number")
+_positive_seconds = _number(float, minimum=0.0, inclusive=False, what="a number of seconds")
+_seconds = _number(float, minimum=0.0, inclusive=True, what="a number of seconds")
+_frame_bytes = _number(int, minimum=1024, inclusive=True, what="a number of bytes")
+
+
+def _otlp(value: str) -> str:
+    if "://" not in value and ":" not in value:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an OTLP endpoint: use a URL such as http://localhost:4317 (gRPC) "
+            "or http://localhost:4318 (HTTP)"
+        )
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "sidecar",
+        help="run the accounting sidecar (ingest from engine hooks, serve gRPC)",
+        description=(
+            "Run the enginetime sidecar beside one engine (or one node of it). Engine hooks stream "
+            "their step records to the ingest address; the sidecar attributes engine time, GPU time "
+            "and interference to every request and serves them over gRPC (enginetime.v1."
+            "AccountingService, plus grpc.health.v1 and reflection). Once both addresses are bound it "
+            "prints one line to stdout:\n\n"
+            "  enginetime sidecar ready grpc=HOST:PORT ingest=ADDRESS\n\n"
+            "Logs go to stderr. SIGTERM or Ctrl-C shuts down cleanly (exit code 0)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    net = parser.add_argument_group("addresses")
+    net.add_argument(
+        "--ingest",
+        metavar="unix:PATH|tcp:HOST:PORT",
+        type=_ingest,
+        default=None,
+        help=(
+            "where engine hooks connect. Default: $"
+            + INGEST_ENV
+            + " if set, else "
+            + DEFAULT_INGEST_ADDRESS
+            + ". A Unix socket is created 0600 (parent directory 0700 if missing); a stale socket from a "
+            "dead sidecar is replaced, a live one is never taken over. Change it to run several sidecars on "
+            "one host, or use tcp: when the engine runs in another network namespace."
+        ),
+    )
+    net.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        type=_listen,
+        default=DEFAULT_LISTEN,
+        help=(
+            f"where gRPC is served. Default: {DEFAULT_LISTEN} (loopback only). Port 0 picks a free port "
+            "(read it from the ready line). Use 0.0.0.0:PORT only behind a network policy: the API has no "
+            "authentication yet."
+        ),
+    )
+    led = parser.add_argument_group("accounting store")
+    led.add_argument(
+        "--max-requests",
+        metavar="N",
+        type=_positive_int,
+        default=100_000,
+        help=(
+            "most requests kept (live + finished); the oldest finished ones are evicted first. Default: "
+            "100000 (a few hundred MB at most). Raise it when clients get NOT_FOUND for requests that "
+            "finished recently under heavy load."
+        ),
+    )
+    led.add_argument(
+        "--retention",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        default=600.0,
+        help=(
+            "how long a finished request's accounting stays queryable. Default: 600. Raise it when "
+            "session servers look requests up long after they end."
+        ),
+    )
+    led.add_argument(
+        "--lockstep-wait",
+        metavar="SECONDS",
+        type=_seconds,
+        default=None,
+        help=(
+            "for LOCKSTEP engines: how long to wait for the other shards' records of a step before "
+            "attributing it without them. Default: 0.2. Raise it when shards report through a slow or "
+            "bursty path (many steps attributed as partial); lower it for fresher figures."
+        ),
+    )
+    led.add_argument(
+        "--storm-threshold",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        default=None,
+        help=(
+            "summed stall a request's prefill must cause on others to be reported as a storm "
+            "(StreamInterference, GetShards). Default: 1.0. Lower it to see smaller interference events."
+        ),
+    )
+    lim = parser.add_argument_group("limits")
+    lim.add_argument(
+        "--max-frame-bytes",
+        metavar="N",
+        type=_frame_bytes,
+        default=MAX_FRAME_BYTES,
+        help=(
+            f"largest ingest frame accepted; a connection declaring a bigger one is closed as corrupt. "
+            f"Default: {MAX_FRAME_BYTES} (a 4096-entry step is ~64 KiB). Raise it only for batches of "
+            "hundreds of thousands of entries."
+        ),
+    )
+    lim.add_argument(
+        "--subscriber-queue",
+        metavar="N",
+        type=_positive_int,
+        default=100_000,
+        help=(
+            "most changed requests (or interference events) one gRPC stream may have waiting to be sent; "
+            "a stream that exceeds it is cut off with RESOURCE_EXHAUSTED. Default: 100000. Raise it for "
+            "one proxy following more requests than that."
+        ),
+    )
+    lim.add_argument(
+        "--lag-limit",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        default=None,
+        help=(
+            "how long a gRPC stream's write may stay blocked (its client is not reading) before the stream "
+            "is cut off with RESOURCE_EXHAUSTED. Default: max(10 x the stream's interval, 5). Raise it for "
+            "clients that pause reading for long; slow clients never slow ingest either way."
+        ),
+    )
+    lim.add_argument(
+        "--shutdown-grace",
+        metavar="SECONDS",
+        type=_seconds,
+        default=5.0,
+        help="on SIGTERM, how long in-flight unary RPCs may take to finish. Default: 5.",
+    )
+    obs = parser.add_argument_group("observability")
+    obs.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        type=_otlp,
+        default=None,
+        help=(
+            "OpenTelemetry collector for per-request spans, e.g. http://localhost:4317. Default: none. "
+            "Accepted and stored; span export is not built yet (the sidecar says so at startup)."
+        ),
+    )
+    obs.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        type=str.lower,
+        help="stderr log level. Default: info (one line per engine connect/disconnect and per rejected "
+        "connection). debug adds every ingest connection.",
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
+def build_config(args: argparse.Namespace):
+    """The SidecarConfig for parsed arguments (imports the sidecar proper)."""
+    from enginetime.engine_hooks.constants import ingest_address
+    from enginetime.sidecar.ledger import LedgerConfig
+    from enginetime.sidecar.server import SidecarConfig
+
+    overrides = {"max_requests": args.max_requests, "retention_s": args.retention}
+    if args.lockstep_wait is not None:
+        overrides["lockstep_wait_s"] = args.lockstep_wait
+    if args.storm_threshold is not None:
+        overrides["storm_threshold_s"] = args.storm_threshold
+    return SidecarConfig(
+        ingest=ingest_address(args.ingest),
+        listen=args.listen,
+        ledger=LedgerConfig(**overrides),
+        max_frame_bytes=args.max_frame_bytes,
+        subscriber_queue=args.subscriber_queue,
+        lag_limit_s=args.lag_limit,
+        shutdown_grace_s=args.shutdown_grace,
+        otlp_endpoint=args.otlp_endpoint or "",
+        log_level=args.log_level,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from enginetime.sidecar.server import main
+
+    config = build_config(args)
+    try:
+        parse_ingest_address(config.ingest)
+    except ValueError as exc:  # from $ENGINETIME_INGEST: argparse never saw it
+        print(f"enginetime sidecar: ${INGEST_ENV}: {exc}", file=sys.stderr)
+        return 2
+    return main(config)

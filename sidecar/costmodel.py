@@ -1,0 +1,260 @@
+"""Online step-cost model: predicts how long a batch takes and what each entry adds.
+
+The ledger needs a *counterfactual*: how long a step would have taken without some
+of its entries (another request's prefill, a slower lockstep peer). Measurements only
+give the whole step's duration, so a model of the step's cost as a function of its
+batch splits it. The feature shape is the one LLM serving simulators (Vidur, BLIS)
+use for a transformer forward pass::
+
+    d ≈ β0 + β1·Σp + β2·Σ p·(c + p/2) + β3·n_decode + β4·Σ_decode c
+
+with ``p`` an entry's prefill tokens, ``c`` its context (KV length before the step),
+``n_decode`` the decoding entries (weighted by their decode tokens, 1 each outside
+speculative decoding) and ``Σ_decode c`` their context. β0 is the fixed cost of a
+forward (weights read once, kernel launches, collectives); β1 the per-token linear
+layers; β2 the prefill attention over the chunk's own and cached keys; β3 a decode
+token's linear work; β4 its attention over its KV cache.
+
+Fitting is non-negative ridge least squares on a window of recent observations,
+solved on the 5×5 normal equations with column scaling by a small Lawson–Hanson
+active-set routine (no SciPy in the sidecar). Non-negativity matters: a fit that
+makes prefill *cheaper* than nothing would turn blame upside down. Until the window
+holds enough observations with enough spread (some prefill steps, some decode steps,
+different sizes) the model falls back to a token-proportional rate (ns per token).
+
+Where a model lives (deviation from DESIGN §6's "per shard"): an INDEPENDENT engine
+has one model per shard — each shard is its own device group and its steps measure
+only its own work. A LOCKSTEP engine has ONE model for the whole engine: its shards
+are identical hardware running the same model, and a shard's step only measures its
+own work when that shard was the heaviest (critical) one of its lockstep group — every
+other shard's step is mostly waiting. Fitting per shard would leave a decode-only
+shard with no clean observations at all (it is never critical during a storm) or,
+worse, teach it that decode is slow. So the ledger fits the engine's model only on the
+critical shard's step of each *complete* group, and uses it for every shard.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+N_FEATURES = 5
+#: Observations needed before the fitted model replaces the token-proportional rate.
+MIN_OBSERVATIONS = 16
+#: Of those, at least this many must contain prefill and this many decode.
+MIN_OF_EACH_KIND = 2
+
+
+def nnls_normal(a: np.ndarray, b: np.ndarray, tol: float = 1e-12, max_iter: int | None = None) -> np.ndarray:
+    """Minimise ½·xᵀAx − bᵀx subject to x ≥ 0 (A symmetric positive definite).
+
+    This is least squares ||Mx − y||² in normal-equation form (A = MᵀM, b = Mᵀy),
+    solved with the Lawson–Hanson active-set method: grow the set of free
+    (positive) variables one at a time by the most violated KKT condition, solve the
+    unconstrained problem on that set, and step back to the feasible boundary when a
+    free variable would go negative. For 5 variables this converges in a handful of
+    5×5 solves.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    n = b.shape[0]
+    x = np.zeros(n)
+    free = np.zeros(n, dtype=bool)
+    limit = max_iter if max_iter is not None else 6 * n + 10
+    iters = 0
+    grad = b - a @ x
+    while iters < limit:
+        candidates = ~free & (grad > tol)
+        if not candidates.any():
+            break
+        j = int(np.argmax(np.where(candidates, grad, -np.inf)))
+        free[j] = True
+        while iters < limit:
+            iters += 1
+            idx = np.flatnonzero(free)
+            s = np.zeros(n)
+            s[idx] = np.linalg.solve(a[np.ix_(idx, idx)], b[idx])
+            if (s[idx] > 0.0).all():
+                x = s
+                break
+            # Step from x towards s until the first free variable reaches zero.
+            blocking = idx[s[idx] <= 0.0]
+            denom = x[blocking] - s[blocking]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios = np.where(denom > 0.0, x[blocking] / denom, 0.0)
+            alpha = float(np.min(ratios)) if ratios.size else 0.0
+            x = x + alpha * (s - x)
+            free &= x > tol
+            x[~free] = 0.0
+        grad = b - a @ x
+    return x
+
+
+def fit_nnls_ridge(x: np.ndarray, y: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+    """Non-negative ridge regression of y on the columns of x, returning β ≥ 0.
+
+    Columns are scaled to unit RMS before forming the normal equations so that the
+    ridge term (``ridge`` relative to a unit diagonal) weighs every coefficient the
+    same and the 5×5 system is well conditioned even though the raw features span
+    ten orders of magnitude (1 vs Σ p·c). All-zero columns get β = 0.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n, k = x.shape
+    if n == 0:
+        return np.zeros(k)
+    scale = np.sqrt(np.mean(x * x, axis=0))
+    live = scale > 0.0
+    scale = np.where(live, scale, 1.0)
+    y_scale = float(np.sqrt(np.mean(y * y))) or 1.0
+    z = x / scale
+    a = (z.T @ z) / n
+    b = (z.T @ (y / y_scale)) / n
+    a += ridge * np.eye(k)
+    # Dead columns: pin to zero (identity row, zero target).
+    a[~live, :] = 0.0
+    a[:, ~live] = 0.0
+    a[~live, ~live] = 1.0
+    b[~live] = 0.0
+    gamma = nnls_normal(a, b)
+    return gamma / scale * y_scale
+
+
+def step_features(p: np.ndarray, q: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Feature vector [1, Σp, Σp(c+p/2), n_decode, Σ_decode c] of one batch (float64).
+
+    An entry with prefill tokens is a prefill entry (a decode token it samples rides
+    on the same forward); an entry without is a decode entry weighted by its decode
+    tokens (1 outside speculative decoding).
+    """
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    c = np.asarray(c, dtype=np.float64)
+    dec = np.where(p > 0.0, 0.0, q)
+    return np.array([1.0, p.sum(), (p * (c + 0.5 * p)).sum(), dec.sum(), (dec * c).sum()])
+
+
+class CostModel:
+    """A windowed, periodically refitted step-cost model (one per INDEPENDENT shard or LOCKSTEP engine).
+
+    States, in order: *uncalibrated* (no observation: costs are relative token
+    weights, the caller must not compare them with nanoseconds), *token rate*
+    (ns per token from the window's Σd / Σtokens), *fitted* (β from NNLS). Once
+    fitted, a window that loses its spread (say an hour of pure decode) keeps the
+    last good β instead of falling back: old prefill knowledge beats none.
+    """
+
+    __slots__ = ("window", "refit_every", "ridge", "_x", "_y", "_n", "_pos", "_since_fit",
+                 "_sum_d", "_sum_tok", "beta", "fits")
+
+    def __init__(self, window: int = 2048, refit_every: int = 32, ridge: float = 1e-6) -> None:
+        if window < MIN_OBSERVATIONS:
+            raise ValueError(f"cost-model window {window} is below the {MIN_OBSERVATIONS} observations a fit needs")
+        self.window = int(window)
+        self.refit_every = max(1, int(refit_every))
+        self.ridge = float(ridge)
+        self._x = np.zeros((self.window, N_FEATURES))
+        self._y = np.zeros(self.window)
+        self._n = 0  # observations held (≤ window)
+        self._pos = 0  # next ring position
+        self._since_fit = 0
+        self._sum_d = 0.0  # Σ duration over the window (token-rate fallback)
+        self._sum_tok = 0.0  # Σ tokens over the window
+        self.beta: np.ndarray | None = None
+        self.fits = 0
+
+    # ---- state -------------------------------------------------------------------------
+    @property
+    def observations(self) -> int:
+        return self._n
+
+    @property
+    def fitted(self) -> bool:
+        return self.beta is not None
+
+    @property
+    def rate(self) -> float | None:
+        """Token-proportional fallback: ns per token over the window (None before any data)."""
+        if self._sum_tok <= 0.0:
+            return None
+        return self._sum_d / self._sum_tok
+
+    @property
+    def calibrated(self) -> bool:
+        """True when predictions are in nanoseconds (fitted or token rate known)."""
+        return self.beta is not None or self._sum_tok > 0.0
+
+    # ---- learning ----------------------------------------------------------------------
+    def observe(self, x: np.ndarray, d_ns: float) -> bool:
+        """Add one step (features x, measured duration d_ns); refit when due. Returns True on refit."""
+        i = self._pos
+        if self._n == self.window:
+            old = self._x[i]
+            self._sum_d -= self._y[i]
+            self._sum_tok -= old[1] + old[3]
+        else:
+            self._n += 1
+        self._x[i] = x
+        self._y[i] = d_ns
+        self._sum_d += d_ns
+        self._sum_tok += x[1] + x[3]
+        self._pos = (i + 1) % self.window
+        self._since_fit += 1
+        due = self._since_fit >= self.refit_every or (self.beta is None and self._n >= MIN_OBSERVATIONS)
+        if due:
+            return self.refit()
+        return False
+
+    def has_spread(self) -> bool:
+        """Enough observations of both kinds, of different sizes, to identify β."""
+        n = self._n
+        if n < MIN_OBSERVATIONS:
+            return False
+        x = self._x[:n]
+        if np.count_nonzero(x[:, 1] > 0) < MIN_OF_EACH_KIND or np.count_nonzero(x[:, 3] > 0) < MIN_OF_EACH_KIND:
+            return False
+        tokens = x[:, 1] + x[:, 3]
+        return bool(tokens.max() > tokens.min())
+
+    def refit(self) -> bool:
+        """Refit β on the window if it has spread; returns whether β was (re)set."""
+        self._since_fit = 0
+        if not self.has_spread():
+            return False
+        n = self._n
+        beta = fit_nnls_ridge(self._x[:n], self._y[:n], self.ridge)
+        if not np.all(np.isfinite(beta)):
+            return False
+        self.beta = beta
+        self.fits += 1
+        return True
+
+    # ---- prediction --------------------------------------------------------------------
+    def entry_costs(
+        self, p: np.ndarray, q: np.ndarray, c: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Marginal cost of each entry, split into (prefill part, decode part), and β0.
+
+        Prefill entry: β1·p + β2·p(c+p/2); decode entry: (β3 + β4·c)·q. With the token
+        rate: rate·p or rate·q and β0 = 0. Uncalibrated: p or q as relative weights.
+        Inputs are float64 arrays of equal length.
+        """
+        is_pf = p > 0.0
+        beta = self.beta
+        if beta is not None:
+            pf = np.where(is_pf, p * (beta[1] + beta[2] * (c + 0.5 * p)), 0.0)
+            dc = np.where(is_pf, 0.0, q * (beta[3] + beta[4] * c))
+            return pf, dc, float(beta[0])
+        rate = self.rate
+        r = 1.0 if rate is None else rate
+        pf = p * r
+        dc = np.where(is_pf, 0.0, q * r)
+        return pf, dc, 0.0
+
+    def predict(self, x: np.ndarray) -> float:
+        """Predicted duration (ns) of a batch with features x; NaN while uncalibrated."""
+        if self.beta is not None:
+            return float(self.beta @ x)
+        rate = self.rate
+        if rate is None:
+            return float("nan")
+        return rate * float(x[1] + x[3])

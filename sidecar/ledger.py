@@ -1,0 +1,1035 @@
+"""The ledger: turns engine steps and request events into per-request accounting.
+
+Inputs are decoded ingest frames (``records``); outputs are immutable snapshots
+(``views``). Single-threaded: one asyncio loop drives it, so there are no locks.
+
+Attribution (DESIGN §6) per step ``s`` of shard ``k`` with measured duration ``d``
+and entries ``i`` whose predicted marginal costs are ``e_i`` (``costmodel``), with
+``P = β0 + Σe`` the step's predicted duration:
+
+* **own work** ``w``: INDEPENDENT ``w = d``. LOCKSTEP: the steps of one
+  ``global_step`` form a group (``ledger_join``); the *critical* shard is the one
+  with the largest predicted ``P`` (most tokens while the model is uncalibrated; a
+  missing shard's ``peer_tokens`` can make it critical); it gets ``w = d``, every
+  other shard ``w = min(d, P)``. ``wait = d − w`` is time spent waiting for the
+  critical shard. A step without entries (IDLE) has ``w = 0``: all of it is wait.
+* **gpu_time**: ``w`` is split over the step's entries in proportion to their
+  predicted cost (``e_i`` plus an even share of β0); each shard's wait is charged to
+  the critical shard's prefill entries by predicted prefill cost (to all its entries
+  when it has no prefill). Wait with nobody to charge (critical shard missing or
+  empty) goes to the waiting shard's ``unattributed_ns``. So the shares of every
+  step sum to its ``d`` exactly (conservation, tested).
+* **engine_time** of entry i: ``w − (w/P)·(predicted prefill cost of the OTHER
+  entries)`` — the step without other requests' prefill and without the wait.
+  **interference** = ``d − engine_time``: the others' prefill (blamed on those
+  requests, same shard) plus the wait (blamed cross-shard on the critical shard's
+  prefill entries by predicted cost, or on the critical shard itself as a
+  pseudo-aggressor ``""`` when its work was decode or it is missing).
+* **excluded steps**: every request RUNNING on shard k that already had a step and
+  is not in ``s`` adds ``d`` to its interference, blamed on ``s``'s entries by
+  predicted cost (``w`` part, same shard) and on the critical shard (wait part).
+  Requests that were SCHEDULED but never stepped are still in their queue time, so
+  counting excluded steps for them would count the same wall time twice.
+* Per step only the top ``NAMED_PER_STEP`` aggressors of each cause are named; the
+  rest is lumped into the shard's pseudo-aggressor, so a 256-entry batch never
+  creates 256×256 blame entries. Each victim keeps at most ``4·top_blame``
+  aggressors (``SlotColumns.add_blame``).
+
+Per-request identity: ``wall = queue + engine_time + interference + other``. Views
+clamp so that the identity is exact in integer ns and every term is ≥ 0, giving
+priority in this order: engine_time (clamped to wall), queue_time (to what remains),
+interference (to what remains); ``other`` is the remainder. With one clock on one
+host the clamps do not bite: steps of a shard do not overlap, excluded steps only
+count after the first step, and queue time ends at the first step's start. Preempted
+time lands in ``other`` (a preempted request is not an excluded-step victim).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..engine_hooks.constants import Coupling, EventKind, StepKind
+from .costmodel import CostModel, step_features
+from .ledger_join import Group
+from .ledger_shards import EngineState, ShardState
+from .ledger_storms import StormTracker
+from .ledger_store import (
+    ABORTED,
+    EMPTY,
+    FINISHED,
+    PREEMPTED,
+    QUEUED,
+    RUNNING,
+    SLOT_BITS,
+    SLOT_MASK,
+    Request,
+    SlotColumns,
+)
+from .records import Beat, Event, Hello, Step
+from .views import (
+    BlameView,
+    InterferenceView,
+    RequestQuery,
+    RequestState,
+    RequestView,
+    ShardView,
+)
+
+log = logging.getLogger(__name__)
+
+ShardKey = tuple[str, int]
+
+#: Aggressors named per cause per step; the rest is lumped on the shard's pseudo-aggressor.
+NAMED_PER_STEP = 3
+_TERMINAL = (FINISHED, ABORTED)
+
+
+@dataclass
+class LedgerConfig:
+    lockstep_wait_s: float = 0.2  # bounded wait for a LOCKSTEP group's stragglers
+    retention_s: float = 600.0  # finished requests kept this long
+    max_requests: int = 100_000  # active + finished; evict oldest finished first, then oldest active
+    storm_threshold_s: float = 1.0  # summed blame that makes an aggressor's prefill a storm
+    top_blame: int = 5  # blame entries kept in views (full map kept internally, bounded)
+    model_window: int = 2048  # cost-model observations kept per model
+    refit_every: int = 32  # refit after this many new observations
+    rate_window_s: float = 2.0  # window for shard tok/s and busy fraction
+
+    def __post_init__(self) -> None:
+        if self.max_requests < 1:
+            raise ValueError(f"max_requests must be ≥ 1, got {self.max_requests}")
+        if self.top_blame < 1:
+            raise ValueError(f"top_blame must be ≥ 1, got {self.top_blame}")
+        for name in ("lockstep_wait_s", "retention_s", "storm_threshold_s", "rate_window_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+
+
+@dataclass
+class LedgerCounters:
+    """Cumulative counts (all ints) of what the ledger saw and what it could not account."""
+
+    steps: int = 0  # step records attributed
+    entries: int = 0  # entries in those steps
+    events: int = 0  # request events received
+    unknown_handles: int = 0  # steps/events naming a handle never announced
+    partial_requests: int = 0  # requests marked partial (each once)
+    evicted_active: int = 0  # live requests evicted to stay under max_requests
+    evicted_finished: int = 0  # finished requests evicted to stay under max_requests
+    expired_finished: int = 0  # finished requests dropped after retention_s
+    lockstep_groups: int = 0  # LOCKSTEP groups attributed
+    lockstep_timeouts: int = 0  # groups attributed without every shard after the bounded wait
+    seq_gaps: int = 0  # step sequence gaps (dropped steps)
+    reported_drops: int = 0  # frames the recorders reported dropping (heartbeats)
+    late_steps: int = 0  # LOCKSTEP steps whose group was already attributed
+    unjoined_steps: int = 0  # LOCKSTEP steps without global_step (attributed alone)
+    invalid_steps: int = 0  # malformed step records skipped
+    duplicate_entries: int = 0  # a handle twice in one step (recorder bug): extra copies dropped
+    unknown_events: int = 0  # terminal events for unknown handles (nothing to account)
+    handle_reuses: int = 0  # ARRIVED on a handle whose request never ended (its end was lost)
+    engine_restarts: int = 0  # a shard reconnected with a new recorder epoch
+    storms: int = 0  # storms started
+    model_fits: int = 0  # cost-model refits
+    unattributed_ns: int = 0  # device time no request could be charged with
+
+
+class Ledger:
+    """Attribution, cost models, lockstep join and the bounded request store."""
+
+    def __init__(self, config: LedgerConfig | None = None, clock: Callable[[], int] = time.time_ns) -> None:
+        self.config = config or LedgerConfig()
+        cfg = self.config
+        self._clock = clock
+        self.counters = LedgerCounters()
+        self._cols = SlotColumns(min(1024, cfg.max_requests + 16), 4 * cfg.top_blame)
+        self._reqs: list[Request | None] = []
+        self._by_id: dict[str, Request] = {}
+        self._active: dict[int, Request] = {}  # rid -> live request, creation order
+        self._finished: deque[Request] = deque()  # terminal requests, finish order
+        self._n_finished = 0
+        self._sessions: dict[str, dict[int, Request]] = {}  # session_id -> {rid: request}
+        self._session_shard: dict[tuple[str, str], int] = {}  # (engine, session) -> shard of last turn
+        self._engines: dict[str, EngineState] = {}
+        self._shards: dict[ShardKey, ShardState] = {}
+        self._shard_table: list[ShardState] = []
+        self._ghosts: OrderedDict[int, tuple[str, int]] = OrderedDict()  # evicted aggressor -> (id, shard idx)
+        self._storms = StormTracker(self._cols, cfg.storm_threshold_s * 1e9)
+        self._version = 0
+        self._stamp_base = 1
+        self._wait_ns = int(cfg.lockstep_wait_s * 1e9)
+        self._retention_ns = int(cfg.retention_s * 1e9)
+        self._rate_ns = max(1, int(cfg.rate_window_s * 1e9))
+
+    # =====================================================================================
+    # connections
+    # =====================================================================================
+    def connect(self, hello: Hello) -> ShardKey:
+        """First frame of a connection: register (or re-register) the shard it speaks for."""
+        if not hello.engine_id:
+            raise ValueError("EngineHello has no engine_id: set ENGINETIME engine id in the hooks (e.g. the "
+                             "server's host:port) so the sidecar can tell engines apart")
+        num = max(1, int(hello.num_shards))
+        if not 0 <= int(hello.shard) < num:
+            raise ValueError(f"EngineHello shard {hello.shard} is outside 0..{num - 1} (num_shards={num}): "
+                             "the adapter reports a wrong DP rank or shard count")
+        coupling = int(hello.coupling) or int(Coupling.INDEPENDENT)
+        eng = self._engines.get(hello.engine_id)
+        if eng is None:
+            eng = EngineState(hello.engine_id, coupling, num, self._new_model(), self._wait_ns)
+            self._engines[hello.engine_id] = eng
+        else:
+            eng.coupling = coupling
+            eng.num_shards = num
+        shard = self._shard_state(eng, int(hello.shard))
+        if shard.ever_connected and hello.recorder_epoch != shard.epoch:
+            self._restart(shard, hello.wall_time_ns or self._clock())
+        shard.connected = True
+        shard.ever_connected = True
+        shard.epoch = hello.recorder_epoch
+        shard.coupling = coupling
+        shard.engine_kind = hello.engine_kind
+        shard.engine_version = hello.engine_version
+        shard.hooks_version = hello.hooks_version
+        shard.device_name = hello.device_name
+        shard.timer_source = int(hello.timer_source)
+        eng.refresh_expected()
+        return (eng.engine_id, shard.shard)
+
+    def disconnect(self, key: ShardKey) -> None:
+        shard = self._shards.get(key)
+        if shard is None:
+            return
+        shard.connected = False
+        eng = shard.engine
+        eng.refresh_expected()
+        if eng.join.pending:
+            for group, timed_out in eng.join.release_ready():
+                self._attribute_group(eng, group, timed_out)
+            self._enforce_bound()
+
+    def _restart(self, shard: ShardState, time_ns: int) -> None:
+        """New recorder epoch: the engine process restarted; its live requests are gone."""
+        self.counters.engine_restarts += 1
+        for req in list(shard.live.values()):
+            self._mark_partial(req)
+            self._terminate(req, ABORTED, time_ns, "engine restarted")
+        self._storms.end_shard(shard, time_ns)
+        shard.reset_stream()
+        shard.engine.join.forget_shard(shard.shard)
+
+    def _shard_state(self, eng: EngineState, no: int) -> ShardState:
+        key = (eng.engine_id, no)
+        shard = self._shards.get(key)
+        if shard is None:
+            shard = ShardState(eng, no, len(self._shard_table), self._new_model())
+            self._shards[key] = shard
+            self._shard_table.append(shard)
+            eng.shards[no] = shard
+        return shard
+
+    def _new_model(self) -> CostModel:
+        return CostModel(self.config.model_window, self.config.refit_every)
+
+    def _shard(self, key: ShardKey) -> ShardState:
+        shard = self._shards.get(key)
+        if shard is None or not shard.ever_connected:
+            raise KeyError(f"no EngineHello for engine {key[0]!r} shard {key[1]}: call Ledger.connect() with "
+                           "the connection's first frame before passing its events and steps")
+        return shard
+
+    # =====================================================================================
+    # heartbeats and events
+    # =====================================================================================
+    def on_heartbeat(self, key: ShardKey, beat: Beat) -> None:
+        shard = self._shard(key)
+        shard.dropped_frames = int(beat.dropped_frames)
+        total = max(int(beat.dropped_frames), int(beat.dropped_steps) + int(beat.dropped_events))
+        if total > shard.drops_seen:
+            self.counters.reported_drops += total - shard.drops_seen
+            self._mark_shard_partial(shard)
+        shard.drops_seen = max(shard.drops_seen, total)
+
+    def on_event(self, key: ShardKey, ev: Event) -> None:
+        shard = self._shard(key)
+        self.counters.events += 1
+        kind = int(ev.kind)
+        if kind == EventKind.ARRIVED:
+            self._arrived(shard, ev)
+            self._enforce_bound()
+            return
+        slot = shard.slot_of(int(ev.handle))
+        req = self._reqs[slot] if slot >= 0 else None
+        if req is None:
+            self.counters.unknown_handles += 1
+            if kind in (EventKind.FINISHED, EventKind.ABORTED) or kind not in EventKind._value2member_map_:
+                self.counters.unknown_events += 1
+                return
+            req = self._create(shard, int(ev.handle), ev.request_id or self._anon_id(shard, ev.handle),
+                               int(ev.time_ns))
+            self._mark_partial(req)
+        cols = self._cols
+        slot = req.slot
+        state = int(cols.state[slot])
+        if state in _TERMINAL:
+            return
+        if kind == EventKind.SCHEDULED or kind == EventKind.RESUMED:
+            cols.state[slot] = RUNNING
+            if cols.first_start[slot] >= 0:
+                self._set_running(req, True)
+        elif kind == EventKind.PREEMPTED:
+            if state != PREEMPTED:
+                req.preemptions += 1
+            cols.state[slot] = PREEMPTED
+            self._set_running(req, False)
+            if cols.in_run[slot]:
+                self._storms.end(slot, int(ev.time_ns))
+        elif kind == EventKind.FINISHED or kind == EventKind.ABORTED:
+            if ev.output_tokens:
+                req.output_tokens = int(ev.output_tokens)
+            reason = ev.finish_reason or ("abort" if kind == EventKind.ABORTED else "")
+            self._terminate(req, FINISHED if kind == EventKind.FINISHED else ABORTED, int(ev.time_ns), reason)
+            self._enforce_bound()
+            return
+        else:
+            self.counters.unknown_events += 1
+            return
+        self._touch(slot)
+
+    def _arrived(self, shard: ShardState, ev: Event) -> None:
+        handle = int(ev.handle)
+        request_id = ev.request_id or self._anon_id(shard, handle)
+        slot = shard.slot_of(handle)
+        existing = self._reqs[slot] if slot >= 0 else None
+        if existing is not None and int(self._cols.state[slot]) in _TERMINAL:
+            existing = None
+        if ev.replayed and existing is not None and existing.request_id == request_id:
+            req = existing
+            self._mark_partial(req)
+        else:
+            if existing is not None:
+                # The handle is reused while its request never ended: its end was lost.
+                self.counters.handle_reuses += 1
+                self._mark_partial(existing)
+                self._terminate(existing, ABORTED, int(ev.time_ns), "lost (handle reused)")
+            req = self._create(shard, handle, request_id, int(ev.time_ns))
+            if ev.replayed:
+                self._mark_partial(req)
+            self._note_session(req, ev.session_id, ev.routed_shard)
+        if ev.prompt_tokens:
+            req.prompt_tokens = int(ev.prompt_tokens)
+        if ev.cached_tokens:
+            req.cached_tokens = int(ev.cached_tokens)
+        if ev.traceparent:
+            req.traceparent = ev.traceparent
+        self._touch(req.slot)
+
+    def _note_session(self, req: Request, session_id: str, routed_shard: int | None) -> None:
+        shard = req.shard
+        if routed_shard is not None:
+            req.routed_shard = int(routed_shard)
+            if int(routed_shard) != shard.shard:
+                req.migrated = True
+        if not session_id:
+            return
+        session_id = sys.intern(session_id)
+        req.session_id = session_id
+        key = (shard.engine_id, session_id)
+        last = self._session_shard.pop(key, None)
+        if last is not None and last != shard.shard:
+            req.migrated = True
+        self._session_shard[key] = shard.shard
+        if len(self._session_shard) > self.config.max_requests:
+            self._session_shard.pop(next(iter(self._session_shard)))
+        self._sessions.setdefault(session_id, {})[req.rid] = req
+
+    # =====================================================================================
+    # request lifecycle
+    # =====================================================================================
+    @staticmethod
+    def _anon_id(shard: ShardState, handle: int) -> str:
+        return f"{shard.engine_id}/{shard.shard}#{int(handle)}"
+
+    def _create(self, shard: ShardState, handle: int, request_id: str, arrival_ns: int) -> Request:
+        cols = self._cols
+        slot = cols.alloc()
+        req = Request(cols.rid(slot), slot, request_id, shard, handle, arrival_ns)
+        if slot == len(self._reqs):
+            self._reqs.append(req)
+        else:
+            self._reqs[slot] = req
+        cols.arrival[slot] = arrival_ns
+        cols.shard_idx[slot] = shard.index
+        self._by_id[request_id] = req
+        self._active[req.rid] = req
+        shard.live[slot] = req
+        shard.map_handle(handle, slot)
+        return req
+
+    def _touch(self, slot: int) -> None:
+        self._version += 1
+        self._cols.version[slot] = self._version
+        self._cols.changed[slot] = True
+
+    def _mark_partial(self, req: Request) -> None:
+        if not req.partial:
+            req.partial = True
+            self.counters.partial_requests += 1
+            if req.slot >= 0:
+                self._touch(req.slot)
+
+    def _mark_shard_partial(self, shard: ShardState) -> None:
+        for req in shard.live.values():
+            self._mark_partial(req)
+
+    def _set_running(self, req: Request, running: bool) -> None:
+        slot = req.slot
+        self._cols.running[slot] = running
+        if running:
+            req.shard.add_running(slot)
+        else:
+            req.shard.drop_running(slot)
+
+    def _terminate(self, req: Request, state: int, time_ns: int, reason: str) -> None:
+        slot = req.slot
+        cols = self._cols
+        cols.state[slot] = state
+        req.finish_ns = time_ns
+        req.finish_reason = sys.intern(reason) if reason else ""
+        self._set_running(req, False)
+        req.shard.live.pop(slot, None)
+        self._active.pop(req.rid, None)
+        self._finished.append(req)
+        self._n_finished += 1
+        if cols.in_run[slot]:
+            self._storms.end(slot, time_ns)
+        self._touch(slot)
+
+    def _evict(self, req: Request) -> None:
+        slot = req.slot
+        cols = self._cols
+        shard = req.shard
+        if cols.in_run[slot]:
+            self._storms.end(slot, 0)
+        if int(cols.state[slot]) in _TERMINAL:
+            self._n_finished -= 1
+        self._set_running(req, False)
+        shard.live.pop(slot, None)
+        shard.unmap_handle(req.handle, slot)
+        if self._by_id.get(req.request_id) is req:
+            del self._by_id[req.request_id]
+        self._active.pop(req.rid, None)
+        if req.session_id:
+            group = self._sessions.get(req.session_id)
+            if group is not None:
+                group.pop(req.rid, None)
+                if not group:
+                    del self._sessions[req.session_id]
+        if cols.caused[slot] > 0.0:
+            self._ghosts[req.rid] = (req.request_id, shard.index)
+            if len(self._ghosts) > self.config.max_requests:
+                self._ghosts.popitem(last=False)
+        cols.free(slot)
+        self._reqs[slot] = None
+        req.slot = -1
+
+    def _enforce_bound(self) -> None:
+        limit = self.config.max_requests
+        while len(self._active) + self._n_finished > limit:
+            if self._n_finished > 0 and self._finished:
+                req = self._finished.popleft()
+                if req.slot < 0:
+                    continue
+                self._evict(req)
+                self.counters.evicted_finished += 1
+            else:
+                req = next(iter(self._active.values()))
+                self._evict(req)
+                self.counters.evicted_active += 1
+
+    # =====================================================================================
+    # steps
+    # =====================================================================================
+    def on_step(self, key: ShardKey, step: Step) -> None:
+        shard = self._shard(key)
+        n = step.handles.size
+        if not (step.prefill_tokens.size == n and step.decode_tokens.size == n and step.context_tokens.size == n):
+            self.counters.invalid_steps += 1
+            log.warning("engine %s shard %s: step seq=%s has columns of different lengths (%d handles, %d prefill,"
+                        " %d decode, %d context); skipped — the recorder is emitting malformed steps",
+                        shard.engine_id, shard.shard, step.seq, n, step.prefill_tokens.size,
+                        step.decode_tokens.size, step.context_tokens.size)
+            return
+        last = shard.last_seq
+        if last is not None and step.seq != last + 1:
+            self.counters.seq_gaps += 1
+            self._mark_shard_partial(shard)
+        shard.last_seq = int(step.seq)
+        eng = shard.engine
+        if eng.lockstep:
+            if step.global_step is None:
+                self.counters.unjoined_steps += 1
+                self._attribute(eng, [(shard, step)], complete=False, lockstep=True)
+            else:
+                ready, late = eng.join.add(shard, step, self._clock())
+                if late:
+                    self.counters.late_steps += 1
+                    self._attribute(eng, [(shard, step)], complete=False, lockstep=True)
+                for group, timed_out in ready:
+                    self._attribute_group(eng, group, timed_out)
+        else:
+            self._attribute(eng, [(shard, step)], complete=True, lockstep=eng.coupling == Coupling.LOCKSTEP)
+        self._enforce_bound()
+
+    def tick(self, now_ns: int | None = None) -> None:
+        """Attribute LOCKSTEP groups whose wait expired; expire finished requests past retention."""
+        now = self._clock() if now_ns is None else int(now_ns)
+        for eng in self._engines.values():
+            if eng.join.pending:
+                for group, timed_out in eng.join.expire(now):
+                    self._attribute_group(eng, group, timed_out)
+        horizon = now - self._retention_ns
+        fin = self._finished
+        while fin and (fin[0].slot < 0 or fin[0].finish_ns <= horizon):
+            req = fin.popleft()
+            if req.slot >= 0:
+                self._evict(req)
+                self.counters.expired_finished += 1
+        self._enforce_bound()
+
+    def flush(self) -> None:
+        """Attribute every pending LOCKSTEP group now (tests, shutdown)."""
+        for eng in self._engines.values():
+            for group, timed_out in eng.join.flush():
+                self._attribute_group(eng, group, timed_out)
+        self._enforce_bound()
+
+    def _attribute_group(self, eng: EngineState, group: Group, timed_out: bool) -> None:
+        self.counters.lockstep_groups += 1
+        if timed_out:
+            self.counters.lockstep_timeouts += 1
+        parts = [group.parts[no] for no in sorted(group.parts)]
+        complete = len(group.parts) >= eng.num_shards and all(no in group.parts for no in range(eng.num_shards))
+        self._attribute(eng, parts, complete, lockstep=True)
+
+    def _resolve(self, shard: ShardState, step: Step) -> np.ndarray:
+        """Slots of a step's handles; unknown handles become partial requests."""
+        slots = shard.lookup(step.handles)
+        if slots.size and slots.min() < 0:
+            for i in np.flatnonzero(slots < 0):
+                handle = int(step.handles[i])
+                found = shard.slot_of(handle)  # an earlier duplicate in this step may have created it
+                if found < 0:
+                    self.counters.unknown_handles += 1
+                    req = self._create(shard, handle, self._anon_id(shard, handle), int(step.start_time_ns))
+                    self._mark_partial(req)
+                    found = req.slot
+                slots[i] = found
+        return slots
+
+    def _attribute(self, eng: EngineState, parts: list[tuple[ShardState, Step]], complete: bool,
+                   lockstep: bool) -> None:
+        """Attribute one step (INDEPENDENT) or one lockstep group of steps (see module docstring)."""
+        m = len(parts)
+        model = eng.model if lockstep else parts[0][0].model
+        # ---- gather columns and slots -------------------------------------------------
+        counts = np.fromiter((st.handles.size for _, st in parts), dtype=np.int64, count=m)
+        if m == 1:
+            st0 = parts[0][1]
+            slots = self._resolve(parts[0][0], st0)
+            p_raw, q_raw, c_raw = st0.prefill_tokens, st0.decode_tokens, st0.context_tokens
+        else:
+            slots = np.concatenate([self._resolve(sh, st) for sh, st in parts])
+            p_raw = np.concatenate([st.prefill_tokens for _, st in parts])
+            q_raw = np.concatenate([st.decode_tokens for _, st in parts])
+            c_raw = np.concatenate([st.context_tokens for _, st in parts])
+        cols = self._cols  # after _resolve: arrays may have grown
+        total = slots.size
+        seg = np.repeat(np.arange(m), counts)
+        # Duplicate handles in one step would make fancy-index updates lose entries: keep the last copy.
+        base = self._stamp_base
+        self._stamp_base += total + 1
+        pos = np.arange(base, base + total, dtype=np.int64)
+        cols.stamp[slots] = pos
+        keep = cols.stamp[slots] == pos
+        if not keep.all():
+            self.counters.duplicate_entries += int(total - np.count_nonzero(keep))
+            slots, p_raw, q_raw, c_raw, seg = slots[keep], p_raw[keep], q_raw[keep], c_raw[keep], seg[keep]
+            counts = np.bincount(seg, minlength=m).astype(np.int64)
+            total = slots.size
+        offs = np.zeros(m + 1, dtype=np.int64)
+        np.cumsum(counts, out=offs[1:])
+        p = p_raw.astype(np.float64)
+        q = q_raw.astype(np.float64)
+        c = c_raw.astype(np.float64)
+        d = np.fromiter((max(int(st.device_time_ns), 0) for _, st in parts), dtype=np.float64, count=m)
+        starts = np.fromiter((int(st.start_time_ns) for _, st in parts), dtype=np.int64, count=m)
+        ends = np.fromiter((int(st.end_time_ns) for _, st in parts), dtype=np.int64, count=m)
+
+        # ---- predicted costs ------------------------------------------------------------
+        pf, dc, beta0 = model.entry_costs(p, q, c)
+        calibrated = model.calibrated
+        e = pf + dc
+        nonempty = counts > 0
+        n = np.maximum(counts, 1).astype(np.float64)
+        esum = np.bincount(seg, weights=e, minlength=m)
+        pf_sum = np.bincount(seg, weights=pf, minlength=m)
+        big_p = np.where(nonempty, esum + beta0, 0.0)
+
+        # ---- critical shard -------------------------------------------------------------
+        ci = -1
+        crit_shard: ShardState | None = None
+        if nonempty.any():
+            if calibrated:
+                key = big_p
+            else:
+                key = np.bincount(seg, weights=p + q, minlength=m)
+            ci = int(np.argmax(np.where(nonempty, key, -1.0)))
+            crit_shard = parts[ci][0]
+        if lockstep and not complete and m < eng.num_shards:
+            missing = self._missing_critical(eng, parts, crit_shard)
+            if missing is not None:
+                ci, crit_shard = -1, missing
+
+        # ---- own work, wait, shares --------------------------------------------------------
+        if calibrated:
+            w = np.where(nonempty, np.minimum(d, big_p), 0.0)
+        else:
+            w = np.where(nonempty, d, 0.0)
+        if ci >= 0:
+            w[ci] = d[ci]
+        wait = d - w
+        scale = np.divide(w, big_p, out=np.zeros(m), where=big_p > 0.0)
+        scale_e = scale[seg]
+        unit = e + beta0 / n[seg]
+        share = np.where(big_p[seg] > 0.0, unit * scale_e, (w / n)[seg])
+        engine_e = np.maximum(w[seg] - scale_e * (pf_sum[seg] - pf), 0.0)
+        interf_e = d[seg] - engine_e
+        gpu_e = share.copy()
+
+        wait_total = float(wait.sum())
+        crit_lo = crit_hi = 0
+        crit_weights: np.ndarray | None = None  # per critical entry, fractions of the wait (sum 1)
+        crit_by_prefill = False
+        if ci >= 0:
+            crit_lo, crit_hi = int(offs[ci]), int(offs[ci + 1])
+            wt = pf[crit_lo:crit_hi]
+            tot = float(wt.sum())
+            crit_by_prefill = tot > 0.0
+            if not crit_by_prefill:
+                wt = unit[crit_lo:crit_hi]
+                tot = float(wt.sum())
+            crit_weights = wt / tot if tot > 0.0 else np.full(crit_hi - crit_lo, 1.0 / (crit_hi - crit_lo))
+            if wait_total > 0.0:
+                gpu_e[crit_lo:crit_hi] += wait_total * crit_weights
+        elif wait_total > 0.0:
+            for j in np.flatnonzero(wait > 0.0):
+                parts[j][0].unattributed_ns += float(wait[j])
+            self.counters.unattributed_ns += round(wait_total)
+
+        # ---- request states: everyone in a step is running ---------------------------------
+        st = cols.state[slots]
+        fresh = np.flatnonzero(~cols.running[slots] & (st != FINISHED) & (st != ABORTED))
+        if fresh.size:
+            reqs = self._reqs
+            for i in fresh:
+                slot = int(slots[i])
+                cols.state[slot] = RUNNING
+                cols.running[slot] = True
+                reqs[slot].shard.add_running(slot)
+
+        # ---- accumulate entries -----------------------------------------------------------
+        self._version += 1
+        ver = self._version
+        cols.engine[slots] += engine_e
+        cols.interf[slots] += interf_e
+        cols.gpu[slots] += gpu_e
+        cols.prefilled[slots] += p_raw
+        cols.decoded[slots] += q_raw
+        cols.steps[slots] += 1
+        cols.last_step[slots] = ends[seg]
+        cols.version[slots] = ver
+        cols.changed[slots] = True
+        first = cols.first_start[slots]
+        new_first = first < 0
+        if new_first.any():
+            cols.first_start[slots[new_first]] = starts[seg][new_first]
+
+        # ---- excluded victims ----------------------------------------------------------------
+        run_in_step = np.bincount(seg, weights=cols.running[slots], minlength=m)
+        excluded: list[np.ndarray | None] = [None] * m
+        n_ex = np.zeros(m)
+        for j in range(m):
+            shard = parts[j][0]
+            if len(shard.running) > run_in_step[j]:
+                ra = shard.running_array()
+                ex = ra[cols.stamp[ra] < base]
+                if ex.size:
+                    excluded[j] = ex
+                    n_ex[j] = ex.size
+                    cols.interf[ex] += d[j]
+                    cols.excluded[ex] += 1
+                    cols.version[ex] = ver
+                    cols.changed[ex] = True
+
+        # ---- blame: others' prefill in the same step --------------------------------------
+        rid_of = self._rid
+        add_blame = cols.add_blame
+        for j in np.flatnonzero((pf_sum > 0.0) & (counts > 1)):
+            lo, hi = int(offs[j]), int(offs[j + 1])
+            seg_pf = pf[lo:hi]
+            seg_slots = slots[lo:hi]
+            idx = np.flatnonzero(seg_pf > 0.0)
+            top = idx[np.argsort(-seg_pf[idx], kind="stable")[:NAMED_PER_STEP]]
+            sj = float(scale[j])
+            named = 0.0
+            for t in top:
+                amt = sj * float(seg_pf[t])
+                if amt > 0.0:
+                    add_blame(np.delete(seg_slots, t), rid_of(int(seg_slots[t])), amt)
+                named += float(seg_pf[t])
+            if idx.size > top.size:
+                unnamed = seg_pf.copy()
+                unnamed[top] = 0.0
+                lump = sj * (float(pf_sum[j]) - named) - sj * unnamed
+                sel = lump > 0.0
+                add_blame(seg_slots[sel], parts[j][0].pseudo, lump[sel])
+
+        # ---- blame: excluded victims, own-work part ----------------------------------------
+        caused_e = scale_e * pf * (n[seg] - 1.0) * (counts[seg] > 1)
+        for j in range(m):
+            ex = excluded[j]
+            if ex is None or w[j] <= 0.0:
+                continue
+            lo, hi = int(offs[j]), int(offs[j + 1])
+            seg_share = share[lo:hi]
+            top = np.argsort(-seg_share, kind="stable")[:NAMED_PER_STEP]
+            named = 0.0
+            for t in top:
+                amt = float(seg_share[t])
+                if amt > 0.0:
+                    add_blame(ex, rid_of(int(slots[lo + t])), amt)
+                    named += amt
+            rest = float(w[j]) - named
+            if rest > 1e-9 * float(w[j]):
+                add_blame(ex, parts[j][0].pseudo, rest)
+            caused_e[lo:hi] += seg_share * float(ex.size)
+
+        # ---- blame: waiting for the critical shard ---------------------------------------
+        wait_victims: list[np.ndarray] = []
+        wait_amounts: list[np.ndarray] = []
+        wait_shards: set[int] = set()
+        for j in np.flatnonzero(wait > 0.0):
+            if j == ci:
+                continue
+            lo, hi = int(offs[j]), int(offs[j + 1])
+            vs = slots[lo:hi]
+            ex = excluded[j]
+            if ex is not None:
+                vs = np.concatenate([vs, ex])
+            if vs.size:
+                wait_victims.append(vs)
+                wait_amounts.append(np.full(vs.size, float(wait[j])))
+                wait_shards.add(parts[j][0].shard)
+                if crit_shard is None:  # nobody ran: the shard itself is the cause
+                    add_blame(vs, parts[j][0].pseudo, float(wait[j]))
+        wv = wa = None
+        if wait_victims and crit_shard is not None:
+            wv = np.concatenate(wait_victims) if len(wait_victims) > 1 else wait_victims[0]
+            wa = np.concatenate(wait_amounts) if len(wait_amounts) > 1 else wait_amounts[0]
+            if ci >= 0 and crit_by_prefill:
+                cw = crit_weights
+                idx = np.flatnonzero(cw > 0.0)
+                top = idx[np.argsort(-cw[idx], kind="stable")[:NAMED_PER_STEP]]
+                named = 0.0
+                for t in top:
+                    add_blame(wv, rid_of(int(slots[crit_lo + t])), wa * float(cw[t]))
+                    named += float(cw[t])
+                if 1.0 - named > 1e-12:
+                    add_blame(wv, crit_shard.pseudo, wa * (1.0 - named))
+                caused_e[crit_lo:crit_hi] += float(wa.sum()) * cw
+            else:
+                add_blame(wv, crit_shard.pseudo, wa)
+        cols.caused[slots] += caused_e
+
+        # ---- storms ------------------------------------------------------------------------
+        storms = self._storms
+        pidx = np.flatnonzero(p > 0.0)
+        stop = np.flatnonzero(cols.in_run[slots] & (p <= 0.0))
+        for i in stop:
+            storms.end(int(slots[i]), int(ends[seg[i]]))
+        prefilled_by_shard: list[set[int]] = [set() for _ in range(m)]
+        if pidx.size:
+            reqs = self._reqs
+            for i in pidx:
+                j = int(seg[i])
+                shard = parts[j][0]
+                slot = int(slots[i])
+                prefilled_by_shard[j].add(slot)
+                run = storms.chunk(reqs[slot], shard, int(p_raw[i]), int(starts[j]), int(ends[j]))
+                amount = float(caused_e[i])
+                if amount <= 0.0:
+                    continue
+                lo, hi = int(offs[j]), int(offs[j + 1])
+                victims: list[np.ndarray] = []
+                vshards: set[int] = set()
+                if hi - lo > 1 and pf[i] > 0.0:
+                    victims.append(np.delete(slots[lo:hi], i - lo))
+                    vshards.add(shard.shard)
+                if excluded[j] is not None:
+                    victims.append(excluded[j])
+                    vshards.add(shard.shard)
+                if j == ci and crit_by_prefill and wv is not None:
+                    victims.append(wv)
+                    vshards |= wait_shards
+                storms.caused(run, amount, victims, vshards, int(ends[j]))
+        for j in range(m):
+            shard = parts[j][0]
+            if shard.runs:
+                storms.shard_step(shard, prefilled_by_shard[j], int(ends[j]))
+        self.counters.storms = storms.storms_started
+
+        # ---- shards, counters, model --------------------------------------------------------
+        window = self._rate_ns
+        psum = np.bincount(seg, weights=p, minlength=m)
+        qsum = np.bincount(seg, weights=q, minlength=m)
+        for j in range(m):
+            shard = parts[j][0]
+            end = int(ends[j])
+            shard.steps += 1
+            if not shard.first_step_ns:
+                shard.first_step_ns = int(starts[j])
+            shard.last_step_ns = max(shard.last_step_ns, end)
+            rates = shard.rates
+            rates.append((end, int(d[j]), int(psum[j]), int(qsum[j])))
+            while rates[0][0] < end - window:
+                rates.popleft()
+        self.counters.steps += m
+        self.counters.entries += total
+        fit_j = ci if lockstep else 0
+        if fit_j >= 0 and counts[fit_j] > 0 and (complete or not lockstep):
+            if int(parts[fit_j][1].kind) != StepKind.IDLE:
+                lo, hi = int(offs[fit_j]), int(offs[fit_j + 1])
+                if model.observe(step_features(p[lo:hi], q[lo:hi], c[lo:hi]), float(d[fit_j])):
+                    self.counters.model_fits += 1
+
+    def _missing_critical(self, eng: EngineState, parts: list[tuple[ShardState, Step]],
+                          crit: ShardState | None) -> ShardState | None:
+        """A shard absent from the group whose ``peer_tokens`` load exceeds the critical one's."""
+        peers = None
+        for _, st in parts:
+            if st.peer_tokens.size == eng.num_shards:
+                peers = st.peer_tokens
+                break
+        if peers is None:
+            return None
+        present = {sh.shard for sh, _ in parts}
+        best = int(peers[crit.shard]) if crit is not None else 0
+        found = None
+        for no in range(eng.num_shards):
+            if no not in present and int(peers[no]) > best:
+                best = int(peers[no])
+                found = no
+        return self._shard_state(eng, found) if found is not None else None
+
+    def _rid(self, slot: int) -> int:
+        return (int(self._cols.gen[slot]) << SLOT_BITS) | slot
+
+    # =====================================================================================
+    # views
+    # =====================================================================================
+    def get(self, request_id: str) -> RequestView | None:
+        req = self._by_id.get(request_id)
+        if req is None:
+            return None
+        return self._view(req, self._clock())
+
+    def query(self, q: RequestQuery, limit: int | None = None, offset: int = 0) -> list[RequestView]:
+        """Requests matching ``q``, newest arrival first, paged by ``offset``/``limit``."""
+        slots = self._select(q)
+        start = max(0, int(offset))
+        stop = None if limit is None else start + max(0, int(limit))
+        slots = slots[start:stop]
+        now = self._clock()
+        return [self._view(self._reqs[int(s)], now) for s in slots]
+
+    def count(self, q: RequestQuery) -> int:
+        return int(self._select(q).size)
+
+    def _select(self, q: RequestQuery) -> np.ndarray:
+        cols = self._cols
+        if q.request_ids or q.session_id:
+            if q.request_ids:
+                cands = [self._by_id[r] for r in q.request_ids if r in self._by_id]
+            else:
+                cands = list(self._sessions.get(q.session_id, {}).values())
+            sel = np.array([r.slot for r in cands if r.slot >= 0], dtype=np.int64)
+            mask = np.ones(sel.size, dtype=bool)
+        else:
+            used = cols.used
+            sel = np.arange(used, dtype=np.int64)
+            mask = cols.alive[:used].copy()
+        if sel.size == 0:
+            return sel
+        if q.states:
+            mask &= np.isin(cols.state[sel], np.array([int(s) for s in q.states], dtype=np.int8))
+        if q.shard is not None or q.engine_id:
+            ok = np.array([(q.shard is None or sh.shard == q.shard) and (not q.engine_id or sh.engine_id == q.engine_id)
+                           for sh in self._shard_table], dtype=bool)
+            mask &= ok[cols.shard_idx[sel]]
+        if q.session_id:
+            mask &= np.array([self._reqs[s].session_id == q.session_id for s in sel], dtype=bool)
+        sel = sel[mask]
+        # Newest arrival first; ties: most recently created slot generation first.
+        order = np.lexsort((-cols.gen[sel], -cols.arrival[sel]))
+        return sel[order]
+
+    def take_changed(self) -> set[str]:
+        """Ids of requests changed since the last call (one consumer: the fan-out)."""
+        cols = self._cols
+        idx = np.flatnonzero(cols.changed[: cols.used])
+        cols.changed[idx] = False
+        reqs = self._reqs
+        return {reqs[i].request_id for i in idx.tolist() if reqs[i] is not None}
+
+    def take_interference(self) -> list[InterferenceView]:
+        return self._storms.take()
+
+    def shards(self, engine_id: str = "") -> list[ShardView]:
+        now = self._clock()
+        out = []
+        state = self._cols.state
+        for sh in self._shard_table:
+            if not sh.ever_connected or (engine_id and sh.engine_id != engine_id):
+                continue
+            horizon = now - self._rate_ns
+            dev = pre = dec = 0
+            for end, d, p, q in sh.rates:
+                if end >= horizon:
+                    dev += d
+                    pre += p
+                    dec += q
+            span_ns = self._rate_ns
+            if sh.first_step_ns and now - sh.first_step_ns < span_ns:
+                span_ns = max(now - sh.first_step_ns, 1)
+            span_s = span_ns / 1e9
+            active = queued = 0
+            for slot in sh.live:
+                s = int(state[slot])
+                if s == RUNNING:
+                    active += 1
+                elif s == QUEUED or s == PREEMPTED:
+                    queued += 1
+            out.append(ShardView(
+                engine_id=sh.engine_id,
+                shard=sh.shard,
+                coupling=int(sh.engine.coupling),
+                decode_tokens_per_second=dec / span_s,
+                prefill_tokens_per_second=pre / span_s,
+                busy_fraction=min(1.0, dev / span_ns),
+                active_requests=active,
+                queued_requests=queued,
+                current_storm=self._storms.current(sh),
+                last_step_time_ns=sh.last_step_ns,
+                steps=sh.steps,
+                connected=sh.connected,
+                dropped_frames=sh.dropped_frames,
+                engine_kind=sh.engine_kind,
+                device_name=sh.device_name,
+                timer_source=sh.timer_source,
+                unattributed_ns=round(sh.unattributed_ns),
+            ))
+        return out
+
+    def model(self, key: ShardKey) -> CostModel:
+        """The cost model attributing ``key``'s steps (the engine's one when LOCKSTEP)."""
+        shard = self._shard(key)
+        return shard.engine.model if shard.engine.coupling == Coupling.LOCKSTEP else shard.model
+
+    @property
+    def size(self) -> int:
+        """Requests held (active + finished)."""
+        return len(self._active) + self._n_finished
+
+    def _view(self, req: Request, now: int) -> RequestView:
+        cols = self._cols
+        s = req.slot
+        state = int(cols.state[s])
+        terminal = state in _TERMINAL
+        end = req.finish_ns if terminal else now
+        wall = max(0, end - req.arrival_ns)
+        eng = min(max(round(float(cols.engine[s])), 0), wall)
+        fs = int(cols.first_start[s])
+        queue = fs - req.arrival_ns if fs >= 0 else wall
+        queue = min(max(queue, 0), wall - eng)
+        interf = min(max(round(float(cols.interf[s])), 0), wall - eng - queue)
+        other = wall - eng - queue - interf
+        return RequestView(
+            request_id=req.request_id,
+            engine_id=req.shard.engine_id,
+            shard=req.shard.shard,
+            state=RequestState(state),
+            arrival_time_ns=req.arrival_ns,
+            queue_time_ns=queue,
+            engine_time_ns=eng,
+            gpu_time_ns=max(0, round(float(cols.gpu[s]))),
+            interference_ns=interf,
+            wall_ns=wall,
+            other_ns=other,
+            prompt_tokens=req.prompt_tokens,
+            cached_tokens=req.cached_tokens,
+            prefilled_tokens=int(cols.prefilled[s]),
+            decoded_tokens=int(cols.decoded[s]),
+            steps=int(cols.steps[s]),
+            excluded_steps=int(cols.excluded[s]),
+            preemptions=req.preemptions,
+            top_blame=self._blame_views(req),
+            partial=req.partial,
+            migrated=req.migrated,
+            session_id=req.session_id,
+            traceparent=req.traceparent,
+            last_step_time_ns=int(cols.last_step[s]),
+            finish_time_ns=req.finish_ns if terminal else 0,
+            finish_reason=req.finish_reason,
+            routed_shard=req.routed_shard,
+            version=int(cols.version[s]),
+        )
+
+    def _blame_views(self, req: Request) -> tuple[BlameView, ...]:
+        out = []
+        for agg, ns in self._cols.blame_row(req.slot)[: self.config.top_blame]:
+            rid, shard = self._aggressor(agg)
+            if shard is None:
+                continue
+            out.append(BlameView(
+                request_id=rid,
+                engine_id=shard.engine_id,
+                shard=shard.shard,
+                seconds_ns=round(ns),
+                same_shard=shard is req.shard,
+            ))
+        return tuple(out)
+
+    def _aggressor(self, agg: int) -> tuple[str, ShardState | None]:
+        if agg == EMPTY:
+            return "", None
+        if agg < 0:
+            return "", self._shard_table[-agg - 1]
+        slot = agg & SLOT_MASK
+        cols = self._cols
+        if slot < cols.used and cols.alive[slot] and int(cols.gen[slot]) == agg >> SLOT_BITS:
+            req = self._reqs[slot]
+            return req.request_id, req.shard
+        ghost = self._ghosts.get(agg)
+        if ghost is not None:
+            return ghost[0], self._shard_table[ghost[1]]
+        return "", None
+
+
+__all__ = ["Ledger", "LedgerConfig", "LedgerCounters", "ShardKey"]

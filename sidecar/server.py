@@ -1,0 +1,237 @@
+"""The sidecar process: ingest + ledger + gRPC in one asyncio loop.
+
+Everything runs on one event loop, so the ledger needs no locks: ingest feeds
+it synchronously as frames arrive, a ticker calls ``ledger.tick()`` and then
+the fan-out's ``publish()`` every 50 ms, and gRPC handlers read it between
+those callbacks. The loop is the sidecar's single core of work; anything that
+could wait (a client not reading) waits in its own handler coroutine.
+
+Lifecycle: ``start()`` binds ingest and gRPC (failing with a clear
+:class:`SidecarStartError` when an address is unusable) and marks health
+SERVING; ``run()`` prints the ready line, serves until SIGTERM/SIGINT, then
+shuts down in order: health NOT_SERVING, stop accepting engines, final tick +
+flush of the ledger and a last publish, end every stream with UNAVAILABLE, give
+unary calls ``shutdown_grace_s`` to finish, remove the ingest socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import grpc
+from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, ingest_address
+from enginetime.sidecar.cli import DEFAULT_LISTEN, split_host_port
+from enginetime.sidecar.fanout import PUBLISH_PERIOD_S, FanOut, FanOutLimits
+from enginetime.sidecar.ingest import IngestAddressError, IngestServer
+from enginetime.sidecar.ledger import Ledger, LedgerConfig
+from enginetime.sidecar.service import AccountingService
+from enginetime.v1 import accounting_pb2, accounting_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger("enginetime.sidecar")
+
+SERVICE_NAME = accounting_pb2.DESCRIPTOR.services_by_name["AccountingService"].full_name
+READY_PREFIX = "enginetime sidecar ready"
+
+
+class SidecarStartError(RuntimeError):
+    """The sidecar cannot start (an address is unusable); the message says what to change."""
+
+
+@dataclass
+class SidecarConfig:
+    """Everything ``enginetime sidecar`` can be told (see ``enginetime sidecar --help``)."""
+
+    ingest: str = field(default_factory=ingest_address)
+    listen: str = DEFAULT_LISTEN
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    #: Request ids (or interference events) one stream may have unsent before it is cut off.
+    subscriber_queue: int = 100_000
+    #: Seconds a stream's write may stay blocked before it is cut off; None: max(10 intervals, 5 s).
+    lag_limit_s: float | None = None
+    #: Seconds in-flight unary RPCs get to finish on shutdown.
+    shutdown_grace_s: float = 5.0
+    #: OTLP endpoint for span export (stored; the exporter is not built yet).
+    otlp_endpoint: str = ""
+    log_level: str = "INFO"
+
+
+class Sidecar:
+    """One sidecar: owns the ledger, the ingest server, the gRPC server and the ticker."""
+
+    def __init__(self, config: SidecarConfig, ledger=None) -> None:
+        self.config = config
+        self.ledger = ledger if ledger is not None else Ledger(config.ledger)
+        self.fanout = FanOut(
+            self.ledger, FanOutLimits(max_pending=config.subscriber_queue, lag_limit_s=config.lag_limit_s)
+        )
+        self.ingest = IngestServer(self.ledger, config.ingest, max_frame_bytes=config.max_frame_bytes)
+        self.service = AccountingService(
+            self.ledger,
+            self.fanout,
+            retention_s=config.ledger.retention_s,
+            max_requests=config.ledger.max_requests,
+            storm_threshold_s=config.ledger.storm_threshold_s,
+        )
+        self.health = HealthServicer()
+        self.grpc_server: grpc.aio.Server | None = None
+        self.grpc_address = ""
+        self.ingest_address = ""
+        self._ticker: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
+        self._tick_errors = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind ingest and gRPC, start the ticker, mark health SERVING."""
+        host, port = split_host_port(self.config.listen)
+        try:
+            self.ingest_address = await self.ingest.start()
+        except IngestAddressError as exc:
+            raise SidecarStartError(str(exc)) from exc
+        # so_reuseport off: a second sidecar on the same port must fail, not share it silently.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        accounting_pb2_grpc.add_AccountingServiceServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        try:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:
+            bound = 0
+            detail = str(exc)
+        else:
+            detail = ""
+        if not bound:
+            await self.ingest.close()
+            raise SidecarStartError(
+                f"cannot listen for gRPC on {host}:{port}"
+                + (f" ({detail})" if detail else "")
+                + ": is another sidecar or program using that port? choose another with --listen HOST:PORT "
+                "(port 0 picks a free one)"
+            )
+        await server.start()
+        self.grpc_server = server
+        self.grpc_address = f"{host}:{bound}"
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self._ticker = asyncio.create_task(self._tick_loop(), name="enginetime-ledger-ticker")
+        if self.config.otlp_endpoint:
+            log.info(
+                "span export to %s is not built yet: the endpoint is stored; accounting is served over gRPC",
+                self.config.otlp_endpoint,
+            )
+
+    def ready_line(self) -> str:
+        return f"{READY_PREFIX} grpc={self.grpc_address} ingest={self.ingest_address}"
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopping.wait()
+
+    async def shutdown(self) -> None:
+        """Stop in order; safe to call once after start()."""
+        await self.health.enter_graceful_shutdown()
+        self.ingest.stop_accepting()
+        await self.ingest.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        try:
+            self.ledger.tick()
+            self.ledger.flush()
+            self.fanout.publish()
+        except Exception:
+            log.exception("final ledger flush failed")
+        self.fanout.close(
+            "the sidecar is shutting down; reconnect when it is back (the guard falls back meanwhile)"
+        )
+        if self.grpc_server is not None:
+            # Streams see the close above, send what they hold and end; unary calls get the grace period.
+            await self.grpc_server.stop(self.config.shutdown_grace_s)
+        self.ingest.remove_socket()
+        log.info("ingest totals: %s", self.ingest.counters.summary())
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; print the ready line once bound. Returns the exit code."""
+        try:
+            await self.start()
+        except SidecarStartError as exc:
+            log.error("%s", exc)
+            return 1
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        log.info(
+            "serving AccountingService on %s, ingest on %s (max_requests=%d retention=%gs lockstep_wait=%gs)",
+            self.grpc_address,
+            self.ingest_address,
+            self.config.ledger.max_requests,
+            self.config.ledger.retention_s,
+            self.config.ledger.lockstep_wait_s,
+        )
+        sys.stdout.write(self.ready_line() + "\n")
+        sys.stdout.flush()
+        await self._stopping.wait()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            # A second signal during shutdown ends the process at once.
+            signal.signal(sig, signal.SIG_DFL)
+        await self.shutdown()
+        log.info("stopped")
+        return 0
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("%s received: shutting down", signal.Signals(sig).name)
+        self._stopping.set()
+
+    async def _tick_loop(self) -> None:
+        """ledger.tick() then fanout.publish(), every PUBLISH_PERIOD_S, whatever they cost."""
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            next_at += PUBLISH_PERIOD_S
+            delay = next_at - loop.time()
+            if delay < 0:  # fell behind (a long burst of ingest): do not try to catch up
+                next_at = loop.time()
+                delay = 0
+            await asyncio.sleep(delay)
+            try:
+                self.ledger.tick()
+                self.fanout.publish()
+            except Exception:
+                self._tick_errors += 1
+                if self._tick_errors <= 3 or self._tick_errors % 1000 == 0:
+                    log.exception("ledger tick / publish failed (%d so far)", self._tick_errors)
+
+
+def configure_logging(level: str) -> None:
+    """One line per record on stderr (stdout carries only the ready line)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(config: SidecarConfig) -> int:
+    configure_logging(config.log_level)
+    return asyncio.run(Sidecar(config).run())

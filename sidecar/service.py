@@ -1,0 +1,338 @@
+"""AccountingService (enginetime.v1) on grpc.aio: every RPC of accounting.proto.
+
+Unary calls read the ledger directly (it lives in the same event loop, so a
+call sees a consistent snapshot). Streams are subscribers of the fan-out
+(sidecar.fanout): they wait for changes, respect their interval, and write
+with a lag limit; a stream whose client stopped reading is cut off with
+RESOURCE_EXHAUSTED instead of holding memory or slowing anything else.
+
+Behaviour worth knowing as a client:
+- StreamUpdates sends a first batch at once: the current state of every
+  matching request that is still live (for an explicit ``request_ids`` filter:
+  of each of those ids the sidecar knows, in any state). It may be empty; it
+  tells the client the subscription is in place. Later batches carry the
+  latest accounting of each matching request that changed since the previous
+  batch. Batches are split into responses of at most ``MAX_BATCH`` requests.
+- ListRequests pages by offset into the newest-first list; the page token is
+  opaque, bound to the filter, and INVALID_ARGUMENT when it does not fit.
+- StreamInterference(shard=N) passes storms whose aggressor ran on shard N or
+  whose victims include shard N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import logging
+import time
+import zlib
+
+import grpc
+from enginetime.sidecar import convert
+from enginetime.sidecar.fanout import FanOut, InterferenceFilter, RequestSubscriber
+from enginetime.sidecar.views import RequestQuery, RequestState
+from enginetime.v1 import accounting_pb2 as pb
+from enginetime.v1 import accounting_pb2_grpc as pb_grpc
+
+log = logging.getLogger("enginetime.sidecar.service")
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+DEFAULT_INTERVAL_S = 0.1
+#: Shortest interval a stream may ask for (the fan-out publishes every 50 ms anyway).
+MIN_INTERVAL_S = 0.01
+#: Most requests in one StreamUpdatesResponse (keeps messages far below grpc's 4 MiB default).
+MAX_BATCH = 2000
+#: How often an idle WatchRequest checks that its request is still in the store.
+_EVICTION_CHECK_S = 2.0
+
+_LIVE = frozenset({RequestState.QUEUED, RequestState.RUNNING, RequestState.PREEMPTED})
+_ALL_STATES = frozenset(s for s in RequestState if s is not RequestState.UNSPECIFIED)
+
+
+class _Abort(Exception):
+    """Raised inside a handler to end the RPC with a status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def _now_ts():
+    return convert.timestamp(time.time_ns())
+
+
+class AccountingService(pb_grpc.AccountingServiceServicer):
+    """Serves the ledger over gRPC; see the module doc for stream semantics."""
+
+    def __init__(
+        self,
+        ledger,
+        fanout: FanOut,
+        *,
+        retention_s: float = 600.0,
+        max_requests: int = 100_000,
+        storm_threshold_s: float = 1.0,
+    ) -> None:
+        self.ledger = ledger
+        self.fanout = fanout
+        self.retention_s = retention_s
+        self.max_requests = max_requests
+        self.storm_threshold_ns = int(storm_threshold_s * 1e9)
+
+    # -- unary ------------------------------------------------------------------------------
+
+    async def GetRequest(self, request: pb.GetRequestRequest, context) -> pb.GetRequestResponse:
+        rid = request.request_id
+        if not rid:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "request_id is empty: pass the id the engine knows the request by "
+                "(SGLang rid, vLLM request_id)",
+            )
+        view = self.ledger.get(rid)
+        if view is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, self._not_found(rid))
+        return pb.GetRequestResponse(request=convert.request_to_proto(view))
+
+    async def ListRequests(self, request: pb.ListRequestsRequest, context) -> pb.ListRequestsResponse:
+        try:
+            query = convert.query_from_proto(request.filter)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        fingerprint = zlib.crc32(request.filter.SerializeToString(deterministic=True))
+        try:
+            offset = _decode_page_token(request.page_token, fingerprint)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        views = self.ledger.query(query, limit=page_size, offset=offset)
+        total = self.ledger.count(query)
+        end = offset + len(views)
+        resp = pb.ListRequestsResponse(total_size=total)
+        resp.requests.extend(convert.request_to_proto(v) for v in views)
+        if views and end < total:
+            resp.next_page_token = _encode_page_token(end, fingerprint)
+        return resp
+
+    async def GetShards(self, request: pb.GetShardsRequest, context) -> pb.GetShardsResponse:
+        resp = pb.GetShardsResponse()
+        resp.shards.extend(convert.shard_to_proto(v) for v in self.ledger.shards(request.engine_id))
+        return resp
+
+    # -- streams ----------------------------------------------------------------------------
+
+    async def WatchRequest(self, request: pb.WatchRequestRequest, context) -> None:
+        rid = request.request_id
+        if not rid:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty: name the request to watch"
+            )
+        interval = await self._interval(context, request, "min_interval")
+        view = self.ledger.get(rid)
+        if view is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, self._not_found(rid))
+        sub = self.fanout.subscribe_requests(RequestQuery(request_ids=frozenset((rid,))))
+        lag = self.fanout.limits.lag_limit(interval)
+        try:
+            await self._write(context, pb.WatchRequestResponse(request=convert.request_to_proto(view)), lag)
+            if view.state.terminal:
+                return
+            sent_version = view.version
+            last_send = time.monotonic()
+            while True:
+                await sub.wait(_EVICTION_CHECK_S)
+                if sub.closed is not None and not sub.pending:
+                    raise _Abort(grpc.StatusCode.UNAVAILABLE, sub.closed)
+                if not sub.pending:
+                    if self.ledger.get(rid) is None:
+                        raise _Abort(grpc.StatusCode.NOT_FOUND, self._evicted(rid))
+                    continue
+                await _sleep_until(last_send + interval, sub)
+                sub.drain()
+                current = self.fanout.current([rid])
+                if not current:
+                    raise _Abort(grpc.StatusCode.NOT_FOUND, self._evicted(rid))
+                view, message = current[0]
+                if view.version == sent_version and not view.state.terminal:
+                    continue
+                await self._write(context, pb.WatchRequestResponse(request=message), lag)
+                sent_version = view.version
+                last_send = time.monotonic()
+                if view.state.terminal:
+                    return
+        except _Abort as stop:
+            await context.abort(stop.code, stop.details)
+        finally:
+            self.fanout.unsubscribe(sub)
+
+    async def StreamUpdates(self, request: pb.StreamUpdatesRequest, context) -> None:
+        try:
+            query = convert.query_from_proto(request.filter)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        interval = await self._interval(context, request, "interval")
+        sub = self.fanout.subscribe_requests(query)
+        lag = self.fanout.limits.lag_limit(interval)
+        try:
+            await self._send_batch(context, sub, [m for _, m in self._initial(query)], lag)
+            last_send = time.monotonic()
+            while True:
+                await sub.wait(None)
+                if sub.overflow:
+                    raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._overflowed(sub))
+                if sub.pending and sub.closed is None:
+                    await _sleep_until(last_send + interval, sub)
+                if sub.pending:
+                    messages = [m for _, m in self.fanout.current(sub.drain())]
+                    if messages:
+                        await self._send_batch(context, sub, messages, lag)
+                        last_send = time.monotonic()
+                if sub.overflow:
+                    raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._overflowed(sub))
+                if sub.closed is not None and not sub.pending:
+                    raise _Abort(grpc.StatusCode.UNAVAILABLE, sub.closed)
+        except _Abort as stop:
+            await context.abort(stop.code, stop.details)
+        finally:
+            self.fanout.unsubscribe(sub)
+
+    async def StreamInterference(self, request: pb.StreamInterferenceRequest, context) -> None:
+        if request.HasField("min_stall"):
+            min_stall_ns = convert.duration_ns(request.min_stall)
+            if min_stall_ns < 0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "min_stall must not be negative")
+        else:
+            min_stall_ns = self.storm_threshold_ns
+        flt = InterferenceFilter(
+            engine_id=request.engine_id,
+            shard=request.shard if request.HasField("shard") else None,
+            min_stall_ns=min_stall_ns,
+        )
+        sub = self.fanout.subscribe_interference(flt)
+        lag = self.fanout.limits.lag_limit(DEFAULT_INTERVAL_S)
+        try:
+            while True:
+                await sub.wait(None)
+                for event in sub.drain():
+                    await self._write(context, pb.StreamInterferenceResponse(event=event), lag)
+                if sub.overflow:
+                    raise _Abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"more than {sub.max_pending} interference events piled up unsent for this stream "
+                        "(the client reads too slowly); reconnect and read continuously, or raise the "
+                        "sidecar's --subscriber-queue",
+                    )
+                if sub.closed is not None and not sub.queue:
+                    raise _Abort(grpc.StatusCode.UNAVAILABLE, sub.closed)
+        except _Abort as stop:
+            await context.abort(stop.code, stop.details)
+        finally:
+            self.fanout.unsubscribe(sub)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _initial(self, query: RequestQuery):
+        """The first StreamUpdates batch: matching live requests (or the named ids, any state)."""
+        if query.request_ids:
+            return [(v, m) for v, m in self.fanout.current(sorted(query.request_ids)) if query.matches(v)]
+        states = (query.states or _ALL_STATES) & _LIVE
+        if not states:
+            return []
+        views = self.ledger.query(dataclasses.replace(query, states=frozenset(states)))
+        return [(v, convert.request_to_proto(v)) for v in views]
+
+    async def _send_batch(self, context, sub: RequestSubscriber, messages: list, lag: float) -> None:
+        if not messages:
+            await self._write(context, pb.StreamUpdatesResponse(time=_now_ts(), coalesced=sub.coalesced), lag)
+            return
+        for i in range(0, len(messages), MAX_BATCH):
+            resp = pb.StreamUpdatesResponse(time=_now_ts(), coalesced=sub.coalesced)
+            resp.updates.extend(messages[i : i + MAX_BATCH])
+            await self._write(context, resp, lag)
+
+    async def _write(self, context, message, lag: float) -> None:
+        """Write one response; a write still blocked after ``lag`` seconds cuts the stream off."""
+        try:
+            async with asyncio.timeout(lag):
+                await context.write(message)
+        except TimeoutError:
+            self.fanout.cut_off += 1
+            peer = context.peer() if hasattr(context, "peer") else "?"
+            log.warning("grpc: cut off a stream to %s: its client read nothing for %.1f s", peer, lag)
+            raise _Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this stream fell behind: the client did not read its updates for {lag:.1f} s, so the "
+                "sidecar cut it off rather than buffer without bound. Read the stream continuously (keep "
+                "slow work out of the read loop), use a longer interval or a narrower filter, then "
+                "reconnect; the sidecar's --lag-limit sets this limit",
+            ) from None
+
+    async def _interval(self, context, request, field: str) -> float:
+        if not request.HasField(field):
+            return DEFAULT_INTERVAL_S
+        ns = convert.duration_ns(getattr(request, field))
+        if ns < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} must not be negative")
+        if ns == 0:
+            return DEFAULT_INTERVAL_S
+        return max(ns / 1e9, MIN_INTERVAL_S)
+
+    def _not_found(self, rid: str) -> str:
+        return (
+            f"request {rid!r} is not known to this sidecar: no engine reporting here has announced it, or it "
+            f"ended more than {self.retention_s:g} s ago (--retention), or the store evicted it "
+            f"(--max-requests {self.max_requests}). Check the id (SGLang may prefix rids with a worker "
+            "index) and that the engine's ENGINETIME_INGEST points at this sidecar"
+        )
+
+    def _evicted(self, rid: str) -> str:
+        return (
+            f"request {rid!r} was evicted from this sidecar's store before it ended (more than "
+            f"--max-requests {self.max_requests} requests held); raise --max-requests"
+        )
+
+    def _overflowed(self, sub: RequestSubscriber) -> str:
+        return (
+            f"more than {sub.max_pending} changed requests piled up unsent for this stream (the client reads "
+            "too slowly for this filter); reconnect and read continuously, narrow the filter, or raise the "
+            "sidecar's --subscriber-queue"
+        )
+
+
+async def _sleep_until(deadline: float, sub) -> None:
+    """Wait until ``deadline`` (monotonic) unless the subscriber must end sooner."""
+    delay = deadline - time.monotonic()
+    if delay <= 0 or sub.closed is not None:
+        return
+    await asyncio.sleep(delay)
+
+
+def _encode_page_token(offset: int, fingerprint: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{offset}:{fingerprint:08x}".encode()).decode().rstrip("=")
+
+
+def _decode_page_token(token: str, fingerprint: int) -> int:
+    if not token:
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
+        version, offset_s, fp_s = raw.split(":")
+        offset = int(offset_s)
+        fp = int(fp_s, 16)
+        if version != "v1" or offset < 0:
+            raise ValueError
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ValueError(
+            f"page_token {token!r} is not a token this sidecar issued; pass next_page_token from the "
+            "previous ListRequestsResponse unchanged, or an empty token for the first page"
+        ) from None
+    if fp != fingerprint:
+        raise ValueError(
+            "page_token belongs to a ListRequests call with a different filter; keep the filter the same "
+            "while paging, or start again with an empty token"
+        )
+    return offset

@@ -1,0 +1,78 @@
+"""The testbed's engine_hooks adapter: what an SGLang/vLLM adapter does, for this engine.
+
+One Recorder per shard. The engine calls the adapter at the same points a real
+adapter hooks: request arrival (HTTP thread), admission into the running batch
+(with the prefix-cache hits known then), one step record per forward per shard
+(columns built from the step's batch; ``global_step`` and ``peer_tokens`` on
+LOCKSTEP shards), and finish/abort. The engine never sees the Recorder itself,
+so ``--no-hooks`` is simply "no adapter".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from enginetime import __version__
+from enginetime.engine_hooks import Coupling, Recorder, RecorderStats, StepKind
+
+from .scheduler import Plan, Request
+
+
+class ShardHooks:
+    """engine_hooks calls for one shard; every method is cheap and never raises."""
+
+    def __init__(self, engine_id: str, shard: int, num_shards: int, coupling: Coupling, *,
+                 address: str | None, timer: str = "auto", start: bool = True) -> None:
+        self.recorder = Recorder(
+            engine_id, shard=shard, num_shards=num_shards, coupling=coupling.name.lower(),
+            address=address, engine_kind="testbed", engine_version=__version__, timer=timer, start=start,
+        )
+
+    # requests ---------------------------------------------------------------
+
+    def arrived(self, req: Request) -> None:
+        req.handle = self.recorder.request_arrived(
+            req.rid, prompt_tokens=req.prompt_tokens, session_id=req.session_id,
+            traceparent=req.traceparent, routed_shard=req.routed_shard, time_ns=req.arrival_ns,
+        )
+
+    def scheduled(self, req: Request) -> None:
+        self.recorder.request_scheduled(req.handle, cached_tokens=req.cached_tokens)
+
+    def finished(self, req: Request) -> None:
+        self.recorder.request_finished(req.handle, reason=req.finish_reason or "stop",
+                                       output_tokens=len(req.output_ids))
+
+    def aborted(self, req: Request) -> None:
+        self.recorder.request_aborted(req.handle, reason=req.finish_reason or "abort",
+                                      output_tokens=len(req.output_ids))
+
+    # steps ------------------------------------------------------------------
+
+    def step_begin(self, stream: Any = None) -> Any:
+        return self.recorder.step_begin(stream)
+
+    def step_end(self, token: Any, plan: Plan, *, global_step: int | None = None,
+                 peer_tokens: list[int] | tuple[int, ...] | None = None) -> None:
+        entries = plan.entries
+        self.recorder.step_end(
+            token,
+            kind=plan.kind if entries else StepKind.IDLE,
+            handles=[e.req.handle for e in entries],
+            prefill_tokens=[e.prefill_tokens for e in entries],
+            decode_tokens=[e.decode_tokens for e in entries],
+            context_tokens=[e.context_tokens for e in entries],
+            global_step=global_step,
+            peer_tokens=peer_tokens,
+        )
+
+    # lifecycle --------------------------------------------------------------
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        return self.recorder.flush(timeout_s)
+
+    def stats(self) -> RecorderStats:
+        return self.recorder.stats()
+
+    def close(self, timeout_s: float = 1.0) -> None:
+        self.recorder.close(timeout_s)

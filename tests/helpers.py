@@ -1,0 +1,334 @@
+"""Shared test helpers: a real ``enginetime sidecar`` subprocess and ingest frames.
+
+Used by several test modules; keep the API small and stable:
+
+- ``start_sidecar(tmpdir, *extra_args) -> SidecarProcess`` launches
+  ``python -m enginetime sidecar`` on a fresh Unix socket and a free gRPC port
+  and returns once it printed its ready line.
+- ``frame``/``hello``/``arrived``/``event``/``step``/``heartbeat`` build
+  length-delimited IngestFrames with the generated protobuf classes (an encoder
+  independent of the sidecar's hand-written decoder).
+- ``IngestConnection`` is a raw ingest socket; ``wait_until`` polls a condition.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from enginetime.engine_hooks.constants import PROTOCOL_VERSION, parse_address
+from enginetime.v1 import ingest_pb2
+
+T = TypeVar("T")
+
+READY_PREFIX = "enginetime sidecar ready "
+
+
+class SidecarProcess:
+    """A running sidecar subprocess. ``stderr_text()`` reads its log so far."""
+
+    def __init__(
+        self, proc: subprocess.Popen, grpc_target: str, ingest: str, stderr_path: Path, sockdir: str
+    ):
+        self.proc = proc
+        self.grpc_target = grpc_target
+        self.ingest = ingest
+        self.stderr_path = stderr_path
+        self.sockdir = sockdir
+        self.stdout_lines: list[str] = []
+
+    @property
+    def socket_path(self) -> str | None:
+        family, target = parse_address(self.ingest)
+        return target if family == "unix" else None  # type: ignore[return-value]
+
+    def stderr_text(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        """Wait until the sidecar's stderr contains ``text``; return the log."""
+
+        def check() -> str | None:
+            log = self.stderr_text()
+            return log if text in log else None
+
+        return wait_until(
+            check,
+            timeout,
+            message=lambda: f"sidecar log never contained {text!r}:\n{self.stderr_text()[-4000:]}",
+        )
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(
+                    f"sidecar ignored SIGTERM for {timeout}s; log:\n{self.stderr_text()[-4000:]}"
+                ) from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self.sockdir, ignore_errors=True)
+
+    def __enter__(self) -> SidecarProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.stop()
+        finally:
+            self.close()
+
+
+def short_socket_dir() -> str:
+    """A fresh directory under /tmp (AF_UNIX paths must stay under ~107 bytes)."""
+    return tempfile.mkdtemp(prefix="et-", dir="/tmp")
+
+
+def start_sidecar(
+    tmpdir: Path,
+    *extra_args: str,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+    ingest: str | None = None,
+) -> SidecarProcess:
+    """Launch ``python -m enginetime sidecar`` and wait (event-driven) for its ready line.
+
+    The ingest socket lives in a short /tmp directory removed by ``close()``;
+    stderr goes to ``tmpdir/sidecar-<n>.log`` (never a pipe that could fill).
+    Raises AssertionError with the sidecar's stderr when it exits or is not
+    ready within ``timeout`` seconds.
+    """
+    tmpdir = Path(tmpdir)
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    sockdir = short_socket_dir()
+    if ingest is None:
+        ingest = f"unix:{sockdir}/ingest.sock"
+    stderr_path = tmpdir / f"sidecar-{os.getpid()}-{time.monotonic_ns()}.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "enginetime",
+        "sidecar",
+        "--ingest",
+        ingest,
+        "--listen",
+        "127.0.0.1:0",
+        *extra_args,
+    ]
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+    ready = threading.Event()
+    lines: list[str] = []
+
+    def read_stdout() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith(READY_PREFIX):
+                ready.set()
+        ready.set()  # EOF: the process is gone
+
+    threading.Thread(target=read_stdout, name="sidecar-stdout", daemon=True).start()
+    ready.wait(timeout)
+    ready_line = next((ln for ln in lines if ln.startswith(READY_PREFIX)), None)
+    if ready_line is None:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(sockdir, ignore_errors=True)
+        raise AssertionError(
+            f"sidecar not ready within {timeout}s (exit code {proc.returncode}); command: {' '.join(cmd)}\n"
+            f"stdout: {lines}\nstderr:\n{stderr_path.read_text(errors='replace')[-4000:]}"
+        )
+    fields = dict(part.split("=", 1) for part in ready_line[len(READY_PREFIX) :].split())
+    sp = SidecarProcess(proc, fields["grpc"], fields["ingest"], stderr_path, sockdir)
+    sp.stdout_lines = lines
+    return sp
+
+
+def wait_until(
+    predicate: Callable[[], T | None],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    message: str | Callable[[], str] = "condition not met",
+) -> T:
+    """Poll ``predicate`` until it returns something truthy; return it. AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(message() if callable(message) else f"{message} (after {timeout}s)")
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def frame(message: ingest_pb2.IngestFrame | bytes) -> bytes:
+    """A length-delimited frame as it travels on the ingest socket."""
+    body = message if isinstance(message, bytes) else message.SerializeToString()
+    return varint(len(body)) + body
+
+
+def hello(
+    engine_id: str = "engine-a",
+    shard: int = 0,
+    num_shards: int = 1,
+    coupling: int = 1,
+    protocol_version: int = PROTOCOL_VERSION,
+    **kw,
+) -> bytes:
+    msg = ingest_pb2.EngineHello(
+        protocol_version=protocol_version,
+        engine_id=engine_id,
+        shard=shard,
+        num_shards=num_shards,
+        coupling=coupling,
+        engine_kind=kw.pop("engine_kind", "test"),
+        hooks_version=kw.pop("hooks_version", "test"),
+        clock=ingest_pb2.ClockInfo(
+            wall_time_ns=time.time_ns(), monotonic_ns=time.monotonic_ns(), timer_source=1, device_name="cpu"
+        ),
+        recorder_epoch=kw.pop("recorder_epoch", time.monotonic_ns()),
+        **kw,
+    )
+    return frame(ingest_pb2.IngestFrame(hello=msg))
+
+
+def event(handle: int, kind: int, time_ns: int | None = None, **kw) -> bytes:
+    msg = ingest_pb2.RequestEvent(
+        handle=handle, kind=kind, time_ns=time.time_ns() if time_ns is None else time_ns, **kw
+    )
+    return frame(ingest_pb2.IngestFrame(request_event=msg))
+
+
+def arrived(handle: int, request_id: str, prompt_tokens: int = 16, time_ns: int | None = None, **kw) -> bytes:
+    return event(handle, 1, time_ns, request_id=request_id, prompt_tokens=prompt_tokens, **kw)
+
+
+def finished(handle: int, output_tokens: int = 0, time_ns: int | None = None, reason: str = "stop") -> bytes:
+    return event(handle, 5, time_ns, finish_reason=reason, output_tokens=output_tokens)
+
+
+def step(
+    seq: int,
+    handles: Sequence[int],
+    prefill: Sequence[int] | None = None,
+    decode: Sequence[int] | None = None,
+    context: Sequence[int] | None = None,
+    *,
+    device_time_ns: int = 5_000_000,
+    start_time_ns: int | None = None,
+    kind: int | None = None,
+    global_step: int | None = None,
+    peer_tokens: Sequence[int] = (),
+) -> bytes:
+    """One StepRecord; defaults: decode one token per entry, context 100, 5 ms."""
+    n = len(handles)
+    prefill = list(prefill) if prefill is not None else [0] * n
+    decode = list(decode) if decode is not None else [0 if p else 1 for p in prefill]
+    context = list(context) if context is not None else [100] * n
+    if kind is None:
+        has_p, has_d = any(prefill), any(decode)
+        kind = 3 if has_p and has_d else 1 if has_p else 2 if has_d else 4
+    start = time.time_ns() - device_time_ns if start_time_ns is None else start_time_ns
+    msg = ingest_pb2.StepRecord(
+        seq=seq,
+        start_time_ns=start,
+        end_time_ns=start + device_time_ns,
+        device_time_ns=device_time_ns,
+        timer_source=1,
+        kind=kind,
+        handles=list(handles),
+        prefill_tokens=prefill,
+        decode_tokens=decode,
+        context_tokens=context,
+        peer_tokens=list(peer_tokens),
+    )
+    if global_step is not None:
+        msg.global_step = global_step
+    return frame(ingest_pb2.IngestFrame(step=msg))
+
+
+def heartbeat(**kw) -> bytes:
+    return frame(ingest_pb2.IngestFrame(heartbeat=ingest_pb2.Heartbeat(time_ns=time.time_ns(), **kw)))
+
+
+class IngestConnection:
+    """A raw connection to a sidecar's ingest address (what a recorder opens)."""
+
+    def __init__(self, address: str, timeout: float = 10.0) -> None:
+        family, target = parse_address(address)
+        if family == "unix":
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            self.sock = socket.socket(
+                socket.AF_INET6 if ":" in target[0] else socket.AF_INET, socket.SOCK_STREAM
+            )
+        self.sock.settimeout(timeout)
+        self.sock.connect(target)
+
+    def send(self, *chunks: bytes) -> None:
+        self.sock.sendall(b"".join(chunks))
+
+    def closed_by_peer(self, timeout: float = 10.0) -> bool:
+        """Wait until the sidecar closes this connection (True) or ``timeout`` passes (False)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(4096)
+                if not data:
+                    return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> IngestConnection:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

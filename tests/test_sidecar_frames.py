@@ -1,0 +1,434 @@
+"""The hand-written ingest decoder agrees with protobuf and rejects every broken stream.
+
+Parity: random IngestFrames encoded by the generated ``ingest_pb2`` classes
+(and hand-built variants protobuf also accepts: unpacked columns, unknown
+fields, repeated sub-messages) decode to the same values, whatever the chunking
+of the byte stream. Errors: each FrameError reason is raised for the stream
+that deserves it, with the good frames before it kept.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+
+import numpy as np
+import pytest
+from enginetime.engine_hooks.constants import PROTOCOL_VERSION
+from enginetime.sidecar.frames import FrameDecoder, FrameError, decode_frame
+from enginetime.sidecar.records import Beat, Event, Hello, Step
+from enginetime.v1 import ingest_pb2 as pb
+from helpers import frame, varint
+
+# ----------------------------------------------------------------------------- random messages
+
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _text(rng: random.Random) -> str:
+    alphabet = string.ascii_letters + string.digits + "-_/:é漢🙂"
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+
+
+def _random_hello(rng: random.Random, version: int = PROTOCOL_VERSION) -> pb.EngineHello:
+    num = rng.randint(1, 64)
+    msg = pb.EngineHello(
+        protocol_version=version,
+        engine_id=_text(rng) or "e",
+        shard=rng.randrange(num),
+        num_shards=num,
+        coupling=rng.randint(0, 2),
+        engine_kind=_text(rng),
+        engine_version=_text(rng),
+        hooks_version=_text(rng),
+        recorder_epoch=rng.randint(0, 2**64 - 1),
+    )
+    if rng.random() < 0.8:
+        msg.clock.CopyFrom(
+            pb.ClockInfo(
+                wall_time_ns=rng.randint(*INT64),
+                monotonic_ns=rng.randint(*INT64),
+                timer_source=rng.randint(0, 2),
+                device_name=_text(rng),
+            )
+        )
+    return msg
+
+
+def _random_event(rng: random.Random) -> pb.RequestEvent:
+    msg = pb.RequestEvent(
+        handle=rng.randint(0, 2**32 - 1),
+        request_id=_text(rng),
+        kind=rng.randint(0, 6),
+        time_ns=rng.randint(*INT64),
+        prompt_tokens=rng.randint(0, 2**32 - 1),
+        cached_tokens=rng.randint(0, 2**32 - 1),
+        session_id=_text(rng),
+        traceparent=_text(rng),
+        finish_reason=_text(rng),
+        output_tokens=rng.randint(0, 2**32 - 1),
+        replayed=rng.random() < 0.5,
+    )
+    if rng.random() < 0.5:
+        msg.routed_shard = rng.randint(0, 2**32 - 1)  # 0 included: present-but-zero must survive
+    return msg
+
+
+def _random_step(rng: random.Random) -> pb.StepRecord:
+    n = rng.choice([0, 1, 2, 7, 256, 1000])
+
+    def col() -> list[int]:
+        return [rng.randint(0, 2**32 - 1) for _ in range(n)]
+
+    msg = pb.StepRecord(
+        seq=rng.randint(0, 2**64 - 1),
+        start_time_ns=rng.randint(*INT64),
+        end_time_ns=rng.randint(*INT64),
+        device_time_ns=rng.randint(*INT64),
+        timer_source=rng.randint(0, 2),
+        kind=rng.randint(0, 4),
+        handles=col(),
+        prefill_tokens=col(),
+        decode_tokens=col(),
+        context_tokens=col(),
+        peer_tokens=[rng.randint(0, 2**32 - 1) for _ in range(rng.choice([0, 1, 8]))],
+    )
+    if rng.random() < 0.5:
+        msg.global_step = rng.randint(0, 2**64 - 1)
+    return msg
+
+
+def _random_beat(rng: random.Random) -> pb.Heartbeat:
+    return pb.Heartbeat(
+        time_ns=rng.randint(*INT64),
+        dropped_frames=rng.randint(0, 2**64 - 1),
+        dropped_steps=rng.randint(0, 2**64 - 1),
+        dropped_events=rng.randint(0, 2**64 - 1),
+        sent_frames=rng.randint(0, 2**64 - 1),
+        reconnects=rng.randint(0, 2**64 - 1),
+    )
+
+
+def _random_frame(rng: random.Random) -> pb.IngestFrame:
+    kind = rng.choice(["event", "step", "heartbeat"])
+    if kind == "event":
+        return pb.IngestFrame(request_event=_random_event(rng))
+    if kind == "step":
+        return pb.IngestFrame(step=_random_step(rng))
+    return pb.IngestFrame(heartbeat=_random_beat(rng))
+
+
+# ----------------------------------------------------------------------------- expected values
+
+
+def assert_same(decoded, message: pb.IngestFrame) -> None:
+    """``decoded`` (a sidecar record) carries exactly the values protobuf parsed."""
+    which = message.WhichOneof("frame")
+    if which == "hello":
+        m = message.hello
+        assert type(decoded) is Hello
+        assert (decoded.protocol_version, decoded.engine_id, decoded.shard, decoded.num_shards) == (
+            m.protocol_version,
+            m.engine_id,
+            m.shard,
+            m.num_shards,
+        )
+        assert (decoded.coupling, decoded.engine_kind, decoded.engine_version, decoded.hooks_version) == (
+            m.coupling,
+            m.engine_kind,
+            m.engine_version,
+            m.hooks_version,
+        )
+        assert decoded.recorder_epoch == m.recorder_epoch
+        assert (decoded.wall_time_ns, decoded.monotonic_ns, decoded.timer_source, decoded.device_name) == (
+            m.clock.wall_time_ns,
+            m.clock.monotonic_ns,
+            m.clock.timer_source,
+            m.clock.device_name,
+        )
+    elif which == "request_event":
+        m = message.request_event
+        assert type(decoded) is Event
+        for name in (
+            "handle",
+            "request_id",
+            "kind",
+            "time_ns",
+            "prompt_tokens",
+            "cached_tokens",
+            "session_id",
+            "traceparent",
+            "finish_reason",
+            "output_tokens",
+            "replayed",
+        ):
+            assert getattr(decoded, name) == getattr(m, name), name
+        assert decoded.routed_shard == (m.routed_shard if m.HasField("routed_shard") else None)
+    elif which == "step":
+        m = message.step
+        assert type(decoded) is Step
+        for name in ("seq", "start_time_ns", "end_time_ns", "device_time_ns", "timer_source", "kind"):
+            assert getattr(decoded, name) == getattr(m, name), name
+        assert decoded.global_step == (m.global_step if m.HasField("global_step") else None)
+        for name in ("handles", "prefill_tokens", "decode_tokens", "context_tokens", "peer_tokens"):
+            column = getattr(decoded, name)
+            assert column.dtype == np.uint32, name
+            assert column.tolist() == list(getattr(m, name)), name
+    else:
+        m = message.heartbeat
+        assert type(decoded) is Beat
+        for name in (
+            "time_ns",
+            "dropped_frames",
+            "dropped_steps",
+            "dropped_events",
+            "sent_frames",
+            "reconnects",
+        ):
+            assert getattr(decoded, name) == getattr(m, name), name
+
+
+def _chunks(data: bytes, rng: random.Random) -> list[bytes]:
+    """Split a stream at random points, including 1-byte pieces inside length prefixes."""
+    out, pos = [], 0
+    while pos < len(data):
+        n = rng.choice([1, 2, 3, 7, 64, 1000, 100_000])
+        out.append(data[pos : pos + n])
+        pos += n
+    return out
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_streams_decode_like_protobuf_in_any_chunking(seed: int) -> None:
+    rng = random.Random(seed)
+    messages = [pb.IngestFrame(hello=_random_hello(rng))] + [_random_frame(rng) for _ in range(150)]
+    stream = b"".join(frame(m) for m in messages)
+    decoder = FrameDecoder()
+    decoded = []
+    for chunk in _chunks(stream, rng):
+        decoded.extend(decoder.feed(chunk))
+    decoder.finish()  # ended on a frame boundary: no error
+    assert len(decoded) == len(messages)
+    for got, want in zip(decoded, messages, strict=True):
+        assert_same(got, want)
+    assert decoder.hello is decoded[0]
+    assert decoder.buffered == 0
+
+
+def _tag(number: int, wire_type: int) -> bytes:
+    return varint(number << 3 | wire_type)
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    return _tag(number, 2) + varint(len(payload)) + payload
+
+
+def _unknown_fields() -> bytes:
+    """One unknown field of every wire type (numbers no message uses), including a nested group."""
+    return (
+        _tag(90, 0)
+        + varint(2**63 + 5)
+        + _tag(91, 1)
+        + (123).to_bytes(8, "little")
+        + _len_field(92, b"future payload")
+        + _tag(93, 5)
+        + (7).to_bytes(4, "little")
+        + _tag(94, 3)
+        + _tag(1, 0)
+        + varint(1)
+        + _tag(95, 3)
+        + _tag(95, 4)
+        + _tag(94, 4)
+    )
+
+
+def test_unknown_fields_and_frame_variants_are_skipped() -> None:
+    rng = random.Random(7)
+    hello = pb.IngestFrame(hello=_random_hello(rng))
+    step = pb.IngestFrame(step=_random_step(rng))
+    # Unknown fields inside a message and at the frame level, placed before and after known ones.
+    step_body = _unknown_fields() + step.step.SerializeToString() + _unknown_fields()
+    wire = _unknown_fields() + _len_field(3, step_body) + _unknown_fields()
+    parsed = pb.IngestFrame.FromString(wire)
+    parsed.DiscardUnknownFields()
+    assert parsed.step == step.step  # protobuf agrees it is the same step
+    future_variant = _len_field(9, b"\x08\x01")  # a frame kind a newer recorder might send
+    decoder = FrameDecoder()
+    decoded = decoder.feed(frame(hello) + frame(wire) + frame(future_variant) + frame(b""))
+    assert len(decoded) == 2
+    assert_same(decoded[0], hello)
+    assert_same(decoded[1], step)
+    assert decoder.skipped == 2
+
+
+def test_unpacked_and_mixed_column_encodings_are_accepted() -> None:
+    handles, prefill = [5, 6, 7], [100, 0, 0]
+    body = _tag(1, 0) + varint(42)
+    for h in handles:  # unpacked: one fixed32 field per element
+        body += _tag(8, 5) + h.to_bytes(4, "little")
+    body += _len_field(9, np.array(prefill[:1], "<u4").tobytes())  # packed, split in two runs
+    body += _tag(9, 5) + prefill[1].to_bytes(4, "little")
+    body += _len_field(9, np.array(prefill[2:], "<u4").tobytes())
+    body += _len_field(10, np.array([0, 1, 1], "<u4").tobytes())
+    body += _len_field(11, np.array([0, 50, 60], "<u4").tobytes())
+    wire = _len_field(3, body)
+    expected = pb.IngestFrame.FromString(wire)
+    assert list(expected.step.handles) == handles and list(expected.step.prefill_tokens) == prefill
+    decoder = FrameDecoder()
+    decoded = decoder.feed(frame(pb.IngestFrame(hello=_random_hello(random.Random(1)))) + frame(wire))
+    assert_same(decoded[1], expected)
+
+
+def test_repeated_fields_follow_protobuf_merge_rules() -> None:
+    rng = random.Random(3)
+    a, b = _random_event(rng), _random_event(rng)
+    b.ClearField("routed_shard")
+    # Same oneof member twice: the messages merge (later scalars win, unset ones keep earlier values).
+    wire = _len_field(2, a.SerializeToString()) + _len_field(2, b.SerializeToString())
+    expected = pb.IngestFrame.FromString(wire)
+    assert_same(decode_frame(wire), expected)
+    # A different member later wins.
+    beat = _random_beat(rng)
+    wire = _len_field(2, a.SerializeToString()) + _len_field(4, beat.SerializeToString())
+    assert_same(decode_frame(wire), pb.IngestFrame.FromString(wire))
+    # A ClockInfo given twice inside a hello merges too; a scalar given twice keeps the last.
+    hello = _random_hello(rng)
+    body = hello.SerializeToString() + _len_field(9, pb.ClockInfo(device_name="later").SerializeToString())
+    body += _tag(3, 0) + varint(0)
+    wire = _len_field(1, body)
+    assert_same(decode_frame(wire), pb.IngestFrame.FromString(wire))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _hello_frame(**kw) -> bytes:
+    fields = {"protocol_version": PROTOCOL_VERSION, "engine_id": "e", "shard": 0, "num_shards": 2} | kw
+    return frame(pb.IngestFrame(hello=pb.EngineHello(**fields)))
+
+
+def _step_frame(seq: int = 1, n: int = 2) -> bytes:
+    return frame(
+        pb.IngestFrame(
+            step=pb.StepRecord(
+                seq=seq,
+                handles=range(n),
+                prefill_tokens=[0] * n,
+                decode_tokens=[1] * n,
+                context_tokens=[9] * n,
+            )
+        )
+    )
+
+
+def _error(*chunks: bytes, finish: bool = False, **decoder_kw) -> FrameError:
+    decoder = FrameDecoder(**decoder_kw)
+    with pytest.raises(FrameError) as info:
+        for chunk in chunks:
+            decoder.feed(chunk)
+        if finish:
+            decoder.finish()
+    err = info.value
+    assert err.reason in str(err) and err.message
+    # A spent decoder keeps failing instead of resynchronising on garbage.
+    with pytest.raises(FrameError):
+        decoder.feed(_step_frame())
+    return err
+
+
+@pytest.mark.parametrize(
+    "body, what",
+    [
+        (_tag(3, 7), "invalid wire type"),
+        (_tag(3, 2) + varint(50) + b"short", "declares 50 bytes"),
+        (b"\xff\xff", "varint runs past"),
+        (_len_field(2, _len_field(2, b"\xff\xfe")), "not valid UTF-8"),
+        (_len_field(3, _len_field(8, b"\x01\x02\x03")), "not a multiple of 4"),
+        (_tag(0, 0) + b"\x01", "number 0"),
+    ],
+)
+def test_malformed_frames(body: bytes, what: str) -> None:
+    err = _error(_hello_frame() + frame(body))
+    assert err.reason == "malformed"
+    assert what in err.message
+
+
+def test_truncated_when_the_connection_closes_mid_frame() -> None:
+    whole = _step_frame(n=50)
+    err = _error(_hello_frame(), whole[:-10], finish=True)
+    assert err.reason == "truncated"
+    assert f"{len(whole) - 10 - 2} bytes into a {len(whole) - 2}-byte frame" in err.message
+    # Cut inside the length prefix itself.
+    assert _error(_hello_frame(), b"\x80", finish=True).reason == "truncated"
+    # Ending exactly on a frame boundary is a normal close.
+    decoder = FrameDecoder()
+    decoder.feed(_hello_frame() + whole)
+    decoder.finish()
+
+
+def test_oversized_is_rejected_from_the_length_prefix_alone() -> None:
+    decoder = FrameDecoder(max_frame_bytes=4096)
+    decoder.feed(_hello_frame())
+    with pytest.raises(FrameError) as info:
+        decoder.feed(varint(4097))  # only the prefix has arrived: nothing of the body is buffered
+    assert info.value.reason == "oversized"
+    assert "4097" in info.value.message and "4096" in info.value.message
+    # Exactly at the limit is fine.
+    body = _len_field(4, b"\x08\x01") + _len_field(99, b"x" * 4000)
+    body += _len_field(98, b"y" * (4096 - len(body) - 3))
+    assert len(body) == 4096
+    ok = FrameDecoder(max_frame_bytes=4096)
+    assert len(ok.feed(_hello_frame() + frame(body))) == 2
+
+
+def test_bad_version_names_both_versions() -> None:
+    err = _error(_hello_frame(protocol_version=PROTOCOL_VERSION + 1))
+    assert err.reason == "bad_version"
+    assert f"v{PROTOCOL_VERSION + 1}" in err.message and f"v{PROTOCOL_VERSION}" in err.message
+    assert "upgrade the sidecar" in err.message
+    old = _error(_hello_frame(protocol_version=0))
+    assert old.reason == "bad_version" and "upgrade the enginetime hooks" in old.message
+
+
+def test_first_frame_must_be_a_hello() -> None:
+    assert _error(_step_frame()).reason == "no_hello"
+    assert _error(frame(b"")).reason == "no_hello"  # an empty (unknown) frame first
+    assert _error(_hello_frame() + _hello_frame()).reason == "duplicate_hello"
+
+
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        ({"engine_id": ""}, "engine_id is empty"),
+        ({"num_shards": 0}, "num_shards is 0"),
+        ({"shard": 2, "num_shards": 2}, "shard 2 is not below num_shards 2"),
+    ],
+)
+def test_unusable_hello(fields: dict, problem: str) -> None:
+    err = _error(_hello_frame(**fields))
+    assert err.reason == "bad_hello" and problem in err.message
+
+
+def test_column_mismatch_keeps_the_frames_before_it() -> None:
+    bad = frame(
+        pb.IngestFrame(
+            step=pb.StepRecord(
+                seq=9,
+                handles=[1, 2, 3],
+                prefill_tokens=[0, 0, 0],
+                decode_tokens=[1, 1],
+                context_tokens=[5, 5, 5],
+            )
+        )
+    )
+    decoder = FrameDecoder()
+    with pytest.raises(FrameError) as info:
+        decoder.feed(_hello_frame() + _step_frame(seq=1) + _step_frame(seq=2) + bad + _step_frame(seq=3))
+    err = info.value
+    assert err.reason == "column_mismatch"
+    assert "seq=9" in err.message and "decode_tokens=2" in err.message
+    assert [type(f).__name__ for f in err.frames] == ["Hello", "Step", "Step"]
+    assert [f.seq for f in err.frames[1:]] == [1, 2]

@@ -1,0 +1,329 @@
+"""The ingest side of a real sidecar process: sockets, broken recorders, lifecycle, CLI.
+
+One sidecar serves most tests (module fixture); each test uses its own engine
+id so they cannot see each other's requests. A broken stream must cost only
+its own connection: every test here keeps a well-behaved engine streaming
+beside the broken one and checks it is still ingested afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, PROTOCOL_VERSION
+from enginetime.sidecar.ingest import IngestServer
+from enginetime.sidecar.ledger import Ledger, LedgerConfig
+from enginetime.v1 import accounting_pb2 as pb
+from enginetime.v1 import accounting_pb2_grpc as pb_grpc
+from enginetime.v1 import ingest_pb2
+from helpers import (
+    IngestConnection,
+    arrived,
+    frame,
+    hello,
+    short_socket_dir,
+    start_sidecar,
+    step,
+    varint,
+    wait_until,
+)
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory):
+    with start_sidecar(tmp_path_factory.mktemp("ingest")) as sp:
+        yield sp
+
+
+@pytest.fixture(scope="module")
+def stub(sidecar):
+    with grpc.insecure_channel(sidecar.grpc_target) as channel:
+        yield pb_grpc.AccountingServiceStub(channel)
+
+
+def shard_steps(stub, engine_id: str) -> dict[int, tuple[int, bool]]:
+    """shard -> (steps, connected) for one engine, from GetShards."""
+    resp = stub.GetShards(pb.GetShardsRequest(engine_id=engine_id), timeout=5)
+    return {s.shard: (s.steps, s.connected) for s in resp.shards if s.engine_id == engine_id}
+
+
+def wait_steps(stub, engine_id: str, shard: int, steps: int, connected: bool = True) -> None:
+    wait_until(
+        lambda: shard_steps(stub, engine_id).get(shard) == (steps, connected),
+        timeout=10,
+        message=lambda: (
+            f"{engine_id} shard {shard}: wanted ({steps}, {connected}), "
+            f"GetShards says {shard_steps(stub, engine_id)}"
+        ),
+    )
+
+
+def _mismatched_step() -> bytes:
+    return frame(
+        ingest_pb2.IngestFrame(
+            step=ingest_pb2.StepRecord(
+                seq=1,
+                handles=[1, 2],
+                prefill_tokens=[0, 0],
+                decode_tokens=[1],
+                context_tokens=[5, 5],
+            )
+        )
+    )
+
+
+def _bad_stream(reason: str, engine_id: str) -> tuple[bytes, bool]:
+    """(bytes a broken recorder sends, whether it then half-closes) for each rejection reason."""
+    ok = hello(engine_id)
+    return {
+        "malformed": (ok + frame(b"\x1f"), False),  # field 3 with wire type 7
+        "truncated": (ok + step(1, [1, 2, 3])[:-7], True),
+        "oversized": (ok + varint(MAX_FRAME_BYTES + 1), False),
+        "bad_version": (hello(engine_id, protocol_version=PROTOCOL_VERSION + 1), False),
+        "no_hello": (arrived(1, f"{engine_id}-r1"), False),
+        "duplicate_hello": (ok + hello(engine_id), False),
+        "bad_hello": (hello(engine_id, shard=3, num_shards=2), False),
+        "column_mismatch": (ok + _mismatched_step(), False),
+    }[reason]
+
+
+#: Whether the log line can name the engine (the hello was accepted before the error).
+_KNOWS_ENGINE = {"malformed", "truncated", "oversized", "duplicate_hello", "column_mismatch"}
+
+
+@pytest.mark.parametrize(
+    "reason",
+    sorted(
+        [
+            "malformed",
+            "truncated",
+            "oversized",
+            "bad_version",
+            "no_hello",
+            "duplicate_hello",
+            "bad_hello",
+            "column_mismatch",
+        ]
+    ),
+)
+def test_a_broken_stream_closes_only_its_own_connection(sidecar, stub, reason: str) -> None:
+    good_id, bad_id = f"good-{reason}", f"bad-{reason}"
+    with IngestConnection(sidecar.ingest) as good, IngestConnection(sidecar.ingest) as bad:
+        good.send(hello(good_id), arrived(1, f"{good_id}-r1"), step(1, [1]), step(2, [1]))
+        wait_steps(stub, good_id, 0, 2)
+
+        payload, half_close = _bad_stream(reason, bad_id)
+        bad.send(payload)
+        if half_close:
+            bad.sock.shutdown(socket.SHUT_WR)
+        assert bad.closed_by_peer(timeout=10), f"the sidecar kept a {reason} connection open"
+
+        log = sidecar.wait_for_log(f"rejected {reason} total: 1]")
+        line = next(ln for ln in log.splitlines() if f"rejected {reason} total" in ln)
+        assert "WARNING" in line and f": {reason}: " in line
+        assert f"pid {os.getpid()}" in line  # the peer, named by its process
+        if reason in _KNOWS_ENGINE:
+            assert f"engine '{bad_id}' shard 0" in line
+
+        # The other engine's connection was never touched: it keeps being ingested.
+        good.send(step(3, [1]), step(4, [1]), step(5, [1]))
+        wait_steps(stub, good_id, 0, 5)
+        assert stub.GetRequest(pb.GetRequestRequest(request_id=f"{good_id}-r1"), timeout=5).request.steps == 5
+
+
+def test_disconnect_is_seen_and_a_reconnect_resumes(sidecar, stub) -> None:
+    engine = "reconnecting"
+    with IngestConnection(sidecar.ingest) as conn:
+        conn.send(hello(engine, recorder_epoch=1), arrived(1, "rc-1"), step(1, [1]))
+        wait_steps(stub, engine, 0, 1)
+    wait_steps(stub, engine, 0, 1, connected=False)
+    with IngestConnection(sidecar.ingest) as conn:
+        conn.send(hello(engine, recorder_epoch=1), step(2, [1]))
+        wait_steps(stub, engine, 0, 2)
+
+
+def test_ingest_socket_is_private(sidecar) -> None:
+    path = sidecar.socket_path
+    assert path is not None
+    mode = os.stat(path).st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o600
+
+
+def test_lifecycle_new_dir_stale_socket_live_refusal_and_sigterm(tmp_path) -> None:
+    base = short_socket_dir()
+    path = f"{base}/new/dir/ingest.sock"
+    # A stale socket file from a dead sidecar: bound, never unlinked, nobody listening.
+    os.makedirs(os.path.dirname(path), mode=0o700)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()
+    with start_sidecar(tmp_path, ingest=f"unix:{path}") as sp:
+        assert "replaced stale socket" in sp.stderr_text()
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+        # A second sidecar on the same path must not take it over.
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "enginetime",
+                "sidecar",
+                "--ingest",
+                f"unix:{path}",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 1
+        assert "another sidecar is already listening" in second.stderr and path in second.stderr
+        assert second.stdout == ""  # no ready line
+
+        with grpc.insecure_channel(sp.grpc_target) as channel:
+            stub = pb_grpc.AccountingServiceStub(channel)
+            with IngestConnection(sp.ingest) as conn:
+                conn.send(hello("lifecycle"), arrived(1, "lc-1"), step(1, [1]))
+                wait_steps(stub, "lifecycle", 0, 1)
+                code = sp.stop()
+        assert code == 0, sp.stderr_text()
+        assert not os.path.exists(path), "the sidecar left its socket behind"
+        log = sp.stderr_text()
+        assert "SIGTERM received" in log and "stopped" in log
+        assert "steps=1 entries=1 events=1 rejected=none" in log  # the shutdown summary of the counters
+    # The directory the sidecar created for its socket is private.
+    fresh = f"{base}/made/by/sidecar/ingest.sock"
+    with start_sidecar(tmp_path, ingest=f"unix:{fresh}") as sp:
+        assert stat.S_IMODE(os.stat(os.path.dirname(fresh)).st_mode) == 0o700
+        assert sp.stop() == 0
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_refuses_a_path_that_is_not_a_socket(tmp_path) -> None:
+    base = short_socket_dir()
+    path = f"{base}/ingest.sock"
+    with open(path, "w") as f:
+        f.write("precious")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "enginetime",
+            "sidecar",
+            "--ingest",
+            f"unix:{path}",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "is not a socket; refusing to replace it" in result.stderr
+    with open(path) as f:
+        assert f.read() == "precious"
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_tcp_ingest(tmp_path) -> None:
+    with start_sidecar(tmp_path, ingest="tcp:127.0.0.1:0") as sp:
+        assert sp.ingest.startswith("tcp:127.0.0.1:") and not sp.ingest.endswith(":0")
+        with grpc.insecure_channel(sp.grpc_target) as channel:
+            stub = pb_grpc.AccountingServiceStub(channel)
+            with IngestConnection(sp.ingest) as conn:
+                conn.send(hello("over-tcp"), arrived(1, "tcp-1"), step(1, [1]))
+                wait_steps(stub, "over-tcp", 0, 1)
+            assert "tcp:127.0.0.1:" in sp.stderr_text()  # the peer is named by address
+
+
+def test_in_process_counters() -> None:
+    """IngestServer's counters: connections, frames, bytes, steps and rejections by reason."""
+
+    async def scenario() -> None:
+        ledger = Ledger(LedgerConfig())
+        sockdir = short_socket_dir()
+        server = IngestServer(ledger, f"unix:{sockdir}/i.sock")
+        await server.start()
+        try:
+            good = hello("counted") + arrived(1, "c-1") + step(1, [1]) + step(2, [1])
+            _, writer = await asyncio.open_unix_connection(f"{sockdir}/i.sock")
+            writer.write(good)
+            await writer.drain()
+            r2, w2 = await asyncio.open_unix_connection(f"{sockdir}/i.sock")
+            w2.write(hello("counted-bad") + frame(b"\x1f"))
+            await w2.drain()
+            assert await asyncio.wait_for(r2.read(), 10) == b""  # closed by the sidecar
+            deadline = time.monotonic() + 10
+            while server.counters.steps < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            c = server.counters
+            assert c.connections == 2 and c.active_connections == 1
+            assert (c.steps, c.events, c.entries) == (2, 1, 2)
+            assert c.frames == 5  # 4 good + the bad connection's hello
+            assert c.bytes == len(good) + len(hello("counted-bad") + frame(b"\x1f"))
+            assert c.rejected == {"malformed": 1}
+            writer.close()
+            deadline = time.monotonic() + 10
+            while server.counters.active_connections and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert server.counters.active_connections == 0
+        finally:
+            await server.close()
+            os.rmdir(sockdir)
+
+    asyncio.run(scenario())
+
+
+def test_help_explains_every_flag() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "enginetime", "sidecar", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    text = result.stdout
+    for flag in (
+        "--ingest",
+        "--listen",
+        "--max-requests",
+        "--retention",
+        "--lockstep-wait",
+        "--storm-threshold",
+        "--max-frame-bytes",
+        "--subscriber-queue",
+        "--lag-limit",
+        "--otlp-endpoint",
+        "--log-level",
+        "--shutdown-grace",
+    ):
+        assert flag in text, flag
+    assert "Default: 100000" in text and "Default: 600" in text and "ENGINETIME_INGEST" in text
+
+
+@pytest.mark.parametrize(
+    "args, complaint",
+    [
+        (["--retention", "-5"], "must be > 0"),
+        (["--max-requests", "lots"], "is not a whole number"),
+        (["--ingest", "/tmp/x.sock"], "expected unix:PATH or tcp:HOST:PORT"),
+        (["--listen", "localhost"], "expected HOST:PORT"),
+        (["--lag-limit", "nan"], "not a finite number"),
+        (["--max-frame-bytes", "10"], "must be >= 1024"),
+    ],
+)
+def test_bad_flag_values_are_argparse_errors(args: list[str], complaint: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "enginetime", "sidecar", *args], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert complaint in result.stderr and args[0] in result.stderr
