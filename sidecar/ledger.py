@@ -89,6 +89,7 @@ ShardKey = tuple[str, int]
 #: Aggressors named per cause per step; the rest is lumped on the shard's pseudo-aggressor.
 NAMED_PER_STEP = 3
 _TERMINAL = (FINISHED, ABORTED)
+_STATES = {int(s): s for s in RequestState}
 
 
 @dataclass
@@ -886,8 +887,8 @@ class Ledger:
         if q.session_id:
             mask &= np.array([self._reqs[s].session_id == q.session_id for s in sel], dtype=bool)
         sel = sel[mask]
-        # Newest arrival first; ties: most recently created slot generation first.
-        order = np.lexsort((-cols.gen[sel], -cols.arrival[sel]))
+        # Newest arrival first; ties: most recently created first.
+        order = np.lexsort((-cols.created[sel], -cols.arrival[sel]))
         return sel[order]
 
     def take_changed(self) -> set[str]:
@@ -961,27 +962,28 @@ class Ledger:
         cols = self._cols
         s = req.slot
         state = int(cols.state[s])
-        terminal = state in _TERMINAL
+        terminal = state == FINISHED or state == ABORTED
         end = req.finish_ns if terminal else now
-        wall = max(0, end - req.arrival_ns)
+        arrival = req.arrival_ns
+        wall = end - arrival if end > arrival else 0
         eng = min(max(round(float(cols.engine[s])), 0), wall)
         fs = int(cols.first_start[s])
-        queue = fs - req.arrival_ns if fs >= 0 else wall
+        queue = fs - arrival if fs >= 0 else wall
         queue = min(max(queue, 0), wall - eng)
         interf = min(max(round(float(cols.interf[s])), 0), wall - eng - queue)
-        other = wall - eng - queue - interf
+        shard = req.shard
         return RequestView(
             request_id=req.request_id,
-            engine_id=req.shard.engine_id,
-            shard=req.shard.shard,
-            state=RequestState(state),
-            arrival_time_ns=req.arrival_ns,
+            engine_id=shard.engine_id,
+            shard=shard.shard,
+            state=_STATES[state],
+            arrival_time_ns=arrival,
             queue_time_ns=queue,
             engine_time_ns=eng,
             gpu_time_ns=max(0, round(float(cols.gpu[s]))),
             interference_ns=interf,
             wall_ns=wall,
-            other_ns=other,
+            other_ns=wall - eng - queue - interf,
             prompt_tokens=req.prompt_tokens,
             cached_tokens=req.cached_tokens,
             prefilled_tokens=int(cols.prefilled[s]),
@@ -989,7 +991,7 @@ class Ledger:
             steps=int(cols.steps[s]),
             excluded_steps=int(cols.excluded[s]),
             preemptions=req.preemptions,
-            top_blame=self._blame_views(req),
+            top_blame=self._blame_views(req) if cols.blame_agg[s, 0] != EMPTY else (),
             partial=req.partial,
             migrated=req.migrated,
             session_id=req.session_id,
@@ -1003,17 +1005,12 @@ class Ledger:
 
     def _blame_views(self, req: Request) -> tuple[BlameView, ...]:
         out = []
-        for agg, ns in self._cols.blame_row(req.slot)[: self.config.top_blame]:
+        own = req.shard
+        for agg, ns in self._cols.blame_row(req.slot, self.config.top_blame):
             rid, shard = self._aggressor(agg)
             if shard is None:
                 continue
-            out.append(BlameView(
-                request_id=rid,
-                engine_id=shard.engine_id,
-                shard=shard.shard,
-                seconds_ns=round(ns),
-                same_shard=shard is req.shard,
-            ))
+            out.append(BlameView(rid, shard.engine_id, shard.shard, round(ns), shard is own))
         return tuple(out)
 
     def _aggressor(self, agg: int) -> tuple[str, ShardState | None]:

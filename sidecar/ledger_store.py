@@ -60,7 +60,7 @@ class Request:
 
 
 _F8 = ("engine", "gpu", "interf", "caused", "blame_dropped")
-_I8 = ("prefilled", "decoded", "steps", "excluded", "first_start", "last_step", "arrival", "version",
+_I8 = ("created", "prefilled", "decoded", "steps", "excluded", "first_start", "last_step", "arrival", "version",
        "stamp", "victim_mark", "gen")
 _I4 = ("shard_idx",)
 _I1 = ("state",)
@@ -71,7 +71,7 @@ class SlotColumns:
     """Struct-of-arrays accumulators, one row per slot, grown by doubling.
 
     Callers must re-read attributes after ``alloc`` (growth replaces the arrays).
-    Columns: engine/gpu/interf/caused/blame_dropped (float64 ns); prefilled/decoded/
+    Columns: created (allocation counter: creation order); engine/gpu/interf/caused/blame_dropped (float64 ns); prefilled/decoded/
     steps/excluded (int64 counts); first_start (ns of the first step's start, -1 none);
     last_step (ns of the last step's end, 0 none); arrival (ns); version; stamp and
     victim_mark (scratch marks for set operations); gen (slot generation); shard_idx;
@@ -84,6 +84,7 @@ class SlotColumns:
         self.width = int(blame_width)
         self._free: list[int] = []
         self._used = 0  # high-water mark of slots ever handed out
+        self._created = 0  # allocation counter (creation order of requests)
         self.engine = self.gpu = self.interf = self.caused = self.blame_dropped = np.zeros(0)
         for name in _F8:
             setattr(self, name, np.zeros(0))
@@ -128,6 +129,8 @@ class SlotColumns:
         self.first_start[slot] = -1
         self.last_step[slot] = 0
         self.version[slot] = 0
+        self._created += 1
+        self.created[slot] = self._created
         self.stamp[slot] = self.victim_mark[slot] = 0
         self.gen[slot] += 1
         self.state[slot] = QUEUED
@@ -202,10 +205,13 @@ class SlotColumns:
             keep = ~take
             self.blame_dropped[fv[keep]] += famt[keep]
 
-    def blame_row(self, slot: int) -> list[tuple[int, float]]:
-        """(aggressor id, ns) pairs of one victim, largest first."""
-        agg = self.blame_agg[slot]
-        ns = self.blame_ns[slot]
-        idx = np.flatnonzero(agg != EMPTY)
-        order = idx[np.argsort(-ns[idx], kind="stable")]
-        return [(int(agg[i]), float(ns[i])) for i in order]
+    def blame_row(self, slot: int, limit: int) -> list[tuple[int, float]]:
+        """The ``limit`` largest (aggressor id, ns) pairs of one victim, largest first."""
+        pairs = [(a, n) for a, n in zip(self.blame_agg[slot].tolist(), self.blame_ns[slot].tolist(), strict=True)
+                 if a != EMPTY]
+        pairs.sort(key=_by_ns, reverse=True)
+        return pairs[:limit]
+
+
+def _by_ns(pair: tuple[int, float]) -> float:
+    return pair[1]

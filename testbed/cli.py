@@ -12,7 +12,8 @@ import sys
 
 for _module in ("torch", "numpy"):
     if importlib.util.find_spec(_module) is None:
-        raise ImportError(f"enginetime testbed needs {_module}: pip install 'enginetime[testbed]'", name=_module)
+        raise ImportError(f"enginetime testbed needs {_module}: pip install 'enginetime[testbed]'",
+                          name=_module)
 
 
 def _int_at_least(minimum: int):
@@ -42,7 +43,8 @@ def add_engine_args(parser: argparse.ArgumentParser, *, shards: int = 4) -> None
     eng.add_argument("--policy", choices=("prefill-first", "mixed"), default="prefill-first",
                      help="prefill-first: prefill chunks run alone, decodes wait (SGLang default); mixed: "
                           "one chunk plus every decode per step (default prefill-first)")
-    eng.add_argument("--chunk", type=_positive, default=512, help="chunked prefill size in tokens (default 512)")
+    eng.add_argument("--chunk", type=_positive, default=512,
+                     help="chunked prefill size in tokens (default 512)")
     eng.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     eng.add_argument("--seed", type=_non_negative, default=0, help="model weights seed (default 0)")
     eng.add_argument("--max-running-requests", type=_positive, default=1024)
@@ -69,7 +71,8 @@ def engine_config(args: argparse.Namespace, *, hooks: bool, ingest: str | None, 
     return EngineConfig(num_shards=args.shards, coupling=args.coupling, policy=args.policy,
                         chunk_size=args.chunk, max_running_requests=args.max_running_requests,
                         prefix_cache_tokens=args.prefix_cache_tokens, device=args.device, model=model,
-                        hooks=hooks, ingest=ingest, engine_id=engine_id, intra_op_threads=args.intra_op_threads)
+                        hooks=hooks, ingest=ingest, engine_id=engine_id,
+                        intra_op_threads=args.intra_op_threads)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -86,7 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "stdout once listening; SIGTERM or Ctrl-C stops it.",
     )
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_non_negative, default=30000, help="0 picks a free port (default 30000)")
+    serve.add_argument("--port", type=_non_negative, default=30000,
+                       help="0 picks a free port (default 30000)")
     serve.add_argument("--ingest", default=None,
                        help="sidecar ingest address (unix:PATH or tcp:HOST:PORT); default $ENGINETIME_INGEST "
                             "or unix:/tmp/enginetime/ingest.sock")
@@ -112,15 +116,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     demo = subparsers.add_parser(
         "demo", help="reproduce the cross-shard prefill incident and show its accounting",
-        description="Start a sidecar and a LOCKSTEP testbed, let victim requests decode on shards 0..N-2, "
-                    "migrate one long session's turn onto the last shard (a prefill storm), and print per-shard "
-                    "decode tok/s before/during/after, each victim's wall, queue, engine time, interference and "
-                    "top blame, the storm's own accounting, and the same victims without the storm.",
+        description="Start a sidecar and a LOCKSTEP testbed, let victim requests decode on shards "
+                    "0..N-2, migrate one long session's turn onto the last shard (a prefill storm), and "
+                    "print per-shard decode tok/s before/during/after, each victim's wall, queue, engine "
+                    "time, interference and top blame, the storm's own accounting, and the same victims "
+                    "without the storm.",
     )
     add_engine_args(demo)
     demo.add_argument("--storm-tokens", type=_positive, default=16384,
                       help="context the migrated turn prefills (default 16384: 32 chunks of 512)")
-    demo.add_argument("--victims", type=_positive, default=6, help="decoding victims on shards 0..N-2 (default 6)")
+    demo.add_argument("--victims", type=_positive, default=6,
+                      help="decoding victims on shards 0..N-2 (default 6)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     demo.add_argument("--otlp-endpoint", default=None, help="passed to the sidecar (--otlp-endpoint)")
     demo.add_argument("--no-baseline", action="store_true", help="skip the run without the storm")
@@ -132,7 +138,7 @@ def _serve(args: argparse.Namespace) -> int:
     import threading
 
     from .engine import Engine
-    from .http_api import TestbedHTTPServer
+    from .http_api import EngineHTTPServer
 
     try:
         config = engine_config(args, hooks=not args.no_hooks, ingest=args.ingest, engine_id=args.engine_id)
@@ -141,7 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"enginetime testbed: {exc}", file=sys.stderr)
         return 2
     try:
-        server = TestbedHTTPServer(engine, args.host, args.port)
+        server = EngineHTTPServer(engine, args.host, args.port)
     except OSError as exc:
         engine.close()
         print(f"enginetime testbed: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
@@ -151,7 +157,8 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     server.serve_in_thread()
     host, port = server.server_address[:2]
-    hooks = "off" if args.no_hooks else (engine.shards[0].hooks.recorder.address if engine.shards[0].hooks else "")
+    first = engine.shards[0].hooks
+    hooks = "off" if first is None else first.recorder.address
     print(f"enginetime testbed ready http={host}:{port} shards={args.shards} coupling={args.coupling} "
           f"policy={args.policy} chunk={args.chunk} device={engine.device} hooks={hooks}", flush=True)
     try:
@@ -172,7 +179,8 @@ def _sessions(args: argparse.Namespace) -> int:
     except Exception as exc:
         print(f"enginetime testbed sessions: {exc}", file=sys.stderr)
         return 1
-    print(f"{'session':<12} {'turn':>4} {'shard':>5} {'prompt':>7} {'cached':>7} {'prefilled':>9} {'wall s':>7}")
+    print(f"{'session':<12} {'turn':>4} {'shard':>5} {'prompt':>7} {'cached':>7} {'prefilled':>9} "
+          f"{'wall s':>7}")
     for s in sessions:
         for t in s.turns:
             print(f"{s.session_id:<12} {t.turn:>4} {t.shard:>5} {t.prompt_tokens:>7} {t.cached_tokens:>7} "

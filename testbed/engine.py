@@ -37,7 +37,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-
 from enginetime.engine_hooks import Coupling, StepKind
 
 from .adapter import ShardHooks
@@ -389,7 +388,8 @@ class Engine:
         cfg = self.config
         ids = self._check_ids(input_ids)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise InvalidRequest(f"sampling_params.max_new_tokens must be an integer ≥ 0, got {max_new_tokens!r}")
+            raise InvalidRequest(
+                f"sampling_params.max_new_tokens must be an integer ≥ 0, got {max_new_tokens!r}")
         total = len(ids) + max_new_tokens
         if total > cfg.model.max_context:
             raise InvalidRequest(
@@ -532,7 +532,8 @@ class Engine:
             })
         return {
             "engine": "enginetime-testbed", "engine_id": cfg.engine_id, "dp_size": cfg.num_shards,
-            "coupling": cfg.coupling.name.lower(), "policy": cfg.policy, "chunked_prefill_size": cfg.chunk_size,
+            "coupling": cfg.coupling.name.lower(), "policy": cfg.policy,
+            "chunked_prefill_size": cfg.chunk_size,
             "max_running_requests": cfg.max_running_requests, "device": str(self.device),
             "intra_op_threads": self.intra_op_threads, "hooks": cfg.hooks, "model": cfg.model.to_dict(),
             "shards": shards,

@@ -8,7 +8,8 @@ unchanged:
   optional ``traceparent`` header. Answers ``{"output_ids", "text": "", "meta_info":
   {"id", "prompt_tokens", "completion_tokens", "cached_tokens", "finish_reason":
   {"type": "length"|"stop"|"abort", ...}, "e2e_latency", "dp_rank"}}``. An aborted
-  request still answers 200 with ``finish_reason.type == "abort"``, as SGLang does.
+  request still answers 200 with ``finish_reason.type == "abort"``, as SGLang does; a
+  request whose client disconnects (a proxy's read timeout) is aborted in the engine.
 * ``POST /abort_request`` — ``{"rid"}`` (or ``{"abort_all": true}``); 404 for an id that
   is not running.
 * ``GET /health``, ``GET /health_generate``, ``GET /get_server_info``, ``GET /get_model_info``.
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
+import select
+import socket
 import threading
 import time
 from http import HTTPStatus
@@ -77,7 +80,8 @@ def _parse_generate(body: dict[str, Any], headers: Any) -> dict[str, Any]:
         raise HttpError(bad, "missing field 'input_ids' (a list of token ids)")
     ids = body["input_ids"]
     if isinstance(ids, list) and ids and isinstance(ids[0], list):
-        raise HttpError(bad, "batched input_ids (a list of lists) is not supported: send one request per call")
+        raise HttpError(bad, "batched input_ids (a list of lists) is not supported: "
+                             "send one request per call")
     if body.get("stream"):
         raise HttpError(bad, "streaming is not supported by the testbed: send stream=false")
     params = body.get("sampling_params") or {}
@@ -106,7 +110,7 @@ def _parse_generate(body: dict[str, Any], headers: Any) -> dict[str, Any]:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: TestbedHTTPServer
+    server: EngineHTTPServer
     protocol_version = "HTTP/1.1"  # keep-alive: httpx reuses connections
 
     def log_message(self, fmt: str, *args: Any) -> None:  # stderr noise per request: debug only
@@ -202,8 +206,21 @@ class _Handler(BaseHTTPRequestHandler):
         ids = kwargs.pop("input_ids")
         max_new = kwargs.pop("max_new_tokens")
         req = self.server.engine.submit(ids, max_new, **kwargs)
-        req.wait()
+        while not req.wait(0.25):
+            if self._client_gone():  # e.g. an httpx ReadTimeout: SGLang aborts such requests too
+                self.server.engine.abort(req.rid)
+                req.wait(30)
+                self.close_connection = True
+                return
         self._send_json(HTTPStatus.OK, generate_response(req))
+
+    def _client_gone(self) -> bool:
+        """True when the client closed its connection (readable with nothing to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _abort(self) -> None:
         body = self._read_json()
@@ -219,11 +236,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(HTTPStatus.BAD_REQUEST, f"'rid' must be a string, got {rid!r}")
         if not engine.abort(rid):
             raise HttpError(HTTPStatus.NOT_FOUND,
-                            f"no running request with rid {rid!r} (it finished, was aborted, or never existed)")
+                            f"no running request with rid {rid!r} "
+                            "(it finished, was aborted, or never existed)")
         self._send_json(HTTPStatus.OK, {"success": True, "rid": rid})
 
 
-class TestbedHTTPServer(ThreadingHTTPServer):
+class EngineHTTPServer(ThreadingHTTPServer):
     """HTTP server bound to an Engine. ``serve_in_thread()`` for tests and the demo."""
 
     daemon_threads = True
@@ -239,7 +257,7 @@ class TestbedHTTPServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
-    def serve_in_thread(self) -> TestbedHTTPServer:
+    def serve_in_thread(self) -> EngineHTTPServer:
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="testbed-http", daemon=True)
         self._thread.start()

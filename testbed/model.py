@@ -94,7 +94,8 @@ class KVCache:
         """A new cache holding the first n positions (room for `extra` more)."""
         out = KVCache.__new__(KVCache)
         cap = max(16, n + extra)
-        out.k = torch.empty((*self.k.shape[:2], cap, self.k.shape[3]), device=self.k.device, dtype=self.k.dtype)
+        shape = (*self.k.shape[:2], cap, self.k.shape[3])
+        out.k = torch.empty(shape, device=self.k.device, dtype=self.k.dtype)
         out.v = torch.empty_like(out.k)
         out.k[:, :, :n].copy_(self.k[:, :, :n])
         out.v[:, :, :n].copy_(self.v[:, :, :n])

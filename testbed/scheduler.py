@@ -25,10 +25,9 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
-
 from enginetime.engine_hooks import StepKind
 
-from .model import KVCache, TinyTransformer
+from .model import ForwardItem, KVCache, TinyTransformer
 
 POLICIES = ("prefill-first", "mixed")
 
@@ -279,14 +278,13 @@ class Scheduler:
 
     # ------------------------------------------------------------------ results
 
-    def forward_inputs(self, plan: Plan) -> list:
-        from .model import ForwardItem
-
+    def forward_inputs(self, plan: Plan) -> list[ForwardItem]:
         items = []
         for e in plan.entries:
             req = e.req
             if e.prefill_tokens:
-                items.append(ForwardItem(req.kv, req.input_ids[req.prefilled:req.prefilled + e.prefill_tokens]))
+                start = req.prefilled
+                items.append(ForwardItem(req.kv, req.input_ids[start:start + e.prefill_tokens]))
             else:
                 items.append(ForwardItem(req.kv, [req.output_ids[-1]]))
         return items

@@ -24,11 +24,11 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
+import pytest
 from enginetime.clients import (
     AccountingClient,
     AsyncAccountingClient,
@@ -45,6 +45,7 @@ ENGINE = "e2e"
 DECODE_PROMPT = 32
 DECODE_OUTPUT = 48
 STORM_CHUNKS = 12
+STORM_AT = 10  # global step at which the long prompt arrives on shard 0
 CHUNK = 512
 STORM_DECODE = 4
 #: Stall summed over victims that makes a prefill a storm. The test's storm costs
@@ -160,7 +161,7 @@ def _params() -> str:
             "storm": STORM,
             "decode_prompt": DECODE_PROMPT,
             "decode_output": DECODE_OUTPUT,
-            "storm_at": 10,
+            "storm_at": STORM_AT,
             "storm_chunks": STORM_CHUNKS,
             "chunk": CHUNK,
             "storm_decode": STORM_DECODE,
@@ -172,24 +173,31 @@ class Shard:
     """One engine shard process."""
 
     def __init__(self, script: Path, shard: int, address: str, peer: socket.socket) -> None:
+        # One BLAS thread per shard: two shards share the machine like two ranks share a node.
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(script), str(shard), address, str(peer.fileno()), _params()],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            pass_fds=[peer.fileno()],
-            env=env,
-        )
+        self.log = script.with_name(f"shard-{shard}.log")
+        with open(self.log, "wb") as err:  # a file, never a pipe that could fill and stall the shard
+            self.proc = subprocess.Popen(
+                [sys.executable, str(script), str(shard), address, str(peer.fileno()), _params()],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                pass_fds=[peer.fileno()],
+                env=env,
+            )
         self.shard = shard
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
 
     def expect(self, word: str) -> str:
         line = self.proc.stdout.readline()
         if not line.startswith(word):
-            self.proc.kill()
-            _, err = self.proc.communicate(timeout=10)
-            raise AssertionError(f"shard {self.shard}: expected {word!r}, got {line!r}; stderr:\n{err}")
+            self.kill()
+            raise AssertionError(
+                f"shard {self.shard}: expected {word!r}, got {line!r}; stderr:\n{self.stderr()}"
+            )
         return line[len(word) :].strip()
 
     def go(self) -> None:
@@ -198,7 +206,7 @@ class Shard:
 
     def finish(self, timeout: float) -> dict:
         summary = json.loads(self.expect("done"))
-        assert self.proc.wait(timeout) == 0, self.proc.stderr.read()
+        assert self.proc.wait(timeout) == 0, self.stderr()
         return summary
 
     def kill(self) -> None:
@@ -261,12 +269,15 @@ class AsyncFollower:
                 self.final[rid] = await client.get_request(rid)
 
 
-def test_core_end_to_end_across_processes() -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="et-e2e-", dir="/tmp"))
-    script = tmp / "shard.py"
+@pytest.mark.timeout(120)
+def test_core_end_to_end_across_processes(tmp_path: Path) -> None:
+    script = tmp_path / "shard.py"
     script.write_text(SHARD_SCRIPT)
     started = time.monotonic()
-    with start_sidecar(tmp, "--storm-threshold", STORM_THRESHOLD_S) as sidecar:
+    with (
+        start_sidecar(tmp_path, "--storm-threshold", STORM_THRESHOLD_S) as sidecar,
+        AccountingClient(sidecar.grpc_target) as client,
+    ):
         a, b = socket.socketpair()
         shards = [Shard(script, 0, sidecar.ingest, a), Shard(script, 1, sidecar.ingest, b)]
         a.close()
@@ -274,7 +285,6 @@ def test_core_end_to_end_across_processes() -> None:
         try:
             for s in shards:
                 s.expect("ready")
-            client = AccountingClient(sidecar.grpc_target)
             # The victims are known as soon as the sidecar has read their arrival, before any step.
             wait_until(
                 lambda: client.list_requests(engine_id=ENGINE).total_size == len(VICTIMS),
@@ -292,7 +302,8 @@ def test_core_end_to_end_across_processes() -> None:
             storm_reader.start()
             follower = AsyncFollower(sidecar.grpc_target, "decode-1")
             follower.thread.start()
-            watch = client.watch_request("decode-0", min_interval=0.02)
+            # A deadline, so a watch that never ends fails the test instead of hanging it.
+            watch = client.watch_request("decode-0", min_interval=0.02, timeout=60)
             watched = [next(watch)]
             assert follower.watching.wait(10) and follower.error is None, follower.error
 
@@ -377,7 +388,6 @@ def test_core_end_to_end_across_processes() -> None:
         assert all(e.aggressor_shard == 0 and e.cross_shard for e in mine)
         assert 1 in mine[-1].victims.shards and mine[-1].victims.request_count == len(VICTIMS)
         assert mine[-1].victims.seconds_ns >= 0.5 * len(VICTIMS) * storm_ns
-        client.close()
     assert time.monotonic() - started < 60
 
 
@@ -387,4 +397,3 @@ def _read_storms(stream, events: list) -> None:
         events.append(e)
         if e.aggressor_request_id == STORM and e.phase is InterferencePhase.ENDED:
             return
-

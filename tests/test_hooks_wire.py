@@ -14,7 +14,6 @@ import struct
 from array import array
 
 import pytest
-
 from enginetime.engine_hooks import wire
 from enginetime.engine_hooks.constants import HOOKS_VERSION, PROTOCOL_VERSION
 from enginetime.v1 import ingest_pb2
@@ -24,7 +23,8 @@ U64_MAX = 2**64 - 1
 I64_MIN = -(2**63)
 I64_MAX = 2**63 - 1
 
-TEXTS = ["", "r", "req-0001", "ünïcødé-✓", "日本語のリクエスト", "emoji-🚀-id", "x" * 300, "tab\tnew\nline", "\x00nul"]
+TEXTS = ["", "r", "req-0001", "ünïcødé-✓", "日本語のリクエスト", "emoji-🚀-id", "x" * 300, "tab\tnew\nline",
+         "\x00nul"]
 
 
 def payload(frame: bytes) -> bytes:
@@ -207,8 +207,9 @@ def test_columns_are_packed_little_endian_fixed32():
 
 
 def test_edge_values_round_trip():
-    fields = dict(handle=U32_MAX, kind=6, time_ns=I64_MIN, request_id="ünïcødé/日本/🚀", prompt_tokens=U32_MAX,
-                  cached_tokens=0, session_id="s", traceparent="00-abc-def-01", routed_shard=U32_MAX,
+    fields = dict(handle=U32_MAX, kind=6, time_ns=I64_MIN, request_id="ünïcødé/日本/🚀",
+                  prompt_tokens=U32_MAX, cached_tokens=0, session_id="s", traceparent="00-abc-def-01",
+                  routed_shard=U32_MAX,
                   finish_reason="length", output_tokens=U32_MAX, replayed=True)
     check_event(fields, decode(wire.frame_event(**fields)))
     step = dict(seq=U64_MAX, global_step=U64_MAX, start_time_ns=-1, end_time_ns=I64_MAX,
@@ -235,7 +236,8 @@ def test_out_of_range_values_raise_naming_the_field(bad):
 def test_bad_columns_raise_value_error():
     base = dict(seq=1, start_time_ns=0, end_time_ns=0, device_time_ns=0, timer_source=1, kind=2)
     with pytest.raises(ValueError, match="differ in length"):
-        wire.frame_step(**base, handles=[1, 2], prefill_tokens=[1], decode_tokens=[1, 2], context_tokens=[1, 2])
+        wire.frame_step(**base, handles=[1, 2], prefill_tokens=[1], decode_tokens=[1, 2],
+                        context_tokens=[1, 2])
     with pytest.raises(ValueError, match="prefill_tokens has a value outside uint32"):
         wire.frame_step(**base, handles=[1], prefill_tokens=[-1], decode_tokens=[1], context_tokens=[1])
     with pytest.raises(ValueError, match="handles must hold ints"):

@@ -1,0 +1,613 @@
+"""Attribution: conservation, the wall identity, interference and blame, lockstep join, storms.
+
+Synthetic engines: steps are built directly as ``records.Step`` with durations from a
+known cost function (plus noise where the test is about the fitted model), so every
+expected figure is computed independently of the ledger's code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from enginetime.engine_hooks.constants import PROTOCOL_VERSION, Coupling, EventKind, StepKind
+from enginetime.sidecar.ledger import Ledger, LedgerConfig
+from enginetime.sidecar.records import Beat, Event, Hello, Step
+from enginetime.sidecar.views import InterferencePhase, RequestQuery, RequestState, RequestView
+
+T0 = 1_700_000_000_000_000_000
+MS = 1_000_000
+
+# Known cost of a batch (ns): β0 + β1Σp + β2Σp(c+p/2) + β3·n_decode + β4Σ_decode c.
+BETA = (3.0 * MS, 10_000.0, 2.0, 50_000.0, 1.0)
+
+Entry = tuple[int, int, int, int]  # handle, prefill tokens, decode tokens, context tokens
+
+
+def true_cost(entries: list[Entry]) -> float:
+    b0, b1, b2, b3, b4 = BETA
+    cost = b0
+    for _, p, q, c in entries:
+        if p > 0:
+            cost += b1 * p + b2 * p * (c + p / 2)
+        else:
+            cost += (b3 + b4 * c) * q
+    return cost
+
+
+class Sim:
+    """A synthetic engine feeding a Ledger with a controllable clock."""
+
+    def __init__(self, shards: int = 1, coupling: Coupling = Coupling.INDEPENDENT,
+                 config: LedgerConfig | None = None, engine: str = "eng") -> None:
+        self.now = T0
+        self.ledger = Ledger(config or LedgerConfig(), clock=lambda: self.now)
+        self.engine = engine
+        self.shards = shards
+        self.keys = [self.ledger.connect(Hello(PROTOCOL_VERSION, engine, k, shards, int(coupling),
+                                               recorder_epoch=1)) for k in range(shards)]
+        self.seq = [0] * shards
+        self.gs = 0
+        self.fed_ns = 0  # Σ device time of every step fed
+
+    def arrive(self, shard: int, handle: int, rid: str, t: int | None = None, **kw) -> None:
+        self.ledger.on_event(self.keys[shard], Event(handle=handle, kind=EventKind.ARRIVED,
+                                                     time_ns=self.now if t is None else t, request_id=rid, **kw))
+
+    def event(self, shard: int, handle: int, kind: EventKind, t: int | None = None, **kw) -> None:
+        self.ledger.on_event(self.keys[shard], Event(handle=handle, kind=kind, time_ns=self.now if t is None else t,
+                                                     **kw))
+
+    def make_step(self, shard: int, entries: list[Entry], d: int, start: int, gs: int | None,
+                  peer_tokens: list[int] | None = None) -> Step:
+        arr = np.array(entries, dtype=np.uint32).reshape(-1, 4)
+        if not entries:
+            kind = StepKind.IDLE
+        elif (arr[:, 1] > 0).all():
+            kind = StepKind.PREFILL
+        elif (arr[:, 1] > 0).any():
+            kind = StepKind.MIXED
+        else:
+            kind = StepKind.DECODE
+        st = Step(seq=self.seq[shard], start_time_ns=start, end_time_ns=start + d, device_time_ns=d,
+                  kind=int(kind), global_step=gs, handles=arr[:, 0].copy(), prefill_tokens=arr[:, 1].copy(),
+                  decode_tokens=arr[:, 2].copy(), context_tokens=arr[:, 3].copy(),
+                  peer_tokens=np.array(peer_tokens or [], dtype=np.uint32))
+        self.seq[shard] += 1
+        return st
+
+    def feed(self, shard: int, st: Step) -> None:
+        self.fed_ns += st.device_time_ns
+        self.ledger.on_step(self.keys[shard], st)
+
+    def step(self, shard: int, entries: list[Entry], d: int | None = None, gap: int = 0) -> Step:
+        """One INDEPENDENT step starting now; the clock moves to its end (+ gap)."""
+        d = int(true_cost(entries)) if d is None else d
+        st = self.make_step(shard, entries, d, self.now, None)
+        self.now += d
+        self.feed(shard, st)
+        self.now += gap
+        return st
+
+    def group(self, batches: dict[int, list[Entry]], d: int | None = None, gap: int = 0,
+              skip: tuple[int, ...] = (), peer_tokens: list[int] | None = None) -> int:
+        """One LOCKSTEP group: every shard's step lasts as long as the slowest one's."""
+        if d is None:
+            d = int(max(true_cost(e) for e in batches.values()))
+        start = self.now
+        self.now += d
+        for k in range(self.shards):
+            if k in skip:
+                continue
+            self.feed(k, self.make_step(k, batches.get(k, []), d, start, self.gs, peer_tokens))
+        self.gs += 1
+        self.now += gap
+        return d
+
+    def view(self, rid: str) -> RequestView:
+        v = self.ledger.get(rid)
+        assert v is not None, rid
+        return v
+
+
+def charged_ns(ledger: Ledger) -> float:
+    """Σ gpu_time over every request slot + unattributed device time (white-box, exact floats)."""
+    return float(ledger._cols.gpu.sum()) + sum(sh.unattributed_ns for sh in ledger._shard_table)
+
+
+def assert_identity(v: RequestView) -> None:
+    assert v.wall_ns == v.queue_time_ns + v.engine_time_ns + v.interference_ns + v.other_ns, v
+    for term in (v.queue_time_ns, v.engine_time_ns, v.interference_ns, v.other_ns, v.gpu_time_ns):
+        assert term >= 0, v
+
+
+def warm_model(sim: Sim, groups: int = 160, seed: int = 0) -> None:
+    """Feed varied batches (decode sizes, contexts, prefill chunks) so the engine's model fits.
+
+    Handles 1000+ on every shard; those requests finish at the end.
+    """
+    rng = np.random.default_rng(seed)
+    for k in range(sim.shards):
+        for h in range(24):
+            sim.arrive(k, 1000 + h, f"warm{k}-{h}")
+    for _ in range(groups):
+        batches = {}
+        for k in range(sim.shards):
+            n = int(rng.integers(2, 24))
+            entries = [(1000 + h, 0, 1, int(rng.integers(100, 8000))) for h in range(n)]
+            if rng.random() < 0.3:
+                entries[0] = (1000 + n, int(rng.integers(16, 1024)), 0, int(rng.integers(0, 30000)))
+            batches[k] = entries
+        if sim.shards == 1 and not isinstance(sim, Sim):  # pragma: no cover - type guard
+            raise AssertionError
+        d = int(max(true_cost(e) for e in batches.values()) * (1 + 0.01 * abs(rng.standard_normal())))
+        if sim.ledger._engines[sim.engine].lockstep:
+            sim.group(batches, d)
+        else:
+            for k, entries in batches.items():
+                sim.step(k, entries, int(true_cost(entries) * (1 + 0.01 * abs(rng.standard_normal()))))
+    for k in range(sim.shards):
+        for h in range(24):
+            sim.event(k, 1000 + h, EventKind.FINISHED)
+    sim.ledger.take_interference()
+
+
+# ======================================================================================
+# conservation and the identity
+# ======================================================================================
+@dataclass
+class _Req:
+    rid: str
+    handle: int
+    prompt: int
+    done: int = 0
+    ctx: int = 0
+    out: int = field(default=0)
+
+
+def _random_run(sim: Sim, steps: int, rng: np.random.Generator, lockstep: bool) -> int:
+    """Random traffic; returns how many times conservation was checked (quiescent points)."""
+    live: list[dict[int, _Req]] = [{} for _ in range(sim.shards)]
+    next_handle = [0] * sim.shards
+    checks = 0
+    n_rounds = steps // sim.shards if lockstep else steps
+    for i in range(n_rounds):
+        batches: dict[int, list[Entry]] = {}
+        shards = range(sim.shards) if lockstep else [int(rng.integers(sim.shards))]
+        for k in shards:
+            for _ in range(int(rng.poisson(0.6))):
+                h = next_handle[k]
+                next_handle[k] += 1
+                r = _Req(f"{sim.engine}-{k}-{h}", h, int(rng.integers(1, 2000)))
+                live[k][h] = r
+                sim.arrive(k, h, r.rid, prompt_tokens=r.prompt)
+            entries: list[Entry] = []
+            for r in list(live[k].values()):
+                if rng.random() < 0.15:
+                    continue  # not scheduled this step: an excluded-step victim if running
+                if r.done < r.prompt:
+                    p = min(r.prompt - r.done, int(rng.integers(1, 700)))
+                    entries.append((r.handle, p, 0, r.ctx))
+                    r.done += p
+                    r.ctx += p
+                else:
+                    entries.append((r.handle, 0, 1, r.ctx))
+                    r.ctx += 1
+                    r.out += 1
+            if rng.random() < 0.03:
+                entries = []  # IDLE step
+            batches[k] = entries
+        d = int(rng.integers(1, 60) * MS // 3 + rng.integers(0, 1000))
+        if lockstep:
+            skip = (int(rng.integers(sim.shards)),) if rng.random() < 0.03 else ()
+            peers = [sum(e[1] + e[2] for e in batches[k]) for k in range(sim.shards)] if rng.random() < 0.5 else None
+            sim.group(batches, d, gap=int(rng.integers(0, MS)), skip=skip, peer_tokens=peers)
+            if skip and rng.random() < 0.5:
+                sim.now += 300 * MS
+                sim.ledger.tick()
+        else:
+            (k, entries), = batches.items()
+            sim.step(k, entries, d, gap=int(rng.integers(0, MS)))
+        for k in shards:
+            for h, r in list(live[k].items()):
+                if r.out >= 1 and rng.random() < 0.05:
+                    sim.event(k, h, EventKind.FINISHED if rng.random() < 0.9 else EventKind.ABORTED)
+                    del live[k][h]
+                elif rng.random() < 0.005:
+                    sim.event(k, h, EventKind.PREEMPTED)
+                    sim.event(k, h, EventKind.RESUMED, t=sim.now + 1)
+        eng = sim.ledger._engines[sim.engine]
+        if not eng.join.pending:
+            checks += 1
+            assert charged_ns(sim.ledger) == pytest.approx(sim.fed_ns, rel=1e-3, abs=1.0)
+        if i % 97 == 0:
+            for v in sim.ledger.query(RequestQuery()):
+                assert_identity(v)
+    sim.ledger.flush()
+    return checks
+
+
+@pytest.mark.parametrize("coupling", [Coupling.INDEPENDENT, Coupling.LOCKSTEP])
+def test_shares_of_every_step_sum_to_its_device_time(coupling):
+    rng = np.random.default_rng(42 if coupling == Coupling.LOCKSTEP else 7)
+    sim = Sim(shards=4 if coupling == Coupling.LOCKSTEP else 2, coupling=coupling,
+              config=LedgerConfig(refit_every=16))
+    checks = _random_run(sim, 5000, rng, lockstep=coupling == Coupling.LOCKSTEP)
+    assert checks > 500
+    led = sim.ledger
+    assert led.counters.steps == pytest.approx(5000, abs=60)  # LOCKSTEP skips a few steps on purpose
+    # Public figures agree: Σ gpu_time of all requests + unattributed = Σ device time (≤ 0.1 %).
+    views = led.query(RequestQuery())
+    total = sum(v.gpu_time_ns for v in views) + sum(s.unattributed_ns for s in led.shards())
+    assert abs(total - sim.fed_ns) <= 1e-3 * sim.fed_ns
+    assert led.counters.model_fits > 0
+    for v in views:
+        assert_identity(v)
+    if coupling == Coupling.LOCKSTEP:
+        assert led.counters.lockstep_groups > 1000
+
+
+def test_wall_identity_other_is_exactly_the_gaps():
+    """queue, engine_time, interference and other add up to wall, and other is what no step explains."""
+    sim = Sim()
+    sim.arrive(0, 1, "A")
+    sim.now += 2 * MS
+    sim.arrive(0, 2, "B")
+    sim.now += 1 * MS
+    a_first = sim.now
+    sim.step(0, [(1, 100, 0, 0)], 5 * MS, gap=1 * MS)
+    sim.step(0, [(1, 0, 1, 100), (2, 300, 0, 0)], 6 * MS, gap=2 * MS)
+    sim.step(0, [(2, 200, 0, 300)], 7 * MS, gap=0)  # A excluded (prefill-first chunk of B)
+    sim.step(0, [(1, 0, 1, 101), (2, 0, 1, 500)], 4 * MS)
+    sim.now += MS // 2
+    sim.event(0, 1, EventKind.FINISHED, finish_reason="stop")
+    sim.now += 3 * MS  # B still running, no step since: its other grows
+    a, b = sim.view("A"), sim.view("B")
+    assert_identity(a)
+    assert_identity(b)
+    assert a.state == RequestState.FINISHED and b.state == RequestState.RUNNING
+    assert a.queue_time_ns == 3 * MS
+    assert a.wall_ns == a.queue_time_ns + (5 + 1 + 6 + 2 + 7 + 4) * MS + MS // 2
+    assert a.engine_time_ns + a.interference_ns == (5 + 6 + 7 + 4) * MS
+    assert a.other_ns == (1 + 2) * MS + MS // 2
+    assert a.excluded_steps == 1 and a.steps == 3
+    assert b.queue_time_ns == a_first + 6 * MS - (T0 + 2 * MS)
+    assert b.engine_time_ns + b.interference_ns == (6 + 7 + 4) * MS
+    assert b.other_ns == 2 * MS + MS // 2 + 3 * MS
+    assert b.gpu_time_ns > 0 and b.prefilled_tokens == 500 and b.decoded_tokens == 1
+
+
+# ======================================================================================
+# interference and blame on one shard
+# ======================================================================================
+def test_prefill_first_chunks_are_interference_for_running_decodes():
+    sim = Sim()
+    for h, rid in enumerate(["A", "B", "C"]):
+        sim.arrive(0, h, rid)
+    sim.step(0, [(0, 50, 0, 0), (1, 50, 0, 0)], 4 * MS)
+    interf0 = sim.view("A").interference_ns  # B's prefill in A's first step: half of it
+    assert interf0 == 2 * MS and sim.view("A").top_blame[0].request_id == "B"
+    decode = [(0, 0, 1, 50), (1, 0, 1, 50)]
+    for _ in range(5):
+        sim.step(0, decode, 3 * MS)
+    assert sim.view("A").interference_ns == interf0  # decode-only steps: nothing interferes
+    chunk_ns = [8 * MS, 9 * MS, 10 * MS]
+    for i, d in enumerate(chunk_ns):  # C's prefill runs as its own steps; A and B wait
+        sim.step(0, [(2, 512, 0, 512 * i)], d)
+    for _ in range(3):
+        sim.step(0, decode + [(2, 0, 1, 1536)], 3 * MS)
+    for rid in ("A", "B"):
+        v = sim.view(rid)
+        assert v.interference_ns - interf0 == sum(chunk_ns)
+        assert v.excluded_steps == 3
+        top = v.top_blame[0]
+        assert (top.request_id, top.shard, top.same_shard) == ("C", 0, True)
+        assert top.seconds_ns == sum(chunk_ns)
+        assert_identity(v)
+    c = sim.view("C")
+    assert c.interference_ns == 0 and c.excluded_steps == 0
+    assert c.gpu_time_ns == pytest.approx(sum(chunk_ns) + 3 * 3 * MS / 3, rel=0.35)
+    # Decode-only steps after the storm again add nothing.
+    before = sim.view("A").interference_ns
+    for _ in range(4):
+        sim.step(0, decode + [(2, 0, 1, 1540)], 3 * MS)
+    assert sim.view("A").interference_ns == before
+
+
+def test_mixed_step_prefill_is_blamed_on_its_request():
+    sim = Sim()
+    warm_model(sim, groups=120)
+    model = sim.ledger.model(sim.keys[0])
+    assert model.fitted
+    for h in range(8):
+        sim.arrive(0, h, f"d{h}")
+    sim.arrive(0, 8, "P")
+    decode = [(h, 0, 1, 1000) for h in range(8)]
+    sim.step(0, [(h, 1000, 0, 0) for h in range(8)])
+    sim.step(0, decode)
+    base = {h: sim.view(f"d{h}").interference_ns for h in range(8)}
+    mixed = decode + [(8, 512, 0, 0)]
+    sim.step(0, mixed)
+    expected_pf = BETA[1] * 512 + BETA[2] * 512 * 256
+    for h in range(8):
+        v = sim.view(f"d{h}")
+        got = v.interference_ns - base[h]
+        assert got == pytest.approx(expected_pf, rel=0.1)
+        assert v.top_blame[0].request_id == "P" and v.top_blame[0].same_shard
+    p = sim.view("P")
+    assert p.interference_ns == 0
+    # P's engine time is the whole step (nobody else prefilled); its gpu share is its own cost.
+    assert p.engine_time_ns == pytest.approx(true_cost(mixed), rel=0.01)
+    assert p.gpu_time_ns == pytest.approx(expected_pf + BETA[0] / 9, rel=0.1)
+
+
+# ======================================================================================
+# lockstep
+# ======================================================================================
+def test_lockstep_slow_shards_prefill_is_blamed_cross_shard():
+    sim = Sim(shards=4, coupling=Coupling.LOCKSTEP)
+    warm_model(sim, groups=160)
+    assert sim.ledger.model(sim.keys[0]).fitted
+    for k in range(4):
+        for h in range(6):
+            sim.arrive(k, h, f"v{k}-{h}")
+    sim.arrive(2, 9, "S")
+    decode = [(h, 0, 1, 2000) for h in range(6)]
+    sim.group({k: [(h, 100, 0, 0) for h in range(6)] for k in range(4)})
+    sim.group({k: decode for k in range(4)})
+    base = {(k, h): sim.view(f"v{k}-{h}").interference_ns for k in range(4) for h in range(6)}
+    batches = {k: decode for k in range(4)}
+    batches[2] = decode + [(9, 2048, 0, 0)]
+    d = sim.group(batches)
+    decode_cost = true_cost(decode)
+    for k in (0, 1, 3):
+        for h in range(6):
+            v = sim.view(f"v{k}-{h}")
+            got = v.interference_ns - base[(k, h)]
+            assert got == pytest.approx(d - decode_cost, rel=0.05)
+            top = v.top_blame[0]
+            assert (top.request_id, top.shard, top.same_shard) == ("S", 2, False)
+    for h in range(6):
+        v = sim.view(f"v2-{h}")
+        assert v.top_blame[0].request_id == "S" and v.top_blame[0].same_shard
+    s = sim.view("S")
+    assert s.interference_ns == 0
+    # S is charged with its own work and with the three peers' wait.
+    assert s.gpu_time_ns > 3 * (d - decode_cost) * 0.9
+
+
+def _storm_run(sim: Sim, victim: str, storm: bool, steps: int = 120) -> RequestView:
+    """Victim decodes `steps` steps on shard 1 with 16 neighbours per shard; with `storm`,
+    shard 0 runs a long prompt's 512-token chunks as prefill-only steps (prefill-first)."""
+    hv = 50 if not storm else 51
+    sim.arrive(1, hv, victim)
+    ctx = 2000
+    sim.group({1: [(hv, 64, 0, 0)]} | {k: [(h, 0, 1, ctx) for h in range(16)] for k in (0, 2, 3)})
+    storm_ctx = 40_000
+    for i in range(steps):
+        batches = {k: [(h, 0, 1, ctx + i) for h in range(16)] for k in range(4)}
+        batches[1] = batches[1][:15] + [(hv, 0, 1, 64 + i)]
+        if storm:
+            batches[0] = [(60, 512, 0, storm_ctx)]
+            storm_ctx += 512
+        sim.group(batches, int(max(true_cost(e) for e in batches.values()) * (1 + 0.02 * abs(sim.rng.normal()))),
+                  gap=200_000)
+    sim.event(1, hv, EventKind.FINISHED)
+    return sim.view(victim)
+
+
+def test_victim_engine_time_is_stable_under_a_concurrent_storm():
+    sim = Sim(shards=4, coupling=Coupling.LOCKSTEP)
+    sim.rng = np.random.default_rng(5)
+    warm_model(sim, groups=200, seed=3)
+    for k in range(4):
+        for h in range(16):
+            sim.arrive(k, h, f"bg{k}-{h}")
+    sim.group({k: [(h, 200, 0, 0) for h in range(16)] for k in range(4)})
+    quiet = _storm_run(sim, "quiet", storm=False)
+    sim.arrive(0, 60, "storm-req", prompt_tokens=100_000, session_id="sess-9")
+    stormy = _storm_run(sim, "stormy", storm=True)
+    assert_identity(quiet)
+    assert_identity(stormy)
+    ratio = stormy.engine_time_ns / quiet.engine_time_ns
+    assert 1 / 1.2 <= ratio <= 1.2, (quiet, stormy)
+    assert stormy.wall_ns >= 5 * quiet.wall_ns
+    top = stormy.top_blame[0]
+    assert (top.request_id, top.shard, top.same_shard) == ("storm-req", 0, False)
+    assert top.seconds_ns >= 0.8 * stormy.interference_ns
+    # The storm is visible: shard 0's current storm and a STARTED event naming the aggressor.
+    storm_view = next(s for s in sim.ledger.shards() if s.shard == 0).current_storm
+    assert storm_view is not None and storm_view.request_id == "storm-req" and storm_view.chunks == 120
+    events = sim.ledger.take_interference()
+    started = [e for e in events if e.phase == InterferencePhase.STARTED]
+    assert started and started[0].aggressor_request_id == "storm-req" and started[0].cross_shard
+    assert set(started[0].victim_shards) >= {1, 2, 3}
+    assert started[0].aggressor_session_id == "sess-9"
+
+
+def test_dead_lockstep_shard_does_not_stall_its_peers():
+    sim = Sim(shards=3, coupling=Coupling.LOCKSTEP, config=LedgerConfig(lockstep_wait_s=0.2))
+    led = sim.ledger
+    for k in range(3):
+        sim.arrive(k, 0, f"r{k}")
+    batch = {k: [(0, 0, 1, 100)] for k in range(3)}
+    sim.group(batch, 5 * MS)
+    assert led.counters.steps == 3
+    # Shard 2 goes silent; peer_tokens say it had a big batch this step.
+    sim.group(batch, 50 * MS, skip=(2,), peer_tokens=[1, 1, 4096])
+    assert led.counters.steps == 3  # waiting (bounded) for shard 2
+    led.tick(sim.now + 100 * MS)
+    assert led.counters.steps == 3
+    led.tick(sim.now + 250 * MS)
+    assert led.counters.steps == 5 and led.counters.lockstep_timeouts == 1
+    r0 = sim.view("r0")
+    assert r0.steps == 2
+    # The missing shard was the critical one: the wait is blamed on it, nobody is charged.
+    assert (r0.top_blame[0].request_id, r0.top_blame[0].shard) == ("", 2)
+    assert next(s for s in led.shards() if s.shard == 0).unattributed_ns > 0
+    # From now on shard 2 is lagging: its peers' groups go through without waiting.
+    for _ in range(3):
+        sim.group(batch, 5 * MS, skip=(2,))
+    assert led.counters.steps == 11 and led.counters.lockstep_timeouts == 1
+    assert sim.view("r1").steps == 5
+    # A late step of shard 2 for an attributed group is attributed alone.
+    late = sim.make_step(2, [(0, 0, 1, 100)], 5 * MS, sim.now - 5 * MS, sim.gs - 1)
+    sim.feed(2, late)
+    assert led.counters.late_steps == 1 and sim.view("r2").steps == 2
+    # Shard 2 catches up: groups wait for it again and are complete.
+    sim.group(batch, 5 * MS)
+    assert led.counters.steps == 15 and sim.view("r2").steps == 3
+    # A disconnected shard is not waited for at all.
+    led.disconnect(sim.keys[2])
+    sim.group(batch, 5 * MS, skip=(2,))
+    assert led.counters.steps == 17 and led.counters.lockstep_timeouts == 1
+    for k in range(2):
+        assert_identity(sim.view(f"r{k}"))
+
+
+# ======================================================================================
+# partial records, restarts, migration
+# ======================================================================================
+def test_unknown_handle_creates_a_partial_request_and_is_counted():
+    sim = Sim()
+    sim.arrive(0, 1, "known")
+    sim.step(0, [(1, 10, 0, 0), (99, 0, 1, 40)], 2 * MS)
+    assert sim.ledger.counters.unknown_handles == 1
+    v = sim.view("eng/0#99")
+    assert v.partial and v.steps == 1 and v.state == RequestState.RUNNING
+    assert not sim.view("known").partial
+    assert_identity(v)
+
+
+def test_seq_gap_and_reported_drops_mark_live_requests_partial():
+    sim = Sim(shards=2)
+    for k in range(2):
+        sim.arrive(k, 1, f"r{k}")
+    sim.step(0, [(1, 10, 0, 0)], MS)
+    sim.step(1, [(1, 10, 0, 0)], MS)
+    sim.seq[0] += 1  # shard 0 loses a step
+    sim.step(0, [(1, 0, 1, 10)], MS)
+    led = sim.ledger
+    assert led.counters.seq_gaps == 1
+    assert sim.view("r0").partial and not sim.view("r1").partial
+    led.on_heartbeat(sim.keys[1], Beat(time_ns=sim.now, dropped_frames=0))
+    assert not sim.view("r1").partial
+    led.on_heartbeat(sim.keys[1], Beat(time_ns=sim.now, dropped_frames=3, dropped_steps=2))
+    assert sim.view("r1").partial and led.counters.reported_drops == 3
+    assert next(s for s in led.shards() if s.shard == 1).dropped_frames == 3
+    led.on_heartbeat(sim.keys[1], Beat(time_ns=sim.now, dropped_frames=3, dropped_steps=2))
+    assert led.counters.reported_drops == 3  # cumulative counters: no growth, nothing new
+
+
+def test_replayed_arrival_marks_partial():
+    sim = Sim()
+    sim.arrive(0, 1, "live")
+    sim.ledger.on_event(sim.keys[0], Event(handle=1, kind=EventKind.ARRIVED, time_ns=sim.now, request_id="live",
+                                           replayed=True))
+    assert sim.view("live").partial
+    assert sim.ledger.count(RequestQuery()) == 1
+    sim.ledger.on_event(sim.keys[0], Event(handle=2, kind=EventKind.ARRIVED, time_ns=sim.now, request_id="again",
+                                           replayed=True))
+    assert sim.view("again").partial
+
+
+def test_new_recorder_epoch_aborts_live_requests_of_the_old_engine():
+    sim = Sim()
+    sim.arrive(0, 1, "old")
+    sim.arrive(0, 2, "done")
+    sim.step(0, [(1, 10, 0, 0), (2, 10, 0, 0)], MS)
+    sim.event(0, 2, EventKind.FINISHED)
+    led = sim.ledger
+    led.disconnect(sim.keys[0])
+    # Same epoch: a reconnect, nothing lost.
+    led.connect(Hello(PROTOCOL_VERSION, "eng", 0, 1, int(Coupling.INDEPENDENT), recorder_epoch=1))
+    assert sim.view("old").state == RequestState.RUNNING
+    led.connect(Hello(PROTOCOL_VERSION, "eng", 0, 1, int(Coupling.INDEPENDENT), recorder_epoch=2,
+                      wall_time_ns=sim.now + MS))
+    old = sim.view("old")
+    assert old.state == RequestState.ABORTED and old.partial and old.finish_reason == "engine restarted"
+    assert old.finish_time_ns == sim.now + MS
+    assert not sim.view("done").partial
+    assert led.counters.engine_restarts == 1
+    # Handles start over with the new recorder.
+    sim.seq[0] = 0
+    sim.arrive(0, 1, "new")
+    sim.step(0, [(1, 10, 0, 0)], MS)
+    assert sim.view("new").steps == 1 and not sim.view("new").partial
+
+
+def test_migration_flag_follows_sessions_and_pins():
+    sim = Sim(shards=2)
+    sim.arrive(0, 1, "t1", session_id="s")
+    sim.event(0, 1, EventKind.FINISHED)
+    sim.arrive(1, 1, "t2", session_id="s")  # next turn on another shard: prefix cache lost
+    sim.event(1, 1, EventKind.FINISHED)
+    sim.arrive(1, 2, "t3", session_id="s")  # sticky again
+    sim.arrive(0, 3, "pinned-ignored", routed_shard=1)
+    sim.arrive(1, 4, "pinned-ok", routed_shard=1)
+    assert not sim.view("t1").migrated
+    assert sim.view("t2").migrated
+    assert not sim.view("t3").migrated
+    assert sim.view("pinned-ignored").migrated and sim.view("pinned-ignored").routed_shard == 1
+    assert not sim.view("pinned-ok").migrated
+    assert [v.request_id for v in sim.ledger.query(RequestQuery(session_id="s"))] == ["t3", "t2", "t1"]
+
+
+# ======================================================================================
+# storms
+# ======================================================================================
+def test_storm_started_ongoing_ended_and_current_storm():
+    sim = Sim(config=LedgerConfig(storm_threshold_s=0.05))
+    led = sim.ledger
+    for h in range(10):
+        sim.arrive(0, h, f"d{h}")
+    sim.arrive(0, 20, "big", prompt_tokens=70 * 512, session_id="sx")
+    decode = [(h, 0, 1, 100) for h in range(10)]
+    sim.step(0, [(h, 100, 0, 0) for h in range(10)], 3 * MS)
+    sim.step(0, decode, 3 * MS)
+    assert led.take_interference() == []
+    for i in range(70):  # prefill-first: 20 ms chunks, ten decodes wait -> 0.2 s blame per chunk
+        sim.step(0, [(20, 512, 0, 512 * i)], 20 * MS)
+        if i == 0:
+            events = led.take_interference()
+            assert [e.phase for e in events] == [InterferencePhase.STARTED]
+            assert events[0].aggressor_request_id == "big" and not events[0].cross_shard
+            assert events[0].victim_shards == (0,) and events[0].victim_requests == 10
+            cur = led.shards()[0].current_storm
+            assert cur is not None and cur.request_id == "big" and cur.prompt_tokens == 70 * 512
+    mid = led.take_interference()
+    assert [e.phase for e in mid] == [InterferencePhase.ONGOING]  # 1.4 s of steps: once per second
+    assert led.shards()[0].current_storm.chunks == 70
+    sim.step(0, decode + [(20, 0, 1, 70 * 512)], 3 * MS)  # prefill done: it decodes
+    ended = led.take_interference()
+    assert [e.phase for e in ended] == [InterferencePhase.ENDED]
+    e = ended[0]
+    assert e.chunks == 70 and e.prefill_tokens == 70 * 512 and e.victim_requests == 10
+    assert e.victim_ns == pytest.approx(70 * 10 * 20 * MS, rel=1e-6)
+    assert e.end_time_ns > e.start_time_ns
+    assert led.shards()[0].current_storm is None
+    assert led.counters.storms == 1
+
+
+def test_storm_ends_when_its_shard_runs_two_steps_without_it_or_it_finishes():
+    sim = Sim(config=LedgerConfig(storm_threshold_s=0.01))
+    led = sim.ledger
+    for h in range(4):
+        sim.arrive(0, h, f"d{h}")
+    sim.arrive(0, 10, "x")
+    sim.arrive(0, 11, "y")
+    decode = [(h, 0, 1, 10) for h in range(4)]
+    sim.step(0, [(h, 10, 0, 0) for h in range(4)], MS)
+    sim.step(0, [(10, 512, 0, 0)], 10 * MS)
+    assert [e.phase for e in led.take_interference()] == [InterferencePhase.STARTED]
+    sim.step(0, decode, MS)  # one step without x's prefill: still a storm (an interval)
+    assert led.take_interference() == []
+    sim.step(0, decode, MS)
+    assert [e.phase for e in led.take_interference()] == [InterferencePhase.ENDED]
+    sim.step(0, [(11, 512, 0, 0)], 10 * MS)
+    assert [e.phase for e in led.take_interference()] == [InterferencePhase.STARTED]
+    sim.event(0, 11, EventKind.ABORTED)
+    (ended,) = led.take_interference()
+    assert ended.phase == InterferencePhase.ENDED and ended.aggressor_request_id == "y"

@@ -1,0 +1,165 @@
+"""The step-cost model: NNLS solver, online fit, fallbacks."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from enginetime.sidecar.costmodel import (
+    MIN_OBSERVATIONS,
+    CostModel,
+    fit_nnls_ridge,
+    nnls_normal,
+    step_features,
+)
+
+TRUE_BETA = np.array([3e6, 1e4, 2.0, 5e4, 1.0])  # ns, ns/token, ns/(token·ctx), ns/decode, ns/ctx
+
+
+def brute_force_nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact minimiser of ½xᵀAx − bᵀx over x ≥ 0 by trying every support set."""
+    n = b.size
+    best, best_val = np.zeros(n), 0.0
+    for r in range(1, n + 1):
+        for support in itertools.combinations(range(n), r):
+            idx = list(support)
+            x = np.zeros(n)
+            x[idx] = np.linalg.solve(a[np.ix_(idx, idx)], b[idx])
+            if (x < 0).any():
+                continue
+            val = 0.5 * x @ a @ x - b @ x
+            if val < best_val:
+                best, best_val = x, val
+    return best
+
+
+def random_batch(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = int(rng.integers(1, 64))
+    is_pf = rng.random(n) < 0.2
+    p = np.where(is_pf, rng.integers(1, 1024, n), 0).astype(np.float64)
+    q = np.where(is_pf, 0, 1).astype(np.float64)
+    c = rng.integers(0, 20000, n).astype(np.float64)
+    return p, q, c
+
+
+def test_nnls_matches_brute_force_on_random_problems():
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        m = rng.standard_normal((30, 5))
+        y = rng.standard_normal(30) * 3
+        a = m.T @ m + 1e-6 * np.eye(5)
+        b = m.T @ y
+        got = nnls_normal(a, b)
+        want = brute_force_nnls(a, b)
+        assert (got >= 0).all()
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_nnls_ridge_recovers_known_costs_across_scales():
+    # Features span ten orders of magnitude (1 vs Σ p·c): column scaling must cope.
+    rng = np.random.default_rng(1)
+    xs = np.array([step_features(*random_batch(rng)) for _ in range(600)])
+    beta = fit_nnls_ridge(xs, xs @ TRUE_BETA)
+    np.testing.assert_allclose(beta, TRUE_BETA, rtol=0.01)
+
+
+def test_nnls_ridge_predicts_well_under_noise():
+    rng = np.random.default_rng(11)
+    xs = np.array([step_features(*random_batch(rng)) for _ in range(600)])
+    ys = (xs @ TRUE_BETA) * (1 + 0.02 * rng.standard_normal(len(xs)))
+    beta = fit_nnls_ridge(xs, ys)
+    held_out = np.array([step_features(*random_batch(rng)) for _ in range(200)])
+    np.testing.assert_allclose(held_out @ beta, held_out @ TRUE_BETA, rtol=0.03)
+
+
+def test_nnls_ridge_never_returns_negative_costs():
+    # Decode looks "free" in this data: the unconstrained fit makes it negative.
+    rng = np.random.default_rng(2)
+    x = np.column_stack([np.ones(100), rng.integers(0, 512, 100), np.zeros(100), rng.integers(0, 64, 100),
+                         np.zeros(100)]).astype(np.float64)
+    y = 1e6 + 1e4 * x[:, 1] - 3e4 * x[:, 3]
+    unconstrained = np.linalg.lstsq(x[:, [0, 1, 3]], y, rcond=None)[0]
+    assert unconstrained[2] < 0
+    beta = fit_nnls_ridge(x, y)
+    assert (beta >= 0).all()
+    assert beta[2] == 0.0 and beta[4] == 0.0  # all-zero columns stay zero
+
+
+def test_step_features_shape():
+    p = np.array([512.0, 0.0, 0.0])
+    q = np.array([0.0, 1.0, 1.0])
+    c = np.array([1000.0, 300.0, 700.0])
+    x = step_features(p, q, c)
+    np.testing.assert_allclose(x, [1.0, 512.0, 512.0 * (1000.0 + 256.0), 2.0, 1000.0])
+
+
+def test_model_token_fallback_until_enough_spread_then_fit():
+    rng = np.random.default_rng(3)
+    model = CostModel(window=256, refit_every=8)
+    assert not model.calibrated
+    pf, dc, b0 = model.entry_costs(np.array([10.0, 0.0]), np.array([0.0, 1.0]), np.array([0.0, 5.0]))
+    np.testing.assert_allclose(pf + dc, [10.0, 1.0])  # relative token weights while uncalibrated
+    assert b0 == 0.0
+    # Identical decode-only steps: a rate, but no fit (no spread, no prefill).
+    x = step_features(np.zeros(8), np.ones(8), np.full(8, 100.0))
+    d = float(TRUE_BETA @ x)
+    for _ in range(MIN_OBSERVATIONS + 4):
+        model.observe(x, d)
+    assert model.calibrated and not model.fitted
+    assert model.rate == pytest.approx(d / 8)
+    assert model.predict(x) == pytest.approx(d)
+    # Varied batches with prefill: the model fits and predicts the true cost.
+    for _ in range(200):
+        p, q, c = random_batch(rng)
+        xx = step_features(p, q, c)
+        model.observe(xx, float(TRUE_BETA @ xx))
+    assert model.fitted and model.fits >= 1
+    for _ in range(20):
+        p, q, c = random_batch(rng)
+        xx = step_features(p, q, c)
+        assert model.predict(xx) == pytest.approx(float(TRUE_BETA @ xx), rel=0.05)
+        pf, dc, b0 = model.entry_costs(p, q, c)
+        assert (pf >= 0).all() and (dc >= 0).all()
+        assert b0 + pf.sum() + dc.sum() == pytest.approx(model.predict(xx), rel=1e-9)
+
+
+def test_model_keeps_last_fit_when_window_loses_spread():
+    rng = np.random.default_rng(4)
+    model = CostModel(window=64, refit_every=8)
+    for _ in range(64):
+        p, q, c = random_batch(rng)
+        xx = step_features(p, q, c)
+        model.observe(xx, float(TRUE_BETA @ xx))
+    # A long decode-only stretch fills the window: prefill coefficients must survive.
+    x = step_features(np.zeros(16), np.ones(16), np.full(16, 500.0))
+    for _ in range(64):
+        model.observe(x, float(TRUE_BETA @ x))
+    assert not model.has_spread()
+    beta = model.beta.copy()
+    np.testing.assert_allclose(beta[1:3], TRUE_BETA[1:3], rtol=0.05)
+    for _ in range(100):
+        model.observe(x, float(TRUE_BETA @ x))
+    np.testing.assert_array_equal(model.beta, beta)
+    pf, _, _ = model.entry_costs(np.array([512.0]), np.array([0.0]), np.array([1000.0]))
+    assert pf[0] == pytest.approx(512 * TRUE_BETA[1] + 512 * 1256 * TRUE_BETA[2], rel=0.05)
+
+
+def test_model_window_is_a_ring_and_tracks_a_drift():
+    rng = np.random.default_rng(5)
+    model = CostModel(window=128, refit_every=16)
+    for scale in (1.0, 2.0):
+        for _ in range(400):
+            p, q, c = random_batch(rng)
+            xx = step_features(p, q, c)
+            model.observe(xx, scale * float(TRUE_BETA @ xx))
+    assert model.observations == 128
+    p, q, c = random_batch(rng)
+    xx = step_features(p, q, c)
+    assert model.predict(xx) == pytest.approx(2.0 * float(TRUE_BETA @ xx), rel=0.05)
+
+
+def test_model_rejects_tiny_window():
+    with pytest.raises(ValueError, match="window"):
+        CostModel(window=4)

@@ -1,0 +1,404 @@
+"""AccountingService of a real sidecar process, through the generated stub.
+
+Each test streams its own engine's records (its own engine id) into one shared
+sidecar and checks what a session server would see over gRPC. The slow-reader
+test runs its own sidecar: it measures ingest throughput with and without a
+StreamUpdates subscriber that never reads, then sees that subscriber cut off.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from enginetime.v1 import accounting_pb2 as pb
+from enginetime.v1 import accounting_pb2_grpc as pb_grpc
+from enginetime.v1 import ingest_pb2
+from google.protobuf.duration_pb2 import Duration
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import IngestConnection, arrived, finished, hello, start_sidecar, step, wait_until
+
+MS = 1_000_000
+STORM_THRESHOLD_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory):
+    with start_sidecar(tmp_path_factory.mktemp("service"), "--storm-threshold", str(STORM_THRESHOLD_S)) as sp:
+        yield sp
+
+
+@pytest.fixture(scope="module")
+def channel(sidecar):
+    with grpc.insecure_channel(sidecar.grpc_target) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel):
+    return pb_grpc.AccountingServiceStub(channel)
+
+
+def ns(d: Duration) -> int:
+    return d.seconds * 1_000_000_000 + d.nanos
+
+
+def get(stub, request_id: str) -> pb.RequestAccounting:
+    return stub.GetRequest(pb.GetRequestRequest(request_id=request_id), timeout=5).request
+
+
+def wait_for(stub, request_id: str, predicate, what: str) -> pb.RequestAccounting:
+    def check():
+        try:
+            acc = get(stub, request_id)
+        except grpc.RpcError:
+            return None
+        return acc if predicate(acc) else None
+
+    return wait_until(check, timeout=10, message=f"{request_id}: never {what}")
+
+
+class Engine:
+    """A scripted recorder: one ingest connection, explicit clocks (steps 10 ms apart)."""
+
+    def __init__(self, sidecar, engine_id: str, shard: int = 0, num_shards: int = 1, coupling: int = 1):
+        self.conn = IngestConnection(sidecar.ingest)
+        self.conn.send(hello(engine_id, shard=shard, num_shards=num_shards, coupling=coupling))
+        self.t = time.time_ns() - 60_000_000_000  # a minute ago, so every figure is in the past
+        self.seq = 0
+
+    def arrive(self, handle: int, request_id: str, prompt_tokens: int = 32, **kw) -> None:
+        self.conn.send(arrived(handle, request_id, prompt_tokens, time_ns=self.t, **kw))
+
+    def step(self, handles, prefill=None, decode=None, context=None, device_ms: float = 5, **kw) -> None:
+        self.seq += 1
+        dev = int(device_ms * MS)
+        self.conn.send(
+            step(self.seq, handles, prefill, decode, context, device_time_ns=dev, start_time_ns=self.t, **kw)
+        )
+        self.t += max(dev, 10 * MS)
+
+    def finish(self, handle: int, output_tokens: int = 0) -> None:
+        self.conn.send(finished(handle, output_tokens, time_ns=self.t))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# ----------------------------------------------------------------------------- unary
+
+
+def test_health_is_serving_and_reflection_lists_the_service(channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    assert (
+        health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
+    named = health_pb2.HealthCheckRequest(service="enginetime.v1.AccountingService")
+    assert health.Check(named, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = refl.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+    )
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"enginetime.v1.AccountingService", "grpc.health.v1.Health"} <= names
+
+
+def test_unknown_request_is_not_found_with_its_id(stub) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetRequest(pb.GetRequestRequest(request_id="no-such-request-42"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert info.value.details().startswith("request 'no-such-request-42' is not known to this sidecar: ")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetRequest(pb.GetRequestRequest(request_id=""), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_get_request_reports_the_accounting(sidecar, stub) -> None:
+    eng = Engine(sidecar, "svc-get")
+    eng.arrive(
+        1,
+        "get-1",
+        prompt_tokens=40,
+        session_id="sess-9",
+        traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+    )
+    eng.t += 20 * MS  # 20 ms in the queue
+    eng.step([1], prefill=[40], decode=[0], context=[0], device_ms=8)
+    for i in range(3):
+        eng.step([1], decode=[1], context=[40 + i], device_ms=4)
+    eng.finish(1, output_tokens=3)
+    acc = wait_for(stub, "get-1", lambda a: a.state == pb.REQUEST_STATE_FINISHED, "finished")
+    eng.close()
+
+    assert (acc.engine_id, acc.shard, acc.session_id, acc.steps) == ("svc-get", 0, "sess-9", 4)
+    assert acc.traceparent.startswith("00-aaaa")
+    assert (acc.tokens.prompt, acc.tokens.prefilled, acc.tokens.decoded) == (40, 40, 3)
+    assert acc.finish_reason == "stop" and acc.HasField("finish_time") and acc.HasField("last_step_time")
+    # Alone on its shard: every step is its own work, 8 + 3 x 4 ms.
+    assert acc.engine_time_ns == 20 * MS
+    assert acc.queue_time_ns == 20 * MS
+    assert acc.interference_ns == 0
+    # The Duration and the integer twin agree, and the identity of DESIGN §2 holds exactly.
+    for field in ("queue_time", "engine_time", "gpu_time", "interference", "wall"):
+        assert ns(getattr(acc, field)) == getattr(acc, f"{field}_ns"), field
+    assert acc.wall_ns == acc.queue_time_ns + acc.engine_time_ns + acc.interference_ns + ns(acc.other)
+    assert ns(acc.finish_time) - ns(acc.arrival_time) == acc.wall_ns
+    assert not acc.HasField("routed_shard")
+
+
+def test_list_requests_filters_and_pages(sidecar, stub) -> None:
+    eng = Engine(sidecar, "svc-list")
+    ids = [f"list-{i}" for i in range(7)]
+    for handle, rid in enumerate(ids, start=1):
+        eng.arrive(handle, rid)
+        eng.t += MS
+    eng.step([1, 2], decode=[1, 1])
+    eng.finish(1)
+    eng.finish(2)
+    wait_for(stub, "list-1", lambda a: a.state == pb.REQUEST_STATE_FINISHED, "finished")
+
+    flt = pb.RequestFilter(engine_id="svc-list")
+    pages, token = [], ""
+    while True:
+        resp = stub.ListRequests(pb.ListRequestsRequest(filter=flt, page_size=3, page_token=token), timeout=5)
+        assert resp.total_size == 7
+        pages.append([r.request_id for r in resp.requests])
+        token = resp.next_page_token
+        if not token:
+            break
+    assert [len(p) for p in pages] == [3, 3, 1]
+    assert sum(pages, []) == ids[::-1]  # newest arrival first, each exactly once
+
+    done = stub.ListRequests(
+        pb.ListRequestsRequest(
+            filter=pb.RequestFilter(engine_id="svc-list", states=[pb.REQUEST_STATE_FINISHED])
+        ),
+        timeout=5,
+    )
+    assert sorted(r.request_id for r in done.requests) == ["list-0", "list-1"] and done.total_size == 2
+    assert done.next_page_token == ""
+
+    for bad in ("not-a-token", token_for_other_filter(stub)):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ListRequests(pb.ListRequestsRequest(filter=flt, page_token=bad), timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "page_token" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ListRequests(pb.ListRequestsRequest(filter=pb.RequestFilter(states=[99])), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "99" in info.value.details()
+    eng.close()
+
+
+def token_for_other_filter(stub) -> str:
+    resp = stub.ListRequests(
+        pb.ListRequestsRequest(filter=pb.RequestFilter(engine_id="svc-list", session_id=""), page_size=1),
+        timeout=5,
+    )
+    other = stub.ListRequests(
+        pb.ListRequestsRequest(filter=pb.RequestFilter(), page_size=1), timeout=5
+    ).next_page_token
+    assert resp.next_page_token and other and other != resp.next_page_token
+    return other
+
+
+def test_get_shards(sidecar, stub) -> None:
+    engines = [Engine(sidecar, "svc-shards", shard=s, num_shards=2, coupling=2) for s in range(2)]
+    for s, eng in enumerate(engines):
+        eng.arrive(1, f"shards-{s}")
+    for g in range(3):
+        for eng in engines:
+            eng.step([1], decode=[1], global_step=g)
+    wait_until(
+        lambda: (
+            [s.steps for s in stub.GetShards(pb.GetShardsRequest(engine_id="svc-shards"), timeout=5).shards]
+            == [3, 3]
+        ),
+        timeout=10,
+    )
+    shards = stub.GetShards(pb.GetShardsRequest(engine_id="svc-shards"), timeout=5).shards
+    assert [s.shard for s in shards] == [0, 1]
+    for s in shards:
+        assert s.engine_id == "svc-shards" and s.coupling == ingest_pb2.COUPLING_LOCKSTEP
+        assert s.connected and s.engine_kind == "test" and s.device_name == "cpu"
+        assert s.timer_source == ingest_pb2.TIMER_SOURCE_MONOTONIC and s.HasField("last_step_time")
+    everyone = stub.GetShards(pb.GetShardsRequest(), timeout=5).shards
+    assert sum(s.engine_id == "svc-shards" for s in everyone) == 2
+    for eng in engines:
+        eng.close()
+
+
+# ----------------------------------------------------------------------------- streams
+
+
+def test_watch_request_follows_until_finished(sidecar, stub) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.WatchRequest(pb.WatchRequestRequest(request_id="never-heard-of"), timeout=5))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "'never-heard-of'" in info.value.details()
+
+    eng = Engine(sidecar, "svc-watch")
+    eng.arrive(1, "watch-1")
+    wait_for(stub, "watch-1", lambda a: True, "announced")
+    interval = 0.2
+    stream = stub.WatchRequest(
+        pb.WatchRequestRequest(request_id="watch-1", min_interval=Duration(nanos=int(interval * 1e9))),
+        timeout=30,
+    )
+    first = next(stream)
+    assert first.request.request_id == "watch-1" and first.request.state == pb.REQUEST_STATE_QUEUED
+
+    received: list[tuple[float, pb.RequestAccounting]] = []
+    reader = threading.Thread(target=lambda: received.extend((time.monotonic(), m.request) for m in stream))
+    reader.start()
+    began = time.monotonic()
+    for _ in range(40):  # 1 s of steps, much faster than the watcher's interval
+        eng.step([1], decode=[1])
+        time.sleep(0.025)
+    eng.finish(1)
+    reader.join(timeout=15)
+    assert not reader.is_alive(), "WatchRequest did not end after the request finished"
+    elapsed = time.monotonic() - began
+    eng.close()
+
+    states = [r.state for _, r in received]
+    assert states[-1] == pb.REQUEST_STATE_FINISHED and received[-1][1].steps == 40
+    assert pb.REQUEST_STATE_FINISHED not in states[:-1]
+    steps = [r.steps for _, r in received]
+    assert steps == sorted(steps)
+    # At most one update per min_interval (a little slack for timer jitter).
+    assert len(received) <= elapsed / interval + 2, (len(received), elapsed)
+    gaps = [b[0] - a[0] for a, b in zip(received, received[1:], strict=False)]
+    assert all(g >= interval * 0.7 for g in gaps), gaps
+
+
+def test_stream_updates_coalesces_per_request(sidecar, stub) -> None:
+    eng = Engine(sidecar, "svc-stream")
+    eng.arrive(1, "su-a")
+    eng.arrive(2, "su-b")
+    eng.arrive(3, "su-other")  # changes as often, but outside the filter
+    wait_for(stub, "su-other", lambda a: True, "announced")
+
+    flt = pb.RequestFilter(request_ids=["su-a", "su-b"])
+    stream = stub.StreamUpdates(
+        pb.StreamUpdatesRequest(filter=flt, interval=Duration(nanos=300 * MS)), timeout=30
+    )
+    first = next(stream)  # sent at once: the current state of the named requests
+    assert sorted(u.request_id for u in first.updates) == ["su-a", "su-b"]
+
+    batches: list[pb.StreamUpdatesResponse] = []
+    done = threading.Event()
+
+    def read() -> None:
+        for batch in stream:
+            batches.append(batch)
+            latest = {u.request_id: u.state for b in batches for u in b.updates}
+            if latest.get("su-a") == latest.get("su-b") == pb.REQUEST_STATE_FINISHED:
+                break
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    for _ in range(30):
+        eng.step([1, 2, 3], decode=[1, 1, 1])
+        time.sleep(0.02)
+    eng.finish(1)
+    eng.finish(2)
+    assert done.wait(15), f"never saw both finish: {batches}"
+    stream.cancel()
+    eng.close()
+
+    seen = [u.request_id for b in batches for u in b.updates]
+    assert set(seen) == {"su-a", "su-b"}  # never an id outside the filter
+    for b in batches:  # within one batch each request appears once (coalesced)
+        ids = [u.request_id for u in b.updates]
+        assert len(ids) == len(set(ids))
+    # 30 changes each arrived in ~0.6 s but were sent in a few 300 ms batches.
+    assert len(batches) <= 6, len(batches)
+    coalesced = [b.coalesced for b in batches]
+    assert coalesced == sorted(coalesced) and coalesced[-1] > 0  # the stream says how much it merged
+    last = {u.request_id: u for b in batches for u in b.updates}
+    assert last["su-a"].steps == 30 and last["su-b"].steps == 30
+
+
+def test_stream_updates_state_filter(sidecar, stub) -> None:
+    eng = Engine(sidecar, "svc-filter")
+    eng.arrive(1, "sf-1")
+    wait_for(stub, "sf-1", lambda a: True, "announced")
+    flt = pb.RequestFilter(engine_id="svc-filter", states=[pb.REQUEST_STATE_FINISHED])
+    stream = stub.StreamUpdates(
+        pb.StreamUpdatesRequest(filter=flt, interval=Duration(nanos=50 * MS)), timeout=30
+    )
+    assert list(next(stream).updates) == []  # nothing finished yet, but the subscription is live
+    eng.step([1], decode=[1])
+    eng.finish(1)
+    update = next(u for b in stream for u in b.updates)
+    assert update.request_id == "sf-1" and update.state == pb.REQUEST_STATE_FINISHED
+    stream.cancel()
+    eng.close()
+
+
+def test_stream_interference_reports_a_storm(sidecar, stub) -> None:
+    """One long prompt prefilled in chunks beside four decoding requests on its shard."""
+    stream = stub.StreamInterference(pb.StreamInterferenceRequest(engine_id="svc-storm"), timeout=30)
+    elsewhere = stub.StreamInterference(pb.StreamInterferenceRequest(engine_id="someone-else"), timeout=30)
+    events: list[pb.InterferenceEvent] = []
+    strays: list[pb.InterferenceEvent] = []
+    ended = threading.Event()
+
+    def read() -> None:
+        for resp in stream:
+            events.append(resp.event)
+            if resp.event.phase == pb.InterferenceEvent.PHASE_ENDED:
+                break
+        ended.set()
+
+    def read_elsewhere() -> None:
+        try:
+            strays.extend(resp.event for resp in elsewhere)
+        except grpc.RpcError:
+            pass  # cancelled below
+
+    threading.Thread(target=read, daemon=True).start()
+    threading.Thread(target=read_elsewhere, daemon=True).start()
+    time.sleep(0.2)  # the subscription is in place before the storm
+
+    eng = Engine(sidecar, "svc-storm")
+    victims = [1, 2, 3, 4]
+    for h in victims:
+        eng.arrive(h, f"victim-{h}", session_id=f"s{h}")
+    eng.arrive(9, "storm-9", prompt_tokens=4096, session_id="big")
+    for _ in range(3):  # decode alone: cheap steps
+        eng.step(victims, decode=[1] * 4, device_ms=5)
+    for chunk in range(8):  # 512-token chunks with the decodes: expensive mixed steps
+        eng.step(
+            victims + [9],
+            prefill=[0] * 4 + [512],
+            decode=[1] * 4 + [0],
+            context=[100] * 4 + [512 * chunk],
+            device_ms=300,
+        )
+    eng.step(victims + [9], decode=[1] * 5, device_ms=5)  # the long request decodes: its prefill ended
+    eng.step(victims + [9], decode=[1] * 5, device_ms=5)
+    assert ended.wait(15), f"no ENDED event; got {events}"
+    stream.cancel()
+
+    phases = [e.phase for e in events]
+    assert phases[0] == pb.InterferenceEvent.PHASE_STARTED and phases[-1] == pb.InterferenceEvent.PHASE_ENDED
+    last = events[-1]
+    assert (last.engine_id, last.aggressor_request_id, last.aggressor_shard) == ("svc-storm", "storm-9", 0)
+    assert last.aggressor_session_id == "big" and last.chunks == 8 and last.prefill_tokens == 8 * 512
+    assert last.victims.request_count == 4 and list(last.victims.shards) == [0] and not last.cross_shard
+    assert ns(last.victims.duration) >= STORM_THRESHOLD_S * 1e9
+    assert last.HasField("start_time") and last.HasField("end_time")
+    # The victims' accounting blames the storm's request.
+    acc = get(stub, "victim-1")
+    assert acc.top_blame and acc.top_blame[0].request_id == "storm-9" and acc.top_blame[0].same_shard
+
+    # A subscriber filtering on another engine got none of it (it was offered in the same publish cycles).
+    time.sleep(0.2)
+    elsewhere.cancel()
+    assert strays == []
+    eng.close()
