@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import json
 import pstats
 import subprocess
@@ -22,7 +23,6 @@ import sys
 import time
 
 import numpy as np
-
 from enginetime.engine_hooks.constants import Coupling, EventKind, StepKind
 from enginetime.sidecar.ledger import Ledger, LedgerConfig
 from enginetime.sidecar.records import Event, Hello, Step
@@ -36,7 +36,9 @@ STORM_CHUNKS = 60  # chunks per storm
 
 def true_cost_ns(p: np.ndarray, q: np.ndarray, c: np.ndarray) -> float:
     dec = np.where(p > 0, 0, q)
-    return float(3e6 + 4e3 * p.sum() + 0.02 * (p * (c + p / 2)).sum() + 2e4 * dec.sum() + 2.0 * (dec * c).sum())
+    return float(
+        3e6 + 4e3 * p.sum() + 0.02 * (p * (c + p / 2)).sum() + 2e4 * dec.sum() + 2.0 * (dec * c).sum()
+    )
 
 
 def build(groups: int, seed: int = 0) -> tuple[list[tuple[int, Event]], list[tuple[int, Event | Step]]]:
@@ -46,8 +48,19 @@ def build(groups: int, seed: int = 0) -> tuple[list[tuple[int, Event]], list[tup
     setup: list[tuple[int, Event]] = []
     for k in range(SHARDS):
         for h in range(BATCH):
-            setup.append((k, Event(handle=h, kind=EventKind.ARRIVED, time_ns=t, request_id=f"s{k}-r{h}",
-                                   prompt_tokens=200, session_id=f"sess{k}-{h}")))
+            setup.append(
+                (
+                    k,
+                    Event(
+                        handle=h,
+                        kind=EventKind.ARRIVED,
+                        time_ns=t,
+                        request_id=f"s{k}-r{h}",
+                        prompt_tokens=200,
+                        session_id=f"sess{k}-{h}",
+                    ),
+                )
+            )
     ctx = [rng.integers(200, 4000, BATCH).astype(np.uint32) for _ in range(SHARDS)]
     handles = np.arange(BATCH + 1, dtype=np.uint32)
     frames: list[tuple[int, Event | Step]] = []
@@ -56,8 +69,18 @@ def build(groups: int, seed: int = 0) -> tuple[list[tuple[int, Event]], list[tup
         phase = g % STORM_EVERY
         storm_shard = (g // STORM_EVERY) % SHARDS if phase < STORM_CHUNKS else -1
         if phase == 0:
-            frames.append((storm_shard, Event(handle=storm_handle, kind=EventKind.ARRIVED, time_ns=t,
-                                              request_id=f"storm-{g}", prompt_tokens=CHUNK * STORM_CHUNKS)))
+            frames.append(
+                (
+                    storm_shard,
+                    Event(
+                        handle=storm_handle,
+                        kind=EventKind.ARRIVED,
+                        time_ns=t,
+                        request_id=f"storm-{g}",
+                        prompt_tokens=CHUNK * STORM_CHUNKS,
+                    ),
+                )
+            )
         steps = []
         for k in range(SHARDS):
             if k == storm_shard:  # mixed batch: 256 decodes + the storm's next 512-token chunk
@@ -72,17 +95,43 @@ def build(groups: int, seed: int = 0) -> tuple[list[tuple[int, Event]], list[tup
                 dec = np.ones(BATCH, dtype=np.uint32)
                 c = ctx[k].copy()
             steps.append((hs, pre, dec, c))
-        d = int(max(true_cost_ns(s[1].astype(float), s[2].astype(float), s[3].astype(float)) for s in steps)
-                * (1 + 0.03 * abs(rng.standard_normal())))
+        d = int(
+            max(true_cost_ns(s[1].astype(float), s[2].astype(float), s[3].astype(float)) for s in steps)
+            * (1 + 0.03 * abs(rng.standard_normal()))
+        )
         for k, (hs, pre, dec, c) in enumerate(steps):
-            frames.append((k, Step(seq=g, start_time_ns=t, end_time_ns=t + d, device_time_ns=d,
-                                   kind=StepKind.MIXED if pre.any() else StepKind.DECODE, global_step=g,
-                                   handles=hs, prefill_tokens=pre, decode_tokens=dec, context_tokens=c)))
+            frames.append(
+                (
+                    k,
+                    Step(
+                        seq=g,
+                        start_time_ns=t,
+                        end_time_ns=t + d,
+                        device_time_ns=d,
+                        kind=StepKind.MIXED if pre.any() else StepKind.DECODE,
+                        global_step=g,
+                        handles=hs,
+                        prefill_tokens=pre,
+                        decode_tokens=dec,
+                        context_tokens=c,
+                    ),
+                )
+            )
             ctx[k] += 1
         t += d + 50_000
         if phase == STORM_CHUNKS - 1:
-            frames.append((storm_shard, Event(handle=storm_handle, kind=EventKind.FINISHED, time_ns=t,
-                                              finish_reason="length", output_tokens=1)))
+            frames.append(
+                (
+                    storm_shard,
+                    Event(
+                        handle=storm_handle,
+                        kind=EventKind.FINISHED,
+                        time_ns=t,
+                        finish_reason="length",
+                        output_tokens=1,
+                    ),
+                )
+            )
     return setup, frames
 
 
@@ -90,8 +139,10 @@ def bench_throughput(groups: int, profile: bool) -> dict:
     setup, frames = build(groups)
     clock = [0]
     ledger = Ledger(LedgerConfig(), clock=lambda: clock[0])
-    keys = [ledger.connect(Hello(1, "bench", k, SHARDS, int(Coupling.LOCKSTEP), engine_kind="bench"))
-            for k in range(SHARDS)]
+    keys = [
+        ledger.connect(Hello(1, "bench", k, SHARDS, int(Coupling.LOCKSTEP), engine_kind="bench"))
+        for k in range(SHARDS)
+    ]
     for k, ev in setup:
         ledger.on_event(keys[k], ev)
     entries = sum(f.handles.size for _, f in frames if isinstance(f, Step))
@@ -118,67 +169,107 @@ def bench_throughput(groups: int, profile: bool) -> dict:
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
     victim = ledger.get("s1-r3")
-    return {"groups": groups, "entries": entries, "seconds": round(elapsed, 3),
-            "entries_per_s": round(entries / elapsed), "storms": ledger.counters.storms,
-            "model_fits": ledger.counters.model_fits, "victim": victim}
+    return {
+        "groups": groups,
+        "entries": entries,
+        "seconds": round(elapsed, 3),
+        "entries_per_s": round(entries / elapsed),
+        "storms": ledger.counters.storms,
+        "model_fits": ledger.counters.model_fits,
+        "victim": victim,
+    }
 
 
-RSS_CHILD = r"""
-import json, resource, sys, time
-import numpy as np
-def rss_mb():
+def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
-from enginetime.engine_hooks.constants import Coupling, EventKind, StepKind
-from enginetime.sidecar.ledger import Ledger, LedgerConfig
-from enginetime.sidecar.records import Event, Hello, Step
-N = int(sys.argv[1])
-clock = [1_700_000_000_000_000_000]
-ledger = Ledger(LedgerConfig(max_requests=N), clock=lambda: clock[0])
-keys = [ledger.connect(Hello(1, "mem", k, 8, int(Coupling.LOCKSTEP))) for k in range(8)]
-import gc; gc.collect()
-before = rss_mb()
-t = clock[0]
-rng = np.random.default_rng(1)
-B = 64
-for base in range(0, N, 8 * B):
-    # 8 shards x B requests: arrive, one prefill group, a few decode groups with blame, finish
-    for k in range(8):
-        for h in range(B):
-            i = base + k * B + h
-            if i >= N: break
-            ledger.on_event(keys[k], Event(handle=h, kind=EventKind.ARRIVED, time_ns=t,
-                request_id=f"req-{i:08d}-{rng.integers(1<<62):016x}", prompt_tokens=1000,
-                session_id=f"session-{i // 4:07d}", traceparent=f"00-{rng.integers(1<<62):032x}-{rng.integers(1<<62):016x}-01"))
-    for g in range(6):
-        for k in range(8):
-            hs = np.arange(B, dtype=np.uint32)
-            pre = np.full(B, 1000 if g == 0 else 0, np.uint32)
-            if g > 0 and k == g % 8: pre[0] = 512
-            dec = (pre == 0).astype(np.uint32)
-            c = np.full(B, 1000, np.uint32)
-            ledger.on_step(keys[k], Step(seq=base * 10 + g, start_time_ns=t, end_time_ns=t + 5_000_000,
-                device_time_ns=5_000_000 + 1_000_000 * (k == g % 8), kind=StepKind.MIXED, global_step=base * 10 + g,
-                handles=hs, prefill_tokens=pre, decode_tokens=dec, context_tokens=c))
-        t += 5_100_000
-    ledger.flush()
-    for k in range(8):
-        for h in range(B):
-            if base + k * B + h >= N: break
-            ledger.on_event(keys[k], Event(handle=h, kind=EventKind.FINISHED, time_ns=t, finish_reason="length"))
-clock[0] = t
-ledger.tick(t)
-gc.collect()
-after = rss_mb()
-print(json.dumps({"requests": ledger.size, "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
-                  "evicted": ledger.counters.evicted_finished + ledger.counters.evicted_active}))
-"""
+    return float("nan")
+
+
+def rss_child(n: int) -> dict:
+    """In a fresh process: RSS before and after the ledger holds ``n`` finished requests.
+
+    Requests look like real ones: 30-character ids, a traceparent each, a session per
+    four turns, steps with prefill and decode, blame from a prefill on another shard.
+    """
+    clock = [1_700_000_000_000_000_000]
+    ledger = Ledger(LedgerConfig(max_requests=n), clock=lambda: clock[0])
+    keys = [ledger.connect(Hello(1, "mem", k, SHARDS, int(Coupling.LOCKSTEP))) for k in range(SHARDS)]
+    gc.collect()
+    before = rss_mb()
+    t = clock[0]
+    rng = np.random.default_rng(1)
+    b = 64
+    gs = 0
+    for base in range(0, n, SHARDS * b):
+        count = [0] * SHARDS
+        for k in range(SHARDS):
+            for h in range(b):
+                i = base + k * b + h
+                if i >= n:
+                    break
+                count[k] += 1
+                trace = f"00-{int(rng.integers(1 << 62)):032x}-{int(rng.integers(1 << 62)):016x}-01"
+                ledger.on_event(
+                    keys[k],
+                    Event(
+                        handle=h,
+                        kind=EventKind.ARRIVED,
+                        time_ns=t,
+                        request_id=f"req-{i:08d}-{int(rng.integers(1 << 62)):016x}",
+                        prompt_tokens=1000,
+                        session_id=f"session-{i // 4:07d}",
+                        traceparent=trace,
+                    ),
+                )
+        for g in range(6):
+            for k in range(SHARDS):
+                m = count[k]
+                pre = np.full(m, 1000 if g == 0 else 0, np.uint32)
+                if g > 0 and k == g % SHARDS and m:
+                    pre[0] = 512
+                d = 5_000_000 + 1_000_000 * (k == g % SHARDS)
+                ledger.on_step(
+                    keys[k],
+                    Step(
+                        seq=gs,
+                        start_time_ns=t,
+                        end_time_ns=t + d,
+                        device_time_ns=d,
+                        kind=int(StepKind.MIXED),
+                        global_step=gs,
+                        handles=np.arange(m, dtype=np.uint32),
+                        prefill_tokens=pre,
+                        decode_tokens=(pre == 0).astype(np.uint32),
+                        context_tokens=np.full(m, 1000, np.uint32),
+                    ),
+                )
+            gs += 1
+            t += 6_100_000
+        ledger.flush()
+        for k in range(SHARDS):
+            for h in range(count[k]):
+                ledger.on_event(
+                    keys[k], Event(handle=h, kind=EventKind.FINISHED, time_ns=t, finish_reason="length")
+                )
+    clock[0] = t
+    ledger.tick(t)
+    gc.collect()
+    after = rss_mb()
+    evicted = ledger.counters.evicted_finished + ledger.counters.evicted_active
+    return {
+        "requests": ledger.size,
+        "rss_before_mb": round(before, 1),
+        "rss_after_mb": round(after, 1),
+        "evicted": evicted,
+    }
 
 
 def bench_memory(n: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(n)], capture_output=True, text=True, check=True)
+    cmd = [sys.executable, __file__, "--rss-child", str(n)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -188,20 +279,32 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=100_000, help="finished requests held for the RSS figure")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of the throughput run")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rss_child:
+        print(json.dumps(rss_child(args.rss_child)))
+        return 0
     thr = bench_throughput(args.groups, args.profile)
-    print(f"ledger throughput: {thr['entries_per_s']:,} entries/s "
-          f"({thr['entries']:,} entries, {thr['groups']} groups of {SHARDS}x{BATCH}, LOCKSTEP, "
-          f"{thr['storms']} storms, {thr['model_fits']} model fits, {thr['seconds']} s; goal >= 300,000)")
+    print(
+        f"ledger throughput: {thr['entries_per_s']:,} entries/s "
+        f"({thr['entries']:,} entries, {thr['groups']} groups of {SHARDS}x{BATCH}, LOCKSTEP, "
+        f"{thr['storms']} storms, {thr['model_fits']} model fits, {thr['seconds']} s; goal >= 300,000)"
+    )
     v = thr["victim"]
     if v is not None:
-        blame = ", ".join(f"{b.request_id or '(shard)'}@{b.shard}={b.seconds_ns / 1e9:.2f}s" for b in v.top_blame[:3])
-        print(f"  sample victim {v.request_id}: wall {v.wall_ns / 1e9:.2f}s engine {v.engine_time_ns / 1e9:.2f}s "
-              f"interference {v.interference_ns / 1e9:.2f}s; blame {blame}")
+        blame = ", ".join(
+            f"{b.request_id or '(shard)'}@{b.shard}={b.seconds_ns / 1e9:.2f}s" for b in v.top_blame[:3]
+        )
+        print(
+            f"  sample victim {v.request_id}: wall {v.wall_ns / 1e9:.2f}s "
+            f"engine {v.engine_time_ns / 1e9:.2f}s interference {v.interference_ns / 1e9:.2f}s; blame {blame}"
+        )
     if not args.skip_memory:
         mem = bench_memory(args.requests)
-        print(f"ledger memory: {mem['requests']:,} retained finished requests: RSS {mem['rss_before_mb']} MB "
-              f"before -> {mem['rss_after_mb']} MB after (goal <= 250 MB)")
+        print(
+            f"ledger memory: {mem['requests']:,} retained finished requests: RSS {mem['rss_before_mb']} MB "
+            f"before -> {mem['rss_after_mb']} MB after (goal <= 250 MB)"
+        )
     return 0
 
 

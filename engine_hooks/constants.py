@@ -41,7 +41,9 @@ def parse_address(address: str) -> tuple[str, str | tuple[str, int]]:
     if address.startswith("tcp:"):
         host, sep, port = address[len("tcp:"):].rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"bad ingest address {address!r}: expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:7070")
+            raise ValueError(
+                f"bad ingest address {address!r}: expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:7070"
+            )
         return "tcp", (host.strip("[]"), int(port))
     raise ValueError(f"bad ingest address {address!r}: expected unix:PATH or tcp:HOST:PORT")
 

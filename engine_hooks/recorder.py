@@ -92,6 +92,15 @@ class Recorder:
     Construction never raises: a bad address, coupling or timer is logged (ERROR)
     and the recorder keeps working as far as it can (with a bad address it records
     nothing and counts every step as dropped).
+
+    ``address``: ``unix:PATH`` or ``tcp:HOST:PORT``; default $ENGINETIME_INGEST, else
+    ``unix:/tmp/enginetime/ingest.sock``. ``timer``: "auto" (CUDA events when torch
+    sees a GPU, else the CPU clock; an engine whose forward runs on the CPU in a
+    process that can see a GPU must say "cpu"), "cpu", "cuda", or a timer object.
+    ``buffer_size`` bounds the ring the engine thread appends to, and (with
+    ``buffer_bytes``) the shipper's backlog of encoded frames; beyond them the oldest
+    records are dropped and counted. ``seq`` starts at 0 and every ``step_end`` call
+    takes one, so a step that could not be recorded shows to the sidecar as a gap.
     """
 
     def __init__(
@@ -294,6 +303,19 @@ class Recorder:
             ring.append(item)
         except Exception as exc:
             self._lost_step(dev, "bad step_end arguments", exc)
+
+    def step_abort(self, token: Any) -> None:
+        """Forget a step begun with ``step_begin`` whose forward raised.
+
+        Gives its CUDA event pair back to the pool (a token that never reaches
+        ``step_end`` or ``step_abort`` keeps its pair forever). Takes no seq.
+        """
+        try:
+            dev = token[2]
+            if dev is not None:
+                self._timer.release(dev)
+        except Exception as exc:
+            self._errors.report("bad step_abort token", exc)
 
     def _lost_step(self, dev: Any, kind: str | None, detail: object) -> None:
         try:

@@ -53,6 +53,15 @@ MARK = 2
 _BACKOFF_START_S = 0.05
 _BACKOFF_MAX_S = 2.0
 _MAX_BATCH_BYTES = 1 << 20
+_MAX_BATCH_FRAMES = 1024
+_MAX_REPLAYS_PER_BATCH = 256
+# GIL manners. Torch releases the GIL inside every op, so whenever this thread is
+# runnable it gets the GIL at the engine's next op, and a long stretch of Python work
+# here would keep the engine thread waiting (up to the 5 ms switch interval per op).
+# Work therefore comes in slices of at most _SLICE_NS, with a real sleep in between
+# that hands the GIL back.
+_SLICE_NS = 250_000
+_YIELD_S = 0.0001
 _STABLE_CONNECTION_S = 1.0
 _MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
@@ -173,6 +182,7 @@ class Shipper:
         self._backlog: deque[tuple[int, bytes, Any]] = deque()  # (code, frame, ref)
         self._backlog_size = 0
         self._needs_announce: deque[LiveRequest] = deque()  # live requests whose ARRIVED was dropped
+        self._replays: deque[LiveRequest] = deque()  # replayed ARRIVEDs still to write
         self._sock: socket.socket | None = None
         self._conn_id = 0
         self._connected_at = 0.0
@@ -286,13 +296,12 @@ class Shipper:
             stopping = self._stop.is_set()
             self._wake.clear()
             try:
-                waiting_on_gpu = self._drain(force=stopping)
+                waiting_on_gpu, more = self._drain(force=stopping)
                 now = time.monotonic()
                 if self._sock is None and self._target is not None and now >= self._next_attempt:
                     self._connect(now)
-                more = False
                 if self._sock is not None:
-                    more = self._write(time.monotonic())
+                    more = self._write(time.monotonic()) or more
             except Exception as exc:  # a bug here must not kill the thread: count, back off
                 self._errors.report("shipper loop", exc)
                 waiting_on_gpu, more = False, False
@@ -301,6 +310,7 @@ class Shipper:
             if stopping:
                 break
             if more:
+                time.sleep(_YIELD_S)  # let the engine thread have the GIL between slices
                 continue
             self._wake.wait(self._sleep_time(waiting_on_gpu))
         self._close_socket()
@@ -331,16 +341,23 @@ class Shipper:
 
     # ------------------------------------------------------------------ ring -> backlog
 
-    def _drain(self, force: bool = False) -> bool:
-        """Move ring items to the backlog as frames; True if the head waits on the GPU."""
+    def _drain(self, force: bool = False) -> tuple[bool, bool]:
+        """Move ring items to the backlog as frames, for at most one slice of time.
+
+        Returns (the head waits on the GPU, items are left for the next slice).
+        ``force`` (shutdown) drains everything and reads no CUDA event that is not done.
+        """
         ring = self.ring
+        deadline = time.perf_counter_ns() + _SLICE_NS
         while True:
+            if not force and time.perf_counter_ns() > deadline:
+                return False, bool(ring) or self._held is not None
             item = self._held
             if item is None:
                 try:
                     item = ring.popleft()
                 except IndexError:
-                    return False
+                    return False, False
             code = item[0]
             if code == STEP:
                 dev = item[6]
@@ -352,7 +369,7 @@ class Shipper:
                         ready = True  # resolve() fails too and the step falls back to CPU time
                     if not ready:
                         self._held = item
-                        return True
+                        return True, False
                 self._held = None
                 self._step_to_backlog(item)
             elif code == EVENT:
@@ -501,6 +518,7 @@ class Shipper:
                 self._arrived_lost(info)
         self._out = None
         self._out_meta = None
+        self._replays.clear()  # the next connection re-announces every live request anyway
         if now - self._connected_at >= _STABLE_CONNECTION_S:
             self._backoff = _BACKOFF_START_S
             self._next_attempt = now
@@ -538,14 +556,14 @@ class Shipper:
         if self._announce_all:
             self._announce_all = False
             self._needs_announce.clear()
-            announce = [info for info in self._live() if not info.queued]
-        else:
-            announce = []
-            while self._needs_announce:
-                info = self._needs_announce.popleft()
-                if info.live and not info.queued:
-                    announce.append(info)
-        for info in announce:
+            self._replays = deque(info for info in self._live() if not info.queued)
+        while self._needs_announce:
+            self._replays.append(self._needs_announce.popleft())
+        replays = self._replays
+        for _ in range(min(len(replays), _MAX_REPLAYS_PER_BATCH)):
+            info = replays.popleft()
+            if not info.live or info.queued:
+                continue
             try:
                 parts.append(info.arrived_frame(replayed=True))
                 frames += 1
@@ -557,7 +575,8 @@ class Shipper:
             frames += 1
         size = sum(len(p) for p in parts)
         backlog = self._backlog
-        while backlog and size < _MAX_BATCH_BYTES:
+        # Replays go before anything that may name their handles: the backlog waits for them.
+        while backlog and not replays and size < _MAX_BATCH_BYTES and frames < _MAX_BATCH_FRAMES:
             code, frame, ref = backlog.popleft()
             self._backlog_size -= len(frame)
             if code == MARK:
@@ -589,7 +608,7 @@ class Shipper:
         """Write (part of) one batch; True when more is ready to go at once."""
         if self._out is None:
             if not (self._backlog or self._send_hello or self._announce_all or self._needs_announce
-                    or now >= self._next_heartbeat):
+                    or self._replays or now >= self._next_heartbeat):
                 return False  # nothing to write: no syscall either
             if self._peer_closed():
                 self._disconnect(now, "the sidecar closed the connection")
@@ -625,4 +644,4 @@ class Shipper:
             info.queued = False
         for marker in markers:
             marker.done(True)
-        return bool(self._backlog) or bool(self._needs_announce)
+        return bool(self._backlog or self._needs_announce or self._replays)

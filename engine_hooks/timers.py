@@ -18,6 +18,7 @@ later asks ``ready``/``resolve`` and hands the handle back with ``release``.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -82,10 +83,19 @@ def _torch_is_capturing() -> Callable[[], bool]:
 class CudaEventTimer:
     """Device time from CUDA event pairs, resolved off the engine thread.
 
-    ``event_factory`` and ``is_capturing`` exist so tests on machines without a GPU
-    can drive the pooling and resolution logic with stand-in events; in production
-    they default to ``torch.cuda.Event(enable_timing=True)`` and
-    ``torch.cuda.is_current_stream_capturing``.
+    Device binding: any CUDA runtime call from a thread with no current device
+    binds device 0 to that thread, which would create a second CUDA context (hundreds
+    of MiB) on GPU 0 in a DP rank that runs on another GPU. So the engine thread's
+    device is read on the first ``begin`` (where CUDA is certainly initialised), and
+    the shipper thread sets that device for itself before it touches any event.
+    Nothing CUDA is called at construction either, so a Recorder may be built before
+    the engine initialises CUDA (or forks).
+
+    ``event_factory``, ``is_capturing``, ``current_device`` and ``set_device`` exist so
+    tests on machines without a GPU can drive the pooling, resolution and binding
+    logic with stand-ins; by default they are ``torch.cuda.Event(enable_timing=True)``,
+    ``torch.cuda.is_current_stream_capturing``, ``torch.cuda.current_device`` and
+    ``torch.cuda.set_device``.
     """
 
     source = TimerSource.CUDA_EVENT
@@ -97,21 +107,26 @@ class CudaEventTimer:
         prealloc: int = 32,
         event_factory: Callable[[], Any] | None = None,
         is_capturing: Callable[[], bool] | None = None,
+        current_device: Callable[[], int] | None = None,
+        set_device: Callable[[int], None] | None = None,
         device_name: str | None = None,
     ) -> None:
         self._make_event = event_factory or _torch_event_factory()
         self._is_capturing = is_capturing if is_capturing is not None else _torch_is_capturing()
+        self._current_device = current_device or _torch_attr("current_device")
+        self._set_device = set_device or _torch_attr("set_device")
         self.pool_cap = max(1, int(pool_cap))
         # Free pairs. The engine thread pops, the shipper appends: both are atomic on a deque.
         self._free: deque[EventPair] = deque()
         self.allocated = 0
         self.fallbacks = 0  # steps timed on the CPU because no pair was free (engine thread)
         self.capture_skips = 0  # steps during CUDA-graph capture (engine thread)
+        self.device_index: int | None = None  # the engine thread's device, read at the first begin
+        self._bound_threads: set[int] = set()
         for _ in range(min(int(prealloc), self.pool_cap)):
-            self._free.append(self._new_pair())
-        if device_name is None:
-            device_name = _cuda_device_name()
-        self.device_name = device_name
+            self._free.append(self._new_pair())  # torch creates the CUDA event lazily, at record
+        self._name_given = device_name is not None
+        self.device_name = device_name if device_name is not None else _initialised_device_name()
 
     def _new_pair(self) -> EventPair:
         self.allocated += 1
@@ -128,6 +143,8 @@ class CudaEventTimer:
         in flight and the pool is at its cap, or a CUDA graph is being captured
         (a timing event recorded into a capture would break it).
         """
+        if self.device_index is None:
+            self._learn_device(stream)
         if self._is_capturing():
             self.capture_skips += 1
             return None
@@ -146,17 +163,32 @@ class CudaEventTimer:
             raise
         return pair
 
+    def _learn_device(self, stream: Any) -> None:
+        """Once, on the engine thread: which device do the steps run on, and its name."""
+        index = getattr(getattr(stream, "device", None), "index", None)
+        self.device_index = int(index) if index is not None else int(self._current_device())
+        if not self._name_given:
+            self.device_name = _cuda_device_name(self.device_index)
+
+    def _bind_thread(self) -> None:
+        ident = threading.get_ident()
+        if ident not in self._bound_threads and self.device_index is not None:
+            self._set_device(self.device_index)
+            self._bound_threads.add(ident)
+
     def end(self, pair: EventPair, stream: Any = None) -> None:
         """Record the end event on the stream the start went to (or ``stream``)."""
         pair.end.record(stream if stream is not None else pair.stream)
 
     def ready(self, pair: EventPair) -> bool:
         """Has the GPU passed the end event? Never blocks."""
+        self._bind_thread()
         return bool(pair.end.query())
 
     def resolve(self, pair: EventPair) -> int | None:
         """Elapsed device time in ns; call only after ``ready``. None if CUDA refuses."""
         try:
+            self._bind_thread()
             ms = pair.start.elapsed_time(pair.end)
         except Exception as exc:  # e.g. events recorded on different devices
             log.debug("enginetime: cannot read CUDA event time: %s", exc)
@@ -169,13 +201,34 @@ class CudaEventTimer:
         self._free.append(pair)
 
 
-def _cuda_device_name() -> str:
+def _torch_attr(name: str) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        import torch
+
+        return getattr(torch.cuda, name)(*args)
+
+    return call
+
+
+def _cuda_device_name(index: int) -> str:
     try:
         import torch
 
-        return str(torch.cuda.get_device_name(torch.cuda.current_device()))
+        return str(torch.cuda.get_device_name(index))
     except Exception:
         return "cuda"
+
+
+def _initialised_device_name() -> str:
+    """The current device's name if this process already initialised CUDA, else "cuda"."""
+    try:
+        import torch
+
+        if torch.cuda.is_initialized():
+            return _cuda_device_name(torch.cuda.current_device())
+    except Exception:
+        pass
+    return "cuda"
 
 
 def cuda_available() -> bool:

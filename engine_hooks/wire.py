@@ -60,11 +60,12 @@ def encode_varint(value: int) -> bytes:
         return _SMALL_VARINTS[value]
     if value < 0 or value > _U64_MAX:
         raise ValueError(f"varint out of range: {value}")
-    out = bytearray()
+    out = []
+    append = out.append
     while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
+        append((value & 0x7F) | 0x80)
         value >>= 7
-    out.append(value)
+    append(value)
     return bytes(out)
 
 
@@ -337,20 +338,42 @@ def frame_step(
             f"step columns differ in length: handles={n} prefill_tokens={len(prefill_tokens)} "
             f"decode_tokens={len(decode_tokens)} context_tokens={len(context_tokens)}"
         )
+    # This runs once per step on the shipper thread (which shares the GIL with the
+    # engine), so the common case is written out flat: plain ints in range.
+    if not (type(seq) is int and 0 <= seq <= _U64_MAX):
+        seq = _u64("seq", seq)
+    if not (type(start_time_ns) is int and 0 <= start_time_ns <= _I64_MAX):
+        start_time_ns = _i64("start_time_ns", start_time_ns)
+    if not (type(end_time_ns) is int and 0 <= end_time_ns <= _I64_MAX):
+        end_time_ns = _i64("end_time_ns", end_time_ns)
+    if not (type(device_time_ns) is int and 0 <= device_time_ns <= _I64_MAX):
+        device_time_ns = _i64("device_time_ns", device_time_ns)
+    timer_source = _enum("timer_source", timer_source)
+    kind = _enum("kind", kind)
+    varint = encode_varint
     parts: list[bytes] = []
-    _put_varint(parts, _ST_SEQ, _u64("seq", seq))
+    if seq:
+        parts += (_ST_SEQ, varint(seq))
     if global_step is not None:  # optional: present even when 0
-        parts += (_ST_GLOBAL, encode_varint(_u64("global_step", global_step)))
-    _put_varint(parts, _ST_START, _i64("start_time_ns", start_time_ns))
-    _put_varint(parts, _ST_END, _i64("end_time_ns", end_time_ns))
-    _put_varint(parts, _ST_DEVICE, _i64("device_time_ns", device_time_ns))
-    _put_varint(parts, _ST_SOURCE, _enum("timer_source", timer_source))
-    _put_varint(parts, _ST_KIND, _enum("kind", kind))
+        parts += (_ST_GLOBAL, varint(_u64("global_step", global_step)))
+    if start_time_ns:
+        parts += (_ST_START, varint(start_time_ns))
+    if end_time_ns:
+        parts += (_ST_END, varint(end_time_ns))
+    if device_time_ns:
+        parts += (_ST_DEVICE, varint(device_time_ns))
+    if timer_source:
+        parts += (_ST_SOURCE, varint(timer_source))
+    if kind:
+        parts += (_ST_KIND, varint(kind))
     if n:
-        _put_bytes(parts, _ST_HANDLES, column_bytes("handles", handles))
-        _put_bytes(parts, _ST_PREFILL, column_bytes("prefill_tokens", prefill_tokens))
-        _put_bytes(parts, _ST_DECODE, column_bytes("decode_tokens", decode_tokens))
-        _put_bytes(parts, _ST_CONTEXT, column_bytes("context_tokens", context_tokens))
+        size = varint(4 * n)  # the four per-entry columns share one length
+        parts += (
+            _ST_HANDLES, size, column_bytes("handles", handles),
+            _ST_PREFILL, size, column_bytes("prefill_tokens", prefill_tokens),
+            _ST_DECODE, size, column_bytes("decode_tokens", decode_tokens),
+            _ST_CONTEXT, size, column_bytes("context_tokens", context_tokens),
+        )
     if peer_tokens:
         _put_bytes(parts, _ST_PEER, column_bytes("peer_tokens", peer_tokens))
     return _wrap(FRAME_STEP, b"".join(parts))

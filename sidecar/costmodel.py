@@ -153,12 +153,26 @@ class CostModel:
     last good β instead of falling back: old prefill knowledge beats none.
     """
 
-    __slots__ = ("window", "refit_every", "ridge", "_x", "_y", "_n", "_pos", "_since_fit",
-                 "_sum_d", "_sum_tok", "beta", "fits")
+    __slots__ = (
+        "window",
+        "refit_every",
+        "ridge",
+        "_x",
+        "_y",
+        "_n",
+        "_pos",
+        "_since_fit",
+        "_sum_d",
+        "_sum_tok",
+        "beta",
+        "fits",
+    )
 
     def __init__(self, window: int = 2048, refit_every: int = 32, ridge: float = 1e-6) -> None:
         if window < MIN_OBSERVATIONS:
-            raise ValueError(f"cost-model window {window} is below the {MIN_OBSERVATIONS} observations a fit needs")
+            raise ValueError(
+                f"cost-model window {window} is below the {MIN_OBSERVATIONS} observations a fit needs"
+            )
         self.window = int(window)
         self.refit_every = max(1, int(refit_every))
         self.ridge = float(ridge)
@@ -220,7 +234,10 @@ class CostModel:
         if n < MIN_OBSERVATIONS:
             return False
         x = self._x[:n]
-        if np.count_nonzero(x[:, 1] > 0) < MIN_OF_EACH_KIND or np.count_nonzero(x[:, 3] > 0) < MIN_OF_EACH_KIND:
+        if (
+            np.count_nonzero(x[:, 1] > 0) < MIN_OF_EACH_KIND
+            or np.count_nonzero(x[:, 3] > 0) < MIN_OF_EACH_KIND
+        ):
             return False
         tokens = x[:, 1] + x[:, 3]
         return bool(tokens.max() > tokens.min())

@@ -11,10 +11,17 @@ its subscriber sends is sent once, with its latest figures (counted as
 The figures are read from the ledger when a subscriber sends, through a
 per-cycle cache: a request's view is built and converted to protobuf at most
 once per publish cycle, shared by every subscriber that sends in that cycle,
-and a subscriber that never sends costs one dict insert per change. A subscriber whose pending map overflows, or whose
-write does not complete within the lag limit (the client stopped reading), is
-cut off by its handler with RESOURCE_EXHAUSTED; nothing a subscriber does can
-block the ledger or the ingest path.
+and a subscriber that never sends costs one dict insert per change. Filters on
+figures (state, shard, session, engine) are checked on those views at send
+time, so offering stays an id-only operation. Building views is the expensive
+part (~25 us a request); it runs within a budget of loop time per publish
+period — what ingest left idle, never less than ``min_share`` — so under
+saturation subscribers get coarser batches while ingest keeps its pace.
+
+A subscriber whose pending map overflows, or whose write does not complete
+within the lag limit (the client stopped reading), is cut off by its handler
+with RESOURCE_EXHAUSTED; nothing a subscriber does can block the ledger or the
+ingest path.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from enginetime.sidecar import convert
@@ -33,6 +42,8 @@ log = logging.getLogger("enginetime.sidecar.fanout")
 
 #: Publish period: how often changes are collected from the ledger.
 PUBLISH_PERIOD_S = 0.05
+#: Views built between checks of the loop-time budget.
+_BUILD_CHUNK = 64
 
 
 @dataclass(slots=True)
@@ -42,10 +53,14 @@ class FanOutLimits:
     max_pending: request ids (or interference events) a subscriber may have
     waiting before it is cut off. lag_limit_s: how long one write may stay
     blocked before the subscriber is cut off; None = max(10 intervals, 5 s).
+    min_share: see below.
     """
 
     max_pending: int = 100_000
     lag_limit_s: float | None = None
+    #: Least share of the event loop that building views for subscribers may use when ingest is
+    #: saturated; otherwise it gets what ingest leaves idle.
+    min_share: float = 0.25
 
     def lag_limit(self, interval_s: float) -> float:
         if self.lag_limit_s is not None:
@@ -84,8 +99,9 @@ class RequestSubscriber(_Subscriber):
         self.query = query
         #: Only these ids (None: any id).
         self.ids: frozenset[str] | None = query.request_ids or None
-        #: The filter looks at figures (state, shard, ...), not just the id.
-        self.needs_view = bool(query.states or query.shard is not None or query.session_id or query.engine_id)
+        #: The filter looks at figures (state, shard, ...), not just the id: checked when sending.
+        by_figures = query.states or query.shard is not None or query.session_id or query.engine_id
+        self.view_filter: RequestQuery | None = query if by_figures else None
         self.pending: dict[str, None] = {}
         self.coalesced = 0
 
@@ -177,6 +193,27 @@ class FanOut:
         self._closed: str | None = None
         self.cycles = 0
         self.cut_off = 0
+        #: Cumulative seconds ingest spent decoding and feeding the ledger (set by the Sidecar).
+        self.ingest_busy_s: Callable[[], float] | None = None
+        self.share = 1.0
+        self._budget_s = PUBLISH_PERIOD_S
+        self._last_refill = time.perf_counter()
+        self._last_busy = 0.0
+        self._cycle = asyncio.Event()  # set (and replaced) by every publish
+
+    def _refill(self) -> None:
+        """Grant this period's loop time to building views: what ingest left idle, at least min_share."""
+        now = time.perf_counter()
+        elapsed = now - self._last_refill
+        self._last_refill = now
+        busy = self.ingest_busy_s() if self.ingest_busy_s is not None else 0.0
+        ingest_share = (busy - self._last_busy) / elapsed if elapsed > 0 else 0.0
+        self._last_busy = busy
+        share = max(self.limits.min_share, 1.0 - ingest_share - 0.05)
+        self.share = share
+        self._budget_s = min(self._budget_s + share * elapsed, 2.0 * PUBLISH_PERIOD_S)
+        cycle, self._cycle = self._cycle, asyncio.Event()
+        cycle.set()
 
     # -- subscriptions -------------------------------------------------------------------
 
@@ -203,6 +240,7 @@ class FanOut:
     def close(self, reason: str) -> None:
         """Ask every stream to end (sidecar shutdown); new subscribers end at once."""
         self._closed = reason
+        self._cycle.set()
         for sub in (*self.request_subscribers, *self.interference_subscribers):
             sub.closed = reason
             sub._wake.set()
@@ -213,6 +251,7 @@ class FanOut:
         """Take the ledger's changes and offer them to every subscriber. Never blocks."""
         self.cycles += 1
         self._cache.clear()
+        self._refill()
         ledger = self.ledger
         changed = ledger.take_changed()
         events = ledger.take_interference()
@@ -226,22 +265,31 @@ class FanOut:
                         sub.offer(msg)
 
     def _offer_changes(self, changed: set[str]) -> None:
-        views: dict[str, RequestView | None] = {}
-        get = self.ledger.get
         for sub in self.request_subscribers:
-            ids = changed if sub.ids is None else (changed & sub.ids)
-            if not sub.needs_view:
-                for rid in ids:
-                    sub.offer(rid)
-                continue
-            matches = sub.query.matches
-            for rid in ids:
-                if rid in views:
-                    v = views[rid]
-                else:
-                    v = views[rid] = get(rid)
-                if v is not None and matches(v):
-                    sub.offer(rid)
+            offer = sub.offer
+            for rid in changed if sub.ids is None else (changed & sub.ids):
+                offer(rid)
+
+    async def build(
+        self, request_ids: list[str], view_filter: RequestQuery | None = None
+    ) -> list[tuple[RequestView, pb.RequestAccounting]]:
+        """``current()`` for many ids, within the fan-out's share of the event loop.
+
+        Works in chunks; when the share of this publish period is spent it waits
+        for the next period, so however many subscribers want however many
+        requests, ingest keeps the rest of the core (see FanOutLimits.min_share).
+        Ids whose latest figures fail ``view_filter`` are dropped.
+        """
+        out: list[tuple[RequestView, pb.RequestAccounting]] = []
+        for i in range(0, len(request_ids), _BUILD_CHUNK):
+            while self._budget_s <= 0.0 and self._closed is None:
+                await self._cycle.wait()
+            started = time.perf_counter()
+            for v, m in self.current(request_ids[i : i + _BUILD_CHUNK]):
+                if view_filter is None or view_filter.matches(v):
+                    out.append((v, m))
+            self._budget_s -= time.perf_counter() - started
+        return out
 
     def current(self, request_ids: list[str]) -> list[tuple[RequestView, pb.RequestAccounting]]:
         """View and message of each id the ledger still holds (evicted ids are skipped).

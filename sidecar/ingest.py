@@ -20,6 +20,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from dataclasses import dataclass, field
 
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES
@@ -49,6 +50,7 @@ class IngestCounters:
     events: int = 0
     heartbeats: int = 0
     entries: int = 0  # step entries (requests x steps)
+    busy_s: float = 0.0  # seconds spent decoding and feeding the ledger
     rejected: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -101,15 +103,18 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        self.server.counters.bytes += len(data)
+        counters = self.server.counters
+        started = time.perf_counter()
+        counters.bytes += len(data)
         try:
             frames = self.decoder.feed(data)
         except FrameError as exc:
             self._dispatch(exc.frames)
             self._reject(exc.reason, exc.message)
-            return
-        if frames:
-            self._dispatch(frames)
+        else:
+            if frames:
+                self._dispatch(frames)
+        counters.busy_s += time.perf_counter() - started
 
     def eof_received(self) -> bool:
         try:

@@ -35,6 +35,12 @@ and entries ``i`` whose predicted marginal costs are ``e_i`` (``costmodel``), wi
   creates 256×256 blame entries. Each victim keeps at most ``4·top_blame``
   aggressors (``SlotColumns.add_blame``).
 
+Lockstep imbalance: when the critical shard ran only decode, the other shards' wait
+is still interference (DESIGN §2: "the wait for a slower coupled shard"), blamed on
+the critical shard as pseudo-aggressor ``""`` — no single request caused it, and an
+engine-time budget should not be spent on a peer's batch size. It is small in
+practice (``min(d, P)`` is the shard's own predicted decode).
+
 Per-request identity: ``wall = queue + engine_time + interference + other``. Views
 clamp so that the identity is exact in integer ns and every term is ≥ 0, giving
 priority in this order: engine_time (clamped to wall), queue_time (to what remains),
@@ -42,6 +48,11 @@ interference (to what remains); ``other`` is the remainder. With one clock on on
 host the clamps do not bite: steps of a shard do not overlap, excluded steps only
 count after the first step, and queue time ends at the first step's start. Preempted
 time lands in ``other`` (a preempted request is not an excluded-step victim).
+
+Where things live: ``ledger_attribution`` (the per-group arithmetic),
+``ledger_join`` (lockstep grouping), ``ledger_store`` (slots, columns, blame table),
+``ledger_shards`` (connections, handle maps, models), ``ledger_storms`` (storm
+detection and interference events), ``costmodel`` (the step-cost model).
 """
 
 from __future__ import annotations
@@ -57,9 +68,9 @@ import numpy as np
 
 from ..engine_hooks.constants import Coupling, EventKind, StepKind
 from .costmodel import CostModel, step_features
+from .ledger_attribution import Batch, Division, Prediction, divide, predict, step_scalars
 from .ledger_join import Group
 from .ledger_shards import EngineState, ShardState
-from .ledger_storms import StormTracker
 from .ledger_store import (
     ABORTED,
     EMPTY,
@@ -72,6 +83,7 @@ from .ledger_store import (
     Request,
     SlotColumns,
 )
+from .ledger_storms import StormTracker
 from .records import Beat, Event, Hello, Step
 from .views import (
     BlameView,
@@ -160,10 +172,15 @@ class Ledger:
         self._engines: dict[str, EngineState] = {}
         self._shards: dict[ShardKey, ShardState] = {}
         self._shard_table: list[ShardState] = []
-        self._ghosts: OrderedDict[int, tuple[str, int]] = OrderedDict()  # evicted aggressor -> (id, shard idx)
+        self._ghosts: OrderedDict[int, tuple[str, int]] = (
+            OrderedDict()
+        )  # evicted aggressor -> (id, shard idx)
         self._storms = StormTracker(self._cols, cfg.storm_threshold_s * 1e9)
         self._version = 0
         self._stamp_base = 1
+        # Scratch passed from _blame to _track_storms within one _attribute call.
+        self._wait_victims: tuple[int, np.ndarray] | None = None  # (critical position, victims)
+        self._wait_shards: set[int] = set()
         self._wait_ns = int(cfg.lockstep_wait_s * 1e9)
         self._retention_ns = int(cfg.retention_s * 1e9)
         self._rate_ns = max(1, int(cfg.rate_window_s * 1e9))
@@ -174,12 +191,16 @@ class Ledger:
     def connect(self, hello: Hello) -> ShardKey:
         """First frame of a connection: register (or re-register) the shard it speaks for."""
         if not hello.engine_id:
-            raise ValueError("EngineHello has no engine_id: set ENGINETIME engine id in the hooks (e.g. the "
-                             "server's host:port) so the sidecar can tell engines apart")
+            raise ValueError(
+                "EngineHello has no engine_id: set ENGINETIME engine id in the hooks (e.g. the "
+                "server's host:port) so the sidecar can tell engines apart"
+            )
         num = max(1, int(hello.num_shards))
         if not 0 <= int(hello.shard) < num:
-            raise ValueError(f"EngineHello shard {hello.shard} is outside 0..{num - 1} (num_shards={num}): "
-                             "the adapter reports a wrong DP rank or shard count")
+            raise ValueError(
+                f"EngineHello shard {hello.shard} is outside 0..{num - 1} (num_shards={num}): "
+                "the adapter reports a wrong DP rank or shard count"
+            )
         coupling = int(hello.coupling) or int(Coupling.INDEPENDENT)
         eng = self._engines.get(hello.engine_id)
         if eng is None:
@@ -201,6 +222,7 @@ class Ledger:
         shard.device_name = hello.device_name
         shard.timer_source = int(hello.timer_source)
         eng.refresh_expected()
+        self._enforce_bound()
         return (eng.engine_id, shard.shard)
 
     def disconnect(self, key: ShardKey) -> None:
@@ -223,7 +245,12 @@ class Ledger:
             self._terminate(req, ABORTED, time_ns, "engine restarted")
         self._storms.end_shard(shard, time_ns)
         shard.reset_stream()
-        shard.engine.join.forget_shard(shard.shard)
+        # A new process numbers global_step from scratch: attribute what is pending with
+        # the old numbering, then start the join over (its peers restart alongside).
+        eng = shard.engine
+        for group, timed_out in eng.join.flush():
+            self._attribute_group(eng, group, timed_out)
+        eng.join.reset()
 
     def _shard_state(self, eng: EngineState, no: int) -> ShardState:
         key = (eng.engine_id, no)
@@ -241,8 +268,10 @@ class Ledger:
     def _shard(self, key: ShardKey) -> ShardState:
         shard = self._shards.get(key)
         if shard is None or not shard.ever_connected:
-            raise KeyError(f"no EngineHello for engine {key[0]!r} shard {key[1]}: call Ledger.connect() with "
-                           "the connection's first frame before passing its events and steps")
+            raise KeyError(
+                f"no EngineHello for engine {key[0]!r} shard {key[1]}: call Ledger.connect() with "
+                "the connection's first frame before passing its events and steps"
+            )
         return shard
 
     # =====================================================================================
@@ -272,8 +301,9 @@ class Ledger:
             if kind in (EventKind.FINISHED, EventKind.ABORTED) or kind not in EventKind._value2member_map_:
                 self.counters.unknown_events += 1
                 return
-            req = self._create(shard, int(ev.handle), ev.request_id or self._anon_id(shard, ev.handle),
-                               int(ev.time_ns))
+            req = self._create(
+                shard, int(ev.handle), ev.request_id or self._anon_id(shard, ev.handle), int(ev.time_ns)
+            )
             self._mark_partial(req)
         cols = self._cols
         slot = req.slot
@@ -300,8 +330,8 @@ class Ledger:
             return
         else:
             self.counters.unknown_events += 1
-            return
         self._touch(slot)
+        self._enforce_bound()
 
     def _arrived(self, shard: ShardState, ev: Event) -> None:
         handle = int(ev.handle)
@@ -460,12 +490,21 @@ class Ledger:
     def on_step(self, key: ShardKey, step: Step) -> None:
         shard = self._shard(key)
         n = step.handles.size
-        if not (step.prefill_tokens.size == n and step.decode_tokens.size == n and step.context_tokens.size == n):
+        if not (
+            step.prefill_tokens.size == n and step.decode_tokens.size == n and step.context_tokens.size == n
+        ):
             self.counters.invalid_steps += 1
-            log.warning("engine %s shard %s: step seq=%s has columns of different lengths (%d handles, %d prefill,"
-                        " %d decode, %d context); skipped — the recorder is emitting malformed steps",
-                        shard.engine_id, shard.shard, step.seq, n, step.prefill_tokens.size,
-                        step.decode_tokens.size, step.context_tokens.size)
+            log.warning(
+                "engine %s shard %s: step seq=%s has columns of different lengths (%d handles, %d prefill,"
+                " %d decode, %d context); skipped — the recorder is emitting malformed steps",
+                shard.engine_id,
+                shard.shard,
+                step.seq,
+                n,
+                step.prefill_tokens.size,
+                step.decode_tokens.size,
+                step.context_tokens.size,
+            )
             return
         last = shard.last_seq
         if last is not None and step.seq != last + 1:
@@ -515,14 +554,39 @@ class Ledger:
         self.counters.lockstep_groups += 1
         if timed_out:
             self.counters.lockstep_timeouts += 1
-        parts = [group.parts[no] for no in sorted(group.parts)]
-        complete = len(group.parts) >= eng.num_shards and all(no in group.parts for no in range(eng.num_shards))
-        self._attribute(eng, parts, complete, lockstep=True)
+        got = group.parts
+        parts = [got[no] for no in sorted(got)]
+        complete = len(got) >= eng.num_shards and all(no in got for no in range(eng.num_shards))
+        # A group that lacks only shards which never connected (or left) still measures its
+        # critical shard's own work, unless peer_tokens say an absent shard was heavier.
+        fit_ok = complete or (not timed_out and eng.expected() <= got.keys())
+        self._attribute(eng, parts, complete, lockstep=True, fit_ok=fit_ok)
 
     def _resolve(self, shard: ShardState, step: Step) -> np.ndarray:
-        """Slots of a step's handles; unknown handles become partial requests."""
+        """Slots of a step's handles; unknown handles become partial requests.
+
+        A handle whose request ended before this step started names a new request
+        whose ARRIVED was lost (the recorder reused the handle): also unknown.
+        """
         slots = shard.lookup(step.handles)
-        if slots.size and slots.min() < 0:
+        if not slots.size:
+            return slots
+        known = slots >= 0
+        if known.all():
+            st = self._cols.state[slots]
+            ended = (st == FINISHED) | (st == ABORTED)
+        else:
+            st = self._cols.state[slots[known]]
+            ended = np.zeros(slots.size, dtype=bool)
+            ended[known] = (st == FINISHED) | (st == ABORTED)
+        if ended.any():
+            start = int(step.start_time_ns)
+            for i in np.flatnonzero(ended):
+                req = self._reqs[int(slots[i])]
+                if req.finish_ns < start:
+                    shard.unmap_handle(req.handle, req.slot)
+                    slots[i] = -1
+        if slots.min() < 0:
             for i in np.flatnonzero(slots < 0):
                 handle = int(step.handles[i])
                 found = shard.slot_of(handle)  # an earlier duplicate in this step may have created it
@@ -534,12 +598,60 @@ class Ledger:
                 slots[i] = found
         return slots
 
-    def _attribute(self, eng: EngineState, parts: list[tuple[ShardState, Step]], complete: bool,
-                   lockstep: bool) -> None:
-        """Attribute one step (INDEPENDENT) or one lockstep group of steps (see module docstring)."""
-        m = len(parts)
+    def _attribute(
+        self,
+        eng: EngineState,
+        parts: list[tuple[ShardState, Step]],
+        complete: bool,
+        lockstep: bool,
+        fit_ok: bool | None = None,
+    ) -> None:
+        """Attribute one step (INDEPENDENT) or one lockstep group of steps (see module docstring).
+
+        ``complete``: every shard of the engine is in ``parts``; ``fit_ok``: the critical
+        step may be fed to the cost model (defaults to ``complete``).
+        """
         model = eng.model if lockstep else parts[0][0].model
-        # ---- gather columns and slots -------------------------------------------------
+        batch, base = self._gather(parts)
+        pred = predict(batch, model)
+        critical = pred.critical
+        crit_shard = parts[critical][0] if critical >= 0 else None
+        if lockstep and not complete and batch.m < eng.num_shards:
+            missing = self._missing_critical(eng, parts, crit_shard)
+            if missing is not None:
+                critical, crit_shard = -1, missing
+        div = divide(batch, pred, critical)
+        if div.uncharged:
+            for j in np.flatnonzero(div.wait > 0.0):
+                parts[j][0].unattributed_ns += float(div.wait[j])
+            self.counters.unattributed_ns += round(div.wait_total)
+        self._set_stepped_running(batch.slots)
+        self._version += 1
+        self._accumulate(batch, div)
+        excluded = self._excluded(parts, batch, base)
+        caused = self._blame(parts, batch, pred, div, excluded, critical, crit_shard)
+        self._cols.caused[batch.slots] += caused
+        self._track_storms(parts, batch, pred, excluded, caused)
+        self._shard_stats(parts, batch, pred)
+        self.counters.steps += batch.m
+        self.counters.entries += batch.slots.size
+        fit_j = critical if lockstep else 0
+        if fit_ok is None:
+            fit_ok = complete
+        if fit_j >= 0 and batch.counts[fit_j] > 0 and (fit_ok or not lockstep):
+            if int(parts[fit_j][1].kind) != StepKind.IDLE:
+                lo, hi = int(batch.offs[fit_j]), int(batch.offs[fit_j + 1])
+                x = step_features(pred.p[lo:hi], pred.q[lo:hi], pred.c[lo:hi])
+                if model.observe(x, float(batch.d[fit_j])):
+                    self.counters.model_fits += 1
+
+    def _gather(self, parts: list[tuple[ShardState, Step]]) -> tuple[Batch, int]:
+        """Concatenate the steps' columns, resolve slots, drop duplicate handles.
+
+        Returns the batch and the stamp base: after this, ``stamp[slot] >= base`` marks
+        exactly the slots in the batch (used to find excluded victims).
+        """
+        m = len(parts)
         counts = np.fromiter((st.handles.size for _, st in parts), dtype=np.int64, count=m)
         if m == 1:
             st0 = parts[0][1]
@@ -553,7 +665,7 @@ class Ledger:
         cols = self._cols  # after _resolve: arrays may have grown
         total = slots.size
         seg = np.repeat(np.arange(m), counts)
-        # Duplicate handles in one step would make fancy-index updates lose entries: keep the last copy.
+        # A handle twice in one step would make fancy-index updates lose entries: keep the last copy.
         base = self._stamp_base
         self._stamp_base += total + 1
         pos = np.arange(base, base + total, dtype=np.int64)
@@ -563,126 +675,74 @@ class Ledger:
             self.counters.duplicate_entries += int(total - np.count_nonzero(keep))
             slots, p_raw, q_raw, c_raw, seg = slots[keep], p_raw[keep], q_raw[keep], c_raw[keep], seg[keep]
             counts = np.bincount(seg, minlength=m).astype(np.int64)
-            total = slots.size
-        offs = np.zeros(m + 1, dtype=np.int64)
-        np.cumsum(counts, out=offs[1:])
-        p = p_raw.astype(np.float64)
-        q = q_raw.astype(np.float64)
-        c = c_raw.astype(np.float64)
-        d = np.fromiter((max(int(st.device_time_ns), 0) for _, st in parts), dtype=np.float64, count=m)
-        starts = np.fromiter((int(st.start_time_ns) for _, st in parts), dtype=np.int64, count=m)
-        ends = np.fromiter((int(st.end_time_ns) for _, st in parts), dtype=np.int64, count=m)
+        d, starts, ends = step_scalars([st for _, st in parts])
+        return Batch(slots, p_raw, q_raw, c_raw, seg, counts, d, starts, ends), base
 
-        # ---- predicted costs ------------------------------------------------------------
-        pf, dc, beta0 = model.entry_costs(p, q, c)
-        calibrated = model.calibrated
-        e = pf + dc
-        nonempty = counts > 0
-        n = np.maximum(counts, 1).astype(np.float64)
-        esum = np.bincount(seg, weights=e, minlength=m)
-        pf_sum = np.bincount(seg, weights=pf, minlength=m)
-        big_p = np.where(nonempty, esum + beta0, 0.0)
-
-        # ---- critical shard -------------------------------------------------------------
-        ci = -1
-        crit_shard: ShardState | None = None
-        if nonempty.any():
-            if calibrated:
-                key = big_p
-            else:
-                key = np.bincount(seg, weights=p + q, minlength=m)
-            ci = int(np.argmax(np.where(nonempty, key, -1.0)))
-            crit_shard = parts[ci][0]
-        if lockstep and not complete and m < eng.num_shards:
-            missing = self._missing_critical(eng, parts, crit_shard)
-            if missing is not None:
-                ci, crit_shard = -1, missing
-
-        # ---- own work, wait, shares --------------------------------------------------------
-        if calibrated:
-            w = np.where(nonempty, np.minimum(d, big_p), 0.0)
-        else:
-            w = np.where(nonempty, d, 0.0)
-        if ci >= 0:
-            w[ci] = d[ci]
-        wait = d - w
-        scale = np.divide(w, big_p, out=np.zeros(m), where=big_p > 0.0)
-        scale_e = scale[seg]
-        unit = e + beta0 / n[seg]
-        share = np.where(big_p[seg] > 0.0, unit * scale_e, (w / n)[seg])
-        engine_e = np.maximum(w[seg] - scale_e * (pf_sum[seg] - pf), 0.0)
-        interf_e = d[seg] - engine_e
-        gpu_e = share.copy()
-
-        wait_total = float(wait.sum())
-        crit_lo = crit_hi = 0
-        crit_weights: np.ndarray | None = None  # per critical entry, fractions of the wait (sum 1)
-        crit_by_prefill = False
-        if ci >= 0:
-            crit_lo, crit_hi = int(offs[ci]), int(offs[ci + 1])
-            wt = pf[crit_lo:crit_hi]
-            tot = float(wt.sum())
-            crit_by_prefill = tot > 0.0
-            if not crit_by_prefill:
-                wt = unit[crit_lo:crit_hi]
-                tot = float(wt.sum())
-            crit_weights = wt / tot if tot > 0.0 else np.full(crit_hi - crit_lo, 1.0 / (crit_hi - crit_lo))
-            if wait_total > 0.0:
-                gpu_e[crit_lo:crit_hi] += wait_total * crit_weights
-        elif wait_total > 0.0:
-            for j in np.flatnonzero(wait > 0.0):
-                parts[j][0].unattributed_ns += float(wait[j])
-            self.counters.unattributed_ns += round(wait_total)
-
-        # ---- request states: everyone in a step is running ---------------------------------
+    def _set_stepped_running(self, slots: np.ndarray) -> None:
+        """Everyone in a step is RUNNING (unless already ended) and an excluded-step candidate."""
+        cols = self._cols
         st = cols.state[slots]
         fresh = np.flatnonzero(~cols.running[slots] & (st != FINISHED) & (st != ABORTED))
-        if fresh.size:
-            reqs = self._reqs
-            for i in fresh:
-                slot = int(slots[i])
-                cols.state[slot] = RUNNING
-                cols.running[slot] = True
-                reqs[slot].shard.add_running(slot)
+        reqs = self._reqs
+        for i in fresh:
+            slot = int(slots[i])
+            cols.state[slot] = RUNNING
+            cols.running[slot] = True
+            reqs[slot].shard.add_running(slot)
 
-        # ---- accumulate entries -----------------------------------------------------------
-        self._version += 1
-        ver = self._version
-        cols.engine[slots] += engine_e
-        cols.interf[slots] += interf_e
-        cols.gpu[slots] += gpu_e
-        cols.prefilled[slots] += p_raw
-        cols.decoded[slots] += q_raw
+    def _accumulate(self, batch: Batch, div: Division) -> None:
+        cols = self._cols
+        slots, seg = batch.slots, batch.seg
+        cols.engine[slots] += div.engine
+        cols.interf[slots] += div.interference
+        cols.gpu[slots] += div.gpu
+        cols.prefilled[slots] += batch.p_raw
+        cols.decoded[slots] += batch.q_raw
         cols.steps[slots] += 1
-        cols.last_step[slots] = ends[seg]
-        cols.version[slots] = ver
+        cols.last_step[slots] = batch.ends[seg]
+        cols.version[slots] = self._version
         cols.changed[slots] = True
-        first = cols.first_start[slots]
-        new_first = first < 0
+        new_first = cols.first_start[slots] < 0
         if new_first.any():
-            cols.first_start[slots[new_first]] = starts[seg][new_first]
+            cols.first_start[slots[new_first]] = batch.starts[seg][new_first]
 
-        # ---- excluded victims ----------------------------------------------------------------
-        run_in_step = np.bincount(seg, weights=cols.running[slots], minlength=m)
-        excluded: list[np.ndarray | None] = [None] * m
-        n_ex = np.zeros(m)
-        for j in range(m):
-            shard = parts[j][0]
-            if len(shard.running) > run_in_step[j]:
+    def _excluded(
+        self, parts: list[tuple[ShardState, Step]], batch: Batch, base: int
+    ) -> list[np.ndarray | None]:
+        """Running requests of each shard that its step left out: each gets the step's d."""
+        cols = self._cols
+        excluded: list[np.ndarray | None] = [None] * batch.m
+        in_step = np.bincount(batch.seg, weights=cols.running[batch.slots], minlength=batch.m)
+        for j, (shard, _) in enumerate(parts):
+            if len(shard.running) > in_step[j]:
                 ra = shard.running_array()
                 ex = ra[cols.stamp[ra] < base]
                 if ex.size:
                     excluded[j] = ex
-                    n_ex[j] = ex.size
-                    cols.interf[ex] += d[j]
+                    cols.interf[ex] += batch.d[j]
                     cols.excluded[ex] += 1
-                    cols.version[ex] = ver
+                    cols.version[ex] = self._version
                     cols.changed[ex] = True
+        return excluded
 
-        # ---- blame: others' prefill in the same step --------------------------------------
+    def _blame(
+        self,
+        parts: list[tuple[ShardState, Step]],
+        batch: Batch,
+        pred: Prediction,
+        div: Division,
+        excluded: list[np.ndarray | None],
+        critical: int,
+        crit_shard: ShardState | None,
+    ) -> np.ndarray:
+        """Record who caused each victim's interference; returns the blame each entry caused."""
+        slots, seg, offs, counts = batch.slots, batch.seg, batch.offs, batch.counts
+        pf, scale = pred.pf, div.scale
         rid_of = self._rid
-        add_blame = cols.add_blame
-        for j in np.flatnonzero((pf_sum > 0.0) & (counts > 1)):
+        add_blame = self._cols.add_blame
+        # (a) Other entries' prefill in the same step (same shard).
+        caused = div.scale[seg] * pf * (counts[seg] - 1)
+        for j in np.flatnonzero((pred.pf_sum > 0.0) & (counts > 1)):
             lo, hi = int(offs[j]), int(offs[j + 1])
             seg_pf = pf[lo:hi]
             seg_slots = slots[lo:hi]
@@ -698,18 +758,17 @@ class Ledger:
             if idx.size > top.size:
                 unnamed = seg_pf.copy()
                 unnamed[top] = 0.0
-                lump = sj * (float(pf_sum[j]) - named) - sj * unnamed
+                lump = sj * (float(pred.pf_sum[j]) - named) - sj * unnamed
                 sel = lump > 0.0
                 add_blame(seg_slots[sel], parts[j][0].pseudo, lump[sel])
-
-        # ---- blame: excluded victims, own-work part ----------------------------------------
-        caused_e = scale_e * pf * (n[seg] - 1.0) * (counts[seg] > 1)
-        for j in range(m):
+        # (b) Excluded victims, own-work part: the step's entries by predicted cost (same shard).
+        for j in range(batch.m):
             ex = excluded[j]
-            if ex is None or w[j] <= 0.0:
+            w = float(div.w[j])
+            if ex is None or w <= 0.0:
                 continue
             lo, hi = int(offs[j]), int(offs[j + 1])
-            seg_share = share[lo:hi]
+            seg_share = div.share[lo:hi]
             top = np.argsort(-seg_share, kind="stable")[:NAMED_PER_STEP]
             named = 0.0
             for t in top:
@@ -717,111 +776,109 @@ class Ledger:
                 if amt > 0.0:
                     add_blame(ex, rid_of(int(slots[lo + t])), amt)
                     named += amt
-            rest = float(w[j]) - named
-            if rest > 1e-9 * float(w[j]):
-                add_blame(ex, parts[j][0].pseudo, rest)
-            caused_e[lo:hi] += seg_share * float(ex.size)
-
-        # ---- blame: waiting for the critical shard ---------------------------------------
-        wait_victims: list[np.ndarray] = []
-        wait_amounts: list[np.ndarray] = []
-        wait_shards: set[int] = set()
-        for j in np.flatnonzero(wait > 0.0):
-            if j == ci:
+            if w - named > 1e-9 * w:
+                add_blame(ex, parts[j][0].pseudo, w - named)
+            caused[lo:hi] += seg_share * float(ex.size)
+        # (c) Waiting for the critical shard (cross-shard).
+        victims: list[np.ndarray] = []
+        amounts: list[np.ndarray] = []
+        for j in np.flatnonzero(div.wait > 0.0):
+            if j == critical:
                 continue
             lo, hi = int(offs[j]), int(offs[j + 1])
-            vs = slots[lo:hi]
-            ex = excluded[j]
-            if ex is not None:
-                vs = np.concatenate([vs, ex])
+            vs = slots[lo:hi] if excluded[j] is None else np.concatenate([slots[lo:hi], excluded[j]])
             if vs.size:
-                wait_victims.append(vs)
-                wait_amounts.append(np.full(vs.size, float(wait[j])))
-                wait_shards.add(parts[j][0].shard)
-                if crit_shard is None:  # nobody ran: the shard itself is the cause
-                    add_blame(vs, parts[j][0].pseudo, float(wait[j]))
-        wv = wa = None
-        if wait_victims and crit_shard is not None:
-            wv = np.concatenate(wait_victims) if len(wait_victims) > 1 else wait_victims[0]
-            wa = np.concatenate(wait_amounts) if len(wait_amounts) > 1 else wait_amounts[0]
-            if ci >= 0 and crit_by_prefill:
-                cw = crit_weights
+                if crit_shard is None:  # nobody worked: the shard's own idle time
+                    add_blame(vs, parts[j][0].pseudo, float(div.wait[j]))
+                else:
+                    victims.append(vs)
+                    amounts.append(np.full(vs.size, float(div.wait[j])))
+                    self._wait_shards.add(parts[j][0].shard)
+        self._wait_victims = None
+        if victims and crit_shard is not None:
+            wv = np.concatenate(victims) if len(victims) > 1 else victims[0]
+            wa = np.concatenate(amounts) if len(amounts) > 1 else amounts[0]
+            if critical >= 0 and div.crit_by_prefill:
+                cw = div.crit_weights
                 idx = np.flatnonzero(cw > 0.0)
                 top = idx[np.argsort(-cw[idx], kind="stable")[:NAMED_PER_STEP]]
                 named = 0.0
                 for t in top:
-                    add_blame(wv, rid_of(int(slots[crit_lo + t])), wa * float(cw[t]))
+                    add_blame(wv, rid_of(int(slots[div.crit_lo + t])), wa * float(cw[t]))
                     named += float(cw[t])
                 if 1.0 - named > 1e-12:
                     add_blame(wv, crit_shard.pseudo, wa * (1.0 - named))
-                caused_e[crit_lo:crit_hi] += float(wa.sum()) * cw
+                caused[div.crit_lo : div.crit_hi] += float(wa.sum()) * cw
+                self._wait_victims = (critical, wv)
             else:
                 add_blame(wv, crit_shard.pseudo, wa)
-        cols.caused[slots] += caused_e
+        return caused
 
-        # ---- storms ------------------------------------------------------------------------
+    def _track_storms(
+        self,
+        parts: list[tuple[ShardState, Step]],
+        batch: Batch,
+        pred: Prediction,
+        excluded: list[np.ndarray | None],
+        caused: np.ndarray,
+    ) -> None:
+        """Feed prefill runs: chunks, the blame they caused and their victims; end stopped runs."""
         storms = self._storms
-        pidx = np.flatnonzero(p > 0.0)
-        stop = np.flatnonzero(cols.in_run[slots] & (p <= 0.0))
-        for i in stop:
-            storms.end(int(slots[i]), int(ends[seg[i]]))
-        prefilled_by_shard: list[set[int]] = [set() for _ in range(m)]
-        if pidx.size:
-            reqs = self._reqs
-            for i in pidx:
-                j = int(seg[i])
-                shard = parts[j][0]
-                slot = int(slots[i])
-                prefilled_by_shard[j].add(slot)
-                run = storms.chunk(reqs[slot], shard, int(p_raw[i]), int(starts[j]), int(ends[j]))
-                amount = float(caused_e[i])
-                if amount <= 0.0:
-                    continue
-                lo, hi = int(offs[j]), int(offs[j + 1])
-                victims: list[np.ndarray] = []
-                vshards: set[int] = set()
-                if hi - lo > 1 and pf[i] > 0.0:
-                    victims.append(np.delete(slots[lo:hi], i - lo))
-                    vshards.add(shard.shard)
-                if excluded[j] is not None:
-                    victims.append(excluded[j])
-                    vshards.add(shard.shard)
-                if j == ci and crit_by_prefill and wv is not None:
-                    victims.append(wv)
-                    vshards |= wait_shards
-                storms.caused(run, amount, victims, vshards, int(ends[j]))
-        for j in range(m):
+        slots, seg, offs, ends = batch.slots, batch.seg, batch.offs, batch.ends
+        p = pred.p
+        for i in np.flatnonzero(self._cols.in_run[slots] & (p <= 0.0)):
+            storms.end(int(slots[i]), int(ends[seg[i]]))  # in a step without prefill: it decodes now
+        prefilled: list[set[int]] = [set() for _ in range(batch.m)]
+        wait = self._wait_victims
+        reqs = self._reqs
+        for i in np.flatnonzero(p > 0.0):
+            j = int(seg[i])
             shard = parts[j][0]
+            slot = int(slots[i])
+            prefilled[j].add(slot)
+            run = storms.chunk(reqs[slot], shard, int(batch.p_raw[i]), int(batch.starts[j]), int(ends[j]))
+            amount = float(caused[i])
+            if amount <= 0.0:
+                continue
+            lo, hi = int(offs[j]), int(offs[j + 1])
+            victims: list[np.ndarray] = []
+            vshards: set[int] = set()
+            if hi - lo > 1 and pred.pf[i] > 0.0:
+                victims.append(np.delete(slots[lo:hi], i - lo))
+                vshards.add(shard.shard)
+            if excluded[j] is not None:
+                victims.append(excluded[j])
+                vshards.add(shard.shard)
+            if wait is not None and wait[0] == j:
+                victims.append(wait[1])
+                vshards |= self._wait_shards
+            storms.caused(run, amount, victims, vshards, int(ends[j]))
+        for j, (shard, _) in enumerate(parts):
             if shard.runs:
-                storms.shard_step(shard, prefilled_by_shard[j], int(ends[j]))
+                storms.shard_step(shard, prefilled[j], int(ends[j]))
+        self._wait_shards.clear()
+        self._wait_victims = None
         self.counters.storms = storms.storms_started
 
-        # ---- shards, counters, model --------------------------------------------------------
+    def _shard_stats(self, parts: list[tuple[ShardState, Step]], batch: Batch, pred: Prediction) -> None:
         window = self._rate_ns
-        psum = np.bincount(seg, weights=p, minlength=m)
-        qsum = np.bincount(seg, weights=q, minlength=m)
-        for j in range(m):
-            shard = parts[j][0]
-            end = int(ends[j])
+        m = batch.m
+        psum = np.bincount(batch.seg, weights=pred.p, minlength=m)
+        qsum = np.bincount(batch.seg, weights=pred.q, minlength=m)
+        for j, (shard, _) in enumerate(parts):
+            end = int(batch.ends[j])
             shard.steps += 1
             if not shard.first_step_ns:
-                shard.first_step_ns = int(starts[j])
+                shard.first_step_ns = int(batch.starts[j])
             shard.last_step_ns = max(shard.last_step_ns, end)
             rates = shard.rates
-            rates.append((end, int(d[j]), int(psum[j]), int(qsum[j])))
+            rates.append((end, int(batch.d[j]), int(psum[j]), int(qsum[j])))
             while rates[0][0] < end - window:
                 rates.popleft()
-        self.counters.steps += m
-        self.counters.entries += total
-        fit_j = ci if lockstep else 0
-        if fit_j >= 0 and counts[fit_j] > 0 and (complete or not lockstep):
-            if int(parts[fit_j][1].kind) != StepKind.IDLE:
-                lo, hi = int(offs[fit_j]), int(offs[fit_j + 1])
-                if model.observe(step_features(p[lo:hi], q[lo:hi], c[lo:hi]), float(d[fit_j])):
-                    self.counters.model_fits += 1
 
-    def _missing_critical(self, eng: EngineState, parts: list[tuple[ShardState, Step]],
-                          crit: ShardState | None) -> ShardState | None:
+    def _missing_critical(
+        self, eng: EngineState, parts: list[tuple[ShardState, Step]], crit: ShardState | None
+    ) -> ShardState | None:
         """A shard absent from the group whose ``peer_tokens`` load exceeds the critical one's."""
         peers = None
         for _, st in parts:
@@ -881,8 +938,14 @@ class Ledger:
         if q.states:
             mask &= np.isin(cols.state[sel], np.array([int(s) for s in q.states], dtype=np.int8))
         if q.shard is not None or q.engine_id:
-            ok = np.array([(q.shard is None or sh.shard == q.shard) and (not q.engine_id or sh.engine_id == q.engine_id)
-                           for sh in self._shard_table], dtype=bool)
+            ok = np.array(
+                [
+                    (q.shard is None or sh.shard == q.shard)
+                    and (not q.engine_id or sh.engine_id == q.engine_id)
+                    for sh in self._shard_table
+                ],
+                dtype=bool,
+            )
             mask &= ok[cols.shard_idx[sel]]
         if q.session_id:
             mask &= np.array([self._reqs[s].session_id == q.session_id for s in sel], dtype=bool)
@@ -927,25 +990,27 @@ class Ledger:
                     active += 1
                 elif s == QUEUED or s == PREEMPTED:
                     queued += 1
-            out.append(ShardView(
-                engine_id=sh.engine_id,
-                shard=sh.shard,
-                coupling=int(sh.engine.coupling),
-                decode_tokens_per_second=dec / span_s,
-                prefill_tokens_per_second=pre / span_s,
-                busy_fraction=min(1.0, dev / span_ns),
-                active_requests=active,
-                queued_requests=queued,
-                current_storm=self._storms.current(sh),
-                last_step_time_ns=sh.last_step_ns,
-                steps=sh.steps,
-                connected=sh.connected,
-                dropped_frames=sh.dropped_frames,
-                engine_kind=sh.engine_kind,
-                device_name=sh.device_name,
-                timer_source=sh.timer_source,
-                unattributed_ns=round(sh.unattributed_ns),
-            ))
+            out.append(
+                ShardView(
+                    engine_id=sh.engine_id,
+                    shard=sh.shard,
+                    coupling=int(sh.engine.coupling),
+                    decode_tokens_per_second=dec / span_s,
+                    prefill_tokens_per_second=pre / span_s,
+                    busy_fraction=min(1.0, dev / span_ns),
+                    active_requests=active,
+                    queued_requests=queued,
+                    current_storm=self._storms.current(sh),
+                    last_step_time_ns=sh.last_step_ns,
+                    steps=sh.steps,
+                    connected=sh.connected,
+                    dropped_frames=sh.dropped_frames,
+                    engine_kind=sh.engine_kind,
+                    device_name=sh.device_name,
+                    timer_source=sh.timer_source,
+                    unattributed_ns=round(sh.unattributed_ns),
+                )
+            )
         return out
 
     def model(self, key: ShardKey) -> CostModel:

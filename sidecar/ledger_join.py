@@ -89,10 +89,13 @@ class LockstepJoin:
             out.append((self._pop(), False))
         return out
 
-    def forget_shard(self, shard_no: int) -> None:
-        """A shard's recorder restarted: its step history no longer orders anything."""
-        self.last_gs.pop(shard_no, None)
-        self.lagging.discard(shard_no)
+    def reset(self) -> None:
+        """The engine restarted: its global_step numbering starts over (flush first)."""
+        self.pending.clear()
+        self._heap.clear()
+        self.last_gs.clear()
+        self.lagging.clear()
+        self.released_upto = -1
 
     def release_ready(self) -> list[tuple[Group, bool]]:
         """Release the oldest groups while they are ready (e.g. after a shard disconnected)."""

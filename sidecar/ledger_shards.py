@@ -20,7 +20,9 @@ class EngineState:
 
     __slots__ = ("engine_id", "coupling", "num_shards", "shards", "model", "join", "_expected")
 
-    def __init__(self, engine_id: str, coupling: int, num_shards: int, model: CostModel, wait_ns: int) -> None:
+    def __init__(
+        self, engine_id: str, coupling: int, num_shards: int, model: CostModel, wait_ns: int
+    ) -> None:
         self.engine_id = engine_id
         self.coupling = coupling
         self.num_shards = num_shards
@@ -43,11 +45,39 @@ class EngineState:
 class ShardState:
     """One shard (scheduler loop) of an engine, as seen through its recorder's connection."""
 
-    __slots__ = ("engine", "engine_id", "shard", "index", "pseudo", "connected", "ever_connected", "epoch",
-                 "coupling", "engine_kind", "engine_version", "hooks_version", "device_name", "timer_source",
-                 "_hmap", "_hdict", "live", "running", "running_ver", "_running_arr", "_running_arr_ver",
-                 "last_seq", "steps", "last_step_ns", "first_step_ns", "rates", "drops_seen",
-                 "dropped_frames", "unattributed_ns", "model", "runs")
+    __slots__ = (
+        "engine",
+        "engine_id",
+        "shard",
+        "index",
+        "pseudo",
+        "connected",
+        "ever_connected",
+        "epoch",
+        "coupling",
+        "engine_kind",
+        "engine_version",
+        "hooks_version",
+        "device_name",
+        "timer_source",
+        "_hmap",
+        "_hdict",
+        "live",
+        "running",
+        "running_ver",
+        "_running_arr",
+        "_running_arr_ver",
+        "last_seq",
+        "steps",
+        "last_step_ns",
+        "first_step_ns",
+        "rates",
+        "drops_seen",
+        "dropped_frames",
+        "unattributed_ns",
+        "model",
+        "runs",
+    )
 
     def __init__(self, engine: EngineState, shard: int, index: int, model: CostModel) -> None:
         self.engine = engine

@@ -35,11 +35,29 @@ ABORTED = int(RequestState.ABORTED)
 class Request:
     """What events tell about a request; figures live in ``SlotColumns`` row ``slot``."""
 
-    __slots__ = ("rid", "slot", "request_id", "shard", "handle", "arrival_ns", "finish_ns", "finish_reason",
-                 "prompt_tokens", "cached_tokens", "output_tokens", "session_id", "traceparent",
-                 "routed_shard", "partial", "migrated", "preemptions")
+    __slots__ = (
+        "rid",
+        "slot",
+        "request_id",
+        "shard",
+        "handle",
+        "arrival_ns",
+        "finish_ns",
+        "finish_reason",
+        "prompt_tokens",
+        "cached_tokens",
+        "output_tokens",
+        "session_id",
+        "traceparent",
+        "routed_shard",
+        "partial",
+        "migrated",
+        "preemptions",
+    )
 
-    def __init__(self, rid: int, slot: int, request_id: str, shard: object, handle: int, arrival_ns: int) -> None:
+    def __init__(
+        self, rid: int, slot: int, request_id: str, shard: object, handle: int, arrival_ns: int
+    ) -> None:
         self.rid = rid  # aggressor id: generation << 32 | slot
         self.slot = slot  # -1 once evicted
         self.request_id = request_id
@@ -60,8 +78,20 @@ class Request:
 
 
 _F8 = ("engine", "gpu", "interf", "caused", "blame_dropped")
-_I8 = ("created", "prefilled", "decoded", "steps", "excluded", "first_start", "last_step", "arrival", "version",
-       "stamp", "victim_mark", "gen")
+_I8 = (
+    "created",
+    "prefilled",
+    "decoded",
+    "steps",
+    "excluded",
+    "first_start",
+    "last_step",
+    "arrival",
+    "version",
+    "stamp",
+    "victim_mark",
+    "gen",
+)
 _I4 = ("shard_idx",)
 _I1 = ("state",)
 _B = ("changed", "running", "alive", "in_run")
@@ -71,8 +101,9 @@ class SlotColumns:
     """Struct-of-arrays accumulators, one row per slot, grown by doubling.
 
     Callers must re-read attributes after ``alloc`` (growth replaces the arrays).
-    Columns: created (allocation counter: creation order); engine/gpu/interf/caused/blame_dropped (float64 ns); prefilled/decoded/
-    steps/excluded (int64 counts); first_start (ns of the first step's start, -1 none);
+    Columns: created (allocation counter: creation order); engine/gpu/interf/caused/
+    blame_dropped (float64 ns); prefilled/decoded/steps/excluded (int64 counts);
+    first_start (ns of the first step's start, -1 none);
     last_step (ns of the last step's end, 0 none); arrival (ns); version; stamp and
     victim_mark (scratch marks for set operations); gen (slot generation); shard_idx;
     state (RequestState); changed (since the last take_changed); running (admitted and
@@ -167,7 +198,10 @@ class SlotColumns:
         """
         if victims.size == 0:
             return
-        amt = np.broadcast_to(np.asarray(amounts, dtype=np.float64), victims.shape)
+        if isinstance(amounts, np.ndarray):
+            amt = amounts
+        else:
+            amt = np.full(victims.size, float(amounts))
         rows = self.blame_agg[victims]
         match = rows == agg
         col = match.argmax(axis=1)
@@ -207,8 +241,11 @@ class SlotColumns:
 
     def blame_row(self, slot: int, limit: int) -> list[tuple[int, float]]:
         """The ``limit`` largest (aggressor id, ns) pairs of one victim, largest first."""
-        pairs = [(a, n) for a, n in zip(self.blame_agg[slot].tolist(), self.blame_ns[slot].tolist(), strict=True)
-                 if a != EMPTY]
+        pairs = [
+            (a, n)
+            for a, n in zip(self.blame_agg[slot].tolist(), self.blame_ns[slot].tolist(), strict=True)
+            if a != EMPTY
+        ]
         pairs.sort(key=_by_ns, reverse=True)
         return pairs[:limit]
 

@@ -28,8 +28,22 @@ MISSES_TO_END = 2
 
 
 class PrefillRun:
-    __slots__ = ("req", "shard", "run_id", "start_ns", "last_end_ns", "chunks", "tokens", "caused_ns",
-                 "misses", "victim_shards", "victims", "storm", "last_emit_ns", "emitted_caused")
+    __slots__ = (
+        "req",
+        "shard",
+        "run_id",
+        "start_ns",
+        "last_end_ns",
+        "chunks",
+        "tokens",
+        "caused_ns",
+        "misses",
+        "victim_shards",
+        "victims",
+        "storm",
+        "last_emit_ns",
+        "emitted_caused",
+    )
 
     def __init__(self, req: Request, shard: object, run_id: int, start_ns: int) -> None:
         self.req = req
@@ -86,8 +100,14 @@ class StormTracker:
         run.last_end_ns = end_ns
         return run
 
-    def caused(self, run: PrefillRun, amount_ns: float, victims: list[np.ndarray], victim_shards: set[int],
-               end_ns: int) -> None:
+    def caused(
+        self,
+        run: PrefillRun,
+        amount_ns: float,
+        victims: list[np.ndarray],
+        victim_shards: set[int],
+        end_ns: int,
+    ) -> None:
         """Record blame ``run``'s request caused in one step and the victims it hit."""
         if amount_ns <= 0.0:
             return

@@ -74,6 +74,8 @@ class Sidecar:
             self.ledger, FanOutLimits(max_pending=config.subscriber_queue, lag_limit_s=config.lag_limit_s)
         )
         self.ingest = IngestServer(self.ledger, config.ingest, max_frame_bytes=config.max_frame_bytes)
+        counters = self.ingest.counters
+        self.fanout.ingest_busy_s = lambda: counters.busy_s
         self.service = AccountingService(
             self.ledger,
             self.fanout,

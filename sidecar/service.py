@@ -187,7 +187,8 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
                 if sub.pending and sub.closed is None:
                     await _sleep_until(last_send + interval, sub)
                 if sub.pending:
-                    messages = [m for _, m in self.fanout.current(sub.drain())]
+                    built = await self.fanout.build(sub.drain(), sub.view_filter)
+                    messages = [m for _, m in built]
                     if messages:
                         await self._send_batch(context, sub, messages, lag)
                         last_send = time.monotonic()
@@ -257,8 +258,10 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
     async def _write(self, context, message, lag: float) -> None:
         """Write one response; a write still blocked after ``lag`` seconds cuts the stream off."""
         try:
+            _t = time.perf_counter()
             async with asyncio.timeout(lag):
                 await context.write(message)
+            log.warning("DEBUG write %s bytes took %.3f share=%.2f", message.ByteSize(), time.perf_counter() - _t, self.fanout.share)
         except TimeoutError:
             self.fanout.cut_off += 1
             peer = context.peer() if hasattr(context, "peer") else "?"

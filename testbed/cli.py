@@ -53,12 +53,12 @@ def add_engine_args(parser: argparse.ArgumentParser, *, shards: int = 4) -> None
     eng.add_argument("--intra-op-threads", type=_non_negative, default=0,
                      help="torch threads per op; 0: cores // shards, at least 1 (default 0)")
     mod = parser.add_argument_group("model (random weights)")
-    mod.add_argument("--vocab", type=_positive, default=4096)
-    mod.add_argument("--d-model", type=_positive, default=512)
+    mod.add_argument("--vocab", type=_positive, default=2048)
+    mod.add_argument("--d-model", type=_positive, default=256)
     mod.add_argument("--layers", type=_positive, default=2)
     mod.add_argument("--heads", type=_positive, default=4)
     mod.add_argument("--head-dim", type=_positive, default=32)
-    mod.add_argument("--d-ff", type=_positive, default=2048)
+    mod.add_argument("--d-ff", type=_positive, default=1024)
     mod.add_argument("--max-context", type=_positive, default=65536)
 
 

@@ -28,13 +28,13 @@ import torch.nn.functional as F
 class ModelConfig:
     """Size of the testbed model. Defaults: see DEFAULT_MODEL in engine.py for why."""
 
-    vocab_size: int = 4096
-    d_model: int = 512
+    vocab_size: int = 2048
+    d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
     #: Attention width is n_heads * head_dim, independent of d_model (0: d_model // n_heads).
     head_dim: int = 32
-    d_ff: int = 2048
+    d_ff: int = 1024
     max_context: int = 65536
     rope_theta: float = 10000.0
     seed: int = 0

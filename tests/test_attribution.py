@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION, Coupling, EventKind, StepKind
 from enginetime.sidecar.ledger import Ledger, LedgerConfig
 from enginetime.sidecar.records import Beat, Event, Hello, Step
@@ -40,28 +39,54 @@ def true_cost(entries: list[Entry]) -> float:
 class Sim:
     """A synthetic engine feeding a Ledger with a controllable clock."""
 
-    def __init__(self, shards: int = 1, coupling: Coupling = Coupling.INDEPENDENT,
-                 config: LedgerConfig | None = None, engine: str = "eng") -> None:
+    def __init__(
+        self,
+        shards: int = 1,
+        coupling: Coupling = Coupling.INDEPENDENT,
+        config: LedgerConfig | None = None,
+        engine: str = "eng",
+        num_shards: int | None = None,
+    ) -> None:
         self.now = T0
         self.ledger = Ledger(config or LedgerConfig(), clock=lambda: self.now)
         self.engine = engine
-        self.shards = shards
-        self.keys = [self.ledger.connect(Hello(PROTOCOL_VERSION, engine, k, shards, int(coupling),
-                                               recorder_epoch=1)) for k in range(shards)]
+        self.shards = shards  # shards that connect (the engine may declare more: num_shards)
+        self.keys = [
+            self.ledger.connect(
+                Hello(PROTOCOL_VERSION, engine, k, num_shards or shards, int(coupling), recorder_epoch=1)
+            )
+            for k in range(shards)
+        ]
         self.seq = [0] * shards
         self.gs = 0
         self.fed_ns = 0  # Σ device time of every step fed
 
     def arrive(self, shard: int, handle: int, rid: str, t: int | None = None, **kw) -> None:
-        self.ledger.on_event(self.keys[shard], Event(handle=handle, kind=EventKind.ARRIVED,
-                                                     time_ns=self.now if t is None else t, request_id=rid, **kw))
+        self.ledger.on_event(
+            self.keys[shard],
+            Event(
+                handle=handle,
+                kind=EventKind.ARRIVED,
+                time_ns=self.now if t is None else t,
+                request_id=rid,
+                **kw,
+            ),
+        )
 
     def event(self, shard: int, handle: int, kind: EventKind, t: int | None = None, **kw) -> None:
-        self.ledger.on_event(self.keys[shard], Event(handle=handle, kind=kind, time_ns=self.now if t is None else t,
-                                                     **kw))
+        self.ledger.on_event(
+            self.keys[shard], Event(handle=handle, kind=kind, time_ns=self.now if t is None else t, **kw)
+        )
 
-    def make_step(self, shard: int, entries: list[Entry], d: int, start: int, gs: int | None,
-                  peer_tokens: list[int] | None = None) -> Step:
+    def make_step(
+        self,
+        shard: int,
+        entries: list[Entry],
+        d: int,
+        start: int,
+        gs: int | None,
+        peer_tokens: list[int] | None = None,
+    ) -> Step:
         arr = np.array(entries, dtype=np.uint32).reshape(-1, 4)
         if not entries:
             kind = StepKind.IDLE
@@ -71,10 +96,19 @@ class Sim:
             kind = StepKind.MIXED
         else:
             kind = StepKind.DECODE
-        st = Step(seq=self.seq[shard], start_time_ns=start, end_time_ns=start + d, device_time_ns=d,
-                  kind=int(kind), global_step=gs, handles=arr[:, 0].copy(), prefill_tokens=arr[:, 1].copy(),
-                  decode_tokens=arr[:, 2].copy(), context_tokens=arr[:, 3].copy(),
-                  peer_tokens=np.array(peer_tokens or [], dtype=np.uint32))
+        st = Step(
+            seq=self.seq[shard],
+            start_time_ns=start,
+            end_time_ns=start + d,
+            device_time_ns=d,
+            kind=int(kind),
+            global_step=gs,
+            handles=arr[:, 0].copy(),
+            prefill_tokens=arr[:, 1].copy(),
+            decode_tokens=arr[:, 2].copy(),
+            context_tokens=arr[:, 3].copy(),
+            peer_tokens=np.array(peer_tokens or [], dtype=np.uint32),
+        )
         self.seq[shard] += 1
         return st
 
@@ -91,8 +125,14 @@ class Sim:
         self.now += gap
         return st
 
-    def group(self, batches: dict[int, list[Entry]], d: int | None = None, gap: int = 0,
-              skip: tuple[int, ...] = (), peer_tokens: list[int] | None = None) -> int:
+    def group(
+        self,
+        batches: dict[int, list[Entry]],
+        d: int | None = None,
+        gap: int = 0,
+        skip: tuple[int, ...] = (),
+        peer_tokens: list[int] | None = None,
+    ) -> int:
         """One LOCKSTEP group: every shard's step lasts as long as the slowest one's."""
         if d is None:
             d = int(max(true_cost(e) for e in batches.values()))
@@ -202,13 +242,17 @@ def _random_run(sim: Sim, steps: int, rng: np.random.Generator, lockstep: bool) 
         d = int(rng.integers(1, 60) * MS // 3 + rng.integers(0, 1000))
         if lockstep:
             skip = (int(rng.integers(sim.shards)),) if rng.random() < 0.03 else ()
-            peers = [sum(e[1] + e[2] for e in batches[k]) for k in range(sim.shards)] if rng.random() < 0.5 else None
+            peers = (
+                [sum(e[1] + e[2] for e in batches[k]) for k in range(sim.shards)]
+                if rng.random() < 0.5
+                else None
+            )
             sim.group(batches, d, gap=int(rng.integers(0, MS)), skip=skip, peer_tokens=peers)
             if skip and rng.random() < 0.5:
                 sim.now += 300 * MS
                 sim.ledger.tick()
         else:
-            (k, entries), = batches.items()
+            ((k, entries),) = batches.items()
             sim.step(k, entries, d, gap=int(rng.integers(0, MS)))
         for k in shards:
             for h, r in list(live[k].items()):
@@ -222,8 +266,10 @@ def _random_run(sim: Sim, steps: int, rng: np.random.Generator, lockstep: bool) 
         if not eng.join.pending:
             checks += 1
             assert charged_ns(sim.ledger) == pytest.approx(sim.fed_ns, rel=1e-3, abs=1.0)
-        if i % 97 == 0:
-            for v in sim.ledger.query(RequestQuery()):
+        if i % 250 == 0:
+            for v in sim.ledger.query(
+                RequestQuery(states=frozenset({RequestState.RUNNING, RequestState.QUEUED}))
+            ):
                 assert_identity(v)
     sim.ledger.flush()
     return checks
@@ -232,8 +278,11 @@ def _random_run(sim: Sim, steps: int, rng: np.random.Generator, lockstep: bool) 
 @pytest.mark.parametrize("coupling", [Coupling.INDEPENDENT, Coupling.LOCKSTEP])
 def test_shares_of_every_step_sum_to_its_device_time(coupling):
     rng = np.random.default_rng(42 if coupling == Coupling.LOCKSTEP else 7)
-    sim = Sim(shards=4 if coupling == Coupling.LOCKSTEP else 2, coupling=coupling,
-              config=LedgerConfig(refit_every=16))
+    sim = Sim(
+        shards=4 if coupling == Coupling.LOCKSTEP else 2,
+        coupling=coupling,
+        config=LedgerConfig(refit_every=16),
+    )
     checks = _random_run(sim, 5000, rng, lockstep=coupling == Coupling.LOCKSTEP)
     assert checks > 500
     led = sim.ledger
@@ -335,7 +384,9 @@ def test_mixed_step_prefill_is_blamed_on_its_request():
         v = sim.view(f"d{h}")
         got = v.interference_ns - base[h]
         assert got == pytest.approx(expected_pf, rel=0.1)
-        assert v.top_blame[0].request_id == "P" and v.top_blame[0].same_shard
+        blame_p = [b for b in v.top_blame if b.request_id == "P"]
+        assert len(blame_p) == 1 and blame_p[0].same_shard and blame_p[0].shard == 0
+        assert blame_p[0].seconds_ns == pytest.approx(got, abs=2)
     p = sim.view("P")
     assert p.interference_ns == 0
     # P's engine time is the whole step (nobody else prefilled); its gpu share is its own cost.
@@ -392,8 +443,11 @@ def _storm_run(sim: Sim, victim: str, storm: bool, steps: int = 120) -> RequestV
         if storm:
             batches[0] = [(60, 512, 0, storm_ctx)]
             storm_ctx += 512
-        sim.group(batches, int(max(true_cost(e) for e in batches.values()) * (1 + 0.02 * abs(sim.rng.normal()))),
-                  gap=200_000)
+        sim.group(
+            batches,
+            int(max(true_cost(e) for e in batches.values()) * (1 + 0.02 * abs(sim.rng.normal()))),
+            gap=200_000,
+        )
     sim.event(1, hv, EventKind.FINISHED)
     return sim.view(victim)
 
@@ -467,6 +521,14 @@ def test_dead_lockstep_shard_does_not_stall_its_peers():
         assert_identity(sim.view(f"r{k}"))
 
 
+def test_lockstep_model_fits_when_a_declared_shard_never_connects():
+    sim = Sim(shards=3, coupling=Coupling.LOCKSTEP, num_shards=4)
+    warm_model(sim, groups=80)
+    led = sim.ledger
+    assert led.model(sim.keys[0]).fitted
+    assert led.counters.lockstep_timeouts == 0 and led.counters.steps == 80 * 3
+
+
 # ======================================================================================
 # partial records, restarts, migration
 # ======================================================================================
@@ -479,6 +541,21 @@ def test_unknown_handle_creates_a_partial_request_and_is_counted():
     assert v.partial and v.steps == 1 and v.state == RequestState.RUNNING
     assert not sim.view("known").partial
     assert_identity(v)
+
+
+def test_handle_reused_without_arrival_is_a_new_partial_request():
+    sim = Sim()
+    sim.arrive(0, 5, "first")
+    sim.step(0, [(5, 10, 0, 0)], MS)
+    sim.now += MS
+    sim.event(0, 5, EventKind.FINISHED)
+    sim.now += MS
+    sim.step(0, [(5, 20, 0, 0)], 2 * MS)  # the ARRIVED of the handle's next request was lost
+    first = sim.view("first")
+    assert first.steps == 1 and first.gpu_time_ns == MS and not first.partial
+    second = sim.view("eng/0#5")
+    assert second.partial and second.steps == 1 and second.gpu_time_ns == 2 * MS
+    assert sim.ledger.counters.unknown_handles == 1
 
 
 def test_seq_gap_and_reported_drops_mark_live_requests_partial():
@@ -504,12 +581,16 @@ def test_seq_gap_and_reported_drops_mark_live_requests_partial():
 def test_replayed_arrival_marks_partial():
     sim = Sim()
     sim.arrive(0, 1, "live")
-    sim.ledger.on_event(sim.keys[0], Event(handle=1, kind=EventKind.ARRIVED, time_ns=sim.now, request_id="live",
-                                           replayed=True))
+    sim.ledger.on_event(
+        sim.keys[0],
+        Event(handle=1, kind=EventKind.ARRIVED, time_ns=sim.now, request_id="live", replayed=True),
+    )
     assert sim.view("live").partial
     assert sim.ledger.count(RequestQuery()) == 1
-    sim.ledger.on_event(sim.keys[0], Event(handle=2, kind=EventKind.ARRIVED, time_ns=sim.now, request_id="again",
-                                           replayed=True))
+    sim.ledger.on_event(
+        sim.keys[0],
+        Event(handle=2, kind=EventKind.ARRIVED, time_ns=sim.now, request_id="again", replayed=True),
+    )
     assert sim.view("again").partial
 
 
@@ -524,8 +605,17 @@ def test_new_recorder_epoch_aborts_live_requests_of_the_old_engine():
     # Same epoch: a reconnect, nothing lost.
     led.connect(Hello(PROTOCOL_VERSION, "eng", 0, 1, int(Coupling.INDEPENDENT), recorder_epoch=1))
     assert sim.view("old").state == RequestState.RUNNING
-    led.connect(Hello(PROTOCOL_VERSION, "eng", 0, 1, int(Coupling.INDEPENDENT), recorder_epoch=2,
-                      wall_time_ns=sim.now + MS))
+    led.connect(
+        Hello(
+            PROTOCOL_VERSION,
+            "eng",
+            0,
+            1,
+            int(Coupling.INDEPENDENT),
+            recorder_epoch=2,
+            wall_time_ns=sim.now + MS,
+        )
+    )
     old = sim.view("old")
     assert old.state == RequestState.ABORTED and old.partial and old.finish_reason == "engine restarted"
     assert old.finish_time_ns == sim.now + MS
@@ -536,6 +626,27 @@ def test_new_recorder_epoch_aborts_live_requests_of_the_old_engine():
     sim.arrive(0, 1, "new")
     sim.step(0, [(1, 10, 0, 0)], MS)
     assert sim.view("new").steps == 1 and not sim.view("new").partial
+
+
+def test_lockstep_engine_restart_starts_the_join_over():
+    sim = Sim(shards=2, coupling=Coupling.LOCKSTEP)
+    led = sim.ledger
+    for k in range(2):
+        sim.arrive(k, 0, f"a{k}")
+    for _ in range(5):
+        sim.group({k: [(0, 0, 1, 10)] for k in range(2)}, MS)
+    for k in range(2):  # the engine process restarts: new recorder epoch, global_step from 0
+        led.disconnect(sim.keys[k])
+        led.connect(Hello(PROTOCOL_VERSION, "eng", k, 2, int(Coupling.LOCKSTEP), recorder_epoch=7))
+        sim.seq[k] = 0
+    assert sim.view("a0").finish_reason == "engine restarted"
+    sim.gs = 0
+    for k in range(2):
+        sim.arrive(k, 0, f"b{k}")
+    for _ in range(3):
+        sim.group({0: [(0, 0, 1, 10)], 1: [(0, 0, 1, 10)]}, MS)
+    assert led.counters.late_steps == 0 and led.counters.lockstep_groups == 8
+    assert sim.view("b1").steps == 3 and not sim.view("b1").partial
 
 
 def test_migration_flag_follows_sessions_and_pins():

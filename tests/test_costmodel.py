@@ -6,7 +6,6 @@ import itertools
 
 import numpy as np
 import pytest
-
 from enginetime.sidecar.costmodel import (
     MIN_OBSERVATIONS,
     CostModel,
@@ -77,8 +76,9 @@ def test_nnls_ridge_predicts_well_under_noise():
 def test_nnls_ridge_never_returns_negative_costs():
     # Decode looks "free" in this data: the unconstrained fit makes it negative.
     rng = np.random.default_rng(2)
-    x = np.column_stack([np.ones(100), rng.integers(0, 512, 100), np.zeros(100), rng.integers(0, 64, 100),
-                         np.zeros(100)]).astype(np.float64)
+    x = np.column_stack(
+        [np.ones(100), rng.integers(0, 512, 100), np.zeros(100), rng.integers(0, 64, 100), np.zeros(100)]
+    ).astype(np.float64)
     y = 1e6 + 1e4 * x[:, 1] - 3e4 * x[:, 3]
     unconstrained = np.linalg.lstsq(x[:, [0, 1, 3]], y, rcond=None)[0]
     assert unconstrained[2] < 0

@@ -321,6 +321,26 @@ def test_sidecar_killed_and_restarted_mid_stream(sockdir):
         srv.stop()
 
 
+def test_many_live_requests_are_all_replayed_before_any_step(sockdir):
+    srv = FrameServer.unix(sockdir)
+    rec = Recorder("eng-k", address=srv.address, buffer_size=8, timer="cpu")
+    try:
+        handles = {rec.request_arrived(f"live-{i}", prompt_tokens=i): i for i in range(700)}
+        for i in range(20):  # pushes every ARRIVED out of the small buffers
+            add_step(rec, [1, 2], global_step=i)
+        wait_stats(rec, lambda s: s.dropped_events == 700)
+        srv.start()
+        assert srv.wait_for(lambda: any(s.seq == 19 for s in srv.of("step")))
+        frames = [f for _, f in srv.frames]
+        first_step = next(i for i, f in enumerate(frames) if f.HasField("step"))
+        replayed = [f.request_event for f in frames[:first_step] if f.HasField("request_event")]
+        assert len(replayed) == 700 and all(e.replayed for e in replayed)
+        assert {e.handle: e.prompt_tokens for e in replayed} == handles
+    finally:
+        rec.close()
+        srv.stop()
+
+
 def test_tcp_address_works():
     srv = FrameServer("tcp:127.0.0.1:0").start()
     try:

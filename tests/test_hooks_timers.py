@@ -34,7 +34,17 @@ class FakeGpu:
         self.done_ns = 0
         self.capturing = False
         self.streams: list[object] = []
+        self.device = 3  # the engine runs on cuda:3, not cuda:0
+        self.bound: dict[int, tuple[str, int]] = {}  # thread id -> (thread name, device it set)
         self._lock = threading.Lock()
+
+    def set_device(self, index: int) -> None:
+        self.bound[threading.get_ident()] = (threading.current_thread().name, index)
+
+    def check_bound(self) -> None:
+        """A CUDA call from a thread that never set the engine's device would bind cuda:0."""
+        if self.bound.get(threading.get_ident(), ("", -1))[1] != self.device:
+            raise AssertionError("CUDA event read from a thread not bound to the engine's device")
 
     def launch(self, ns: int) -> None:
         with self._lock:
@@ -60,9 +70,11 @@ class FakeEvent:
         self.gpu.streams.append(stream)
 
     def query(self) -> bool:
+        self.gpu.check_bound()
         return self.t is None or self.gpu.done_ns >= self.t
 
     def elapsed_time(self, end: FakeEvent) -> float:
+        self.gpu.check_bound()
         if self.t is None or end.t is None:
             raise RuntimeError("event not recorded")
         if not (self.query() and end.query()):
@@ -75,7 +87,8 @@ class FakeEvent:
 
 def fake_timer(gpu: FakeGpu, **kw) -> CudaEventTimer:
     return CudaEventTimer(event_factory=lambda: FakeEvent(gpu), is_capturing=lambda: gpu.capturing,
-                          device_name="FakeGPU", **kw)
+                          current_device=lambda: gpu.device, set_device=gpu.set_device, device_name="FakeGPU",
+                          **kw)
 
 
 @pytest.fixture
@@ -150,6 +163,8 @@ def test_cuda_steps_resolve_later_in_order_without_synchronize(server):
     assert all(s.timer_source == TimerSource.CUDA_EVENT for s in steps)
     assert st.timer_fallbacks == 0 and st.errors == 0
     assert timer.free == timer.allocated  # every pair went back to the pool
+    # The shipper thread, which reads the events, first bound itself to the engine's device.
+    assert ("enginetime-shipper", 3) in gpu.bound.values() and timer.device_index == 3
     hello = server.of("hello")[0]
     assert hello.clock.timer_source == TimerSource.CUDA_EVENT and hello.clock.device_name == "FakeGPU"
     assert gpu.streams[:2] == ["engine-stream", "engine-stream"]
@@ -169,6 +184,18 @@ def test_pool_exhaustion_falls_back_to_cpu_timing_and_keeps_order(server):
     assert [s.timer_source for s in steps] == [TimerSource.CUDA_EVENT] * 3 + [TimerSource.MONOTONIC] * 5
     assert all(s.device_time_ns == 1_000_000 for s in steps[:3])
     assert all(s.device_time_ns > 0 for s in steps[3:])
+
+
+def test_step_abort_returns_the_pair():
+    gpu = FakeGpu()
+    timer = fake_timer(gpu, pool_cap=2, prealloc=0)
+    rec = Recorder("eng-cuda", address="unix:/nonexistent/dir/x.sock", timer=timer, start=False)
+    for _ in range(10):  # a forward that keeps raising: the adapter aborts each step
+        rec.step_abort(rec.step_begin())
+    assert timer.allocated == 1 and timer.free == 1 and rec.stats().timer_fallbacks == 0
+    rec.step_abort("garbage")
+    assert rec.stats().errors == 1
+    rec.close()
 
 
 def test_cuda_graph_capture_is_timed_on_the_cpu(server):
@@ -194,6 +221,7 @@ def test_unreadable_event_time_falls_back_and_is_counted(server):
             raise RuntimeError("events on different devices")
 
     timer = CudaEventTimer(event_factory=lambda: BrokenEvent(gpu), is_capturing=lambda: False,
+                           current_device=lambda: gpu.device, set_device=gpu.set_device,
                            device_name="FakeGPU")
     with Recorder("eng-cuda", address=server.address, timer=timer) as rec:
         gpu_step(rec, gpu, 5_000)
@@ -264,6 +292,8 @@ def test_real_cuda_events_time_real_matmuls(server):
     import torch
 
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    for _ in range(3):  # warm up cuBLAS: the first matmul pays for its set-up
+        a @ a
     torch.cuda.synchronize()  # the test's own setup, not the hooks
     with Recorder("eng-real-cuda", address=server.address, timer="cuda") as rec:
         assert isinstance(rec._timer, CudaEventTimer)
@@ -277,6 +307,7 @@ def test_real_cuda_events_time_real_matmuls(server):
         st = rec.stats()
     steps = server.of("step")
     assert all(s.timer_source == TimerSource.CUDA_EVENT for s in steps) and st.timer_fallbacks == 0
+    assert server.of("hello")[0].clock.device_name == torch.cuda.get_device_name()
     d = [s.device_time_ns for s in steps]
     assert 0 < d[0] < d[1] < d[2]
     assert 8 < d[2] / d[0] < 32  # 16 matmuls take about 16x one

@@ -1,0 +1,111 @@
+"""Hook overhead on real compute: testbed decode throughput with engine_hooks on vs off.
+
+    .venv/bin/python bench/bench_testbed_overhead.py [--batches 64,256] [--reps 7] [--tokens 64]
+                                                     [--shards 1] [--coupling independent]
+
+Two testbed engines with the same model live in one process: one with hooks (one
+Recorder per shard, shipping to a real ``enginetime sidecar`` subprocess that
+attributes every step), one without (no adapter at all: what the engine is without
+enginetime). Repetitions alternate between them (on/off, then off/on, ...), so
+drift in the machine's load hits both alike. Each repetition submits ``batch``
+requests (32-token random prompts, prefix cache off) and lets them decode
+``--tokens`` tokens; decode throughput is decode tokens / time from the first to
+the last decode step, read from the engine's own step log (prefill excluded). The
+figure is the median over repetitions of the paired ratio on/off (goal ≥ 0.98).
+
+What the ratio includes: the adapter building four columns per step, the Recorder
+calls on the engine thread, and the shipper thread's encoding and socket writes
+competing for the GIL and the cores; the sidecar process competes for the cores
+too (on a GPU host it would have CPU to spare).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+
+from enginetime.testbed.demo import SidecarProcess
+from enginetime.testbed.engine import Engine, EngineConfig
+
+
+def decode_throughput(engine: Engine, batch: int, tokens: int, rng: random.Random, shards: int) -> float:
+    vocab = engine.config.model.vocab_size
+    t0 = time.perf_counter()
+    reqs = [engine.submit([rng.randrange(vocab) for _ in range(32)], tokens, routed_shard=i % shards)
+            for i in range(batch)]
+    for r in reqs:
+        if not r.wait(600):
+            raise RuntimeError("a request did not finish in 600 s")
+    steps = [s for s in engine.step_log() if s.start >= t0 and s.decoded > 0 and s.prefilled == 0]
+    first = min(s.start for s in steps)
+    last = max(s.end for s in steps)
+    return sum(s.decoded for s in steps) / (last - first)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", default="64,256")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--tokens", type=int, default=64, help="decode tokens per request per repetition")
+    ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--coupling", default="independent", choices=("independent", "lockstep"))
+    ap.add_argument("--json", action="store_true", help="also print one JSON line with the figures")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+
+    sidecar = SidecarProcess()
+    common = dict(num_shards=args.shards, coupling=args.coupling, prefix_cache_tokens=0,
+                  max_running_requests=4096, step_log_size=200_000)
+    on = Engine(EngineConfig(hooks=True, ingest=sidecar.ingest, engine_id="bench-hooks-on", **common)).start()
+    off = Engine(EngineConfig(hooks=False, engine_id="bench-hooks-off", **common)).start()
+    engines = {"on": on, "off": off}
+    results: dict[int, dict] = {}
+    try:
+        rng = random.Random(0)
+        for eng in (on, off):  # warm both: first-call allocations, thread pools
+            decode_throughput(eng, 8, 8, rng, args.shards)
+        print(f"testbed decode throughput, hooks on vs off: {args.shards} shard(s), {args.coupling}, "
+              f"{args.tokens} decode tokens per request, {args.reps} interleaved repetitions, "
+              f"{on.intra_op_threads} torch thread(s) per op")
+        print(f"{'batch':>6} {'off tok/s':>10} {'on tok/s':>10} {'ratio (median of pairs)':>24} {'min':>6} {'max':>6}")
+        for batch in batches:
+            tput: dict[str, list[float]] = {"on": [], "off": []}
+            ratios = []
+            for rep in range(args.reps):
+                order = ("on", "off") if rep % 2 == 0 else ("off", "on")
+                got = {}
+                for mode in order:
+                    got[mode] = decode_throughput(engines[mode], batch, args.tokens, rng, args.shards)
+                    tput[mode].append(got[mode])
+                ratios.append(got["on"] / got["off"])
+            med = statistics.median(ratios)
+            results[batch] = {"off_tok_s": statistics.median(tput["off"]), "on_tok_s": statistics.median(tput["on"]),
+                              "ratio": med, "ratio_min": min(ratios), "ratio_max": max(ratios)}
+            r = results[batch]
+            print(f"{batch:>6} {r['off_tok_s']:>10.0f} {r['on_tok_s']:>10.0f} {med:>24.3f} "
+                  f"{min(ratios):>6.3f} {max(ratios):>6.3f}")
+        assert on.flush_hooks(10), "hooks did not flush"
+        stats = [sh.hooks.stats() for sh in on.shards]
+        sent = sum(s.sent_frames for s in stats)
+        dropped = sum(s.dropped_frames for s in stats)
+        steps = sum(s.steps for s in stats)
+        cpu = sum(s.shipper_cpu_ns for s in stats)
+        print(f"hooks on: {steps} steps recorded, {sent} frames sent, {dropped} dropped, shipper CPU "
+              f"{cpu / max(steps, 1) / 1000:.1f} us/step; sidecar {sidecar.grpc_target}")
+        if args.json:
+            print(json.dumps({"batches": results, "steps": steps, "frames_sent": sent, "dropped": dropped}))
+        if dropped:
+            print("WARNING: frames were dropped; the hooks-on figure is optimistic", file=sys.stderr)
+    finally:
+        on.close()
+        off.close()
+        sidecar.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

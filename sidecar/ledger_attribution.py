@@ -1,0 +1,159 @@
+"""The arithmetic of attribution: one step or lockstep group in, per-entry figures out.
+
+Pure numpy over a whole group at once (all shards' entries concatenated, ``seg``
+saying which shard each entry belongs to), so an 8 × 256 lockstep group costs a few
+dozen vectorised operations, not 2,048 Python iterations. The ledger (``ledger``)
+gathers the batch, asks ``predict`` for the model's view of it, picks the critical
+shard (``predict`` proposes one; a missing shard named by ``peer_tokens`` may
+override it), then ``divide`` splits every shard's measured duration ``d`` into each
+entry's engine time, interference and gpu share. See ``ledger``'s docstring for the
+definitions; this module is their executable form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .costmodel import CostModel
+from .records import Step
+
+
+@dataclass(slots=True)
+class Batch:
+    """The entries of one step (m = 1) or lockstep group (m shards), concatenated."""
+
+    slots: np.ndarray  # int64 request slot per entry
+    p_raw: np.ndarray  # uint32 prefill tokens
+    q_raw: np.ndarray  # uint32 decode tokens
+    c_raw: np.ndarray  # uint32 context tokens
+    seg: np.ndarray  # shard position (0..m-1) per entry
+    counts: np.ndarray  # entries per shard position
+    d: np.ndarray  # float64 measured duration per shard position
+    starts: np.ndarray  # int64 step start per shard position
+    ends: np.ndarray  # int64 step end per shard position
+    offs: np.ndarray = None  # type: ignore[assignment]  # entry range of shard j: offs[j]:offs[j+1]
+
+    def __post_init__(self) -> None:
+        self.offs = np.zeros(self.counts.size + 1, dtype=np.int64)
+        np.cumsum(self.counts, out=self.offs[1:])
+
+    @property
+    def m(self) -> int:
+        return self.counts.size
+
+
+def step_scalars(steps: list[Step]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(d, start, end) arrays of a group's steps; negative device times count as 0."""
+    m = len(steps)
+    d = np.fromiter((max(int(st.device_time_ns), 0) for st in steps), dtype=np.float64, count=m)
+    starts = np.fromiter((int(st.start_time_ns) for st in steps), dtype=np.int64, count=m)
+    ends = np.fromiter((int(st.end_time_ns) for st in steps), dtype=np.int64, count=m)
+    return d, starts, ends
+
+
+@dataclass(slots=True)
+class Prediction:
+    """The cost model's view of a batch."""
+
+    p: np.ndarray  # float64 prefill tokens
+    q: np.ndarray  # float64 decode tokens
+    c: np.ndarray  # float64 context tokens
+    pf: np.ndarray  # predicted prefill cost per entry (0 for decode entries)
+    unit: np.ndarray  # predicted marginal cost + even share of β0 per entry
+    big_p: np.ndarray  # predicted duration per shard position (0 when empty)
+    pf_sum: np.ndarray  # predicted prefill cost per shard position
+    calibrated: bool  # costs are ns (else relative token weights)
+    critical: int  # proposed critical shard position (-1: every step empty)
+
+
+def predict(batch: Batch, model: CostModel) -> Prediction:
+    p = batch.p_raw.astype(np.float64)
+    q = batch.q_raw.astype(np.float64)
+    c = batch.c_raw.astype(np.float64)
+    seg, m = batch.seg, batch.m
+    pf, dc, beta0 = model.entry_costs(p, q, c)
+    e = pf + dc
+    nonempty = batch.counts > 0
+    n = np.maximum(batch.counts, 1).astype(np.float64)
+    big_p = np.where(nonempty, np.bincount(seg, weights=e, minlength=m) + beta0, 0.0)
+    pf_sum = np.bincount(seg, weights=pf, minlength=m)
+    calibrated = model.calibrated
+    critical = -1
+    if nonempty.any():
+        # Heaviest predicted step; by tokens while predictions are only relative weights.
+        key = big_p if calibrated else np.bincount(seg, weights=p + q, minlength=m)
+        critical = int(np.argmax(np.where(nonempty, key, -1.0)))
+    return Prediction(p, q, c, pf, e + beta0 / n[seg], big_p, pf_sum, calibrated, critical)
+
+
+@dataclass(slots=True)
+class Division:
+    """How each shard's ``d`` divides (per shard position) and what each entry gets."""
+
+    w: np.ndarray  # own work per shard position
+    wait: np.ndarray  # d − w: waiting for the critical shard
+    scale: np.ndarray  # w / P per shard position (measured over predicted)
+    share: np.ndarray  # own-work gpu share per entry (Σ over a shard = w)
+    engine: np.ndarray  # engine time per entry
+    interference: np.ndarray  # d − engine per entry
+    gpu: np.ndarray  # share + charged wait per entry
+    crit_lo: int  # entry range of the critical shard (empty if none present)
+    crit_hi: int
+    crit_weights: np.ndarray | None  # fractions of the wait per critical entry (Σ = 1)
+    crit_by_prefill: bool  # the wait is blamed on the critical shard's prefill entries
+    wait_total: float
+    uncharged: bool  # the wait had nobody to be charged to (critical shard missing/empty)
+
+
+def divide(batch: Batch, pred: Prediction, critical: int) -> Division:
+    """Split each shard's measured ``d`` (``critical`` = -1: no critical shard present)."""
+    seg, m, d = batch.seg, batch.m, batch.d
+    nonempty = batch.counts > 0
+    n = np.maximum(batch.counts, 1).astype(np.float64)
+    big_p = pred.big_p
+    if pred.calibrated:
+        w = np.where(nonempty, np.minimum(d, big_p), 0.0)
+    else:
+        w = np.where(nonempty, d, 0.0)
+    if critical >= 0:
+        w[critical] = d[critical]
+    wait = d - w
+    scale = np.divide(w, big_p, out=np.zeros(m), where=big_p > 0.0)
+    scale_e = scale[seg]
+    share = np.where(big_p[seg] > 0.0, pred.unit * scale_e, (w / n)[seg])
+    engine = np.maximum(w[seg] - scale_e * (pred.pf_sum[seg] - pred.pf), 0.0)
+    interference = d[seg] - engine
+    gpu = share.copy()
+    wait_total = float(wait.sum())
+    lo = hi = 0
+    weights = None
+    by_prefill = False
+    if critical >= 0:
+        offs = batch.offs
+        lo, hi = int(offs[critical]), int(offs[critical + 1])
+        wt = pred.pf[lo:hi]
+        tot = float(wt.sum())
+        by_prefill = tot > 0.0
+        if not by_prefill:
+            wt = pred.unit[lo:hi]
+            tot = float(wt.sum())
+        weights = wt / tot if tot > 0.0 else np.full(hi - lo, 1.0 / (hi - lo))
+        if wait_total > 0.0:
+            gpu[lo:hi] += wait_total * weights
+    return Division(
+        w,
+        wait,
+        scale,
+        share,
+        engine,
+        interference,
+        gpu,
+        lo,
+        hi,
+        weights,
+        by_prefill,
+        wait_total,
+        critical < 0 and wait_total > 0.0,
+    )

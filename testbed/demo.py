@@ -1,0 +1,610 @@
+"""``enginetime demo``: the incident of DESIGN.md §1, reproduced on the testbed and accounted for.
+
+What happens (default: 4 DP shards, LOCKSTEP, prefill-first, 512-token chunks):
+
+1. A sidecar starts (``python -m enginetime sidecar``, the same command users run) and
+   the testbed engine starts in-process with its hooks pointed at the sidecar, serving
+   SGLang's ``/generate`` on a loopback port. Everything below goes through HTTP.
+2. A long TITO session's first turn runs on shard 0, which now holds its prefix.
+3. Baseline: victim requests decode on shards 0..N-2 (plus one "neighbour" on the last
+   shard), with no storm.
+4. The same victims again; once they are decoding, the session's next turn is routed to
+   the last shard (a migration): it prefills its whole context from scratch, dozens of
+   chunks — the storm. The victims' shards step in lockstep with it.
+5. The session's following turn stays on the last shard (sticky) and prefills only
+   its new tokens.
+
+The report: per-shard decode tok/s before / during / after the storm (from the engine's
+own step log), each victim's wall, queue, engine_time, interference and top blame (from
+the sidecar, via AccountingClient), the storm's own accounting, and what a wall-clock
+timeout would kill versus an engine-time budget of the same length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import httpx
+
+from .engine import Engine, EngineConfig, StepLog
+from .http_api import EngineHTTPServer
+from .model import ModelConfig
+from .sessions import SessionDriver
+
+READY_PREFIX = "enginetime sidecar ready "
+STORM_RID = "session-long-turn-1"
+
+
+@dataclass
+class DemoConfig:
+    shards: int = 4
+    coupling: str = "lockstep"
+    policy: str = "prefill-first"
+    chunk: int = 512
+    storm_tokens: int = 16384
+    victims: int = 6
+    seed: int = 0
+    device: str = "cpu"
+    otlp_endpoint: str | None = None
+    baseline: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    intra_op_threads: int = 0
+    max_running_requests: int = 1024
+    prefix_cache_tokens: int = 1 << 18
+    #: Victims' decode tokens before the storm starts and after it ends.
+    before_tokens: int = 16
+    after_tokens: int = 16
+    victim_prompt_tokens: int = 64
+    #: New tokens each later turn of the long session adds.
+    turn_tokens: int = 64
+    #: Budget for a wall-clock timeout vs an engine-time budget, as a multiple of the
+    #: slowest victim's wall time without the storm.
+    budget_factor: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.shards < 2:
+            raise ValueError("the demo needs --shards ≥ 2: victims on shards 0..N-2, the storm on the last")
+        if self.storm_tokens < 2 * self.chunk:
+            raise ValueError(f"--storm-tokens {self.storm_tokens} is less than two chunks of {self.chunk}: "
+                             "no storm to see")
+        if self.storm_tokens + 1024 > self.model.max_context:
+            raise ValueError(f"--storm-tokens {self.storm_tokens} does not fit the model context "
+                             f"{self.model.max_context} (raise --max-context)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DemoConfig:
+        model = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers,
+                            n_heads=args.heads, head_dim=args.head_dim, d_ff=args.d_ff,
+                            max_context=args.max_context, seed=args.seed)
+        return cls(shards=args.shards, coupling=args.coupling, policy=args.policy, chunk=args.chunk,
+                   storm_tokens=args.storm_tokens, victims=args.victims, seed=args.seed, device=args.device,
+                   otlp_endpoint=args.otlp_endpoint, baseline=not args.no_baseline, model=model,
+                   intra_op_threads=args.intra_op_threads, max_running_requests=args.max_running_requests,
+                   prefix_cache_tokens=args.prefix_cache_tokens)
+
+
+# ---------------------------------------------------------------------------- the sidecar process
+
+
+class SidecarProcess:
+    """``python -m enginetime sidecar`` on a private Unix socket and a free gRPC port."""
+
+    def __init__(self, *extra_args: str, timeout_s: float = 60.0) -> None:
+        self.dir = tempfile.mkdtemp(prefix="et-demo-", dir="/tmp")
+        self.log_path = os.path.join(self.dir, "sidecar.log")
+        cmd = [sys.executable, "-m", "enginetime", "sidecar", "--ingest", f"unix:{self.dir}/ingest.sock",
+               "--listen", "127.0.0.1:0", "--log-level", "warning", *extra_args]
+        with open(self.log_path, "wb") as err:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                                         text=True)
+        ready = threading.Event()
+        lines: list[str] = []
+
+        def read() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                lines.append(line.rstrip("\n"))
+                if line.startswith(READY_PREFIX):
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, name="demo-sidecar-stdout", daemon=True).start()
+        ready.wait(timeout_s)
+        line = next((ln for ln in lines if ln.startswith(READY_PREFIX)), None)
+        if line is None:
+            self.stop()
+            raise RuntimeError(f"the sidecar did not start (command: {' '.join(cmd)}):\n{self.log()[-3000:]}")
+        fields = dict(part.split("=", 1) for part in line[len(READY_PREFIX):].split())
+        self.grpc_target = fields["grpc"]
+        self.ingest = fields["ingest"]
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- measurements
+
+
+@dataclass
+class Window:
+    start: float
+    end: float
+
+    def __contains__(self, t: float) -> bool:
+        return self.start < t <= self.end
+
+
+def decode_rate(steps: list[StepLog], window: Window, active_until: float) -> float | None:
+    """Decode tokens per second of one shard's steps ending in the window.
+
+    The denominator is the part of the window in which the shard still had decoding
+    requests (until ``active_until``), so a shard whose victims finished early is not
+    reported as slow.
+    """
+    end = min(window.end, active_until)
+    span = end - window.start
+    if span <= 1e-3:
+        return None
+    tokens = sum(s.decoded for s in steps if window.start < s.end <= end + 1e-6)
+    return tokens / span
+
+
+def _blame(acct) -> list[dict]:
+    return [{"request_id": b.request_id, "shard": b.shard, "seconds": round(b.seconds, 4),
+             "same_shard": b.same_shard} for b in acct.top_blame]
+
+
+def _r(x: float | None, nd: int = 4) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+class Scenario:
+    """One demo run: engine + HTTP + sidecar client, driven phase by phase."""
+
+    def __init__(self, cfg: DemoConfig, engine: Engine, url: str, acct, say: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.acct = acct
+        self.say = say
+        self.client = httpx.Client(base_url=url, timeout=600,
+                                   limits=httpx.Limits(max_connections=cfg.victims + 16))
+        # Its own seed: the session's tokens must not repeat the warmup's (no accidental cache hits).
+        self.driver = SessionDriver(url, num_shards=cfg.shards, routing="sticky", seed=cfg.seed + 1,
+                                    vocab_size=cfg.model.vocab_size, client=self.client)
+        self.rng = random.Random(cfg.seed)
+        self.storm_shard = cfg.shards - 1
+        self.home_shard = 0
+
+    def close(self) -> None:
+        self.client.close()
+
+    def tokens(self, n: int) -> list[int]:
+        return [self.rng.randrange(self.cfg.model.vocab_size) for _ in range(n)]
+
+    def post(self, rid: str, ids: list[int], max_new: int, shard: int) -> dict:
+        r = self.client.post("/generate", json={"rid": rid, "input_ids": ids, "routed_dp_rank": shard,
+                                                "sampling_params": {"max_new_tokens": max_new}})
+        if r.status_code != 200:
+            raise RuntimeError(f"{rid}: HTTP {r.status_code}: {r.text}")
+        return r.json()
+
+    # ------------------------------------------------------------------ phases
+
+    def warmup(self) -> None:
+        threads = [threading.Thread(target=self.post, args=(f"warmup-{k}", self.tokens(600), 8, k))
+                   for k in range(self.cfg.shards)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def victim_specs(self, prefix: str) -> list[tuple[str, int]]:
+        specs = [(f"{prefix}victim-{i}", i % (self.cfg.shards - 1)) for i in range(self.cfg.victims)]
+        specs.append((f"{prefix}neighbour", self.storm_shard))
+        return specs
+
+    def run_victims(self, prefix: str, max_new: int, storm: Callable[[], None] | None) -> dict:
+        """Start the victims; with ``storm``, launch it once every victim has decoded before_tokens."""
+        specs = self.victim_specs(prefix)
+        results: dict[str, dict] = {}
+        errors: list[BaseException] = []
+
+        def one(rid: str, shard: int) -> None:
+            try:
+                results[rid] = self.post(rid, self.tokens(self.cfg.victim_prompt_tokens), max_new, shard)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=spec) for spec in specs]
+        for t in threads:
+            t.start()
+        eng = self.engine
+        reqs: dict[str, object] = {}
+
+        def decoding(n: int) -> bool:
+            for rid, _ in specs:
+                r = reqs.get(rid) or eng.get(rid)
+                if r is None:
+                    if errors:
+                        return True
+                    return False
+                reqs[rid] = r
+                if len(r.output_ids) < n:
+                    return False
+            return True
+
+        if not eng.wait_until(lambda: decoding(1), 120):
+            raise RuntimeError("victims did not start decoding within 120 s")
+        all_decoding = time.perf_counter()
+        storm_thread = None
+        if storm is not None:
+            if not eng.wait_until(lambda: decoding(self.cfg.before_tokens), 120):
+                raise RuntimeError("victims did not reach their pre-storm tokens within 120 s")
+            storm_thread = threading.Thread(target=storm)
+            storm_thread.start()
+        for t in threads:
+            t.join()
+        if storm_thread is not None:
+            storm_thread.join()
+        if errors:
+            raise errors[0]
+        return {"specs": specs, "reqs": reqs, "all_decoding": all_decoding, "results": results}
+
+    # ------------------------------------------------------------------ accounting
+
+    def accounting(self, rid: str, steps: int, deadline: float):
+        """The sidecar's figures for rid once it has all of them (terminal, every step seen)."""
+        from enginetime.clients import EnginetimeError
+
+        last = None
+        while True:
+            try:
+                last = self.acct.get_request(rid)
+                if last.terminal and last.steps >= steps:
+                    return last, False
+            except EnginetimeError:
+                pass
+            if time.monotonic() > deadline:
+                return last, True
+            time.sleep(0.05)
+
+    def victim_row(self, rid: str, shard: int, req, storm_window: Window | None, deadline: float) -> dict:
+        acct, partial = self.accounting(rid, req.steps, deadline)
+        row = {"request_id": rid, "shard": shard, "output_tokens": len(req.output_ids),
+               "engine_wall_s": _r(req.finish_perf - req.arrival_perf), "max_stall_s": _r(req.max_gap_s)}
+        if storm_window is not None:
+            row["decode_tokens_during_storm"] = sum(
+                s.decode_tokens[s.rids.index(rid)] for s in self.engine.step_log(shard)
+                if rid in s.rids and s.end in storm_window)
+        if acct is None:
+            row.update({"wall_s": None, "queue_s": None, "engine_time_s": None, "gpu_time_s": None,
+                        "interference_s": None, "other_s": None, "blame": [], "partial": True})
+            return row
+        row.update({"wall_s": _r(acct.wall), "queue_s": _r(acct.queue_time), "engine_time_s": _r(acct.engine_time),
+                    "gpu_time_s": _r(acct.gpu_time), "interference_s": _r(acct.interference),
+                    "other_s": _r(acct.other), "excluded_steps": acct.excluded_steps, "blame": _blame(acct),
+                    "partial": bool(partial or acct.partial)})
+        return row
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict:
+        cfg, eng, say = self.cfg, self.engine, self.say
+        t_start = time.perf_counter()
+        say("warming up every shard")
+        self.warmup()
+
+        # The long session's first turn, on its home shard.
+        history_out = 8
+        first = cfg.storm_tokens - cfg.turn_tokens - history_out
+        session = self.driver.new_session(first, session_id="session-long")
+        say(f"session-long turn 0: {first} tokens prefilled on shard {self.home_shard} (its home)")
+        turn0 = self.driver.run_turn(session, 0, max_new_tokens=history_out, shard=self.home_shard,
+                                     rid="session-long-turn-0")
+        storm_prompt = len(session.history) + cfg.turn_tokens
+        per_step = cfg.chunk - (1 if cfg.policy == "mixed" else 0)
+        storm_chunks = math.ceil(storm_prompt / per_step)
+        max_new = cfg.before_tokens + storm_chunks + cfg.after_tokens
+
+        baseline = None
+        if cfg.baseline:
+            say(f"baseline: {cfg.victims} victims on shards 0..{cfg.shards - 2} (+1 on shard "
+                f"{self.storm_shard}) decode {max_new} tokens, no storm")
+            baseline = self.run_victims("baseline-", max_new, None)
+
+        storm_box: dict = {}
+
+        def storm() -> None:
+            storm_box["sent"] = time.perf_counter()
+            storm_box["turn"] = self.driver.run_turn(session, cfg.turn_tokens, max_new_tokens=8,
+                                                     shard=self.storm_shard, rid=STORM_RID)
+
+        say(f"storm: the same victims; session-long turn 1 migrates to shard {self.storm_shard} "
+            f"({storm_prompt} tokens, {storm_chunks} chunks of {cfg.chunk})")
+        run = self.run_victims("", max_new, storm)
+        storm_turn = storm_box["turn"]
+
+        # The next turn stays where the prefix now is.
+        turn2 = self.driver.run_turn(session, cfg.turn_tokens, max_new_tokens=8, rid="session-long-turn-2")
+        eng.flush_hooks(10)
+        say("collecting accounting from the sidecar")
+
+        # ---- engine-side measurements
+        storm_steps = [s for s in eng.step_log(self.storm_shard) if STORM_RID in s.rids
+                       and s.prefill_tokens[s.rids.index(STORM_RID)] > 0]
+        storm_window = Window(storm_steps[0].start, storm_steps[-1].end)
+        reqs = run["reqs"]
+        last_finish = max(r.finish_perf for r in reqs.values())
+        # "before" ends when the storm turn is sent: its HTTP body (tens of thousands of ids) is
+        # parsed while the victims decode, which is the server's cost, not the storm's.
+        windows = {"before": Window(run["all_decoding"], storm_box["sent"]), "during": storm_window,
+                   "after": Window(storm_window.end, last_finish)}
+        shards = []
+        for k in range(cfg.shards):
+            mine = [r for (rid, sh), r in zip(run["specs"], [reqs[rid] for rid, _ in run["specs"]], strict=True)
+                    if sh == k]
+            active_until = max((r.finish_perf for r in mine), default=0.0)
+            steps = eng.step_log(k)
+            shards.append({"shard": k, "role": "storm" if k == self.storm_shard else "victims",
+                           "decode_tok_s": {name: _r(decode_rate(steps, w, active_until), 2)
+                                            for name, w in windows.items()}})
+
+        # ---- sidecar accounting
+        deadline = time.monotonic() + 20
+        victims, neighbour = [], None
+        for rid, shard in run["specs"]:
+            row = self.victim_row(rid, shard, reqs[rid], storm_window, deadline)
+            if rid.endswith("neighbour"):
+                neighbour = row
+            else:
+                victims.append(row)
+        base_rows, base_neighbour = [], None
+        if baseline is not None:
+            for rid, shard in baseline["specs"]:
+                row = self.victim_row(rid, shard, baseline["reqs"][rid], None, deadline)
+                if rid.endswith("neighbour"):
+                    base_neighbour = row
+                else:
+                    base_rows.append(row)
+
+        storm_req_steps = sum(1 for s in eng.step_log(self.storm_shard) if STORM_RID in s.rids)
+        sa, spartial = self.accounting(STORM_RID, storm_req_steps, deadline)
+        storm_row = {
+            "request_id": STORM_RID, "shard": self.storm_shard, "from_shard": self.home_shard,
+            "session_id": "session-long", "prompt_tokens": storm_turn.prompt_tokens,
+            "cached_tokens": storm_turn.cached_tokens,
+            "prefill_tokens": sum(s.prefill_tokens[s.rids.index(STORM_RID)] for s in storm_steps),
+            "chunks": len(storm_steps), "prefill_s": _r(storm_window.end - storm_window.start),
+            "sent_after_victims_s": _r(storm_box["sent"] - run["all_decoding"]),
+            "wall_s": _r(sa.wall) if sa else None, "queue_s": _r(sa.queue_time) if sa else None,
+            "engine_time_s": _r(sa.engine_time) if sa else None, "gpu_time_s": _r(sa.gpu_time) if sa else None,
+            "interference_s": _r(sa.interference) if sa else None,
+            "migrated": bool(sa.migrated) if sa else None, "partial": bool(spartial or (sa and sa.partial)),
+        }
+        session_row = {
+            "session_id": "session-long",
+            "turns": [{"request_id": t.rid, "shard": t.shard, "prompt_tokens": t.prompt_tokens,
+                       "cached_tokens": t.cached_tokens, "prefilled_tokens": t.prefilled_tokens,
+                       "wall_s": _r(t.wall_s)} for t in (turn0, storm_turn, turn2)],
+        }
+
+        report = {
+            "config": {"shards": cfg.shards, "coupling": cfg.coupling, "policy": cfg.policy, "chunk": cfg.chunk,
+                       "storm_tokens": cfg.storm_tokens, "victims": cfg.victims, "seed": cfg.seed,
+                       "device": str(eng.device), "intra_op_threads": eng.intra_op_threads,
+                       "victim_max_new_tokens": max_new, "model": asdict(cfg.model),
+                       "engine_id": eng.config.engine_id},
+            "shards": shards,
+            "storm": storm_row,
+            "victims": victims,
+            "neighbour": neighbour,
+            "session": session_row,
+        }
+        if baseline is not None:
+            report["baseline"] = {"victims": base_rows, "neighbour": base_neighbour}
+            report["timeouts"] = _timeouts(victims + [neighbour], base_rows + [base_neighbour], cfg.budget_factor)
+        report["summary"] = _summary(report, self.storm_shard)
+        report["elapsed_s"] = _r(time.perf_counter() - t_start, 2)
+        return report
+
+
+def _timeouts(victims: list[dict], baseline: list[dict], factor: float) -> dict:
+    """What a wall-clock timeout kills versus an engine-time budget of the same length."""
+    walls = [v["wall_s"] for v in baseline if v and v.get("wall_s") is not None]
+    if not walls:
+        return {}
+    budget = factor * max(walls)
+    wall_kills = [v["request_id"] for v in victims if v and (v.get("wall_s") or 0) > budget]
+    engine_kills = [v["request_id"] for v in victims if v and (v.get("engine_time_s") or 0) > budget]
+    return {"budget_s": _r(budget), "basis": f"{factor:g} x the slowest victim's wall time without the storm",
+            "wall_clock_kills": wall_kills, "engine_time_kills": engine_kills}
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _summary(report: dict, storm_shard: int) -> dict:
+    others = [s["decode_tok_s"] for s in report["shards"] if s["shard"] != storm_shard]
+    before = _mean([s["before"] for s in others])
+    during = _mean([s["during"] for s in others])
+    out: dict = {"victim_shards_decode_tok_s_before": _r(before, 2), "victim_shards_decode_tok_s_during": _r(during, 2)}
+    if before and during is not None:
+        out["victim_shards_during_over_before"] = _r(during / before, 4)
+    base = {v["request_id"].removeprefix("baseline-"): v for v in report.get("baseline", {}).get("victims", [])}
+    ratios_wall, ratios_engine = [], []
+    for v in report["victims"]:
+        b = base.get(v["request_id"])
+        if b and b.get("wall_s") and v.get("wall_s") is not None:
+            ratios_wall.append(v["wall_s"] / b["wall_s"])
+        if b and b.get("engine_time_s") and v.get("engine_time_s") is not None:
+            ratios_engine.append(v["engine_time_s"] / b["engine_time_s"])
+    if ratios_wall:
+        out["victim_wall_growth_min"] = _r(min(ratios_wall), 3)
+        out["victim_wall_growth_max"] = _r(max(ratios_wall), 3)
+    if ratios_engine:
+        out["victim_engine_time_ratio_min"] = _r(min(ratios_engine), 3)
+        out["victim_engine_time_ratio_max"] = _r(max(ratios_engine), 3)
+    storm = report["storm"]["request_id"]
+    named = [v for v in report["victims"] if v["blame"] and v["blame"][0]["request_id"] == storm]
+    out["victims_blaming_storm_first"] = f"{len(named)}/{len(report['victims'])}"
+    return out
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None) -> dict:
+    """Run the whole demo and return the report (the ``--json`` object)."""
+    from enginetime.clients import AccountingClient
+
+    say = say or (lambda _msg: None)
+    say("starting the sidecar")
+    extra = ("--otlp-endpoint", cfg.otlp_endpoint) if cfg.otlp_endpoint else ()
+    sidecar = SidecarProcess(*extra)
+    engine = server = acct = scenario = None
+    try:
+        say(f"starting the testbed: {cfg.shards} shards, {cfg.coupling}, {cfg.policy}, chunk {cfg.chunk}, "
+            f"{cfg.device}")
+        engine = Engine(EngineConfig(
+            num_shards=cfg.shards, coupling=cfg.coupling, policy=cfg.policy, chunk_size=cfg.chunk,
+            device=cfg.device, model=cfg.model, hooks=True, ingest=sidecar.ingest, engine_id="testbed-demo",
+            intra_op_threads=cfg.intra_op_threads, max_running_requests=cfg.max_running_requests,
+            prefix_cache_tokens=cfg.prefix_cache_tokens,
+        )).start()
+        server = EngineHTTPServer(engine).serve_in_thread()
+        acct = AccountingClient(sidecar.grpc_target, timeout=5)
+        scenario = Scenario(cfg, engine, server.url, acct, say)
+        return scenario.run()
+    except Exception:
+        log = sidecar.log()
+        if log.strip():
+            print(f"--- sidecar log (tail) ---\n{log[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        if scenario is not None:
+            scenario.close()
+        if acct is not None:
+            acct.close()
+        if server is not None:
+            server.stop()
+        if engine is not None:
+            engine.close()
+        sidecar.stop()
+
+
+def _fmt(x: float | None, unit: str = "", nd: int = 2) -> str:
+    return "-" if x is None else f"{x:.{nd}f}{unit}"
+
+
+def _blame_text(row: dict) -> str:
+    if not row.get("blame"):
+        return "-"
+    b = row["blame"][0]
+    who = b["request_id"] or "(shard)"
+    where = "same shard" if b["same_shard"] else "cross-shard"
+    return f"{who} @ shard {b['shard']} {b['seconds']:.2f}s ({where})"
+
+
+def render(report: dict) -> str:
+    c, st = report["config"], report["storm"]
+    lines = [
+        f"enginetime demo: {c['shards']} DP shards, {c['coupling'].upper()}, {c['policy']}, chunk {c['chunk']}, "
+        f"{c['device']} ({c['intra_op_threads']} torch thread(s) per op), finished in {report['elapsed_s']} s",
+        "",
+        f"storm: {st['request_id']} (session {st['session_id']}) migrated shard {st['from_shard']} -> shard "
+        f"{st['shard']}: prefilled {st['prefill_tokens']} of {st['prompt_tokens']} tokens "
+        f"(cached {st['cached_tokens']}) in {st['chunks']} chunks, {_fmt(st['prefill_s'], ' s')}",
+    ]
+    t = report["session"]["turns"]
+    lines.append(f"       (turn 0 on shard {t[0]['shard']} prefilled {t[0]['prefilled_tokens']}; turn 2 kept on "
+                 f"shard {t[2]['shard']} prefilled {t[2]['prefilled_tokens']} of {t[2]['prompt_tokens']} "
+                 f"in {_fmt(t[2]['wall_s'], ' s')})")
+    lines.append(f"       sidecar: engine_time {_fmt(st['engine_time_s'], ' s')}, gpu_time "
+                 f"{_fmt(st['gpu_time_s'], ' s')}, wall {_fmt(st['wall_s'], ' s')}, migrated={st['migrated']}")
+    lines += ["", "decode tok/s per shard      before    during     after"]
+    for s in report["shards"]:
+        d = s["decode_tok_s"]
+        tag = " (storm)" if s["role"] == "storm" else ""
+        lines.append(f"  shard {s['shard']}{tag:<17} {_fmt(d['before'], '', 1):>8}  {_fmt(d['during'], '', 1):>8}  "
+                     f"{_fmt(d['after'], '', 1):>8}")
+    base = {v["request_id"].removeprefix("baseline-"): v
+            for v in (report.get("baseline") or {}).get("victims", []) + [(report.get("baseline") or {})
+                                                                            .get("neighbour")] if v}
+    lines += ["", "victims (seconds; sidecar accounting)      wall   queue  engine  interf  top blame",
+              "                                     [no storm: wall / engine]"]
+    rows = report["victims"] + ([report["neighbour"]] if report.get("neighbour") else [])
+    for v in rows:
+        b = base.get(v["request_id"])
+        lines.append(f"  {v['request_id']:<12} shard {v['shard']}  {'':<14}{_fmt(v['wall_s']):>6}  "
+                     f"{_fmt(v['queue_s']):>6}  {_fmt(v['engine_time_s']):>6}  {_fmt(v['interference_s']):>6}  "
+                     f"{_blame_text(v)}")
+        if b:
+            lines.append(f"  {'':<36}[{_fmt(b['wall_s'])} / {_fmt(b['engine_time_s'])}]")
+    to = report.get("timeouts")
+    if to:
+        n = len(rows)
+        lines += ["", f"a wall-clock timeout of {to['budget_s']:.2f} s ({to['basis']}) kills "
+                      f"{len(to['wall_clock_kills'])}/{n} of these requests; an engine-time budget of the same "
+                      f"{to['budget_s']:.2f} s kills {len(to['engine_time_kills'])}/{n}."]
+    s = report["summary"]
+    if s.get("victim_shards_during_over_before") is not None:
+        lines.append(f"victim shards decoded at {100 * s['victim_shards_during_over_before']:.0f}% of their "
+                     f"pre-storm rate during the storm; top blame names the storm for "
+                     f"{s['victims_blaming_storm_first']} victims.")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = DemoConfig.from_args(args)
+    except ValueError as exc:
+        print(f"enginetime demo: {exc}", file=sys.stderr)
+        return 2
+
+    def say(msg: str) -> None:
+        print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        report = run_demo(cfg, say)
+    except Exception as exc:
+        print(f"enginetime demo failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(render(report))
+    return 0
+
+
+__all__ = ["DemoConfig", "SidecarProcess", "render", "run_demo"]
