@@ -1,7 +1,7 @@
 """Hook overhead on real compute: testbed decode throughput with engine_hooks on vs off.
 
-    .venv/bin/python bench/bench_testbed_overhead.py [--batches 64,256] [--reps 7] [--tokens 64]
-                                                     [--shards 1] [--coupling independent]
+    .venv/bin/python bench/bench_testbed_overhead.py [--batches 64,256] [--reps 5] [--tokens 64]
+        [--shards 1] [--coupling independent] [--sink sidecar|drain] [--threads N]
 
 Two testbed engines with the same model live in one process: one with hooks (one
 Recorder per shard, shipping to a real ``enginetime sidecar`` subprocess that
@@ -23,13 +23,47 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import shutil
+import socket
 import statistics
 import sys
+import tempfile
+import threading
 import time
 
 from enginetime.testbed.demo import SidecarProcess
 from enginetime.testbed.engine import Engine, EngineConfig
+
+
+class DrainSink:
+    """An ingest socket that reads and discards: the hooks' cost without the sidecar's."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="et-drain-", dir="/tmp")
+        self.ingest = f"unix:{self.dir}/drain.sock"
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(os.path.join(self.dir, "drain.sock"))
+        self._sock.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _drain(conn: socket.socket) -> None:
+        while conn.recv(1 << 20):
+            pass
+
+    def stop(self) -> None:
+        self._sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def decode_throughput(engine: Engine, batch: int, tokens: int, rng: random.Random, shards: int) -> float:
@@ -49,18 +83,22 @@ def decode_throughput(engine: Engine, batch: int, tokens: int, rng: random.Rando
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", default="64,256")
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64, help="decode tokens per request per repetition")
     ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--coupling", default="independent", choices=("independent", "lockstep"))
+    ap.add_argument("--sink", choices=("sidecar", "drain"), default="sidecar",
+                    help="where the hooks ship: a real sidecar subprocess (default) or an in-process "
+                         "socket that discards (the hooks' own cost, without the sidecar's CPU)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per op (0: cores // shards)")
     ap.add_argument("--json", action="store_true", help="also print one JSON line with the figures")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
-    sidecar = SidecarProcess()
+    sink = SidecarProcess() if args.sink == "sidecar" else DrainSink()
     common = dict(num_shards=args.shards, coupling=args.coupling, prefix_cache_tokens=0,
-                  max_running_requests=4096, step_log_size=200_000)
-    on = Engine(EngineConfig(hooks=True, ingest=sidecar.ingest, engine_id="bench-hooks-on", **common)).start()
+                  max_running_requests=4096, step_log_size=200_000, intra_op_threads=args.threads)
+    on = Engine(EngineConfig(hooks=True, ingest=sink.ingest, engine_id="bench-hooks-on", **common)).start()
     off = Engine(EngineConfig(hooks=False, engine_id="bench-hooks-off", **common)).start()
     engines = {"on": on, "off": off}
     results: dict[int, dict] = {}
@@ -70,8 +108,9 @@ def main() -> int:
             decode_throughput(eng, 8, 8, rng, args.shards)
         print(f"testbed decode throughput, hooks on vs off: {args.shards} shard(s), {args.coupling}, "
               f"{args.tokens} decode tokens per request, {args.reps} interleaved repetitions, "
-              f"{on.intra_op_threads} torch thread(s) per op")
-        print(f"{'batch':>6} {'off tok/s':>10} {'on tok/s':>10} {'ratio (median of pairs)':>24} {'min':>6} {'max':>6}")
+              f"{on.intra_op_threads} torch thread(s) per op, hooks ship to {args.sink}")
+        print(f"{'batch':>6} {'off tok/s':>10} {'on tok/s':>10} {'ratio (median of pairs)':>24} "
+              f"{'min':>6} {'max':>6}")
         for batch in batches:
             tput: dict[str, list[float]] = {"on": [], "off": []}
             ratios = []
@@ -83,8 +122,9 @@ def main() -> int:
                     tput[mode].append(got[mode])
                 ratios.append(got["on"] / got["off"])
             med = statistics.median(ratios)
-            results[batch] = {"off_tok_s": statistics.median(tput["off"]), "on_tok_s": statistics.median(tput["on"]),
-                              "ratio": med, "ratio_min": min(ratios), "ratio_max": max(ratios)}
+            results[batch] = {"off_tok_s": statistics.median(tput["off"]),
+                              "on_tok_s": statistics.median(tput["on"]), "ratio": med,
+                              "ratio_min": min(ratios), "ratio_max": max(ratios)}
             r = results[batch]
             print(f"{batch:>6} {r['off_tok_s']:>10.0f} {r['on_tok_s']:>10.0f} {med:>24.3f} "
                   f"{min(ratios):>6.3f} {max(ratios):>6.3f}")
@@ -95,7 +135,7 @@ def main() -> int:
         steps = sum(s.steps for s in stats)
         cpu = sum(s.shipper_cpu_ns for s in stats)
         print(f"hooks on: {steps} steps recorded, {sent} frames sent, {dropped} dropped, shipper CPU "
-              f"{cpu / max(steps, 1) / 1000:.1f} us/step; sidecar {sidecar.grpc_target}")
+              f"{cpu / max(steps, 1) / 1000:.1f} us/step")
         if args.json:
             print(json.dumps({"batches": results, "steps": steps, "frames_sent": sent, "dropped": dropped}))
         if dropped:
@@ -103,7 +143,7 @@ def main() -> int:
     finally:
         on.close()
         off.close()
-        sidecar.stop()
+        sink.stop()
     return 0
 
 

@@ -89,29 +89,13 @@ def nnls_normal(a: np.ndarray, b: np.ndarray, tol: float = 1e-12, max_iter: int 
     return x
 
 
-def fit_nnls_ridge(x: np.ndarray, y: np.ndarray, ridge: float = 1e-6, relative: bool = True) -> np.ndarray:
-    """Non-negative ridge regression of y on the columns of x, returning β ≥ 0.
-
-    ``relative`` (default) minimises *relative* errors Σ((xβ − y)/y)²: step timing
-    noise grows with the step (a 2 % jitter on a 150 ms prefill chunk is larger than
-    a whole 3 ms decode step), and plain least squares would let the big steps
-    dictate β and predict small decode steps badly — yet a lockstep victim's
-    engine_time *is* its decode step's prediction. Columns are then scaled to unit
-    RMS before forming the normal equations so that the ridge term (``ridge``
-    relative to a unit diagonal) weighs every coefficient the same and the 5×5
-    system is well conditioned even though the raw features span ten orders of
-    magnitude (1 vs Σ p·c). All-zero columns get β = 0.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
+def _nnls_ridge_weighted(
+    x: np.ndarray, y: np.ndarray, weights: np.ndarray | None, ridge: float
+) -> np.ndarray:
     n, k = x.shape
-    if n == 0:
-        return np.zeros(k)
-    if relative:
-        floor = max(float(np.median(np.abs(y))) * 1e-3, 1e-12)
-        r = 1.0 / np.maximum(np.abs(y), floor)
-        x = x * r[:, None]
-        y = y * r
+    if weights is not None:
+        x = x * weights[:, None]
+        y = y * weights
     scale = np.sqrt(np.mean(x * x, axis=0))
     live = scale > 0.0
     scale = np.where(live, scale, 1.0)
@@ -127,6 +111,38 @@ def fit_nnls_ridge(x: np.ndarray, y: np.ndarray, ridge: float = 1e-6, relative: 
     b[~live] = 0.0
     gamma = nnls_normal(a, b)
     return gamma / scale * y_scale
+
+
+def fit_nnls_ridge(x: np.ndarray, y: np.ndarray, ridge: float = 1e-6, relative: bool = True) -> np.ndarray:
+    """Non-negative ridge regression of y on the columns of x, returning β ≥ 0.
+
+    ``relative`` (default) minimises *relative* errors Σ((xβ − y)/ŷ)²: step timing
+    noise grows with the step (a 2 % jitter on a 150 ms prefill chunk is larger than
+    a whole 3 ms decode step), and plain least squares would let the big steps
+    dictate β and predict small decode steps badly — yet a lockstep victim's
+    engine_time *is* its decode step's prediction. The weights are 1/ŷ² with ŷ the
+    prediction of a first pass weighted by 1/y² (iteratively reweighted): weighting by
+    the *observed* y alone biases the fit low under noise (it favours the fast
+    outliers), which would make every non-critical shard's predicted own work smaller
+    than the critical shard's measured one. Columns are scaled to unit RMS before
+    forming the normal equations so that the ridge term (``ridge`` relative to a unit
+    diagonal) weighs every coefficient the same and the 5×5 system is well
+    conditioned even though the raw features span ten orders of magnitude (1 vs
+    Σ p·c). All-zero columns get β = 0.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n, k = x.shape
+    if n == 0:
+        return np.zeros(k)
+    if not relative:
+        return _nnls_ridge_weighted(x, y, None, ridge)
+    floor = max(float(np.median(np.abs(y))) * 1e-3, 1e-12)
+    beta = _nnls_ridge_weighted(x, y, 1.0 / np.maximum(np.abs(y), floor), ridge)
+    for _ in range(2):
+        pred = x @ beta
+        beta = _nnls_ridge_weighted(x, y, 1.0 / np.maximum(pred, floor), ridge)
+    return beta
 
 
 def step_features(p: np.ndarray, q: np.ndarray, c: np.ndarray) -> np.ndarray:

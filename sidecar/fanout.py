@@ -209,9 +209,11 @@ class FanOut:
         busy = self.ingest_busy_s() if self.ingest_busy_s is not None else 0.0
         ingest_share = (busy - self._last_busy) / elapsed if elapsed > 0 else 0.0
         self._last_busy = busy
-        share = max(self.limits.min_share, 1.0 - ingest_share - 0.05)
+        # Generous while ingest is light, min_share once it is heavy (its demand is hard to see
+        # exactly: an engine blocked on a full socket looks idle, so err on ingest's side).
+        share = max(self.limits.min_share, 1.0 - 3.0 * ingest_share)
         self.share = share
-        self._budget_s = min(self._budget_s + share * elapsed, 2.0 * PUBLISH_PERIOD_S)
+        self._budget_s = min(self._budget_s + share * elapsed, share * PUBLISH_PERIOD_S)
         cycle, self._cycle = self._cycle, asyncio.Event()
         cycle.set()
 
@@ -289,6 +291,7 @@ class FanOut:
                 if view_filter is None or view_filter.matches(v):
                     out.append((v, m))
             self._budget_s -= time.perf_counter() - started
+            await asyncio.sleep(0)  # let ingest callbacks that became ready run in between
         return out
 
     def current(self, request_ids: list[str]) -> list[tuple[RequestView, pb.RequestAccounting]]:

@@ -621,6 +621,16 @@ class Ledger:
             if missing is not None:
                 critical, crit_shard = -1, missing
         div = divide(batch, pred, critical)
+        import os as _os
+        if _os.environ.get("LEDGER_DEBUG"):
+            with open(_os.environ["LEDGER_DEBUG"], "a") as _f:
+                _f.write(repr({"shards": [sh.shard for sh, _ in parts], "counts": batch.counts.tolist(),
+                    "d": batch.d.tolist(), "P": pred.big_p.tolist(), "crit": critical, "cal": pred.calibrated,
+                    "fitted": model.fitted, "pf": pred.pf_sum.tolist(), "w": div.w.tolist(),
+                    "ids": [[self._reqs[int(x)].request_id for x in batch.slots[batch.offs[j]:batch.offs[j+1]]] for j in range(batch.m)],
+                    "ctx": [batch.c_raw[batch.offs[j]:batch.offs[j+1]].tolist() for j in range(batch.m)],
+                    "pt": [batch.p_raw[batch.offs[j]:batch.offs[j+1]].tolist() for j in range(batch.m)],
+                    "end": batch.ends.tolist()}) + "\n")
         if div.uncharged:
             for j in np.flatnonzero(div.wait > 0.0):
                 parts[j][0].unattributed_ns += float(div.wait[j])

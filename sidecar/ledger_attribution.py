@@ -19,6 +19,10 @@ import numpy as np
 from .costmodel import CostModel
 from .records import Step
 
+#: Shards whose predicted duration is within this fraction of the critical one's count
+#: as critical too (w = d): the model cannot tell such loads apart.
+CRITICAL_BAND = 0.05
+
 
 @dataclass(slots=True)
 class Batch:
@@ -118,6 +122,11 @@ def divide(batch: Batch, pred: Prediction, critical: int) -> Division:
     else:
         w = np.where(nonempty, d, 0.0)
     if critical >= 0:
+        # Shards as heavy as the critical one (within the model's resolution) did not wait
+        # for it: they are critical too. Otherwise equal loads would be split arbitrarily into
+        # one that measured d and others that got their prediction and "waited" the rest.
+        peers = nonempty & (big_p >= (1.0 - CRITICAL_BAND) * big_p[critical]) if pred.calibrated else nonempty
+        w = np.where(peers, d, w)
         w[critical] = d[critical]
     wait = d - w
     scale = np.divide(w, big_p, out=np.zeros(m), where=big_p > 0.0)

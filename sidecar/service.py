@@ -258,10 +258,10 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
     async def _write(self, context, message, lag: float) -> None:
         """Write one response; a write still blocked after ``lag`` seconds cuts the stream off."""
         try:
-            _t = time.perf_counter()
-            async with asyncio.timeout(lag):
-                await context.write(message)
-            log.warning("DEBUG write %s bytes took %.3f share=%.2f", message.ByteSize(), time.perf_counter() - _t, self.fanout.share)
+            # wait_for, not asyncio.timeout(): the write runs as its own task, so the timeout
+            # cancels that task and never the handler's own (grpc.aio then keeps the call usable
+            # for the abort below; cancelling the handler task leaves the client hanging).
+            await asyncio.wait_for(context.write(message), lag)
         except TimeoutError:
             self.fanout.cut_off += 1
             peer = context.peer() if hasattr(context, "peer") else "?"

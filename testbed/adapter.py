@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from enginetime.engine_hooks import Coupling, Recorder, RecorderStats, StepKind
-
 from enginetime import __version__
+from enginetime.engine_hooks import Coupling, Recorder, RecorderStats, StepKind
 
 from .scheduler import Plan, Request
 

@@ -125,8 +125,9 @@ class SidecarProcess:
         ready.wait(timeout_s)
         line = next((ln for ln in lines if ln.startswith(READY_PREFIX)), None)
         if line is None:
+            log = self.log()  # before stop() removes it
             self.stop()
-            raise RuntimeError(f"the sidecar did not start (command: {' '.join(cmd)}):\n{self.log()[-3000:]}")
+            raise RuntimeError(f"the sidecar did not start (command: {' '.join(cmd)}):\n{log[-3000:]}")
         fields = dict(part.split("=", 1) for part in line[len(READY_PREFIX):].split())
         self.grpc_target = fields["grpc"]
         self.ingest = fields["ingest"]
@@ -309,8 +310,9 @@ class Scenario:
             row.update({"wall_s": None, "queue_s": None, "engine_time_s": None, "gpu_time_s": None,
                         "interference_s": None, "other_s": None, "blame": [], "partial": True})
             return row
-        row.update({"wall_s": _r(acct.wall), "queue_s": _r(acct.queue_time), "engine_time_s": _r(acct.engine_time),
-                    "gpu_time_s": _r(acct.gpu_time), "interference_s": _r(acct.interference),
+        row.update({"wall_s": _r(acct.wall), "queue_s": _r(acct.queue_time),
+                    "engine_time_s": _r(acct.engine_time), "gpu_time_s": _r(acct.gpu_time),
+                    "interference_s": _r(acct.interference),
                     "other_s": _r(acct.other), "excluded_steps": acct.excluded_steps, "blame": _blame(acct),
                     "partial": bool(partial or acct.partial)})
         return row
@@ -370,8 +372,7 @@ class Scenario:
                    "after": Window(storm_window.end, last_finish)}
         shards = []
         for k in range(cfg.shards):
-            mine = [r for (rid, sh), r in zip(run["specs"], [reqs[rid] for rid, _ in run["specs"]], strict=True)
-                    if sh == k]
+            mine = [reqs[rid] for rid, sh in run["specs"] if sh == k]
             active_until = max((r.finish_perf for r in mine), default=0.0)
             steps = eng.step_log(k)
             shards.append({"shard": k, "role": "storm" if k == self.storm_shard else "victims",
@@ -406,7 +407,8 @@ class Scenario:
             "chunks": len(storm_steps), "prefill_s": _r(storm_window.end - storm_window.start),
             "sent_after_victims_s": _r(storm_box["sent"] - run["all_decoding"]),
             "wall_s": _r(sa.wall) if sa else None, "queue_s": _r(sa.queue_time) if sa else None,
-            "engine_time_s": _r(sa.engine_time) if sa else None, "gpu_time_s": _r(sa.gpu_time) if sa else None,
+            "engine_time_s": _r(sa.engine_time) if sa else None,
+            "gpu_time_s": _r(sa.gpu_time) if sa else None,
             "interference_s": _r(sa.interference) if sa else None,
             "migrated": bool(sa.migrated) if sa else None, "partial": bool(spartial or (sa and sa.partial)),
         }
@@ -418,8 +420,9 @@ class Scenario:
         }
 
         report = {
-            "config": {"shards": cfg.shards, "coupling": cfg.coupling, "policy": cfg.policy, "chunk": cfg.chunk,
-                       "storm_tokens": cfg.storm_tokens, "victims": cfg.victims, "seed": cfg.seed,
+            "config": {"shards": cfg.shards, "coupling": cfg.coupling, "policy": cfg.policy,
+                       "chunk": cfg.chunk, "storm_tokens": cfg.storm_tokens, "victims": cfg.victims,
+                       "seed": cfg.seed,
                        "device": str(eng.device), "intra_op_threads": eng.intra_op_threads,
                        "victim_max_new_tokens": max_new, "model": asdict(cfg.model),
                        "engine_id": eng.config.engine_id},
@@ -431,7 +434,8 @@ class Scenario:
         }
         if baseline is not None:
             report["baseline"] = {"victims": base_rows, "neighbour": base_neighbour}
-            report["timeouts"] = _timeouts(victims + [neighbour], base_rows + [base_neighbour], cfg.budget_factor)
+            report["timeouts"] = _timeouts(victims + [neighbour], base_rows + [base_neighbour],
+                                           cfg.budget_factor)
         report["summary"] = _summary(report, self.storm_shard)
         report["elapsed_s"] = _r(time.perf_counter() - t_start, 2)
         return report
@@ -458,10 +462,12 @@ def _summary(report: dict, storm_shard: int) -> dict:
     others = [s["decode_tok_s"] for s in report["shards"] if s["shard"] != storm_shard]
     before = _mean([s["before"] for s in others])
     during = _mean([s["during"] for s in others])
-    out: dict = {"victim_shards_decode_tok_s_before": _r(before, 2), "victim_shards_decode_tok_s_during": _r(during, 2)}
+    out: dict = {"victim_shards_decode_tok_s_before": _r(before, 2),
+                 "victim_shards_decode_tok_s_during": _r(during, 2)}
     if before and during is not None:
         out["victim_shards_during_over_before"] = _r(during / before, 4)
-    base = {v["request_id"].removeprefix("baseline-"): v for v in report.get("baseline", {}).get("victims", [])}
+    base = {v["request_id"].removeprefix("baseline-"): v
+            for v in report.get("baseline", {}).get("victims", [])}
     ratios_wall, ratios_engine = [], []
     for v in report["victims"]:
         b = base.get(v["request_id"])
@@ -484,23 +490,30 @@ def _summary(report: dict, storm_shard: int) -> dict:
 # ---------------------------------------------------------------------------- entry points
 
 
-def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None) -> dict:
-    """Run the whole demo and return the report (the ``--json`` object)."""
+def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None, *,
+             sidecar: SidecarProcess | None = None, ingest: str | None = None) -> dict:
+    """Run the whole demo and return the report (the ``--json`` object).
+
+    Starts (and stops) its own sidecar unless one is given. ``ingest`` sends the hooks
+    somewhere else than the sidecar (bench/testbed_cuda.py puts a frame tap there).
+    """
     from enginetime.clients import AccountingClient
 
     say = say or (lambda _msg: None)
-    say("starting the sidecar")
-    extra = ("--otlp-endpoint", cfg.otlp_endpoint) if cfg.otlp_endpoint else ()
-    sidecar = SidecarProcess(*extra)
+    own_sidecar = sidecar is None
+    if own_sidecar:
+        say("starting the sidecar")
+        extra = ("--otlp-endpoint", cfg.otlp_endpoint) if cfg.otlp_endpoint else ()
+        sidecar = SidecarProcess(*extra)
     engine = server = acct = scenario = None
     try:
         say(f"starting the testbed: {cfg.shards} shards, {cfg.coupling}, {cfg.policy}, chunk {cfg.chunk}, "
             f"{cfg.device}")
         engine = Engine(EngineConfig(
             num_shards=cfg.shards, coupling=cfg.coupling, policy=cfg.policy, chunk_size=cfg.chunk,
-            device=cfg.device, model=cfg.model, hooks=True, ingest=sidecar.ingest, engine_id="testbed-demo",
-            intra_op_threads=cfg.intra_op_threads, max_running_requests=cfg.max_running_requests,
-            prefix_cache_tokens=cfg.prefix_cache_tokens,
+            device=cfg.device, model=cfg.model, hooks=True, ingest=ingest or sidecar.ingest,
+            engine_id="testbed-demo", intra_op_threads=cfg.intra_op_threads,
+            max_running_requests=cfg.max_running_requests, prefix_cache_tokens=cfg.prefix_cache_tokens,
         )).start()
         server = EngineHTTPServer(engine).serve_in_thread()
         acct = AccountingClient(sidecar.grpc_target, timeout=5)
@@ -520,7 +533,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None) -> dict:
             server.stop()
         if engine is not None:
             engine.close()
-        sidecar.stop()
+        if own_sidecar:
+            sidecar.stop()
 
 
 def _fmt(x: float | None, unit: str = "", nd: int = 2) -> str:
@@ -539,25 +553,28 @@ def _blame_text(row: dict) -> str:
 def render(report: dict) -> str:
     c, st = report["config"], report["storm"]
     lines = [
-        f"enginetime demo: {c['shards']} DP shards, {c['coupling'].upper()}, {c['policy']}, chunk {c['chunk']}, "
-        f"{c['device']} ({c['intra_op_threads']} torch thread(s) per op), finished in {report['elapsed_s']} s",
+        f"enginetime demo: {c['shards']} DP shards, {c['coupling'].upper()}, {c['policy']}, "
+        f"chunk {c['chunk']}, {c['device']} ({c['intra_op_threads']} torch thread(s) per op), "
+        f"finished in {report['elapsed_s']} s",
         "",
         f"storm: {st['request_id']} (session {st['session_id']}) migrated shard {st['from_shard']} -> shard "
         f"{st['shard']}: prefilled {st['prefill_tokens']} of {st['prompt_tokens']} tokens "
         f"(cached {st['cached_tokens']}) in {st['chunks']} chunks, {_fmt(st['prefill_s'], ' s')}",
     ]
     t = report["session"]["turns"]
-    lines.append(f"       (turn 0 on shard {t[0]['shard']} prefilled {t[0]['prefilled_tokens']}; turn 2 kept on "
-                 f"shard {t[2]['shard']} prefilled {t[2]['prefilled_tokens']} of {t[2]['prompt_tokens']} "
+    lines.append(f"       (turn 0 on shard {t[0]['shard']} prefilled {t[0]['prefilled_tokens']}; "
+                 f"turn 2 kept on shard {t[2]['shard']} prefilled {t[2]['prefilled_tokens']} of "
+                 f"{t[2]['prompt_tokens']} "
                  f"in {_fmt(t[2]['wall_s'], ' s')})")
     lines.append(f"       sidecar: engine_time {_fmt(st['engine_time_s'], ' s')}, gpu_time "
-                 f"{_fmt(st['gpu_time_s'], ' s')}, wall {_fmt(st['wall_s'], ' s')}, migrated={st['migrated']}")
+                 f"{_fmt(st['gpu_time_s'], ' s')}, wall {_fmt(st['wall_s'], ' s')}, "
+                 f"migrated={st['migrated']}")
     lines += ["", "decode tok/s per shard      before    during     after"]
     for s in report["shards"]:
         d = s["decode_tok_s"]
         tag = " (storm)" if s["role"] == "storm" else ""
-        lines.append(f"  shard {s['shard']}{tag:<17} {_fmt(d['before'], '', 1):>8}  {_fmt(d['during'], '', 1):>8}  "
-                     f"{_fmt(d['after'], '', 1):>8}")
+        lines.append(f"  shard {s['shard']}{tag:<17} {_fmt(d['before'], '', 1):>8}  "
+                     f"{_fmt(d['during'], '', 1):>8}  {_fmt(d['after'], '', 1):>8}")
     base = {v["request_id"].removeprefix("baseline-"): v
             for v in (report.get("baseline") or {}).get("victims", []) + [(report.get("baseline") or {})
                                                                             .get("neighbour")] if v}
@@ -567,16 +584,16 @@ def render(report: dict) -> str:
     for v in rows:
         b = base.get(v["request_id"])
         lines.append(f"  {v['request_id']:<12} shard {v['shard']}  {'':<14}{_fmt(v['wall_s']):>6}  "
-                     f"{_fmt(v['queue_s']):>6}  {_fmt(v['engine_time_s']):>6}  {_fmt(v['interference_s']):>6}  "
-                     f"{_blame_text(v)}")
+                     f"{_fmt(v['queue_s']):>6}  {_fmt(v['engine_time_s']):>6}  "
+                     f"{_fmt(v['interference_s']):>6}  {_blame_text(v)}")
         if b:
             lines.append(f"  {'':<36}[{_fmt(b['wall_s'])} / {_fmt(b['engine_time_s'])}]")
     to = report.get("timeouts")
     if to:
         n = len(rows)
-        lines += ["", f"a wall-clock timeout of {to['budget_s']:.2f} s ({to['basis']}) kills "
-                      f"{len(to['wall_clock_kills'])}/{n} of these requests; an engine-time budget of the same "
-                      f"{to['budget_s']:.2f} s kills {len(to['engine_time_kills'])}/{n}."]
+        lines += ["", f"a wall-clock timeout of {to['budget_s']:.2f} s ({to['basis']})",
+                  f"  kills {len(to['wall_clock_kills'])}/{n} of these requests; an engine-time budget "
+                  f"of the same {to['budget_s']:.2f} s kills {len(to['engine_time_kills'])}/{n}."]
     s = report["summary"]
     if s.get("victim_shards_during_over_before") is not None:
         lines.append(f"victim shards decoded at {100 * s['victim_shards_during_over_before']:.0f}% of their "

@@ -27,16 +27,19 @@ way with or without hooks, for the demo's per-shard throughput.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from enginetime.engine_hooks import Coupling, StepKind
 
 from .adapter import ShardHooks
@@ -159,6 +162,10 @@ class Shard:
 
     def _main(self) -> None:
         try:
+            if self.stream is not None:
+                # All of this thread's CUDA work (KV copies in the prefix cache included) goes on
+                # the shard's own stream, so ordering within a shard needs no cross-stream sync.
+                torch.cuda.set_stream(self.stream)
             with torch.inference_mode():
                 if self.engine.config.coupling is Coupling.LOCKSTEP:
                     self._run_lockstep()
@@ -220,12 +227,9 @@ class Shard:
 
     def _forward(self, plan: Plan) -> list[int | None]:
         sched = self.sched
-        items = sched.forward_inputs(plan)
-        if self.stream is not None:
-            with torch.cuda.stream(self.stream):
-                logits = sched.model.forward(items)
-                return sched.model.greedy(logits)  # .tolist(): the engine needs the tokens now
-        return sched.model.greedy(sched.model.forward(items))
+        # greedy() ends in .tolist(): the engine needs the tokens now (on CUDA, a stream sync
+        # before the lockstep barrier, as a real collective would wait for the GPU).
+        return sched.model.greedy(sched.model.forward(sched.forward_inputs(plan)))
 
     def _step(self, barrier: threading.Barrier | None) -> _Group | None:
         eng = self.engine
@@ -327,6 +331,7 @@ class Engine:
     def start(self) -> Engine:
         if not self._started:
             self._started = True
+            _LIVE_ENGINES.add(self)
             for sh in self.shards:
                 sh.thread.start()
         return self
@@ -538,6 +543,17 @@ class Engine:
             "intra_op_threads": self.intra_op_threads, "hooks": cfg.hooks, "model": cfg.model.to_dict(),
             "shards": shards,
         }
+
+
+#: Engines still running at interpreter exit are closed first: a shard thread killed in the
+#: middle of a torch op aborts the process ("terminate called without an active exception").
+_LIVE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_engines_at_exit() -> None:
+    for engine in list(_LIVE_ENGINES):
+        engine.close(5.0)
 
 
 def _stats_dict(hooks: ShardHooks) -> dict:

@@ -129,12 +129,14 @@ class TinyTransformer:
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
-        gen = torch.Generator(device="cpu").manual_seed(config.seed)
+        # Drawn on the target device: a GPU-sized model initialises in a blink. The weights
+        # for a seed are the same on every run on the same kind of device.
+        gen = torch.Generator(device=self.device).manual_seed(config.seed)
         d, f, a = config.d_model, config.d_ff, config.attn_dim
 
         def rand(*shape: int, fan_in: int) -> torch.Tensor:
-            w = torch.randn(*shape, generator=gen, dtype=torch.float32) / math.sqrt(fan_in)
-            return w.to(device=self.device, dtype=dtype)
+            w = torch.randn(*shape, generator=gen, dtype=torch.float32, device=self.device)
+            return (w / math.sqrt(fan_in)).to(dtype=dtype)
 
         self.embed = rand(config.vocab_size, d, fan_in=1)
         self.layers = []

@@ -25,6 +25,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
+
 from enginetime.engine_hooks import StepKind
 
 from .model import ForwardItem, KVCache, TinyTransformer

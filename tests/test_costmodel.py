@@ -73,6 +73,21 @@ def test_nnls_ridge_predicts_well_under_noise():
     np.testing.assert_allclose(held_out @ beta, held_out @ TRUE_BETA, rtol=0.03)
 
 
+def test_fit_is_not_biased_low_by_timing_noise():
+    """Heavy one-sided jitter (CPU contention): predictions must track the mean step time.
+
+    Weighting residuals by the observed duration alone would favour the fast outliers
+    and predict every step too short.
+    """
+    rng = np.random.default_rng(12)
+    xs = np.array([step_features(*random_batch(rng)) for _ in range(1500)])
+    noise = 1.0 + 0.6 * np.abs(rng.standard_normal(len(xs)))
+    beta = fit_nnls_ridge(xs, (xs @ TRUE_BETA) * noise)
+    held_out = np.array([step_features(*random_batch(rng)) for _ in range(300)])
+    ratio = (held_out @ beta) / (held_out @ TRUE_BETA)
+    assert np.mean(ratio) == pytest.approx(float(np.mean(noise)), rel=0.05)
+
+
 def test_nnls_ridge_never_returns_negative_costs():
     # Decode looks "free" in this data: the unconstrained fit makes it negative.
     rng = np.random.default_rng(2)

@@ -129,7 +129,8 @@ def test_report_has_the_documented_keys_and_renders(run):
     report = run("lockstep")
     assert set(report) >= {"config", "shards", "storm", "victims", "baseline"}
     assert set(report["storm"]) >= {"request_id", "shard", "prefill_tokens", "engine_time_s", "wall_s"}
-    keys = {"request_id", "shard", "wall_s", "queue_s", "engine_time_s", "gpu_time_s", "interference_s", "blame"}
+    keys = {"request_id", "shard", "wall_s", "queue_s", "engine_time_s", "gpu_time_s", "interference_s",
+            "blame"}
     for v in report["victims"] + report["baseline"]["victims"]:
         assert set(v) >= keys
         for b in v["blame"]:

@@ -13,13 +13,14 @@ import time
 
 import grpc
 import pytest
-from enginetime.v1 import accounting_pb2 as pb
-from enginetime.v1 import accounting_pb2_grpc as pb_grpc
-from enginetime.v1 import ingest_pb2
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import IngestConnection, arrived, finished, hello, start_sidecar, step, wait_until
+
+from enginetime.v1 import accounting_pb2 as pb
+from enginetime.v1 import accounting_pb2_grpc as pb_grpc
+from enginetime.v1 import ingest_pb2
 
 MS = 1_000_000
 STORM_THRESHOLD_S = 0.5
@@ -402,3 +403,152 @@ def test_stream_interference_reports_a_storm(sidecar, stub) -> None:
     elsewhere.cancel()
     assert strays == []
     eng.close()
+
+
+# ----------------------------------------------------------------------------- slow readers, shutdown
+
+SHARDS, BATCH = 8, 256
+
+
+class Firehose:
+    """A fast LOCKSTEP engine: SHARDS connections, BATCH decoding requests each, pre-encoded steps."""
+
+    def __init__(self, sidecar, engine_id: str) -> None:
+        self.engine_id = engine_id
+        self.t0 = time.time_ns() - 3_600_000_000_000
+        self.conns = [IngestConnection(sidecar.ingest) for _ in range(SHARDS)]
+        self.handles = list(range(1, BATCH + 1))
+        for s, conn in enumerate(self.conns):
+            conn.send(
+                hello(engine_id, shard=s, num_shards=SHARDS, coupling=2),
+                b"".join(
+                    arrived(h, f"{engine_id}-{s}-{h}", time_ns=self.t0, session_id=f"{s}")
+                    for h in self.handles
+                ),
+            )
+        self.g = 0
+
+    def encode(self, steps: int) -> list[list[bytes]]:
+        per_shard = []
+        for _s in range(SHARDS):
+            per_shard.append(
+                [
+                    step(
+                        g + 1,
+                        self.handles,
+                        [0] * BATCH,
+                        [1] * BATCH,
+                        [500] * BATCH,
+                        device_time_ns=9 * MS,
+                        start_time_ns=self.t0 + g * 10 * MS,
+                        global_step=g,
+                    )
+                    for g in range(self.g, self.g + steps)
+                ]
+            )
+        self.g += steps
+        return per_shard
+
+    def push(self, per_shard: list[list[bytes]], chunk: int = 8) -> None:
+        """Round-robin over the shards, a few steps at a time, as lockstep shards would send."""
+        for i in range(0, len(per_shard[0]), chunk):
+            for conn, frames in zip(self.conns, per_shard, strict=True):
+                conn.send(b"".join(frames[i : i + chunk]))
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+
+
+def processed_steps(stub, engine_id: str) -> int:
+    return sum(s.steps for s in stub.GetShards(pb.GetShardsRequest(engine_id=engine_id), timeout=5).shards)
+
+
+def timed_round(stub, hose: Firehose, steps: int) -> float:
+    """Seconds from the first byte sent until the ledger attributed every step of the round."""
+    frames = hose.encode(steps)
+    want = processed_steps(stub, hose.engine_id) + steps * SHARDS
+    began = time.perf_counter()
+    hose.push(frames)
+    wait_until(lambda: processed_steps(stub, hose.engine_id) >= want, timeout=30, interval=0.005)
+    return time.perf_counter() - began
+
+
+def test_a_subscriber_that_never_reads_costs_ingest_nothing_and_is_cut_off(tmp_path) -> None:
+    lag_limit = 2.0
+    with (
+        start_sidecar(tmp_path, "--lag-limit", str(lag_limit)) as sp,
+        grpc.insecure_channel(sp.grpc_target) as ch,
+    ):
+        stub = pb_grpc.AccountingServiceStub(ch)
+        hose = Firehose(sp, "firehose")
+        steps = 300  # x 8 shards x 256 entries = 614k entries a round
+        timed_round(stub, hose, steps)  # warm-up: cost models fit, buffers grow
+        alone = min(timed_round(stub, hose, steps) for _ in range(3))
+
+        # A client that subscribes to everything every 10 ms and never reads. Its flow-control window
+        # stays at the initial 64 KiB (no BDP probing), so grpc's writes back up at once; a probing
+        # client first absorbs a few MiB, which only delays the same outcome.
+        with grpc.insecure_channel(sp.grpc_target, options=[("grpc.http2.bdp_probe", 0)]) as stuck_ch:
+            stuck = pb_grpc.AccountingServiceStub(stuck_ch).StreamUpdates(
+                pb.StreamUpdatesRequest(interval=Duration(nanos=10 * MS))
+            )
+            began = time.monotonic()
+            with_stuck = min(timed_round(stub, hose, steps) for _ in range(3))
+            assert time.monotonic() - began < lag_limit, "rounds too slow to finish before the cut-off"
+            entries = steps * SHARDS * BATCH
+            print(
+                f"ingest alone {entries / alone:,.0f} entries/s, with a stuck subscriber "
+                f"{entries / with_stuck:,.0f} entries/s"
+            )
+            assert with_stuck <= alone * 1.3 + 0.02, (alone, with_stuck)
+
+            # The stuck stream is cut off once its write has been blocked for the lag limit ...
+            log = sp.wait_for_log("cut off a stream", timeout=lag_limit + 10)
+            assert "read nothing for 2.0 s" in log
+            # ... and the client, when it finally reads, gets what was buffered, then the reason.
+            received = 0
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in stuck:
+                    received += 1
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "did not read its updates for 2.0 s" in info.value.details()
+            assert "--lag-limit" in info.value.details()
+            assert received >= 1
+
+        # The sidecar is fine: ingest and unary calls go on.
+        assert timed_round(stub, hose, 50) < 10
+        hose.close()
+
+
+def test_sigterm_ends_streams_with_unavailable_and_exits_cleanly(tmp_path) -> None:
+    sp = start_sidecar(tmp_path)
+    try:
+        with grpc.insecure_channel(sp.grpc_target) as ch:
+            stub = pb_grpc.AccountingServiceStub(ch)
+            eng = Engine(sp, "svc-shutdown")
+            eng.arrive(1, "sd-1")
+            wait_for(stub, "sd-1", lambda a: True, "announced")
+            watch = stub.WatchRequest(pb.WatchRequestRequest(request_id="sd-1"), timeout=30)
+            updates = stub.StreamUpdates(pb.StreamUpdatesRequest(), timeout=30)
+            assert next(watch).request.request_id == "sd-1"
+            next(updates)
+            health = health_pb2_grpc.HealthStub(ch)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+
+            began = time.monotonic()
+            sp.proc.terminate()
+            for stream in (watch, updates):
+                with pytest.raises(grpc.RpcError) as info:
+                    for _ in stream:
+                        pass
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "shutting down" in info.value.details() or "Socket closed" in info.value.details()
+            assert sp.proc.wait(20) == 0
+            assert time.monotonic() - began < 10  # streams did not hold shutdown for the grace period
+            eng.close()
+        assert not __import__("os").path.exists(sp.socket_path)
+        log = sp.stderr_text()
+        assert "SIGTERM received" in log and "stopped" in log
+    finally:
+        sp.close()

@@ -16,6 +16,7 @@ import threading
 
 import httpx
 import pytest
+
 from enginetime.testbed.engine import Engine, EngineConfig
 from enginetime.testbed.http_api import EngineHTTPServer
 from enginetime.testbed.model import ModelConfig
