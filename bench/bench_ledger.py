@@ -23,6 +23,7 @@ import sys
 import time
 
 import numpy as np
+
 from enginetime.engine_hooks.constants import Coupling, EventKind, StepKind
 from enginetime.sidecar.ledger import Ledger, LedgerConfig
 from enginetime.sidecar.records import Event, Hello, Step

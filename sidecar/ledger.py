@@ -11,8 +11,10 @@ and entries ``i`` whose predicted marginal costs are ``e_i`` (``costmodel``), wi
   ``global_step`` form a group (``ledger_join``); the *critical* shard is the one
   with the largest predicted ``P`` (most tokens while the model is uncalibrated; a
   missing shard's ``peer_tokens`` can make it critical); it gets ``w = d``, every
-  other shard ``w = min(d, P)``. ``wait = d − w`` is time spent waiting for the
-  critical shard. A step without entries (IDLE) has ``w = 0``: all of it is wait.
+  other shard ``w = min(d, P)`` — except shards predicted within 5 %
+  (``ledger_attribution.CRITICAL_BAND``) of the critical one, which did not wait for
+  it and also get ``w = d``. ``wait = d − w`` is time spent waiting for the critical
+  shard. A step without entries (IDLE) has ``w = 0``: all of it is wait.
 * **gpu_time**: ``w`` is split over the step's entries in proportion to their
   predicted cost (``e_i`` plus an even share of β0); each shard's wait is charged to
   the critical shard's prefill entries by predicted prefill cost (to all its entries
@@ -621,16 +623,6 @@ class Ledger:
             if missing is not None:
                 critical, crit_shard = -1, missing
         div = divide(batch, pred, critical)
-        import os as _os
-        if _os.environ.get("LEDGER_DEBUG"):
-            with open(_os.environ["LEDGER_DEBUG"], "a") as _f:
-                _f.write(repr({"shards": [sh.shard for sh, _ in parts], "counts": batch.counts.tolist(),
-                    "d": batch.d.tolist(), "P": pred.big_p.tolist(), "crit": critical, "cal": pred.calibrated,
-                    "fitted": model.fitted, "pf": pred.pf_sum.tolist(), "w": div.w.tolist(),
-                    "ids": [[self._reqs[int(x)].request_id for x in batch.slots[batch.offs[j]:batch.offs[j+1]]] for j in range(batch.m)],
-                    "ctx": [batch.c_raw[batch.offs[j]:batch.offs[j+1]].tolist() for j in range(batch.m)],
-                    "pt": [batch.p_raw[batch.offs[j]:batch.offs[j+1]].tolist() for j in range(batch.m)],
-                    "end": batch.ends.tolist()}) + "\n")
         if div.uncharged:
             for j in np.flatnonzero(div.wait > 0.0):
                 parts[j][0].unattributed_ns += float(div.wait[j])

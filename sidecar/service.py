@@ -12,7 +12,7 @@ Behaviour worth knowing as a client:
   of each of those ids the sidecar knows, in any state). It may be empty; it
   tells the client the subscription is in place. Later batches carry the
   latest accounting of each matching request that changed since the previous
-  batch. Batches are split into responses of at most ``MAX_BATCH`` requests.
+  batch. Batches are split into responses of at most ``MAX_RESPONSE_BYTES``.
 - ListRequests pages by offset into the newest-first list; the page token is
   opaque, bound to the filter, and INVALID_ARGUMENT when it does not fit.
 - StreamInterference(shard=N) passes storms whose aggressor ran on shard N or
@@ -43,8 +43,11 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_INTERVAL_S = 0.1
 #: Shortest interval a stream may ask for (the fan-out publishes every 50 ms anyway).
 MIN_INTERVAL_S = 0.01
-#: Most requests in one StreamUpdatesResponse (keeps messages far below grpc's 4 MiB default).
-MAX_BATCH = 2000
+#: Largest StreamUpdatesResponse sent; a batch is split into as many responses as it takes.
+#: Staying below HTTP/2's initial 64 KiB flow-control window matters: when a client stops
+#: reading, a response bigger than its window is stuck half-sent, and a status sent after
+#: it never reaches the client (grpc 1.8x) — the cut-off would leave the client hanging.
+MAX_RESPONSE_BYTES = 32 * 1024
 #: How often an idle WatchRequest checks that its request is still in the store.
 _EVICTION_CHECK_S = 2.0
 
@@ -250,17 +253,22 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
         if not messages:
             await self._write(context, pb.StreamUpdatesResponse(time=_now_ts(), coalesced=sub.coalesced), lag)
             return
-        for i in range(0, len(messages), MAX_BATCH):
-            resp = pb.StreamUpdatesResponse(time=_now_ts(), coalesced=sub.coalesced)
-            resp.updates.extend(messages[i : i + MAX_BATCH])
-            await self._write(context, resp, lag)
+        now = _now_ts()
+        resp = pb.StreamUpdatesResponse(time=now, coalesced=sub.coalesced)
+        size = 0
+        for message in messages:
+            n = message.ByteSize() + 4  # + tag and length
+            if size and size + n > MAX_RESPONSE_BYTES:
+                await self._write(context, resp, lag)
+                resp = pb.StreamUpdatesResponse(time=now, coalesced=sub.coalesced)
+                size = 0
+            resp.updates.append(message)
+            size += n
+        await self._write(context, resp, lag)
 
     async def _write(self, context, message, lag: float) -> None:
         """Write one response; a write still blocked after ``lag`` seconds cuts the stream off."""
         try:
-            # wait_for, not asyncio.timeout(): the write runs as its own task, so the timeout
-            # cancels that task and never the handler's own (grpc.aio then keeps the call usable
-            # for the abort below; cancelling the handler task leaves the client hanging).
             await asyncio.wait_for(context.write(message), lag)
         except TimeoutError:
             self.fanout.cut_off += 1

@@ -6,10 +6,15 @@ adapter hooks: request arrival (HTTP thread), admission into the running batch
 (columns built from the step's batch; ``global_step`` and ``peer_tokens`` on
 LOCKSTEP shards), and finish/abort. The engine never sees the Recorder itself,
 so ``--no-hooks`` is simply "no adapter".
+
+``shard_thread_ns`` sums the time the shard thread spent inside the adapter (two
+clock reads per call): the hooks' direct cost to the engine loop, which the
+overhead benchmark reports next to the throughput ratio.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from enginetime import __version__
@@ -27,6 +32,7 @@ class ShardHooks:
             engine_id, shard=shard, num_shards=num_shards, coupling=coupling.name.lower(),
             address=address, engine_kind="testbed", engine_version=__version__, timer=timer, start=start,
         )
+        self.shard_thread_ns = 0  # time the shard thread spent in this adapter
 
     # requests ---------------------------------------------------------------
 
@@ -37,11 +43,15 @@ class ShardHooks:
         )
 
     def scheduled(self, req: Request) -> None:
+        t = time.perf_counter_ns()
         self.recorder.request_scheduled(req.handle, cached_tokens=req.cached_tokens)
+        self.shard_thread_ns += time.perf_counter_ns() - t
 
     def finished(self, req: Request) -> None:
+        t = time.perf_counter_ns()
         self.recorder.request_finished(req.handle, reason=req.finish_reason or "stop",
                                        output_tokens=len(req.output_ids))
+        self.shard_thread_ns += time.perf_counter_ns() - t
 
     def aborted(self, req: Request) -> None:
         self.recorder.request_aborted(req.handle, reason=req.finish_reason or "abort",
@@ -50,10 +60,14 @@ class ShardHooks:
     # steps ------------------------------------------------------------------
 
     def step_begin(self, stream: Any = None) -> Any:
-        return self.recorder.step_begin(stream)
+        t = time.perf_counter_ns()
+        token = self.recorder.step_begin(stream)
+        self.shard_thread_ns += time.perf_counter_ns() - t
+        return token
 
     def step_end(self, token: Any, plan: Plan, *, global_step: int | None = None,
                  peer_tokens: list[int] | tuple[int, ...] | None = None) -> None:
+        t = time.perf_counter_ns()
         entries = plan.entries
         self.recorder.step_end(
             token,
@@ -65,6 +79,7 @@ class ShardHooks:
             global_step=global_step,
             peer_tokens=peer_tokens,
         )
+        self.shard_thread_ns += time.perf_counter_ns() - t
 
     # lifecycle --------------------------------------------------------------
 

@@ -142,12 +142,12 @@ class PrefixCache:
             return m
         return int(torch.argmin(eq.to(torch.uint8)))
 
-    def take(self, input_ids: list[int], extra: int) -> tuple[KVCache | None, int]:
+    def take(self, input_ids: list[int], capacity: int) -> tuple[KVCache | None, int]:
         """KV for the longest cached prefix of input_ids, leaving ≥ 1 token to prefill.
 
-        Returns (cache, n_cached) or (None, 0). A cache entry that is wholly a prefix
-        of the input is handed over (the new turn extends it and is cached again when
-        it finishes); a partial match is copied.
+        Returns (cache with room for ``capacity`` positions, n_cached) or (None, 0). A
+        cache entry that is wholly a prefix of the input is handed over (the new turn
+        extends it and is cached again when it finishes); a partial match is copied.
         """
         if not self._entries or len(input_ids) < 2:
             return None, 0
@@ -168,11 +168,11 @@ class PrefixCache:
             del self._entries[best_key]
             self.tokens -= tokens.numel()
             kv.truncate(best_n)
-            kv.reserve(best_n + extra)
+            kv.reserve(capacity)
             out = kv
         else:
             self._entries.move_to_end(best_key)
-            out = kv.copy_prefix(best_n, extra)
+            out = kv.copy_prefix(best_n, max(0, capacity - best_n))
         self.hits += 1
         self.hit_tokens += best_n
         return out, best_n
@@ -225,10 +225,10 @@ class Scheduler:
 
     def _admit(self, req: Request) -> None:
         """First step of a request: look up the prefix cache, allocate its KV."""
-        extra = req.prompt_tokens + req.max_new_tokens
-        kv, cached = self.prefix_cache.take(req.input_ids, extra)
+        capacity = req.prompt_tokens + req.max_new_tokens
+        kv, cached = self.prefix_cache.take(req.input_ids, capacity)
         if kv is None:
-            kv = self.model.new_cache(extra)
+            kv = self.model.new_cache(capacity)
         req.kv = kv
         req.cached_tokens = cached
         req.prefilled = cached

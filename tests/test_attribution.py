@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION, Coupling, EventKind, StepKind
 from enginetime.sidecar.ledger import Ledger, LedgerConfig
 from enginetime.sidecar.records import Beat, Event, Hello, Step
@@ -427,6 +428,28 @@ def test_lockstep_slow_shards_prefill_is_blamed_cross_shard():
     assert s.interference_ns == 0
     # S is charged with its own work and with the three peers' wait.
     assert s.gpu_time_ns > 3 * (d - decode_cost) * 0.9
+
+
+def test_equally_loaded_lockstep_shards_do_not_wait_for_each_other():
+    sim = Sim(shards=3, coupling=Coupling.LOCKSTEP)
+    warm_model(sim, groups=160)
+    for k in range(3):
+        sim.arrive(k, 0, f"v{k}")
+    sim.group({k: [(0, 16, 0, 0)] for k in range(3)})
+    before = {k: sim.view(f"v{k}") for k in range(3)}
+    heavy = [(0, 0, 1, 3000)] + [(h, 0, 1, 3000) for h in range(1, 12)]
+    for k in range(3):
+        for h in range(1, 12):
+            sim.arrive(k, h, f"n{k}-{h}")
+    d = int(1.5 * true_cost(heavy))  # a contended step: slower than any prediction
+    sim.group({0: heavy, 1: heavy, 2: heavy[:1]}, d)
+    for k in (0, 1):  # both carried the heaviest batch: each measured the whole step as own work
+        v = sim.view(f"v{k}")
+        assert v.engine_time_ns - before[k].engine_time_ns == pytest.approx(d, abs=2)
+        assert v.interference_ns == before[k].interference_ns
+    v2 = sim.view("v2")
+    assert v2.interference_ns - before[2].interference_ns == pytest.approx(d - true_cost(heavy[:1]), rel=0.1)
+    assert v2.top_blame[0].request_id == "" and v2.top_blame[0].shard in (0, 1)
 
 
 def _storm_run(sim: Sim, victim: str, storm: bool, steps: int = 120) -> RequestView:

@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+
 from enginetime.sidecar.costmodel import (
     MIN_OBSERVATIONS,
     CostModel,

@@ -27,10 +27,12 @@ import pytest
 
 from enginetime.testbed.demo import STORM_RID, DemoConfig, render, run_demo
 
+# The incident run uses the demo's defaults; the two comparison runs a 24-chunk storm (faster).
 SCENARIOS = {
     "lockstep": DemoConfig(coupling="lockstep", policy="prefill-first"),
-    "independent": DemoConfig(coupling="independent", policy="prefill-first", baseline=False),
-    "mixed": DemoConfig(coupling="lockstep", policy="mixed", baseline=False),
+    "independent": DemoConfig(coupling="independent", policy="prefill-first", baseline=False,
+                              storm_tokens=12288),
+    "mixed": DemoConfig(coupling="lockstep", policy="mixed", baseline=False, storm_tokens=12288),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION, Coupling, EventKind, StepKind
 from enginetime.sidecar.ledger import Ledger, LedgerConfig
 from enginetime.sidecar.ledger_store import EMPTY, SlotColumns

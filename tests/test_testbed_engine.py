@@ -351,3 +351,34 @@ def test_invalid_requests_are_rejected_with_a_reason():
         with pytest.raises(InvalidRequest, match="already running"):
             eng.submit(ids(10, 1), 4, rid="dup")
         eng.abort("dup")
+
+
+def test_prefix_cache_hands_over_extends_copies_and_evicts():
+    from enginetime.testbed.scheduler import PrefixCache
+
+    model = TinyTransformer(SMALL)
+
+    def cached(tokens: list[int]):
+        kv = model.new_cache(len(tokens))
+        model.forward([ForwardItem(kv, tokens)])
+        return kv
+
+    cache = PrefixCache(max_tokens=1000)
+    a = ids(300, 20)
+    cache.insert(a, cached(a))
+    # A longer turn of the same session replaces its own prefix entry.
+    a2 = a + ids(100, 21)
+    cache.insert(a2, cached(a2))
+    assert len(cache) == 1 and cache.tokens == 400
+    # Partial match (a diverging request): a copy, the entry stays for the session.
+    kv, n = cache.take(a[:250] + ids(10, 22), 400)
+    assert n == 250 and kv.length == 250 and len(cache) == 1
+    # Whole entry is a prefix of the input: handed over (no copy), removed from the cache.
+    kv, n = cache.take(a2 + ids(5, 23), 600)
+    assert n == 400 and kv.capacity >= 600 and len(cache) == 0 and cache.tokens == 0
+    # Least recently used entries go first when the token budget is exceeded.
+    for seed in range(4):
+        t = ids(300, 30 + seed)
+        cache.insert(t, cached(t))
+    assert cache.tokens <= 1000 and len(cache) == 3
+    assert cache.take(ids(300, 30) + [1], 400) == (None, 0), "the oldest entry was evicted"
