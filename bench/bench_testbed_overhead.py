@@ -137,6 +137,11 @@ def main() -> int:
         inline = sum(sh.hooks.shard_thread_ns for sh in on.shards)
         busy = sum(s.duration for s in on.step_log())
         print(f"hooks on: {steps} steps recorded, {sent} frames sent, {dropped} dropped")
+        sidecar_cpu = sink.cpu_seconds() if isinstance(sink, SidecarProcess) else None
+        if sidecar_cpu is not None:
+            per_step = 1e3 * sidecar_cpu / max(steps, 1)
+            print(f"  sidecar process CPU: {sidecar_cpu:.2f} s in all, {per_step:.2f} ms/step "
+                  "(on this host it competes with the engine for the same cores)")
         print(f"  on the shard thread: {inline / max(steps, 1) / 1000:.1f} us/step in the adapter "
               f"({100 * inline / 1e9 / max(busy, 1e-9):.2f}% of step time); shipper thread CPU "
               f"{cpu / max(steps, 1) / 1000:.1f} us/step (encoding, socket writes; off the engine loop)")

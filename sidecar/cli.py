@@ -101,11 +101,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "sidecar",
         help="run the accounting sidecar (ingest from engine hooks, serve gRPC)",
         description=(
-            "Run the enginetime sidecar beside one engine (or one node of it). Engine hooks stream "
-            "their step records to the ingest address; the sidecar attributes engine time, GPU time "
-            "and interference to every request and serves them over gRPC (enginetime.v1."
-            "AccountingService, plus grpc.health.v1 and reflection). Once both addresses are bound it "
-            "prints one line to stdout:\n\n"
+            "Run the enginetime sidecar beside one engine (or one node of it). Engine hooks\n"
+            "stream their step records to the ingest address; the sidecar attributes engine\n"
+            "time, GPU time and interference to every request and serves them over gRPC\n"
+            "(enginetime.v1.AccountingService, plus grpc.health.v1 and reflection).\n\n"
+            "Once both addresses are bound it prints one line to stdout:\n\n"
             "  enginetime sidecar ready grpc=HOST:PORT ingest=ADDRESS\n\n"
             "Logs go to stderr. SIGTERM or Ctrl-C shuts down cleanly (exit code 0)."
         ),
@@ -146,7 +146,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=100_000,
         help=(
             "most requests kept (live + finished); the oldest finished ones are evicted first. Default: "
-            "100000 (a few hundred MB at most). Raise it when clients get NOT_FOUND for requests that "
+            "100000. Raise it when clients get NOT_FOUND for requests that "
             "finished recently under heavy load."
         ),
     )

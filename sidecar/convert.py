@@ -8,6 +8,9 @@ mean "not yet" and are left unset on the wire, so ``HasField`` tells the truth.
 
 from __future__ import annotations
 
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from enginetime.sidecar.views import (
     InterferenceView,
     RequestQuery,
@@ -17,8 +20,6 @@ from enginetime.sidecar.views import (
     StormView,
 )
 from enginetime.v1 import accounting_pb2 as pb
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 
 NS_PER_S = 1_000_000_000
 

@@ -284,8 +284,7 @@ class FanOut:
         """
         out: list[tuple[RequestView, pb.RequestAccounting]] = []
         for i in range(0, len(request_ids), _BUILD_CHUNK):
-            while self._budget_s <= 0.0 and self._closed is None:
-                await self._cycle.wait()
+            await self._within_budget()
             started = time.perf_counter()
             for v, m in self.current(request_ids[i : i + _BUILD_CHUNK]):
                 if view_filter is None or view_filter.matches(v):
@@ -293,6 +292,31 @@ class FanOut:
             self._budget_s -= time.perf_counter() - started
             await asyncio.sleep(0)  # let ingest callbacks that became ready run in between
         return out
+
+    async def snapshot(self, query: RequestQuery) -> list[tuple[RequestView, pb.RequestAccounting]]:
+        """Every request matching ``query`` now (a stream's first batch), within the budget.
+
+        Pages through ``ledger.query`` so that even 100k matching requests never
+        hold the loop for long; an arrival during paging may show up twice, never
+        not at all (newest-first order only shifts older requests further back).
+        """
+        out: list[tuple[RequestView, pb.RequestAccounting]] = []
+        offset = 0
+        page = 4 * _BUILD_CHUNK
+        while True:
+            await self._within_budget()
+            started = time.perf_counter()
+            views = self.ledger.query(query, limit=page, offset=offset)
+            out.extend((v, convert.request_to_proto(v)) for v in views)
+            self._budget_s -= time.perf_counter() - started
+            if len(views) < page:
+                return out
+            offset += len(views)
+            await asyncio.sleep(0)
+
+    async def _within_budget(self) -> None:
+        while self._budget_s <= 0.0 and self._closed is None:
+            await self._cycle.wait()
 
     def current(self, request_ids: list[str]) -> list[tuple[RequestView, pb.RequestAccounting]]:
         """View and message of each id the ledger still holds (evicted ids are skipped).

@@ -19,6 +19,7 @@ Every violation raises :class:`FrameError` with a short machine ``reason``
 from __future__ import annotations
 
 import numpy as np
+
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, PROTOCOL_VERSION
 from enginetime.sidecar.records import Beat, Event, Frame, Hello, Step
 

@@ -287,6 +287,7 @@ class IngestServer:
         """Stop accepting, close every connection (the ledger sees disconnects), remove the socket."""
         self.stop_accepting()
         for conn in list(self._connections):
+            conn.closed = True  # our doing: a frame cut short now is not the recorder's fault
             if conn.transport is not None:
                 conn.transport.close()
         # Let connection_lost callbacks run so the ledger hears every disconnect.

@@ -24,6 +24,10 @@ import sys
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, ingest_address
 from enginetime.sidecar.cli import DEFAULT_LISTEN, split_host_port
 from enginetime.sidecar.fanout import PUBLISH_PERIOD_S, FanOut, FanOutLimits
@@ -31,9 +35,6 @@ from enginetime.sidecar.ingest import IngestAddressError, IngestServer
 from enginetime.sidecar.ledger import Ledger, LedgerConfig
 from enginetime.sidecar.service import AccountingService
 from enginetime.v1 import accounting_pb2, accounting_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger("enginetime.sidecar")
 

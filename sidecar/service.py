@@ -30,6 +30,7 @@ import time
 import zlib
 
 import grpc
+
 from enginetime.sidecar import convert
 from enginetime.sidecar.fanout import FanOut, InterferenceFilter, RequestSubscriber
 from enginetime.sidecar.views import RequestQuery, RequestState
@@ -181,7 +182,7 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
         sub = self.fanout.subscribe_requests(query)
         lag = self.fanout.limits.lag_limit(interval)
         try:
-            await self._send_batch(context, sub, [m for _, m in self._initial(query)], lag)
+            await self._send_batch(context, sub, [m for _, m in await self._initial(query)], lag)
             last_send = time.monotonic()
             while True:
                 await sub.wait(None)
@@ -239,15 +240,14 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _initial(self, query: RequestQuery):
+    async def _initial(self, query: RequestQuery):
         """The first StreamUpdates batch: matching live requests (or the named ids, any state)."""
         if query.request_ids:
-            return [(v, m) for v, m in self.fanout.current(sorted(query.request_ids)) if query.matches(v)]
+            return await self.fanout.build(sorted(query.request_ids), query)
         states = (query.states or _ALL_STATES) & _LIVE
         if not states:
             return []
-        views = self.ledger.query(dataclasses.replace(query, states=frozenset(states)))
-        return [(v, convert.request_to_proto(v)) for v in views]
+        return await self.fanout.snapshot(dataclasses.replace(query, states=frozenset(states)))
 
     async def _send_batch(self, context, sub: RequestSubscriber, messages: list, lag: float) -> None:
         if not messages:

@@ -132,6 +132,15 @@ class SidecarProcess:
         self.grpc_target = fields["grpc"]
         self.ingest = fields["ingest"]
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of the sidecar process so far (Linux /proc; None elsewhere)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
     def log(self) -> str:
         try:
             with open(self.log_path, errors="replace") as f:

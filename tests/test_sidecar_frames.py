@@ -14,11 +14,12 @@ import string
 
 import numpy as np
 import pytest
+from helpers import frame, varint
+
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION
 from enginetime.sidecar.frames import FrameDecoder, FrameError, decode_frame
 from enginetime.sidecar.records import Beat, Event, Hello, Step
 from enginetime.v1 import ingest_pb2 as pb
-from helpers import frame, varint
 
 # ----------------------------------------------------------------------------- random messages
 

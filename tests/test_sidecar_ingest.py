@@ -19,12 +19,6 @@ import time
 
 import grpc
 import pytest
-from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, PROTOCOL_VERSION
-from enginetime.sidecar.ingest import IngestServer
-from enginetime.sidecar.ledger import Ledger, LedgerConfig
-from enginetime.v1 import accounting_pb2 as pb
-from enginetime.v1 import accounting_pb2_grpc as pb_grpc
-from enginetime.v1 import ingest_pb2
 from helpers import (
     IngestConnection,
     arrived,
@@ -36,6 +30,13 @@ from helpers import (
     varint,
     wait_until,
 )
+
+from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, PROTOCOL_VERSION
+from enginetime.sidecar.ingest import IngestServer
+from enginetime.sidecar.ledger import Ledger, LedgerConfig
+from enginetime.v1 import accounting_pb2 as pb
+from enginetime.v1 import accounting_pb2_grpc as pb_grpc
+from enginetime.v1 import ingest_pb2
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,180 @@
+"""GetRequest latency on loopback while the sidecar ingests a LOCKSTEP engine.
+
+A real ``enginetime sidecar`` process; a second process pushes pre-encoded
+frames of 8 shards x batch 256 (the bench_ingest workload, storms included)
+paced at ``--rate`` entries/s; this process calls GetRequest for random live
+requests over gRPC, first with ingest idle, then while it runs, and prints
+p50/p90/p99/max of each together with the ingest rate the sidecar achieved.
+
+Run: ``.venv/bin/python bench/bench_getrequest.py [--rate 300000] [--seconds 8]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import grpc
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_ingest import encode  # noqa: E402  (the same pre-encoded workload)
+
+from enginetime.v1 import accounting_pb2 as pb  # noqa: E402
+from enginetime.v1 import accounting_pb2_grpc as pb_grpc  # noqa: E402
+
+SHARDS = 8
+BATCH = 256
+
+
+def paced_pusher(path: str, groups: int, rate: float, ready, go) -> None:
+    """Child process: encode, connect, send setup; on go, push ``rate`` entries/s until done."""
+    setup, units, _entries = encode(SHARDS, BATCH, groups)
+    conns = []
+    for k in range(SHARDS):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(path)
+        s.sendall(setup[k])
+        conns.append(s)
+    ready.set()
+    go.wait()
+    per = 4
+    period = per * SHARDS * BATCH / rate  # seconds per slice of ``per`` lockstep steps
+    began = time.perf_counter()
+    for i, g in enumerate(range(0, groups, per)):
+        for k, s in enumerate(conns):
+            s.sendall(b"".join(units[k][g : g + per]))
+        delay = began + (i + 1) * period - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+    for s in conns:
+        s.close()
+
+
+def start_sidecar(sockdir: str) -> tuple[subprocess.Popen, str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "enginetime",
+        "sidecar",
+        "--ingest",
+        f"unix:{sockdir}/ingest.sock",
+        "--listen",
+        "127.0.0.1:0",
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # the ready line (or EOF if it failed)
+    if not line.startswith("enginetime sidecar ready "):
+        proc.kill()
+        raise SystemExit(f"sidecar did not start: {line!r}")
+    fields = dict(p.split("=", 1) for p in line.split()[3:])
+    return proc, fields["grpc"]
+
+
+def percentiles(samples: list[float]) -> str:
+    s = sorted(samples)
+
+    def q(p: float) -> float:
+        return s[min(len(s) - 1, int(p * len(s)))] * 1e3
+
+    return (
+        f"p50 {q(0.50):.2f} ms  p90 {q(0.90):.2f} ms  p99 {q(0.99):.2f} ms  "
+        f"max {s[-1] * 1e3:.2f} ms  (n={len(s)})"
+    )
+
+
+def measure(stub, until, minimum: int) -> list[float]:
+    """GetRequest latencies for random live requests until ``until()`` (and at least ``minimum`` calls)."""
+    rng = random.Random(1)
+    out = []
+    while len(out) < minimum or not until():
+        rid = f"b{rng.randrange(SHARDS)}-{rng.randrange(1, BATCH + 1)}"
+        t = time.perf_counter()
+        resp = stub.GetRequest(pb.GetRequestRequest(request_id=rid), timeout=10)
+        out.append(time.perf_counter() - t)
+        assert resp.request.request_id == rid
+    return out
+
+
+def total_steps(stub) -> int:
+    return sum(s.steps for s in stub.GetShards(pb.GetShardsRequest(engine_id="bench"), timeout=10).shards)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--rate", type=float, default=300_000, help="ingest entries/s to push (default 300000)"
+    )
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of the loaded phase")
+    args = parser.parse_args()
+
+    groups = int(args.rate * args.seconds / (SHARDS * BATCH))
+    sockdir = tempfile.mkdtemp(prefix="et-bench-", dir="/tmp")
+    proc, target = start_sidecar(sockdir)
+    ctx = mp.get_context("spawn")
+    ready, go = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=paced_pusher, args=(f"{sockdir}/ingest.sock", groups, args.rate, ready, go))
+    child.start()
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.AccountingServiceStub(channel)
+            if not ready.wait(120):
+                raise SystemExit("the pusher did not get ready")
+            deadline = time.monotonic() + 30
+            while (
+                sum(1 for s in stub.GetShards(pb.GetShardsRequest(), timeout=5).shards if s.connected)
+                < SHARDS
+            ):
+                if time.monotonic() > deadline:
+                    raise SystemExit("the engine's shards never all connected")
+                time.sleep(0.01)
+            stub.GetRequest(
+                pb.GetRequestRequest(request_id=f"b{SHARDS - 1}-{BATCH}"), timeout=10
+            )  # all arrived
+
+            idle_until = time.monotonic() + 2.0
+            idle = measure(stub, lambda: time.monotonic() > idle_until, 500)
+
+            steps0 = total_steps(stub)
+            began = time.perf_counter()
+            go.set()
+            done = threading.Event()
+            threading.Thread(target=lambda: (child.join(), done.set()), daemon=True).start()
+            loaded = measure(stub, done.is_set, 500)
+            while total_steps(stub) < steps0 + groups * SHARDS and time.perf_counter() - began < 60:
+                time.sleep(0.01)
+            elapsed = time.perf_counter() - began
+            attributed = total_steps(stub) - steps0
+    finally:
+        if child.is_alive():
+            child.kill()
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+    achieved = attributed * BATCH / elapsed  # storms add a few entries; close enough for a rate
+    print(
+        f"bench_getrequest: sidecar pid {proc.pid}, {SHARDS} shards x batch {BATCH} LOCKSTEP, loopback gRPC"
+    )
+    print(f"  ingest idle      {percentiles(idle)}")
+    print(f"  ingest running   {percentiles(loaded)}")
+    print(
+        f"  ingest rate      {achieved:,.0f} entries/s achieved (target {args.rate:,.0f}), "
+        f"{attributed:,} steps attributed in {elapsed:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

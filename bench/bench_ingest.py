@@ -1,0 +1,273 @@
+"""Ingest throughput: a real Unix socket -> frame decoding -> ledger attribution.
+
+One LOCKSTEP engine, 8 shards x batch 256 decoding requests, with a prefill storm
+now and then (one shard runs 512-token chunks of a long prompt beside its
+decodes; every shard's step lasts as long as the slowest one's). A separate
+process pre-encodes every frame with the engine-side encoder
+(``engine_hooks.wire``), then pushes them over 8 connections, round-robin a few
+steps at a time as lockstep shards would. The sidecar side is the real
+``Sidecar`` (ingest server, ledger with attribution on, ticker, fan-out, gRPC)
+on one asyncio loop in this process; the clock runs from the first step byte
+until the ledger has attributed every step (and flushed).
+
+Goal (DESIGN §9): >= 300,000 entries/s on one core.
+
+Run: ``.venv/bin/python bench/bench_ingest.py [--groups N] [--shards S] [--batch B]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+
+GOAL = 300_000
+CHUNK = 512
+STORM_EVERY = 200  # groups between storm starts
+STORM_CHUNKS = 40  # 512-token chunks per storm
+
+
+def step_cost_ns(prefill: int, decodes: int, context: int) -> int:
+    """A plausible device time for a shard's step (what the cost model will learn)."""
+    return int(
+        3e6 + 4e3 * prefill + 0.02 * prefill * (context + prefill / 2) + 2e4 * decodes + 2.0 * 500 * decodes
+    )
+
+
+def encode(shards: int, batch: int, groups: int) -> tuple[list[bytes], list[list[bytes]], int]:
+    """(per-shard setup bytes, per-shard bytes of each lockstep step, entries) — pre-encoded.
+
+    ``units[k][g]`` is everything shard k sends for global step g: the step, and a
+    storm's ARRIVED before its first chunk / FINISHED after its last.
+    """
+    from array import array
+
+    from enginetime.engine_hooks import wire
+    from enginetime.engine_hooks.constants import Coupling, EventKind, StepKind, TimerSource
+
+    t0 = time.time_ns() - 3_600_000_000_000
+    setup = []
+    for k in range(shards):
+        parts = [
+            wire.frame_hello(
+                engine_id="bench",
+                shard=k,
+                num_shards=shards,
+                coupling=int(Coupling.LOCKSTEP),
+                engine_kind="bench",
+                timer_source=int(TimerSource.MONOTONIC),
+                device_name="cpu",
+                recorder_epoch=1,
+                wall_time_ns=t0,
+            )
+        ]
+        parts += [
+            wire.frame_event(
+                handle=h,
+                kind=int(EventKind.ARRIVED),
+                time_ns=t0,
+                request_id=f"b{k}-{h}",
+                prompt_tokens=200,
+                session_id=f"sess-{k}-{h}",
+            )
+            for h in range(1, batch + 1)
+        ]
+        setup.append(b"".join(parts))
+
+    handles = array(wire.U32, range(1, batch + 1))
+    zeros = array(wire.U32, [0] * batch)
+    ones = array(wire.U32, [1] * batch)
+    units: list[list[bytes]] = [[] for _ in range(shards)]
+    entries = 0
+    storm_handle = 100_000
+    t = t0
+    for g in range(groups):
+        storm_shard = (g // STORM_EVERY) % shards
+        chunk = g % STORM_EVERY
+        storming = chunk < STORM_CHUNKS
+        cost = step_cost_ns(CHUNK if storming else 0, batch, chunk * CHUNK)  # the slowest shard sets the pace
+        context = array(wire.U32, [500 + g % 1000] * batch)
+        for k in range(shards):
+            parts = []
+            if storming and k == storm_shard:
+                if chunk == 0:
+                    storm_handle += 1
+                    parts.append(
+                        wire.frame_event(
+                            handle=storm_handle,
+                            kind=int(EventKind.ARRIVED),
+                            time_ns=t,
+                            request_id=f"storm-{storm_handle}",
+                            prompt_tokens=CHUNK * STORM_CHUNKS,
+                        )
+                    )
+                parts.append(
+                    wire.frame_step(
+                        seq=g + 1,
+                        global_step=g,
+                        start_time_ns=t,
+                        end_time_ns=t + cost,
+                        device_time_ns=cost,
+                        timer_source=int(TimerSource.MONOTONIC),
+                        kind=int(StepKind.MIXED),
+                        handles=handles + array(wire.U32, [storm_handle]),
+                        prefill_tokens=zeros + array(wire.U32, [CHUNK]),
+                        decode_tokens=ones + array(wire.U32, [0]),
+                        context_tokens=context + array(wire.U32, [chunk * CHUNK]),
+                    )
+                )
+                entries += batch + 1
+                if chunk == STORM_CHUNKS - 1:
+                    parts.append(
+                        wire.frame_event(
+                            handle=storm_handle,
+                            kind=int(EventKind.FINISHED),
+                            time_ns=t + cost,
+                            finish_reason="length",
+                        )
+                    )
+            else:
+                parts.append(
+                    wire.frame_step(
+                        seq=g + 1,
+                        global_step=g,
+                        start_time_ns=t,
+                        end_time_ns=t + cost,
+                        device_time_ns=cost,
+                        timer_source=int(TimerSource.MONOTONIC),
+                        kind=int(StepKind.DECODE),
+                        handles=handles,
+                        prefill_tokens=zeros,
+                        decode_tokens=ones,
+                        context_tokens=context,
+                    )
+                )
+                entries += batch
+            units[k].append(b"".join(parts))
+        t += cost + 200_000
+    return setup, units, entries
+
+
+def pusher(path: str, shards: int, batch: int, groups: int, ready, go, info) -> None:
+    """Child process: encode everything, connect, send setup, then (on go) the steps."""
+    setup, units, entries = encode(shards, batch, groups)
+    info.put((entries, sum(len(u) for shard in units for u in shard)))
+    conns = []
+    for k in range(shards):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+        s.connect(path)
+        s.sendall(setup[k])
+        conns.append(s)
+    ready.set()
+    go.wait()
+    per = 8  # lockstep shards advance together: a few steps of each shard in turn
+    for g in range(0, groups, per):
+        for k, s in enumerate(conns):
+            s.sendall(b"".join(units[k][g : g + per]))
+    for s in conns:
+        s.close()
+
+
+async def run(args) -> dict:
+    from enginetime.sidecar.ledger import LedgerConfig
+    from enginetime.sidecar.server import Sidecar, SidecarConfig
+
+    sockdir = tempfile.mkdtemp(prefix="et-bench-", dir="/tmp")
+    path = f"{sockdir}/ingest.sock"
+    sidecar = Sidecar(SidecarConfig(ingest=f"unix:{path}", listen="127.0.0.1:0", ledger=LedgerConfig()))
+    await sidecar.start()
+    ctx = mp.get_context("spawn")
+    ready, go, info = ctx.Event(), ctx.Event(), ctx.Queue()
+    child = ctx.Process(target=pusher, args=(path, args.shards, args.batch, args.groups, ready, go, info))
+    child.start()
+    try:
+        entries, frame_bytes = await asyncio.to_thread(info.get, True, 300)
+        await asyncio.to_thread(ready.wait, 300)
+        ledger = sidecar.ledger
+        # Setup (hellos + arrivals) is ingested before the clock starts.
+        want_events = args.shards * args.batch
+        while ledger.counters.events < want_events:
+            await asyncio.sleep(0.005)
+        steps0 = ledger.counters.steps
+        want = steps0 + args.shards * args.groups
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        go.set()
+        deadline = time.monotonic() + 120
+        while ledger.counters.steps < want:
+            await asyncio.sleep(0.002)
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {ledger.counters.steps - steps0} of {want - steps0} steps attributed after 120 s; "
+                    f"ingest counters: {sidecar.ingest.counters.summary()}"
+                )
+        ledger.flush()
+        wall = time.perf_counter() - wall0
+        cpu = time.process_time() - cpu0
+        c = ledger.counters
+        result = {
+            "entries": entries,
+            "steps": c.steps - steps0,
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "entries_per_s": entries / wall,
+            "entries_per_cpu_s": entries / cpu if cpu else float("inf"),
+            "mb_per_s": frame_bytes / wall / 1e6,
+            "lockstep_groups": c.lockstep_groups,
+            "lockstep_timeouts": c.lockstep_timeouts,
+            "storms": c.storms,
+            "rejected": dict(sidecar.ingest.counters.rejected),
+        }
+    finally:
+        child.join(60)
+        if child.is_alive():
+            child.kill()
+        sidecar.request_stop()
+        await sidecar.shutdown()
+        shutil.rmtree(sockdir, ignore_errors=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--groups", type=int, default=2000, help="lockstep steps (each: one step per shard)")
+    args = parser.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    r = asyncio.run(run(args))
+    print(
+        f"bench_ingest: {args.shards} shards x batch {args.batch} LOCKSTEP, {args.groups} steps/shard, "
+        f"{r['storms']} storms, pid {os.getpid()}"
+    )
+    print(
+        f"  entries          {r['entries']:,} in {r['wall_s']:.2f} s wall, "
+        f"{r['cpu_s']:.2f} s CPU (sidecar process)"
+    )
+    print(
+        f"  throughput       {r['entries_per_s']:,.0f} entries/s  "
+        f"({r['entries_per_cpu_s']:,.0f} per CPU-second)"
+    )
+    print(
+        f"  steps            {r['steps']:,} attributed ({r['steps'] / r['wall_s']:,.0f} steps/s), "
+        f"{r['mb_per_s']:.1f} MB/s of frames"
+    )
+    print(
+        f"  lockstep groups  {r['lockstep_groups']:,} ({r['lockstep_timeouts']} timed out), "
+        f"rejected {r['rejected'] or 'none'}"
+    )
+    ok = r["entries_per_s"] >= GOAL
+    print(f"  goal             >= {GOAL:,} entries/s on one core: {'met' if ok else 'NOT met'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
