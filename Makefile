@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 proto: $(STAMP)
-	PYTHON=$(PY) scripts/gen_proto.sh
+	PYTHON=$(abspath $(PY)) scripts/gen_proto.sh
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

@@ -93,9 +93,7 @@ def request_from_pb(m: pb.RequestAccounting) -> RequestAccounting:
     gpu = _pick_ns(m, "gpu_time", "gpu_time_ns")
     interference = _pick_ns(m, "interference", "interference_ns")
     wall = _pick_ns(m, "wall", "wall_ns")
-    # `other` has no integer twin on the wire; when the sidecar left it out, the
-    # identity wall = queue + engine + interference + other gives it exactly.
-    other = _dur_ns(m.other) if m.HasField("other") else max(0, wall - queue - engine - interference)
+    other = _pick_ns(m, "other", "other_ns")
     arrival = _ts_ns(m.arrival_time)
     last_step = _opt_ts_ns(m, "last_step_time")
     finish = _opt_ts_ns(m, "finish_time")

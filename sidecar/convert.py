@@ -73,6 +73,7 @@ def request_to_proto(v: RequestView) -> pb.RequestAccounting:
         traceparent=v.traceparent,
         queue_time_ns=v.queue_time_ns,
         engine_time_ns=v.engine_time_ns,
+        other_ns=v.other_ns,
         gpu_time_ns=v.gpu_time_ns,
         interference_ns=v.interference_ns,
         wall_ns=v.wall_ns,

@@ -54,7 +54,7 @@ class TokenCounts(_message.Message):
     def __init__(self, prompt: _Optional[int] = ..., cached: _Optional[int] = ..., prefilled: _Optional[int] = ..., decoded: _Optional[int] = ...) -> None: ...
 
 class RequestAccounting(_message.Message):
-    __slots__ = ("request_id", "session_id", "engine_id", "shard", "state", "arrival_time", "queue_time", "engine_time", "gpu_time", "interference", "wall", "tokens", "steps", "preemptions", "top_blame", "partial", "last_step_time", "migrated", "other", "finish_time", "finish_reason", "routed_shard", "excluded_steps", "queue_time_ns", "engine_time_ns", "gpu_time_ns", "interference_ns", "wall_ns", "traceparent")
+    __slots__ = ("request_id", "session_id", "engine_id", "shard", "state", "arrival_time", "queue_time", "engine_time", "gpu_time", "interference", "wall", "tokens", "steps", "preemptions", "top_blame", "partial", "last_step_time", "migrated", "other", "finish_time", "finish_reason", "routed_shard", "excluded_steps", "queue_time_ns", "engine_time_ns", "gpu_time_ns", "interference_ns", "wall_ns", "traceparent", "other_ns")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class RequestAccounting(_message.Message):
     INTERFERENCE_NS_FIELD_NUMBER: _ClassVar[int]
     WALL_NS_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    OTHER_NS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     session_id: str
     engine_id: str
@@ -113,7 +114,8 @@ class RequestAccounting(_message.Message):
     interference_ns: int
     wall_ns: int
     traceparent: str
-    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., shard: _Optional[int] = ..., state: _Optional[_Union[RequestState, str]] = ..., arrival_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queue_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., engine_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., gpu_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., interference: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., wall: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., tokens: _Optional[_Union[TokenCounts, _Mapping]] = ..., steps: _Optional[int] = ..., preemptions: _Optional[int] = ..., top_blame: _Optional[_Iterable[_Union[Blame, _Mapping]]] = ..., partial: bool = ..., last_step_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., migrated: bool = ..., other: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., finish_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finish_reason: _Optional[str] = ..., routed_shard: _Optional[int] = ..., excluded_steps: _Optional[int] = ..., queue_time_ns: _Optional[int] = ..., engine_time_ns: _Optional[int] = ..., gpu_time_ns: _Optional[int] = ..., interference_ns: _Optional[int] = ..., wall_ns: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    other_ns: int
+    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., shard: _Optional[int] = ..., state: _Optional[_Union[RequestState, str]] = ..., arrival_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queue_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., engine_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., gpu_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., interference: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., wall: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., tokens: _Optional[_Union[TokenCounts, _Mapping]] = ..., steps: _Optional[int] = ..., preemptions: _Optional[int] = ..., top_blame: _Optional[_Iterable[_Union[Blame, _Mapping]]] = ..., partial: bool = ..., last_step_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., migrated: bool = ..., other: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., finish_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finish_reason: _Optional[str] = ..., routed_shard: _Optional[int] = ..., excluded_steps: _Optional[int] = ..., queue_time_ns: _Optional[int] = ..., engine_time_ns: _Optional[int] = ..., gpu_time_ns: _Optional[int] = ..., interference_ns: _Optional[int] = ..., wall_ns: _Optional[int] = ..., traceparent: _Optional[str] = ..., other_ns: _Optional[int] = ...) -> None: ...
 
 class RequestFilter(_message.Message):
     __slots__ = ("states", "shard", "session_id", "engine_id", "request_ids")
