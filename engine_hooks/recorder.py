@@ -282,9 +282,12 @@ class Recorder:
         self._seq = seq + 1  # every call takes a seq: a lost step shows as a gap
         dev = None
         try:
-            start_wall, start_perf, dev = token
-            if dev is not None:
-                self._timer.end(dev)
+            if len(token) == 5:  # stopped by step_stop: the clock already ended there
+                start_wall, start_perf, dev, wall, perf = token
+            else:
+                start_wall, start_perf, dev = token
+                if dev is not None:
+                    self._timer.end(dev)
             if not self._enabled:
                 self._lost_step(dev, None, None)
                 return
@@ -303,6 +306,34 @@ class Recorder:
             ring.append(item)
         except Exception as exc:
             self._lost_step(dev, "bad step_end arguments", exc)
+
+    def step_stop(self, token: Any, stream: Any = None) -> tuple[int, int, Any, int, int]:
+        """Stop a step's clock now and record its batch later with ``step_end``.
+
+        For engines where the forward's end and the knowledge of its batch are in
+        different places (vLLM under async scheduling: the worker knows when the
+        forward ends, the scheduler learns what it did one step later). Records the
+        CUDA end event on ``stream`` (the start's stream if None) and takes the end
+        stamps; returns a stopped token ``(start_wall, start_perf, device, end_wall,
+        end_perf)``. ``step_end`` given a stopped token keeps these stamps. An adapter
+        that measured a step some other way may build such a token itself (device
+        None, the four stamps from ``time.time_ns``/``time.perf_counter_ns``).
+        """
+        perf = _perf_ns()
+        wall = _wall_ns()
+        try:
+            start_wall, start_perf, dev = token
+            if dev is not None:
+                try:
+                    self._timer.end(dev, stream)
+                except Exception as exc:
+                    self._errors.report("CUDA end event", exc)
+                    self._timer.release(dev)
+                    dev = None
+            return (start_wall, start_perf, dev, wall, perf)
+        except Exception as exc:
+            self._errors.report("bad step_stop token", exc)
+            return (wall, perf, None, wall, perf)
 
     def step_abort(self, token: Any) -> None:
         """Forget a step begun with ``step_begin`` whose forward raised.

@@ -86,6 +86,7 @@ from .ledger_store import (
     SlotColumns,
 )
 from .ledger_storms import StormTracker
+from .ledger_trace import MARK_PREEMPTED, MARK_RESUMED, AggressorRef, Mark, RequestTrace, add_mark
 from .records import Beat, Event, Hello, Step
 from .views import (
     BlameView,
@@ -174,9 +175,10 @@ class Ledger:
         self._engines: dict[str, EngineState] = {}
         self._shards: dict[ShardKey, ShardState] = {}
         self._shard_table: list[ShardState] = []
-        self._ghosts: OrderedDict[int, tuple[str, int]] = (
-            OrderedDict()
-        )  # evicted aggressor -> (id, shard idx)
+        # evicted aggressor -> (id, shard idx, arrival ns, traceparent)
+        self._ghosts: OrderedDict[int, tuple[str, int, int, str]] = OrderedDict()
+        #: Called with a request's key when it reaches FINISHED/ABORTED (see add_terminal_listener).
+        self._terminal_listeners: list[Callable[[int], None]] = []
         self._storms = StormTracker(self._cols, cfg.storm_threshold_s * 1e9)
         self._version = 0
         self._stamp_base = 1
@@ -313,12 +315,17 @@ class Ledger:
         if state in _TERMINAL:
             return
         if kind == EventKind.SCHEDULED or kind == EventKind.RESUMED:
+            if state == PREEMPTED:
+                add_mark(req, Mark(MARK_RESUMED, int(ev.time_ns)))
             cols.state[slot] = RUNNING
             if cols.first_start[slot] >= 0:
                 self._set_running(req, True)
         elif kind == EventKind.PREEMPTED:
             if state != PREEMPTED:
                 req.preemptions += 1
+                # The run ends here: the next one finds its own first decoding step.
+                add_mark(req, Mark(MARK_PREEMPTED, int(ev.time_ns), int(cols.decode_start[slot])))
+                cols.decode_start[slot] = -1
             cols.state[slot] = PREEMPTED
             self._set_running(req, False)
             if cols.in_run[slot]:
@@ -443,6 +450,8 @@ class Ledger:
         if cols.in_run[slot]:
             self._storms.end(slot, time_ns)
         self._touch(slot)
+        for listener in self._terminal_listeners:
+            listener(req.rid)
 
     def _evict(self, req: Request) -> None:
         slot = req.slot
@@ -465,7 +474,7 @@ class Ledger:
                 if not group:
                     del self._sessions[req.session_id]
         if cols.caused[slot] > 0.0:
-            self._ghosts[req.rid] = (req.request_id, shard.index)
+            self._ghosts[req.rid] = (req.request_id, shard.index, req.arrival_ns, req.traceparent)
             if len(self._ghosts) > self.config.max_requests:
                 self._ghosts.popitem(last=False)
         cols.free(slot)
@@ -701,6 +710,17 @@ class Ledger:
         cols.prefilled[slots] += batch.p_raw
         cols.decoded[slots] += batch.q_raw
         cols.steps[slots] += 1
+        # Phase boundaries (spans): the first step that decodes for a request since it was
+        # admitted starts its decode phase; the step before it sampled its first token.
+        new_dec = (cols.decode_start[slots] < 0) & (batch.q_raw > 0)
+        if new_dec.any():
+            ds = slots[new_dec]
+            starts = batch.starts[seg[new_dec]]
+            cols.decode_start[ds] = starts
+            first = cols.first_token[ds] == 0
+            if first.any():
+                prev_end = cols.last_step[ds[first]]
+                cols.first_token[ds[first]] = np.where(prev_end > 0, prev_end, starts[first])
         cols.last_step[slots] = batch.ends[seg]
         cols.version[slots] = self._version
         cols.changed[slots] = True
@@ -966,6 +986,60 @@ class Ledger:
 
     def take_interference(self) -> list[InterferenceView]:
         return self._storms.take()
+
+    def add_terminal_listener(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(key)`` once when a request reaches FINISHED or ABORTED.
+
+        A second feed beside ``take_changed`` (whose one consumer is the fan-out), for
+        consumers that want each finished request once: span export and metrics. The
+        listener runs inside the ledger's event handling, so it must be O(1) and must
+        not raise (append ``key`` somewhere and return). Its figures may still change
+        for up to ``lockstep_wait_s`` (a LOCKSTEP group holding its last step), so read
+        them later with ``request_trace(key)``.
+        """
+        self._terminal_listeners.append(listener)
+
+    def request_trace(self, key: int) -> RequestTrace | None:
+        """The request ``key`` (from a terminal listener) with its phase marks; None once evicted."""
+        slot = key & SLOT_MASK
+        cols = self._cols
+        if slot >= cols.used or not cols.alive[slot] or int(cols.gen[slot]) != key >> SLOT_BITS:
+            return None
+        req = self._reqs[slot]
+        if req is None:
+            return None
+        aggressors = []
+        for agg, ns in cols.blame_row(slot, self.config.top_blame):
+            ref = self._aggressor_ref(agg)
+            if ref is not None:
+                rid, shard, arrival, traceparent = ref
+                aggressors.append(
+                    AggressorRef(
+                        rid, shard.engine_id, shard.shard, arrival, traceparent, round(ns), shard is req.shard
+                    )
+                )
+        return RequestTrace(
+            view=self._view(req, self._clock()),
+            first_step_ns=int(cols.first_start[slot]),
+            decode_start_ns=int(cols.decode_start[slot]),
+            first_token_ns=int(cols.first_token[slot]),
+            marks=tuple(req.marks) if req.marks else (),
+            aggressors=tuple(aggressors),
+        )
+
+    def _aggressor_ref(self, agg: int) -> tuple[str, ShardState, int, str] | None:
+        """(request id, shard, arrival ns, traceparent) of a request aggressor; None for the others."""
+        if agg == EMPTY or agg < 0:
+            return None
+        slot = agg & SLOT_MASK
+        cols = self._cols
+        if slot < cols.used and cols.alive[slot] and int(cols.gen[slot]) == agg >> SLOT_BITS:
+            req = self._reqs[slot]
+            return req.request_id, req.shard, req.arrival_ns, req.traceparent
+        ghost = self._ghosts.get(agg)
+        if ghost is not None:
+            return ghost[0], self._shard_table[ghost[1]], ghost[2], ghost[3]
+        return None
 
     def shards(self, engine_id: str = "") -> list[ShardView]:
         now = self._clock()

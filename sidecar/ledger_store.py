@@ -53,6 +53,7 @@ class Request:
         "partial",
         "migrated",
         "preemptions",
+        "marks",
     )
 
     def __init__(
@@ -75,6 +76,8 @@ class Request:
         self.partial = False
         self.migrated = False
         self.preemptions = 0
+        #: Phase boundaries and storms for span export (``ledger_trace.add_mark``); None until the first.
+        self.marks: list | None = None
 
 
 _F8 = ("engine", "gpu", "interf", "caused", "blame_dropped")
@@ -85,6 +88,8 @@ _I8 = (
     "steps",
     "excluded",
     "first_start",
+    "decode_start",
+    "first_token",
     "last_step",
     "arrival",
     "version",
@@ -103,7 +108,10 @@ class SlotColumns:
     Callers must re-read attributes after ``alloc`` (growth replaces the arrays).
     Columns: created (allocation counter: creation order); engine/gpu/interf/caused/
     blame_dropped (float64 ns); prefilled/decoded/steps/excluded (int64 counts);
-    first_start (ns of the first step's start, -1 none);
+    first_start (ns of the first step's start, -1 none); decode_start (ns of the start of
+    the first step that decoded for it since it was last admitted, -1 none); first_token
+    (ns of the end of the step before its first decoding step — the step that sampled its
+    first token — 0 none);
     last_step (ns of the last step's end, 0 none); arrival (ns); version; stamp and
     victim_mark (scratch marks for set operations); gen (slot generation); shard_idx;
     state (RequestState); changed (since the last take_changed); running (admitted and
@@ -141,6 +149,7 @@ class SlotColumns:
         for name in _F8 + _I8 + _I4 + _I1 + _B:
             setattr(self, name, extend(getattr(self, name)))
         self.first_start[old:] = -1
+        self.decode_start[old:] = -1
         self.blame_agg = extend(self.blame_agg, EMPTY)
         self.blame_ns = extend(self.blame_ns)
         self.capacity = new_cap
@@ -158,6 +167,8 @@ class SlotColumns:
         self.blame_dropped[slot] = 0.0
         self.prefilled[slot] = self.decoded[slot] = self.steps[slot] = self.excluded[slot] = 0
         self.first_start[slot] = -1
+        self.decode_start[slot] = -1
+        self.first_token[slot] = 0
         self.last_step[slot] = 0
         self.version[slot] = 0
         self._created += 1

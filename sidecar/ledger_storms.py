@@ -20,6 +20,7 @@ from collections import deque
 import numpy as np
 
 from .ledger_store import Request, SlotColumns
+from .ledger_trace import MARK_STORM_ENDED, MARK_STORM_STARTED, Mark, add_mark
 from .views import InterferencePhase, InterferenceView, StormView
 
 ONGOING_INTERVAL_NS = 1_000_000_000
@@ -173,20 +174,24 @@ class StormTracker:
 
     def _emit(self, run: PrefillRun, phase: InterferencePhase, end_ns: int) -> None:
         shard_no = run.shard.shard
-        self.events.append(
-            InterferenceView(
-                phase=phase,
-                engine_id=run.shard.engine_id,
-                aggressor_request_id=run.req.request_id,
-                aggressor_shard=shard_no,
-                aggressor_session_id=run.req.session_id,
-                prefill_tokens=run.tokens,
-                chunks=run.chunks,
-                victim_shards=tuple(sorted(run.victim_shards)),
-                victim_requests=run.victims,
-                victim_ns=round(run.caused_ns),
-                start_time_ns=run.start_ns,
-                end_time_ns=end_ns,
-                cross_shard=any(s != shard_no for s in run.victim_shards),
-            )
+        view = InterferenceView(
+            phase=phase,
+            engine_id=run.shard.engine_id,
+            aggressor_request_id=run.req.request_id,
+            aggressor_shard=shard_no,
+            aggressor_session_id=run.req.session_id,
+            prefill_tokens=run.tokens,
+            chunks=run.chunks,
+            victim_shards=tuple(sorted(run.victim_shards)),
+            victim_requests=run.victims,
+            victim_ns=round(run.caused_ns),
+            start_time_ns=run.start_ns,
+            end_time_ns=end_ns,
+            cross_shard=any(s != shard_no for s in run.victim_shards),
         )
+        self.events.append(view)
+        # The aggressor's span shows its storms as events (sidecar.tracing).
+        if phase == InterferencePhase.STARTED:
+            add_mark(run.req, Mark(MARK_STORM_STARTED, run.start_ns, storm=view))
+        elif phase == InterferencePhase.ENDED:
+            add_mark(run.req, Mark(MARK_STORM_ENDED, view.end_time_ns, storm=view))

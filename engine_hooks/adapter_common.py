@@ -1,0 +1,172 @@
+"""What the SGLang and vLLM adapters share: settings from the environment, guards.
+
+Both adapters run inside the engine's processes, where a hook that raises would take
+the engine down and a hook that logs every step would flood it. ``Guard`` wraps
+every hook body: the first failure of each kind is logged with its traceback, later
+ones are only counted, and the engine's own call always proceeds.
+
+Settings come from environment variables because the engines start their scheduler
+processes themselves (spawned, with their own argument parsing): an environment
+variable is the one thing every engine process inherits.
+
+=========================  ====================================================
+``ENGINETIME_INGEST``      sidecar address, ``unix:PATH`` or ``tcp:HOST:PORT``
+                           (default ``unix:/tmp/enginetime/ingest.sock``)
+``ENGINETIME_ENGINE_ID``   engine id shown by the sidecar (default
+                           ``<engine>-<hostname>``; set it on multi-node engines
+                           so every node reports the same engine)
+``ENGINETIME_TIMER``       ``auto`` (CUDA events when a GPU is visible), ``cpu``,
+                           ``cuda``
+``ENGINETIME_COUPLING``    ``independent`` / ``lockstep``: overrides what the
+                           adapter infers (DP attention / MoE DP = lockstep)
+``ENGINETIME_DISABLE``     ``1`` turns every hook into a no-op without
+                           uninstalling anything
+=========================  ====================================================
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .shipper import ErrorLog
+
+log = logging.getLogger("enginetime.engine_hooks")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ENGINE_ID_ENV = "ENGINETIME_ENGINE_ID"
+TIMER_ENV = "ENGINETIME_TIMER"
+COUPLING_ENV = "ENGINETIME_COUPLING"
+DISABLE_ENV = "ENGINETIME_DISABLE"
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """The adapter's knobs, read once per process from the environment."""
+
+    engine_id: str
+    address: str | None
+    timer: str
+    coupling: str | None  # None: infer from the engine's configuration
+    disabled: bool
+
+    @classmethod
+    def from_env(cls, engine_kind: str, env: Mapping[str, str] | None = None) -> AdapterSettings:
+        env = os.environ if env is None else env
+        engine_id = env.get(ENGINE_ID_ENV, "").strip() or f"{engine_kind}-{_hostname()}"
+        coupling = env.get(COUPLING_ENV, "").strip().lower() or None
+        if coupling not in (None, "independent", "lockstep"):
+            log.error("enginetime: %s=%r is not 'independent' or 'lockstep'; inferring it instead",
+                      COUPLING_ENV, coupling)
+            coupling = None
+        return cls(
+            engine_id=engine_id,
+            address=env.get("ENGINETIME_INGEST") or None,
+            timer=env.get(TIMER_ENV, "").strip().lower() or "auto",
+            coupling=coupling,
+            disabled=env.get(DISABLE_ENV, "").strip().lower() in _TRUE,
+        )
+
+
+def _hostname() -> str:
+    try:
+        return socket.gethostname() or "localhost"
+    except Exception:
+        return "localhost"
+
+
+class Guard:
+    """Runs hook bodies so that nothing they do can raise into the engine.
+
+    ``errors`` counts every failure; each distinct ``what`` is logged once (with the
+    traceback) so a bug that repeats every step stays one log line.
+    """
+
+    def __init__(self, errors: ErrorLog | None = None) -> None:
+        self.errors = errors or ErrorLog()
+
+    def report(self, what: str, exc: BaseException | str) -> None:
+        self.errors.report(what, exc)
+
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, or None (counted, logged once) if it raised."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            self.errors.report(what, exc)
+            return None
+
+    def protect(self, what: str) -> Callable[[F], F]:
+        """Decorator form of ``call``."""
+
+        def deco(fn: F) -> F:
+            @functools.wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as exc:
+                    self.errors.report(what, exc)
+                    return None
+
+            return wrapper  # type: ignore[return-value]
+
+        return deco
+
+
+def traceparent_of(headers: Any) -> str:
+    """The W3C ``traceparent`` from a header mapping (any case), else ''."""
+    if not headers:
+        return ""
+    try:
+        value = headers.get("traceparent")
+        if value is None:
+            for key, val in headers.items():
+                if str(key).lower() == "traceparent":
+                    value = val
+                    break
+        return str(value) if value else ""
+    except Exception:
+        return ""
+
+
+def as_int(value: Any, default: int = 0) -> int:
+    """``int(value)`` for ints, numpy/torch scalars and CPU tensors; ``default`` otherwise.
+
+    Never touches a CUDA tensor (``int()`` of one would synchronize the GPU).
+    """
+    if type(value) is int:
+        return value
+    if value is None:
+        return default
+    device = getattr(value, "device", None)
+    if device is not None and getattr(device, "type", "cpu") != "cpu":
+        return default
+    try:
+        return int(value)
+    except Exception:
+        return default
+
+
+def int_list(values: Any) -> list[int] | None:
+    """A list of ints from a list/tuple/array/CPU tensor; None for CUDA tensors or junk."""
+    if values is None:
+        return None
+    if type(values) is list and all(type(v) is int for v in values):
+        return values
+    device = getattr(values, "device", None)
+    if device is not None and getattr(device, "type", "cpu") != "cpu":
+        return None  # reading it would synchronize the GPU
+    try:
+        tolist = getattr(values, "tolist", None)
+        seq = tolist() if callable(tolist) else list(values)
+        return [int(v) for v in seq]
+    except Exception:
+        return None

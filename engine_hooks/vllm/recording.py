@@ -1,0 +1,382 @@
+"""vLLM v1: turn what the scheduler scheduled into enginetime step records.
+
+``VllmRecording`` sits beside one v1 scheduler (one DP rank) and is driven by the
+scheduler subclass in ``scheduler.py``:
+
+* ``on_add_request``: ARRIVED with vLLM's own arrival time, prompt length, session
+  id, the ``traceparent`` of the request's trace headers, the DP rank the request
+  asked for, and the id the user sent (``external_req_id``, i.e. ``X-Request-Id``)
+  when it is not ambiguous.
+* ``on_schedule(output)``: a snapshot of the ``SchedulerOutput`` — for every
+  scheduled request, its tokens split into prefill (prompt, or recompute after a
+  preemption) and decode (the newest token plus speculative tokens), and its KV
+  length before the step; SCHEDULED with the prefix-cache hits for first-time
+  requests, PREEMPTED / RESUMED from the output's own sets.
+* ``on_update(output)``: ``update_from_output`` of that output — the step record.
+  Snapshots are paired with updates by the ``SchedulerOutput`` object, never by
+  order: under async scheduling the engine schedules step N+1 before it updates N.
+* Terminal events (FINISHED / ABORTED) are sent once no in-flight step still holds
+  the request, so the sidecar never sees a step of a request that already ended
+  (async scheduling routinely schedules one more token for a request that turns out
+  to have stopped).
+
+Timing: when this process also runs the worker (TP=PP=1, vLLM's ``UniProcExecutor``,
+the usual layout of each DP rank) the worker hooks in ``worker.py`` stop a CUDA-event
+clock right after the step's forward and sampling launches, and hand the stopped
+token over via ``device_stopped``. Otherwise the duration is estimated on the CPU:
+from the later of "scheduled" and "the previous step's output arrived" to "this
+step's output arrived" — the span in which the device worked on this step alone.
+
+Nothing here imports vLLM; the scheduler objects are read by attribute (checked
+against vLLM 0.33.0's classes in tests/test_adapter_vllm.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from ..adapter_common import AdapterSettings, Guard, traceparent_of
+from ..constants import StepKind
+from ..recorder import Recorder
+
+log = logging.getLogger("enginetime.engine_hooks")
+
+_MAX_PENDING = 16  # SchedulerOutputs awaiting update_from_output (async scheduling holds 2)
+
+#: Recordings alive in this process, so worker hooks (same process under
+#: UniProcExecutor) find the scheduler they time. Weak: a dead engine drops out.
+_ACTIVE: list[weakref.ref[VllmRecording]] = []
+_ACTIVE_LOCK = threading.Lock()
+
+
+def active() -> VllmRecording | None:
+    """The recording of this process's scheduler, if any (one per engine core)."""
+    for ref in reversed(_ACTIVE):
+        rec = ref()
+        if rec is not None and not rec.closed:
+            return rec
+    return None
+
+
+class _Snapshot:
+    __slots__ = ("output", "req_ids", "handles", "prefill", "decode", "context", "kind", "wall", "perf",
+                 "global_step")
+
+    def __init__(self, output: Any, wall: int, perf: int, global_step: int | None) -> None:
+        self.output = output  # keeps id(output) unique while we wait for its update
+        self.req_ids: list[str] = []
+        self.handles: list[int] = []
+        self.prefill: list[int] = []
+        self.decode: list[int] = []
+        self.context: list[int] = []
+        self.kind = StepKind.UNSPECIFIED
+        self.wall = wall
+        self.perf = perf
+        self.global_step = global_step
+
+
+def _vllm_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("vllm")
+    except Exception:
+        return ""
+
+
+def _status_name(req: Any) -> str:
+    status = getattr(req, "status", None)
+    return getattr(status, "name", str(status))
+
+
+class VllmRecording:
+    """Step and request recording for one vLLM v1 scheduler (one DP rank)."""
+
+    def __init__(self, scheduler: Any, *, recorder: Recorder | None = None,
+                 settings: AdapterSettings | None = None) -> None:
+        self.settings = settings or AdapterSettings.from_env("vllm")
+        self.guard = Guard()
+        self.scheduler_ref = weakref.ref(scheduler)
+        cfg = getattr(scheduler, "vllm_config", None)
+        pc = getattr(cfg, "parallel_config", None)
+        self.shard = int(getattr(pc, "data_parallel_rank", 0) or 0)
+        self.num_shards = max(1, int(getattr(pc, "data_parallel_size", 1) or 1))
+        is_moe = bool(getattr(getattr(cfg, "model_config", None), "is_moe", False))
+        # vLLM runs DP ranks in lockstep (dummy batches, step_counter) only for MoE models.
+        coupling = self.settings.coupling or ("lockstep" if self.num_shards > 1 and is_moe else "independent")
+        self.recorder = recorder or Recorder(
+            self.settings.engine_id, shard=self.shard, num_shards=self.num_shards, coupling=coupling,
+            address=self.settings.address, engine_kind="vllm", engine_version=_vllm_version(),
+            timer=self.settings.timer,
+        )
+        device_type = str(getattr(getattr(cfg, "device_config", None), "device_type", "") or "")
+        # Worker-side stamps are the step's device time with CUDA events, or its real
+        # duration when the forward runs synchronously on the CPU.
+        self.worker_timing = bool(self.recorder._cuda) or device_type == "cpu"
+        self.core_ref: weakref.ref[Any] | None = None  # DPEngineCoreProc, for global_step
+        self.closed = False
+        self._reqs: dict[str, Any] = {}  # internal request id -> vLLM Request (live)
+        self._handles: dict[str, int] = {}
+        self._preempted: set[str] = set()
+        self._pending: dict[int, _Snapshot] = {}
+        self._device: dict[int, tuple[Any, Any]] = {}  # id(output) -> (output, stopped token)
+        self._inflight: dict[str, int] = {}
+        self._deferred: dict[str, tuple[bool, str, int, int]] = {}
+        self._last_done_perf = 0
+        self.unpaired = 0  # snapshots evicted without an update (counted, not raised)
+        with _ACTIVE_LOCK:
+            _ACTIVE[:] = [r for r in _ACTIVE if r() is not None]
+            _ACTIVE.append(weakref.ref(self))
+
+    # ------------------------------------------------------------------ requests
+
+    def on_add_request(self, request_id: str) -> None:
+        try:
+            sched = self.scheduler_ref()
+            req = sched.requests.get(request_id) if sched is not None else None
+            if req is not None and request_id not in self._handles:
+                self._arrive(request_id, req)
+        except Exception as exc:
+            self.guard.report("vllm add_request hook", exc)
+
+    def _arrive(self, rid: str, req: Any) -> int:
+        arrival = getattr(req, "arrival_time", None)
+        time_ns = int(arrival * 1e9) if isinstance(arrival, (int, float)) and arrival > 0 else None
+        routed = getattr(req, "_enginetime_dp_rank", None)
+        name = rid
+        external = getattr(req, "_enginetime_external_id", None)
+        if external and external not in self.recorder._by_id:
+            name = external  # the X-Request-Id the user knows; the internal id has a random suffix
+        handle = self.recorder.request_arrived(
+            name, prompt_tokens=int(getattr(req, "num_prompt_tokens", 0) or 0),
+            session_id=str(getattr(req, "session_id", None) or ""),
+            traceparent=traceparent_of(getattr(req, "trace_headers", None)),
+            routed_shard=routed if isinstance(routed, int) and routed >= 0 else None,
+            time_ns=time_ns,
+        )
+        if isinstance(routed, int) and routed >= 0 and routed != self.shard:
+            self.guard.report("request pinned to another DP rank", (
+                f"request {rid} asked for data_parallel_rank={routed} but runs on rank {self.shard} "
+                "(the sidecar flags it as migrated)"))
+        self._reqs[rid] = req
+        self._handles[rid] = handle
+        return handle
+
+    def on_finish_requests(self, request_ids: Any) -> None:
+        """After ``Scheduler.finish_requests`` (client aborts, stop from outside)."""
+        try:
+            if request_ids is None:
+                ids: Iterable[str] = list(self._reqs)
+            elif isinstance(request_ids, str):
+                ids = (request_ids,)
+            else:
+                ids = request_ids
+            for rid in ids:
+                req = self._reqs.get(rid)
+                if req is not None and req.is_finished():
+                    self._terminal(rid, req)
+        except Exception as exc:
+            self.guard.report("vllm finish_requests hook", exc)
+
+    def _terminal(self, rid: str, req: Any) -> None:
+        status = _status_name(req)
+        reason_obj = None
+        try:
+            reason_obj = req.get_finished_reason()
+        except Exception:
+            pass
+        reason = str(reason_obj) if reason_obj is not None else status.lower()
+        aborted = status == "FINISHED_ABORTED" or reason == "abort"
+        out_tokens = int(getattr(req, "num_output_tokens", 0) or 0)
+        event = (aborted, reason, out_tokens, time.time_ns())
+        self._reqs.pop(rid, None)
+        if self._inflight.get(rid, 0) > 0:
+            self._deferred[rid] = event  # sent when its last in-flight step is recorded
+        else:
+            self._send_terminal(rid, event)
+
+    def _send_terminal(self, rid: str, event: tuple[bool, str, int, int]) -> None:
+        handle = self._handles.pop(rid, 0)
+        self._preempted.discard(rid)
+        if not handle:
+            return
+        aborted, reason, out_tokens, t = event
+        if aborted:
+            self.recorder.request_aborted(handle, reason=reason, output_tokens=out_tokens, time_ns=t)
+        else:
+            self.recorder.request_finished(handle, reason=reason, output_tokens=out_tokens, time_ns=t)
+
+    # ------------------------------------------------------------------ steps
+
+    def global_step(self) -> int | None:
+        """(wave << 32) | step_counter of the DP engine core: equal on every DP rank."""
+        core = self.core_ref() if self.core_ref is not None else None
+        if core is None:
+            return None
+        counter = getattr(core, "step_counter", None)
+        if not isinstance(counter, int):
+            return None
+        wave = getattr(core, "current_wave", 0)
+        return ((int(wave) & 0xFFFFFFFF) << 32) | (counter & 0xFFFFFFFF)
+
+    def on_schedule(self, output: Any) -> None:
+        try:
+            self._snapshot(output)
+        except Exception as exc:
+            self.guard.report("vllm schedule hook", exc)
+
+    def _snapshot(self, output: Any) -> None:
+        wall, perf = time.time_ns(), time.perf_counter_ns()
+        rec = self.recorder
+        for rid in getattr(output, "preempted_req_ids", None) or ():
+            handle = self._handles.get(rid)
+            if handle:
+                self._preempted.add(rid)
+                rec.request_preempted(handle, time_ns=wall)
+        num_scheduled: dict[str, int] = output.num_scheduled_tokens
+        if not num_scheduled:
+            return  # nothing runs on the device for an empty schedule
+        sched = self.scheduler_ref()
+        requests = sched.requests if sched is not None else {}
+        before: dict[str, int] = {}
+        first_time: set[str] = set()
+        for nr in output.scheduled_new_reqs:
+            before[nr.req_id] = int(nr.num_computed_tokens)
+            first_time.add(nr.req_id)
+        cached = output.scheduled_cached_reqs
+        resumed = getattr(cached, "resumed_req_ids", None) or ()
+        for rid, computed in zip(cached.req_ids, cached.num_computed_tokens, strict=False):
+            before[rid] = int(computed)
+        snap = _Snapshot(output, wall, perf, self.global_step())
+        n_prefill = n_decode = 0
+        for rid, n in num_scheduled.items():
+            req = requests.get(rid)
+            handle = self._handles.get(rid)
+            if handle is None:
+                handle = self._arrive(rid, req) if req is not None else 0
+            start = before.get(rid)
+            if start is None:  # not in either list: read it off the request (already advanced)
+                start = max(0, int(getattr(req, "num_computed_tokens", n)) - n)
+            # Tokens below prefill_end are prompt (or recompute after a preemption):
+            # prefill. The newest token and speculative tokens are decode.
+            prompt = int(getattr(req, "num_prompt_tokens", 0) or 0)
+            known = int(getattr(req, "num_tokens", prompt) or prompt)
+            prefill_end = max(prompt, known - 1)
+            p = min(n, max(0, prefill_end - start))
+            d = n - p
+            n_prefill += p
+            n_decode += d
+            snap.req_ids.append(rid)
+            snap.handles.append(handle)
+            snap.prefill.append(p)
+            snap.decode.append(d)
+            snap.context.append(start)
+            self._inflight[rid] = self._inflight.get(rid, 0) + 1
+            if handle:
+                if rid in first_time and rid not in self._preempted:
+                    rec.request_scheduled(handle, cached_tokens=start, time_ns=wall)
+                elif rid in self._preempted and (rid in resumed or rid in first_time):
+                    self._preempted.discard(rid)
+                    rec.request_resumed(handle, time_ns=wall)
+        snap.kind = (StepKind.MIXED if n_prefill and n_decode
+                     else StepKind.PREFILL if n_prefill else StepKind.DECODE)
+        pending = self._pending
+        pending[id(output)] = snap
+        if len(pending) > _MAX_PENDING:  # an output that never came back: forget it
+            old = pending.pop(next(iter(pending)))
+            self.unpaired += 1
+            self.guard.report("SchedulerOutput never updated", "dropping its step (counted)")
+            self._release(old)
+
+    def device_stopped(self, output: Any, token: Any) -> None:
+        """Worker hook: the step for ``output`` was launched; ``token`` is its stopped clock."""
+        try:
+            old = self._device.pop(id(output), None)
+            if old is not None:
+                self.recorder.step_abort(old[1])
+            self._device[id(output)] = (output, token)
+            if len(self._device) > _MAX_PENDING:
+                stale = self._device.pop(next(iter(self._device)))
+                self.recorder.step_abort(stale[1])
+        except Exception as exc:
+            self.guard.report("vllm worker timing hook", exc)
+
+    def record_idle(self, token: Any) -> None:
+        """Worker hook: a DP dummy batch ran (this rank had no work but its peers did)."""
+        try:
+            self.recorder.step_end(token, kind=StepKind.IDLE, handles=[], prefill_tokens=[],
+                                   decode_tokens=[], context_tokens=[], global_step=self.global_step())
+        except Exception as exc:
+            self.guard.report("vllm dummy batch hook", exc)
+
+    def on_update(self, output: Any) -> None:
+        try:
+            self._record(output)
+        except Exception as exc:
+            self.guard.report("vllm update_from_output hook", exc)
+
+    def _record(self, output: Any) -> None:
+        snap = self._pending.pop(id(output), None)
+        device = self._device.pop(id(output), None)
+        if snap is None or snap.output is not output:
+            if device is not None:
+                self.recorder.step_abort(device[1])
+            return
+        end_wall, end_perf = time.time_ns(), time.perf_counter_ns()
+        if device is not None and device[0] is output:
+            token = device[1]
+        else:
+            # CPU estimate: the device worked on this step alone from the later of
+            # "scheduled" and "previous output arrived" until "this output arrived".
+            start_perf = max(snap.perf, min(self._last_done_perf, end_perf))
+            token = (snap.wall + (start_perf - snap.perf), start_perf, None, end_wall, end_perf)
+        self._last_done_perf = end_perf
+        self.recorder.step_end(token, kind=snap.kind, handles=snap.handles, prefill_tokens=snap.prefill,
+                               decode_tokens=snap.decode, context_tokens=snap.context,
+                               global_step=snap.global_step)
+        self._after_step(snap)
+
+    def _after_step(self, snap: _Snapshot) -> None:
+        inflight = self._inflight
+        for rid in snap.req_ids:
+            left = inflight.get(rid, 1) - 1
+            if left > 0:
+                inflight[rid] = left
+                continue
+            inflight.pop(rid, None)
+            event = self._deferred.pop(rid, None)
+            if event is not None:
+                self._send_terminal(rid, event)
+                continue
+            req = self._reqs.get(rid)
+            if req is not None and req.is_finished():
+                self._terminal(rid, req)
+        # A request that finished while another step of it is still in flight was
+        # deferred above; it is sent when that step is recorded.
+
+    def _release(self, snap: _Snapshot) -> None:
+        dev = self._device.pop(id(snap.output), None)
+        if dev is not None:
+            self.recorder.step_abort(dev[1])
+        for rid in snap.req_ids:
+            left = self._inflight.get(rid, 1) - 1
+            if left > 0:
+                self._inflight[rid] = left
+            else:
+                self._inflight.pop(rid, None)
+                event = self._deferred.pop(rid, None)
+                if event is not None:
+                    self._send_terminal(rid, event)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.guard.call("vllm recorder close", self.recorder.close, 2.0)
