@@ -19,7 +19,16 @@ from enginetime.engine_hooks.constants import (
     parse_address,
 )
 
-for _module in ("grpc", "numpy", "google.protobuf", "grpc_health", "grpc_reflection"):
+for _module in (
+    "grpc",
+    "numpy",
+    "google.protobuf",
+    "grpc_health",
+    "grpc_reflection",
+    "opentelemetry.sdk",
+    "opentelemetry.exporter.otlp",
+    "prometheus_client",
+):
     if importlib.util.find_spec(_module) is None:
         raise ImportError(
             f"enginetime sidecar needs {_module}: pip install 'enginetime[sidecar]'", name=_module
@@ -87,6 +96,12 @@ _seconds = _number(float, minimum=0.0, inclusive=True, what="a number of seconds
 _frame_bytes = _number(int, minimum=1024, inclusive=True, what="a number of bytes")
 
 
+def _port(value: str) -> int:
+    if not value.isdigit() or not 0 <= int(value) < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0-65535; 0 picks a free port)")
+    return int(value)
+
+
 def _otlp(value: str) -> str:
     if "://" not in value and ":" not in value:
         raise argparse.ArgumentTypeError(
@@ -106,7 +121,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "time, GPU time and interference to every request and serves them over gRPC\n"
             "(enginetime.v1.AccountingService, plus grpc.health.v1 and reflection).\n\n"
             "Once both addresses are bound it prints one line to stdout:\n\n"
-            "  enginetime sidecar ready grpc=HOST:PORT ingest=ADDRESS\n\n"
+            "  enginetime sidecar ready grpc=HOST:PORT ingest=ADDRESS [metrics=HOST:PORT]\n\n"
             "Logs go to stderr. SIGTERM or Ctrl-C shuts down cleanly (exit code 0)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -229,8 +244,49 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=_otlp,
         default=None,
         help=(
-            "OpenTelemetry collector for per-request spans, e.g. http://localhost:4317. Default: none. "
-            "Accepted and stored; span export is not built yet (the sidecar says so at startup)."
+            "export one span per finished request (phases as child spans, links to the requests that "
+            "stalled it) to this OTLP endpoint, e.g. http://localhost:4317 (gRPC) or "
+            "http://localhost:4318 (HTTP; /v1/traces is added). Default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT "
+            "or $OTEL_EXPORTER_OTLP_ENDPOINT if set, else no spans. Headers, TLS certificates, timeout, "
+            "service name and sampler follow the standard OTEL_* variables; https:// means TLS."
+        ),
+    )
+    obs.add_argument(
+        "--otlp-protocol",
+        choices=("grpc", "http/protobuf"),
+        default="",
+        help=(
+            "OTLP transport. Default: $OTEL_EXPORTER_OTLP_TRACES_PROTOCOL or $OTEL_EXPORTER_OTLP_PROTOCOL, "
+            "else http/protobuf when the endpoint's port is 4318 or its path ends in /v1/traces, else grpc."
+        ),
+    )
+    obs.add_argument(
+        "--trace-link-threshold",
+        metavar="SECONDS",
+        type=_seconds,
+        default=0.5,
+        help=(
+            "blame on one request that earns a victim's span a link to that request's span. Default: 0.5. "
+            "Lower it to link smaller interference; 0 links every named aggressor."
+        ),
+    )
+    obs.add_argument(
+        "--metrics-port",
+        metavar="PORT",
+        type=_port,
+        default=None,
+        help=(
+            "serve Prometheus metrics on http://HOST:PORT/metrics (0 picks a free port, reported in the "
+            "ready line as metrics=HOST:PORT). Default: off."
+        ),
+    )
+    obs.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        default="127.0.0.1",
+        help=(
+            "address /metrics listens on. Default: 127.0.0.1 (loopback); use 0.0.0.0 so Prometheus can "
+            "scrape it from another host or pod."
         ),
     )
     obs.add_argument(
@@ -265,6 +321,10 @@ def build_config(args: argparse.Namespace):
         lag_limit_s=args.lag_limit,
         shutdown_grace_s=args.shutdown_grace,
         otlp_endpoint=args.otlp_endpoint or "",
+        otlp_protocol=args.otlp_protocol,
+        trace_link_threshold_s=args.trace_link_threshold,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         log_level=args.log_level,
     )
 

@@ -6,18 +6,26 @@ the fan-out's ``publish()`` every 50 ms, and gRPC handlers read it between
 those callbacks. The loop is the sidecar's single core of work; anything that
 could wait (a client not reading) waits in its own handler coroutine.
 
+Observability (optional): when span export or /metrics is on, a
+``FinishedFeed`` takes every request that reached FINISHED/ABORTED from the
+ledger and, once its figures settled, hands it to the ``RequestTracer``
+(spans over OTLP, built on its own thread) and to ``SidecarMetrics``
+(histograms); the ticker pumps it beside the ledger tick.
+
 Lifecycle: ``start()`` binds ingest and gRPC (failing with a clear
 :class:`SidecarStartError` when an address is unusable) and marks health
 SERVING; ``run()`` prints the ready line, serves until SIGTERM/SIGINT, then
 shuts down in order: health NOT_SERVING, stop accepting engines, final tick +
 flush of the ledger and a last publish, end every stream with UNAVAILABLE, give
-unary calls ``shutdown_grace_s`` to finish, remove the ingest socket.
+unary calls ``shutdown_grace_s`` to finish, remove the ingest socket, then
+export the last spans (``span_flush_s`` at most) and stop /metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -31,9 +39,18 @@ from grpc_reflection.v1alpha import reflection
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, ingest_address
 from enginetime.sidecar.cli import DEFAULT_LISTEN, split_host_port
 from enginetime.sidecar.fanout import PUBLISH_PERIOD_S, FanOut, FanOutLimits
+from enginetime.sidecar.finished import FinishedFeed
 from enginetime.sidecar.ingest import IngestAddressError, IngestServer
 from enginetime.sidecar.ledger import Ledger, LedgerConfig
+from enginetime.sidecar.metrics import MetricsStartError, SidecarMetrics, StateSnapshot
 from enginetime.sidecar.service import AccountingService
+from enginetime.sidecar.tracing import (
+    DEFAULT_LINK_THRESHOLD_S,
+    RequestTracer,
+    TracingConfig,
+    TracingConfigError,
+    resolve_export,
+)
 from enginetime.v1 import accounting_pb2, accounting_pb2_grpc
 
 log = logging.getLogger("enginetime.sidecar")
@@ -60,8 +77,17 @@ class SidecarConfig:
     lag_limit_s: float | None = None
     #: Seconds in-flight unary RPCs get to finish on shutdown.
     shutdown_grace_s: float = 5.0
-    #: OTLP endpoint for span export (stored; the exporter is not built yet).
+    #: OTLP endpoint for span export; "" = OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else no spans.
     otlp_endpoint: str = ""
+    #: grpc | http/protobuf; "" = OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL, else by the endpoint's port.
+    otlp_protocol: str = ""
+    #: Blame on one aggressor (seconds) that earns a victim's span a link to the aggressor's span.
+    trace_link_threshold_s: float = DEFAULT_LINK_THRESHOLD_S
+    #: Seconds shutdown waits for the last spans to be exported.
+    span_flush_s: float = 5.0
+    #: Serve Prometheus /metrics on metrics_host:metrics_port (0: a free port); None: off.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
 
 
@@ -88,6 +114,23 @@ class Sidecar:
         self.grpc_server: grpc.aio.Server | None = None
         self.grpc_address = ""
         self.ingest_address = ""
+        self.metrics_address = ""
+        self.tracer: RequestTracer | None = None
+        self.metrics: SidecarMetrics | None = None
+        self.finished: FinishedFeed | None = None
+        self._export_target = None
+        self._tracing_off_reason = ""
+        try:
+            self._tracing = TracingConfig(
+                endpoint=config.otlp_endpoint,
+                protocol=config.otlp_protocol,
+                link_threshold_s=config.trace_link_threshold_s,
+            )
+            self._export_target, self._tracing_off_reason = resolve_export(self._tracing)
+        except TracingConfigError as exc:
+            self._tracing_error = str(exc)
+        else:
+            self._tracing_error = ""
         self._ticker: asyncio.Task | None = None
         self._stopping = asyncio.Event()
         self._tick_errors = 0
@@ -95,7 +138,9 @@ class Sidecar:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind ingest and gRPC, start the ticker, mark health SERVING."""
+        """Bind ingest and gRPC (and /metrics, span export), start the ticker, mark health SERVING."""
+        if self._tracing_error:
+            raise SidecarStartError(self._tracing_error)
         host, port = split_host_port(self.config.listen)
         try:
             self.ingest_address = await self.ingest.start()
@@ -131,17 +176,91 @@ class Sidecar:
         await server.start()
         self.grpc_server = server
         self.grpc_address = f"{host}:{bound}"
+        try:
+            self._start_observability()
+        except SidecarStartError:
+            await server.stop(0)
+            await self.ingest.close()
+            raise
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._ticker = asyncio.create_task(self._tick_loop(), name="enginetime-ledger-ticker")
-        if self.config.otlp_endpoint:
+
+    def _start_observability(self) -> None:
+        """Span export and /metrics, each when configured, fed by one FinishedFeed."""
+        cfg = self.config
+        target = self._export_target
+        if target is None and cfg.metrics_port is None:
+            log.debug("span export off (%s); /metrics off", self._tracing_off_reason)
+            return
+        # Settled: a LOCKSTEP group holding a request's last step is attributed within
+        # lockstep_wait_s, and the ticker runs every PUBLISH_PERIOD_S.
+        feed = FinishedFeed(self.ledger, cfg.ledger.lockstep_wait_s + 2 * PUBLISH_PERIOD_S)
+        if target is not None:
+            try:
+                self.tracer = RequestTracer(self._tracing, target)
+            except (TracingConfigError, ValueError) as exc:
+                raise SidecarStartError(f"cannot export spans to {target.shown}: {exc}") from exc
+            feed.consumers.append(self.tracer.submit)
             log.info(
-                "span export to %s is not built yet: the endpoint is stored; accounting is served over gRPC",
-                self.config.otlp_endpoint,
+                "exporting a span per finished request to %s (links for blame >= %gs)",
+                target.shown,
+                self._tracing.link_threshold_s,
             )
+        else:
+            log.info("span export off (%s)", self._tracing_off_reason)
+        if cfg.metrics_port is not None:
+            metrics = SidecarMetrics(self.metrics_snapshot)
+            try:
+                self.metrics_address = metrics.start(
+                    asyncio.get_running_loop(), cfg.metrics_host, cfg.metrics_port
+                )
+            except MetricsStartError as exc:
+                if self.tracer is not None:
+                    self.tracer.shutdown(0.5)
+                    self.tracer = None
+                raise SidecarStartError(str(exc)) from exc
+            self.metrics = metrics
+            feed.consumers.append(metrics.observe_finished)
+            log.info("serving Prometheus metrics on http://%s/metrics", self.metrics_address)
+        self.finished = feed
+
+    def metrics_snapshot(self) -> StateSnapshot:
+        """What /metrics reports now (runs on the event loop)."""
+        ing = self.ingest.counters
+        tracer = self.tracer
+        spans: dict[str, int] = {}
+        dropped: dict[str, int] = {}
+        if tracer is not None:
+            c = tracer.counters
+            spans = {
+                "created": c.created,
+                "exported": tracer.exported,
+                "unsampled": c.unsampled,
+                "links": c.links,
+            }
+            dropped = dict(c.dropped)
+        return StateSnapshot(
+            ledger={k: v for k, v in dataclasses.asdict(self.ledger.counters).items() if isinstance(v, int)},
+            ingest={
+                f.name: getattr(ing, f.name)
+                for f in dataclasses.fields(ing)
+                if isinstance(getattr(ing, f.name), int)
+            },
+            rejected=dict(ing.rejected),
+            shards=tuple(self.ledger.shards()),
+            spans=spans,
+            spans_dropped=dropped,
+            spans_enabled=tracer is not None,
+            finished_dropped=dict(self.finished.dropped) if self.finished is not None else {},
+            subscribers=self.fanout.subscribers,
+        )
 
     def ready_line(self) -> str:
-        return f"{READY_PREFIX} grpc={self.grpc_address} ingest={self.ingest_address}"
+        line = f"{READY_PREFIX} grpc={self.grpc_address} ingest={self.ingest_address}"
+        if self.metrics_address:
+            line += f" metrics={self.metrics_address}"
+        return line
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -164,6 +283,11 @@ class Sidecar:
             self.fanout.publish()
         except Exception:
             log.exception("final ledger flush failed")
+        if self.finished is not None:
+            try:
+                self.finished.pump(flush=True)  # every finished request: its figures are final now
+            except Exception:
+                log.exception("final span/metrics hand-over failed")
         self.fanout.close(
             "the sidecar is shutting down; reconnect when it is back (the guard falls back meanwhile)"
         )
@@ -172,6 +296,18 @@ class Sidecar:
             await self.grpc_server.stop(self.config.shutdown_grace_s)
         self.ingest.remove_socket()
         log.info("ingest totals: %s", self.ingest.counters.summary())
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown, self.config.span_flush_s)
+            c = self.tracer.counters
+            log.info(
+                "span totals: created=%d exported=%d dropped=%s",
+                c.created,
+                self.tracer.exported,
+                ",".join(f"{k}={v}" for k, v in c.dropped.items() if v) or "none",
+            )
+        if self.metrics is not None:
+            self.metrics.take_snapshot_now()
+            self.metrics.stop()
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; print the ready line once bound. Returns the exit code."""
@@ -219,6 +355,8 @@ class Sidecar:
             await asyncio.sleep(delay)
             try:
                 self.ledger.tick()
+                if self.finished is not None:
+                    self.finished.pump()
                 self.fanout.publish()
             except Exception:
                 self._tick_errors += 1

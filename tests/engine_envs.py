@@ -330,3 +330,96 @@ if __name__ == "__main__":
         e = ensure(k)
         how = f"built in {e.build_seconds:.0f} s" if e.build_seconds else "cached"
         print(f"{k}: {e.path} ({how})", flush=True)
+
+
+# ---------------------------------------------------------------------------
+# running engine code and capturing what our hooks sent
+
+
+class IngestSink:
+    """A Unix-socket listener standing in for the sidecar: keeps every byte per connection.
+
+    ``frames()`` decodes them with the sidecar's own decoder (the real wire path), so
+    a test checks exactly what a sidecar would receive.
+    """
+
+    def __init__(self, directory: str) -> None:
+        import socket
+        import threading
+
+        self.path = os.path.join(directory, "ingest.sock")
+        self.address = f"unix:{self.path}"
+        self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._srv.bind(self.path)
+        self._srv.listen(16)
+        self.connections: list[bytearray] = []
+        self._threads: list[threading.Thread] = []
+        self._stop = False
+        self._accept = threading.Thread(target=self._accept_loop, name="ingest-sink", daemon=True)
+        self._accept.start()
+
+    def _accept_loop(self) -> None:
+        import threading
+
+        while not self._stop:
+            try:
+                conn, _ = self._srv.accept()
+            except OSError:
+                return
+            buf = bytearray()
+            self.connections.append(buf)
+            t = threading.Thread(target=self._read, args=(conn, buf), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    @staticmethod
+    def _read(conn, buf: bytearray) -> None:  # noqa: ANN001
+        with conn:
+            while True:
+                try:
+                    chunk = conn.recv(1 << 16)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                buf.extend(chunk)
+
+    def close(self) -> None:
+        self._stop = True
+        try:
+            self._srv.close()
+        except OSError:
+            pass
+        for t in self._threads:
+            t.join(5.0)
+
+    def frames(self) -> list[list]:
+        """Decoded frames, one list per connection (hello first)."""
+        from enginetime.sidecar.frames import FrameDecoder
+
+        out = []
+        for buf in self.connections:
+            dec = FrameDecoder()
+            out.append(dec.feed(bytes(buf)))
+        return out
+
+
+def run_engine_script(env: EngineEnv, script: Path, args: list[str], *, shim_dir: Path,
+                      extra_env: dict[str, str] | None = None, timeout: float = 240.0) -> dict:
+    """Run ``script`` with the engine venv's python; return the JSON of its last stdout line.
+
+    Fails (AssertionError with the engine's stderr tail) when the script does.
+    """
+    env_vars = engine_subprocess_env(shim_dir, **(extra_env or {}))
+    proc = subprocess.run([str(env.python), str(script), *args], capture_output=True, text=True,
+                          env=env_vars, timeout=timeout, cwd=str(shim_dir))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise AssertionError(
+            f"{env.recipe.engine} {env.recipe.version}: {script.name} {' '.join(args)} failed "
+            f"(exit {proc.returncode}).\nstdout tail:\n{proc.stdout[-2000:]}\n"
+            f"stderr tail:\n{proc.stderr[-5000:]}"
+        )
+    result = json.loads(lines[-1])
+    result["_stderr"] = proc.stderr
+    return result

@@ -112,6 +112,20 @@ class FrameSink:
                     elif cap is not None and which == "step":
                         cap.steps.append(frame.step)
 
+    def wait_finished(self, shard: int, rid: str, timeout_s: float = 10.0) -> None:
+        """Frames of one shard arrive in order, so once a request's FINISHED is read, every step
+        record before it has been read too (Recorder.flush only says they were written)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                handles = {e.handle for e in self.by_shard[shard].events
+                           if e.kind == ingest_pb2.REQUEST_EVENT_KIND_ARRIVED and e.request_id == rid}
+                if any(e.handle in handles and e.kind == ingest_pb2.REQUEST_EVENT_KIND_FINISHED
+                       for e in self.by_shard[shard].events):
+                    return
+            time.sleep(0.01)
+        raise AssertionError(f"no FINISHED event for {rid} on shard {shard} within {timeout_s} s")
+
     def handle_of(self, shard: int, rid: str) -> int:
         with self.lock:
             for ev in self.by_shard[shard].events:
@@ -144,6 +158,13 @@ class FrameSink:
         self._stop = True
         self.sock.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _wait_until(pred, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -217,6 +238,8 @@ def test_sticky_turn_prefills_only_new_tokens_migrated_turn_prefills_all(sink):
         history2 = history + new + sticky.output_ids
         migrated = eng.generate(history2 + new, 8, rid="s-turn-3", routed_shard=1, session_id="s", timeout=60)
         assert eng.flush_hooks(10)
+    for shard, rid in ((0, "s-turn-1"), (0, "s-turn-2"), (1, "s-turn-3")):
+        sink.wait_finished(shard, rid)
 
     h1, h2, h3 = sink.handle_of(0, "s-turn-1"), sink.handle_of(0, "s-turn-2"), sink.handle_of(1, "s-turn-3")
     # Turn 1: nothing cached, the whole prompt prefilled, in two chunks of ≤ 512.
@@ -246,6 +269,8 @@ def test_lockstep_records_global_step_peer_tokens_and_idle_steps(sink):
         busy = eng.submit(ids(2048, 7), 4, routed_shard=0)  # 8 chunks on shard 0, shard 1 has nothing
         assert busy.wait(60)
         assert eng.flush_hooks(10)
+    sink.wait_finished(0, busy.rid)
+    _wait_until(lambda: len(sink.steps(1)) >= len(sink.steps(0)))
     s0, s1 = sink.steps(0), sink.steps(1)
     assert len(s0) == len(s1), "lockstep shards run the same number of steps"
     assert [s.global_step for s in s0] == [s.global_step for s in s1] == list(range(len(s0)))
@@ -268,8 +293,9 @@ def test_lockstep_records_global_step_peer_tokens_and_idle_steps(sink):
 
 def test_independent_shards_record_no_idle_steps_and_no_global_step(sink):
     with make_engine(num_shards=2, coupling="independent", hooks=True, ingest=sink.address) as eng:
-        assert eng.generate(ids(600, 8), 4, routed_shard=0, timeout=60).finished
+        assert eng.generate(ids(600, 8), 4, rid="solo", routed_shard=0, timeout=60).finished
         assert eng.flush_hooks(10)
+    sink.wait_finished(0, "solo")
     assert sink.steps(1) == []
     assert sink.steps(0) and all(not s.HasField("global_step") and len(s.peer_tokens) == 0
                                  for s in sink.steps(0))

@@ -100,7 +100,7 @@ def main() -> int:
                       trace_headers={"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"})
         sched.add_request(req)
 
-    shared = list(range(100, 164))  # 64 tokens = 4 full blocks
+    shared = list(range(1, 65))  # the first 64 tokens (4 full blocks) of `long`
     steps: list[dict] = []
     finished: dict[str, dict] = {}
     queue: deque = deque()

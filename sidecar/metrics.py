@@ -1,0 +1,341 @@
+"""Prometheus ``/metrics`` for the sidecar (``--metrics-port``).
+
+Two kinds of figures:
+
+* **Per finished request** — histograms (seconds) of engine_time, queue time,
+  interference, gpu_time and wall, labelled by engine and shard, observed once
+  per request from the finished-request feed (``sidecar.finished``), i.e. with
+  the settled figures ``GetRequest`` returns.
+* **Current state** — counters and gauges read at scrape time: storms, ingest
+  drops (what the recorders reported dropping; connections rejected by reason),
+  partial requests, spans built/exported/dropped, and per-shard decode/prefill
+  tokens per second, busy ratio, active and queued requests. The ledger is
+  single-threaded, so a scrape (on prometheus_client's HTTP thread) asks the
+  event loop for a snapshot and waits for it (``snapshot_timeout_s``; the last
+  snapshot is served if the loop does not answer in time). A scrape costs the
+  loop one pass over the shards, nothing between scrapes.
+
+Names follow the Prometheus conventions: ``enginetime_`` prefix, base units in
+the name (``_seconds``), ``_total`` for counters, ``_ratio`` for fractions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
+
+from enginetime.sidecar.ledger_trace import RequestTrace
+from enginetime.sidecar.views import RequestState, ShardView
+
+log = logging.getLogger("enginetime.sidecar.metrics")
+
+#: Seconds buckets: a few ms of engine time up to the incident's 600 s proxy timeout and beyond.
+SECONDS_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
+)  # fmt: skip
+
+
+class MetricsStartError(RuntimeError):
+    """The metrics endpoint cannot be served; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class StateSnapshot:
+    """What a scrape reports, copied on the event loop (plain values: safe on any thread)."""
+
+    ledger: dict[str, int] = field(default_factory=dict)  # LedgerCounters fields
+    ingest: dict[str, int] = field(default_factory=dict)  # IngestCounters numeric fields
+    rejected: dict[str, int] = field(default_factory=dict)  # rejected connections by reason
+    shards: tuple[ShardView, ...] = ()
+    spans: dict[str, int] = field(default_factory=dict)  # created, exported, unsampled, links
+    spans_dropped: dict[str, int] = field(default_factory=dict)
+    spans_enabled: bool = False
+    finished_dropped: dict[str, int] = field(default_factory=dict)
+    subscribers: int = 0
+
+
+class _RequestHistograms:
+    """The per-request histograms; ``observe`` runs on the event loop (feed consumer)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ("engine_id", "shard")
+
+        def hist(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, labels, registry=registry, buckets=SECONDS_BUCKETS)
+
+        self.engine_time = hist(
+            "enginetime_request_engine_time_seconds",
+            "Engine time of finished requests: their service time without other requests' prefill "
+            "(what engine-time budgets measure).",
+        )
+        self.queue_time = hist(
+            "enginetime_request_queue_time_seconds",
+            "Queue time of finished requests: arrival at the engine to their first step.",
+        )
+        self.interference = hist(
+            "enginetime_request_interference_seconds",
+            "Interference of finished requests: time lost to other requests' work (same-shard prefill, "
+            "waiting for a slower lockstep shard, steps that left them out).",
+        )
+        self.gpu_time = hist(
+            "enginetime_request_gpu_time_seconds",
+            "GPU time of finished requests: their share of device time (cost accounting).",
+        )
+        self.wall = hist(
+            "enginetime_request_wall_seconds",
+            "Wall time of finished requests: arrival to finish.",
+        )
+        self.finished = Counter(
+            "enginetime_requests_finished",
+            "Requests that reached a terminal state, by state (finished or aborted).",
+            ("engine_id", "shard", "state"),
+            registry=registry,
+        )
+        self._children: dict[tuple[str, int, int], tuple] = {}
+
+    def observe(self, traces: list[RequestTrace]) -> None:
+        children = self._children
+        for t in traces:
+            v = t.view
+            key = (v.engine_id, v.shard, int(v.state))
+            hs = children.get(key)
+            if hs is None:
+                lv = (v.engine_id, str(v.shard))
+                state = "aborted" if v.state == RequestState.ABORTED else "finished"
+                hs = children[key] = (
+                    self.engine_time.labels(*lv),
+                    self.queue_time.labels(*lv),
+                    self.interference.labels(*lv),
+                    self.gpu_time.labels(*lv),
+                    self.wall.labels(*lv),
+                    self.finished.labels(*lv, state),
+                )
+            hs[0].observe(v.engine_time_ns / 1e9)
+            hs[1].observe(v.queue_time_ns / 1e9)
+            hs[2].observe(v.interference_ns / 1e9)
+            hs[3].observe(v.gpu_time_ns / 1e9)
+            hs[4].observe(v.wall_ns / 1e9)
+            hs[5].inc()
+
+
+class _StateCollector(Collector):
+    """Counters and gauges from a fresh StateSnapshot at each scrape."""
+
+    def __init__(self, metrics: SidecarMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        snap = self._metrics.fresh_snapshot()
+        led, ing = snap.ledger, snap.ingest
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, value=value)
+
+        yield counter("enginetime_storms", "Prefill storms started (a request's prefill run whose "
+                      "stall on others crossed --storm-threshold).", led.get("storms", 0))
+        yield counter("enginetime_partial_requests", "Requests marked partial: the sidecar missed records "
+                      "for them (drops, sequence gaps, lost events).", led.get("partial_requests", 0))
+        yield counter("enginetime_ingest_reported_drops", "Records (steps, events) the engines' recorders "
+                      "reported dropping (buffer full while the sidecar was unreachable or slow).",
+                      led.get("reported_drops", 0))
+        rejected = CounterMetricFamily(
+            "enginetime_ingest_rejected_connections",
+            "Ingest connections closed for breaking the wire contract, by reason (the sidecar log names "
+            "the engine and the frame).",
+            labels=("reason",),
+        )
+        for reason, n in sorted(snap.rejected.items()):
+            rejected.add_metric((reason,), n)
+        yield rejected
+        yield counter("enginetime_ingest_frames", "Ingest frames accepted.", ing.get("frames", 0))
+        yield counter("enginetime_ingest_bytes", "Ingest bytes received.", ing.get("bytes", 0))
+        yield counter("enginetime_ingest_connections", "Ingest connections accepted.",
+                      ing.get("connections", 0))
+        yield GaugeMetricFamily("enginetime_ingest_active_connections", "Engine shards connected now.",
+                                value=ing.get("active_connections", 0))
+        yield counter("enginetime_steps", "Step records attributed.", led.get("steps", 0))
+        yield counter("enginetime_step_entries", "Request entries in attributed steps.",
+                      led.get("entries", 0))
+        yield counter("enginetime_lockstep_timeouts", "LOCKSTEP groups attributed without every shard after "
+                      "--lockstep-wait.", led.get("lockstep_timeouts", 0))
+        yield counter("enginetime_sequence_gaps", "Gaps in a shard's step sequence (steps lost).",
+                      led.get("seq_gaps", 0))
+        evicted = CounterMetricFamily(
+            "enginetime_requests_evicted",
+            "Requests dropped from the store to stay under --max-requests (active ones lose their "
+            "accounting before they end: raise --max-requests).",
+            labels=("state",),
+        )
+        evicted.add_metric(("active",), led.get("evicted_active", 0))
+        evicted.add_metric(("finished",), led.get("evicted_finished", 0))
+        yield evicted
+        yield GaugeMetricFamily("enginetime_stream_subscribers", "gRPC streams following the ledger.",
+                                value=snap.subscribers)
+        yield from self._span_metrics(snap)
+        yield from self._shard_metrics(snap.shards)
+
+    @staticmethod
+    def _span_metrics(snap: StateSnapshot) -> Iterable[Metric]:
+        yield GaugeMetricFamily("enginetime_spans_enabled", "1 when span export is on.",
+                                value=1 if snap.spans_enabled else 0)
+        sp = snap.spans
+        yield CounterMetricFamily("enginetime_spans_created", "Spans built and queued for export.",
+                                  value=sp.get("created", 0))
+        yield CounterMetricFamily("enginetime_spans_exported", "Spans the OTLP endpoint accepted.",
+                                  value=sp.get("exported", 0))
+        dropped = CounterMetricFamily(
+            "enginetime_spans_dropped",
+            "Spans not exported, by reason: backlog (requests finished faster than spans were built), "
+            "queue_full (the exporter fell behind), export_failed (the endpoint was down or refused), "
+            "shutdown (unsent when the sidecar stopped).",
+            labels=("reason",),
+        )
+        for reason, n in sorted(snap.spans_dropped.items()):
+            dropped.add_metric((reason,), n)
+        yield dropped
+        yield CounterMetricFamily("enginetime_spans_unsampled_requests", "Finished requests whose spans "
+                                  "the sampler left out.", value=sp.get("unsampled", 0))
+        yield CounterMetricFamily("enginetime_span_links", "Span links from victims to the requests "
+                                  "blamed for their interference.", value=sp.get("links", 0))
+        lost = CounterMetricFamily(
+            "enginetime_finished_requests_unobserved",
+            "Finished requests neither observed in the histograms nor traced: overflow (backlog full) "
+            "or evicted (dropped from the store before their figures settled).",
+            labels=("reason",),
+        )
+        for reason, n in sorted(snap.finished_dropped.items()):
+            lost.add_metric((reason,), n)
+        yield lost
+
+    @staticmethod
+    def _shard_metrics(shards: tuple[ShardView, ...]) -> Iterable[Metric]:
+        labels = ("engine_id", "shard")
+        fams = {
+            "decode": GaugeMetricFamily("enginetime_shard_decode_tokens_per_second",
+                                        "Decode tokens per second over the last 2 s.", labels=labels),
+            "prefill": GaugeMetricFamily("enginetime_shard_prefill_tokens_per_second",
+                                         "Prefill tokens per second over the last 2 s.", labels=labels),
+            "busy": GaugeMetricFamily("enginetime_shard_busy_ratio",
+                                      "Fraction of the last 2 s the shard spent in steps.", labels=labels),
+            "active": GaugeMetricFamily("enginetime_shard_active_requests", "Requests running now.",
+                                        labels=labels),
+            "queued": GaugeMetricFamily("enginetime_shard_queued_requests",
+                                        "Requests waiting (queued or preempted) now.", labels=labels),
+            "connected": GaugeMetricFamily("enginetime_shard_connected",
+                                           "1 while the shard's recorder is connected.", labels=labels),
+            "storm": GaugeMetricFamily("enginetime_shard_storm_active",
+                                       "1 while a prefill storm runs on the shard.", labels=labels),
+            "stall": GaugeMetricFamily("enginetime_shard_storm_stall_seconds",
+                                       "Stall the shard's current storm has caused so far (0: none).",
+                                       labels=labels),
+            "steps": CounterMetricFamily("enginetime_shard_steps", "Steps attributed for the shard.",
+                                         labels=labels),
+            "unattributed": CounterMetricFamily(
+                "enginetime_shard_unattributed_seconds",
+                "Device time of the shard no request could be charged with.", labels=labels),
+        }  # fmt: skip
+        for s in shards:
+            lv = (s.engine_id, str(s.shard))
+            fams["decode"].add_metric(lv, s.decode_tokens_per_second)
+            fams["prefill"].add_metric(lv, s.prefill_tokens_per_second)
+            fams["busy"].add_metric(lv, s.busy_fraction)
+            fams["active"].add_metric(lv, s.active_requests)
+            fams["queued"].add_metric(lv, s.queued_requests)
+            fams["connected"].add_metric(lv, 1 if s.connected else 0)
+            fams["storm"].add_metric(lv, 1 if s.current_storm is not None else 0)
+            fams["stall"].add_metric(lv, s.current_storm.stall_ns / 1e9 if s.current_storm else 0.0)
+            fams["steps"].add_metric(lv, s.steps)
+            fams["unattributed"].add_metric(lv, s.unattributed_ns / 1e9)
+        yield from fams.values()
+
+
+class SidecarMetrics:
+    """The registry, the request histograms and the /metrics HTTP server.
+
+    ``snapshot`` builds a StateSnapshot and must run on the event loop; the
+    collector gets there through ``loop.call_soon_threadsafe``.
+    """
+
+    def __init__(self, snapshot: Callable[[], StateSnapshot], *, snapshot_timeout_s: float = 2.0) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = _RequestHistograms(self.registry)
+        self._snapshot = snapshot
+        self._timeout = snapshot_timeout_s
+        self._last = StateSnapshot()
+        self._last_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server = None
+        self._thread: threading.Thread | None = None
+        self.address = ""
+        self.registry.register(_StateCollector(self))
+
+    def observe_finished(self, traces: list[RequestTrace]) -> None:
+        """FinishedFeed consumer (event loop)."""
+        self.requests.observe(traces)
+
+    def fresh_snapshot(self) -> StateSnapshot:
+        """A snapshot taken on the event loop now; the last one if the loop does not answer in time."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            fut: concurrent.futures.Future[StateSnapshot] = concurrent.futures.Future()
+
+            def take() -> None:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(self._snapshot())
+                    except BaseException as exc:
+                        fut.set_exception(exc)
+
+            try:
+                loop.call_soon_threadsafe(take)
+                snap = fut.result(self._timeout)
+            except (RuntimeError, concurrent.futures.TimeoutError):
+                fut.cancel()
+            except Exception:
+                log.exception("metrics snapshot failed")
+            else:
+                with self._last_lock:
+                    self._last = snap
+                return snap
+        with self._last_lock:
+            return self._last
+
+    def take_snapshot_now(self) -> None:
+        """Refresh the fallback snapshot (on the loop; e.g. right before shutdown)."""
+        snap = self._snapshot()
+        with self._last_lock:
+            self._last = snap
+
+    def start(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> str:
+        """Serve /metrics on ``host:port`` (0: a free port); returns ``HOST:PORT`` as bound."""
+        self._loop = loop
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise MetricsStartError(
+                f"cannot serve /metrics on {host}:{port}: {exc.strerror or exc}; choose another "
+                "--metrics-port (0 picks a free one) or --metrics-host"
+            ) from exc
+        bound = self._server.server_address[1]
+        shown = f"[{host}]" if ":" in host else host
+        self.address = f"{shown}:{bound}"
+        return self.address
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        self._loop = None
+
+
+__all__ = ["SECONDS_BUCKETS", "MetricsStartError", "SidecarMetrics", "StateSnapshot"]
