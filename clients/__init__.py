@@ -9,10 +9,14 @@ errors from ``errors``. Needs grpcio and protobuf only (``pip install 'enginetim
     with AccountingClient("127.0.0.1:50151") as client:
         acct = client.get_request("req-42")
         print(acct.engine_time, acct.interference, acct.top_blame[:1])
+
+The engine-time guard (``Guard`` / ``AsyncGuard`` with an ``EngineBudget``) times
+proxied requests out on their engine time instead of wall-clock time; see ``guard``.
 """
 
 from ._convert import DEFAULT_TARGET
 from .async_client import AsyncAccountingClient, AsyncStream
+from .budget import BudgetReason, EngineBudget, EngineBudgetExceeded
 from .errors import (
     DeadlineExceeded,
     EnginetimeError,
@@ -22,6 +26,7 @@ from .errors import (
     StreamCutOff,
     map_rpc_error,
 )
+from .guard import AsyncGuard, AsyncWatch, Guard, Watch, sglang_abort
 from .sync_client import AccountingClient, Stream
 from .types import (
     Blame,
@@ -43,11 +48,18 @@ __all__ = [
     "DEFAULT_TARGET",
     "AccountingClient",
     "AsyncAccountingClient",
+    "AsyncGuard",
     "AsyncStream",
+    "AsyncWatch",
     "Blame",
+    "BudgetReason",
+    "CancellableTransport",
     "Coupling",
     "DeadlineExceeded",
+    "EngineBudget",
+    "EngineBudgetExceeded",
     "EnginetimeError",
+    "Guard",
     "InterferenceEvent",
     "InterferencePhase",
     "InterferenceVictims",
@@ -64,5 +76,16 @@ __all__ = [
     "TimerSource",
     "TokenCounts",
     "UpdateBatch",
+    "Watch",
     "map_rpc_error",
+    "sglang_abort",
 ]
+
+
+def __getattr__(name: str):
+    # CancellableTransport needs httpx, which the [client] extra does not require: import on demand.
+    if name == "CancellableTransport":
+        from .http_cancel import CancellableTransport
+
+        return CancellableTransport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

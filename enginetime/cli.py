@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS: tuple[str, ...] = (
     "enginetime.sidecar.cli",
     "enginetime.testbed.cli",
+    "enginetime.clients.cli",
 )
 
 

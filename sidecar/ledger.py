@@ -316,16 +316,17 @@ class Ledger:
             return
         if kind == EventKind.SCHEDULED or kind == EventKind.RESUMED:
             if state == PREEMPTED:
-                add_mark(req, Mark(MARK_RESUMED, int(ev.time_ns)))
+                # A new run: the one the preemption ended keeps its first decoding step in the mark.
+                add_mark(req, Mark(MARK_RESUMED, int(ev.time_ns), int(cols.decode_start[slot])))
+                cols.decode_start[slot] = -1
+                cols.resumed_at[slot] = int(ev.time_ns)
             cols.state[slot] = RUNNING
             if cols.first_start[slot] >= 0:
                 self._set_running(req, True)
         elif kind == EventKind.PREEMPTED:
             if state != PREEMPTED:
                 req.preemptions += 1
-                # The run ends here: the next one finds its own first decoding step.
-                add_mark(req, Mark(MARK_PREEMPTED, int(ev.time_ns), int(cols.decode_start[slot])))
-                cols.decode_start[slot] = -1
+                add_mark(req, Mark(MARK_PREEMPTED, int(ev.time_ns)))
             cols.state[slot] = PREEMPTED
             self._set_running(req, False)
             if cols.in_run[slot]:
@@ -710,12 +711,17 @@ class Ledger:
         cols.prefilled[slots] += batch.p_raw
         cols.decoded[slots] += batch.q_raw
         cols.steps[slots] += 1
-        # Phase boundaries (spans): the first step that decodes for a request since it was
-        # admitted starts its decode phase; the step before it sampled its first token.
+        # Phase boundaries (spans): the first step that decodes for a request in a run (since
+        # its arrival or last resumption) starts the run's decode phase; the step before its
+        # first decoding step sampled its first token. A step that began before the
+        # resumption (held by the lockstep join until after the event) belongs to an
+        # earlier run and does not count.
         new_dec = (cols.decode_start[slots] < 0) & (batch.q_raw > 0)
         if new_dec.any():
-            ds = slots[new_dec]
             starts = batch.starts[seg[new_dec]]
+            ds = slots[new_dec]
+            current = starts >= cols.resumed_at[ds]
+            ds, starts = ds[current], starts[current]
             cols.decode_start[ds] = starts
             first = cols.first_token[ds] == 0
             if first.any():

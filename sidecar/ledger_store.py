@@ -90,6 +90,7 @@ _I8 = (
     "first_start",
     "decode_start",
     "first_token",
+    "resumed_at",
     "last_step",
     "arrival",
     "version",
@@ -109,9 +110,10 @@ class SlotColumns:
     Columns: created (allocation counter: creation order); engine/gpu/interf/caused/
     blame_dropped (float64 ns); prefilled/decoded/steps/excluded (int64 counts);
     first_start (ns of the first step's start, -1 none); decode_start (ns of the start of
-    the first step that decoded for it since it was last admitted, -1 none); first_token
-    (ns of the end of the step before its first decoding step — the step that sampled its
-    first token — 0 none);
+    the first step that decoded for it and began after ``resumed_at``, -1 none);
+    resumed_at (ns of its last resumption after a preemption, 0 none); first_token (ns of
+    the end of the step before its first decoding step — the step that sampled its first
+    token — 0 none);
     last_step (ns of the last step's end, 0 none); arrival (ns); version; stamp and
     victim_mark (scratch marks for set operations); gen (slot generation); shard_idx;
     state (RequestState); changed (since the last take_changed); running (admitted and
@@ -169,6 +171,7 @@ class SlotColumns:
         self.first_start[slot] = -1
         self.decode_start[slot] = -1
         self.first_token[slot] = 0
+        self.resumed_at[slot] = 0
         self.last_step[slot] = 0
         self.version[slot] = 0
         self._created += 1

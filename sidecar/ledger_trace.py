@@ -8,8 +8,8 @@ keeps a per-step history, so it remembers only the boundaries, each in O(1):
   ``decode_start`` (the first step that decoded for it since it was last
   admitted: prefill ends) and ``first_token`` (the end of the step before its
   first decoding step, which sampled the first token);
-* a short list of *marks* on the ``Request`` appended by events: preemption
-  (with the run's ``decode_start`` at that moment), resumption, and the storms
+* a short list of *marks* on the ``Request`` appended by events: preemption,
+  resumption (with the ``decode_start`` of the run the preemption ended), and the storms
   its prefill caused (the ``InterferenceView`` of their start and end). At most
   ``MAX_MARKS`` are kept; later ones are counted in ``RequestView.preemptions``
   only — a request preempted a hundred times still yields a bounded trace.
@@ -37,7 +37,7 @@ MAX_MARKS = 16
 class Mark:
     kind: int  # MARK_*
     time_ns: int
-    #: MARK_PREEMPTED: start of the run's first decoding step (-1: it had not decoded in that run).
+    #: MARK_RESUMED: start of the first decoding step of the run the preemption ended (-1: none).
     decode_start_ns: int = -1
     #: MARK_STORM_*: the interference event the storm emitted.
     storm: InterferenceView | None = None
@@ -76,7 +76,7 @@ class RequestTrace:
 
     view: RequestView
     first_step_ns: int  # -1: never in a step
-    decode_start_ns: int  # last run's first decoding step start, -1: none
+    decode_start_ns: int  # the last run's first decoding step start, -1: none
     first_token_ns: int  # 0: never decoded
     marks: tuple[Mark, ...]
     #: Top blame entries whose cause is one request (pseudo-aggressors are left out), largest first.

@@ -314,16 +314,20 @@ def phases(trace: RequestTrace) -> list[Phase]:
     for mark in trace.marks:
         if mark.kind == MARK_PREEMPTED and not preempted:
             seen_preemptions += 1
-            run(begin, mark.decode_start_ns, mark.time_ns)
             gap_start, preempted = mark.time_ns, True
         elif mark.kind == MARK_RESUMED and preempted:
+            run(begin, mark.decode_start_ns, gap_start)
             add("preempted", gap_start, mark.time_ns)
             begin, preempted = mark.time_ns, False
     lost = v.preemptions - seen_preemptions
     if lost > 0 and len(trace.marks) >= MAX_MARKS:
         # Marks ran out: what happened after the last one is not known in detail.
-        add("running", gap_start if preempted else begin, end, merged=lost)
+        if preempted:
+            run(begin, trace.decode_start_ns, gap_start)
+            begin = gap_start
+        add("running", begin, end, merged=lost)
     elif preempted:
+        run(begin, trace.decode_start_ns, gap_start)
         add("preempted", gap_start, end)  # it ended (aborted) while preempted
     else:
         run(begin, trace.decode_start_ns, end)
@@ -502,16 +506,16 @@ class _CountingExporter(SpanExporter):
         return self.inner.force_flush(timeout_millis)
 
 
-def _export_queue_size(environ: Mapping[str, str]) -> int:
-    raw = environ.get("OTEL_BSP_MAX_QUEUE_SIZE", "").strip()
+def _positive_env(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
     if not raw:
-        return DEFAULT_EXPORT_QUEUE
+        return default
     try:
         size = int(raw)
     except ValueError:
-        raise TracingConfigError(f"OTEL_BSP_MAX_QUEUE_SIZE={raw!r} is not a whole number") from None
+        raise TracingConfigError(f"{name}={raw!r} is not a whole number") from None
     if size < 1:
-        raise TracingConfigError(f"OTEL_BSP_MAX_QUEUE_SIZE={raw!r} must be >= 1")
+        raise TracingConfigError(f"{name}={raw!r} must be >= 1")
     return size
 
 
@@ -548,7 +552,9 @@ class RequestTracer:
         self.target = target
         self.counters = SpanCounters()
         self._threshold_ns = round(config.link_threshold_s * 1e9)
-        self._max_queue = _export_queue_size(env)
+        self._max_queue = _positive_env(env, "OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_EXPORT_QUEUE)
+        # The SDK refuses a batch larger than the queue: a small queue gets small batches.
+        batch = min(_positive_env(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512), self._max_queue)
         self._warned_at = 0.0
         inner = exporter if exporter is not None else make_exporter(target)  # type: ignore[arg-type]
         self._exporter = _CountingExporter(inner, self._export_failed)
@@ -556,7 +562,9 @@ class RequestTracer:
         self._provider = TracerProvider(
             resource=_resource(config.service_name), id_generator=self._ids, shutdown_on_exit=False
         )
-        self._provider.add_span_processor(BatchSpanProcessor(self._exporter, max_queue_size=self._max_queue))
+        self._provider.add_span_processor(
+            BatchSpanProcessor(self._exporter, max_queue_size=self._max_queue, max_export_batch_size=batch)
+        )
         self._tracer = self._provider.get_tracer(SCOPE_NAME, __version__)
         self._pending: deque[RequestTrace] = deque()
         self._wake = threading.Condition()

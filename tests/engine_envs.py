@@ -105,14 +105,18 @@ RECIPES: dict[str, Recipe] = {
         version=SGLANG_VERSION,
         pip_steps=(
             (TORCH_PIN,),
-            ("--no-deps", f"sglang=={SGLANG_VERSION}", "triton", "apache-tvm-ffi"),
+            # sglang's declared deps pull CUDA kernels; triton only for `import triton`
+            ("--no-deps", f"sglang=={SGLANG_VERSION}", "triton", "apache-tvm-ffi==0.1.11",
+             "compressed-tensors==0.18.0"),
             (
-                "transformers", "numpy", "pybase64", "pillow", "starlette", "fastapi", "IPython", "aiohttp",
-                "sentencepiece", "gguf", "openai", "partial-json-parser", "psutil", "pyzmq", "msgspec",
-                "requests", "tqdm", "pydantic", "orjson", "uvloop", "setproctitle", "einops",
-                "prometheus_client", "packaging", "huggingface_hub", "safetensors", "blobfile",
+                # what the scheduler modules import, at sglang 0.5.23's pins where it has them
+                "transformers==5.19.0", "tokenizers==0.23.2", "openai==2.8.0", "sentencepiece==0.2.1",
+                "blobfile==3.0.0", "openai-harmony==0.0.4", "numpy", "pybase64", "pillow", "starlette",
+                "fastapi", "uvicorn>=0.51", "python-multipart", "IPython", "aiohttp", "gguf",
+                "partial-json-parser", "psutil", "pyzmq>=25.1.2", "msgspec", "requests", "tqdm", "pydantic",
+                "orjson", "uvloop", "setproctitle", "einops", "prometheus-client>=0.20.0", "packaging",
+                "huggingface_hub", "safetensors", "dill", "loguru", "xxhash", "regex",
             ),
-            ("--no-deps", "compressed-tensors"),
         ),
     ),
     "sglang-0.5.4": Recipe(

@@ -115,7 +115,8 @@ class OtlpHttpReceiver(_Store):
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
                 store.paths.append(self.path)
-                ok = self.path == "/v1/traces" and self.headers.get("Content-Type") == "application/x-protobuf"
+                content_type = self.headers.get("Content-Type")
+                ok = self.path == "/v1/traces" and content_type == "application/x-protobuf"
                 if ok:
                     store.add(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
                 reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()

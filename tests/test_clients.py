@@ -19,6 +19,8 @@ import time
 import grpc
 import grpc.aio
 import pytest
+from google.protobuf import duration_pb2, timestamp_pb2
+
 from enginetime.clients import (
     AccountingClient,
     AsyncAccountingClient,
@@ -40,7 +42,6 @@ from enginetime.clients import _convert as cv
 from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
 from enginetime.v1 import ingest_pb2
-from google.protobuf import duration_pb2, timestamp_pb2
 
 S = 1_000_000_000
 

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import start_sidecar, wait_until
+
 from enginetime.clients import (
     AccountingClient,
     AsyncAccountingClient,
@@ -37,7 +39,6 @@ from enginetime.clients import (
     RequestAccounting,
     RequestState,
 )
-from helpers import start_sidecar, wait_until
 
 VICTIMS = ("decode-0", "decode-1", "decode-2")
 STORM = "storm-0"

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+
 from enginetime.engine_hooks import Coupling, EventKind, Recorder, StepKind
 from enginetime.engine_hooks.wire import split_frames
 from enginetime.v1 import ingest_pb2

@@ -19,9 +19,10 @@ import threading
 import time
 
 import pytest
+from test_hooks_recorder import FrameServer, delivered
+
 from enginetime.engine_hooks import Recorder, StepKind, TimerSource
 from enginetime.engine_hooks.timers import CpuTimer, CudaEventTimer, cuda_available, make_timer
-from test_hooks_recorder import FrameServer, delivered
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,6 +14,7 @@ import struct
 from array import array
 
 import pytest
+
 from enginetime.engine_hooks import wire
 from enginetime.engine_hooks.constants import HOOKS_VERSION, PROTOCOL_VERSION
 from enginetime.v1 import ingest_pb2

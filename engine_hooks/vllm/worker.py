@@ -27,6 +27,7 @@ is guarded (counted, logged once, never raised).
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import logging
@@ -130,10 +131,11 @@ def _wrap(cls: Any, attr: str, make: Callable[[Callable[..., Any]], Callable[...
     if getattr(original, _MARK, False) or getattr(getattr(original, "__func__", None), _MARK, False):
         return
     if isinstance(original, classmethod):
-        wrapped: Any = classmethod(make(original.__func__))
-        setattr(wrapped.__func__, _MARK, True)
+        inner = functools.update_wrapper(make(original.__func__), original.__func__)
+        setattr(inner, _MARK, True)
+        wrapped: Any = classmethod(inner)
     else:
-        wrapped = make(original)
+        wrapped = functools.update_wrapper(make(original), original)
         setattr(wrapped, _MARK, True)
     setattr(cls, attr, wrapped)
     patched.add(key)

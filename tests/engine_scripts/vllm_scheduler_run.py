@@ -116,9 +116,12 @@ def main() -> int:
 
     def record_schedule(out) -> None:
         cached = out.scheduled_cached_reqs
+        before = {nr.req_id: nr.num_computed_tokens for nr in out.scheduled_new_reqs}
+        before.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
         steps.append({
             "scheduled": dict(out.num_scheduled_tokens),
             "new": {nr.req_id: nr.num_computed_tokens for nr in out.scheduled_new_reqs},
+            "before": before,
             "resumed": sorted(getattr(cached, "resumed_req_ids", ()) or ()),
             "preempted": sorted(out.preempted_req_ids or ()),
         })
@@ -162,6 +165,10 @@ def main() -> int:
         n += 1
     while queue:
         step()
+
+    # The worker-side hooks apply when a process imports these modules (post-import hook).
+    import vllm.v1.engine.core  # noqa: F401
+    import vllm.v1.worker.gpu_worker  # noqa: F401
 
     recording = sched._enginetime
     rec = recording.recorder

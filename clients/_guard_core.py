@@ -1,0 +1,331 @@
+"""The guard's bookkeeping, shared by the threaded and the asyncio guard: no I/O, no threads, no locks.
+
+``Tracker`` holds one ``Entry`` per watched request and a heap of deadlines. The
+guards feed it the raw ``RequestAccounting`` messages of their one StreamUpdates
+stream (``on_batch``), tell it when the stream goes down or comes back, and ask it
+what is due (``due``). It answers with ``Fire``\\ s (a limit was crossed) and
+liveness *suspects* (no sign of progress for ``liveness`` seconds: the guard
+confirms with GetShards before anything is killed, see ``confirm_liveness``).
+
+Costs, because a session server may follow thousands of requests:
+
+* an update is a dict lookup and a few integer compares on the protobuf message —
+  nothing is converted to dataclasses unless a limit fires;
+* each entry has at most one wall, one liveness and one queue item in the heap;
+  progress does not push anything (a liveness item that comes due early is re-armed
+  from the latest progress instead);
+* engine_time is checked when an update arrives (it only changes then).
+
+Clocks: every deadline is on the local monotonic clock. The only comparison with the
+sidecar's clock is the liveness confirmation (a shard's last step time, stamped by the
+engine on the sidecar's host), which uses the skew between the sidecar's batch times
+and the local wall clock, so a session server on another machine with a skewed clock
+still measures the staleness right.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from . import _convert as cv
+from .budget import BudgetReason, EngineBudget, EngineBudgetExceeded
+from .types import RequestAccounting, ShardStatus
+
+NS = 1_000_000_000
+
+# RequestState numbers (enginetime.v1.RequestState), compared on raw messages.
+_QUEUED, _RUNNING, _PREEMPTED, _FINISHED = 1, 2, 3, 4
+_ADMITTED = (_RUNNING, _PREEMPTED)
+
+# Heap item kinds.
+_WALL, _LIVENESS, _QUEUE, _UNKNOWN = 0, 1, 2, 3
+
+
+@dataclass(eq=False, slots=True)
+class Entry:
+    """One watched request. ``owner`` is the guard's watch object (it knows how to cancel)."""
+
+    request_id: str
+    budget: EngineBudget
+    started: float
+    owner: object = None
+    engine_limit_ns: int | None = None
+    #: Latest raw accounting (enginetime.v1.RequestAccounting) and when it arrived (monotonic).
+    msg: object = None
+    received: float = 0.0
+    state: int = 0
+    #: steps + excluded_steps: grows with every step of the request's shard while it runs.
+    progress: int = -1
+    progress_at: float = 0.0
+    live_armed: bool = False
+    queue_armed: bool = False
+    done: bool = False
+    fired: bool = False
+
+    def accounting(self) -> RequestAccounting | None:
+        return None if self.msg is None else cv.request_from_pb(self.msg)
+
+
+@dataclass(slots=True)
+class Fire:
+    """A limit crossed: what the guard turns into EngineBudgetExceeded and a cancel."""
+
+    entry: Entry
+    reason: BudgetReason
+    limit: float
+    observed: float
+    telemetry: bool
+
+    def error(self, now: float, *, aborted: bool) -> EngineBudgetExceeded:
+        e = self.entry
+        return EngineBudgetExceeded(
+            e.request_id,
+            self.reason,
+            limit=self.limit,
+            observed=self.observed,
+            budget=e.budget,
+            accounting=e.accounting(),
+            elapsed=now - e.started,
+            telemetry=self.telemetry,
+            aborted=aborted,
+        )
+
+
+@dataclass(slots=True)
+class Due:
+    """What came due in one ``Tracker.due`` call."""
+
+    fires: list[Fire] = field(default_factory=list)
+    #: Entries whose shard showed no progress for their liveness limit: confirm with GetShards.
+    suspects: list[Entry] = field(default_factory=list)
+    #: Entries the sidecar has not reported ``unknown_after`` seconds after the watch began.
+    unknown: list[Entry] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class TrackerStats:
+    updates: int = 0
+    #: Updates for requests this guard does not watch (dropped locally).
+    foreign: int = 0
+    batches: int = 0
+    fires: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in BudgetReason})
+    liveness_checks: int = 0
+    liveness_cleared: int = 0
+
+
+class Tracker:
+    """Watched requests, their deadlines and the telemetry state; see the module doc."""
+
+    def __init__(self, budget: EngineBudget, *, unknown_after: float = 10.0) -> None:
+        self.budget = budget
+        self.unknown_after = unknown_after
+        self.entries: dict[str, Entry] = {}
+        self._heap: list[tuple[float, int, int, Entry]] = []
+        self._seq = itertools.count()
+        #: The stream is delivering; None before the first attempt finished.
+        self.telemetry_up: bool | None = None
+        #: Monotonic time the stream last came back after an outage (liveness counts from here).
+        self.up_since = 0.0
+        #: Sidecar clock minus local clock, ns (max of recent samples: latency only lowers a sample).
+        self._skew_samples: deque[int] = deque(maxlen=32)
+        self.stats = TrackerStats()
+
+    # -- watching -----------------------------------------------------------------------------
+
+    def add(self, request_id: str, now: float, budget: EngineBudget | None = None, owner=None) -> Entry:
+        if request_id in self.entries:
+            raise ValueError(
+                f"request {request_id!r} is already watched by this guard: request ids must be unique "
+                "(the engine rejects a duplicate rid as well)"
+            )
+        b = budget or self.budget
+        e = Entry(request_id, b, now, owner)
+        if b.engine_time is not None:
+            e.engine_limit_ns = round(b.engine_time * NS)
+        self.entries[request_id] = e
+        if b.wall is not None:
+            self._push(now + b.wall, _WALL, e)
+        self._push(now + self.unknown_after, _UNKNOWN, e)
+        return e
+
+    def remove(self, entry: Entry) -> None:
+        entry.done = True
+        if self.entries.get(entry.request_id) is entry:
+            del self.entries[entry.request_id]
+        if not self.entries:
+            self._heap.clear()  # nothing left to time: drop stale items at once
+
+    def ids(self) -> list[str]:
+        return list(self.entries)
+
+    # -- telemetry ----------------------------------------------------------------------------
+
+    def on_down(self, now: float) -> bool:
+        """The stream failed. Returns True on the transition (the guard logs it once)."""
+        was = self.telemetry_up
+        self.telemetry_up = False
+        return was is not False
+
+    def on_up(self, now: float) -> bool:
+        """A (re)opened stream delivered its first batch. True when this ends an outage.
+
+        After an outage every liveness clock restarts: no progress could be seen while
+        the sidecar was away, and that must never count against a request.
+        """
+        was = self.telemetry_up
+        self.telemetry_up = True
+        if was is False or was is None:
+            self.up_since = now
+            for e in self.entries.values():
+                e.progress_at = max(e.progress_at, now)
+        return was is False
+
+    def skew_ns(self) -> int:
+        return max(self._skew_samples) if self._skew_samples else 0
+
+    # -- updates ------------------------------------------------------------------------------
+
+    def on_batch(self, updates: Iterable, batch_time_ns: int, now: float, wall_ns: int) -> list[Fire]:
+        """Apply one StreamUpdates batch (raw messages). Returns the engine-time fires."""
+        st = self.stats
+        st.batches += 1
+        if batch_time_ns:
+            self._skew_samples.append(batch_time_ns - wall_ns)
+        fires: list[Fire] = []
+        get = self.entries.get
+        n = foreign = 0
+        for m in updates:
+            n += 1
+            e = get(m.request_id)
+            if e is None:
+                foreign += 1
+                continue
+            if e.fired:
+                continue
+            e.msg = m
+            e.received = now
+            state = e.state = m.state
+            if state >= _FINISHED or state == 0:
+                continue  # terminal: the HTTP call is returning on its own
+            progress = m.steps + m.excluded_steps
+            if progress != e.progress:
+                e.progress = progress
+                e.progress_at = now
+            b = e.budget
+            limit = e.engine_limit_ns
+            if limit is not None:
+                engine_ns = m.engine_time_ns or cv._dur_ns(m.engine_time)
+                if engine_ns >= limit:
+                    e.fired = True
+                    fires.append(Fire(e, BudgetReason.ENGINE_TIME, b.engine_time, engine_ns / NS, True))
+                    continue
+            if state == _QUEUED:
+                if b.queue is not None and not e.queue_armed:
+                    e.queue_armed = True
+                    queued = (m.queue_time_ns or cv._dur_ns(m.queue_time)) / NS
+                    self._push(now + max(0.0, b.queue - queued), _QUEUE, e)
+            elif state in _ADMITTED and b.liveness is not None and not e.live_armed:
+                e.live_armed = True
+                self._push(max(e.progress_at, self.up_since) + b.liveness, _LIVENESS, e)
+        st.updates += n
+        st.foreign += foreign
+        return fires
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def next_due(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def due(self, now: float) -> Due:
+        out = Due()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, kind, e = heapq.heappop(heap)
+            if e.done or e.fired:
+                continue
+            b = e.budget
+            if kind == _WALL:
+                e.fired = True
+                out.fires.append(Fire(e, BudgetReason.WALL, b.wall, now - e.started, bool(self.telemetry_up)))
+            elif kind == _LIVENESS:
+                e.live_armed = False
+                if not self.telemetry_up or e.state not in _ADMITTED:
+                    continue  # re-armed by the next update that shows it admitted
+                deadline = max(e.progress_at, self.up_since) + b.liveness
+                if deadline > now:
+                    e.live_armed = True
+                    self._push(deadline, _LIVENESS, e)
+                else:
+                    e.live_armed = True  # held until confirm_liveness decides
+                    out.suspects.append(e)
+            elif kind == _QUEUE:
+                e.queue_armed = False
+                if not self.telemetry_up or e.state != _QUEUED or e.msg is None:
+                    continue
+                m = e.msg
+                queued = (m.queue_time_ns or cv._dur_ns(m.queue_time)) / NS + (now - e.received)
+                if queued >= b.queue:
+                    e.fired = True
+                    out.fires.append(Fire(e, BudgetReason.QUEUE, b.queue, queued, True))
+                else:
+                    e.queue_armed = True
+                    self._push(now + (b.queue - queued), _QUEUE, e)
+            elif kind == _UNKNOWN:
+                if e.msg is None and self.telemetry_up:
+                    out.unknown.append(e)
+        return out
+
+    def confirm_liveness(
+        self, entry: Entry, shard: ShardStatus | None, now: float, wall_ns: int
+    ) -> tuple[Fire | None, str]:
+        """Decide a liveness suspect from its shard's status (None: the sidecar could not say).
+
+        Fires only when the sidecar is answering, the shard's recorder is connected
+        (a disconnected recorder is a telemetry outage, not a hung engine) and the
+        shard's last step is older than the limit. Otherwise the shard's own last step
+        restarts the request's liveness clock. Returns (fire or None, why not).
+        """
+        e = entry
+        e.live_armed = False
+        if e.done or e.fired:
+            return None, "done"
+        limit = e.budget.liveness
+        self.stats.liveness_checks += 1
+        if shard is None or not shard.connected:
+            why = "sidecar did not answer" if shard is None else "recorder disconnected"
+            e.progress_at = now
+        else:
+            if shard.last_step_time_ns is None:
+                stale = now - e.started  # never stepped since it started: as old as the watch
+            else:
+                stale = max(0.0, (wall_ns + self.skew_ns() - shard.last_step_time_ns) / NS)
+            if stale >= limit:
+                e.fired = True
+                return Fire(e, BudgetReason.LIVENESS, limit, stale, True), ""
+            why = "shard stepping"
+            self.stats.liveness_cleared += 1
+            e.progress_at = max(e.progress_at, now - stale)
+        if e.state in _ADMITTED:
+            e.live_armed = True
+            self._push(max(e.progress_at + limit, now + min(limit, 1.0)), _LIVENESS, e)
+        return None, why
+
+    def _push(self, when: float, kind: int, e: Entry) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), kind, e))
+
+
+def group_by_engine(entries: Iterable[Entry]) -> dict[str, list[Entry]]:
+    """Suspects by the engine of their latest accounting: one GetShards per engine answers them all."""
+    out: dict[str, list[Entry]] = {}
+    for e in entries:
+        out.setdefault("" if e.msg is None else e.msg.engine_id, []).append(e)
+    return out
+
+
+def shard_lookup(shards: Iterable[ShardStatus]) -> Callable[[str, int], ShardStatus | None]:
+    table = {(s.engine_id, s.shard): s for s in shards}
+    return lambda engine_id, shard: table.get((engine_id, shard))

@@ -1,0 +1,375 @@
+"""``enginetime top | get | watch | events | requests``: the sidecar from a terminal or a script.
+
+Registered into the ``enginetime`` command (enginetime/cli.py). Every command talks to
+one sidecar (``--sidecar HOST:PORT``, default ``$ENGINETIME_SIDECAR`` or
+127.0.0.1:50151) and has ``--json`` for scripts: ``get`` prints one object,
+``requests`` one array, ``watch`` and ``events`` one object per line (JSON Lines, so a
+script can read them as they come). Field names are those of the client's dataclasses
+(``enginetime.clients.types``): seconds as floats plus the exact ``*_ns`` integers,
+enums as lower-case names.
+
+Exit codes: 0 fine, 1 other errors, 3 the sidecar did not answer (the message names the
+address and what to check), 4 the request is not known to the sidecar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+
+from ._convert import DEFAULT_TARGET
+from .errors import EnginetimeError, RequestNotFound, SidecarUnavailable
+from .types import InterferenceEvent, RequestAccounting, RequestState
+
+SIDECAR_ENV = "ENGINETIME_SIDECAR"
+
+EXIT_ERROR = 1
+EXIT_UNAVAILABLE = 3
+EXIT_NOT_FOUND = 4
+
+
+def to_jsonable(obj):
+    """Dataclasses, enums, tuples -> plain JSON values (enums as lower-case names)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.name.lower()
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(x) for x in obj]
+    return obj
+
+
+def _dump(obj) -> str:
+    return json.dumps(to_jsonable(obj))
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def _f(x: float | None, nd: int = 2) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def _clock(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int((t % 1) * 1000):03d}"
+
+
+def _blame_line(b) -> str:
+    who = b.request_id or f"(shard {b.shard}'s batch)"
+    return f"{who} @ shard {b.shard}  {b.seconds:.3f} s  {'same shard' if b.same_shard else 'cross-shard'}"
+
+
+def format_request(r: RequestAccounting) -> str:
+    state = r.state.name + (f": {r.finish_reason}" if r.finish_reason else "")
+    lines = [
+        f"request       {r.request_id}",
+        f"engine        {r.engine_id}  shard {r.shard}"
+        + (f"  (asked for shard {r.routed_shard})" if r.routed_shard is not None else "")
+        + (f"  session {r.session_id}" if r.session_id else ""),
+        f"state         {state}",
+        f"wall          {r.wall:.3f} s = queue {r.queue_time:.3f} + engine_time {r.engine_time:.3f} "
+        f"+ interference {r.interference:.3f} + other {r.other:.3f}",
+        f"gpu_time      {r.gpu_time:.3f} s",
+        f"tokens        prompt {r.tokens.prompt} (cached {r.tokens.cached}), prefilled {r.tokens.prefilled}, "
+        f"decoded {r.tokens.decoded}",
+        f"steps         {r.steps} (+{r.excluded_steps} of its shard without it), preemptions {r.preemptions}",
+        f"last step     {_clock(r.last_step_time)}",
+    ]
+    flags = [name for name, on in (("migrated", r.migrated), ("partial", r.partial)) if on]
+    if flags:
+        lines.append("flags         " + ", ".join(flags))
+    if r.top_blame:
+        lines.append("top blame     " + _blame_line(r.top_blame[0]))
+        lines += ["              " + _blame_line(b) for b in r.top_blame[1:]]
+    else:
+        lines.append("top blame     -")
+    return "\n".join(lines)
+
+
+def format_update(r: RequestAccounting) -> str:
+    blame = r.top_blame[0] if r.top_blame else None
+    who = "-" if blame is None else f"{blame.request_id or '(batch)'}@{blame.shard} {blame.seconds:.2f}s"
+    return (
+        f"{_clock(time.time())}  {r.state.name:<9} wall {r.wall:8.3f}  queue {r.queue_time:7.3f}  "
+        f"engine {r.engine_time:8.3f}  interf {r.interference:8.3f}  decoded {r.tokens.decoded:>6}  "
+        f"blame {who}"
+    )
+
+
+def format_event(ev: InterferenceEvent) -> str:
+    victims = ",".join(str(k) for k in ev.victims.shards) or "-"
+    return (
+        f"{_clock(ev.end_time or ev.start_time)}  {ev.phase.name:<8} storm {ev.aggressor_request_id}"
+        + (f" (session {ev.aggressor_session_id})" if ev.aggressor_session_id else "")
+        + f" on {ev.engine_id} shard {ev.aggressor_shard}: {ev.prefill_tokens} tokens in {ev.chunks} chunks; "
+        f"{ev.victims.request_count} victims on shards {victims} lost {ev.victims.seconds:.3f} s"
+        + (" (cross-shard)" if ev.cross_shard else "")
+    )
+
+
+def format_table(rows: list[RequestAccounting]) -> str:
+    out = [
+        f"{'REQUEST':<30} {'STATE':<9} {'ENGINE':<14} {'SHARD':>5} {'WALL':>8} {'QUEUE':>7} {'ENGINE_T':>8} "
+        f"{'INTERF':>8} {'DECODED':>7}  TOP BLAME"
+    ]
+    for r in rows:
+        b = r.top_blame[0] if r.top_blame else None
+        blame = "-" if b is None else f"{b.request_id or '(batch)'}@{b.shard} {b.seconds:.2f}s"
+        out.append(
+            f"{r.request_id[:30]:<30} {r.state.name:<9} {r.engine_id[:14]:<14} {r.shard:>5} "
+            f"{r.wall:>8.2f} {r.queue_time:>7.2f} {r.engine_time:>8.2f} {r.interference:>8.2f} "
+            f"{r.tokens.decoded:>7}  {blame}"
+        )
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _client(args):
+    from .sync_client import AccountingClient
+
+    return AccountingClient(args.sidecar, timeout=args.timeout)
+
+
+def cmd_get(args) -> int:
+    with _client(args) as client:
+        r = client.get_request(args.request_id)
+    print(_dump(r) if args.json else format_request(r))
+    return 0
+
+
+def cmd_watch(args) -> int:
+    with _client(args) as client:
+        stream = client.watch_request(args.request_id, min_interval=args.interval)
+        for r in stream:
+            print(_dump(r) if args.json else format_update(r), flush=True)
+        return 0
+
+
+def cmd_events(args) -> int:
+    deadline = None if args.duration is None else time.monotonic() + args.duration
+    seen = 0
+    with _client(args) as client:
+        stream = client.stream_interference(
+            engine_id=args.engine_id, shard=args.shard, min_stall=args.min_stall, timeout=args.duration
+        )
+        try:
+            for ev in stream:
+                print(_dump(ev) if args.json else format_event(ev), flush=True)
+                seen += 1
+                if args.count is not None and seen >= args.count:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+        except EnginetimeError as exc:
+            if args.duration is not None and exc.code is not None and exc.code.name == "DEADLINE_EXCEEDED":
+                return 0  # --duration elapsed: a normal end
+            raise
+    return 0
+
+
+def cmd_requests(args) -> int:
+    rows: list[RequestAccounting] = []
+    with _client(args) as client:
+        for r in client.iter_requests(
+            states=args.state or (),
+            shard=args.shard,
+            session_id=args.session or "",
+            engine_id=args.engine_id,
+            page_size=min(max(args.limit, 1), 1000),
+        ):
+            rows.append(r)
+            if len(rows) >= args.limit:
+                break
+    if args.json:
+        print(json.dumps([to_jsonable(r) for r in rows]))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def cmd_top(args) -> int:
+    from . import top
+
+    client = _client(args)
+    try:
+        client.get_shards(args.engine_id)  # fail fast, before taking over the terminal
+        feed = top.Feed(client, args.engine_id)
+        if args.once or args.json or not sys.stdout.isatty():
+            if args.json:
+                snap = feed.snapshot()
+                print(
+                    json.dumps(
+                        {
+                            "target": snap.target,
+                            "time": snap.time,
+                            "shards": to_jsonable(snap.shards),
+                            "running": to_jsonable(snap.running),
+                        }
+                    )
+                )
+            else:
+                top.print_once(feed, shutil.get_terminal_size((160, 40)).columns, sys.stdout)
+            return 0
+        feed.start()
+        try:
+            top.run_curses(feed, args.interval)
+        finally:
+            feed.close()
+        return 0
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------------- wiring
+
+
+def _guarded(name: str, fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn client errors into one clear line on stderr and an exit code."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except SidecarUnavailable as exc:
+            detail = f" ({exc.details})" if exc.details else ""
+            print(
+                f"enginetime {name}: no enginetime sidecar answered at {args.sidecar}{detail}.\n"
+                f"  Check that `enginetime sidecar` is running there (its ready line prints grpc=HOST:PORT), "
+                f"and pass that address with --sidecar HOST:PORT or ${SIDECAR_ENV}.",
+                file=sys.stderr,
+            )
+            return EXIT_UNAVAILABLE
+        except RequestNotFound as exc:
+            print(f"enginetime {name}: {exc}", file=sys.stderr)
+            return EXIT_NOT_FOUND
+        except (EnginetimeError, ValueError) as exc:
+            print(f"enginetime {name}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        except KeyboardInterrupt:
+            return 130
+        except BrokenPipeError:  # `enginetime events | head`
+            return 0
+
+    return run
+
+
+def _positive(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be > 0")
+    return x
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("sidecar")
+    g.add_argument(
+        "--sidecar",
+        metavar="HOST:PORT",
+        default=os.environ.get(SIDECAR_ENV) or DEFAULT_TARGET,
+        help=f"the sidecar's gRPC address. Default: ${SIDECAR_ENV} if set, else {DEFAULT_TARGET}",
+    )
+    g.add_argument("--timeout", type=_positive, default=5.0, help="seconds per call (default 5)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (see `enginetime --help`)")
+    return p
+
+
+def _state(value: str) -> RequestState:
+    try:
+        return RequestState.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    common = _common()
+
+    top = subparsers.add_parser(
+        "top",
+        parents=[common],
+        help="live per-shard table: throughput, load, storms and who they stall",
+        description="Per shard: decode/prefill tok/s, busy, active/queued requests, last step; the storm "
+        "running now with its request, prefill progress and the stall it causes; recent storms; the running "
+        "requests losing most to interference. Refreshes in place; q quits. Prints one frame when "
+        "stdout is not a terminal or with --once.",
+    )
+    top.add_argument("--interval", type=_positive, default=1.0, help="seconds between refreshes (default 1)")
+    top.add_argument("--engine-id", default="", help="only this engine's shards")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.set_defaults(func=_guarded("top", cmd_top))
+
+    get = subparsers.add_parser(
+        "get",
+        parents=[common],
+        help="one request's accounting",
+        description="Wall = queue + engine_time + interference + other, GPU time, tokens, steps and the "
+        "requests that cost it time (top blame).",
+    )
+    get.add_argument(
+        "request_id", metavar="RID", help="the id the engine knows (SGLang rid, vLLM request id)"
+    )
+    get.set_defaults(func=_guarded("get", cmd_get))
+
+    watch = subparsers.add_parser(
+        "watch",
+        parents=[common],
+        help="a request's accounting as it changes, until it finishes",
+        description="One line (--json: one JSON object) per update; ends when the request finishes or "
+        "is aborted.",
+    )
+    watch.add_argument("request_id", metavar="RID")
+    watch.add_argument("--interval", type=_positive, default=0.5, help="at most one update per this many s")
+    watch.set_defaults(func=_guarded("watch", cmd_watch))
+
+    events = subparsers.add_parser(
+        "events",
+        parents=[common],
+        help="the interference stream: storms as they start, grow and end",
+        description="One line (--json: one JSON object) per interference event: the aggressor request and "
+        "shard, its prefill, the victims' shards, count and summed stall. Runs until Ctrl-C, --count or "
+        "--duration.",
+    )
+    events.add_argument("--engine-id", default="")
+    events.add_argument("--shard", type=int, default=None, help="storms on, or stalling, this shard")
+    events.add_argument(
+        "--min-stall",
+        type=float,
+        default=None,
+        help="only storms whose victims lost at least this many seconds "
+        "(default: the sidecar's storm threshold)",
+    )
+    events.add_argument("--count", type=int, default=None, help="exit after this many events")
+    events.add_argument("--duration", type=_positive, default=None, help="exit after this many seconds")
+    events.set_defaults(func=_guarded("events", cmd_events))
+
+    reqs = subparsers.add_parser(
+        "requests",
+        parents=[common],
+        help="list requests with filters",
+        description="Requests the sidecar holds (live ones and those finished within its retention), "
+        "newest arrival first.",
+    )
+    reqs.add_argument(
+        "--state",
+        type=_state,
+        action="append",
+        help="queued, running, preempted, finished or aborted (repeatable)",
+    )
+    reqs.add_argument("--shard", type=int, default=None)
+    reqs.add_argument("--session", default=None, help="only this session id")
+    reqs.add_argument("--engine-id", default="")
+    reqs.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    reqs.set_defaults(func=_guarded("requests", cmd_requests))

@@ -1,0 +1,869 @@
+"""The engine-time guard: time a proxied request out on its engine time, not on wall-clock time.
+
+A session server wraps each call it proxies to the engine::
+
+    guard = Guard("127.0.0.1:50151", EngineBudget(engine_time=600, liveness=60, wall=3600),
+                  abort="http://engine:30000")            # SGLang / testbed /abort_request
+    http = httpx.Client(transport=CancellableTransport(), timeout=None)
+
+    with guard.watch(rid):                                # raises EngineBudgetExceeded
+        r = http.post("http://engine:30000/generate", json={"rid": rid, ...})
+
+or, in asyncio (``AsyncGuard``, any ``httpx.AsyncClient``)::
+
+    async with guard.watch(rid):
+        r = await http.post(...)
+
+**One stream for all.** A guard follows every request it watches over a single
+``StreamUpdates`` stream, however many are in flight. ``follow="all"`` (default)
+subscribes to every request of the sidecar (or of ``engine_id``) and drops the
+ones it does not watch: registering a request costs nothing on the sidecar, the
+right choice when this session server sends the engine's traffic. ``follow="ids"``
+subscribes to the watched ids only and restarts the stream (at most every
+``restart_interval``) when new ones are added: the right choice when many session
+servers share one engine and each should receive only its own requests.
+
+**When it fires** (see ``EngineBudget``): engine_time over budget (checked on every
+update), no step on the request's shard for ``liveness`` seconds while it is
+admitted (confirmed with GetShards before anything is killed), queue time over
+budget, or the wall backstop. It then cancels the HTTP call — asyncio: cancels the
+task inside ``async with``; threads: shuts down the socket the thread is blocked on,
+which needs the client built with ``CancellableTransport`` — and, with ``abort=``,
+aborts the request on the engine. The ``with`` block raises ``EngineBudgetExceeded``
+with the request's accounting.
+
+**Fail-open.** If the sidecar is unreachable, or dies mid-request, the guard logs it
+once, keeps only the wall backstop, reconnects with backoff and resumes when the
+sidecar is back (liveness clocks restart then). A request the sidecar never reports
+(its engine reports elsewhere, or the rid differs) is logged once and kept under the
+wall backstop. Telemetry trouble never kills a request.
+
+**Aborting on the engine.** ``abort="http://host:port"`` POSTs ``{"rid": rid}`` to
+``/abort_request`` (SGLang, the testbed). vLLM's OpenAI server has no abort endpoint:
+it aborts a request when its client disconnects, which is what cancelling the HTTP
+call does; in-process (``AsyncLLM``), pass ``abort=llm.abort``. Any callable taking
+the request id works (for ``AsyncGuard`` it may be a coroutine function). SGLang with
+several tokenizer workers reports rids as ``<worker>_<rid>``: watch the id the
+sidecar knows (``enginetime requests`` lists them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import inspect
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+import grpc
+
+from . import _convert as cv
+from ._guard_core import Due, Entry, Fire, Tracker, TrackerStats, group_by_engine, shard_lookup
+from .async_client import AsyncAccountingClient, AsyncStream
+from .budget import EngineBudget, EngineBudgetExceeded
+from .errors import EnginetimeError
+from .sync_client import AccountingClient, Stream
+from .types import RequestAccounting
+
+log = logging.getLogger("enginetime.clients.guard")
+
+Follow = Literal["all", "ids"]
+AbortSpec = str | Callable[[str], object] | None
+
+_local = threading.local()
+
+
+def current_watch() -> Watch | None:
+    """The innermost sync ``Guard.watch`` block this thread is in (used by CancellableTransport)."""
+    stack = getattr(_local, "stack", None)
+    return stack[-1] if stack else None
+
+
+def sglang_abort(base_url: str, timeout: float = 5.0) -> Callable[[str], bool]:
+    """A callable that aborts a request on an SGLang (or testbed) server: POST /abort_request.
+
+    Returns True when the engine aborted it, False when it no longer knew the id (it
+    had finished, or the disconnect already aborted it). Uses urllib: no httpx needed.
+    """
+    if "://" not in base_url:
+        raise ValueError(f"abort= wants the engine's base URL, e.g. http://127.0.0.1:30000, got {base_url!r}")
+    url = base_url.rstrip("/") + "/abort_request"
+
+    def abort(request_id: str) -> bool:
+        body = json.dumps({"rid": request_id}).encode()
+        req = urllib.request.Request(
+            url, data=body, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                resp.read()
+            return True
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return False
+            raise
+
+    abort.url = url  # type: ignore[attr-defined]
+    return abort
+
+
+_BACK = "enginetime guard: the sidecar at %s is back; engine-time budgets apply again"
+
+
+def _abort_fn(abort: AbortSpec, timeout: float):
+    if abort is None or callable(abort):
+        return abort
+    if isinstance(abort, str):
+        return sglang_abort(abort, timeout)
+    raise TypeError(
+        f"abort= must be the engine's base URL, a callable taking the request id, or None; got {abort!r}"
+    )
+
+
+def _check_follow(follow: str) -> str:
+    if follow not in ("all", "ids"):
+        raise ValueError(
+            f"follow= must be 'all' (every request, local dispatch) or 'ids' (watched ids), got {follow!r}"
+        )
+    return follow
+
+
+def _raw(message):
+    return message
+
+
+class _Once:
+    """Log a message once per key (outages log once per outage via the tracker's transitions)."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def __call__(self, key: str, level: int, msg: str, *args) -> None:
+        if key not in self._seen:
+            self._seen.add(key)
+            log.log(level, msg, *args)
+
+
+class _GuardBase:
+    """What the threaded and the asyncio guard share: settings, logging, firing."""
+
+    def __init__(
+        self,
+        budget: EngineBudget | None,
+        *,
+        abort: AbortSpec,
+        follow: Follow,
+        engine_id: str,
+        interval: float,
+        unknown_after: float,
+        reconnect: tuple[float, float],
+        restart_interval: float,
+        abort_timeout: float,
+        shard_timeout: float,
+    ) -> None:
+        self.budget = budget if budget is not None else EngineBudget()
+        if not isinstance(self.budget, EngineBudget):
+            raise TypeError(f"budget= must be an EngineBudget, got {budget!r}")
+        self.follow = _check_follow(follow)
+        self.engine_id = engine_id
+        cv.duration_from_seconds(interval, "interval")
+        self.interval = interval
+        self.reconnect = reconnect
+        self.restart_interval = restart_interval
+        self.shard_timeout = shard_timeout
+        self._abort = _abort_fn(abort, abort_timeout)
+        self._tracker = Tracker(self.budget, unknown_after=unknown_after)
+        self._once = _Once()
+        self._closed = False
+        #: StreamUpdates streams this guard opened (one at a time; more only after outages or ids restarts).
+        self.streams_opened = 0
+        self.aborts_sent = 0
+        self.aborts_failed = 0
+
+    @property
+    def stats(self) -> TrackerStats:
+        return self._tracker.stats
+
+    @property
+    def telemetry_up(self) -> bool:
+        """The stream to the sidecar is delivering (False during an outage and before it first did)."""
+        return bool(self._tracker.telemetry_up)
+
+    @property
+    def watching(self) -> int:
+        return len(self._tracker.entries)
+
+    def _stream_request(self, ids: list[str]):
+        return cv.stream_updates_request(
+            engine_id=self.engine_id, request_ids=ids if self.follow == "ids" else (), interval=self.interval
+        )
+
+    def _log_down(self, target: str, exc: BaseException) -> None:
+        log.warning(
+            "enginetime guard: the sidecar at %s is unreachable (%s); only the wall-clock backstop is "
+            "enforced until it is back, no request is killed for lack of telemetry",
+            target,
+            exc,
+        )
+
+    def _log_unknown(self, e: Entry, target: str) -> None:
+        self._once(
+            "unknown",
+            logging.WARNING,
+            "enginetime guard: the sidecar at %s has not reported request %r %.0f s after it was sent: only "
+            "the wall-clock backstop applies to it. Check that the engine's hooks report to this sidecar "
+            "(ENGINETIME_INGEST) and that the id matches (SGLang with several tokenizer workers reports "
+            "'<worker>_<rid>'; vLLM reports the X-Request-Id). Logged once; later ones at debug level.",
+            target,
+            e.request_id,
+            self._tracker.unknown_after,
+        )
+        log.debug("enginetime guard: request %r not reported by the sidecar yet", e.request_id)
+
+    def _confirm(self, entries: list[Entry], lookup) -> list[Fire]:
+        """Decide liveness suspects from GetShards (lookup None: the sidecar did not answer)."""
+        fires = []
+        now, wall_ns = time.monotonic(), time.time_ns()
+        for e in entries:
+            m = e.msg
+            status = None if lookup is None or m is None else lookup(m.engine_id, m.shard)
+            fire, why = self._tracker.confirm_liveness(e, status, now, wall_ns)
+            if fire is not None:
+                fires.append(fire)
+            elif why == "recorder disconnected":
+                self._once(
+                    f"disconnected:{m.engine_id}:{m.shard}",
+                    logging.WARNING,
+                    "enginetime guard: engine %r shard %d's recorder is disconnected from the sidecar: a "
+                    "hung engine cannot be told from a telemetry outage there, so liveness is not enforced",
+                    m.engine_id,
+                    m.shard,
+                )
+        return fires
+
+    def _make_error(self, fire: Fire) -> EngineBudgetExceeded:
+        err = fire.error(time.monotonic(), aborted=self._abort is not None)
+        self._tracker.stats.fires[fire.reason.value] += 1
+        log.info("enginetime guard: %s", err)
+        return err
+
+
+# ============================================================================ threads
+
+
+class Watch:
+    """``with guard.watch(rid):`` — one request followed by a threaded ``Guard``.
+
+    Raises ``EngineBudgetExceeded`` from the ``with`` when the guard fired, whatever
+    the block raised meanwhile (the cut connection's httpx error becomes its cause).
+    ``accounting`` is the sidecar's latest figures for the request (None until
+    reported), handy for logging the engine time of requests that succeeded.
+    """
+
+    def __init__(self, guard: Guard, request_id: str, budget: EngineBudget | None) -> None:
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(
+                f"request_id must be a non-empty string (the rid sent to the engine), got {request_id!r}"
+            )
+        self.guard = guard
+        self.request_id = request_id
+        self.budget = budget or guard.budget
+        self.error: EngineBudgetExceeded | None = None
+        self._entry: Entry | None = None
+        self._lock = threading.Lock()
+        self._blocked: set = set()
+        self._exited = False
+        self.interrupted = False
+
+    @property
+    def fired(self) -> bool:
+        return self.error is not None
+
+    @property
+    def accounting(self) -> RequestAccounting | None:
+        e = self._entry
+        return None if e is None else e.accounting()
+
+    def check(self) -> None:
+        """Raise EngineBudgetExceeded now if the guard fired (for code that polls inside the block)."""
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> Watch:
+        self._entry = self.guard._register(self)
+        stack = getattr(_local, "stack", None)
+        if stack is None:
+            stack = _local.stack = []
+        stack.append(self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        with self._lock:
+            self._exited = True
+            self._blocked.clear()
+        stack = getattr(_local, "stack", [])
+        if self in stack:
+            stack.remove(self)
+        if self._entry is not None:
+            self.guard._unregister(self._entry)
+        err = self.error
+        if err is None or exc is err:
+            return False
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            return False  # KeyboardInterrupt, SystemExit: not ours to replace
+        raise err from exc
+
+    # -- called by CancellableTransport streams (in this watch's thread) ----------------------
+
+    def _attach(self, stream) -> bool:
+        with self._lock:
+            if self.error is not None:
+                return False
+            self._blocked.add(stream)
+            return True
+
+    def _detach(self, stream) -> None:
+        with self._lock:
+            self._blocked.discard(stream)
+
+    # -- called by the guard (its timer or reader thread) -----------------------------------
+
+    def _fire(self, err: EngineBudgetExceeded) -> bool:
+        """Record the error and cut the blocked call; False when nothing could be interrupted."""
+        with self._lock:
+            if self._exited or self.error is not None:
+                return True
+            self.error = err
+            blocked = list(self._blocked)
+        for stream in blocked:
+            stream.shutdown()
+        self.interrupted = bool(blocked)
+        return self.interrupted
+
+
+class Guard(_GuardBase):
+    """The engine-time guard for threaded session servers; see the module doc.
+
+    ``sidecar`` is the sidecar's gRPC address or an ``AccountingClient`` to share.
+    Two daemon threads (stream reader, timer) start with the first watch; ``close()``
+    stops them. Thread-safe: watch from any number of threads.
+    """
+
+    def __init__(
+        self,
+        sidecar: str | AccountingClient = cv.DEFAULT_TARGET,
+        budget: EngineBudget | None = None,
+        *,
+        abort: AbortSpec = None,
+        follow: Follow = "all",
+        engine_id: str = "",
+        interval: float = 0.1,
+        unknown_after: float = 10.0,
+        reconnect: tuple[float, float] = (0.25, 5.0),
+        restart_interval: float = 0.2,
+        abort_timeout: float = 5.0,
+        shard_timeout: float = 2.0,
+    ) -> None:
+        super().__init__(
+            budget,
+            abort=abort,
+            follow=follow,
+            engine_id=engine_id,
+            interval=interval,
+            unknown_after=unknown_after,
+            reconnect=reconnect,
+            restart_interval=restart_interval,
+            abort_timeout=abort_timeout,
+            shard_timeout=shard_timeout,
+        )
+        if isinstance(sidecar, AccountingClient):
+            self.client, self._owns_client = sidecar, False
+        elif isinstance(sidecar, str):
+            self.client, self._owns_client = AccountingClient(sidecar, timeout=shard_timeout), True
+        else:
+            raise TypeError(
+                f"sidecar= must be an address like '127.0.0.1:50151' or an AccountingClient, got {sidecar!r}"
+            )
+        self.target = self.client.target
+        self._cond = threading.Condition()
+        self._stream: Stream | None = None
+        self._restart_at: float | None = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._aborts: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def watch(self, request_id: str, budget: EngineBudget | None = None) -> Watch:
+        """A context manager following ``request_id``; ``budget`` overrides the guard's for this request."""
+        return Watch(self, request_id, budget)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop following (watches still open never fire afterwards) and release the threads."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop.set()
+            stream = self._stream
+            self._cond.notify_all()
+        if stream is not None:
+            stream.close()
+        for t in self._threads:
+            t.join(5)
+        if self._aborts is not None:
+            self._aborts.shutdown(wait=False, cancel_futures=True)
+        if self._owns_client:
+            self.client.close()
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- registration ---------------------------------------------------------------------------
+
+    def _register(self, watch: Watch) -> Entry:
+        with self._cond:
+            if self._closed:
+                raise EnginetimeError("this Guard is closed; create a new one")
+            now = time.monotonic()
+            entry = self._tracker.add(watch.request_id, now, watch.budget, watch)
+            if not self._threads:
+                self._start_threads()
+            if self.follow == "ids" and self._restart_at is None:
+                # Let the current stream run a little (batching new ids), then reopen with them.
+                self._restart_at = now if self._stream is None else now + self.restart_interval
+            self._cond.notify_all()
+        return entry
+
+    def _unregister(self, entry: Entry) -> None:
+        with self._cond:
+            self._tracker.remove(entry)
+
+    def _start_threads(self) -> None:
+        if self._abort is not None:
+            self._aborts = concurrent.futures.ThreadPoolExecutor(
+                4, thread_name_prefix="enginetime-guard-abort"
+            )
+        for name, target in (("reader", self._read_loop), ("timer", self._timer_loop)):
+            t = threading.Thread(target=target, name=f"enginetime-guard-{name}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    # -- the stream -----------------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        backoff = self.reconnect[0]
+        client = self.client
+        while not self._stop.is_set():
+            with self._cond:
+                while self.follow == "ids" and not self._tracker.entries and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                ids = self._tracker.ids()
+                self._restart_at = None
+                try:
+                    call = client._open_stream(client._stub.StreamUpdates, self._stream_request(ids), None)
+                except (EnginetimeError, ValueError) as exc:  # client closed, or a bad argument
+                    log.error("enginetime guard: cannot open the update stream: %s", exc)
+                    return
+                stream = self._stream = client._track(Stream(call, _raw, target=client.target))
+                self.streams_opened += 1
+            try:
+                first = True
+                for batch in stream:
+                    now, wall_ns = time.monotonic(), time.time_ns()
+                    with self._cond:
+                        if first and self._tracker.on_up(now):
+                            log.warning(
+                                _BACK,
+                                self.target,
+                            )
+                        first = False
+                        fires = self._tracker.on_batch(batch.updates, cv._ts_ns(batch.time), now, wall_ns)
+                        self._cond.notify_all()
+                    backoff = self.reconnect[0]
+                    for fire in fires:
+                        self._execute(fire)
+                if self._stop.is_set() or getattr(stream, "_guard_restart", False):
+                    continue  # closed by us (restart or close): reopen or leave
+                raise EnginetimeError("the sidecar ended the update stream")
+            except EnginetimeError as exc:
+                with self._cond:
+                    if self._closed:
+                        return
+                    if self._tracker.on_down(time.monotonic()):
+                        self._log_down(self.target, exc)
+                if self._stop.wait(backoff):
+                    return
+                backoff = min(backoff * 2, self.reconnect[1])
+            except grpc.RpcError as exc:  # not mapped by the client (should not happen): same as an outage
+                with self._cond:
+                    if self._tracker.on_down(time.monotonic()):
+                        self._log_down(self.target, exc)
+                if self._stop.wait(backoff):
+                    return
+            finally:
+                stream.close()
+
+    # -- time -----------------------------------------------------------------------------------
+
+    def _timer_loop(self) -> None:
+        tracker = self._tracker
+        while True:
+            with self._cond:
+                while not self._closed:
+                    now = time.monotonic()
+                    wake = [t for t in (tracker.next_due(), self._restart_at) if t is not None]
+                    if wake and min(wake) <= now:
+                        break
+                    self._cond.wait(min(wake) - now if wake else None)
+                if self._closed:
+                    return
+                now = time.monotonic()
+                due = tracker.due(now)
+                restart = None
+                if self._restart_at is not None and self._restart_at <= now:
+                    self._restart_at = None
+                    restart = self._stream
+            if restart is not None:
+                restart._guard_restart = True  # type: ignore[attr-defined]
+                restart.close()  # the reader reopens the stream with the new ids
+            try:
+                self._handle(due)
+            except Exception:  # never let a bug stop the timer: the wall backstop depends on it
+                log.exception("enginetime guard: timer failed to handle due items")
+
+    def _handle(self, due: Due) -> None:
+        for e in due.unknown:
+            self._log_unknown(e, self.target)
+        fires = list(due.fires)
+        for engine_id, entries in group_by_engine(due.suspects).items():
+            try:
+                lookup = shard_lookup(self.client.get_shards(engine_id, timeout=self.shard_timeout))
+            except EnginetimeError as exc:
+                log.info("enginetime guard: liveness check skipped, GetShards failed: %s", exc)
+                lookup = None
+            with self._cond:
+                fires += self._confirm(entries, lookup)
+                self._cond.notify_all()
+        for fire in fires:
+            self._execute(fire)
+
+    def _execute(self, fire: Fire) -> None:
+        err = self._make_error(fire)
+        watch: Watch = fire.entry.owner  # type: ignore[assignment]
+        interrupted = watch._fire(err)
+        if self._abort is not None and self._aborts is not None:
+            self._aborts.submit(self._do_abort, fire.entry.request_id)
+        elif not interrupted:
+            self._once(
+                "uninterruptible",
+                logging.WARNING,
+                "enginetime guard: request %r crossed its budget but its thread is not blocked in a call "
+                "this guard can cut: build the httpx.Client with transport=CancellableTransport(), or "
+                "pass abort= so the engine ends the request; the with block raises EngineBudgetExceeded "
+                "when the call returns",
+                fire.entry.request_id,
+            )
+
+    def _do_abort(self, request_id: str) -> None:
+        try:
+            self._abort(request_id)
+            self.aborts_sent += 1
+        except Exception as exc:
+            self.aborts_failed += 1
+            log.warning("enginetime guard: aborting %r on the engine failed: %s", request_id, exc)
+
+
+# ============================================================================ asyncio
+
+
+class AsyncWatch:
+    """``async with guard.watch(rid):`` — one request followed by an ``AsyncGuard``.
+
+    When the guard fires it cancels the task running the block (httpx closes the
+    connection, which aborts the request on SGLang, vLLM and the testbed) and the
+    block raises ``EngineBudgetExceeded``. A cancellation from elsewhere still
+    propagates as CancelledError.
+    """
+
+    def __init__(self, guard: AsyncGuard, request_id: str, budget: EngineBudget | None) -> None:
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(
+                f"request_id must be a non-empty string (the rid sent to the engine), got {request_id!r}"
+            )
+        self.guard = guard
+        self.request_id = request_id
+        self.budget = budget or guard.budget
+        self.error: EngineBudgetExceeded | None = None
+        self._entry: Entry | None = None
+        self._task: asyncio.Task | None = None
+        self._cancelling = 0
+        self._cancel_sent = False
+        self._exited = False
+
+    @property
+    def fired(self) -> bool:
+        return self.error is not None
+
+    @property
+    def accounting(self) -> RequestAccounting | None:
+        e = self._entry
+        return None if e is None else e.accounting()
+
+    async def __aenter__(self) -> AsyncWatch:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("AsyncGuard.watch must be used inside an asyncio task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._entry = self.guard._register(self)
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        self._exited = True
+        if self._entry is not None:
+            self.guard._unregister(self._entry)
+        err = self.error
+        if err is None or exc is err:
+            return False
+        if self._cancel_sent and self._task is not None:
+            if self._task.uncancel() > self._cancelling and exc_type is asyncio.CancelledError:
+                return False  # also cancelled by someone else: that cancellation wins
+        if exc_type is not None and not issubclass(exc_type, Exception | asyncio.CancelledError):
+            return False
+        raise err from exc
+
+    def _fire(self, err: EngineBudgetExceeded) -> None:
+        if self._exited or self.error is not None:
+            return
+        self.error = err
+        if self._task is not None and not self._task.done():
+            self._cancel_sent = True
+            self._task.cancel(f"engine budget exceeded: {err.reason.value}")
+
+
+class AsyncGuard(_GuardBase):
+    """The engine-time guard for asyncio session servers; same arguments as ``Guard``.
+
+    ``sidecar`` is an address or an ``AsyncAccountingClient``. Runs two tasks on the
+    loop of the first watch; ``await guard.aclose()`` stops them.
+    """
+
+    def __init__(
+        self,
+        sidecar: str | AsyncAccountingClient = cv.DEFAULT_TARGET,
+        budget: EngineBudget | None = None,
+        *,
+        abort: AbortSpec | Callable[[str], Awaitable[object]] = None,
+        follow: Follow = "all",
+        engine_id: str = "",
+        interval: float = 0.1,
+        unknown_after: float = 10.0,
+        reconnect: tuple[float, float] = (0.25, 5.0),
+        restart_interval: float = 0.2,
+        abort_timeout: float = 5.0,
+        shard_timeout: float = 2.0,
+    ) -> None:
+        super().__init__(
+            budget,
+            abort=abort,
+            follow=follow,
+            engine_id=engine_id,
+            interval=interval,
+            unknown_after=unknown_after,
+            reconnect=reconnect,
+            restart_interval=restart_interval,
+            abort_timeout=abort_timeout,
+            shard_timeout=shard_timeout,
+        )
+        if isinstance(sidecar, AsyncAccountingClient):
+            self.client, self._owns_client = sidecar, False
+        elif isinstance(sidecar, str):
+            self.client, self._owns_client = AsyncAccountingClient(sidecar, timeout=shard_timeout), True
+        else:
+            raise TypeError(
+                "sidecar= must be an address like '127.0.0.1:50151' or an AsyncAccountingClient, "
+                f"got {sidecar!r}"
+            )
+        self.target = self.client.target
+        self._stream: AsyncStream | None = None
+        self._restart_at: float | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._side_tasks: set[asyncio.Task] = set()
+        self._wake: asyncio.Event | None = None
+        self._have_entries: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def watch(self, request_id: str, budget: EngineBudget | None = None) -> AsyncWatch:
+        """An async context manager following ``request_id``; ``budget`` overrides the guard's."""
+        return AsyncWatch(self, request_id, budget)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._stream is not None:
+            self._stream.cancel()
+        for t in (*self._tasks, *self._side_tasks):
+            t.cancel()
+        for t in (*self._tasks, *self._side_tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._owns_client:
+            await self.client.close()
+
+    close = aclose
+
+    async def __aenter__(self) -> AsyncGuard:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- registration ---------------------------------------------------------------------------
+
+    def _register(self, watch: AsyncWatch) -> Entry:
+        if self._closed:
+            raise EnginetimeError("this AsyncGuard is closed; create a new one")
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+            self._wake = asyncio.Event()
+            self._have_entries = asyncio.Event()
+            self._tasks = [
+                loop.create_task(self._read_loop(), name="enginetime-guard-reader"),
+                loop.create_task(self._timer_loop(), name="enginetime-guard-timer"),
+            ]
+        elif loop is not self._loop:
+            raise RuntimeError("an AsyncGuard serves one event loop: create one guard per loop")
+        now = time.monotonic()
+        entry = self._tracker.add(watch.request_id, now, watch.budget, watch)
+        if self.follow == "ids" and self._restart_at is None:
+            self._restart_at = now if self._stream is None else now + self.restart_interval
+        self._have_entries.set()
+        self._wake.set()
+        return entry
+
+    def _unregister(self, entry: Entry) -> None:
+        self._tracker.remove(entry)
+        if not self._tracker.entries and self._have_entries is not None:
+            self._have_entries.clear()
+
+    # -- the stream -----------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        backoff = self.reconnect[0]
+        client = self.client
+        tracker = self._tracker
+        while not self._closed:
+            if self.follow == "ids":
+                await self._have_entries.wait()
+            self._restart_at = None
+            stream = self._stream = client._stream(
+                "StreamUpdates", self._stream_request(tracker.ids()), None, _raw
+            )
+            self.streams_opened += 1
+            try:
+                first = True
+                async for batch in stream:
+                    now, wall_ns = time.monotonic(), time.time_ns()
+                    if first and tracker.on_up(now):
+                        log.warning(
+                            _BACK,
+                            self.target,
+                        )
+                    first = False
+                    fires = tracker.on_batch(batch.updates, cv._ts_ns(batch.time), now, wall_ns)
+                    self._wake.set()
+                    backoff = self.reconnect[0]
+                    for fire in fires:
+                        self._execute(fire)
+                if self._closed or getattr(stream, "_guard_restart", False):
+                    continue
+                raise EnginetimeError("the sidecar ended the update stream")
+            except EnginetimeError as exc:
+                if self._closed:
+                    return
+                if tracker.on_down(time.monotonic()):
+                    self._log_down(self.target, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.reconnect[1])
+            finally:
+                stream.cancel()
+
+    # -- time -----------------------------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        tracker = self._tracker
+        while not self._closed:
+            wake = [t for t in (tracker.next_due(), self._restart_at) if t is not None]
+            self._wake.clear()
+            delay = min(wake) - time.monotonic() if wake else None
+            if delay is None:
+                await self._wake.wait()
+            elif delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+            now = time.monotonic()
+            due = tracker.due(now)
+            if self._restart_at is not None and self._restart_at <= now:
+                self._restart_at = None
+                if self._stream is not None:
+                    self._stream._guard_restart = True  # type: ignore[attr-defined]
+                    self._stream.cancel()
+            try:
+                await self._handle(due)
+            except Exception:
+                log.exception("enginetime guard: timer failed to handle due items")
+
+    async def _handle(self, due: Due) -> None:
+        for e in due.unknown:
+            self._log_unknown(e, self.target)
+        fires = list(due.fires)
+        for engine_id, entries in group_by_engine(due.suspects).items():
+            try:
+                lookup = shard_lookup(await self.client.get_shards(engine_id, timeout=self.shard_timeout))
+            except EnginetimeError as exc:
+                log.info("enginetime guard: liveness check skipped, GetShards failed: %s", exc)
+                lookup = None
+            fires += self._confirm(entries, lookup)
+        for fire in fires:
+            self._execute(fire)
+
+    def _execute(self, fire: Fire) -> None:
+        err = self._make_error(fire)
+        watch: AsyncWatch = fire.entry.owner  # type: ignore[assignment]
+        watch._fire(err)
+        if self._abort is not None:
+            task = asyncio.get_running_loop().create_task(self._do_abort(fire.entry.request_id))
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
+
+    async def _do_abort(self, request_id: str) -> None:
+        try:
+            if inspect.iscoroutinefunction(self._abort):
+                await self._abort(request_id)
+            else:
+                result = await asyncio.to_thread(self._abort, request_id)
+                if inspect.isawaitable(result):
+                    await result
+            self.aborts_sent += 1
+        except Exception as exc:
+            self.aborts_failed += 1
+            log.warning("enginetime guard: aborting %r on the engine failed: %s", request_id, exc)
+
+
+__all__ = ["AsyncGuard", "AsyncWatch", "Guard", "Watch", "current_watch", "sglang_abort"]

@@ -1,0 +1,278 @@
+"""The SGLang adapter against SGLang's real code: 0.5.23 (plugin) and 0.5.4 (launcher).
+
+* 0.5.23, in the engine venv tests/engine_envs.py builds and caches: SGLang's own
+  ``load_plugins()`` finds our entry point and its ``HookRegistry`` applies our hooks
+  to the real classes; our hooks then run with real ``Scheduler`` / ``Req`` /
+  ``ScheduleBatch`` / ``GenerationBatchResult`` objects and SGLang's real DP topology
+  (``ParallelContext``), and the frames they send to a socket this test listens on
+  are decoded with the sidecar's decoder and checked against the scenario
+  (tests/engine_scripts/sglang_hooks_run.py). A whole Scheduler needs a model worker,
+  so the forward itself is a stand-in.
+* Every attribute the adapter reads (``hooks.READS``) is checked against the class
+  definitions in each release's installed source (AST: methods, dataclass fields and
+  ``self.x = ...`` assignments, including tuple unpacking, through the base classes).
+* 0.5.4 has no plugin system: the launcher's spawn-target redirects and the methods
+  ``install_direct`` patches must exist in its wheel, and ``install_direct`` is run
+  against 0.5.23's real classes (same code path the launcher runs in each child).
+
+If an engine cannot be installed the tests fail with the build log, never skip.
+"""
+
+from __future__ import annotations
+
+import ast
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import engine_envs
+import pytest
+from engine_envs import SGLANG_OLD_VERSION, SGLANG_VERSION
+
+from enginetime.engine_hooks import StepKind
+from enginetime.engine_hooks.constants import Coupling, EventKind
+from enginetime.engine_hooks.sglang import hooks as sg_hooks
+from enginetime.engine_hooks.sglang import launch_server
+from enginetime.sidecar.records import Event, Hello, Step
+
+NEW = f"sglang-{SGLANG_VERSION}"
+OLD = f"sglang-{SGLANG_OLD_VERSION}"
+SCRIPTS = Path(__file__).parent / "engine_scripts"
+
+
+def _ensure(key: str, version: str) -> engine_envs.EngineEnv:
+    try:
+        return engine_envs.ensure(key)
+    except engine_envs.EngineEnvError as exc:
+        pytest.fail(f"cannot build the SGLang {version} environment for the adapter tests: {exc}")
+
+
+@pytest.fixture(scope="module")
+def sglang_env() -> engine_envs.EngineEnv:
+    return _ensure("sglang", SGLANG_VERSION)
+
+
+@pytest.fixture(scope="module")
+def sglang_old_src() -> engine_envs.EngineEnv:
+    return _ensure("sglang-0.5.4", SGLANG_OLD_VERSION)
+
+
+@pytest.fixture(scope="module")
+def shim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    eps = engine_envs.declared_entry_points("sglang.srt.plugins")
+    assert eps.get("enginetime") == "enginetime.engine_hooks.sglang:register", (
+        'pyproject.toml must declare [project.entry-points."sglang.srt.plugins"] '
+        f'enginetime = "enginetime.engine_hooks.sglang:register" (found {eps})')
+    return engine_envs.shim(tmp_path_factory.mktemp("shim"))
+
+
+# ---------------------------------------------------------------------------- real objects, 0.5.23
+
+
+@pytest.mark.parametrize("engine", [NEW])
+def test_plugin_loads_through_sglang_and_records_real_batches(engine: str, sglang_env, shim_dir) -> None:
+    sockdir = tempfile.mkdtemp(dir="/tmp", prefix="et-sg-")
+    sink = engine_envs.IngestSink(sockdir)
+    try:
+        result = engine_envs.run_engine_script(
+            sglang_env, SCRIPTS / "sglang_hooks_run.py", [], shim_dir=shim_dir,
+            extra_env={"ENGINETIME_INGEST": sink.address, "ENGINETIME_ENGINE_ID": "sg-test"})
+    finally:
+        sink.close()
+    tag = f"[{engine}]"
+    assert result["sglang_version"] == SGLANG_VERSION, tag
+    every = sorted(t for t, _ in sg_hooks.HOOKS)
+    assert all(result["targets_exist"].values()) and sorted(result["targets_exist"]) == every, tag
+    assert result["applied"] == every and result["wrapped"] == every, f"{tag}: HookRegistry applied our hooks"
+    assert result["layout"] == [1, 2, "lockstep", True], f"{tag}: DP attention rank 1 of 2 from ParallelContext"
+    assert result["errors"] == 0 and result["dropped"] == 0 and result["flushed"], (tag, result)
+    assert result["pinned_elsewhere"] == 1 and result["guard_errors"] == 1, tag
+
+    (frames,) = sink.frames()
+    hello = frames[0]
+    assert isinstance(hello, Hello) and hello.engine_kind == "sglang" and hello.engine_version == SGLANG_VERSION
+    assert (hello.engine_id, hello.shard, hello.num_shards, hello.coupling) == ("sg-test", 1, 2, Coupling.LOCKSTEP)
+    events = [f for f in frames if isinstance(f, Event)]
+    steps = [f for f in frames if isinstance(f, Step)]
+    ids = {e.handle: e.request_id for e in events if e.kind == EventKind.ARRIVED}
+    arrived = {e.request_id: e for e in events if e.kind == EventKind.ARRIVED}
+    assert {k: v.prompt_tokens for k, v in arrived.items()} == result["prompts"], tag
+    assert arrived["a"].session_id == "sess-a"
+    assert arrived["b"].routed_shard == 0 and arrived["c"].routed_shard == 1 and arrived["a"].routed_shard is None
+
+    expected = result["expected_steps"]
+    assert [s.seq for s in steps] == list(range(len(expected))), tag
+    for i, (want, got) in enumerate(zip(expected, steps, strict=True)):
+        entries = {ids[int(h)]: [int(p), int(d), int(c)] for h, p, d, c in zip(
+            got.handles, got.prefill_tokens, got.decode_tokens, got.context_tokens, strict=True)}
+        assert StepKind(got.kind).name == want["kind"], (tag, i, want, got)
+        assert entries == want["entries"], (tag, i, entries, want)
+        assert [int(x) for x in got.peer_tokens] == want["peer"], (tag, i)
+        assert got.global_step == want["global_step"], (tag, i, "global_step = forward_ct")
+        assert got.device_time_ns >= 1_000_000, (tag, i, "the stand-in forward takes >= 2 ms")
+    # Delayed sampling under overlap: the clock of step 3 ran until its sample launched.
+    assert steps[2].device_time_ns >= 20_000_000, (tag, steps[2].device_time_ns)
+    assert all(s.device_time_ns < 20_000_000 for j, s in enumerate(steps) if j != 2), tag
+
+    by_kind: dict[int, list[Event]] = defaultdict(list)
+    for e in events:
+        by_kind[e.kind].append(e)
+    sched = {ids[e.handle]: e.cached_tokens for e in by_kind[EventKind.SCHEDULED]}
+    assert sched == {"a": 0, "b": 16}, f"{tag}: SCHEDULED with the prefix-cache hit"
+    assert [ids[e.handle] for e in by_kind[EventKind.PREEMPTED]] == ["b"], tag
+    assert [ids[e.handle] for e in by_kind[EventKind.RESUMED]] == ["b"], tag
+    (fin,) = by_kind[EventKind.FINISHED]
+    assert ids[fin.handle] == "a" and fin.finish_reason == "length"
+    assert fin.output_tokens == result["expected_finished"]["a"]["output_tokens"]
+    assert [ids[e.handle] for e in by_kind[EventKind.ABORTED]] == result["expected_aborted"], tag
+    position = {id(f): i for i, f in enumerate(frames)}
+    assert position[id(by_kind[EventKind.PREEMPTED][0])] < position[id(steps[4])], "preempted before re-prefill"
+
+
+@pytest.mark.parametrize("engine", [NEW])
+def test_launcher_install_direct_patches_real_classes(engine: str, sglang_env, shim_dir) -> None:
+    """What the launcher runs in each spawned scheduler process, on 0.5.23's classes."""
+    code = (
+        "import sys, json; sys.path.insert(0, %r)\n"
+        "import torchvision_standin; torchvision_standin.install()\n"
+        "from enginetime.engine_hooks.sglang import hooks, launch_server\n"
+        "first = hooks.install_direct(); second = hooks.install_direct()\n"
+        "import pkgutil\n"
+        "marked = sorted(t for t, h in hooks.HOOKS if getattr(pkgutil.resolve_name(t), '__enginetime_hook__', None) is h)\n"
+        "print(json.dumps({'first': first, 'second': second, 'marked': marked,"
+        " 'plugins': launch_server.has_plugin_system()}))\n"
+    ) % str(SCRIPTS)
+    script = Path(tempfile.mkdtemp(prefix="et-sgl-")) / "direct.py"
+    script.write_text(code)
+    result = engine_envs.run_engine_script(sglang_env, script, [], shim_dir=shim_dir)
+    every = sorted(t for t, _ in sg_hooks.HOOKS)
+    assert sorted(result["first"]) == every and result["second"] == [], engine
+    assert result["marked"] == every and result["plugins"] is True, engine
+
+
+# ---------------------------------------------------------------------------- source checks
+
+
+class SourceIndex:
+    """Classes of one SGLang release, read with ast (nothing imported)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.classes: dict[str, list[ast.ClassDef]] = defaultdict(list)
+        self.modules: dict[str, ast.Module] = {}
+        for path in (root / "sglang" / "srt").rglob("*.py"):
+            try:
+                tree = ast.parse(path.read_text(errors="replace"))
+            except SyntaxError:
+                continue
+            rel = path.relative_to(root).with_suffix("")
+            self.modules[".".join(rel.parts)] = tree
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ClassDef):
+                    self.classes[node.name].append(node)
+
+    def names(self, cls: str, seen: set[str] | None = None) -> set[str]:
+        """Methods, class-level fields and self.X assignments of ``cls`` and its bases."""
+        seen = seen or set()
+        if cls in seen:
+            return set()
+        seen.add(cls)
+        out: set[str] = set()
+        for node in self.classes.get(cls, ()):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef):
+                    out.add(item.name)
+                elif isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    out.add(item.target.id)
+                elif isinstance(item, ast.Assign):
+                    out.update(t.id for t in item.targets if isinstance(t, ast.Name))
+            for sub in ast.walk(node):
+                targets: list[ast.expr] = []
+                if isinstance(sub, ast.Assign):
+                    targets = list(sub.targets)
+                elif isinstance(sub, ast.AnnAssign | ast.AugAssign):
+                    targets = [sub.target]
+                stack = targets
+                while stack:
+                    t = stack.pop()
+                    if isinstance(t, ast.Tuple | ast.List):
+                        stack.extend(t.elts)
+                    elif isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                        out.add(t.attr)
+            for base in node.bases:
+                name = base.id if isinstance(base, ast.Name) else getattr(base, "attr", None)
+                if name:
+                    out |= self.names(name, seen)
+        return out
+
+    def module_names(self, module: str) -> set[str]:
+        """Top-level defs, imports and assignments of a module."""
+        tree = self.modules[module]
+        out: set[str] = set()
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef | ast.ClassDef):
+                out.add(node.name)
+            elif isinstance(node, ast.ImportFrom | ast.Import):
+                out.update(a.asname or a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.Assign):
+                out.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        return out
+
+
+_INDEXES: dict[Path, SourceIndex] = {}
+
+
+def _index(root: Path) -> SourceIndex:
+    if root not in _INDEXES:
+        _INDEXES[root] = SourceIndex(root)
+    return _INDEXES[root]
+
+
+def _missing_reads(index: SourceIndex, reads: dict[str, tuple[str, ...]]) -> list[str]:
+    missing = []
+    for cls, attrs in reads.items():
+        assert index.classes.get(cls), f"class {cls} not found in {index.root}"
+        have = index.names(cls)
+        for attr in attrs:
+            if not any(alt in have for alt in attr.split("|")):
+                missing.append(f"{cls}.{attr}")
+    return missing
+
+
+@pytest.mark.parametrize("engine", [NEW])
+def test_every_attribute_read_exists_in_0_5_23(engine: str, sglang_env) -> None:
+    index = _index(sglang_env.source_root)
+    assert _missing_reads(index, sg_hooks.READS) == [], engine
+    context = (sglang_env.source_root / "sglang" / "srt" / "runtime_context.py").read_text()
+    missing = [f for f in sg_hooks.PARALLEL_FIELDS if f'"{f}"' not in context]
+    assert missing == [], f"{engine}: ParallelContext fields the adapter reads: {missing}"
+
+
+@pytest.mark.parametrize("engine", [OLD])
+def test_every_attribute_read_exists_in_0_5_4(engine: str, sglang_old_src) -> None:
+    index = _index(sglang_old_src.source_root)
+    reads = dict(sg_hooks.READS)
+    reads["Scheduler"] = reads["Scheduler"] + sg_hooks.READS_WITHOUT_RUNTIME_CONTEXT["Scheduler"]
+    assert _missing_reads(index, reads) == [], engine
+    assert "sglang.srt.runtime_context" not in index.modules, f"{engine} predates get_parallel()"
+
+
+@pytest.mark.parametrize("engine", [OLD])
+def test_launcher_targets_exist_in_0_5_4(engine: str, sglang_old_src) -> None:
+    """0.5.4 has no plugins: the launcher redirects its spawn targets and patches classes."""
+    root = sglang_old_src.source_root
+    index = _index(root)
+    assert not (root / "sglang" / "srt" / "plugins").exists(), f"{engine} has no plugin system"
+    assert (root / "sglang" / "launch_server.py").exists(), "runpy target of the launcher"
+    for module, name, _ in launch_server.REDIRECTS:
+        assert name in index.module_names(module), f"{engine}: {module}.{name} (a spawn target)"
+    assert "run_scheduler_process" in index.module_names(launch_server.SCHEDULER_MODULE)
+    assert "run_data_parallel_controller_process" in index.module_names(launch_server.DPC_MODULE)
+    engine_src = (root / "sglang" / "srt" / "entrypoints" / "engine.py").read_text()
+    assert "target=run_scheduler_process" in engine_src and "target=run_data_parallel_controller_process" in (
+        engine_src), f"{engine} spawns these by their module-global names (what the launcher rebinds)"
+    dpc_src = (root / "sglang" / "srt" / "managers" / "data_parallel_controller.py").read_text()
+    assert "target=run_scheduler_process" in dpc_src
+    for target, _ in sg_hooks.HOOKS:
+        _, cls, attr = target.rsplit(".", 2)
+        assert attr in index.names(cls), f"{engine}: {target} (patched by install_direct)"
