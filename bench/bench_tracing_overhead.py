@@ -53,7 +53,7 @@ def step_cost_ns(prefill: int, decodes: int, context: int) -> int:
     )
 
 
-def encode(shards: int, batch: int, groups: int, seed: int = 1):
+def encode(shards: int, batch: int, groups: int, life_range: tuple[int, int] = LIFE, seed: int = 1):
     """(per-shard setup bytes, per-shard bytes per lockstep step, entries, requests finished)."""
     from array import array
 
@@ -62,10 +62,12 @@ def encode(shards: int, batch: int, groups: int, seed: int = 1):
 
     rng = random.Random(seed)
     mono = int(TimerSource.MONOTONIC)
-    t0 = time.time_ns() - 3_600_000_000_000
+    # Recent enough that finished requests are within the store's retention (their spans need them).
+    t0 = time.time_ns() - 60_000_000_000
     next_handle = [batch + 1] * shards
     handles = [list(range(1, batch + 1)) for _ in range(shards)]
-    life = [[rng.randint(*LIFE) for _ in range(batch)] for _ in range(shards)]
+    # Staggered: the first requests are already part-way through their lives.
+    life = [[rng.randint(1, life_range[1]) for _ in range(batch)] for _ in range(shards)]
     fresh = [[True] * batch for _ in range(shards)]  # next step prefills its prompt
     age = [[0] * batch for _ in range(shards)]  # tokens decoded so far
     setup = []
@@ -141,7 +143,7 @@ def encode(shards: int, batch: int, groups: int, seed: int = 1):
                                                   request_id=f"b{k}-{new}", prompt_tokens=PROMPT,
                                                   session_id=f"sess-{k}-{new}"))  # fmt: skip
                     hs[i] = new
-                    life[k][i] = rng.randint(*LIFE)
+                    life[k][i] = rng.randint(*life_range)
                     fresh[k][i] = True
                     age[k][i] = 0
                     finished += 1
@@ -150,9 +152,9 @@ def encode(shards: int, batch: int, groups: int, seed: int = 1):
     return setup, units, entries, finished
 
 
-def pusher(shards: int, batch: int, groups: int, commands, replies) -> None:
+def pusher(shards: int, batch: int, groups: int, life: tuple[int, int], commands, replies) -> None:
     """Child: encode once; then per trial connect to the given socket, send setup, wait, push."""
-    setup, units, entries, finished = encode(shards, batch, groups)
+    setup, units, entries, finished = encode(shards, batch, groups, life)
     replies.put((entries, finished, sum(len(u) for shard in units for u in shard)))
     while True:
         path = commands.get()
@@ -205,7 +207,7 @@ async def trial(tracing: bool, args, commands, replies, otlp_port: int, shards: 
     config = SidecarConfig(
         ingest=f"unix:{path}",
         listen="127.0.0.1:0",
-        ledger=LedgerConfig(),
+        ledger=LedgerConfig(retention_s=3600.0),  # trials run minutes after the frames were encoded
         otlp_endpoint=f"http://127.0.0.1:{otlp_port}" if tracing else "",
         trace_link_threshold_s=0.01,
     )
@@ -247,6 +249,7 @@ async def trial(tracing: bool, args, commands, replies, otlp_port: int, shards: 
             "exported": sidecar.tracer.exported,
             "links": c.links,
             "dropped": sum(c.dropped.values()),
+            "dropped_by": {k: v for k, v in c.dropped.items() if v},
         }
     result["spans"] = spans
     return result
@@ -256,7 +259,7 @@ async def main_async(args) -> int:
     ctx = mp.get_context("spawn")
     commands, replies = ctx.Queue(), ctx.Queue()
     push = ctx.Process(
-        target=pusher, args=(args.shards, args.batch, args.groups, commands, replies), daemon=True
+        target=pusher, args=(args.shards, args.batch, args.groups, args.life, commands, replies), daemon=True
     )
     port_q, stop = ctx.Queue(), ctx.Event()
     recv = ctx.Process(target=receiver, args=(port_q, stop), daemon=True)
@@ -271,8 +274,8 @@ async def main_async(args) -> int:
         results: dict[bool, list[dict]] = {False: [], True: []}
         print(
             f"bench_tracing_overhead: {args.shards} shards x batch {args.batch} LOCKSTEP, "
-            f"{args.groups} steps/shard, {entries:,} entries, {finished:,} requests finish per trial, "
-            f"pid {os.getpid()}"
+            f"{args.groups} steps/shard, requests of {args.life[0]}..{args.life[1]} decode steps: "
+            f"{entries:,} entries, {finished:,} requests finish per trial, pid {os.getpid()}"
         )
         for tracing in order:
             r = await trial(tracing, args, commands, replies, otlp_port, args.shards, args.groups)
@@ -281,7 +284,7 @@ async def main_async(args) -> int:
             sp = r["spans"]
             extra = (
                 f"  spans built {sp['created']:,} ({sp['requests']:,} requests, {sp['links']:,} links), "
-                f"exported {sp['exported']:,}, dropped {sp['dropped']:,}; "
+                f"exported {sp['exported']:,}, dropped {sp['dropped']:,} {sp['dropped_by'] or ''}; "
                 f"{sp['built_during_clock']:,} built before the clock stopped"
                 if sp
                 else ""
@@ -315,6 +318,12 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--groups", type=int, default=1500, help="lockstep steps per trial")
     parser.add_argument("--rounds", type=int, default=2, help="off/on pairs (ABBA order)")
+    parser.add_argument(
+        "--life",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        default=LIFE,
+        help=f"decode steps a request lives, MIN,MAX (default {LIFE[0]},{LIFE[1]})",
+    )
     args = parser.parse_args()
     import logging
 

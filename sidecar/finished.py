@@ -6,8 +6,9 @@ the time. Its figures can still move for a short while — in a LOCKSTEP engine
 its last step may wait up to ``lockstep_wait_s`` for the other shards before it
 is attributed — so ``pump()`` (run by the sidecar's ticker on the event loop)
 reads a request only once it has been terminal for ``settle_s``, and then gives
-the same immutable ``RequestTrace`` to every consumer. What /metrics observes
-and what a span carries are therefore the figures ``GetRequest`` returns.
+the same immutable record (``Ledger.finished_record``: plain tuples, layout in
+``ledger_trace``) to every consumer. What /metrics observes and what a span
+carries are therefore the figures ``GetRequest`` returns.
 
 ``pump`` works within a time budget per call (``budget_s``) so a burst of
 thousands of finishing requests is spread over several ticks instead of
@@ -22,14 +23,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from enginetime.sidecar.ledger_trace import RequestTrace
-
 log = logging.getLogger("enginetime.sidecar.finished")
 
 #: Requests read per budget check.
 _CHUNK = 32
 
-Consumer = Callable[[list[RequestTrace]], None]
+#: Called with a batch of finished records (``Ledger.finished_record`` tuples).
+Consumer = Callable[[list[tuple]], None]
 
 
 class FinishedFeed:
@@ -75,10 +75,10 @@ class FinishedFeed:
         horizon = self._clock() - self.settle_ns
         started = time.perf_counter()
         ledger = self.ledger
-        batch: list[RequestTrace] = []
+        batch: list[tuple] = []
         while pending and (flush or pending[0][0] <= horizon):
             key = pending.popleft()[1]
-            record = ledger.request_trace(key)
+            record = ledger.finished_record(key)
             if record is None:
                 self.dropped["evicted"] += 1
             else:

@@ -14,16 +14,26 @@ keeps a per-step history, so it remembers only the boundaries, each in O(1):
   ``MAX_MARKS`` are kept; later ones are counted in ``RequestView.preemptions``
   only — a request preempted a hundred times still yields a bounded trace.
 
-``request_trace`` assembles them with the final view into a ``RequestTrace``:
-an immutable snapshot that a thread may read while the ledger moves on.
+``Ledger.finished_record`` packs them with the final figures into a *record* —
+nested plain tuples, cheap to build and to pickle (the finished feed sends one
+per finished request to the span export process) — and ``record_to_trace``
+turns a record into a ``RequestTrace`` of dataclasses: immutable snapshots
+that another thread or process may read while the ledger moves on.
+
+Record layout: ``(view, state, blame, first_step_ns, decode_start_ns,
+first_token_ns, marks, aggressors)`` where ``view`` holds RequestView's fields
+in ``VIEW_FIELDS`` order, ``blame`` BlameView field tuples, ``marks``
+``mark_tuple``s and ``aggressors`` AggressorRef field tuples.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import operator
 from dataclasses import dataclass
 
 from .ledger_store import Request
-from .views import InterferenceView, RequestView
+from .views import BlameView, InterferencePhase, InterferenceView, RequestState, RequestView
 
 MARK_PREEMPTED = 1
 MARK_RESUMED = 2
@@ -83,14 +93,85 @@ class RequestTrace:
     aggressors: tuple[AggressorRef, ...]
 
 
+def _names(cls, *skip: str) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in skip)
+
+
+#: RequestView's fields as a record's ``view`` tuple holds them (state and top_blame travel apart).
+VIEW_FIELDS = _names(RequestView, "state", "top_blame")
+R_VIEW, R_STATE, R_BLAME, R_FIRST_STEP, R_DECODE_START, R_FIRST_TOKEN, R_MARKS, R_AGGRESSORS = range(8)
+V_REQUEST_ID = VIEW_FIELDS.index("request_id")
+V_ENGINE_ID = VIEW_FIELDS.index("engine_id")
+V_SHARD = VIEW_FIELDS.index("shard")
+V_QUEUE = VIEW_FIELDS.index("queue_time_ns")
+V_ENGINE = VIEW_FIELDS.index("engine_time_ns")
+V_GPU = VIEW_FIELDS.index("gpu_time_ns")
+V_INTERFERENCE = VIEW_FIELDS.index("interference_ns")
+V_WALL = VIEW_FIELDS.index("wall_ns")
+
+_STORM_FIELDS = _names(InterferenceView, "phase")
+_STORM_GET = operator.attrgetter(*_STORM_FIELDS)
+_VIEW_GET = operator.attrgetter(*VIEW_FIELDS)
+_BLAME_GET = operator.attrgetter(*_names(BlameView))
+_AGG_GET = operator.attrgetter(*_names(AggressorRef))
+
+
+def mark_tuple(mark: Mark) -> tuple:
+    storm = mark.storm
+    packed = (int(storm.phase), _STORM_GET(storm)) if storm is not None else None
+    return mark.kind, mark.time_ns, mark.decode_start_ns, packed
+
+
+def _mark(kind: int, time_ns: int, decode_start_ns: int, storm: tuple | None) -> Mark:
+    if storm is None:
+        return Mark(kind, time_ns, decode_start_ns)
+    fields = dict(zip(_STORM_FIELDS, storm[1], strict=True))
+    view = InterferenceView(phase=InterferencePhase(storm[0]), **fields)
+    return Mark(kind, time_ns, decode_start_ns, view)
+
+
+def record_to_trace(record: tuple) -> RequestTrace:
+    view, state, blame, first, decode, token, marks, aggressors = record
+    return RequestTrace(
+        view=RequestView(
+            **dict(zip(VIEW_FIELDS, view, strict=True)),
+            state=RequestState(state),
+            top_blame=tuple(BlameView(*b) for b in blame),
+        ),
+        first_step_ns=first,
+        decode_start_ns=decode,
+        first_token_ns=token,
+        marks=tuple(_mark(*m) for m in marks),
+        aggressors=tuple(AggressorRef(*a) for a in aggressors),
+    )
+
+
+def trace_to_record(trace: RequestTrace) -> tuple:
+    v = trace.view
+    return (
+        _VIEW_GET(v),
+        int(v.state),
+        tuple(map(_BLAME_GET, v.top_blame)),
+        trace.first_step_ns,
+        trace.decode_start_ns,
+        trace.first_token_ns,
+        tuple(map(mark_tuple, trace.marks)),
+        tuple(map(_AGG_GET, trace.aggressors)),
+    )
+
+
 __all__ = [
     "MARK_PREEMPTED",
     "MARK_RESUMED",
     "MARK_STORM_ENDED",
     "MARK_STORM_STARTED",
     "MAX_MARKS",
+    "VIEW_FIELDS",
     "AggressorRef",
     "Mark",
     "RequestTrace",
     "add_mark",
+    "mark_tuple",
+    "record_to_trace",
+    "trace_to_record",
 ]

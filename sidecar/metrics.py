@@ -33,7 +33,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
-from enginetime.sidecar.ledger_trace import RequestTrace
+from enginetime.sidecar.ledger_trace import (
+    R_STATE,
+    R_VIEW,
+    V_ENGINE,
+    V_ENGINE_ID,
+    V_GPU,
+    V_INTERFERENCE,
+    V_QUEUE,
+    V_SHARD,
+    V_WALL,
+)
 from enginetime.sidecar.views import RequestState, ShardView
 
 log = logging.getLogger("enginetime.sidecar.metrics")
@@ -102,28 +112,29 @@ class _RequestHistograms:
         )
         self._children: dict[tuple[str, int, int], tuple] = {}
 
-    def observe(self, traces: list[RequestTrace]) -> None:
+    def observe(self, records: list[tuple]) -> None:
         children = self._children
-        for t in traces:
-            v = t.view
-            key = (v.engine_id, v.shard, int(v.state))
+        aborted = int(RequestState.ABORTED)
+        for record in records:
+            v = record[R_VIEW]
+            state = record[R_STATE]
+            key = (v[V_ENGINE_ID], v[V_SHARD], state)
             hs = children.get(key)
             if hs is None:
-                lv = (v.engine_id, str(v.shard))
-                state = "aborted" if v.state == RequestState.ABORTED else "finished"
+                lv = (v[V_ENGINE_ID], str(v[V_SHARD]))
                 hs = children[key] = (
                     self.engine_time.labels(*lv),
                     self.queue_time.labels(*lv),
                     self.interference.labels(*lv),
                     self.gpu_time.labels(*lv),
                     self.wall.labels(*lv),
-                    self.finished.labels(*lv, state),
+                    self.finished.labels(*lv, "aborted" if state == aborted else "finished"),
                 )
-            hs[0].observe(v.engine_time_ns / 1e9)
-            hs[1].observe(v.queue_time_ns / 1e9)
-            hs[2].observe(v.interference_ns / 1e9)
-            hs[3].observe(v.gpu_time_ns / 1e9)
-            hs[4].observe(v.wall_ns / 1e9)
+            hs[0].observe(v[V_ENGINE] / 1e9)
+            hs[1].observe(v[V_QUEUE] / 1e9)
+            hs[2].observe(v[V_INTERFERENCE] / 1e9)
+            hs[3].observe(v[V_GPU] / 1e9)
+            hs[4].observe(v[V_WALL] / 1e9)
             hs[5].inc()
 
 
@@ -278,9 +289,9 @@ class SidecarMetrics:
         self.address = ""
         self.registry.register(_StateCollector(self))
 
-    def observe_finished(self, traces: list[RequestTrace]) -> None:
-        """FinishedFeed consumer (event loop)."""
-        self.requests.observe(traces)
+    def observe_finished(self, records: list[tuple]) -> None:
+        """FinishedFeed consumer (event loop): ``Ledger.finished_record`` tuples."""
+        self.requests.observe(records)
 
     def fresh_snapshot(self) -> StateSnapshot:
         """A snapshot taken on the event loop now; the last one if the loop does not answer in time."""

@@ -9,7 +9,7 @@ could wait (a client not reading) waits in its own handler coroutine.
 Observability (optional): when span export or /metrics is on, a
 ``FinishedFeed`` takes every request that reached FINISHED/ABORTED from the
 ledger and, once its figures settled, hands it to the ``RequestTracer``
-(spans over OTLP, built on its own thread) and to ``SidecarMetrics``
+(spans over OTLP, built and exported in a process of its own) and to ``SidecarMetrics``
 (histograms); the ticker pumps it beside the ledger tick.
 
 Lifecycle: ``start()`` binds ingest and gRPC (failing with a clear
@@ -44,9 +44,9 @@ from enginetime.sidecar.ingest import IngestAddressError, IngestServer
 from enginetime.sidecar.ledger import Ledger, LedgerConfig
 from enginetime.sidecar.metrics import MetricsStartError, SidecarMetrics, StateSnapshot
 from enginetime.sidecar.service import AccountingService
+from enginetime.sidecar.span_process import SpanExportProcess
 from enginetime.sidecar.tracing import (
     DEFAULT_LINK_THRESHOLD_S,
-    RequestTracer,
     TracingConfig,
     TracingConfigError,
     resolve_export,
@@ -115,7 +115,7 @@ class Sidecar:
         self.grpc_address = ""
         self.ingest_address = ""
         self.metrics_address = ""
-        self.tracer: RequestTracer | None = None
+        self.tracer: SpanExportProcess | None = None
         self.metrics: SidecarMetrics | None = None
         self.finished: FinishedFeed | None = None
         self._export_target = None
@@ -198,8 +198,10 @@ class Sidecar:
         feed = FinishedFeed(self.ledger, cfg.ledger.lockstep_wait_s + 2 * PUBLISH_PERIOD_S)
         if target is not None:
             try:
-                self.tracer = RequestTracer(self._tracing, target)
-            except (TracingConfigError, ValueError) as exc:
+                self.tracer = SpanExportProcess(
+                    self._tracing, target, log_level=cfg.log_level, flush_s=cfg.span_flush_s
+                )
+            except (TracingConfigError, ValueError, OSError, RuntimeError) as exc:
                 raise SidecarStartError(f"cannot export spans to {target.shown}: {exc}") from exc
             feed.consumers.append(self.tracer.submit)
             log.info(

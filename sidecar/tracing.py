@@ -22,12 +22,14 @@ victim that finishes before its aggressor can link to the aggressor's span
 before that span exists. When the engine received a W3C ``traceparent`` for the
 request, the request span is its child: the engine's work joins the proxy's trace.
 
-Threads: the event loop only hands finished requests over (``submit``: a deque
-append, bounded by ``TracingConfig.backlog``); one builder thread turns them
+Where it runs: in the sidecar, ``RequestTracer`` lives in a process of its own
+(``sidecar.span_process``), fed finished requests over a pipe, so the SDK's
+Python never competes with ingest for the GIL. Inside, ``submit`` is a deque
+append bounded by ``TracingConfig.backlog``; one builder thread turns requests
 into spans with the SDK tracer, and the SDK's BatchSpanProcessor thread encodes
-and exports them. Nothing here can block ingest: when the exporter falls behind
-(endpoint down or slow) spans are dropped and counted by reason in
-``SpanCounters`` (shown in /metrics as ``enginetime_spans_dropped_total``).
+and exports them. When the exporter falls behind (endpoint down or slow) spans
+are dropped and counted by reason in ``SpanCounters`` (shown in /metrics as
+``enginetime_spans_dropped_total``).
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ DROP_BACKLOG = "backlog"  # finished requests arrived faster than spans could be
 DROP_QUEUE_FULL = "queue_full"  # the export queue was full (exporter slow or endpoint down)
 DROP_EXPORT_FAILED = "export_failed"  # the exporter gave up on a batch (endpoint down, rejected)
 DROP_SHUTDOWN = "shutdown"  # still unexported when the sidecar stopped
-DROP_REASONS = (DROP_BACKLOG, DROP_QUEUE_FULL, DROP_EXPORT_FAILED, DROP_SHUTDOWN)
+DROP_EXPORTER_DOWN = "exporter_down"  # the span export process was gone (sidecar.span_process)
+DROP_REASONS = (DROP_BACKLOG, DROP_QUEUE_FULL, DROP_EXPORT_FAILED, DROP_SHUTDOWN, DROP_EXPORTER_DOWN)
 
 
 class TracingConfigError(ValueError):
@@ -98,6 +101,9 @@ class TracingConfig:
     service_name: str = "enginetime-sidecar"
     #: Finished requests waiting for their spans to be built; beyond it they are dropped and counted.
     backlog: int = 10_000
+    #: Seconds the builder waits for room in a full export queue before dropping a request's spans
+    #: (the builder runs in the export process: waiting there holds up nothing but span export).
+    export_wait_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.link_threshold_s < 0:
@@ -403,7 +409,6 @@ def request_links(trace: RequestTrace, threshold_ns: int) -> list[Link]:
                     "enginetime.blame.seconds": _s(agg.seconds_ns),
                     "enginetime.blame.shard": agg.shard,
                     "enginetime.blame.request_id": agg.request_id,
-                    "enginetime.blame.engine_id": agg.engine_id,
                     "enginetime.blame.same_shard": agg.same_shard,
                 },
             )
@@ -474,6 +479,8 @@ class _CountingExporter(SpanExporter):
         self.inner = inner
         self.exported = 0
         self.failed = 0
+        #: Notified after every export: the builder waits on it for room in the queue.
+        self.room = threading.Condition()
         #: Set when shutdown stopped waiting: later results are already counted as DROP_SHUTDOWN.
         self.abandoned = False
         self._on_failure = on_failure
@@ -497,6 +504,8 @@ class _CountingExporter(SpanExporter):
         else:
             self.failed += len(spans)
             self._on_failure(len(spans))
+        with self.room:
+            self.room.notify_all()
         return result
 
     def shutdown(self) -> None:
@@ -630,10 +639,17 @@ class RequestTracer:
     def _emit(self, trace: RequestTrace) -> None:
         parts = phases(trace)
         n = 1 + len(parts)
-        if self.counters.created - self._exporter.done + n > self._max_queue:
-            # The SDK would drop them silently; drop them here, counted.
-            self._drop(DROP_QUEUE_FULL, n)
-            return
+        exporter = self._exporter
+        if self.counters.created - exporter.done + n > self._max_queue:
+            with exporter.room:
+                room = exporter.room.wait_for(
+                    lambda: self.counters.created - exporter.done + n <= self._max_queue,
+                    self.config.export_wait_s,
+                )
+            if not room or self.counters.created - exporter.done + n > self._max_queue:
+                # The SDK would drop them silently; drop them here, counted.
+                self._drop(DROP_QUEUE_FULL, n)
+                return
         v = trace.view
         ids = request_span_ids(v.engine_id, v.request_id, v.arrival_time_ns, v.traceparent)
         parent = (
@@ -705,7 +721,12 @@ class RequestTracer:
 
 __all__ = [
     "DEFAULT_LINK_THRESHOLD_S",
+    "DROP_BACKLOG",
+    "DROP_EXPORTER_DOWN",
+    "DROP_EXPORT_FAILED",
+    "DROP_QUEUE_FULL",
     "DROP_REASONS",
+    "DROP_SHUTDOWN",
     "MAX_SPANS_PER_REQUEST",
     "PROTOCOLS",
     "REQUEST_SPAN_NAME",

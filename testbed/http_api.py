@@ -217,7 +217,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _client_gone(self) -> bool:
         """True when the client closed its connection (readable with nothing to read)."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
+            # poll, not select: select() cannot take descriptors above 1024 (a busy server has them).
+            poller = select.poll()
+            poller.register(self.connection, select.POLLIN)
+            readable = poller.poll(0)
             return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             return True

@@ -356,25 +356,34 @@ class IngestSink:
         self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._srv.bind(self.path)
         self._srv.listen(16)
+        self._srv.settimeout(0.05)  # the accept loop polls its stop flag
         self.connections: list[bytearray] = []
         self._threads: list[threading.Thread] = []
-        self._stop = False
+        self._stop = threading.Event()
         self._accept = threading.Thread(target=self._accept_loop, name="ingest-sink", daemon=True)
         self._accept.start()
 
-    def _accept_loop(self) -> None:
+    def _accept_one(self) -> bool:
         import threading
 
-        while not self._stop:
+        try:
+            conn, _ = self._srv.accept()
+        except TimeoutError:
+            return False
+        conn.settimeout(None)
+        buf = bytearray()
+        self.connections.append(buf)
+        t = threading.Thread(target=self._read, args=(conn, buf), daemon=True)
+        t.start()
+        self._threads.append(t)
+        return True
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
             try:
-                conn, _ = self._srv.accept()
+                self._accept_one()
             except OSError:
                 return
-            buf = bytearray()
-            self.connections.append(buf)
-            t = threading.Thread(target=self._read, args=(conn, buf), daemon=True)
-            t.start()
-            self._threads.append(t)
 
     @staticmethod
     def _read(conn, buf: bytearray) -> None:  # noqa: ANN001
@@ -389,12 +398,16 @@ class IngestSink:
                 buf.extend(chunk)
 
     def close(self) -> None:
-        self._stop = True
+        """Stop listening; every connection already made is read to its end first."""
+        self._stop.set()
+        self._accept.join(5.0)
         try:
-            self._srv.close()
+            while self._accept_one():  # connections still waiting in the backlog
+                pass
         except OSError:
             pass
-        for t in self._threads:
+        self._srv.close()
+        for t in list(self._threads):
             t.join(5.0)
 
     def frames(self) -> list[list]:

@@ -21,7 +21,9 @@ If an engine cannot be installed the tests fail with the build log, never skip.
 from __future__ import annotations
 
 import ast
+import re
 import tempfile
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -84,21 +86,23 @@ def test_plugin_loads_through_sglang_and_records_real_batches(engine: str, sglan
     every = sorted(t for t, _ in sg_hooks.HOOKS)
     assert all(result["targets_exist"].values()) and sorted(result["targets_exist"]) == every, tag
     assert result["applied"] == every and result["wrapped"] == every, f"{tag}: HookRegistry applied our hooks"
-    assert result["layout"] == [1, 2, "lockstep", True], f"{tag}: DP attention rank 1 of 2 from ParallelContext"
+    assert result["layout"] == [1, 2, "lockstep", True], f"{tag}: DP-attention rank 1 of 2 (ParallelContext)"
     assert result["errors"] == 0 and result["dropped"] == 0 and result["flushed"], (tag, result)
     assert result["pinned_elsewhere"] == 1 and result["guard_errors"] == 1, tag
 
     (frames,) = sink.frames()
     hello = frames[0]
-    assert isinstance(hello, Hello) and hello.engine_kind == "sglang" and hello.engine_version == SGLANG_VERSION
-    assert (hello.engine_id, hello.shard, hello.num_shards, hello.coupling) == ("sg-test", 1, 2, Coupling.LOCKSTEP)
+    assert isinstance(hello, Hello)
+    assert (hello.engine_kind, hello.engine_version) == ("sglang", SGLANG_VERSION)
+    assert (hello.engine_id, hello.shard, hello.num_shards) == ("sg-test", 1, 2)
+    assert hello.coupling == Coupling.LOCKSTEP
     events = [f for f in frames if isinstance(f, Event)]
     steps = [f for f in frames if isinstance(f, Step)]
     ids = {e.handle: e.request_id for e in events if e.kind == EventKind.ARRIVED}
     arrived = {e.request_id: e for e in events if e.kind == EventKind.ARRIVED}
     assert {k: v.prompt_tokens for k, v in arrived.items()} == result["prompts"], tag
     assert arrived["a"].session_id == "sess-a"
-    assert arrived["b"].routed_shard == 0 and arrived["c"].routed_shard == 1 and arrived["a"].routed_shard is None
+    assert [arrived[r].routed_shard for r in "abc"] == [None, 0, 1], f"{tag}: the DP rank each asked for"
 
     expected = result["expected_steps"]
     assert [s.seq for s in steps] == list(range(len(expected))), tag
@@ -126,22 +130,23 @@ def test_plugin_loads_through_sglang_and_records_real_batches(engine: str, sglan
     assert fin.output_tokens == result["expected_finished"]["a"]["output_tokens"]
     assert [ids[e.handle] for e in by_kind[EventKind.ABORTED]] == result["expected_aborted"], tag
     position = {id(f): i for i, f in enumerate(frames)}
-    assert position[id(by_kind[EventKind.PREEMPTED][0])] < position[id(steps[4])], "preempted before re-prefill"
+    preempted_at = position[id(by_kind[EventKind.PREEMPTED][0])]
+    assert preempted_at < position[id(steps[4])], "preempted, then re-prefilled"
 
 
 @pytest.mark.parametrize("engine", [NEW])
 def test_launcher_install_direct_patches_real_classes(engine: str, sglang_env, shim_dir) -> None:
     """What the launcher runs in each spawned scheduler process, on 0.5.23's classes."""
-    code = (
-        "import sys, json; sys.path.insert(0, %r)\n"
-        "import torchvision_standin; torchvision_standin.install()\n"
-        "from enginetime.engine_hooks.sglang import hooks, launch_server\n"
-        "first = hooks.install_direct(); second = hooks.install_direct()\n"
-        "import pkgutil\n"
-        "marked = sorted(t for t, h in hooks.HOOKS if getattr(pkgutil.resolve_name(t), '__enginetime_hook__', None) is h)\n"
-        "print(json.dumps({'first': first, 'second': second, 'marked': marked,"
-        " 'plugins': launch_server.has_plugin_system()}))\n"
-    ) % str(SCRIPTS)
+    code = "\n".join([
+        f"import sys, json, pkgutil; sys.path.insert(0, {str(SCRIPTS)!r})",
+        "import torchvision_standin; torchvision_standin.install()",
+        "from enginetime.engine_hooks.sglang import hooks, launch_server",
+        "first = hooks.install_direct(); second = hooks.install_direct()",
+        "marked = sorted(t for t, h in hooks.HOOKS",
+        "                if getattr(pkgutil.resolve_name(t), '__enginetime_hook__', None) is h)",
+        "print(json.dumps({'first': first, 'second': second, 'marked': marked,",
+        "                  'plugins': launch_server.has_plugin_system()}))",
+    ])
     script = Path(tempfile.mkdtemp(prefix="et-sgl-")) / "direct.py"
     script.write_text(code)
     result = engine_envs.run_engine_script(sglang_env, script, [], shim_dir=shim_dir)
@@ -153,23 +158,42 @@ def test_launcher_install_direct_patches_real_classes(engine: str, sglang_env, s
 # ---------------------------------------------------------------------------- source checks
 
 
+#: classes whose fields SGLang assembles from namespace classes in these modules
+FIELD_NAMESPACES = {"ServerArgs": "sglang.srt.arg_groups.fields"}
+
+
 class SourceIndex:
-    """Classes of one SGLang release, read with ast (nothing imported)."""
+    """Classes of one SGLang release, read with ast (nothing imported).
+
+    A regex pass maps class names to files; only files defining a class we look at
+    (and its bases) are parsed.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.classes: dict[str, list[ast.ClassDef]] = defaultdict(list)
-        self.modules: dict[str, ast.Module] = {}
+        self._files: dict[str, list[Path]] = defaultdict(list)
+        self._trees: dict[Path, ast.Module] = {}
+        self.modules: dict[str, Path] = {}
+        pattern = re.compile(r"^\s*class\s+(\w+)", re.M)
         for path in (root / "sglang" / "srt").rglob("*.py"):
-            try:
-                tree = ast.parse(path.read_text(errors="replace"))
-            except SyntaxError:
-                continue
             rel = path.relative_to(root).with_suffix("")
-            self.modules[".".join(rel.parts)] = tree
-            for node in ast.walk(tree):
-                if isinstance(node, ast.ClassDef):
-                    self.classes[node.name].append(node)
+            self.modules[".".join(rel.parts)] = path
+            for name in pattern.findall(path.read_text(errors="replace")):
+                self._files[name].append(path)
+
+    def _tree(self, path: Path) -> ast.Module:
+        if path not in self._trees:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # their invalid escape sequences, not ours
+                self._trees[path] = ast.parse(path.read_text(errors="replace"))
+        return self._trees[path]
+
+    def class_defs(self, name: str) -> list[ast.ClassDef]:
+        found = []
+        for path in dict.fromkeys(self._files.get(name, ())):
+            found.extend(node for node in ast.walk(self._tree(path))
+                         if isinstance(node, ast.ClassDef) and node.name == name)
+        return found
 
     def names(self, cls: str, seen: set[str] | None = None) -> set[str]:
         """Methods, class-level fields and self.X assignments of ``cls`` and its bases."""
@@ -178,7 +202,14 @@ class SourceIndex:
             return set()
         seen.add(cls)
         out: set[str] = set()
-        for node in self.classes.get(cls, ()):
+        prefix = FIELD_NAMESPACES.get(cls)
+        if prefix:  # fields assembled from namespace classes (0.5.23's ServerArgs)
+            for module, path in self.modules.items():
+                if module.startswith(prefix):
+                    for node in ast.walk(self._tree(path)):
+                        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                            out.add(node.target.id)
+        for node in self.class_defs(cls):
             for item in node.body:
                 if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef):
                     out.add(item.name)
@@ -197,7 +228,7 @@ class SourceIndex:
                     t = stack.pop()
                     if isinstance(t, ast.Tuple | ast.List):
                         stack.extend(t.elts)
-                    elif isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                    elif isinstance(t, ast.Attribute) and getattr(t.value, "id", None) == "self":
                         out.add(t.attr)
             for base in node.bases:
                 name = base.id if isinstance(base, ast.Name) else getattr(base, "attr", None)
@@ -207,7 +238,7 @@ class SourceIndex:
 
     def module_names(self, module: str) -> set[str]:
         """Top-level defs, imports and assignments of a module."""
-        tree = self.modules[module]
+        tree = self._tree(self.modules[module])
         out: set[str] = set()
         for node in tree.body:
             if isinstance(node, ast.FunctionDef | ast.ClassDef):
@@ -231,7 +262,7 @@ def _index(root: Path) -> SourceIndex:
 def _missing_reads(index: SourceIndex, reads: dict[str, tuple[str, ...]]) -> list[str]:
     missing = []
     for cls, attrs in reads.items():
-        assert index.classes.get(cls), f"class {cls} not found in {index.root}"
+        assert index.class_defs(cls), f"class {cls} not found in {index.root}"
         have = index.names(cls)
         for attr in attrs:
             if not any(alt in have for alt in attr.split("|")):
@@ -276,3 +307,60 @@ def test_launcher_targets_exist_in_0_5_4(engine: str, sglang_old_src) -> None:
     for target, _ in sg_hooks.HOOKS:
         _, cls, attr = target.rsplit(".", 2)
         assert attr in index.names(cls), f"{engine}: {target} (patched by install_direct)"
+
+
+# ------------------------------------------------------------------ never into the engine (main venv)
+
+
+def test_hooks_never_raise_and_forget_a_step_whose_forward_raised(monkeypatch) -> None:
+    """A batch the adapter cannot read is counted and the forward still runs; a forward
+    that raises re-raises SGLang's own exception, and the step's requests do not stay
+    'in flight' (their finish is still reported)."""
+    import types
+
+    sockdir = tempfile.mkdtemp(dir="/tmp", prefix="et-sgf-")
+    sink = engine_envs.IngestSink(sockdir)
+    monkeypatch.setenv("ENGINETIME_INGEST", sink.address)
+    monkeypatch.setenv("ENGINETIME_TIMER", "cpu")
+
+    class Sched:  # SGLang 0.5.4-style attributes (no runtime context in this venv)
+        forward_ct = 0
+        enable_overlap = False
+        waiting_queue: list = []
+        server_args = types.SimpleNamespace(tokenizer_worker_num=1, dp_size=1, enable_dp_attention=False)
+
+    class Req:
+        def __init__(self, rid: str) -> None:
+            self.rid, self.origin_input_ids, self.output_ids = rid, [1] * 8, []
+            self.finished_reason = None
+
+        def finished(self) -> bool:
+            return self.finished_reason is not None
+
+    sched = Sched()
+    r = Req("x")
+    mode = types.SimpleNamespace(name="EXTEND")
+    bad = types.SimpleNamespace(forward_mode=mode, reqs=[r], extend_lens=[8, 1], prefix_lens=[0])
+    ran = []
+    assert sg_hooks.around_run_batch(lambda s, b: ran.append(b) or "result", sched, bad) == "result"
+    assert ran == [bad]
+    ad = sched.__dict__["_enginetime"]
+    assert ad.guard.errors.count == 1  # the unreadable batch, counted
+
+    good = types.SimpleNamespace(forward_mode=mode, reqs=[r], extend_lens=[8], prefix_lens=[0])
+
+    def boom(s, b):
+        raise RuntimeError("CUDA error: out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sg_hooks.around_run_batch(boom, sched, good)
+    assert ad.inflight == {}
+    r.finished_reason = types.SimpleNamespace(to_json=lambda: {"type": "abort"})
+    sg_hooks.around_process_batch_result(lambda s, b, res: None, sched, good, None)
+    assert ad.recorder.flush(5.0)
+    ad.recorder.close()
+    sink.close()
+    frames = [f for conn in sink.frames() for f in conn]
+    assert not [f for f in frames if isinstance(f, Step)]  # neither step reached the sidecar
+    kinds = [f.kind for f in frames if isinstance(f, Event)]
+    assert kinds == [EventKind.ARRIVED, EventKind.SCHEDULED, EventKind.ABORTED]

@@ -308,3 +308,32 @@ def test_step_stop_keeps_the_clock_where_it_stopped() -> None:
     sink.close()
     (step,) = [f for f in sink.frames()[0] if isinstance(f, Step)]
     assert step.device_time_ns < 40_000_000 and step.end_time_ns - step.start_time_ns < 40_000_000
+
+
+def test_recording_never_raises_into_the_scheduler() -> None:
+    """Junk where a SchedulerOutput should be, an update for an output never seen, and
+    unknown ids to finish_requests: each is counted, none raises, recording goes on."""
+    from enginetime.engine_hooks.vllm import recording as vrec
+
+    sockdir = tempfile.mkdtemp(dir="/tmp", prefix="et-vn-")
+    sink = engine_envs.IngestSink(sockdir)
+    reqs = {"a": _req("a", 8)}
+    sched = _FakeScheduler(reqs)
+    rec = Recorder("n", address=sink.address, timer="cpu")
+    recording = vrec.VllmRecording(sched, recorder=rec)
+    recording.on_add_request("a")
+    recording.on_schedule(object())  # not a SchedulerOutput
+    recording.on_update(object())  # never scheduled: ignored
+    recording.on_finish_requests(["nobody", "a"])  # "a" is still running: nothing to send
+    good = _output({"a": 8}, {"a": 0})
+    recording.on_schedule(good)
+    reqs["a"].status = types.SimpleNamespace(name="FINISHED_LENGTH_CAPPED")
+    recording.on_update(good)
+    assert recording.guard.errors.count == 1
+    assert rec.flush(5.0)
+    rec.close()
+    sink.close()
+    frames = sink.frames()[0]
+    assert [f.kind for f in frames if isinstance(f, Step)] == [StepKind.PREFILL]
+    kinds = [f.kind for f in frames if isinstance(f, Event)]
+    assert kinds == [EventKind.ARRIVED, EventKind.SCHEDULED, EventKind.FINISHED]

@@ -651,7 +651,9 @@ def test_tracer_counts_a_full_export_queue_and_never_blocks_submit() -> None:
     ledger, keys = _ledger_with(sched)
     traces = [ledger.request_trace(k) for k in keys]
     exporter = Stuck()
-    tracer = RequestTracer(TracingConfig(), exporter=exporter, environ={"OTEL_BSP_MAX_QUEUE_SIZE": "8"})
+    tracer = RequestTracer(
+        TracingConfig(export_wait_s=0.0), exporter=exporter, environ={"OTEL_BSP_MAX_QUEUE_SIZE": "8"}
+    )
     try:
         tracer.submit(traces)  # returns at once although the exporter hangs
         c = tracer.counters

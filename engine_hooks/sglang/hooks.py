@@ -303,9 +303,20 @@ class SGLangAdapter:
             if event is not None:
                 self._send_terminal(rid, event)
 
-    def abort(self, token: Any) -> None:
+    def abort(self, pre: tuple[StepRead, Any]) -> None:
+        """The forward raised: give the clock back and forget the step (it never ran)."""
+        read, token = pre
         if self.recorder is not None:
             self.recorder.step_abort(token)
+        for rid in read.rids:
+            left = self.inflight.get(rid, 1) - 1
+            if left > 0:
+                self.inflight[rid] = left
+            else:
+                self.inflight.pop(rid, None)
+                event = self.deferred.pop(rid, None)
+                if event is not None:
+                    self._send_terminal(rid, event)
 
     def after_process(self, batch: Any) -> None:
         for req in getattr(batch, "reqs", None) or ():
@@ -370,7 +381,7 @@ def around_run_batch(original: Any, self: Any, batch: Any, *args: Any, **kwargs:
         result = original(self, batch, *args, **kwargs)
     except BaseException:
         if pre is not None:
-            ad.guard.call("sglang run_batch hook", ad.abort, pre[1])
+            ad.guard.call("sglang run_batch hook", ad.abort, pre)
         raise
     if pre is not None:
         ad.guard.call("sglang run_batch hook", ad.after_run, self, batch, result, pre)

@@ -120,8 +120,8 @@ def main() -> int:
     sched.waiting_queue.remove(rb)
 
     # -- step 1: chunked prefill of a (32 of 40) + b with a 16-token prefix-cache hit
-    run(ScheduleBatch(reqs=[ra, rb], forward_mode=ForwardMode.EXTEND, extend_lens=[32, 8], prefix_lens=[0, 16],
-                      global_num_tokens=[7, 40]),
+    run(ScheduleBatch(reqs=[ra, rb], forward_mode=ForwardMode.EXTEND, extend_lens=[32, 8],
+                      prefix_lens=[0, 16], global_num_tokens=[7, 40]),
         expect={"kind": "PREFILL", "entries": {"a": [32, 0, 0], "b": [8, 0, 16]}, "peer": [7, 40]})
     rb.output_ids.append(5)
     # -- step 2: mixed chunk: a's last 8 prompt tokens + b decoding in the same forward

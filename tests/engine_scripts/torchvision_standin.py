@@ -35,6 +35,12 @@ def _inert(name: str) -> type:
     })
 
 
+def _module_getattr(name: str) -> type:
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return _inert(name)
+
+
 class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001
         if fullname == "torchvision" or fullname.startswith("torchvision."):
@@ -44,8 +50,7 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):  # noqa: ANN001
         module = types.ModuleType(spec.name)
         module.__path__ = []
-        module.__getattr__ = lambda name: _inert(name) if not name.startswith("__") else (_ for _ in ()).throw(
-            AttributeError(name))
+        module.__getattr__ = _module_getattr
         if spec.name == "torchvision":
             module.__version__ = "0.0.0+standin"
         return module
