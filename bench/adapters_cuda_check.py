@@ -37,8 +37,6 @@ import time
 import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 def _enginetime_importable() -> None:
     """Use the installed package, or this checkout's tree mapped as enginetime."""
@@ -46,7 +44,8 @@ def _enginetime_importable() -> None:
         import enginetime.engine_hooks  # noqa: F401
         return
     except ImportError:
-        pass
+        for name in [m for m in sys.modules if m == "enginetime" or m.startswith("enginetime.")]:
+            del sys.modules[name]
     root = Path(__file__).resolve().parent.parent
     shim = Path(tempfile.mkdtemp(prefix="et-shim-")) / "enginetime"
     shim.mkdir()

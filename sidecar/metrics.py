@@ -33,6 +33,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
+from enginetime.sidecar.frames import REASONS as FRAME_REJECT_REASONS
+from enginetime.sidecar.ingest import LEDGER_ERROR
 from enginetime.sidecar.ledger_trace import (
     R_STATE,
     R_VIEW,
@@ -52,6 +54,9 @@ log = logging.getLogger("enginetime.sidecar.metrics")
 SECONDS_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
 )  # fmt: skip
+
+
+_REJECT_REASONS = (*FRAME_REJECT_REASONS, LEDGER_ERROR)
 
 
 class MetricsStartError(RuntimeError):
@@ -164,7 +169,8 @@ class _StateCollector(Collector):
             "the engine and the frame).",
             labels=("reason",),
         )
-        for reason, n in sorted(snap.rejected.items()):
+        # Every known reason from the start (0 until it happens), as Prometheus advises.
+        for reason, n in sorted((dict.fromkeys(_REJECT_REASONS, 0) | snap.rejected).items()):
             rejected.add_metric((reason,), n)
         yield rejected
         yield counter("enginetime_ingest_frames", "Ingest frames accepted.", ing.get("frames", 0))

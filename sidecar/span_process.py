@@ -48,7 +48,15 @@ from enginetime.sidecar.tracing import (
 log = logging.getLogger("enginetime.sidecar.spans")
 
 #: Shared counters, written by the child (int64 each).
-_FIELDS = ("requests", "created", "unsampled", "links", "exported", *(f"dropped_{r}" for r in DROP_REASONS))
+_FIELDS = (
+    "requests",
+    "created",
+    "unsampled",
+    "links",
+    "exported",
+    *(f"dropped_{r}" for r in DROP_REASONS),
+    "ready",  # 1 once the child has its tracer and reads the pipe
+)
 _INDEX = {name: i for i, name in enumerate(_FIELDS)}
 #: Finished requests per pipe message.
 _MESSAGE = 512
@@ -81,6 +89,7 @@ def _child_main(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     tracer = RequestTracer(config, target)
+    shared[_INDEX["ready"]] = 1
     done = threading.Event()
 
     def publisher() -> None:
@@ -150,7 +159,8 @@ class SpanExportProcess:
     def _retire_child(self) -> None:
         """The child is gone: fold its counters into the base, zero the shared ones."""
         for name in _FIELDS:
-            self._base[name] += int(self._shared[_INDEX[name]])
+            if name != "ready":
+                self._base[name] += int(self._shared[_INDEX[name]])
             self._shared[_INDEX[name]] = 0
         if self._conn is not None:
             self._conn.close()
@@ -159,6 +169,15 @@ class SpanExportProcess:
     @property
     def alive(self) -> bool:
         return self._proc is not None and self._proc.is_alive()
+
+    def wait_ready(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the export process has started (imports and exporter built): benchmarks."""
+        deadline = time.monotonic() + timeout_s
+        while not self._shared[_INDEX["ready"]]:
+            if not self.alive or time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     # -- figures ----------------------------------------------------------------------------------
 
@@ -239,14 +258,25 @@ class SpanExportProcess:
                 warned = False
 
     def _ensure_child(self) -> bool:
+        """True when the child runs (started again if it died long enough ago)."""
         if self.alive:
             return True
-        if self._proc is not None:
-            self._proc.join(0)
-            self._retire_child()
+        proc = self._proc
+        if proc is not None:
+            proc.join(0)
+            if self._conn is not None:  # first sight of this death
+                self._retire_child()
+                log.error(
+                    "the span export process (pid %s) exited with code %s; spans are dropped and counted "
+                    "(enginetime_spans_dropped_total{reason=\"exporter_down\"}); it is started again "
+                    "for spans that arrive %gs or more after its last start",
+                    proc.pid,
+                    proc.exitcode,
+                    RESTART_INTERVAL_S,
+                )
             if time.monotonic() - self._started_at < RESTART_INTERVAL_S:
                 return False
-            log.warning("restarting the span export process (exit code %s)", self._proc.exitcode)
+            log.warning("restarting the span export process")
         self._spawn()
         return True
 

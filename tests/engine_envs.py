@@ -43,7 +43,7 @@ import time
 import tomllib
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,7 +66,6 @@ class Recipe:
     pip_steps: tuple[tuple[str, ...], ...] = ()
     unpack_wheel: str | None = None  # "sglang==0.5.4": download and unpack only (source inspection)
     notes: str = ""
-    env: dict[str, str] = field(default_factory=dict)
 
     def digest(self) -> str:
         blob = json.dumps(

@@ -72,12 +72,20 @@ def _check_run(result: dict, frames: list, *, expect_preemption: bool) -> None:
 
     events = [f for f in frames if isinstance(f, Event)]
     steps = [f for f in frames if isinstance(f, Step)]
-    ids = {e.handle: e.request_id for e in events if e.kind == EventKind.ARRIVED}
-    arrived = {e.request_id: e for e in events if e.kind == EventKind.ARRIVED}
+    # The user's X-Request-Id (external_req_id) is what the sidecar sees, not vLLM's
+    # internal id with its random suffix; map it back to compare with the scheduler.
+    assert result["external"] == {"user-42-1a2b3c4d": "user-42"} and result["external_dp_rank"] == 0, tag
+    internal = {v: k for k, v in result["external"].items()}
+    ids = {e.handle: internal.get(e.request_id, e.request_id) for e in events if e.kind == EventKind.ARRIVED}
+    arrived = {internal.get(e.request_id, e.request_id): e for e in events if e.kind == EventKind.ARRIVED}
     assert set(arrived) == set(result["prompts"]), tag
+    user = arrived["user-42-1a2b3c4d"]
+    assert (user.request_id, user.routed_shard) == ("user-42", 0), tag
     for rid, n in result["prompts"].items():
         assert arrived[rid].prompt_tokens == n, (tag, rid)
-        assert arrived[rid].traceparent.startswith("00-abab"), (tag, rid)
+        if rid in ("long", "share", "gone"):
+            assert arrived[rid].traceparent.startswith("00-abab"), (tag, rid)
+    assert result["global_step"] == (3 << 32) | 5, f"{tag}: DPEngineCoreProc's wave and step_counter"
     assert arrived["long"].session_id == "s-long" and arrived["share"].session_id == "s-share"
 
     # One step record per non-empty SchedulerOutput, in order, with no seq gap.

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("enginetime", "enginetime.v1", "enginetime.engine_hooks", "enginetime.sidecar",
+SUBPACKAGES = ("enginetime", "enginetime.v1", "enginetime.engine_hooks", "enginetime.engine_hooks.sglang",
+               "enginetime.engine_hooks.vllm", "enginetime.sidecar",
                "enginetime.clients", "enginetime.testbed")
 
 

@@ -438,9 +438,6 @@ def test_endpoint_down_sidecar_keeps_serving_and_counts_dropped_spans(tmp_path: 
     env = {
         "OTEL_EXPORTER_OTLP_TIMEOUT": "1",  # seconds: give up on a batch quickly
         "OTEL_BSP_SCHEDULE_DELAY": "50",
-        # A small export queue: the 4n spans of n requests finishing together do not all fit
-        # while a failing export is in flight (test_tracer_counts_a_full_export_queue pins it down).
-        "OTEL_BSP_MAX_QUEUE_SIZE": "16",
     }
     with start_sidecar(
         tmp_path,
@@ -592,6 +589,47 @@ def test_evicted_request_has_no_trace_and_ids_are_deterministic() -> None:
         assert request_span_ids("e", "r", 5, bad).trace_id == a.trace_id
 
 
+def test_finished_record_carries_what_get_returns() -> None:
+    from enginetime.sidecar.ledger_trace import record_to_trace, trace_to_record
+
+    ledger, keys = _ledger_with(_preempted_many_times(1))
+    record = ledger.finished_record(keys[0])
+    trace = record_to_trace(record)
+    assert trace.view == ledger.get("r")  # the same figures, the same clamping as GetRequest
+    assert trace_to_record(trace) == record
+    import pickle
+
+    assert pickle.loads(pickle.dumps(record)) == record
+
+
+def test_killed_span_process_counts_exporter_down_and_the_sidecar_carries_on(tmp_path: Path) -> None:
+    """The export process dies (OOM killer, a crash): spans are counted as dropped, nothing else changes."""
+    with OtlpGrpcReceiver() as receiver, start_sidecar(
+        tmp_path, "--otlp-endpoint", receiver.endpoint, "--metrics-port", "0",
+        env={"OTEL_BSP_SCHEDULE_DELAY": "50"},
+    ) as sidecar, AccountingClient(sidecar.grpc_target) as client:  # fmt: skip
+        address = metrics_address(sidecar.stdout_lines)
+        children = [
+            int(pid)
+            for tasks in Path(f"/proc/{sidecar.proc.pid}/task").iterdir()
+            for pid in (tasks / "children").read_text().split()
+        ]
+        (child,) = [
+            pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        os.kill(child, 9)
+        t0 = time.time_ns() - 10**9
+        with IngestConnection(sidecar.ingest) as conn:
+            conn.send(hello(engine_id="orphan"))
+            _one_request(conn, 1, "after-kill", t0)
+            dropped = ("enginetime_spans_dropped_total", (("reason", "exporter_down"),))
+            wait_until(lambda: scrape(address)[dropped] == 4, timeout=20)
+            assert client.get_request("after-kill").tokens.decoded == 2
+        assert sidecar.stop() == 0
+        assert "span export process" in sidecar.stderr_text()
+    assert not receiver.spans
+
+
 def test_export_settings_follow_flags_then_the_otel_environment() -> None:
     from enginetime.sidecar.tracing import TracingConfig, TracingConfigError, resolve_export
 
@@ -667,3 +705,100 @@ def test_tracer_counts_a_full_export_queue_and_never_blocks_submit() -> None:
         "q1", "q2"
     ]
     assert c.dropped["shutdown"] == 0 and c.dropped["export_failed"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A real trace backend installed from PyPI: Arize Phoenix accepts OTLP and answers queries.
+
+PHOENIX_VENV = Path(
+    os.environ.get("ENGINETIME_PHOENIX_VENV", str(Path.home() / ".cache" / "enginetime" / "phoenix-venv"))
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.load(resp)
+
+
+@pytest.mark.timeout(120)
+def test_spans_can_be_queried_back_from_arize_phoenix(tmp_path: Path) -> None:
+    phoenix = PHOENIX_VENV / "bin" / "phoenix"
+    if not phoenix.exists():
+        pytest.skip(
+            f"Arize Phoenix is not installed at {PHOENIX_VENV} (a separate venv; ~1 min, ~850 MB): "
+            f"python3 -m venv {PHOENIX_VENV} && {PHOENIX_VENV}/bin/pip install arize-phoenix"
+        )
+    http_port, grpc_port = _free_port(), _free_port()
+    env = dict(
+        os.environ,
+        PHOENIX_WORKING_DIR=str(tmp_path / "phoenix"),
+        PHOENIX_PORT=str(http_port),
+        PHOENIX_GRPC_PORT=str(grpc_port),
+        PHOENIX_HOST="127.0.0.1",
+    )
+    log = tmp_path / "phoenix.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([str(phoenix), "serve"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{http_port}"
+
+    def up():
+        if server.poll() is not None:
+            raise AssertionError(f"phoenix exited ({server.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            return _get_json(f"{base}/v1/projects")
+        except OSError:
+            return None
+
+    try:
+        wait_until(
+            up, timeout=90, interval=0.2, message=lambda: f"phoenix never came up:\n{log.read_text()[-3000:]}"
+        )
+        tp, trace_hex, parent_hex = _traceparent()
+        sidecar_env = {
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_RESOURCE_ATTRIBUTES": "openinference.project.name=enginetime-e2e",
+        }
+        with start_sidecar(
+            tmp_path, "--otlp-endpoint", f"http://127.0.0.1:{grpc_port}", env=sidecar_env
+        ) as sidecar, AccountingClient(sidecar.grpc_target) as client:
+            with IngestConnection(sidecar.ingest) as conn:
+                conn.send(hello(engine_id="phoenix-engine"))
+                _one_request(conn, 1, "phoenix-req", time.time_ns() - 10**9, traceparent=tp, session_id="s-p")
+            acct = wait_until(lambda: (a := client.get_request("phoenix-req")) and a.terminal and a)
+
+            def spans():
+                try:
+                    got = _get_json(f"{base}/v1/projects/enginetime-e2e/spans?limit=100")["data"]
+                except OSError:
+                    return None
+                return got if len(got) >= 4 else None
+
+            got = wait_until(spans, timeout=30, interval=0.2, message="phoenix never returned the spans")
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    by_name = {s["name"]: s for s in got}
+    assert set(by_name) == {REQUEST_SPAN_NAME, "queue", "prefill", "decode"}
+    root = by_name[REQUEST_SPAN_NAME]
+    assert (root["context"]["trace_id"], root["parent_id"]) == (trace_hex, parent_hex)
+    for child in ("queue", "prefill", "decode"):
+        assert by_name[child]["parent_id"] == root["context"]["span_id"]
+    attrs = root["attributes"]
+    assert attrs["enginetime.request.id"] == "phoenix-req" and attrs["session.id"] == "s-p"
+    assert attrs["enginetime.engine_time"] == acct.engine_time_ns / 1e9
+    assert attrs["enginetime.interference"] == acct.interference_ns / 1e9
+    assert attrs["enginetime.wall"] == acct.wall_ns / 1e9
+    assert attrs["gen_ai.usage.output_tokens"] == acct.tokens.decoded == 2
+    assert [e["name"] for e in root["events"]] == ["enginetime.first_token"]

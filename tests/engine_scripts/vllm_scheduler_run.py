@@ -157,6 +157,20 @@ def main() -> int:
             sched.finish_requests("gone", RequestStatus.FINISHED_ABORTED)
             finished["gone"] = {"reason": "abort"}
     add("share", shared + list(range(900, 910)), 3, session="s-share")
+    # A request the way the engine core gets it: the user's X-Request-Id in
+    # external_req_id, vLLM's internal id with a random suffix, a requested DP rank.
+    from vllm.v1.engine import EngineCoreRequest
+
+    internal = "user-42-1a2b3c4d"
+    ecr = EngineCoreRequest(
+        request_id=internal, prompt_token_ids=list(range(3000, 3020)), mm_features=None,
+        sampling_params=SamplingParams(max_tokens=2, ignore_eos=True), pooling_params=None,
+        arrival_time=time.time(), lora_request=None, cache_salt=None, data_parallel_rank=0,
+        external_req_id="user-42")
+    req = Request.from_engine_core_request(ecr, hasher)  # patched by our plugin: keeps the user's id
+    prompts[internal] = list(ecr.prompt_token_ids)
+    max_tokens[internal] = 2
+    sched.add_request(req)
     if args.preempt:
         for i in range(4):
             add(f"grow-{i}", list(range(2000 + 100 * i, 2000 + 100 * i + 60)), 40)
@@ -171,6 +185,17 @@ def main() -> int:
     import vllm.v1.worker.gpu_worker  # noqa: F401
 
     recording = sched._enginetime
+    # The DP engine core's step counter becomes global_step: link a real DPEngineCoreProc
+    # (not started: made without __init__) through the patched _process_engine_step.
+    from vllm.v1.engine.core import DPEngineCoreProc
+
+    core = DPEngineCoreProc.__new__(DPEngineCoreProc)
+    core.scheduler, core.step_counter, core.current_wave = sched, 5, 3
+    try:
+        core._process_engine_step()
+    except Exception:
+        pass  # the real step needs a running engine; the link is made before it runs
+    global_step = recording.global_step()
     rec = recording.recorder
     flushed = rec.flush(10.0)
     stats = rec.stats()
@@ -188,6 +213,9 @@ def main() -> int:
         "unpaired": recording.unpaired,
         "patched": sorted(et_worker.patched),
         "worker_timing": recording.worker_timing,
+        "external": {internal: getattr(req, "_enginetime_external_id", None)},
+        "external_dp_rank": getattr(req, "_enginetime_dp_rank", None),
+        "global_step": global_step,
         "seconds": round(time.monotonic() - t0, 2),
     }))
     return 0
