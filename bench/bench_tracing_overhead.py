@@ -178,8 +178,14 @@ def pusher(shards: int, batch: int, groups: int, life: tuple[int, int], commands
 
 
 def receiver(port_out, stop) -> None:
-    """Child: an OTLP/gRPC TraceService that accepts every Export without decoding it."""
+    """Child: an OTLP/gRPC TraceService that accepts every Export without decoding it.
+
+    It stands for a collector on another host, so it runs at the lowest priority: on a
+    2-core machine its CPU would otherwise be charged to the sidecar under test.
+    """
     from concurrent import futures
+
+    os.nice(19)
 
     import grpc
 

@@ -83,7 +83,7 @@ def _child_main(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Span export yields to ingest when the cores are busy: it may fall behind, ingest may not.
     with contextlib.suppress(OSError):
-        os.nice(10)
+        os.nice(19)
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
