@@ -14,9 +14,12 @@ A child process pre-encodes every frame once with the engine-side encoder and
 pushes them over 8 Unix sockets to a fresh in-process ``Sidecar`` per trial.
 Trials alternate off/on, on/off, ... (``--rounds`` pairs in ABBA order) so a
 drift in the machine's load hits both arms alike. With tracing on, the sidecar
-exports over OTLP/gRPC (the SDK's exporter, BatchSpanProcessor) to a receiver
-in a third process that accepts each Export without decoding it; the link
-threshold is 10 ms so victims of the storms get links.
+exports over OTLP/gRPC (its span export process: the SDK's tracer,
+BatchSpanProcessor and exporter) to a receiver in another process that accepts
+each Export without decoding it and runs at the lowest priority (it stands for a
+collector on another host); the link threshold is 10 ms so victims of the storms
+get links. The clock starts once the span export process is up (a one-time
+start-up cost, not a per-request one).
 
 Throughput is entries attributed per second of wall time from the first step
 byte until the ledger attributed every step (as in bench_ingest); spans built

@@ -46,6 +46,7 @@ from enginetime.sidecar.ledger_trace import (
     V_SHARD,
     V_WALL,
 )
+from enginetime.sidecar.tracing import DROP_REASONS
 from enginetime.sidecar.views import RequestState, ShardView
 
 log = logging.getLogger("enginetime.sidecar.metrics")
@@ -216,7 +217,7 @@ class _StateCollector(Collector):
             "shutdown (unsent when the sidecar stopped).",
             labels=("reason",),
         )
-        for reason, n in sorted(snap.spans_dropped.items()):
+        for reason, n in sorted((dict.fromkeys(DROP_REASONS, 0) | snap.spans_dropped).items()):
             dropped.add_metric((reason,), n)
         yield dropped
         yield CounterMetricFamily("enginetime_spans_unsampled_requests", "Finished requests whose spans "
@@ -229,7 +230,7 @@ class _StateCollector(Collector):
             "or evicted (dropped from the store before their figures settled).",
             labels=("reason",),
         )
-        for reason, n in sorted(snap.finished_dropped.items()):
+        for reason, n in sorted(({"overflow": 0, "evicted": 0} | snap.finished_dropped).items()):
             lost.add_metric((reason,), n)
         yield lost
 

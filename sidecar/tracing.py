@@ -542,9 +542,10 @@ def _resource(service_name: str) -> Resource:
 class RequestTracer:
     """Turns finished requests (``RequestTrace``) into spans and exports them; see the module doc.
 
-    ``submit`` is called on the event loop; everything else runs on the builder
-    thread and the SDK's export thread. ``exporter`` replaces the OTLP exporter
-    (tests); ``target`` is only used to build the default one.
+    ``submit`` never waits (the span export process calls it from its pipe reader);
+    spans are built on the builder thread and exported on the SDK's export thread.
+    ``exporter`` replaces the OTLP exporter (tests); ``target`` is only used to build
+    the default one.
     """
 
     def __init__(
@@ -606,7 +607,7 @@ class RequestTracer:
     def _drop(self, reason: str, n: int) -> None:
         self.counters.dropped[reason] += n
 
-    # -- event loop side ------------------------------------------------------------------------
+    # -- feeding ------------------------------------------------------------------------------
 
     def submit(self, traces: list[RequestTrace]) -> None:
         """Queue finished requests for span building; O(len(traces)), never blocks for long."""

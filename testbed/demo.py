@@ -73,6 +73,8 @@ class DemoConfig:
     #: Budget for a wall-clock timeout vs an engine-time budget, as a multiple of the
     #: slowest victim's wall time without the storm.
     budget_factor: float = 3.0
+    #: Run the same storm through two session servers (wall-clock timeout vs engine-time guard).
+    compare_policies: bool = True
 
     def __post_init__(self) -> None:
         if self.shards < 2:
@@ -200,11 +202,14 @@ def _r(x: float | None, nd: int = 4) -> float | None:
 class Scenario:
     """One demo run: engine + HTTP + sidecar client, driven phase by phase."""
 
-    def __init__(self, cfg: DemoConfig, engine: Engine, url: str, acct, say: Callable[[str], None]) -> None:
+    def __init__(self, cfg: DemoConfig, engine: Engine, url: str, acct, say: Callable[[str], None],
+                 sidecar_target: str = "") -> None:
         self.cfg = cfg
         self.engine = engine
         self.acct = acct
         self.say = say
+        self.url = url
+        self.sidecar_target = sidecar_target
         self.client = httpx.Client(base_url=url, timeout=600,
                                    limits=httpx.Limits(max_connections=cfg.victims + 16))
         # Its own seed: the session's tokens must not repeat the warmup's (no accidental cache hits).
@@ -446,8 +451,129 @@ class Scenario:
             report["timeouts"] = _timeouts(victims + [neighbour], base_rows + [base_neighbour],
                                            cfg.budget_factor)
         report["summary"] = _summary(report, self.storm_shard)
+        if cfg.compare_policies and report.get("timeouts"):
+            report["policies"] = self.compare_policies(session, report["timeouts"]["budget_s"], base_rows,
+                                                       max_new)
         report["elapsed_s"] = _r(time.perf_counter() - t_start, 2)
         return report
+
+    # ------------------------------------------------------------------ two session servers
+
+    def compare_policies(self, session, budget_s: float, base_rows: list[dict], max_new: int) -> dict:
+        """The same storm through two session servers: a wall-clock read timeout vs the engine-time guard.
+
+        Pairs of trajectories of growing length (plus one runaway whose own work is
+        over budget) go through each server at once, on the shards that do not host
+        the storm; once they decode, the long session's next turn migrates to yet
+        another shard and prefills from scratch. Both servers use the same budget
+        in seconds: as a read timeout, and as an engine-time budget.
+        """
+        from .session_servers import EngineTimePolicy, SessionServer, Trajectory, WallClockPolicy
+
+        cfg, eng, say = self.cfg, self.engine, self.say
+        if cfg.shards < 3:
+            return {"skipped": "the comparison needs --shards >= 3 (a third shard for a second migration)"}
+        storm_shard = cfg.shards - 2
+        shards = [k for k in range(cfg.shards) if k != storm_shard]
+        # Engine seconds per output token without a storm (the victims' own), to size the runaway.
+        per_token = max((b["engine_time_s"] or 0) / max(1, b["output_tokens"]) for b in base_rows)
+        lengths = [max(2, cfg.before_tokens // 2), max_new * 3 // 8, max_new * 3 // 4, max_new * 3 // 2]
+        room = cfg.model.max_context - cfg.victim_prompt_tokens - 16
+        runaway = min(room, math.ceil(3 * budget_s / max(per_token, 1e-4)))
+        plan = [(f"traj-{n}", n) for n in lengths] + [("runaway", runaway)]
+
+        wall = SessionServer(WallClockPolicy(self.url, budget_s)).start()
+        guard = SessionServer(EngineTimePolicy(self.url, self.sidecar_target, budget_s)).start()
+        servers = {"wall_clock": wall, "engine_time": guard}
+        trajs: dict[str, Trajectory] = {}
+        bodies: dict[str, bytes] = {}
+        for i, (name, n) in enumerate(plan):
+            for policy, tag in (("wall_clock", "wall"), ("engine_time", "guard")):
+                rid = f"{tag}-{name}"
+                trajs[rid] = Trajectory(rid, policy, shards[i % len(shards)], n)
+                bodies[rid] = json.dumps({"rid": rid, "input_ids": self.tokens(cfg.victim_prompt_tokens),
+                                          "routed_dp_rank": trajs[rid].shard,
+                                          "sampling_params": {"max_new_tokens": n}}).encode()
+        answers: dict[str, httpx.Response | BaseException] = {}
+        client = httpx.Client(timeout=None, limits=httpx.Limits(max_connections=len(trajs) + 4))
+
+        def send(rid: str) -> None:
+            try:
+                answers[rid] = client.post(f"{servers[trajs[rid].policy].url}/generate", content=bodies[rid],
+                                           headers={"Content-Type": "application/json"})
+            except BaseException as exc:  # reported below
+                answers[rid] = exc
+
+        say(f"two session servers, one storm: {len(plan)} trajectories each ({', '.join(str(n) for _, n in plan)} "
+            f"tokens) through a {budget_s:.2f} s read timeout and through the engine-time guard "
+            f"({budget_s:.2f} s of engine time); session-long turn 3 migrates to shard {storm_shard}")
+        reqs: dict[str, object] = {}
+        threads = [threading.Thread(target=send, args=(rid,)) for rid in trajs]
+        try:
+            for t in threads:
+                t.start()
+
+            def ready() -> bool:
+                for rid, tr in trajs.items():
+                    if rid in answers:
+                        continue
+                    r = reqs.get(rid) or eng.get(rid)
+                    if r is None:
+                        return False
+                    reqs[rid] = r
+                    if len(r.output_ids) < min(tr.max_new_tokens, cfg.before_tokens):
+                        return False
+                return True
+
+            if not eng.wait_until(ready, 120):
+                raise RuntimeError("the trajectories did not start decoding within 120 s")
+            sent = time.perf_counter()
+            self.driver.run_turn(session, cfg.turn_tokens, max_new_tokens=8, shard=storm_shard,
+                                 rid="session-long-turn-3")
+            for t in threads:
+                t.join(300)
+        finally:
+            client.close()
+            wall.stop()
+            guard.stop()
+        eng.flush_hooks(10)
+        storm_steps = [s for s in eng.step_log(storm_shard) if "session-long-turn-3" in s.rids
+                       and s.prefill_tokens[s.rids.index("session-long-turn-3")] > 0]
+        deadline = time.monotonic() + 20
+        out: dict = {
+            "budget_s": _r(budget_s),
+            "basis": "the timeouts budget: the same seconds as a read timeout and as an engine-time budget",
+            "storm": {"request_id": "session-long-turn-3", "shard": storm_shard,
+                      "prefill_s": _r(storm_steps[-1].end - storm_steps[0].start) if storm_steps else None,
+                      "chunks": len(storm_steps), "sent_after_s": _r(sent - min(r.arrival_perf for r in
+                                                                                  reqs.values()))},
+        }
+        for policy, server in servers.items():
+            killed, completed = [], []
+            kills = {k.request_id: k for k in server.killed}
+            for rid, tr in trajs.items():
+                if tr.policy != policy:
+                    continue
+                ans = answers.get(rid)
+                if isinstance(ans, BaseException):
+                    raise RuntimeError(f"{rid}: the session server failed: {ans!r}")
+                req = reqs.get(rid)
+                tokens = len(req.output_ids) if req is not None else len(ans.json().get("output_ids", []))
+                acct, partial = self.accounting(rid, req.steps if req is not None else 0, deadline)
+                row = {"request_id": rid, "shard": tr.shard, "max_new_tokens": tr.max_new_tokens,
+                       "output_tokens": tokens, "http_status": ans.status_code,
+                       "wall_s": _r(acct.wall) if acct else None,
+                       "engine_time_s": _r(acct.engine_time) if acct else None,
+                       "interference_s": _r(acct.interference) if acct else None}
+                if rid in kills:
+                    row["reason"] = kills[rid].reason
+                    killed.append(row)
+                else:
+                    completed.append(row)
+            out[policy] = {"session_server": server.policy.describe(),
+                           "killed": sorted(killed, key=lambda r: r["max_new_tokens"]),
+                           "completed": sorted(completed, key=lambda r: r["max_new_tokens"])}
+        return out
 
 
 def _timeouts(victims: list[dict], baseline: list[dict], factor: float) -> dict:
@@ -526,7 +652,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None, *,
         )).start()
         server = EngineHTTPServer(engine).serve_in_thread()
         acct = AccountingClient(sidecar.grpc_target, timeout=5)
-        scenario = Scenario(cfg, engine, server.url, acct, say)
+        scenario = Scenario(cfg, engine, server.url, acct, say, sidecar.grpc_target)
         return scenario.run()
     except Exception:
         log = sidecar.log()
@@ -603,12 +729,50 @@ def render(report: dict) -> str:
         lines += ["", f"a wall-clock timeout of {to['budget_s']:.2f} s ({to['basis']})",
                   f"  kills {len(to['wall_clock_kills'])}/{n} of these requests; an engine-time budget "
                   f"of the same {to['budget_s']:.2f} s kills {len(to['engine_time_kills'])}/{n}."]
+    pol = report.get("policies")
+    if pol and "skipped" not in pol:
+        lines += _render_policies(pol)
     s = report["summary"]
     if s.get("victim_shards_during_over_before") is not None:
         lines.append(f"victim shards decoded at {100 * s['victim_shards_during_over_before']:.0f}% of their "
                      f"pre-storm rate during the storm; top blame names the storm for "
                      f"{s['victims_blaming_storm_first']} victims.")
     return "\n".join(lines)
+
+
+def _render_policies(pol: dict) -> list[str]:
+    """The two session servers side by side: who each killed, and how long those trajectories were."""
+    st, budget = pol["storm"], pol["budget_s"]
+    lines = ["", f"two session servers, one storm ({st['request_id']} prefilled {st['chunks']} chunks on shard "
+                 f"{st['shard']} in {_fmt(st['prefill_s'], ' s')}), the same {budget:.2f} s budget:",
+             f"  {'trajectory':<14} {'tokens':>6}   {'wall-clock read timeout':<36} engine-time guard"]
+    rows: dict[str, dict] = {}
+    for policy in ("wall_clock", "engine_time"):
+        for state in ("killed", "completed"):
+            for r in pol[policy][state]:
+                name = r["request_id"].split("-", 1)[1]
+                rows.setdefault(name, {"tokens": r["max_new_tokens"]})[policy] = (state, r)
+
+    def cell(entry) -> str:
+        if entry is None:
+            return "-"
+        state, r = entry
+        if state == "killed":
+            why = {"read_timeout": "timed out"}.get(r.get("reason", ""), r.get("reason", ""))
+            return (f"KILLED ({why}) at {r['output_tokens']} tokens, "
+                    f"engine {_fmt(r['engine_time_s'])} s")
+        return f"ok, {r['output_tokens']} tokens, wall {_fmt(r['wall_s'])} s"
+
+    for name, row in sorted(rows.items(), key=lambda kv: kv[1]["tokens"]):
+        lines.append(f"  {name:<14} {row['tokens']:>6}   {cell(row.get('wall_clock')):<36} "
+                     f"{cell(row.get('engine_time'))}")
+    wk, gk = pol["wall_clock"]["killed"], pol["engine_time"]["killed"]
+    n = len(rows)
+    wall_lost = sum(r["output_tokens"] for r in wk)
+    lines.append(f"  the read timeout killed {len(wk)}/{n} trajectories, the longest ones "
+                 f"({wall_lost} tokens of work thrown away); the engine-time guard killed {len(gk)}/{n}"
+                 + (f": {', '.join(r['request_id'] for r in gk)}, over budget on its own work." if gk else "."))
+    return lines
 
 
 def main(args: argparse.Namespace) -> int:
