@@ -263,6 +263,7 @@ class Ledger:
     def _restart(self, shard: ShardState, time_ns: int) -> None:
         """New recorder epoch: the engine process restarted; its live requests are gone."""
         self.counters.engine_restarts += 1
+        self._release_held(shard, everything=True)
         for req in list(shard.live.values()):
             self._mark_partial(req)
             self._terminate(req, ABORTED, time_ns, "engine restarted")
@@ -312,6 +313,25 @@ class Ledger:
     def on_event(self, key: ShardKey, ev: Event) -> None:
         shard = self._shard(key)
         self.counters.events += 1
+        if (
+            int(ev.kind) != EventKind.ARRIVED
+            and shard.engine.lockstep
+            and (shard.held or (shard.last_seq is not None and _seq(shard.done_seq) < shard.last_seq))
+        ):
+            # The shard's earlier steps still wait in the lockstep join: a FINISHED applied now
+            # would end the request (and a storm) before its last step is attributed.
+            shard.held.append((shard.last_seq, ev))
+            return
+        self._apply_event(shard, ev)
+
+    def _release_held(self, shard: ShardState, everything: bool = False) -> None:
+        """Apply the held events whose preceding steps have all been attributed."""
+        held = shard.held
+        done = _seq(shard.done_seq)
+        while held and (everything or held[0][0] <= done):
+            self._apply_event(shard, held.popleft()[1])
+
+    def _apply_event(self, shard: ShardState, ev: Event) -> None:
         kind = int(ev.kind)
         if kind == EventKind.ARRIVED:
             self._arrived(shard, ev)
@@ -666,6 +686,11 @@ class Ledger:
         self._shard_stats(parts, batch, pred)
         self.counters.steps += batch.m
         self.counters.entries += batch.slots.size
+        for sh, st in parts:
+            if sh.done_seq is None or st.seq > sh.done_seq:
+                sh.done_seq = int(st.seq)
+            if sh.held:
+                self._release_held(sh)
         fit_j = critical if lockstep else 0
         if fit_ok is None:
             fit_ok = complete
@@ -1257,3 +1282,8 @@ class Ledger:
 
 
 __all__ = ["Ledger", "LedgerConfig", "LedgerCounters", "ShardKey"]
+
+
+def _seq(seq: int | None) -> int:
+    """A shard's seq for comparisons: -1 before its first step."""
+    return -1 if seq is None else seq

@@ -10,6 +10,7 @@ from ..engine_hooks.constants import Coupling
 from .costmodel import CostModel
 from .ledger_join import LockstepJoin
 from .ledger_store import Request
+from .records import Event
 
 #: Handles below this index a dense numpy map; larger ones (unusual) fall back to a dict.
 DENSE_HANDLE_LIMIT = 1 << 20
@@ -68,6 +69,8 @@ class ShardState:
         "_running_arr",
         "_running_arr_ver",
         "last_seq",
+        "done_seq",
+        "held",
         "steps",
         "last_step_ns",
         "first_step_ns",
@@ -102,6 +105,10 @@ class ShardState:
         self._running_arr = np.zeros(0, dtype=np.int64)
         self._running_arr_ver = -1
         self.last_seq: int | None = None
+        # LOCKSTEP: the highest seq attributed so far, and the request events that came after
+        # steps still waiting in the join (applied once those steps are attributed).
+        self.done_seq: int | None = None
+        self.held: deque[tuple[int, Event]] = deque()
         self.steps = 0
         self.last_step_ns = 0
         self.first_step_ns = 0
@@ -152,6 +159,7 @@ class ShardState:
         self._hmap = np.full(64, -1, dtype=np.int64)
         self._hdict.clear()
         self.last_seq = None
+        self.done_seq = None
         self.drops_seen = 0
         self.dropped_frames = 0
 

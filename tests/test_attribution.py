@@ -745,3 +745,33 @@ def test_storm_ends_when_its_shard_runs_two_steps_without_it_or_it_finishes():
     sim.event(0, 11, EventKind.ABORTED)
     (ended,) = led.take_interference()
     assert ended.phase == InterferencePhase.ENDED and ended.aggressor_request_id == "y"
+
+
+def test_a_finish_that_overtakes_its_last_lockstep_step_waits_for_it() -> None:
+    """Each shard ships on its own connection: shard 0's FINISHED can reach the sidecar while
+    its last step still waits in the lockstep join for shard 1's record of the same
+    global_step. The finish must apply after that step is attributed, not before."""
+    sim = Sim(shards=2, coupling=Coupling.LOCKSTEP)
+    sim.arrive(0, 1, "storm")
+    sim.arrive(1, 2, "victim")
+    sim.event(0, 1, EventKind.SCHEDULED)
+    sim.event(1, 2, EventKind.SCHEDULED)
+    chunks = 4
+    for i in range(chunks):
+        last = i == chunks - 1
+        d = int(true_cost([(1, 512, 0, 512 * i)]))
+        start = sim.now
+        sim.now += d
+        sim.feed(0, sim.make_step(0, [(1, 512, 0, 512 * i)], d, start, sim.gs))
+        if last:  # the storm's finish overtakes shard 1's record of the same step
+            sim.event(0, 1, EventKind.FINISHED, output_tokens=1, finish_reason="length")
+            assert sim.view("storm").state == RequestState.RUNNING, "finished before its last step"
+        sim.feed(1, sim.make_step(1, [(2, 0, 1, 100 + i)], d, start, sim.gs))
+        sim.gs += 1
+    storm = sim.view("storm")
+    assert storm.state == RequestState.FINISHED and storm.steps == chunks
+    assert storm.prefilled_tokens == chunks * 512
+    victim = sim.view("victim")
+    assert victim.steps == chunks
+    assert_identity(storm)
+    assert_identity(victim)
