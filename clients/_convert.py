@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from enginetime.v1 import accounting_pb2 as pb
 from google.protobuf import duration_pb2, timestamp_pb2
+
+from enginetime.v1 import accounting_pb2 as pb
 
 from .types import (
     Blame,

@@ -15,6 +15,7 @@ from typing import Generic, TypeVar
 
 import grpc
 import grpc.aio
+
 from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
 

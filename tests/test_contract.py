@@ -33,7 +33,9 @@ def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:
     match, mismatch, errors = filecmp.cmpfiles(
         tmp_path / "enginetime" / "v1", STUB_DIR, generated, shallow=False
     )
-    assert not mismatch and not errors, f"stubs drifted from the .proto files: {mismatch + errors}; run `make proto`"
+    assert not mismatch and not errors, (
+        f"stubs drifted from the .proto files: {mismatch + errors}; run `make proto`"
+    )
 
 
 def test_buf_lint_standard() -> None:
