@@ -23,6 +23,12 @@ subscribes to the watched ids only and restarts the stream (at most every
 ``restart_interval``) when new ones are added: the right choice when many session
 servers share one engine and each should receive only its own requests.
 
+**Resolution and cost.** The stream sends each watched request's figures at most every
+``interval`` seconds (default 0.5 s): engine_time is checked that often, which is plenty
+for budgets of minutes. The sidecar's cost grows with the number of requests changing per
+second, so a shorter interval for thousands of requests costs the sidecar CPU (see
+bench/bench_fanout.py).
+
 **When it fires** (see ``EngineBudget``): engine_time over budget (checked on every
 update), no step on the request's shard for ``liveness`` seconds while it is
 admitted (confirmed with GetShards before anything is killed), queue time over
@@ -364,7 +370,7 @@ class Guard(_GuardBase):
         abort: AbortSpec = None,
         follow: Follow = "all",
         engine_id: str = "",
-        interval: float = 0.1,
+        interval: float = 0.5,
         unknown_after: float = 10.0,
         reconnect: tuple[float, float] = (0.25, 5.0),
         restart_interval: float = 0.2,
@@ -669,7 +675,7 @@ class AsyncGuard(_GuardBase):
         abort: AbortSpec | Callable[[str], Awaitable[object]] = None,
         follow: Follow = "all",
         engine_id: str = "",
-        interval: float = 0.1,
+        interval: float = 0.5,
         unknown_after: float = 10.0,
         reconnect: tuple[float, float] = (0.25, 5.0),
         restart_interval: float = 0.2,

@@ -108,7 +108,10 @@ def render(snap: Snapshot, width: int = 120) -> list[str]:
     lines += ["", "RECENT STORMS (StreamInterference)"]
     if not snap.events:
         lines.append("  none seen since top started")
-    for ev in snap.events[-RECENT_EVENTS:][::-1]:
+    latest: dict[tuple, InterferenceEvent] = {}
+    for ev in snap.events:  # one line per storm: its latest event (STARTED -> ONGOING -> ENDED)
+        latest[(ev.engine_id, ev.aggressor_request_id, ev.aggressor_shard, ev.start_time_ns)] = ev
+    for ev in list(latest.values())[-RECENT_EVENTS:][::-1]:
         victims = ",".join(str(k) for k in ev.victims.shards) or "-"
         lines.append(
             f"  {_clock(ev.end_time or ev.start_time)} {ev.phase.name:<8} {ev.aggressor_request_id} "

@@ -452,14 +452,13 @@ class Scenario:
                                            cfg.budget_factor)
         report["summary"] = _summary(report, self.storm_shard)
         if cfg.compare_policies and report.get("timeouts"):
-            report["policies"] = self.compare_policies(session, report["timeouts"]["budget_s"], base_rows,
-                                                       max_new)
+            report["policies"] = self.compare_policies(session, report["timeouts"]["budget_s"], max_new)
         report["elapsed_s"] = _r(time.perf_counter() - t_start, 2)
         return report
 
     # ------------------------------------------------------------------ two session servers
 
-    def compare_policies(self, session, budget_s: float, base_rows: list[dict], max_new: int) -> dict:
+    def compare_policies(self, session, budget_s: float, max_new: int) -> dict:
         """The same storm through two session servers: a wall-clock read timeout vs the engine-time guard.
 
         Pairs of trajectories of growing length (plus one runaway whose own work is
@@ -475,11 +474,11 @@ class Scenario:
             return {"skipped": "the comparison needs --shards >= 3 (a third shard for a second migration)"}
         storm_shard = cfg.shards - 2
         shards = [k for k in range(cfg.shards) if k != storm_shard]
-        # Engine seconds per output token without a storm (the victims' own), to size the runaway.
-        per_token = max((b["engine_time_s"] or 0) / max(1, b["output_tokens"]) for b in base_rows)
+        # Lengths around the victims' (whose engine time stays well under the budget), and a runaway that
+        # would decode far past the budget on its own: the one request an engine-time budget is for.
         lengths = [max(2, cfg.before_tokens // 2), max_new * 3 // 8, max_new * 3 // 4, max_new * 3 // 2]
         room = cfg.model.max_context - cfg.victim_prompt_tokens - 16
-        runaway = min(room, math.ceil(3 * budget_s / max(per_token, 1e-4)))
+        runaway = min(room, 8192)
         plan = [(f"traj-{n}", n) for n in lengths] + [("runaway", runaway)]
 
         wall = SessionServer(WallClockPolicy(self.url, budget_s)).start()
@@ -504,7 +503,8 @@ class Scenario:
             except BaseException as exc:  # reported below
                 answers[rid] = exc
 
-        say(f"two session servers, one storm: {len(plan)} trajectories each ({', '.join(str(n) for _, n in plan)} "
+        sizes = ", ".join(str(n) for _, n in plan)
+        say(f"two session servers, one storm: {len(plan)} trajectories each ({sizes} "
             f"tokens) through a {budget_s:.2f} s read timeout and through the engine-time guard "
             f"({budget_s:.2f} s of engine time); session-long turn 3 migrates to shard {storm_shard}")
         reqs: dict[str, object] = {}
@@ -743,9 +743,9 @@ def render(report: dict) -> str:
 def _render_policies(pol: dict) -> list[str]:
     """The two session servers side by side: who each killed, and how long those trajectories were."""
     st, budget = pol["storm"], pol["budget_s"]
-    lines = ["", f"two session servers, one storm ({st['request_id']} prefilled {st['chunks']} chunks on shard "
-                 f"{st['shard']} in {_fmt(st['prefill_s'], ' s')}), the same {budget:.2f} s budget:",
-             f"  {'trajectory':<14} {'tokens':>6}   {'wall-clock read timeout':<36} engine-time guard"]
+    lines = ["", f"two session servers, one storm ({st['request_id']} prefilled {st['chunks']} chunks on "
+                 f"shard {st['shard']} in {_fmt(st['prefill_s'], ' s')}), the same {budget:.2f} s budget:",
+             f"  {'trajectory':<10} {'tokens':>6}   {'wall-clock read timeout':<48} engine-time guard"]
     rows: dict[str, dict] = {}
     for policy in ("wall_clock", "engine_time"):
         for state in ("killed", "completed"):
@@ -764,14 +764,18 @@ def _render_policies(pol: dict) -> list[str]:
         return f"ok, {r['output_tokens']} tokens, wall {_fmt(r['wall_s'])} s"
 
     for name, row in sorted(rows.items(), key=lambda kv: kv[1]["tokens"]):
-        lines.append(f"  {name:<14} {row['tokens']:>6}   {cell(row.get('wall_clock')):<36} "
+        lines.append(f"  {name:<10} {row['tokens']:>6}   {cell(row.get('wall_clock')):<48} "
                      f"{cell(row.get('engine_time'))}")
     wk, gk = pol["wall_clock"]["killed"], pol["engine_time"]["killed"]
     n = len(rows)
     wall_lost = sum(r["output_tokens"] for r in wk)
-    lines.append(f"  the read timeout killed {len(wk)}/{n} trajectories, the longest ones "
-                 f"({wall_lost} tokens of work thrown away); the engine-time guard killed {len(gk)}/{n}"
-                 + (f": {', '.join(r['request_id'] for r in gk)}, over budget on its own work." if gk else "."))
+    guard_text = f": {', '.join(r['request_id'] for r in gk)}, over budget on its own work" if gk else ""
+    survived = [r["max_new_tokens"] for r in pol["wall_clock"]["completed"]]
+    longest = bool(wk) and min(r["max_new_tokens"] for r in wk) > max(survived, default=0)
+    which = ", the longest ones" if longest else ""
+    lines.append(f"  the read timeout killed {len(wk)}/{n} trajectories{which} "
+                 f"({wall_lost} tokens of work thrown away);")
+    lines.append(f"  the engine-time guard killed {len(gk)}/{n}{guard_text}.")
     return lines
 
 

@@ -69,8 +69,9 @@ class EngineTimePolicy:
     def __init__(self, engine_url: str, sidecar: str, seconds: float) -> None:
         self.seconds = seconds
         # The session-server code the guard asks for: a guard, a cuttable client, a with block.
-        self.guard = Guard(sidecar, EngineBudget(engine_time=seconds, liveness=30.0, wall=max(60.0, 20 * seconds)),
-                           abort=engine_url)
+        budget = EngineBudget(engine_time=seconds, liveness=30.0, wall=max(60.0, 20 * seconds))
+        # Budgets here are seconds (the demo's scale), so follow the engine at 0.1 s rather than 0.5 s.
+        self.guard = Guard(sidecar, budget, abort=engine_url, interval=0.1)
         self.http = httpx.Client(base_url=engine_url, transport=CancellableTransport(), timeout=None,
                                  limits=httpx.Limits(max_connections=256))
 

@@ -111,7 +111,7 @@ def acct(sidecar):
 def test_storm_victims_survive_the_guard_but_not_a_wall_clock_timeout(sidecar, engine, acct):
     eng, srv = engine
     victim_tokens = 200
-    guard = Guard(sidecar.grpc_target, EngineBudget(engine_time=60, liveness=30, wall=120))
+    guard = Guard(sidecar.grpc_target, EngineBudget(engine_time=60, liveness=30, wall=120), interval=0.1)
     http = httpx.Client(base_url=srv.url, transport=CancellableTransport(), timeout=None,
                         limits=httpx.Limits(max_connections=16))
     try:
@@ -192,7 +192,7 @@ def _await_gone(eng: Engine, rid: str, timeout: float = 5.0) -> None:
 def test_runaway_request_is_killed_with_its_accounting_and_its_call_cut(sidecar, engine, acct):
     eng, srv = engine
     budget = EngineBudget(engine_time=0.5, liveness=30, wall=60)
-    with Guard(sidecar.grpc_target, budget) as guard, \
+    with Guard(sidecar.grpc_target, budget, interval=0.1) as guard, \
             httpx.Client(base_url=srv.url, transport=CancellableTransport(), timeout=None) as http:
         t0 = time.monotonic()
         with pytest.raises(EngineBudgetExceeded) as info:
@@ -220,7 +220,7 @@ def test_runaway_request_is_killed_with_its_accounting_and_its_call_cut(sidecar,
 def test_guard_aborts_on_the_engine_when_the_call_cannot_be_cut(sidecar, engine, acct):
     eng, srv = engine
     budget = EngineBudget(engine_time=0.4, liveness=30, wall=60)
-    with Guard(sidecar.grpc_target, budget, abort=srv.url) as guard, \
+    with Guard(sidecar.grpc_target, budget, abort=srv.url, interval=0.1) as guard, \
             httpx.Client(base_url=srv.url, timeout=None) as http:  # a plain client: nothing to cut
         with pytest.raises(EngineBudgetExceeded) as info:
             with guard.watch("runaway-abort"):
@@ -239,7 +239,7 @@ def test_async_guard_cancels_the_call_and_keeps_others_running(sidecar, engine, 
 
     async def main():
         async with AsyncGuard(sidecar.grpc_target, EngineBudget(engine_time=30, liveness=30, wall=60),
-                              abort=srv.url) as guard, \
+                              abort=srv.url, interval=0.1) as guard, \
                 httpx.AsyncClient(base_url=srv.url, timeout=None) as http:
             async def one(rid: str, max_new: int, budget: EngineBudget | None = None):
                 t0 = time.monotonic()
@@ -266,6 +266,52 @@ def test_async_guard_cancels_the_call_and_keeps_others_running(sidecar, engine, 
     assert streams == 1
     _await_gone(eng, "async-runaway")
     assert settled(acct, "async-runaway").state is RequestState.ABORTED
+
+
+def test_follow_ids_streams_only_the_watched_requests(sidecar, engine, acct):
+    """follow="ids": the stream names the watched ids and is reopened as new ones arrive."""
+    eng, srv = engine
+    budget = EngineBudget(engine_time=30, liveness=30, wall=60)
+    tight = EngineBudget(engine_time=0.3, liveness=30, wall=60)
+    with Guard(sidecar.grpc_target, budget, follow="ids", interval=0.1, restart_interval=0.05) as guard, \
+            httpx.Client(base_url=srv.url, transport=CancellableTransport(), timeout=None) as http:
+        results: dict[str, object] = {}
+        seen: set[str] = set()
+        on_batch = guard._tracker.on_batch
+
+        def recording(updates, *args):
+            updates = list(updates)
+            seen.update(m.request_id for m in updates)
+            return on_batch(updates, *args)
+
+        guard._tracker.on_batch = recording
+
+        def one(rid: str, max_new: int, b: EngineBudget | None = None) -> None:
+            try:
+                with guard.watch(rid, b) as w:
+                    results[rid] = http.post("/generate", json=body(rid, 32, max_new, 0)).json()
+                results[rid + ":acct"] = w.accounting
+            except EngineBudgetExceeded as exc:
+                results[rid] = exc
+
+        # Traffic the guard does not watch, so a stream that followed everything would carry it.
+        other = threading.Thread(target=lambda: http.post("/generate", json=body("ids-other", 32, 400, 1)))
+        other.start()
+        first = threading.Thread(target=one, args=("ids-0", 400))
+        first.start()
+        wait_until(lambda: guard.streams_opened >= 1 and guard.telemetry_up, 10)
+        late = [threading.Thread(target=one, args=("ids-1", 300)),
+                threading.Thread(target=one, args=("ids-runaway", 20000, tight))]
+        for t in late:
+            t.start()
+        for t in (first, *late, other):
+            t.join(60)
+        assert isinstance(results["ids-runaway"], EngineBudgetExceeded)
+        assert results["ids-runaway"].reason is BudgetReason.ENGINE_TIME
+        assert len(results["ids-0"]["output_ids"]) == 400 and len(results["ids-1"]["output_ids"]) == 300
+        assert guard.streams_opened >= 2, "new ids reopened the stream"
+        assert seen == {"ids-0", "ids-1", "ids-runaway"}, "only watched requests came over the stream"
+        assert results["ids-0:acct"] is not None and results["ids-0:acct"].request_id == "ids-0"
 
 
 def test_sidecar_never_reachable_only_the_wall_backstop_fires(engine, caplog):
@@ -311,7 +357,7 @@ def test_sidecar_killed_mid_request_falls_back_then_resumes(tmp_path, caplog):
     sc2 = None
     # liveness 0.3 s: silence from a dead sidecar would trip it if the guard mistook it for a hung engine.
     budget = EngineBudget(engine_time=30, liveness=0.3, wall=60)
-    guard = Guard(sc.grpc_target, budget, reconnect=(0.05, 0.3))
+    guard = Guard(sc.grpc_target, budget, reconnect=(0.05, 0.3), interval=0.1)
     http = httpx.Client(base_url=srv.url, transport=CancellableTransport(), timeout=None)
     try:
         box: dict = {}

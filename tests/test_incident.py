@@ -127,6 +127,35 @@ def test_mixed_policy_shortens_the_same_shard_stall(run):
     assert n_mixed["blame"][0]["request_id"] == STORM_RID and n_mixed["blame"][0]["same_shard"]
 
 
+def test_two_session_servers_wall_clock_kills_the_longest_the_guard_only_the_runaway(run):
+    report = run("lockstep")
+    pol = report["policies"]
+    budget = pol["budget_s"]
+    assert budget == report["timeouts"]["budget_s"]
+    assert pol["storm"]["prefill_s"] > budget, "the comparison storm outlasts the budget"
+    wall, guard = pol["wall_clock"], pol["engine_time"]
+    # The wall-clock read timeout kills every trajectory the storm caught, and they are the longest ones.
+    wall_killed = [r["max_new_tokens"] for r in wall["killed"]]
+    wall_ok = [r["max_new_tokens"] for r in wall["completed"]]
+    assert len(wall_killed) >= 3 and wall_ok, pol
+    assert min(wall_killed) > max(wall_ok), pol
+    for r in wall["killed"]:
+        assert r["reason"] == "read_timeout" and r["http_status"] == 504
+        assert r["output_tokens"] < r["max_new_tokens"]  # work thrown away
+        assert r["engine_time_s"] < budget  # killed although its own work was within budget
+    # The engine-time guard with the same seconds kills only the request over budget on its own work.
+    assert [r["request_id"] for r in guard["killed"]] == ["guard-runaway"], pol
+    runaway = guard["killed"][0]
+    assert runaway["reason"] == "engine_time" and runaway["engine_time_s"] >= budget
+    assert runaway["output_tokens"] < runaway["max_new_tokens"]
+    for r in guard["completed"]:
+        assert r["output_tokens"] == r["max_new_tokens"] and r["http_status"] == 200
+        assert r["engine_time_s"] < budget
+    caught = [r for r in guard["completed"] if r["max_new_tokens"] in wall_killed]
+    assert caught and all(r["wall_s"] > budget for r in caught), "survivors of the guard crossed the budget"
+    assert "engine-time guard killed 1/5" in render(report)
+
+
 def test_report_has_the_documented_keys_and_renders(run):
     report = run("lockstep")
     assert set(report) >= {"config", "shards", "storm", "victims", "baseline"}
