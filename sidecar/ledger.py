@@ -348,6 +348,12 @@ class Ledger:
                 shard, int(ev.handle), ev.request_id or self._anon_id(shard, ev.handle), int(ev.time_ns)
             )
             self._mark_partial(req)
+        elif ev.request_id and req.request_id != ev.request_id and req.request_id == self._anon_id(
+            shard, ev.handle
+        ):
+            # Its ARRIVED was lost (it finished while the sidecar was away, so the recorder no
+            # longer re-announces it) and steps created it nameless: every event names it.
+            self._rename(req, ev.request_id)
         cols = self._cols
         slot = req.slot
         state = int(cols.state[slot])
@@ -435,6 +441,14 @@ class Ledger:
     @staticmethod
     def _anon_id(shard: ShardState, handle: int) -> str:
         return f"{shard.engine_id}/{shard.shard}#{int(handle)}"
+
+    def _rename(self, req: Request, request_id: str) -> None:
+        if self._by_id.get(req.request_id) is req:
+            del self._by_id[req.request_id]
+        req.request_id = request_id
+        self._by_id[request_id] = req
+        self._mark_partial(req)
+        self._touch(req.slot)
 
     def _create(self, shard: ShardState, handle: int, request_id: str, arrival_ns: int) -> Request:
         cols = self._cols
