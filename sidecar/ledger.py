@@ -408,10 +408,11 @@ class Ledger:
             if ev.replayed:
                 self._mark_partial(req)
             self._note_session(req, ev.session_id, ev.routed_shard)
+        cols = self._cols
         if ev.prompt_tokens:
-            req.prompt_tokens = int(ev.prompt_tokens)
+            req.prompt_tokens = cols.prompt[req.slot] = int(ev.prompt_tokens)
         if ev.cached_tokens:
-            req.cached_tokens = int(ev.cached_tokens)
+            req.cached_tokens = cols.cached[req.slot] = int(ev.cached_tokens)
         if ev.traceparent:
             req.traceparent = ev.traceparent
         self._touch(req.slot)
@@ -1047,6 +1048,19 @@ class Ledger:
         cols.changed[idx] = False
         reqs = self._reqs
         return {reqs[i].request_id for i in idx.tolist() if reqs[i] is not None}
+
+    def take_changed_slots(self) -> np.ndarray:
+        """Slots of live requests changed since the last take (the fan-out's feed; see take_changed)."""
+        cols = self._cols
+        idx = np.flatnonzero(cols.changed[: cols.used])
+        cols.changed[idx] = False
+        return idx[cols.alive[idx]]
+
+    def mark_changed(self, slots: np.ndarray) -> None:
+        """Hand slots back to the next take (the fan-out defers what its time budget did not cover)."""
+        cols = self._cols
+        slots = slots[cols.alive[slots]]
+        cols.changed[slots] = True
 
     def take_interference(self) -> list[InterferenceView]:
         return self._storms.take()

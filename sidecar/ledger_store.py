@@ -54,6 +54,7 @@ class Request:
         "migrated",
         "preemptions",
         "marks",
+        "wire",
     )
 
     def __init__(
@@ -78,6 +79,9 @@ class Request:
         self.preemptions = 0
         #: Phase boundaries and storms for span export (``ledger_trace.add_mark``); None until the first.
         self.marks: list | None = None
+        #: (values, bytes) of the fields only events change, as the fan-out last encoded them
+        #: (``accounting_wire.event_fields``); None until a subscriber first wants this request.
+        self.wire: tuple | None = None
 
 
 _F8 = ("engine", "gpu", "interf", "caused", "blame_dropped")
@@ -93,6 +97,8 @@ _I8 = (
     "resumed_at",
     "last_step",
     "arrival",
+    "prompt",
+    "cached",
     "version",
     "stamp",
     "victim_mark",
@@ -114,7 +120,8 @@ class SlotColumns:
     resumed_at (ns of its last resumption after a preemption, 0 none); first_token (ns of
     the end of the step before its first decoding step — the step that sampled its first
     token — 0 none);
-    last_step (ns of the last step's end, 0 none); arrival (ns); version; stamp and
+    last_step (ns of the last step's end, 0 none); arrival (ns); prompt/cached (token counts
+    from events, mirrored from the Request for the fan-out's encoder); version; stamp and
     victim_mark (scratch marks for set operations); gen (slot generation); shard_idx;
     state (RequestState); changed (since the last take_changed); running (admitted and
     stepped: an excluded-step victim candidate); alive; in_run (has a prefill run).
@@ -168,6 +175,7 @@ class SlotColumns:
         self.engine[slot] = self.gpu[slot] = self.interf[slot] = self.caused[slot] = 0.0
         self.blame_dropped[slot] = 0.0
         self.prefilled[slot] = self.decoded[slot] = self.steps[slot] = self.excluded[slot] = 0
+        self.prompt[slot] = self.cached[slot] = 0
         self.first_start[slot] = -1
         self.decode_start[slot] = -1
         self.first_token[slot] = 0

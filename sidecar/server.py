@@ -43,7 +43,7 @@ from enginetime.sidecar.finished import FinishedFeed
 from enginetime.sidecar.ingest import IngestAddressError, IngestServer
 from enginetime.sidecar.ledger import Ledger, LedgerConfig
 from enginetime.sidecar.metrics import MetricsStartError, SidecarMetrics, StateSnapshot
-from enginetime.sidecar.service import AccountingService
+from enginetime.sidecar.service import AccountingService, add_to_server
 from enginetime.sidecar.span_process import SpanExportProcess
 from enginetime.sidecar.tracing import (
     DEFAULT_LINK_THRESHOLD_S,
@@ -51,7 +51,7 @@ from enginetime.sidecar.tracing import (
     TracingConfigError,
     resolve_export,
 )
-from enginetime.v1 import accounting_pb2, accounting_pb2_grpc
+from enginetime.v1 import accounting_pb2
 
 log = logging.getLogger("enginetime.sidecar")
 
@@ -148,7 +148,7 @@ class Sidecar:
             raise SidecarStartError(str(exc)) from exc
         # so_reuseport off: a second sidecar on the same port must fail, not share it silently.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        accounting_pb2_grpc.add_AccountingServiceServicer_to_server(self.service, server)
+        add_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (

@@ -12,7 +12,7 @@ Behaviour worth knowing as a client:
   of each of those ids the sidecar knows, in any state). It may be empty; it
   tells the client the subscription is in place. Later batches carry the
   latest accounting of each matching request that changed since the previous
-  batch. Batches are split into responses of at most ``MAX_RESPONSE_BYTES``.
+  batch. Batches are split into responses of at most ``fanout.MAX_RESPONSE_BYTES``.
 - ListRequests pages by offset into the newest-first list; the page token is
   opaque, bound to the filter, and INVALID_ARGUMENT when it does not fit.
 - StreamInterference(shard=N) passes storms whose aggressor ran on shard N or
@@ -44,11 +44,6 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_INTERVAL_S = 0.1
 #: Shortest interval a stream may ask for (the fan-out publishes every 50 ms anyway).
 MIN_INTERVAL_S = 0.01
-#: Largest StreamUpdatesResponse sent; a batch is split into as many responses as it takes.
-#: Staying below HTTP/2's initial 64 KiB flow-control window matters: when a client stops
-#: reading, a response bigger than its window is stuck half-sent, and a status sent after
-#: it never reaches the client (grpc 1.8x) — the cut-off would leave the client hanging.
-MAX_RESPONSE_BYTES = 32 * 1024
 #: How often an idle WatchRequest checks that its request is still in the store.
 _EVICTION_CHECK_S = 2.0
 
@@ -182,23 +177,22 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
         sub = self.fanout.subscribe_requests(query)
         lag = self.fanout.limits.lag_limit(interval)
         try:
-            await self._send_batch(context, sub, [m for _, m in await self._initial(query)], lag)
+            await self._send(context, sub, await self._initial(query) or [b""], lag)
             last_send = time.monotonic()
             while True:
                 await sub.wait(None)
                 if sub.overflow:
                     raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._overflowed(sub))
-                if sub.pending and sub.closed is None:
+                if sub._has_work() and sub.closed is None:
                     await _sleep_until(last_send + interval, sub)
-                if sub.pending:
-                    built = await self.fanout.build(sub.drain(), sub.view_filter)
-                    messages = [m for _, m in built]
-                    if messages:
-                        await self._send_batch(context, sub, messages, lag)
+                if sub._has_work():
+                    bodies = self.fanout.take(sub)
+                    if bodies:
+                        await self._send(context, sub, bodies, lag)
                         last_send = time.monotonic()
                 if sub.overflow:
                     raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._overflowed(sub))
-                if sub.closed is not None and not sub.pending:
+                if sub.closed is not None and not sub._has_work():
                     raise _Abort(grpc.StatusCode.UNAVAILABLE, sub.closed)
         except _Abort as stop:
             await context.abort(stop.code, stop.details)
@@ -240,31 +234,20 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
 
     # -- helpers ----------------------------------------------------------------------------
 
-    async def _initial(self, query: RequestQuery):
+    async def _initial(self, query: RequestQuery) -> list[bytes]:
         """The first StreamUpdates batch: matching live requests (or the named ids, any state)."""
-        if query.request_ids:
-            return await self.fanout.build(sorted(query.request_ids), query)
-        states = (query.states or _ALL_STATES) & _LIVE
-        if not states:
-            return []
-        return await self.fanout.snapshot(dataclasses.replace(query, states=frozenset(states)))
+        if not query.request_ids:
+            states = (query.states or _ALL_STATES) & _LIVE
+            if not states:
+                return []
+            query = dataclasses.replace(query, states=frozenset(states))
+        return await self.fanout.initial(query)
 
-    async def _send_batch(self, context, sub: RequestSubscriber, messages: list, lag: float) -> None:
-        if not messages:
-            await self._write(context, pb.StreamUpdatesResponse(time=_now_ts(), coalesced=sub.coalesced), lag)
-            return
-        now = _now_ts()
-        resp = pb.StreamUpdatesResponse(time=now, coalesced=sub.coalesced)
-        size = 0
-        for message in messages:
-            n = message.ByteSize() + 4  # + tag and length
-            if size and size + n > MAX_RESPONSE_BYTES:
-                await self._write(context, resp, lag)
-                resp = pb.StreamUpdatesResponse(time=now, coalesced=sub.coalesced)
-                size = 0
-            resp.updates.append(message)
-            size += n
-        await self._write(context, resp, lag)
+    async def _send(self, context, sub: RequestSubscriber, bodies: list[bytes], lag: float) -> None:
+        """One StreamUpdatesResponse per body (joined RequestAccounting frames) plus its own fields."""
+        tail = pb.StreamUpdatesResponse(time=_now_ts(), coalesced=sub.coalesced).SerializeToString()
+        for body in bodies:
+            await self._write(context, body + tail, lag)
 
     async def _write(self, context, message, lag: float) -> None:
         """Write one response; a write still blocked after ``lag`` seconds cuts the stream off."""
@@ -320,6 +303,36 @@ async def _sleep_until(deadline: float, sub) -> None:
     if delay <= 0 or sub.closed is not None:
         return
     await asyncio.sleep(delay)
+
+
+def _bytes_or_message(response) -> bytes:
+    """StreamUpdates' serializer: the fan-out hands over responses already encoded."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def add_to_server(service: AccountingService, server) -> None:
+    """Register ``service`` (what the generated add_AccountingServiceServicer_to_server does).
+
+    The one difference: StreamUpdates responses may be bytes, encoded once by the
+    fan-out and shared by every subscriber, so its serializer passes bytes through.
+    """
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["AccountingService"].methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        if method.server_streaming:
+            make = grpc.unary_stream_rpc_method_handler
+        else:
+            make = grpc.unary_unary_rpc_method_handler
+        serialize = _bytes_or_message if method.name == "StreamUpdates" else response_cls.SerializeToString
+        handlers[method.name] = make(
+            getattr(service, method.name),
+            request_deserializer=request_cls.FromString,
+            response_serializer=serialize,
+        )
+    name = pb.DESCRIPTOR.services_by_name["AccountingService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 def _encode_page_token(offset: int, fingerprint: int) -> str:
