@@ -1,6 +1,6 @@
 """Fan-out: ledger changes -> every streaming subscriber, without slowing ingest.
 
-Every publish (``FanOut.publish``, every ~50 ms beside the ledger tick) takes
+Every publish (``FanOut.publish``, every 25 ms beside the ledger tick) takes
 the slots the ledger changed and encodes, once, the ``RequestAccounting`` bytes
 of those some subscriber may want (all of them if one follows every request;
 otherwise those whose ids someone follows), with ``accounting_wire``'s
@@ -54,7 +54,7 @@ from enginetime.v1 import accounting_pb2 as pb
 log = logging.getLogger("enginetime.sidecar.fanout")
 
 #: Publish period: how often changes are collected from the ledger.
-PUBLISH_PERIOD_S = 0.05
+PUBLISH_PERIOD_S = 0.025
 #: Largest StreamUpdatesResponse sent; a batch is split into as many responses as it takes.
 #: Staying below HTTP/2's initial 64 KiB flow-control window matters: when a client stops
 #: reading, a response bigger than its window is stuck half-sent, and a status sent after

@@ -2,7 +2,7 @@
 
 Everything runs on one event loop, so the ledger needs no locks: ingest feeds
 it synchronously as frames arrive, a ticker calls ``ledger.tick()`` and then
-the fan-out's ``publish()`` every 50 ms, and gRPC handlers read it between
+the fan-out's ``publish()`` every 25 ms, and gRPC handlers read it between
 those callbacks. The loop is the sidecar's single core of work; anything that
 could wait (a client not reading) waits in its own handler coroutine.
 

@@ -42,7 +42,7 @@ log = logging.getLogger("enginetime.sidecar.service")
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 DEFAULT_INTERVAL_S = 0.1
-#: Shortest interval a stream may ask for (the fan-out publishes every 50 ms anyway).
+#: Shortest interval a stream may ask for (the fan-out publishes every 25 ms anyway).
 MIN_INTERVAL_S = 0.01
 #: How often an idle WatchRequest checks that its request is still in the store.
 _EVICTION_CHECK_S = 2.0

@@ -399,6 +399,14 @@ def test_sidecar_killed_mid_request_falls_back_then_resumes(tmp_path, caplog):
         sc2 = start_sidecar(tmp_path, "--listen", f"127.0.0.1:{port}", ingest=sc.ingest)
         wait_until(lambda: guard.telemetry_up, 10, message="the guard never reconnected")
         assert any("is back" in r.getMessage() for r in caplog.records)
+        # The engine's hooks reconnect on their own backoff (up to 2 s): only then is there
+        # engine time to follow, so the next request starts once the shard reports again.
+        with AccountingClient(sc2.grpc_target) as c2:
+            wait_until(
+                lambda: any(s.connected for s in c2.get_shards("guard-kill")),
+                15,
+                message="the engine's hooks never reconnected to the restarted sidecar",
+            )
         with pytest.raises(EngineBudgetExceeded) as info:
             with guard.watch("after-restart", EngineBudget(engine_time=0.3, liveness=30, wall=60)):
                 http.post("/generate", json=body("after-restart", 16, 6000, 0, vocab=256))
