@@ -19,17 +19,13 @@ shows up on StreamInterference, and every request's figures obey
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from helpers import start_sidecar, wait_until
+from lockstep_shards import start_pair
 
 from enginetime.clients import (
     AccountingClient,
@@ -54,45 +50,9 @@ STORM_DECODE = 4
 #: threshold (1 s) is scaled down so slower machines still cross it.
 STORM_THRESHOLD_S = "0.1"
 
-# The engine shard. It talks to the test over stdin/stdout: prints "ready" once its
+# The engine shard's scheduler (after lockstep_shards.PRELUDE). It prints "ready" once its
 # requests are announced, waits for "go", runs the schedule, prints "done {json}".
-SHARD_SCRIPT = r"""
-import json, os, socket, sys, time
-import numpy as np
-from enginetime.engine_hooks import Recorder, StepKind
-
-SHARD, ADDRESS, PEER_FD = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-P = json.loads(sys.argv[4])
-HIDDEN, LAYERS, FIXED_ROWS = 512, 8, 16
-
-rng = np.random.default_rng(SHARD)
-weights = [rng.standard_normal((HIDDEN, HIDDEN), dtype=np.float32) / HIDDEN**0.5 for _ in range(LAYERS)]
-
-
-def forward(tokens):
-    # Work proportional to the batch's tokens, plus a fixed per-step part (the
-    # weights are read once per step however small the batch).
-    x = np.ones((tokens + FIXED_ROWS, HIDDEN), dtype=np.float32)
-    for w in weights:
-        x = np.tanh(x @ w)
-    return float(x[0, 0])
-
-
-peer = socket.socket(fileno=PEER_FD)
-
-
-def all_gather(tokens, more):
-    # The collective every lockstep step ends with: returns when BOTH shards got here.
-    peer.sendall(tokens.to_bytes(4, "little") + more.to_bytes(4, "little"))
-    buf = b""
-    while len(buf) < 8:
-        chunk = peer.recv(8 - len(buf))
-        if not chunk:
-            raise SystemExit("peer shard went away")
-        buf += chunk
-    return int.from_bytes(buf[:4], "little"), int.from_bytes(buf[4:], "little")
-
-
+SHARD_LOOP = r"""
 class Req:
     def __init__(self, rid, prompt, output):
         self.rid, self.prompt, self.output = rid, prompt, output
@@ -154,66 +114,18 @@ print("done " + json.dumps({"steps": g, "flushed": ok, "dropped": stats.dropped_
 """
 
 
-def _params() -> str:
-    return json.dumps(
-        {
-            "engine": ENGINE,
-            "victims": list(VICTIMS),
-            "storm": STORM,
-            "decode_prompt": DECODE_PROMPT,
-            "decode_output": DECODE_OUTPUT,
-            "storm_at": STORM_AT,
-            "storm_chunks": STORM_CHUNKS,
-            "chunk": CHUNK,
-            "storm_decode": STORM_DECODE,
-        }
-    )
-
-
-class Shard:
-    """One engine shard process."""
-
-    def __init__(self, script: Path, shard: int, address: str, peer: socket.socket) -> None:
-        # One BLAS thread per shard: two shards share the machine like two ranks share a node.
-        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        self.log = script.with_name(f"shard-{shard}.log")
-        with open(self.log, "wb") as err:  # a file, never a pipe that could fill and stall the shard
-            self.proc = subprocess.Popen(
-                [sys.executable, str(script), str(shard), address, str(peer.fileno()), _params()],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-                pass_fds=[peer.fileno()],
-                env=env,
-            )
-        self.shard = shard
-
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def expect(self, word: str) -> str:
-        line = self.proc.stdout.readline()
-        if not line.startswith(word):
-            self.kill()
-            raise AssertionError(
-                f"shard {self.shard}: expected {word!r}, got {line!r}; stderr:\n{self.stderr()}"
-            )
-        return line[len(word) :].strip()
-
-    def go(self) -> None:
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-
-    def finish(self, timeout: float) -> dict:
-        summary = json.loads(self.expect("done"))
-        assert self.proc.wait(timeout) == 0, self.stderr()
-        return summary
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+PARAMS = {
+    "engine": ENGINE,
+    "forward": [512, 8, 16],  # hidden size, layers, rows every step reads whatever its batch
+    "victims": list(VICTIMS),
+    "storm": STORM,
+    "decode_prompt": DECODE_PROMPT,
+    "decode_output": DECODE_OUTPUT,
+    "storm_at": STORM_AT,
+    "storm_chunks": STORM_CHUNKS,
+    "chunk": CHUNK,
+    "storm_decode": STORM_DECODE,
+}
 
 
 def _check_identity(r: RequestAccounting) -> None:
@@ -272,17 +184,12 @@ class AsyncFollower:
 
 @pytest.mark.timeout(120)
 def test_core_end_to_end_across_processes(tmp_path: Path) -> None:
-    script = tmp_path / "shard.py"
-    script.write_text(SHARD_SCRIPT)
     started = time.monotonic()
     with (
         start_sidecar(tmp_path, "--storm-threshold", STORM_THRESHOLD_S) as sidecar,
         AccountingClient(sidecar.grpc_target) as client,
     ):
-        a, b = socket.socketpair()
-        shards = [Shard(script, 0, sidecar.ingest, a), Shard(script, 1, sidecar.ingest, b)]
-        a.close()
-        b.close()
+        shards = start_pair(tmp_path / "shard.py", SHARD_LOOP, sidecar.ingest, PARAMS)
         try:
             for s in shards:
                 s.expect("ready")

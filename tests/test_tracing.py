@@ -20,12 +20,12 @@ import os
 import secrets
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from helpers import IngestConnection, arrived, finished, hello, start_sidecar, step, wait_until
+from lockstep_shards import start_pair
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from otel_helpers import (
     OtlpGrpcReceiver,
@@ -48,37 +48,9 @@ LONG_DECODES = 2000
 PREEMPTED = "preempt-0"
 LINK_THRESHOLD_S = 0.01
 
-# An engine shard: a scripted scheduler (prefill-first, chunked) over real Recorder calls.
-# Talks to the test over stdin/stdout: "ready" once connected, waits for "go", "done {json}".
-SHARD_SCRIPT = r"""
-import json, socket, sys
-import numpy as np
-from enginetime.engine_hooks import Recorder, StepKind
-
-SHARD, ADDRESS, PEER_FD = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-P = json.loads(sys.argv[4])
-HIDDEN, LAYERS = 256, 4
-rng = np.random.default_rng(SHARD)
-weights = [rng.standard_normal((HIDDEN, HIDDEN), dtype=np.float32) / HIDDEN**0.5 for _ in range(LAYERS)]
-
-def forward(tokens):
-    x = np.ones((tokens + 8, HIDDEN), dtype=np.float32)
-    for w in weights:
-        x = np.tanh(x @ w)
-    return float(x[0, 0])
-
-peer = socket.socket(fileno=PEER_FD)
-
-def all_gather(tokens, more):
-    peer.sendall(tokens.to_bytes(4, "little") + more.to_bytes(4, "little"))
-    buf = b""
-    while len(buf) < 8:
-        chunk = peer.recv(8 - len(buf))
-        if not chunk:
-            raise SystemExit("peer shard went away")
-        buf += chunk
-    return int.from_bytes(buf[:4], "little"), int.from_bytes(buf[4:], "little")
-
+# An engine shard's scheduler (prefill-first, chunked) over real Recorder calls, after
+# lockstep_shards.PRELUDE: "ready" once connected, waits for "go", "done {json}".
+SHARD_LOOP = r"""
 class Req:
     def __init__(self, spec):
         self.spec = spec
@@ -162,42 +134,6 @@ def _requests(parents: dict[str, str]) -> list[dict]:
     return reqs
 
 
-class Shard:
-    def __init__(self, script: Path, shard: int, address: str, peer: socket.socket, params: str) -> None:
-        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        self.log = script.with_name(f"shard-{shard}.log")
-        with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(script), str(shard), address, str(peer.fileno()), params],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-                pass_fds=[peer.fileno()],
-                env=env,
-            )
-        self.shard = shard
-
-    def expect(self, word: str) -> str:
-        line = self.proc.stdout.readline()
-        if not line.startswith(word):
-            self.kill()
-            raise AssertionError(
-                f"shard {self.shard}: expected {word!r}, got {line!r}; stderr:\n"
-                f"{self.log.read_text(errors='replace')[-4000:]}"
-            )
-        return line[len(word) :].strip()
-
-    def go(self) -> None:
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 def _roots(spans: list[ReceivedSpan]) -> dict[str, ReceivedSpan]:
     return {
         s.attrs["enginetime.request.id"]: s
@@ -256,12 +192,13 @@ def _expected_attributes(a: RequestAccounting) -> dict[str, object]:
 
 @pytest.mark.timeout(120)
 def test_incident_spans_link_victims_to_the_storm(tmp_path: Path) -> None:
-    script = tmp_path / "shard.py"
-    script.write_text(SHARD_SCRIPT)
     parents = {rid: _traceparent() for rid in (STORM, PREEMPTED, *VICTIMS)}  # LONG has none
-    params = json.dumps(
-        {"engine": ENGINE, "chunk": CHUNK, "requests": _requests({k: v[0] for k, v in parents.items()})}
-    )
+    params = {
+        "engine": ENGINE,
+        "forward": [256, 4, 8],  # hidden size, layers, rows every step reads whatever its batch
+        "chunk": CHUNK,
+        "requests": _requests({k: v[0] for k, v in parents.items()}),
+    }
     with (
         OtlpGrpcReceiver() as receiver,
         start_sidecar(
@@ -276,10 +213,7 @@ def test_incident_spans_link_victims_to_the_storm(tmp_path: Path) -> None:
         ) as sidecar,
         AccountingClient(sidecar.grpc_target) as client,
     ):
-        a, b = socket.socketpair()
-        shards = [Shard(script, k, sidecar.ingest, s, params) for k, s in ((0, a), (1, b))]
-        a.close()
-        b.close()
+        shards = start_pair(tmp_path / "shard.py", SHARD_LOOP, sidecar.ingest, params)
         try:
             for s in shards:
                 s.expect("ready")
