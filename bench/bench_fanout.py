@@ -60,8 +60,10 @@ def feed(ingest_path: str, shards: int, requests: int, hz: float, seconds: float
     """A synthetic engine: ARRIVED for every request, then every shard steps ``hz`` times a second."""
     from array import array
 
+    from synthetic_engine import hello_and_arrivals
+
     from enginetime.engine_hooks import wire
-    from enginetime.engine_hooks.constants import Coupling, EventKind, StepKind, TimerSource
+    from enginetime.engine_hooks.constants import Coupling, StepKind, TimerSource
 
     per = requests // shards
     socks = []
@@ -69,26 +71,18 @@ def feed(ingest_path: str, shards: int, requests: int, hz: float, seconds: float
     for k in range(shards):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(ingest_path)
-        parts = [
-            wire.frame_hello(
+        s.sendall(
+            hello_and_arrivals(
                 engine_id="fanout",
                 shard=k,
                 num_shards=shards,
                 coupling=int(Coupling.INDEPENDENT),
-                engine_kind="bench",
-                timer_source=int(TimerSource.MONOTONIC),
-                device_name="cpu",
-                recorder_epoch=1,
-                wall_time_ns=now,
+                handles=range(1, per + 1),
+                time_ns=now,
+                request_id=lambda h, k=k: f"r{k}-{h}",
+                prompt_tokens=64,
             )
-        ]
-        parts += [
-            wire.frame_event(
-                handle=h, kind=int(EventKind.ARRIVED), time_ns=now, request_id=f"r{k}-{h}", prompt_tokens=64
-            )
-            for h in range(1, per + 1)
-        ]
-        s.sendall(b"".join(parts))
+        )
         socks.append(s)
     handles = array(wire.U32, range(1, per + 1))
     zeros = array(wire.U32, [0] * per)

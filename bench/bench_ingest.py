@@ -48,37 +48,26 @@ def encode(shards: int, batch: int, groups: int) -> tuple[list[bytes], list[list
     """
     from array import array
 
+    from synthetic_engine import hello_and_arrivals
+
     from enginetime.engine_hooks import wire
     from enginetime.engine_hooks.constants import Coupling, EventKind, StepKind, TimerSource
 
     t0 = time.time_ns() - 3_600_000_000_000
-    setup = []
-    for k in range(shards):
-        parts = [
-            wire.frame_hello(
-                engine_id="bench",
-                shard=k,
-                num_shards=shards,
-                coupling=int(Coupling.LOCKSTEP),
-                engine_kind="bench",
-                timer_source=int(TimerSource.MONOTONIC),
-                device_name="cpu",
-                recorder_epoch=1,
-                wall_time_ns=t0,
-            )
-        ]
-        parts += [
-            wire.frame_event(
-                handle=h,
-                kind=int(EventKind.ARRIVED),
-                time_ns=t0,
-                request_id=f"b{k}-{h}",
-                prompt_tokens=200,
-                session_id=f"sess-{k}-{h}",
-            )
-            for h in range(1, batch + 1)
-        ]
-        setup.append(b"".join(parts))
+    setup = [
+        hello_and_arrivals(
+            engine_id="bench",
+            shard=k,
+            num_shards=shards,
+            coupling=int(Coupling.LOCKSTEP),
+            handles=range(1, batch + 1),
+            time_ns=t0,
+            request_id=lambda h, k=k: f"b{k}-{h}",
+            prompt_tokens=200,
+            session_id=lambda h, k=k: f"sess-{k}-{h}",
+        )
+        for k in range(shards)
+    ]
 
     handles = array(wire.U32, range(1, batch + 1))
     zeros = array(wire.U32, [0] * batch)
