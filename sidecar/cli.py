@@ -215,8 +215,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=100_000,
         help=(
             "most changed requests (or interference events) one gRPC stream may have waiting to be sent; "
-            "a stream that exceeds it is cut off with RESOURCE_EXHAUSTED. Default: 100000. Raise it for "
-            "one proxy following more requests than that."
+            "a stream that exceeds it is cut off with RESOURCE_EXHAUSTED. Streams following every request "
+            "share a log of 20x N changes; one that falls further behind is cut off the same way. "
+            "Default: 100000. Raise it for one proxy following more requests than that."
         ),
     )
     lim.add_argument(

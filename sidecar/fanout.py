@@ -75,15 +75,20 @@ class FanOutLimits:
     waiting before it is cut off. lag_limit_s: how long one write may stay
     blocked before the subscriber is cut off; None = max(10 intervals, 5 s).
     max_log_entries: changed ids kept for subscribers that follow every request
-    (8 bytes each): one that falls further behind is cut off. min_share: see below.
+    (8 bytes each; None = 20 x max_pending): one that falls further behind is cut
+    off. min_share: see below.
     """
 
     max_pending: int = 100_000
     lag_limit_s: float | None = None
-    max_log_entries: int = 2_000_000
+    max_log_entries: int | None = None
     #: Least share of the event loop that encoding for subscribers may use when ingest is
     #: saturated; otherwise it gets what ingest leaves idle.
     min_share: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.max_log_entries is None:
+            self.max_log_entries = 20 * self.max_pending
 
     def lag_limit(self, interval_s: float) -> float:
         if self.lag_limit_s is not None:
@@ -100,6 +105,24 @@ class _Subscriber:
         #: Set by FanOut.close(): why the stream must end (shutdown).
         self.closed: str | None = None
         self._wake = asyncio.Event()
+        self._stop = asyncio.Event()  # set with overflow or closed: ends a pause at once
+
+    def end(self, *, overflow: bool = False, closed: str | None = None) -> None:
+        """Mark the subscriber as one whose stream must end, and wake its handler whatever it awaits."""
+        if overflow:
+            self.overflow = True
+        if closed is not None:
+            self.closed = closed
+        self._stop.set()
+        self._wake.set()
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep ``seconds`` (the stream's interval) unless the stream must end sooner."""
+        if seconds <= 0 or self.closed is not None or self.overflow:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
 
     def _has_work(self) -> bool:
         raise NotImplementedError
@@ -148,7 +171,7 @@ class RequestSubscriber(_Subscriber):
         pending |= mine
         self.coalesced += before + len(mine) - len(pending)
         if len(pending) > self.max_pending:
-            self.overflow = True
+            self.end(overflow=True)
         self._wake.set()
 
     def drain(self) -> list[str]:
@@ -200,7 +223,7 @@ class InterferenceSubscriber(_Subscriber):
 
     def offer(self, event: pb.InterferenceEvent) -> None:
         if len(self.queue) >= self.max_pending:
-            self.overflow = True
+            self.end(overflow=True)
         else:
             self.queue.append(event)
         self._wake.set()
@@ -338,8 +361,7 @@ class FanOut:
         self._closed = reason
         self._cycle.set()
         for sub in (*self.request_subscribers, *self.interference_subscribers):
-            sub.closed = reason
-            sub._wake.set()
+            sub.end(closed=reason)
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -409,7 +431,7 @@ class FanOut:
             return
         horizon = min((sub.cycle for sub in self.request_subscribers), default=self.cycles)
         log_, latest = self._log, self._latest
-        limit = self.limits.max_log_entries
+        limit = self.limits.max_log_entries or 0
         while log_ and (log_[0][0] <= horizon or self._log_entries > limit):
             cycle, ids = log_.popleft()
             self._log_entries -= len(ids)
@@ -421,8 +443,7 @@ class FanOut:
         if self._trimmed > horizon:
             for sub in self._every:
                 if sub.cycle < self._trimmed:
-                    sub.overflow = True
-                    sub._wake.set()
+                    sub.end(overflow=True)
 
     def _forget(self) -> None:
         self._log.clear()
@@ -443,7 +464,7 @@ class FanOut:
             return batches([e[1] for e in rows])
         sub.dirty = False
         if sub.cycle < self._trimmed:
-            sub.overflow = True
+            sub.end(overflow=True)
             return []
         key = (sub.cycle, cycle)
         rows, counted = self._rows_since(sub.cycle)

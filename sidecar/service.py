@@ -290,6 +290,13 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
         )
 
     def _overflowed(self, sub: RequestSubscriber) -> str:
+        if sub.ids is None:
+            return (
+                f"this stream fell more than {self.fanout.limits.max_log_entries} request changes behind "
+                "the sidecar (its client reads too slowly, or its interval is too long for this many "
+                "changing requests); reconnect and read continuously, use a shorter interval, follow "
+                "named request_ids, or raise the sidecar's --subscriber-queue (it keeps 20x that many)"
+            )
         return (
             f"more than {sub.max_pending} changed requests piled up unsent for this stream (the client reads "
             "too slowly for this filter); reconnect and read continuously, narrow the filter, or raise the "
@@ -299,10 +306,7 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
 
 async def _sleep_until(deadline: float, sub) -> None:
     """Wait until ``deadline`` (monotonic) unless the subscriber must end sooner."""
-    delay = deadline - time.monotonic()
-    if delay <= 0 or sub.closed is not None:
-        return
-    await asyncio.sleep(delay)
+    await sub.pause(deadline - time.monotonic())
 
 
 def _bytes_or_message(response) -> bytes:

@@ -552,3 +552,38 @@ def test_sigterm_ends_streams_with_unavailable_and_exits_cleanly(tmp_path) -> No
         assert "SIGTERM received" in log and "stopped" in log
     finally:
         sp.close()
+
+
+def test_a_stream_following_everything_that_falls_behind_the_log_is_cut_off(tmp_path) -> None:
+    """--subscriber-queue 10: streams following every request share a log of 200 changes."""
+    with (
+        start_sidecar(tmp_path, "--subscriber-queue", "10") as sp,
+        grpc.insecure_channel(sp.grpc_target) as ch,
+    ):
+        stub = pb_grpc.AccountingServiceStub(ch)
+        prompt = pb_grpc.AccountingServiceStub(ch).StreamUpdates(
+            pb.StreamUpdatesRequest(interval=Duration(nanos=20 * MS))
+        )
+        lazy = stub.StreamUpdates(pb.StreamUpdatesRequest(interval=Duration(seconds=30)))
+        assert len(next(prompt).updates) == 0 and len(next(lazy).updates) == 0  # both subscribed
+        eng = Engine(sp, "behind")
+        handles = list(range(1, 41))
+        for h in handles:
+            eng.arrive(h, f"behind-{h}")
+        seen: set[str] = set()
+        for _ in range(30):  # 40 requests changing in each of 30 steps: far more than 200 changes
+            eng.step(handles, decode=[1] * len(handles))
+            time.sleep(0.03)
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in lazy:  # its next batch is 30 s away: the cut-off comes first
+                pass
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "fell more than 200 request changes behind" in info.value.details()
+        assert "--subscriber-queue" in info.value.details()
+        # The stream that keeps up is not affected and saw every request.
+        for batch in prompt:
+            seen |= {u.request_id for u in batch.updates}
+            if len(seen) == len(handles):
+                break
+        prompt.cancel()
+        eng.close()
