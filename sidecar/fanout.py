@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from enginetime.sidecar import accounting_wire, convert
+from enginetime.sidecar import convert
 from enginetime.sidecar.views import InterferencePhase, InterferenceView, RequestQuery, RequestView
 from enginetime.v1 import accounting_pb2 as pb
 
@@ -277,9 +277,10 @@ class FanOut:
         self._log_entries = 0
         #: Highest cycle dropped from the log (subscribers behind it missed changes).
         self._trimmed = 0
-        #: (from cycle, to cycle, filter) -> (rows, ids counted): shared by subscribers sending alike.
-        self._ranges: dict[tuple, tuple[list[Entry], int]] = {}
-        self._bodies: dict[tuple[int, int], list[bytes]] = {}
+        #: This cycle, per "changed since cycle N": (rows, ids counted) and the unfiltered response
+        #: bodies, shared by every subscriber that takes from the same N (cleared by publish).
+        self._ranges: dict[int, tuple[list[Entry], int]] = {}
+        self._bodies: dict[int, list[bytes]] = {}
         #: request id -> (view, message) for WatchRequest, built this publish cycle.
         self._cache: dict[str, tuple[RequestView, pb.RequestAccounting]] = {}
         self._closed: str | None = None
@@ -390,10 +391,9 @@ class FanOut:
 
     def _publish_requests(self, slots: np.ndarray) -> None:
         ledger = self.ledger
-        table = ledger._reqs
         if not self._every:  # only what some subscriber follows by id
             wanted = self._wanted
-            keep = [s for s in slots.tolist() if table[s].request_id in wanted]
+            keep = [s for s, rid in zip(slots.tolist(), ledger.ids_of(slots), strict=True) if rid in wanted]
             slots = np.array(keep, dtype=np.int64)
             if not slots.size:
                 return
@@ -403,18 +403,17 @@ class FanOut:
             self.deferred += int(slots.size - fits)
             slots = slots[:fits]
         started = time.perf_counter()
-        frames = accounting_wire.encode(ledger, slots, ledger._clock())
+        encoded = ledger.encode(slots)
         spent = time.perf_counter() - started
         self._budget_s -= spent
         self._row_s = 0.8 * self._row_s + 0.2 * spent / slots.size
         self.encoded += slots.size
         cycle = self.cycles
-        states = ledger._cols.state[slots].tolist()
-        reqs = [table[s] for s in slots.tolist()]
-        ids = [r.request_id for r in reqs]
         latest = self._latest
-        for rid, frame, state, req in zip(ids, frames, states, reqs, strict=True):
+        ids = []
+        for rid, frame, state, req in encoded:
             latest[rid] = (cycle, frame, state, req)
+            ids.append(rid)
         self._log.append((cycle, ids))
         self._log_entries += len(ids)
         if self._by_ids:
@@ -466,20 +465,20 @@ class FanOut:
         if sub.cycle < self._trimmed:
             sub.end(overflow=True)
             return []
-        key = (sub.cycle, cycle)
-        rows, counted = self._rows_since(sub.cycle)
+        since = sub.cycle
+        rows, counted = self._rows_since(since)
         sub.coalesced += counted - len(rows)
         sub.cycle = cycle
         if sub.view_filter is not None:
             return batches([e[1] for e in rows if _passes(sub.view_filter, e)])
-        bodies = self._bodies.get(key)
+        bodies = self._bodies.get(since)
         if bodies is None:
-            bodies = self._bodies[key] = batches([e[1] for e in rows])
+            bodies = self._bodies[since] = batches([e[1] for e in rows])
         return bodies
 
     def _rows_since(self, since: int) -> tuple[list[Entry], int]:
         """Each id changed after cycle ``since``, once, at its latest; and the ids counted."""
-        hit = self._ranges.get((since,))
+        hit = self._ranges.get(since)
         if hit is not None:
             return hit
         latest = self._latest
@@ -494,7 +493,7 @@ class FanOut:
                 if entry is not None and entry[0] == cycle:
                     rows.append(entry)
         rows.reverse()  # oldest change first, as they happened
-        self._ranges[(since,)] = (rows, counted)
+        self._ranges[since] = (rows, counted)
         return rows, counted
 
     def _rows_for_ids(self, ids: list[str]) -> list[Entry]:
@@ -512,37 +511,25 @@ class FanOut:
         return rows
 
     def _encode_ids(self, ids: list[str]) -> list[Entry]:
-        ledger = self.ledger
-        reqs = [r for r in (ledger._by_id.get(rid) for rid in ids) if r is not None and r.slot >= 0]
-        if not reqs:
-            return []
-        slots = np.array([r.slot for r in reqs], dtype=np.int64)
-        frames = accounting_wire.encode(ledger, slots, ledger._clock())
-        states = ledger._cols.state[slots].tolist()
-        return [(self.cycles, f, s, r) for f, s, r in zip(frames, states, reqs, strict=True)]
+        cycle = self.cycles
+        encoded = self.ledger.encode(self.ledger.slots_of(ids))
+        return [(cycle, frame, state, req) for _, frame, state, req in encoded]
 
     async def initial(self, query: RequestQuery) -> list[bytes]:
         """Response bodies of a stream's first batch, built within the loop-time budget.
 
-        Named ids: each the sidecar holds, in any state. Otherwise every request
-        matching ``query`` (live states only, as the caller sets them), newest
-        arrival first. A request that changes while this is built is sent again in
-        a later batch: it may show up twice, never not at all.
+        Every request matching ``query`` (for named ids: each the sidecar holds),
+        newest arrival first. A request that changes while this is built is sent
+        again in a later batch: it may show up twice, never not at all; one evicted
+        meanwhile is left out.
         """
         ledger = self.ledger
-        if query.request_ids:
-            found = [ledger._by_id.get(rid) for rid in sorted(query.request_ids)]
-            slots = np.array([r.slot for r in found if r is not None and r.slot >= 0], dtype=np.int64)
-        else:
-            slots = ledger._select(query)
+        ids = ledger.ids_of(ledger.select(query))
         frames: list[bytes] = []
-        for i in range(0, slots.size, _BUILD_CHUNK):
+        for i in range(0, len(ids), _BUILD_CHUNK):
             await self._within_budget()
             started = time.perf_counter()
-            # Slots may have been freed (evicted) while waiting: keep the live ones.
-            chunk = slots[i : i + _BUILD_CHUNK]
-            chunk = chunk[ledger._cols.alive[chunk]]
-            frames += accounting_wire.encode(ledger, chunk, ledger._clock())
+            frames += [frame for _, frame, _, _ in ledger.encode(ledger.slots_of(ids[i : i + _BUILD_CHUNK]))]
             self._budget_s -= time.perf_counter() - started
             await asyncio.sleep(0)  # let ingest callbacks that became ready run in between
         return batches(frames)

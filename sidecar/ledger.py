@@ -69,6 +69,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..engine_hooks.constants import Coupling, EventKind, StepKind
+from .accounting_wire import encode as encode_accounting
 from .costmodel import CostModel, step_features
 from .ledger_attribution import Batch, Division, Prediction, divide, predict, step_scalars
 from .ledger_join import Group
@@ -1049,6 +1050,8 @@ class Ledger:
         reqs = self._reqs
         return {reqs[i].request_id for i in idx.tolist() if reqs[i] is not None}
 
+    # -- the fan-out's feed: requests by slot, encoded as wire bytes ----------------------
+
     def take_changed_slots(self) -> np.ndarray:
         """Slots of live requests changed since the last take (the fan-out's feed; see take_changed)."""
         cols = self._cols
@@ -1061,6 +1064,34 @@ class Ledger:
         cols = self._cols
         slots = slots[cols.alive[slots]]
         cols.changed[slots] = True
+
+    def select(self, q: RequestQuery) -> np.ndarray:
+        """Slots of the requests matching ``q``, newest arrival first (``query`` without the views)."""
+        return self._select(q)
+
+    def slots_of(self, request_ids: list[str]) -> np.ndarray:
+        """Slots of those ids the ledger holds, in the order given (unknown and evicted ids skipped)."""
+        by_id = self._by_id
+        found = [r.slot for r in (by_id.get(rid) for rid in request_ids) if r is not None and r.slot >= 0]
+        return np.array(found, dtype=np.int64)
+
+    def ids_of(self, slots: np.ndarray) -> list[str]:
+        reqs = self._reqs
+        return [reqs[s].request_id for s in slots.tolist()]
+
+    def encode(self, slots: np.ndarray) -> list[tuple[str, bytes, int, Request]]:
+        """(id, framed RequestAccounting bytes, state, request) of each live slot, as of now.
+
+        The bytes parse to what ``GetRequest`` would answer now (``accounting_wire``).
+        """
+        frames = encode_accounting(self, slots, self._clock())
+        reqs = self._reqs
+        return [
+            (req.request_id, frame, state, req)
+            for req, frame, state in zip(
+                (reqs[s] for s in slots.tolist()), frames, self._cols.state[slots].tolist(), strict=True
+            )
+        ]
 
     def take_interference(self) -> list[InterferenceView]:
         return self._storms.take()

@@ -211,6 +211,10 @@ def test_a_stream_starts_with_every_live_request_or_the_named_ones():
         named = await fan.initial(RequestQuery(request_ids=frozenset({"r0-0", "gone"})))
         [u] = _updates(named)
         assert u == _expected(sim, "r0-0") and u.state == pb.REQUEST_STATE_FINISHED
+        # Named ids with a filter on figures: the first batch holds those that pass it.
+        both = frozenset({"r0-0", "r0-1"})
+        queued = await fan.initial(RequestQuery(request_ids=both, states=frozenset({RequestState.QUEUED})))
+        assert [u.request_id for u in _updates(queued)] == ["r0-1"]
 
     run(main())
 
