@@ -239,8 +239,11 @@ def run(
             )
         await asyncio.sleep(warm)
         c0, t0 = cpu_seconds(sidecar.pid), time.monotonic()
+        o0 = cpu_seconds(os.getpid()), cpu_seconds(feeder.pid)
         await asyncio.sleep(seconds)
         c1, t1 = cpu_seconds(sidecar.pid), time.monotonic()
+        others["subscribers"] = (cpu_seconds(os.getpid()) - o0[0]) / (t1 - t0)
+        others["feeder"] = (cpu_seconds(feeder.pid) - o0[1]) / (t1 - t0)
         stop.set()
         for t in tasks:
             t.cancel()
@@ -249,6 +252,7 @@ def run(
             await ch.close()
         return (c1 - c0) / (t1 - t0), t1 - t0
 
+    others: dict[str, float] = {}
     try:
         cores, span = asyncio.run(main())
     finally:
@@ -267,6 +271,8 @@ def run(
         "hz": hz,
         "seconds": round(span, 1),
         "sidecar_cores": round(cores, 3),
+        "subscribers_cores": round(others.get("subscribers", 0.0), 3),
+        "feeder_cores": round(others.get("feeder", 0.0), 3),
         "updates_per_s": round(sum(s.updates for s in subs) / span),
         "lag_p50_intervals": round(lags[len(lags) // 2] / interval, 2) if lags else None,
         "lag_p99_intervals": round(lags[int(len(lags) * 0.99)] / interval, 2) if lags else None,
@@ -308,7 +314,8 @@ def main() -> int:
         r = run(mode, args.subscribers, args.requests, args.hz, args.shards, args.seconds, lag_from)
         ok = r["sidecar_cores"] < 1.0 and r["lag_max_intervals"] <= 2.0
         print(
-            f"  {mode:<11} sidecar CPU {r['sidecar_cores']:.2f} cores   "
+            f"  {mode:<11} sidecar CPU {r['sidecar_cores']:.2f} cores "
+            f"(subscribers {r['subscribers_cores']:.2f}, feeder {r['feeder_cores']:.2f})   "
             f"updates delivered {r['updates_per_s']:>9,}/s   "
             f"lag p50 {r['lag_p50_intervals']} / p99 {r['lag_p99_intervals']} / max {r['lag_max_intervals']} "
             f"intervals (lag from {lag_from} updates)   "

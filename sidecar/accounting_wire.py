@@ -203,9 +203,7 @@ for _i, (_field, _wire, _presence, _span) in enumerate(_ITEMS):
     assert len(_t) <= 2
     _TAGS[_i, : len(_t)] = np.frombuffer(_t, dtype=np.uint8)
     _TAG_LEN[_i] = len(_t)
-_TWO_BYTE_TAG = _TAG_LEN == 2
 _LOW7 = np.uint64(0x7F)
-_SEVEN = np.uint64(7)
 _ALWAYS = np.array([p == "always" for _, _, p, _ in _ITEMS])
 _HEADERS = [(i, span) for i, (_, _, _, span) in enumerate(_ITEMS) if span > 0]
 #: 128**k for k = 1..9: a value needs 1 + (number of these it reaches) varint bytes.
@@ -230,36 +228,54 @@ def step_fields(
     ``values`` is (rows, items) int64 with header items' values still unset;
     ``present`` marks the items to write; ``extra_len`` is each row's length of the
     parts appended after this one (event fields, blame), counted in the frame's length.
+
+    Work is sized by what the batch holds, not by the item list: items no row writes
+    are left out, and each item gets as many byte columns as its largest value needs
+    (most need one; timestamps and nanoseconds five), so a row is laid out as its items'
+    tag and varint bytes side by side and one ``compress()`` keeps the written ones.
     """
     rows = values.shape[0]
-    u = values.view(np.uint64)
+    used = np.flatnonzero(present.any(axis=0))  # the frame and nested headers always are
+    u = values.view(np.uint64)[:, used]
+    pres = present[:, used]
+    tag_len = _TAG_LEN[used]
     vlen = _varint_len(u)
-    item_len = np.where(present, _TAG_LEN + vlen, 0)
+    item_len = np.where(pres, tag_len + vlen, 0)
+    pos = np.full(_N_ITEMS, -1, dtype=np.int64)
+    pos[used] = np.arange(used.size)
+
+    def set_length(i: int, total: np.ndarray) -> None:
+        u[:, i] = total
+        vlen[:, i] = _varint_len(u[:, i])
+        item_len[:, i] = np.where(pres[:, i], tag_len[i] + vlen[:, i], 0)
+
     for h, span in reversed(_HEADERS):  # inner headers first (none nest here, but keep it general)
-        u[:, h] = item_len[:, h + 1 : h + 1 + span].sum(axis=1)
-        vlen[:, h] = _varint_len(u[:, h])
-        item_len[:, h] = np.where(present[:, h], _TAG_LEN[h] + vlen[:, h], 0)
-    u[:, _FRAME] = item_len[:, 1:].sum(axis=1) + extra_len
-    vlen[:, _FRAME] = _varint_len(u[:, _FRAME])
-    item_len[:, _FRAME] = _TAG_LEN[_FRAME] + vlen[:, _FRAME]
-    # One pass per varint byte over the whole (rows, items) matrix: byte j of every value,
-    # its continuation bit, and whether it is written; then one compress() keeps the
-    # written bytes in row-major order, which is each row's fields in item order.
-    width = int(vlen.max()) if rows else 1
-    cells = np.empty((rows, _N_ITEMS, 2 + width), dtype=np.uint8)
+        if pos[h] >= 0:
+            inner = pos[h + 1 : h + 1 + span]
+            set_length(int(pos[h]), item_len[:, inner[inner >= 0]].sum(axis=1))
+    set_length(0, item_len[:, 1:].sum(axis=1) + extra_len)  # the frame is item 0, always used
+
+    widest = vlen.max(axis=0) if rows else np.ones(used.size, dtype=np.int64)
+    starts = np.concatenate(([0], np.cumsum(tag_len + widest)[:-1]))
+    cells = np.empty((rows, int((tag_len + widest).sum())), dtype=np.uint8)
     keep = np.empty(cells.shape, dtype=bool)
-    cells[:, :, 0] = _TAGS[:, 0]
-    cells[:, :, 1] = _TAGS[:, 1]
-    keep[:, :, 0] = present
-    np.logical_and(present, _TWO_BYTE_TAG, out=keep[:, :, 1])
-    written = np.where(present, vlen, 0)
-    for j in range(width):
-        more = written > j + 1
-        byte = (u & _LOW7).astype(np.uint8)
-        byte |= more.view(np.uint8) << 7
-        cells[:, :, 2 + j] = byte
-        keep[:, :, 2 + j] = written > j
-        u = u >> _SEVEN
+    tags = _TAGS[used]
+    cells[:, starts] = tags[:, 0]
+    keep[:, starts] = pres
+    two = np.flatnonzero(tag_len == 2)
+    cells[:, starts[two] + 1] = tags[two, 1]
+    keep[:, starts[two] + 1] = pres[:, two]
+    written = np.where(pres, vlen, 0)
+    first_byte = starts + tag_len
+    for j in range(int(widest.max()) if rows else 0):
+        cols = np.flatnonzero(widest > j)
+        v = u[:, cols] if j == 0 else (u[:, cols] >> np.uint64(7 * j))
+        byte = (v & _LOW7).astype(np.uint8)
+        w = written[:, cols]
+        byte |= (w > j + 1).view(np.uint8) << 7
+        at = first_byte[cols] + j
+        cells[:, at] = byte
+        keep[:, at] = w > j
     return cells.reshape(-1).compress(keep.reshape(-1)).tobytes(), item_len.sum(axis=1)
 
 
@@ -268,27 +284,28 @@ def step_fields(
 CHUNK_ROWS = 2048
 
 
-def encode(ledger, slots: np.ndarray, now_ns: int) -> list[bytes]:
+def encode(ledger, slots: np.ndarray, now_ns: int, reqs: list[Request] | None = None) -> list[bytes]:
     """Framed RequestAccounting bytes of the requests in ``slots`` (live slots of ``ledger``).
 
-    The figures are those ``ledger._view(request, now_ns)`` would give.
+    The figures are those ``ledger._view(request, now_ns)`` would give. ``reqs``: the
+    requests in those slots, when the caller has them already.
     """
     slots = np.asarray(slots, dtype=np.int64)
+    if reqs is None:
+        reqs = list(map(ledger._reqs.__getitem__, slots.tolist()))
     if slots.size <= CHUNK_ROWS:
-        return _encode(ledger, slots, now_ns)
+        return _encode(ledger, slots, reqs, now_ns)
     out: list[bytes] = []
     for i in range(0, slots.size, CHUNK_ROWS):
-        out += _encode(ledger, slots[i : i + CHUNK_ROWS], now_ns)
+        out += _encode(ledger, slots[i : i + CHUNK_ROWS], reqs[i : i + CHUNK_ROWS], now_ns)
     return out
 
 
-def _encode(ledger, slots: np.ndarray, now_ns: int) -> list[bytes]:
+def _encode(ledger, slots: np.ndarray, reqs: list[Request], now_ns: int) -> list[bytes]:
     n = slots.size
     if n == 0:
         return []
     cols = ledger._cols
-    table = ledger._reqs
-    reqs = [table[s] for s in slots.tolist()]
     state = cols.state[slots].astype(np.int64)
     terminal = (state == FINISHED) | (state == ABORTED)
     arrival = cols.arrival[slots]

@@ -40,10 +40,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import compress, repeat
 
 import numpy as np
 
@@ -65,6 +67,7 @@ _BUILD_CHUNK = 512
 
 #: latest-map entry: (cycle it last changed in, framed RequestAccounting bytes, state, Request)
 Entry = tuple[int, bytes, int, object]
+_REQUEST_ID = operator.attrgetter("request_id")
 
 
 @dataclass(slots=True)
@@ -157,6 +160,11 @@ class RequestSubscriber(_Subscriber):
         self.dirty = False
         self.cycle = cycle
         self.coalesced = 0
+        #: Set by the stream's handler: the monotonic time its next batch may be taken, and
+        #: whether a write is in progress. The publisher encodes for subscribers to everything
+        #: only while one of them is about to take (a blocked or resting one costs nothing).
+        self.due_at = 0.0
+        self.writing = False
 
     def _has_work(self) -> bool:
         return bool(self.pending) or self.dirty
@@ -389,31 +397,38 @@ class FanOut:
                     if sub.matches(v):
                         sub.offer(msg)
 
+    def _every_due(self) -> bool:
+        """Whether a subscriber to everything may take within the next publish period."""
+        soon = time.monotonic() + PUBLISH_PERIOD_S
+        return any(not sub.writing and sub.due_at <= soon for sub in self._every)
+
     def _publish_requests(self, slots: np.ndarray) -> None:
         ledger = self.ledger
-        if not self._every:  # only what some subscriber follows by id
-            wanted = self._wanted
-            keep = [s for s, rid in zip(slots.tolist(), ledger.ids_of(slots), strict=True) if rid in wanted]
-            slots = np.array(keep, dtype=np.int64)
+        reqs = ledger.requests_at(slots)
+        ids = list(map(_REQUEST_ID, reqs))
+        if not self._every_due():  # only what some subscriber follows by id, for now
+            keep = np.fromiter(map(self._wanted.__contains__, ids), dtype=bool, count=len(ids))
+            if not keep.all():
+                if self._every:  # the rest waits, still marked changed, until one of them is due
+                    ledger.mark_changed(slots[~keep])
+                slots = slots[keep]
+                reqs = list(compress(reqs, keep.tolist()))
+                ids = list(compress(ids, keep.tolist()))
             if not slots.size:
                 return
         fits = max(_BUILD_CHUNK, int(self._budget_s / self._row_s))
         if slots.size > fits:
             ledger.mark_changed(slots[fits:])
             self.deferred += int(slots.size - fits)
-            slots = slots[:fits]
+            slots, reqs, ids = slots[:fits], reqs[:fits], ids[:fits]
         started = time.perf_counter()
-        encoded = ledger.encode(slots)
+        frames = ledger.encode(slots, reqs)
         spent = time.perf_counter() - started
         self._budget_s -= spent
         self._row_s = 0.8 * self._row_s + 0.2 * spent / slots.size
         self.encoded += slots.size
         cycle = self.cycles
-        latest = self._latest
-        ids = []
-        for rid, frame, state, req in encoded:
-            latest[rid] = (cycle, frame, state, req)
-            ids.append(rid)
+        self._latest.update(zip(ids, zip(repeat(cycle), frames, ledger.states_of(slots), reqs), strict=True))
         self._log.append((cycle, ids))
         self._log_entries += len(ids)
         if self._by_ids:
@@ -511,9 +526,10 @@ class FanOut:
         return rows
 
     def _encode_ids(self, ids: list[str]) -> list[Entry]:
-        cycle = self.cycles
-        encoded = self.ledger.encode(self.ledger.slots_of(ids))
-        return [(cycle, frame, state, req) for _, frame, state, req in encoded]
+        ledger = self.ledger
+        slots = ledger.slots_of(ids)
+        reqs = ledger.requests_at(slots)
+        return list(zip(repeat(self.cycles), ledger.encode(slots, reqs), ledger.states_of(slots), reqs))
 
     async def initial(self, query: RequestQuery) -> list[bytes]:
         """Response bodies of a stream's first batch, built within the loop-time budget.
@@ -529,7 +545,7 @@ class FanOut:
         for i in range(0, len(ids), _BUILD_CHUNK):
             await self._within_budget()
             started = time.perf_counter()
-            frames += [frame for _, frame, _, _ in ledger.encode(ledger.slots_of(ids[i : i + _BUILD_CHUNK]))]
+            frames += ledger.encode(ledger.slots_of(ids[i : i + _BUILD_CHUNK]))
             self._budget_s -= time.perf_counter() - started
             await asyncio.sleep(0)  # let ingest callbacks that became ready run in between
         return batches(frames)

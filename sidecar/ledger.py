@@ -60,6 +60,7 @@ detection and interference events), ``costmodel`` (the step-cost model).
 from __future__ import annotations
 
 import logging
+import operator
 import sys
 import time
 from collections import OrderedDict, deque
@@ -114,6 +115,7 @@ ShardKey = tuple[str, int]
 NAMED_PER_STEP = 3
 _TERMINAL = (FINISHED, ABORTED)
 _STATES = {int(s): s for s in RequestState}
+_REQUEST_ID = operator.attrgetter("request_id")
 
 
 def _clamped(
@@ -1075,23 +1077,22 @@ class Ledger:
         found = [r.slot for r in (by_id.get(rid) for rid in request_ids) if r is not None and r.slot >= 0]
         return np.array(found, dtype=np.int64)
 
-    def ids_of(self, slots: np.ndarray) -> list[str]:
-        reqs = self._reqs
-        return [reqs[s].request_id for s in slots.tolist()]
+    def requests_at(self, slots: np.ndarray) -> list[Request]:
+        """The requests in live ``slots`` (same order)."""
+        return list(map(self._reqs.__getitem__, slots.tolist()))
 
-    def encode(self, slots: np.ndarray) -> list[tuple[str, bytes, int, Request]]:
-        """(id, framed RequestAccounting bytes, state, request) of each live slot, as of now.
+    def ids_of(self, slots: np.ndarray) -> list[str]:
+        return list(map(_REQUEST_ID, self.requests_at(slots)))
+
+    def states_of(self, slots: np.ndarray) -> list[int]:
+        return self._cols.state[slots].tolist()
+
+    def encode(self, slots: np.ndarray, reqs: list[Request] | None = None) -> list[bytes]:
+        """Framed RequestAccounting bytes of each live slot (``reqs``: its requests, if known).
 
         The bytes parse to what ``GetRequest`` would answer now (``accounting_wire``).
         """
-        frames = encode_accounting(self, slots, self._clock())
-        reqs = self._reqs
-        return [
-            (req.request_id, frame, state, req)
-            for req, frame, state in zip(
-                (reqs[s] for s in slots.tolist()), frames, self._cols.state[slots].tolist(), strict=True
-            )
-        ]
+        return encode_accounting(self, slots, self._clock(), reqs)
 
     def take_interference(self) -> list[InterferenceView]:
         return self._storms.take()

@@ -177,8 +177,8 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
         sub = self.fanout.subscribe_requests(query)
         lag = self.fanout.limits.lag_limit(interval)
         try:
-            await self._send(context, sub, await self._initial(query) or [b""], lag)
             last_send = time.monotonic()
+            await self._send(context, sub, await self._initial(query) or [b""], lag)
             while True:
                 await sub.wait(None)
                 if sub.overflow:
@@ -188,8 +188,11 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
                 if sub._has_work():
                     bodies = self.fanout.take(sub)
                     if bodies:
-                        await self._send(context, sub, bodies, lag)
+                        # The interval runs from when a batch is taken, not from when its writes
+                        # finished: a slow write must not stretch the cadence (and the lag).
                         last_send = time.monotonic()
+                        await self._send(context, sub, bodies, lag)
+                sub.due_at = last_send + interval
                 if sub.overflow:
                     raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._overflowed(sub))
                 if sub.closed is not None and not sub._has_work():
@@ -246,8 +249,12 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
     async def _send(self, context, sub: RequestSubscriber, bodies: list[bytes], lag: float) -> None:
         """One StreamUpdatesResponse per body (joined RequestAccounting frames) plus its own fields."""
         tail = pb.StreamUpdatesResponse(time=_now_ts(), coalesced=sub.coalesced).SerializeToString()
-        for body in bodies:
-            await self._write(context, body + tail, lag)
+        sub.writing = True
+        try:
+            for body in bodies:
+                await self._write(context, body + tail, lag)
+        finally:
+            sub.writing = False
 
     async def _write(self, context, message, lag: float) -> None:
         """Write one response; a write still blocked after ``lag`` seconds cuts the stream off."""

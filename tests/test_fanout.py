@@ -10,6 +10,7 @@ real sockets in test_sidecar_service.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from test_attribution import Sim
@@ -229,5 +230,30 @@ def test_large_batches_split_below_the_response_limit(count: int):
         bodies = fan.take(sub)
         assert len(_updates(bodies)) == count  # each body at most MAX_RESPONSE_BYTES (checked there)
         assert all(len(b) > MAX_RESPONSE_BYTES - 200 for b in bodies[:-1])  # and filled before splitting
+
+    run(main())
+
+
+def test_subscribers_to_everything_that_cannot_take_cost_no_encoding_and_lose_nothing():
+    async def main() -> None:
+        sim = _engine(20)
+        fan = FanOut(sim.ledger)
+        sub = fan.subscribe_requests(RequestQuery())
+        mine = fan.subscribe_requests(RequestQuery(request_ids=frozenset({"r0-0"})))
+        sub.writing = True  # its handler is blocked writing to a client that stopped reading
+        _step_all(sim, range(10))
+        fan.publish()
+        assert fan.encoded == 1  # only what the ids subscriber follows
+        assert [u.request_id for u in _updates(fan.take(mine))] == ["r0-0"]
+        sub.writing = False
+        sub.due_at = time.monotonic() + 3600  # resting: its next batch is an hour away
+        _step_all(sim, range(10))
+        fan.publish()
+        assert fan.encoded == 2
+        sub.due_at = 0.0  # due now: everything changed meanwhile is encoded once, and sent
+        fan.publish()
+        assert fan.encoded == 2 + 19  # r0-0's latest figures were encoded for the ids subscriber
+        got = {u.request_id: u for u in _updates(fan.take(sub))}
+        assert len(got) == 20 and all(u == _expected(sim, rid) for rid, u in got.items())
 
     run(main())
