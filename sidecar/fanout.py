@@ -2,10 +2,11 @@
 
 Every publish (``FanOut.publish``, every 25 ms beside the ledger tick) takes
 the slots the ledger changed and encodes, once, the ``RequestAccounting`` bytes
-of those some subscriber may want (all of them if one follows every request;
-otherwise those whose ids someone follows), with ``accounting_wire``'s
-vectorised encoder (~3 us a request instead of ~20 us for a view plus a
-protobuf object). The bytes go into a shared *latest* map (request id -> the
+of those a subscriber is about to take (all of them while a subscriber to every
+request is due within a period and not blocked in a write; otherwise only those
+whose ids someone follows, the rest staying marked changed in the ledger), with
+``accounting_wire``'s vectorised encoder (~3 us a request instead of ~20 us for
+a view plus a protobuf object). The bytes go into a shared *latest* map (request id -> the
 cycle it last changed, its framed bytes, state) and the cycle's ids into a
 short *log*. Nothing is encoded, copied or parsed per subscriber:
 
