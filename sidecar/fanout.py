@@ -363,6 +363,11 @@ class FanOut:
             self._forget()
 
     @property
+    def closing(self) -> bool:
+        """close() was called: the sidecar is shutting down."""
+        return self._closed is not None
+
+    @property
     def subscribers(self) -> int:
         return len(self.request_subscribers) + len(self.interference_subscribers)
 

@@ -165,6 +165,12 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
                     return
         except _Abort as stop:
             await context.abort(stop.code, stop.details)
+        except asyncio.CancelledError:
+            if not self.fanout.closing:
+                raise
+            # The server stopped after its grace period with this stream's write still blocked (a
+            # client that stopped reading): the end of the RPC, not an error worth a traceback.
+            log.info("grpc: a stream to %s was still blocked at shutdown; closed", _peer(context))
         finally:
             self.fanout.unsubscribe(sub)
 
@@ -199,6 +205,12 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
                     raise _Abort(grpc.StatusCode.UNAVAILABLE, sub.closed)
         except _Abort as stop:
             await context.abort(stop.code, stop.details)
+        except asyncio.CancelledError:
+            if not self.fanout.closing:
+                raise
+            # The server stopped after its grace period with this stream's write still blocked (a
+            # client that stopped reading): the end of the RPC, not an error worth a traceback.
+            log.info("grpc: a stream to %s was still blocked at shutdown; closed", _peer(context))
         finally:
             self.fanout.unsubscribe(sub)
 
@@ -232,6 +244,12 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
                     raise _Abort(grpc.StatusCode.UNAVAILABLE, sub.closed)
         except _Abort as stop:
             await context.abort(stop.code, stop.details)
+        except asyncio.CancelledError:
+            if not self.fanout.closing:
+                raise
+            # The server stopped after its grace period with this stream's write still blocked (a
+            # client that stopped reading): the end of the RPC, not an error worth a traceback.
+            log.info("grpc: a stream to %s was still blocked at shutdown; closed", _peer(context))
         finally:
             self.fanout.unsubscribe(sub)
 
@@ -262,8 +280,9 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
             await asyncio.wait_for(context.write(message), lag)
         except TimeoutError:
             self.fanout.cut_off += 1
-            peer = context.peer() if hasattr(context, "peer") else "?"
-            log.warning("grpc: cut off a stream to %s: its client read nothing for %.1f s", peer, lag)
+            log.warning(
+                "grpc: cut off a stream to %s: its client read nothing for %.1f s", _peer(context), lag
+            )
             raise _Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"this stream fell behind: the client did not read its updates for {lag:.1f} s, so the "
@@ -309,6 +328,10 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
             "too slowly for this filter); reconnect and read continuously, narrow the filter, or raise the "
             "sidecar's --subscriber-queue"
         )
+
+
+def _peer(context) -> str:
+    return context.peer() if hasattr(context, "peer") else "?"
 
 
 async def _sleep_until(deadline: float, sub) -> None:
