@@ -357,8 +357,3 @@ def _encode(ledger, slots: np.ndarray, reqs: list[Request], now_ns: int) -> list
         out.append(data[start:stop] + tail)
         start = stop
     return out
-
-
-def container(frames: Sequence[bytes], tail: bytes = b"") -> bytes:
-    """A container message (e.g. StreamUpdatesResponse) of ``frames`` plus its other fields."""
-    return b"".join(frames) + tail

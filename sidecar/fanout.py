@@ -173,7 +173,7 @@ class RequestSubscriber(_Subscriber):
     def offer(self, changed: set[str]) -> None:
         """Ids of this subscriber changed in this publish (``ids`` subscribers only)."""
         pending = self.pending
-        mine = self.ids.intersection(changed) if self.ids is not None else changed
+        mine = self.ids.intersection(changed)  # type: ignore[union-attr]
         if not mine:
             return
         before = len(pending)
@@ -261,12 +261,7 @@ def batches(frames: list[bytes]) -> list[bytes]:
 def _passes(q: RequestQuery, entry: Entry) -> bool:
     req = entry[3]
     shard = req.shard  # type: ignore[attr-defined]
-    return (
-        (not q.states or entry[2] in q.states)
-        and (q.shard is None or shard.shard == q.shard)
-        and (not q.session_id or req.session_id == q.session_id)  # type: ignore[attr-defined]
-        and (not q.engine_id or shard.engine_id == q.engine_id)
-    )
+    return q.accepts(req.request_id, entry[2], shard.engine_id, shard.shard, req.session_id)  # type: ignore[attr-defined]
 
 
 class FanOut:

@@ -1044,18 +1044,10 @@ class Ledger:
         order = np.lexsort((-cols.created[sel], -cols.arrival[sel]))
         return sel[order]
 
-    def take_changed(self) -> set[str]:
-        """Ids of requests changed since the last call (one consumer: the fan-out)."""
-        cols = self._cols
-        idx = np.flatnonzero(cols.changed[: cols.used])
-        cols.changed[idx] = False
-        reqs = self._reqs
-        return {reqs[i].request_id for i in idx.tolist() if reqs[i] is not None}
-
     # -- the fan-out's feed: requests by slot, encoded as wire bytes ----------------------
 
     def take_changed_slots(self) -> np.ndarray:
-        """Slots of live requests changed since the last take (the fan-out's feed; see take_changed)."""
+        """Slots of live requests changed since the last take (one consumer: the fan-out)."""
         cols = self._cols
         idx = np.flatnonzero(cols.changed[: cols.used])
         cols.changed[idx] = False

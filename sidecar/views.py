@@ -136,10 +136,14 @@ class RequestQuery:
     request_ids: frozenset[str] = field(default_factory=frozenset)
 
     def matches(self, v: RequestView) -> bool:
+        return self.accepts(v.request_id, v.state, v.engine_id, v.shard, v.session_id)
+
+    def accepts(self, request_id: str, state: int, engine_id: str, shard: int, session_id: str) -> bool:
+        """``matches`` on the figures themselves (the fan-out filters encoded requests with it)."""
         return (
-            (not self.states or v.state in self.states)
-            and (self.shard is None or v.shard == self.shard)
-            and (not self.session_id or v.session_id == self.session_id)
-            and (not self.engine_id or v.engine_id == self.engine_id)
-            and (not self.request_ids or v.request_id in self.request_ids)
+            (not self.states or state in self.states)
+            and (self.shard is None or shard == self.shard)
+            and (not self.session_id or session_id == self.session_id)
+            and (not self.engine_id or engine_id == self.engine_id)
+            and (not self.request_ids or request_id in self.request_ids)
         )
