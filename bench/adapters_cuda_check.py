@@ -42,6 +42,7 @@ def _enginetime_importable() -> None:
     """Use the installed package, or this checkout's tree mapped as enginetime."""
     try:
         import enginetime.engine_hooks  # noqa: F401
+
         return
     except ImportError:
         for name in [m for m in sys.modules if m == "enginetime" or m.startswith("enginetime.")]:
@@ -51,8 +52,11 @@ def _enginetime_importable() -> None:
     shim.mkdir()
     for item in (root / "enginetime").iterdir():
         (shim / item.name).symlink_to(item)
-    for name, rel in (("engine_hooks", "engine_hooks"), ("sidecar", "sidecar"),
-                      ("v1", "proto/enginetime/v1")):
+    for name, rel in (
+        ("engine_hooks", "engine_hooks"),
+        ("sidecar", "sidecar"),
+        ("v1", "proto/enginetime/v1"),
+    ):
         (shim / name).symlink_to(root / rel)
     sys.path.insert(0, str(shim.parent))
 
@@ -90,8 +94,8 @@ class Sink:
                 buf.extend(chunk)
 
     def steps(self) -> list:
-        from enginetime.sidecar.frames import FrameDecoder
-        from enginetime.sidecar.records import Step
+        from enginetime.sidecar.ingest.frames import FrameDecoder
+        from enginetime.sidecar.ingest.records import Step
 
         for t in self.threads:
             t.join(5)
@@ -117,8 +121,9 @@ def calibrate(torch) -> float:
     return 20_000_000 / best
 
 
-def summarize(name: str, steps: list, expected_ms: list[float], launch_s: float, gpu_s: float,
-              hook_us: list[float]) -> dict:
+def summarize(
+    name: str, steps: list, expected_ms: list[float], launch_s: float, gpu_s: float, hook_us: list[float]
+) -> dict:
     """``expected_ms``: the calibrated kernel time of each recorded step, in order."""
     rows = [(s.device_time_ns / 1e6, want) for s, want in zip(steps, expected_ms, strict=False)]
     ratios = [got / want for got, want in rows]
@@ -179,7 +184,8 @@ def check_vllm(torch, cycles_per_ms: float, args, sink: Sink) -> dict:
             self.vllm_config = types.SimpleNamespace(
                 parallel_config=types.SimpleNamespace(data_parallel_rank=0, data_parallel_size=1),
                 model_config=types.SimpleNamespace(is_moe=False),
-                device_config=types.SimpleNamespace(device_type="cuda"))
+                device_config=types.SimpleNamespace(device_type="cuda"),
+            )
             self.requests = {f"r{i}": Req(f"r{i}") for i in range(8)}
 
     sched = Sched()
@@ -193,10 +199,14 @@ def check_vllm(torch, cycles_per_ms: float, args, sink: Sink) -> dict:
         return types.SimpleNamespace(
             num_scheduled_tokens={r: 1 for r in sched.requests},
             total_num_scheduled_tokens=len(sched.requests),
-            scheduled_new_reqs=[], preempted_req_ids=set(),
+            scheduled_new_reqs=[],
+            preempted_req_ids=set(),
             scheduled_cached_reqs=types.SimpleNamespace(
-                req_ids=list(sched.requests), num_computed_tokens=[64] * len(sched.requests),
-                resumed_req_ids=set()))
+                req_ids=list(sched.requests),
+                num_computed_tokens=[64] * len(sched.requests),
+                resumed_req_ids=set(),
+            ),
+        )
 
     w = Worker()
     torch.cuda.synchronize()
@@ -231,8 +241,10 @@ def check_vllm(torch, cycles_per_ms: float, args, sink: Sink) -> dict:
     steps = sink.steps()
     # Records arrive in update order: each DECODE step is forward + sampling; an IDLE
     # (dummy) step is a forward alone.
-    expected = [args.forward_ms if int(s.kind) == int(StepKind.IDLE) else args.forward_ms + args.sample_ms
-                for s in steps]
+    expected = [
+        args.forward_ms if int(s.kind) == int(StepKind.IDLE) else args.forward_ms + args.sample_ms
+        for s in steps
+    ]
     res = summarize("vllm", steps, expected, launch_s, gpu_s, hook_us)
     res["timer_fallbacks"] = stats.timer_fallbacks
     res["errors"] = stats.errors
@@ -253,8 +265,9 @@ def check_sglang(torch, cycles_per_ms: float, args, sink: Sink) -> dict:
             self.forward_ct = 0
             self.enable_overlap = True
             self.forward_stream = torch.cuda.Stream()
-            self.server_args = types.SimpleNamespace(tokenizer_worker_num=1, dp_size=1,
-                                                     enable_dp_attention=False)
+            self.server_args = types.SimpleNamespace(
+                tokenizer_worker_num=1, dp_size=1, enable_dp_attention=False
+            )
             self.waiting_queue = []
             self.attn_tp_rank = self.attn_dp_rank = self.pp_rank = 0
             self.dp_rank = None
@@ -298,7 +311,10 @@ def check_sglang(torch, cycles_per_ms: float, args, sink: Sink) -> dict:
         idle = i % 10 == 9
         batch = types.SimpleNamespace(
             forward_mode=types.SimpleNamespace(name="IDLE" if idle else "DECODE"),
-            reqs=[] if idle else reqs, global_num_tokens=[0 if idle else len(reqs), 8], delayed=i % 2 == 1)
+            reqs=[] if idle else reqs,
+            global_num_tokens=[0 if idle else len(reqs), 8],
+            delayed=i % 2 == 1,
+        )
         inside[0] = 0.0
         h = time.perf_counter()
         result = hooks.around_run_batch(run_batch, sched, batch)
@@ -330,9 +346,16 @@ def check_sglang(torch, cycles_per_ms: float, args, sink: Sink) -> dict:
             x @ x  # warm up outside the capture
         torch.cuda.current_stream().wait_stream(s)
         with torch.cuda.graph(graph):
-            hooks.around_run_batch(captured_forward, sched, types.SimpleNamespace(
-                forward_mode=types.SimpleNamespace(name="DECODE"), reqs=reqs[:1], global_num_tokens=None,
-                delayed=False))
+            hooks.around_run_batch(
+                captured_forward,
+                sched,
+                types.SimpleNamespace(
+                    forward_mode=types.SimpleNamespace(name="DECODE"),
+                    reqs=reqs[:1],
+                    global_num_tokens=None,
+                    delayed=False,
+                ),
+            )
         graph.replay()
         torch.cuda.synchronize()
         skipped = ad.recorder.stats().timer_fallbacks - before
@@ -341,7 +364,7 @@ def check_sglang(torch, cycles_per_ms: float, args, sink: Sink) -> dict:
         capture = f"FAILED: {exc!r}"[:300]
     ad.recorder.close()
     time.sleep(0.2)
-    steps = [s for s in sink.steps() if int(s.timer_source) == 2][:args.steps]  # not the captured one
+    steps = [s for s in sink.steps() if int(s.timer_source) == 2][: args.steps]  # not the captured one
     # odd steps sample late: their clock runs until the sampling kernel launched after them
     expected = [args.forward_ms + (args.sample_ms if i % 2 == 1 else 0.0) for i in range(len(steps))]
     res = summarize("sglang", steps, expected, launch_s, gpu_s, hook_us)
@@ -369,9 +392,14 @@ def main() -> int:
         return 2
     _enginetime_importable()
     cycles_per_ms = calibrate(torch)
-    out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "sleep_cycles_per_ms": round(cycles_per_ms), "steps": args.steps,
-           "forward_ms": args.forward_ms, "sample_ms": args.sample_ms}
+    out = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "sleep_cycles_per_ms": round(cycles_per_ms),
+        "steps": args.steps,
+        "forward_ms": args.forward_ms,
+        "sample_ms": args.sample_ms,
+    }
     results = []
     for check in (check_vllm, check_sglang):
         sink = Sink()
@@ -380,20 +408,30 @@ def main() -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{out['device']}  torch {out['torch']}  forward {args.forward_ms} ms, "
-              f"sample {args.sample_ms} ms, {args.steps} steps per adapter")
+        print(
+            f"{out['device']}  torch {out['torch']}  forward {args.forward_ms} ms, "
+            f"sample {args.sample_ms} ms, {args.steps} steps per adapter"
+        )
         for r in results:
-            print(f"\n[{r['adapter']}] {r['steps_recorded']} CUDA-timed steps recorded, timer sources "
-                  f"{r['timer_source']}, errors {r['errors']}, timer fallbacks {r['timer_fallbacks']}")
-            print(f"  device time per step: median {r['device_ms_median']} ms "
-                  f"(expected {r['expected_ms']} ms), ratio median {r['ratio_median']} "
-                  f"min/max {r['ratio_min_max']}")
-            print(f"  engine thread launched all steps in {r['engine_thread_launch_s']} s; the GPU was busy "
-                  f"{r['gpu_busy_s']} s (launch << busy: nothing synchronized)")
+            print(
+                f"\n[{r['adapter']}] {r['steps_recorded']} CUDA-timed steps recorded, timer sources "
+                f"{r['timer_source']}, errors {r['errors']}, timer fallbacks {r['timer_fallbacks']}"
+            )
+            print(
+                f"  device time per step: median {r['device_ms_median']} ms "
+                f"(expected {r['expected_ms']} ms), ratio median {r['ratio_median']} "
+                f"min/max {r['ratio_min_max']}"
+            )
+            print(
+                f"  engine thread launched all steps in {r['engine_thread_launch_s']} s; the GPU was busy "
+                f"{r['gpu_busy_s']} s (launch << busy: nothing synchronized)"
+            )
             print(f"  hook CPU per step: median {r['hook_cpu_us_median']} us")
             if "delayed_sample_steps_ms_median" in r:
-                print(f"  delayed-sampling steps: median {r['delayed_sample_steps_ms_median']} ms "
-                      f"(expected {r['delayed_sample_expected_ms']} ms)")
+                print(
+                    f"  delayed-sampling steps: median {r['delayed_sample_steps_ms_median']} ms "
+                    f"(expected {r['delayed_sample_expected_ms']} ms)"
+                )
                 print(f"  CUDA-graph capture around a hooked step: {r['graph_capture']}")
     ok = all(r["errors"] == 0 and r["ratio_median"] and 0.9 <= r["ratio_median"] <= 1.2 for r in results)
     return 0 if ok else 1

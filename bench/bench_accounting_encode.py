@@ -22,9 +22,10 @@ import time
 import numpy as np
 
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION, Coupling, EventKind, StepKind
-from enginetime.sidecar import accounting_wire, convert
-from enginetime.sidecar.ledger import Ledger, LedgerConfig
-from enginetime.sidecar.records import Event, Hello, Step
+from enginetime.sidecar.api import convert
+from enginetime.sidecar.ingest.records import Event, Hello, Step
+from enginetime.sidecar.ledger import accounting_wire
+from enginetime.sidecar.ledger.ledger import Ledger, LedgerConfig
 
 
 def build(requests: int, shards: int) -> Ledger:

@@ -90,7 +90,8 @@ def run_batch(address: str, batch: int, steps: int, chunk: int) -> dict:
                     t0 = perf()
                     tok = rec.step_begin()
                     rec.step_end(
-                        tok, kind=StepKind.DECODE,
+                        tok,
+                        kind=StepKind.DECODE,
                         handles=[r.handle for r in reqs],
                         prefill_tokens=[0] * batch,
                         decode_tokens=[r.extend for r in reqs],
@@ -105,8 +106,15 @@ def run_batch(address: str, batch: int, steps: int, chunk: int) -> dict:
                     context = [r.prefix for r in reqs]
                     t0 = perf()
                     tok = rec.step_begin()
-                    rec.step_end(tok, kind=StepKind.DECODE, handles=handles, prefill_tokens=prefill,
-                                 decode_tokens=decode, context_tokens=context, global_step=done)
+                    rec.step_end(
+                        tok,
+                        kind=StepKind.DECODE,
+                        handles=handles,
+                        prefill_tokens=prefill,
+                        decode_tokens=decode,
+                        context_tokens=context,
+                        global_step=done,
+                    )
                     hook_costs.append(perf() - t0)
                 done += 1
             if not rec.flush(30):
@@ -150,9 +158,15 @@ def run_engine_loop(address: str | None, batch: int, steps: int, ops: int) -> li
             for _ in range(ops):
                 hashlib.sha256(buf).digest()
             if rec:
-                rec.step_end(tok, kind=StepKind.DECODE, handles=[r.handle for r in reqs],
-                             prefill_tokens=[0] * batch, decode_tokens=[r.extend for r in reqs],
-                             context_tokens=[r.prefix for r in reqs], global_step=step)
+                rec.step_end(
+                    tok,
+                    kind=StepKind.DECODE,
+                    handles=[r.handle for r in reqs],
+                    prefill_tokens=[0] * batch,
+                    decode_tokens=[r.extend for r in reqs],
+                    context_tokens=[r.prefix for r in reqs],
+                    global_step=step,
+                )
             times.append(perf() - t0)
     finally:
         if rec:
@@ -187,23 +201,33 @@ def main(argv: list[str] | None = None) -> int:
         server.close()
         os.unlink(path)
         os.rmdir(tmp)
-    print(f"enginetime hooks: engine-thread cost per step (step_begin + columns from lists + step_end), "
-          f"CPU timer, {args.steps} steps per batch, Python {sys.version.split()[0]}")
+    print(
+        f"enginetime hooks: engine-thread cost per step (step_begin + columns from lists + step_end), "
+        f"CPU timer, {args.steps} steps per batch, Python {sys.version.split()[0]}"
+    )
     print(f"{'':>6} {'with columns':>21} {'hooks only':>21}")
-    print(f"{'batch':>6} {'median µs':>10} {'p99 µs':>10} {'median µs':>10} {'p99 µs':>10} "
-          f"{'shipper CPU µs/step':>20} {'bytes/step':>11} {'dropped':>8}")
+    print(
+        f"{'batch':>6} {'median µs':>10} {'p99 µs':>10} {'median µs':>10} {'p99 µs':>10} "
+        f"{'shipper CPU µs/step':>20} {'bytes/step':>11} {'dropped':>8}"
+    )
     for r in rows:
-        print(f"{r['batch']:>6} {r['median_us']:>10.2f} {r['p99_us']:>10.2f} {r['hooks_median_us']:>10.2f} "
-              f"{r['hooks_p99_us']:>10.2f} {r['shipper_us']:>20.2f} {r['bytes_per_step']:>11.0f} "
-              f"{r['dropped']:>8}")
+        print(
+            f"{r['batch']:>6} {r['median_us']:>10.2f} {r['p99_us']:>10.2f} {r['hooks_median_us']:>10.2f} "
+            f"{r['hooks_p99_us']:>10.2f} {r['shipper_us']:>20.2f} {r['bytes_per_step']:>11.0f} "
+            f"{r['dropped']:>8}"
+        )
     print()
     base = loops["no hooks"]
-    print(f"engine-shaped loop (16 GIL-releasing ops, ~{base[len(base) // 2] / 16e3:.0f} µs each, "
-          f"{args.loop_steps} steps): step wall time with the shipper thread running beside it")
+    print(
+        f"engine-shaped loop (16 GIL-releasing ops, ~{base[len(base) // 2] / 16e3:.0f} µs each, "
+        f"{args.loop_steps} steps): step wall time with the shipper thread running beside it"
+    )
     print(f"{'':>18} {'median µs':>10} {'mean µs':>9} {'p99 µs':>9}")
     for label, t in loops.items():
-        print(f"{label:>18} {t[len(t) // 2] / 1e3:>10.1f} {statistics.fmean(t) / 1e3:>9.1f} "
-              f"{t[int(0.99 * (len(t) - 1))] / 1e3:>9.1f}")
+        print(
+            f"{label:>18} {t[len(t) // 2] / 1e3:>10.1f} {statistics.fmean(t) / 1e3:>9.1f} "
+            f"{t[int(0.99 * (len(t) - 1))] / 1e3:>9.1f}"
+        )
     print(f"(took {time.monotonic() - started:.1f} s)")
     return 0
 

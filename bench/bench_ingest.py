@@ -165,7 +165,7 @@ def pusher(path: str, shards: int, batch: int, groups: int, ready, go, info) -> 
 
 
 async def run(args) -> dict:
-    from enginetime.sidecar.ledger import LedgerConfig
+    from enginetime.sidecar.ledger.ledger import LedgerConfig
     from enginetime.sidecar.server import Sidecar, SidecarConfig
 
     sockdir = tempfile.mkdtemp(prefix="et-bench-", dir="/tmp")

@@ -25,8 +25,8 @@ import time
 import numpy as np
 
 from enginetime.engine_hooks.constants import Coupling, EventKind, StepKind
-from enginetime.sidecar.ledger import Ledger, LedgerConfig
-from enginetime.sidecar.records import Event, Hello, Step
+from enginetime.sidecar.ingest.records import Event, Hello, Step
+from enginetime.sidecar.ledger.ledger import Ledger, LedgerConfig
 
 SHARDS = 8
 BATCH = 256

@@ -71,14 +71,17 @@ class DrainSink:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def decode_throughput(engine: Engine, batch: int, tokens: int, rng: random.Random,
-                      shards: int) -> tuple[float, float]:
+def decode_throughput(
+    engine: Engine, batch: int, tokens: int, rng: random.Random, shards: int
+) -> tuple[float, float]:
     """(decode tokens/s, this process's CPU seconds per generated token) for one repetition."""
     vocab = engine.config.model.vocab_size
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    reqs = [engine.submit([rng.randrange(vocab) for _ in range(32)], tokens, routed_shard=i % shards)
-            for i in range(batch)]
+    reqs = [
+        engine.submit([rng.randrange(vocab) for _ in range(32)], tokens, routed_shard=i % shards)
+        for i in range(batch)
+    ]
     for r in reqs:
         if not r.wait(600):
             raise RuntimeError("a request did not finish in 600 s")
@@ -96,17 +99,27 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="decode tokens per request per repetition")
     ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--coupling", default="independent", choices=("independent", "lockstep"))
-    ap.add_argument("--sink", choices=("sidecar", "drain"), default="sidecar",
-                    help="where the hooks ship: a real sidecar subprocess (default) or an in-process "
-                         "socket that discards (the hooks' own cost, without the sidecar's CPU)")
+    ap.add_argument(
+        "--sink",
+        choices=("sidecar", "drain"),
+        default="sidecar",
+        help="where the hooks ship: a real sidecar subprocess (default) or an in-process "
+        "socket that discards (the hooks' own cost, without the sidecar's CPU)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads per op (0: cores // shards)")
     ap.add_argument("--json", action="store_true", help="also print one JSON line with the figures")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
     sink = SidecarProcess() if args.sink == "sidecar" else DrainSink()
-    common = dict(num_shards=args.shards, coupling=args.coupling, prefix_cache_tokens=0,
-                  max_running_requests=4096, step_log_size=200_000, intra_op_threads=args.threads)
+    common = dict(
+        num_shards=args.shards,
+        coupling=args.coupling,
+        prefix_cache_tokens=0,
+        max_running_requests=4096,
+        step_log_size=200_000,
+        intra_op_threads=args.threads,
+    )
     on = Engine(EngineConfig(hooks=True, ingest=sink.ingest, engine_id="bench-hooks-on", **common)).start()
     off = Engine(EngineConfig(hooks=False, engine_id="bench-hooks-off", **common)).start()
     engines = {"on": on, "off": off}
@@ -115,11 +128,15 @@ def main() -> int:
         rng = random.Random(0)
         for eng in (on, off):  # warm both: first-call allocations, thread pools
             decode_throughput(eng, 8, 8, rng, args.shards)
-        print(f"testbed decode throughput, hooks on vs off: {args.shards} shard(s), {args.coupling}, "
-              f"{args.tokens} decode tokens per request, {args.reps} interleaved repetitions, "
-              f"{on.intra_op_threads} torch thread(s) per op, hooks ship to {args.sink}")
-        print(f"{'batch':>6} {'off tok/s':>10} {'on tok/s':>10} {'ratio (median of pairs)':>24} "
-              f"{'min':>6} {'max':>6} {'CPU/token off/on':>17}")
+        print(
+            f"testbed decode throughput, hooks on vs off: {args.shards} shard(s), {args.coupling}, "
+            f"{args.tokens} decode tokens per request, {args.reps} interleaved repetitions, "
+            f"{on.intra_op_threads} torch thread(s) per op, hooks ship to {args.sink}"
+        )
+        print(
+            f"{'batch':>6} {'off tok/s':>10} {'on tok/s':>10} {'ratio (median of pairs)':>24} "
+            f"{'min':>6} {'max':>6} {'CPU/token off/on':>17}"
+        )
         for batch in batches:
             tput: dict[str, list[float]] = {"on": [], "off": []}
             cpu: dict[str, list[float]] = {"on": [], "off": []}
@@ -128,19 +145,26 @@ def main() -> int:
                 order = ("on", "off") if rep % 2 == 0 else ("off", "on")
                 got = {}
                 for mode in order:
-                    got[mode], per_token = decode_throughput(engines[mode], batch, args.tokens, rng,
-                                                             args.shards)
+                    got[mode], per_token = decode_throughput(
+                        engines[mode], batch, args.tokens, rng, args.shards
+                    )
                     tput[mode].append(got[mode])
                     cpu[mode].append(per_token)
                 ratios.append(got["on"] / got["off"])
             med = statistics.median(ratios)
-            results[batch] = {"off_tok_s": statistics.median(tput["off"]),
-                              "on_tok_s": statistics.median(tput["on"]), "ratio": med,
-                              "ratio_min": min(ratios), "ratio_max": max(ratios),
-                              "cpu_ratio": statistics.median(cpu["off"]) / statistics.median(cpu["on"])}
+            results[batch] = {
+                "off_tok_s": statistics.median(tput["off"]),
+                "on_tok_s": statistics.median(tput["on"]),
+                "ratio": med,
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                "cpu_ratio": statistics.median(cpu["off"]) / statistics.median(cpu["on"]),
+            }
             r = results[batch]
-            print(f"{batch:>6} {r['off_tok_s']:>10.0f} {r['on_tok_s']:>10.0f} {med:>24.3f} "
-                  f"{min(ratios):>6.3f} {max(ratios):>6.3f} {r['cpu_ratio']:>17.3f}")
+            print(
+                f"{batch:>6} {r['off_tok_s']:>10.0f} {r['on_tok_s']:>10.0f} {med:>24.3f} "
+                f"{min(ratios):>6.3f} {max(ratios):>6.3f} {r['cpu_ratio']:>17.3f}"
+            )
         assert on.flush_hooks(10), "hooks did not flush"
         stats = [sh.hooks.stats() for sh in on.shards]
         sent = sum(s.sent_frames for s in stats)
@@ -153,15 +177,28 @@ def main() -> int:
         sidecar_cpu = sink.cpu_seconds() if isinstance(sink, SidecarProcess) else None
         if sidecar_cpu is not None:
             per_step = 1e3 * sidecar_cpu / max(steps, 1)
-            print(f"  sidecar process CPU: {sidecar_cpu:.2f} s in all, {per_step:.2f} ms/step "
-                  "(on this host it competes with the engine for the same cores)")
-        print(f"  on the shard thread: {inline / max(steps, 1) / 1000:.1f} us/step in the adapter "
-              f"({100 * inline / 1e9 / max(busy, 1e-9):.2f}% of step time); shipper thread CPU "
-              f"{cpu / max(steps, 1) / 1000:.1f} us/step (encoding, socket writes; off the engine loop)")
+            print(
+                f"  sidecar process CPU: {sidecar_cpu:.2f} s in all, {per_step:.2f} ms/step "
+                "(on this host it competes with the engine for the same cores)"
+            )
+        print(
+            f"  on the shard thread: {inline / max(steps, 1) / 1000:.1f} us/step in the adapter "
+            f"({100 * inline / 1e9 / max(busy, 1e-9):.2f}% of step time); shipper thread CPU "
+            f"{cpu / max(steps, 1) / 1000:.1f} us/step (encoding, socket writes; off the engine loop)"
+        )
         if args.json:
-            print(json.dumps({"batches": results, "steps": steps, "frames_sent": sent, "dropped": dropped,
-                              "adapter_us_per_step": inline / max(steps, 1) / 1000,
-                              "shipper_cpu_us_per_step": cpu / max(steps, 1) / 1000}))
+            print(
+                json.dumps(
+                    {
+                        "batches": results,
+                        "steps": steps,
+                        "frames_sent": sent,
+                        "dropped": dropped,
+                        "adapter_us_per_step": inline / max(steps, 1) / 1000,
+                        "shipper_cpu_us_per_step": cpu / max(steps, 1) / 1000,
+                    }
+                )
+            )
         if dropped:
             print("WARNING: frames were dropped; the hooks-on figure is optimistic", file=sys.stderr)
     finally:

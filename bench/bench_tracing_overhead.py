@@ -76,13 +76,27 @@ def encode(shards: int, batch: int, groups: int, life_range: tuple[int, int] = L
     setup = []
     for k in range(shards):
         parts = [
-            wire.frame_hello(engine_id="bench", shard=k, num_shards=shards, coupling=int(Coupling.LOCKSTEP),
-                             engine_kind="bench", timer_source=mono, device_name="cpu", recorder_epoch=1,
-                             wall_time_ns=t0)  # fmt: skip
+            wire.frame_hello(
+                engine_id="bench",
+                shard=k,
+                num_shards=shards,
+                coupling=int(Coupling.LOCKSTEP),
+                engine_kind="bench",
+                timer_source=mono,
+                device_name="cpu",
+                recorder_epoch=1,
+                wall_time_ns=t0,
+            )  # fmt: skip
         ]
         parts += [
-            wire.frame_event(handle=h, kind=int(EventKind.ARRIVED), time_ns=t0, request_id=f"b{k}-{h}",
-                             prompt_tokens=PROMPT, session_id=f"sess-{k}-{h}")  # fmt: skip
+            wire.frame_event(
+                handle=h,
+                kind=int(EventKind.ARRIVED),
+                time_ns=t0,
+                request_id=f"b{k}-{h}",
+                prompt_tokens=PROMPT,
+                session_id=f"sess-{k}-{h}",
+            )  # fmt: skip
             for h in handles[k]
         ]
         setup.append(b"".join(parts))
@@ -208,7 +222,7 @@ def receiver(port_out, stop) -> None:
 
 
 async def trial(tracing: bool, args, commands, replies, otlp_port: int, shards: int, groups: int) -> dict:
-    from enginetime.sidecar.ledger import LedgerConfig
+    from enginetime.sidecar.ledger.ledger import LedgerConfig
     from enginetime.sidecar.server import Sidecar, SidecarConfig
 
     sockdir = tempfile.mkdtemp(prefix="et-bench-", dir="/tmp")

@@ -40,8 +40,13 @@ def _steps_from_payload(payload: bytes) -> dict | None:
         if frame.WhichOneof("frame") != "step":
             return None
         s = frame.step
-        return {"seq": s.seq, "start": s.start_time_ns, "end": s.end_time_ns, "device": s.device_time_ns,
-                "source": s.timer_source}
+        return {
+            "seq": s.seq,
+            "start": s.start_time_ns,
+            "end": s.end_time_ns,
+            "device": s.device_time_ns,
+            "source": s.timer_source,
+        }
     except ImportError:
         pass
     key, pos = decode_varint(payload, 0)
@@ -57,8 +62,13 @@ def _steps_from_payload(payload: bytes) -> dict | None:
         else:
             size, pos = decode_varint(payload, pos)
             pos += size
-    return {"seq": fields.get(1, 0), "start": fields.get(3, 0), "end": fields.get(4, 0),
-            "device": fields.get(5, 0), "source": fields.get(6, 0)}
+    return {
+        "seq": fields.get(1, 0),
+        "start": fields.get(3, 0),
+        "end": fields.get(4, 0),
+        "device": fields.get(5, 0),
+        "source": fields.get(6, 0),
+    }
 
 
 class Sink:
@@ -96,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=4096, help="square fp16 matmul size")
     args = parser.parse_args(argv)
     if not cuda_available():
-        print("cuda_timer_check: no CUDA device in this process (torch missing or torch.cuda.is_available() "
-              "is False); nothing to check. Run it on a GPU machine.")
+        print(
+            "cuda_timer_check: no CUDA device in this process (torch missing or torch.cuda.is_available() "
+            "is False); nothing to check. Run it on a GPU machine."
+        )
         return 2
     import torch
 
@@ -156,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         tok = rec.step_begin()
         for _ in range(n):
             a @ a
-        rec.step_end(tok, kind=StepKind.DECODE, handles=[1], prefill_tokens=[0], decode_tokens=[1],
-                     context_tokens=[n])
+        rec.step_end(
+            tok, kind=StepKind.DECODE, handles=[1], prefill_tokens=[0], decode_tokens=[1], context_tokens=[n]
+        )
         hooked_ms.append((time.perf_counter_ns() - t0) / 1e6)
     # One step on a side stream, timed on that stream.
     side.wait_stream(torch.cuda.current_stream())
@@ -165,20 +178,25 @@ def main(argv: list[str] | None = None) -> int:
         tok = rec.step_begin(stream=side)
         for _ in range(8):
             a @ a
-        rec.step_end(tok, kind=StepKind.DECODE, handles=[1], prefill_tokens=[0], decode_tokens=[1],
-                     context_tokens=[8])
+        rec.step_end(
+            tok, kind=StepKind.DECODE, handles=[1], prefill_tokens=[0], decode_tokens=[1], context_tokens=[8]
+        )
     steps = sink.wait_steps(len(plan) + 1)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  matmul {args.size}^2 fp16")
     print("device ms: the hooks' CUDA events; reference ms: the same work timed with synchronize();")
     print("engine loop ms: the engine thread's time for the step (launches are async) with / without hooks")
-    print(f"{'seq':>4} {'matmuls':>8} {'device ms':>10} {'reference ms':>13} {'ratio':>6} "
-          f"{'loop ms, hooks':>15} {'loop ms, bare':>14}")
+    print(
+        f"{'seq':>4} {'matmuls':>8} {'device ms':>10} {'reference ms':>13} {'ratio':>6} "
+        f"{'loop ms, hooks':>15} {'loop ms, bare':>14}"
+    )
     for i, (s, n) in enumerate(zip(steps, plan + [8], strict=False)):
         ref = refs[n]
         hooked = f"{hooked_ms[i]:.3f}" if i < len(plan) else "(side)"
         bare = f"{bare_ms[i]:.3f}" if i < len(plan) else ""
-        print(f"{s['seq']:>4} {n:>8} {s['device'] / 1e6:>10.3f} {ref:>13.3f} {s['device'] / 1e6 / ref:>6.2f} "
-              f"{hooked:>15} {bare:>14}")
+        print(
+            f"{s['seq']:>4} {n:>8} {s['device'] / 1e6:>10.3f} {ref:>13.3f} {s['device'] / 1e6 / ref:>6.2f} "
+            f"{hooked:>15} {bare:>14}"
+        )
     print("checks:")
     check(len(steps) == len(plan) + 1, f"all {len(plan) + 1} steps arrived ({len(steps)})")
     check(all(s["source"] == TimerSource.CUDA_EVENT for s in steps), "every step timed with CUDA events")
@@ -194,16 +212,21 @@ def main(argv: list[str] | None = None) -> int:
         tok = rec.step_begin()
         for _ in range(4):
             a @ a
-        rec.step_end(tok, kind=StepKind.DECODE, handles=[1], prefill_tokens=[0], decode_tokens=[1],
-                     context_tokens=[4])
+        rec.step_end(
+            tok, kind=StepKind.DECODE, handles=[1], prefill_tokens=[0], decode_tokens=[1], context_tokens=[4]
+        )
     st_mid = rec.stats()
     torch.cuda.synchronize()  # this script waiting, so the counts below are final
     rec.flush(30)
     st = rec.stats()
-    print(f"pool: allocated={timer.allocated} cap={timer.pool_cap} free={timer.free} "
-          f"fallbacks={st.timer_fallbacks - before.timer_fallbacks}")
-    check(timer.allocated == timer.pool_cap and st_mid.timer_fallbacks > before.timer_fallbacks,
-          "pool grew to its cap, then fell back to CPU timing (counted)")
+    print(
+        f"pool: allocated={timer.allocated} cap={timer.pool_cap} free={timer.free} "
+        f"fallbacks={st.timer_fallbacks - before.timer_fallbacks}"
+    )
+    check(
+        timer.allocated == timer.pool_cap and st_mid.timer_fallbacks > before.timer_fallbacks,
+        "pool grew to its cap, then fell back to CPU timing (counted)",
+    )
     check(timer.free == timer.allocated, "every event pair returned to the pool")
 
     # Engine-thread cost of the hooks with CUDA events (tiny kernels, GPU keeps up).
@@ -213,8 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(4000):
         t0 = time.perf_counter_ns()
         tok = rec.step_begin()
-        rec.step_end(tok, kind=StepKind.DECODE, handles=handles, prefill_tokens=handles,
-                     decode_tokens=handles, context_tokens=handles)
+        rec.step_end(
+            tok,
+            kind=StepKind.DECODE,
+            handles=handles,
+            prefill_tokens=handles,
+            decode_tokens=handles,
+            context_tokens=handles,
+        )
         costs.append(time.perf_counter_ns() - t0)
         x.add_(1)
         if i % 500 == 499:
@@ -222,10 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     costs.sort()
     rec.flush(10)
     st = rec.stats()
-    print(f"engine thread, step_begin+step_end with CUDA events, batch 256: median "
-          f"{statistics.median(costs) / 1e3:.2f} µs, p99 {costs[int(0.99 * len(costs))] / 1e3:.2f} µs; "
-          f"shipper CPU total {st.shipper_cpu_ns / 1e6:.1f} ms for {st.steps} steps; "
-          f"dropped {st.dropped_steps}")
+    print(
+        f"engine thread, step_begin+step_end with CUDA events, batch 256: median "
+        f"{statistics.median(costs) / 1e3:.2f} µs, p99 {costs[int(0.99 * len(costs))] / 1e3:.2f} µs; "
+        f"shipper CPU total {st.shipper_cpu_ns / 1e6:.1f} ms for {st.steps} steps; "
+        f"dropped {st.dropped_steps}"
+    )
     rec.close()
     os.unlink(path)
     os.rmdir(tmp)

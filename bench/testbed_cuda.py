@@ -56,10 +56,19 @@ from enginetime.v1 import ingest_pb2
 #: Few, wide layers: a decode step costs Python dispatch per layer (and the GIL is shared by
 #: the shard threads), a prefill chunk costs FLOPs; 4 x 4096 makes chunks compute-bound
 #: (~1 TFLOP each at 32K context, fp32) while a decode step stays a few ms.
-GPU_MODEL = ModelConfig(vocab_size=32000, d_model=4096, n_layers=4, n_heads=32, head_dim=128, d_ff=16384,
-                        max_context=131072, seed=0)
-CPU_MODEL = ModelConfig(vocab_size=1024, d_model=128, n_layers=2, n_heads=4, head_dim=32, d_ff=512,
-                        max_context=65536, seed=0)
+GPU_MODEL = ModelConfig(
+    vocab_size=32000,
+    d_model=4096,
+    n_layers=4,
+    n_heads=32,
+    head_dim=128,
+    d_ff=16384,
+    max_context=131072,
+    seed=0,
+)
+CPU_MODEL = ModelConfig(
+    vocab_size=1024, d_model=128, n_layers=2, n_heads=4, head_dim=32, d_ff=512, max_context=65536, seed=0
+)
 
 
 def _varint(buf: bytearray, pos: int) -> tuple[int, int] | None:
@@ -125,8 +134,8 @@ class FrameTap:
             buf += data
             while (head := _varint(buf, 0)) is not None and head[1] + head[0] <= len(buf):
                 size, start = head
-                frame = ingest_pb2.IngestFrame.FromString(bytes(buf[start:start + size]))
-                del buf[:start + size]
+                frame = ingest_pb2.IngestFrame.FromString(bytes(buf[start : start + size]))
+                del buf[: start + size]
                 which = frame.WhichOneof("frame")
                 if which == "hello":
                     shard = frame.hello.shard
@@ -152,11 +161,19 @@ def step_table(tap: FrameTap, storm_shard: int) -> list[dict]:
         dev = [v[0] for v in vals]
         wall = [v[1] for v in vals]
         cuda = sum(1 for v in vals if v[2] == ingest_pb2.TIMER_SOURCE_CUDA_EVENT)
-        rows.append({"role": role, "kind": kind, "steps": len(vals), "cuda_timed": cuda,
-                     "device_ms_median": statistics.median(dev) / 1e6,
-                     "wall_ms_median": statistics.median(wall) / 1e6,
-                     "device_s_total": sum(dev) / 1e9, "wall_s_total": sum(wall) / 1e9,
-                     "device_over_wall": sum(dev) / max(sum(wall), 1)})
+        rows.append(
+            {
+                "role": role,
+                "kind": kind,
+                "steps": len(vals),
+                "cuda_timed": cuda,
+                "device_ms_median": statistics.median(dev) / 1e6,
+                "wall_ms_median": statistics.median(wall) / 1e6,
+                "device_s_total": sum(dev) / 1e9,
+                "wall_s_total": sum(wall) / 1e9,
+                "device_over_wall": sum(dev) / max(sum(wall), 1),
+            }
+        )
     return rows
 
 
@@ -166,23 +183,30 @@ def main() -> int:
     ap.add_argument("--storm-tokens", type=int, default=32768)
     ap.add_argument("--victims", type=int, default=6)
     ap.add_argument("--policy", default="prefill-first", choices=("prefill-first", "mixed"))
-    ap.add_argument("--out", default=None,
-                    help="write the full report (demo report + step table) as JSON here")
-    ap.add_argument("--allow-cpu", action="store_true",
-                    help="run on the CPU with a tiny model (script check)")
+    ap.add_argument(
+        "--out", default=None, help="write the full report (demo report + step table) as JSON here"
+    )
+    ap.add_argument(
+        "--allow-cpu", action="store_true", help="run on the CPU with a tiny model (script check)"
+    )
     args = ap.parse_args()
 
     if torch.cuda.is_available():
         device, model = "cuda", GPU_MODEL
-        print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
-              f"CUDA {torch.version.cuda}")
+        print(
+            f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+        )
     elif args.allow_cpu:
         device, model = "cpu", CPU_MODEL
-        print(f"no CUDA device: --allow-cpu, running on the CPU with a tiny model "
-              f"(torch {torch.__version__})")
+        print(
+            f"no CUDA device: --allow-cpu, running on the CPU with a tiny model (torch {torch.__version__})"
+        )
     else:
-        print("testbed_cuda: torch sees no CUDA device (torch.cuda.is_available() is False); run this on "
-              "a GPU machine, or pass --allow-cpu to check the script on the CPU", file=sys.stderr)
+        print(
+            "testbed_cuda: torch sees no CUDA device (torch.cuda.is_available() is False); run this on "
+            "a GPU machine, or pass --allow-cpu to check the script on the CPU",
+            file=sys.stderr,
+        )
         return 2
 
     t0 = time.perf_counter()
@@ -192,9 +216,17 @@ def main() -> int:
     except Exception as exc:  # the step table still works without it
         print(f"WARNING: no sidecar ({exc}); device times only, no accounting", file=sys.stderr)
     tap = FrameTap(sidecar.ingest if sidecar else None)
-    cfg = DemoConfig(shards=args.shards, coupling="lockstep", policy=args.policy, chunk=512,
-                     storm_tokens=args.storm_tokens, victims=args.victims, device=device, model=model,
-                     prefix_cache_tokens=1 << 20)
+    cfg = DemoConfig(
+        shards=args.shards,
+        coupling="lockstep",
+        policy=args.policy,
+        chunk=512,
+        storm_tokens=args.storm_tokens,
+        victims=args.victims,
+        device=device,
+        model=model,
+        prefix_cache_tokens=1 << 20,
+    )
 
     def say(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
@@ -210,22 +242,37 @@ def main() -> int:
     print()
     print(render(report))
     print()
-    print(f"step device time (hooks: {'CUDA events' if device == 'cuda' else 'monotonic clock'}) vs wall, "
-          "per step kind")
-    print(f"  {'role':<14} {'kind':<8} {'steps':>6} {'cuda-timed':>10} {'device ms':>10} {'wall ms':>9} "
-          f"{'device s':>9} {'wall s':>8} {'dev/wall':>8}")
+    print(
+        f"step device time (hooks: {'CUDA events' if device == 'cuda' else 'monotonic clock'}) vs wall, "
+        "per step kind"
+    )
+    print(
+        f"  {'role':<14} {'kind':<8} {'steps':>6} {'cuda-timed':>10} {'device ms':>10} {'wall ms':>9} "
+        f"{'device s':>9} {'wall s':>8} {'dev/wall':>8}"
+    )
     for r in table:
-        print(f"  {r['role']:<14} {r['kind']:<8} {r['steps']:>6} {r['cuda_timed']:>10} "
-              f"{r['device_ms_median']:>10.2f} {r['wall_ms_median']:>9.2f} {r['device_s_total']:>9.2f} "
-              f"{r['wall_s_total']:>8.2f} {r['device_over_wall']:>8.3f}")
+        print(
+            f"  {r['role']:<14} {r['kind']:<8} {r['steps']:>6} {r['cuda_timed']:>10} "
+            f"{r['device_ms_median']:>10.2f} {r['wall_ms_median']:>9.2f} {r['device_s_total']:>9.2f} "
+            f"{r['wall_s_total']:>8.2f} {r['device_over_wall']:>8.3f}"
+        )
     if tap.errors:
         print(f"tap errors: {tap.errors[:3]}", file=sys.stderr)
     print(f"total {time.perf_counter() - t0:.1f} s")
     if args.out:
         with open(args.out, "w") as f:
             name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-            json.dump({"device": device, "device_name": name, "torch": torch.__version__, "report": report,
-                       "step_table": table}, f, indent=1)
+            json.dump(
+                {
+                    "device": device,
+                    "device_name": name,
+                    "torch": torch.__version__,
+                    "report": report,
+                    "step_table": table,
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

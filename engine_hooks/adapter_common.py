@@ -64,8 +64,11 @@ class AdapterSettings:
         engine_id = env.get(ENGINE_ID_ENV, "").strip() or f"{engine_kind}-{_hostname()}"
         coupling = env.get(COUPLING_ENV, "").strip().lower() or None
         if coupling not in (None, "independent", "lockstep"):
-            log.error("enginetime: %s=%r is not 'independent' or 'lockstep'; inferring it instead",
-                      COUPLING_ENV, coupling)
+            log.error(
+                "enginetime: %s=%r is not 'independent' or 'lockstep'; inferring it instead",
+                COUPLING_ENV,
+                coupling,
+            )
             coupling = None
         return cls(
             engine_id=engine_id,

@@ -34,12 +34,12 @@ def parse_address(address: str) -> tuple[str, str | tuple[str, int]]:
     Raises ValueError with the accepted forms when the address is not one of them.
     """
     if address.startswith("unix:"):
-        path = address[len("unix:"):]
+        path = address[len("unix:") :]
         if not path:
             raise ValueError(f"bad ingest address {address!r}: unix: needs a path, e.g. unix:/tmp/x.sock")
         return "unix", path
     if address.startswith("tcp:"):
-        host, sep, port = address[len("tcp:"):].rpartition(":")
+        host, sep, port = address[len("tcp:") :].rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(
                 f"bad ingest address {address!r}: expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:7070"

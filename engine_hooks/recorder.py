@@ -144,13 +144,17 @@ class Recorder:
             self.shard = self._u32("shard", shard)
             self.num_shards = max(1, self._u32("num_shards", num_shards))
             if self.shard >= self.num_shards:
-                self._errors.report("shard out of range", f"shard={self.shard} but "
-                                    f"num_shards={self.num_shards}", level=logging.ERROR)
+                self._errors.report(
+                    "shard out of range",
+                    f"shard={self.shard} but num_shards={self.num_shards}",
+                    level=logging.ERROR,
+                )
             try:
                 self.coupling = Coupling.parse(coupling)
             except ValueError as exc:
-                self._errors.report("bad coupling", f"{exc}; reporting COUPLING_UNSPECIFIED",
-                                    level=logging.ERROR)
+                self._errors.report(
+                    "bad coupling", f"{exc}; reporting COUPLING_UNSPECIFIED", level=logging.ERROR
+                )
             self.address = ingest_address(address)
             try:
                 target = parse_address(self.address)
@@ -168,8 +172,14 @@ class Recorder:
             target = None
         self._cuda = target is not None and not isinstance(self._timer, CpuTimer)
         self._shipper = Shipper(
-            address=self.address, target=target, hello=self._hello_frame, live=self._live_snapshot,
-            timer=self._timer, errors=self._errors, capacity=buffer_size, backlog_bytes=buffer_bytes,
+            address=self.address,
+            target=target,
+            hello=self._hello_frame,
+            live=self._live_snapshot,
+            timer=self._timer,
+            errors=self._errors,
+            capacity=buffer_size,
+            backlog_bytes=buffer_bytes,
             heartbeat_interval_s=heartbeat_interval_s,
         )
         self._ring = self._shipper.ring
@@ -230,10 +240,18 @@ class Recorder:
             timer = self._timer
             fallbacks = getattr(timer, "fallbacks", 0) + getattr(timer, "capture_skips", 0)
             return RecorderStats(
-                connected=sh.connected, sent_frames=sh.sent_frames, dropped_frames=steps + events,
-                dropped_steps=steps, dropped_events=events, reconnects=sh.reconnects, pending=sh.pending,
-                shipper_cpu_ns=sh.cpu_ns, timer_fallbacks=fallbacks + sh.resolve_fallbacks,
-                errors=self._errors.count, steps=self._seq, live_requests=len(self._by_handle),
+                connected=sh.connected,
+                sent_frames=sh.sent_frames,
+                dropped_frames=steps + events,
+                dropped_steps=steps,
+                dropped_events=events,
+                reconnects=sh.reconnects,
+                pending=sh.pending,
+                shipper_cpu_ns=sh.cpu_ns,
+                timer_fallbacks=fallbacks + sh.resolve_fallbacks,
+                errors=self._errors.count,
+                steps=self._seq,
+                live_requests=len(self._by_handle),
                 address=self.address,
             )
         except Exception as exc:  # pragma: no cover - defensive
@@ -293,13 +311,31 @@ class Recorder:
                 return
             n = len(handles)
             if len(prefill_tokens) != n or len(decode_tokens) != n or len(context_tokens) != n:
-                self._lost_step(dev, "step columns of unequal length", (
-                    f"handles={n} prefill_tokens={len(prefill_tokens)} decode_tokens={len(decode_tokens)} "
-                    f"context_tokens={len(context_tokens)}; every column needs one value per request"))
+                self._lost_step(
+                    dev,
+                    "step columns of unequal length",
+                    (
+                        f"handles={n} prefill_tokens={len(prefill_tokens)} "
+                        f"decode_tokens={len(decode_tokens)} context_tokens={len(context_tokens)}; "
+                        "every column needs one value per request"
+                    ),
+                )
                 return
-            item = (STEP, seq, global_step, start_wall, wall, perf - start_perf, dev, kind,
-                    _own(handles), _own(prefill_tokens), _own(decode_tokens), _own(context_tokens),
-                    None if peer_tokens is None else _own(peer_tokens))
+            item = (
+                STEP,
+                seq,
+                global_step,
+                start_wall,
+                wall,
+                perf - start_perf,
+                dev,
+                kind,
+                _own(handles),
+                _own(prefill_tokens),
+                _own(decode_tokens),
+                _own(context_tokens),
+                None if peer_tokens is None else _own(peer_tokens),
+            )
             ring = self._ring
             if len(ring) >= self._cap:
                 self._shipper.overflow()
@@ -399,17 +435,22 @@ class Recorder:
                 live = len(self._by_handle)
             if live > _LIVE_WARN and not self._live_warned:
                 self._live_warned = True
-                self._errors.report("many live requests", (
-                    f"{live} requests arrived without FINISHED/ABORTED; is the adapter calling "
-                    "request_finished/request_aborted?"))
+                self._errors.report(
+                    "many live requests",
+                    (
+                        f"{live} requests arrived without FINISHED/ABORTED; is the adapter calling "
+                        "request_finished/request_aborted?"
+                    ),
+                )
             self._push_event(info, EventKind.ARRIVED, t)
             return handle
         except Exception as exc:
             self._errors.report("bad request_arrived arguments", exc)
             return 0
 
-    def request_scheduled(self, h: int, *, cached_tokens: int | None = None,
-                          time_ns: int | None = None) -> None:
+    def request_scheduled(
+        self, h: int, *, cached_tokens: int | None = None, time_ns: int | None = None
+    ) -> None:
         """The request entered the running batch (admitted); ``cached_tokens`` if known now."""
         try:
             info = self._lookup(h, "request_scheduled")
@@ -427,13 +468,15 @@ class Recorder:
         """A preempted request is running again."""
         self._simple_event(h, EventKind.RESUMED, time_ns, "request_resumed")
 
-    def request_finished(self, h: int, *, reason: str = "stop", output_tokens: int = 0,
-                         time_ns: int | None = None) -> None:
+    def request_finished(
+        self, h: int, *, reason: str = "stop", output_tokens: int = 0, time_ns: int | None = None
+    ) -> None:
         """The request completed; forgets its handle."""
         self._terminal(h, EventKind.FINISHED, reason, output_tokens, time_ns, "request_finished")
 
-    def request_aborted(self, h: int, *, reason: str = "abort", output_tokens: int = 0,
-                        time_ns: int | None = None) -> None:
+    def request_aborted(
+        self, h: int, *, reason: str = "abort", output_tokens: int = 0, time_ns: int | None = None
+    ) -> None:
         """The request was cancelled (client gone, /abort_request, error); forgets its handle."""
         self._terminal(h, EventKind.ABORTED, reason, output_tokens, time_ns, "request_aborted")
 
@@ -447,8 +490,9 @@ class Recorder:
         except Exception as exc:
             self._errors.report(f"bad {method} arguments", exc)
 
-    def _terminal(self, h: Any, kind: EventKind, reason: Any, output_tokens: Any, time_ns: Any,
-                  method: str) -> None:
+    def _terminal(
+        self, h: Any, kind: EventKind, reason: Any, output_tokens: Any, time_ns: Any, method: str
+    ) -> None:
         try:
             t = self._time(method, time_ns)
             out = self._u32("output_tokens", output_tokens)
@@ -473,12 +517,23 @@ class Recorder:
         return info
 
     def _unknown_handle(self, h: Any, method: str) -> None:
-        self._errors.report(f"{method}: unknown handle", (
-            f"handle {h!r} is not a live request of this recorder (use the int returned by "
-            "request_arrived; events after FINISHED/ABORTED are ignored)"))
+        self._errors.report(
+            f"{method}: unknown handle",
+            (
+                f"handle {h!r} is not a live request of this recorder (use the int returned by "
+                "request_arrived; events after FINISHED/ABORTED are ignored)"
+            ),
+        )
 
-    def _push_event(self, info: LiveRequest, kind: EventKind, t: int, cached: int | None = None,
-                    reason: str = "", output: int = 0) -> None:
+    def _push_event(
+        self,
+        info: LiveRequest,
+        kind: EventKind,
+        t: int,
+        cached: int | None = None,
+        reason: str = "",
+        output: int = 0,
+    ) -> None:
         if not self._enabled:
             if not self._closed:
                 self._shipper.count_dropped(events=1)
@@ -514,8 +569,9 @@ class Recorder:
                 return v
         except (TypeError, ValueError, OverflowError):
             pass
-        self._errors.report(f"{method}: bad time_ns",
-                            f"time_ns={value!r} is not an int64 of time.time_ns(); using now")
+        self._errors.report(
+            f"{method}: bad time_ns", f"time_ns={value!r} is not an int64 of time.time_ns(); using now"
+        )
         return _wall_ns()
 
     def _text(self, name: str, value: Any) -> str:
@@ -532,10 +588,18 @@ class Recorder:
 
     def _hello_frame(self) -> bytes:
         return wire.frame_hello(
-            engine_id=self.engine_id, shard=self.shard, num_shards=self.num_shards, coupling=self.coupling,
-            engine_kind=self.engine_kind, engine_version=self.engine_version, hooks_version=HOOKS_VERSION,
-            wall_time_ns=_wall_ns(), monotonic_ns=time.monotonic_ns(), timer_source=self._timer.source,
-            device_name=getattr(self._timer, "device_name", ""), recorder_epoch=self.epoch,
+            engine_id=self.engine_id,
+            shard=self.shard,
+            num_shards=self.num_shards,
+            coupling=self.coupling,
+            engine_kind=self.engine_kind,
+            engine_version=self.engine_version,
+            hooks_version=HOOKS_VERSION,
+            wall_time_ns=_wall_ns(),
+            monotonic_ns=time.monotonic_ns(),
+            timer_source=self._timer.source,
+            device_name=getattr(self._timer, "device_name", ""),
+            recorder_epoch=self.epoch,
             protocol_version=PROTOCOL_VERSION,
         )
 

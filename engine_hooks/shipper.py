@@ -76,11 +76,30 @@ class LiveRequest:
     only duplicate it); ``live`` turns False at FINISHED/ABORTED.
     """
 
-    __slots__ = ("handle", "request_id", "time_ns", "prompt_tokens", "cached_tokens", "session_id",
-                 "traceparent", "routed_shard", "queued", "live")
+    __slots__ = (
+        "handle",
+        "request_id",
+        "time_ns",
+        "prompt_tokens",
+        "cached_tokens",
+        "session_id",
+        "traceparent",
+        "routed_shard",
+        "queued",
+        "live",
+    )
 
-    def __init__(self, handle: int, request_id: str, time_ns: int, prompt_tokens: int, cached_tokens: int,
-                 session_id: str, traceparent: str, routed_shard: int | None) -> None:
+    def __init__(
+        self,
+        handle: int,
+        request_id: str,
+        time_ns: int,
+        prompt_tokens: int,
+        cached_tokens: int,
+        session_id: str,
+        traceparent: str,
+        routed_shard: int | None,
+    ) -> None:
         self.handle = handle
         self.request_id = request_id
         self.time_ns = time_ns
@@ -94,9 +113,16 @@ class LiveRequest:
 
     def arrived_frame(self, replayed: bool) -> bytes:
         return wire.frame_event(
-            handle=self.handle, kind=EventKind.ARRIVED, time_ns=self.time_ns, request_id=self.request_id,
-            prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens, session_id=self.session_id,
-            traceparent=self.traceparent, routed_shard=self.routed_shard, replayed=replayed,
+            handle=self.handle,
+            kind=EventKind.ARRIVED,
+            time_ns=self.time_ns,
+            request_id=self.request_id,
+            prompt_tokens=self.prompt_tokens,
+            cached_tokens=self.cached_tokens,
+            session_id=self.session_id,
+            traceparent=self.traceparent,
+            routed_shard=self.routed_shard,
+            replayed=replayed,
         )
 
 
@@ -134,8 +160,13 @@ class ErrorLog:
                 self._seen.add(kind)
             if first:
                 exc = detail if isinstance(detail, BaseException) else None
-                log.log(level, "enginetime hooks: %s: %s (counted in stats().errors; logged once)",
-                        kind, detail, exc_info=exc)
+                log.log(
+                    level,
+                    "enginetime hooks: %s: %s (counted in stats().errors; logged once)",
+                    kind,
+                    detail,
+                    exc_info=exc,
+                )
         except Exception:  # pragma: no cover - logging itself failed
             pass
 
@@ -380,8 +411,21 @@ class Shipper:
                 self._append(MARK, b"", item[1])
 
     def _step_to_backlog(self, item: tuple) -> None:
-        (_, seq, global_step, start_ns, end_ns, cpu_ns, dev, kind,
-         handles, prefill, decode, context, peer) = item
+        (
+            _,
+            seq,
+            global_step,
+            start_ns,
+            end_ns,
+            cpu_ns,
+            dev,
+            kind,
+            handles,
+            prefill,
+            decode,
+            context,
+            peer,
+        ) = item
         duration = cpu_ns
         source = TimerSource.MONOTONIC
         if dev is not None:
@@ -401,9 +445,18 @@ class Shipper:
                 source = TimerSource.CUDA_EVENT
         try:
             frame = wire.frame_step(
-                seq=seq, start_time_ns=start_ns, end_time_ns=end_ns, device_time_ns=duration,
-                timer_source=source, kind=kind, handles=handles, prefill_tokens=prefill,
-                decode_tokens=decode, context_tokens=context, peer_tokens=peer, global_step=global_step,
+                seq=seq,
+                start_time_ns=start_ns,
+                end_time_ns=end_ns,
+                device_time_ns=duration,
+                timer_source=source,
+                kind=kind,
+                handles=handles,
+                prefill_tokens=prefill,
+                decode_tokens=decode,
+                context_tokens=context,
+                peer_tokens=peer,
+                global_step=global_step,
             )
         except Exception as exc:
             self.count_dropped(steps=1)
@@ -419,8 +472,13 @@ class Shipper:
                 ref = info
             else:
                 frame = wire.frame_event(
-                    handle=info.handle, kind=kind, time_ns=time_ns, request_id=info.request_id,
-                    cached_tokens=cached or 0, finish_reason=reason, output_tokens=output,
+                    handle=info.handle,
+                    kind=kind,
+                    time_ns=time_ns,
+                    request_id=info.request_id,
+                    cached_tokens=cached or 0,
+                    finish_reason=reason,
+                    output_tokens=output,
                 )
                 ref = None
         except Exception as exc:
@@ -487,8 +545,11 @@ class Shipper:
         if self._outage_logged:
             log.warning(
                 "enginetime hooks: connected to the sidecar at %s after %.1f s; %d steps and %d request "
-                "events dropped so far", self.address, now - (self._outage_since or now),
-                self.dropped_steps, self.dropped_events,
+                "events dropped so far",
+                self.address,
+                now - (self._outage_since or now),
+                self.dropped_steps,
+                self.dropped_events,
             )
         self._outage_since = None
         self._outage_logged = False
@@ -503,7 +564,11 @@ class Shipper:
                 "enginetime hooks: %s (sidecar at %s). Buffering up to %d records and dropping the oldest "
                 "(counted) until it is reachable; retrying with backoff up to %.0f s. Is `enginetime "
                 "sidecar` running with --ingest %s (or ENGINETIME_INGEST set to the same address)?",
-                why, self.address, self.capacity, _BACKOFF_MAX_S, self.address,
+                why,
+                self.address,
+                self.capacity,
+                _BACKOFF_MAX_S,
+                self.address,
             )
 
     def _disconnect(self, now: float, why: str) -> None:
@@ -600,15 +665,25 @@ class Shipper:
         with self._drop_lock:
             steps, events = self.dropped_steps, self.dropped_events
         return wire.frame_heartbeat(
-            time_ns=time.time_ns(), dropped_frames=steps + events, dropped_steps=steps,
-            dropped_events=events, sent_frames=self.sent_frames, reconnects=self.reconnects,
+            time_ns=time.time_ns(),
+            dropped_frames=steps + events,
+            dropped_steps=steps,
+            dropped_events=events,
+            sent_frames=self.sent_frames,
+            reconnects=self.reconnects,
         )
 
     def _write(self, now: float) -> bool:
         """Write (part of) one batch; True when more is ready to go at once."""
         if self._out is None:
-            if not (self._backlog or self._send_hello or self._announce_all or self._needs_announce
-                    or self._replays or now >= self._next_heartbeat):
+            if not (
+                self._backlog
+                or self._send_hello
+                or self._announce_all
+                or self._needs_announce
+                or self._replays
+                or now >= self._next_heartbeat
+            ):
                 return False  # nothing to write: no syscall either
             if self._peer_closed():
                 self._disconnect(now, "the sidecar closed the connection")
@@ -627,8 +702,11 @@ class Shipper:
                     self._disconnect(now, f"the sidecar has not read for {self._stall_timeout:.0f} s")
                 elif not self._stall_logged and now - self._last_progress > 1.0:
                     self._stall_logged = True
-                    log.warning("enginetime hooks: the sidecar at %s is reading slowly; records are "
-                                "buffering and the oldest will be dropped (counted)", self.address)
+                    log.warning(
+                        "enginetime hooks: the sidecar at %s is reading slowly; records are "
+                        "buffering and the oldest will be dropped (counted)",
+                        self.address,
+                    )
                 return False
             except OSError as exc:
                 self._disconnect(now, f"lost the connection: {exc}")

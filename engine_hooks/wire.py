@@ -105,7 +105,7 @@ def split_frames(buf: bytes | bytearray) -> tuple[list[bytes], int]:
             break
         if start + size > end:
             break
-        frames.append(bytes(buf[start:start + size]))
+        frames.append(bytes(buf[start : start + size]))
         pos = start + size
     return frames, pos
 
@@ -369,10 +369,18 @@ def frame_step(
     if n:
         size = varint(4 * n)  # the four per-entry columns share one length
         parts += (
-            _ST_HANDLES, size, column_bytes("handles", handles),
-            _ST_PREFILL, size, column_bytes("prefill_tokens", prefill_tokens),
-            _ST_DECODE, size, column_bytes("decode_tokens", decode_tokens),
-            _ST_CONTEXT, size, column_bytes("context_tokens", context_tokens),
+            _ST_HANDLES,
+            size,
+            column_bytes("handles", handles),
+            _ST_PREFILL,
+            size,
+            column_bytes("prefill_tokens", prefill_tokens),
+            _ST_DECODE,
+            size,
+            column_bytes("decode_tokens", decode_tokens),
+            _ST_CONTEXT,
+            size,
+            column_bytes("context_tokens", context_tokens),
         )
     if peer_tokens:
         _put_bytes(parts, _ST_PEER, column_bytes("peer_tokens", peer_tokens))

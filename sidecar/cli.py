@@ -305,7 +305,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def build_config(args: argparse.Namespace):
     """The SidecarConfig for parsed arguments (imports the sidecar proper)."""
     from enginetime.engine_hooks.constants import ingest_address
-    from enginetime.sidecar.ledger import LedgerConfig
+    from enginetime.sidecar.ledger.ledger import LedgerConfig
     from enginetime.sidecar.server import SidecarConfig
 
     overrides = {"max_requests": args.max_requests, "retention_s": args.retention}

@@ -38,15 +38,15 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, ingest_address
+from enginetime.sidecar.api.fanout import PUBLISH_PERIOD_S, FanOut, FanOutLimits
+from enginetime.sidecar.api.service import AccountingService, add_to_server
 from enginetime.sidecar.cli import DEFAULT_LISTEN, split_host_port
-from enginetime.sidecar.fanout import PUBLISH_PERIOD_S, FanOut, FanOutLimits
-from enginetime.sidecar.finished import FinishedFeed
-from enginetime.sidecar.ingest import IngestAddressError, IngestServer
-from enginetime.sidecar.ledger import Ledger, LedgerConfig
-from enginetime.sidecar.metrics import MetricsStartError, SidecarMetrics, StateSnapshot
-from enginetime.sidecar.service import AccountingService, add_to_server
-from enginetime.sidecar.span_process import SpanExportProcess
-from enginetime.sidecar.tracing import (
+from enginetime.sidecar.ingest.server import IngestAddressError, IngestServer
+from enginetime.sidecar.ledger.ledger import Ledger, LedgerConfig
+from enginetime.sidecar.telemetry.finished import FinishedFeed
+from enginetime.sidecar.telemetry.metrics import MetricsStartError, SidecarMetrics, StateSnapshot
+from enginetime.sidecar.telemetry.span_process import SpanExportProcess
+from enginetime.sidecar.telemetry.tracing import (
     DEFAULT_LINK_THRESHOLD_S,
     TracingConfig,
     TracingConfigError,

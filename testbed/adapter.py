@@ -26,11 +26,27 @@ from .scheduler import Plan, Request
 class ShardHooks:
     """engine_hooks calls for one shard; every method is cheap and never raises."""
 
-    def __init__(self, engine_id: str, shard: int, num_shards: int, coupling: Coupling, *,
-                 address: str | None, timer: str = "auto", start: bool = True) -> None:
+    def __init__(
+        self,
+        engine_id: str,
+        shard: int,
+        num_shards: int,
+        coupling: Coupling,
+        *,
+        address: str | None,
+        timer: str = "auto",
+        start: bool = True,
+    ) -> None:
         self.recorder = Recorder(
-            engine_id, shard=shard, num_shards=num_shards, coupling=coupling.name.lower(),
-            address=address, engine_kind="testbed", engine_version=__version__, timer=timer, start=start,
+            engine_id,
+            shard=shard,
+            num_shards=num_shards,
+            coupling=coupling.name.lower(),
+            address=address,
+            engine_kind="testbed",
+            engine_version=__version__,
+            timer=timer,
+            start=start,
         )
         self.shard_thread_ns = 0  # time the shard thread spent in this adapter
 
@@ -38,8 +54,12 @@ class ShardHooks:
 
     def arrived(self, req: Request) -> None:
         req.handle = self.recorder.request_arrived(
-            req.rid, prompt_tokens=req.prompt_tokens, session_id=req.session_id,
-            traceparent=req.traceparent, routed_shard=req.routed_shard, time_ns=req.arrival_ns,
+            req.rid,
+            prompt_tokens=req.prompt_tokens,
+            session_id=req.session_id,
+            traceparent=req.traceparent,
+            routed_shard=req.routed_shard,
+            time_ns=req.arrival_ns,
         )
 
     def scheduled(self, req: Request) -> None:
@@ -49,13 +69,15 @@ class ShardHooks:
 
     def finished(self, req: Request) -> None:
         t = time.perf_counter_ns()
-        self.recorder.request_finished(req.handle, reason=req.finish_reason or "stop",
-                                       output_tokens=len(req.output_ids))
+        self.recorder.request_finished(
+            req.handle, reason=req.finish_reason or "stop", output_tokens=len(req.output_ids)
+        )
         self.shard_thread_ns += time.perf_counter_ns() - t
 
     def aborted(self, req: Request) -> None:
-        self.recorder.request_aborted(req.handle, reason=req.finish_reason or "abort",
-                                      output_tokens=len(req.output_ids))
+        self.recorder.request_aborted(
+            req.handle, reason=req.finish_reason or "abort", output_tokens=len(req.output_ids)
+        )
 
     # steps ------------------------------------------------------------------
 
@@ -65,8 +87,14 @@ class ShardHooks:
         self.shard_thread_ns += time.perf_counter_ns() - t
         return token
 
-    def step_end(self, token: Any, plan: Plan, *, global_step: int | None = None,
-                 peer_tokens: list[int] | tuple[int, ...] | None = None) -> None:
+    def step_end(
+        self,
+        token: Any,
+        plan: Plan,
+        *,
+        global_step: int | None = None,
+        peer_tokens: list[int] | tuple[int, ...] | None = None,
+    ) -> None:
         t = time.perf_counter_ns()
         entries = plan.entries
         self.recorder.step_end(

@@ -12,8 +12,9 @@ import sys
 
 for _module in ("torch", "numpy"):
     if importlib.util.find_spec(_module) is None:
-        raise ImportError(f"enginetime testbed needs {_module}: pip install 'enginetime[testbed]'",
-                          name=_module)
+        raise ImportError(
+            f"enginetime testbed needs {_module}: pip install 'enginetime[testbed]'", name=_module
+        )
 
 
 def _int_at_least(minimum: int):
@@ -37,21 +38,37 @@ def add_engine_args(parser: argparse.ArgumentParser, *, shards: int = 4) -> None
     """Engine and model flags shared by ``testbed serve`` and ``demo``."""
     eng = parser.add_argument_group("engine")
     eng.add_argument("--shards", type=_positive, default=shards, help=f"DP shards (default {shards})")
-    eng.add_argument("--coupling", choices=("lockstep", "independent"), default="lockstep",
-                     help="lockstep: a barrier ends every step (DP attention + MoE); independent: none "
-                          "(default lockstep)")
-    eng.add_argument("--policy", choices=("prefill-first", "mixed"), default="prefill-first",
-                     help="prefill-first: prefill chunks run alone, decodes wait (SGLang default); mixed: "
-                          "one chunk plus every decode per step (default prefill-first)")
-    eng.add_argument("--chunk", type=_positive, default=512,
-                     help="chunked prefill size in tokens (default 512)")
+    eng.add_argument(
+        "--coupling",
+        choices=("lockstep", "independent"),
+        default="lockstep",
+        help="lockstep: a barrier ends every step (DP attention + MoE); independent: none (default lockstep)",
+    )
+    eng.add_argument(
+        "--policy",
+        choices=("prefill-first", "mixed"),
+        default="prefill-first",
+        help="prefill-first: prefill chunks run alone, decodes wait (SGLang default); mixed: "
+        "one chunk plus every decode per step (default prefill-first)",
+    )
+    eng.add_argument(
+        "--chunk", type=_positive, default=512, help="chunked prefill size in tokens (default 512)"
+    )
     eng.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     eng.add_argument("--seed", type=_non_negative, default=0, help="model weights seed (default 0)")
     eng.add_argument("--max-running-requests", type=_positive, default=1024)
-    eng.add_argument("--prefix-cache-tokens", type=_non_negative, default=1 << 18,
-                     help="prefix cache size per shard in tokens (default 262144)")
-    eng.add_argument("--intra-op-threads", type=_non_negative, default=0,
-                     help="torch threads per op; 0: cores // shards, at least 1 (default 0)")
+    eng.add_argument(
+        "--prefix-cache-tokens",
+        type=_non_negative,
+        default=1 << 18,
+        help="prefix cache size per shard in tokens (default 262144)",
+    )
+    eng.add_argument(
+        "--intra-op-threads",
+        type=_non_negative,
+        default=0,
+        help="torch threads per op; 0: cores // shards, at least 1 (default 0)",
+    )
     mod = parser.add_argument_group("model (random weights)")
     mod.add_argument("--vocab", type=_positive, default=2048)
     mod.add_argument("--d-model", type=_positive, default=256)
@@ -66,43 +83,67 @@ def engine_config(args: argparse.Namespace, *, hooks: bool, ingest: str | None, 
     from .engine import EngineConfig
     from .model import ModelConfig
 
-    model = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                        head_dim=args.head_dim, d_ff=args.d_ff, max_context=args.max_context, seed=args.seed)
-    return EngineConfig(num_shards=args.shards, coupling=args.coupling, policy=args.policy,
-                        chunk_size=args.chunk, max_running_requests=args.max_running_requests,
-                        prefix_cache_tokens=args.prefix_cache_tokens, device=args.device, model=model,
-                        hooks=hooks, ingest=ingest, engine_id=engine_id,
-                        intra_op_threads=args.intra_op_threads)
+    model = ModelConfig(
+        vocab_size=args.vocab,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        head_dim=args.head_dim,
+        d_ff=args.d_ff,
+        max_context=args.max_context,
+        seed=args.seed,
+    )
+    return EngineConfig(
+        num_shards=args.shards,
+        coupling=args.coupling,
+        policy=args.policy,
+        chunk_size=args.chunk,
+        max_running_requests=args.max_running_requests,
+        prefix_cache_tokens=args.prefix_cache_tokens,
+        device=args.device,
+        model=model,
+        hooks=hooks,
+        ingest=ingest,
+        engine_id=engine_id,
+        intra_op_threads=args.intra_op_threads,
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     tb = subparsers.add_parser(
-        "testbed", help="a small real inference engine instrumented with engine_hooks",
+        "testbed",
+        help="a small real inference engine instrumented with engine_hooks",
         description="A small real engine (random-weight transformer in torch, continuous batching, chunked "
-                    "prefill, prefix cache, N DP shards) serving SGLang's /generate subset.",
+        "prefill, prefix cache, N DP shards) serving SGLang's /generate subset.",
     )
     tb_sub = tb.add_subparsers(dest="testbed_command", metavar="COMMAND", required=True)
 
     serve = tb_sub.add_parser(
-        "serve", help="serve /generate, /abort_request, /health",
+        "serve",
+        help="serve /generate, /abort_request, /health",
         description="Serve the testbed over HTTP. Prints 'enginetime testbed ready http=HOST:PORT ...' on "
-                    "stdout once listening; SIGTERM or Ctrl-C stops it.",
+        "stdout once listening; SIGTERM or Ctrl-C stops it.",
     )
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_non_negative, default=30000,
-                       help="0 picks a free port (default 30000)")
-    serve.add_argument("--ingest", default=None,
-                       help="sidecar ingest address (unix:PATH or tcp:HOST:PORT); default $ENGINETIME_INGEST "
-                            "or unix:/tmp/enginetime/ingest.sock")
+    serve.add_argument(
+        "--port", type=_non_negative, default=30000, help="0 picks a free port (default 30000)"
+    )
+    serve.add_argument(
+        "--ingest",
+        default=None,
+        help="sidecar ingest address (unix:PATH or tcp:HOST:PORT); default $ENGINETIME_INGEST "
+        "or unix:/tmp/enginetime/ingest.sock",
+    )
     serve.add_argument("--no-hooks", action="store_true", help="run without engine_hooks (overhead baseline)")
     serve.add_argument("--engine-id", default="testbed")
     add_engine_args(serve)
     serve.set_defaults(func=_serve)
 
     drive = tb_sub.add_parser(
-        "sessions", help="drive TITO multi-turn sessions against a /generate server",
+        "sessions",
+        help="drive TITO multi-turn sessions against a /generate server",
         description="Run multi-turn token-in/token-out sessions (every turn sends the whole history) and "
-                    "print each turn's shard, prompt and cached tokens.",
+        "print each turn's shard, prompt and cached tokens.",
     )
     drive.add_argument("--url", default="http://127.0.0.1:30000")
     drive.add_argument("--sessions", type=_positive, default=4)
@@ -115,18 +156,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     drive.set_defaults(func=_sessions)
 
     demo = subparsers.add_parser(
-        "demo", help="reproduce the cross-shard prefill incident and show its accounting",
+        "demo",
+        help="reproduce the cross-shard prefill incident and show its accounting",
         description="Start a sidecar and a LOCKSTEP testbed, let victim requests decode on shards "
-                    "0..N-2, migrate one long session's turn onto the last shard (a prefill storm), and "
-                    "print per-shard decode tok/s before/during/after, each victim's wall, queue, engine "
-                    "time, interference and top blame, the storm's own accounting, and the same victims "
-                    "without the storm.",
+        "0..N-2, migrate one long session's turn onto the last shard (a prefill storm), and "
+        "print per-shard decode tok/s before/during/after, each victim's wall, queue, engine "
+        "time, interference and top blame, the storm's own accounting, and the same victims "
+        "without the storm.",
     )
     add_engine_args(demo)
-    demo.add_argument("--storm-tokens", type=_positive, default=16384,
-                      help="context the migrated turn prefills (default 16384: 32 chunks of 512)")
-    demo.add_argument("--victims", type=_positive, default=6,
-                      help="decoding victims on shards 0..N-2 (default 6)")
+    demo.add_argument(
+        "--storm-tokens",
+        type=_positive,
+        default=16384,
+        help="context the migrated turn prefills (default 16384: 32 chunks of 512)",
+    )
+    demo.add_argument(
+        "--victims", type=_positive, default=6, help="decoding victims on shards 0..N-2 (default 6)"
+    )
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     demo.add_argument("--otlp-endpoint", default=None, help="passed to the sidecar (--otlp-endpoint)")
     demo.add_argument("--no-baseline", action="store_true", help="skip the run without the storm")
@@ -159,8 +206,11 @@ def _serve(args: argparse.Namespace) -> int:
     host, port = server.server_address[:2]
     first = engine.shards[0].hooks
     hooks = "off" if first is None else first.recorder.address
-    print(f"enginetime testbed ready http={host}:{port} shards={args.shards} coupling={args.coupling} "
-          f"policy={args.policy} chunk={args.chunk} device={engine.device} hooks={hooks}", flush=True)
+    print(
+        f"enginetime testbed ready http={host}:{port} shards={args.shards} coupling={args.coupling} "
+        f"policy={args.policy} chunk={args.chunk} device={engine.device} hooks={hooks}",
+        flush=True,
+    )
     try:
         stop.wait()
     finally:
@@ -174,17 +224,25 @@ def _sessions(args: argparse.Namespace) -> int:
 
     try:
         with SessionDriver(args.url, routing=args.routing, seed=args.seed) as driver:
-            sessions = driver.run(args.sessions, args.turns, prompt_tokens=args.prompt_tokens,
-                                  turn_tokens=args.turn_tokens, max_new_tokens=args.max_new_tokens)
+            sessions = driver.run(
+                args.sessions,
+                args.turns,
+                prompt_tokens=args.prompt_tokens,
+                turn_tokens=args.turn_tokens,
+                max_new_tokens=args.max_new_tokens,
+            )
     except Exception as exc:
         print(f"enginetime testbed sessions: {exc}", file=sys.stderr)
         return 1
-    print(f"{'session':<12} {'turn':>4} {'shard':>5} {'prompt':>7} {'cached':>7} {'prefilled':>9} "
-          f"{'wall s':>7}")
+    print(
+        f"{'session':<12} {'turn':>4} {'shard':>5} {'prompt':>7} {'cached':>7} {'prefilled':>9} {'wall s':>7}"
+    )
     for s in sessions:
         for t in s.turns:
-            print(f"{s.session_id:<12} {t.turn:>4} {t.shard:>5} {t.prompt_tokens:>7} {t.cached_tokens:>7} "
-                  f"{t.prefilled_tokens:>9} {t.wall_s:>7.2f}")
+            print(
+                f"{s.session_id:<12} {t.turn:>4} {t.shard:>5} {t.prompt_tokens:>7} {t.cached_tokens:>7} "
+                f"{t.prefilled_tokens:>9} {t.wall_s:>7.2f}"
+            )
     return 0
 
 

@@ -80,22 +80,43 @@ class DemoConfig:
         if self.shards < 2:
             raise ValueError("the demo needs --shards ≥ 2: victims on shards 0..N-2, the storm on the last")
         if self.storm_tokens < 2 * self.chunk:
-            raise ValueError(f"--storm-tokens {self.storm_tokens} is less than two chunks of {self.chunk}: "
-                             "no storm to see")
+            raise ValueError(
+                f"--storm-tokens {self.storm_tokens} is less than two chunks of {self.chunk}: no storm to see"
+            )
         if self.storm_tokens + 1024 > self.model.max_context:
-            raise ValueError(f"--storm-tokens {self.storm_tokens} does not fit the model context "
-                             f"{self.model.max_context} (raise --max-context)")
+            raise ValueError(
+                f"--storm-tokens {self.storm_tokens} does not fit the model context "
+                f"{self.model.max_context} (raise --max-context)"
+            )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DemoConfig:
-        model = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers,
-                            n_heads=args.heads, head_dim=args.head_dim, d_ff=args.d_ff,
-                            max_context=args.max_context, seed=args.seed)
-        return cls(shards=args.shards, coupling=args.coupling, policy=args.policy, chunk=args.chunk,
-                   storm_tokens=args.storm_tokens, victims=args.victims, seed=args.seed, device=args.device,
-                   otlp_endpoint=args.otlp_endpoint, baseline=not args.no_baseline, model=model,
-                   intra_op_threads=args.intra_op_threads, max_running_requests=args.max_running_requests,
-                   prefix_cache_tokens=args.prefix_cache_tokens)
+        model = ModelConfig(
+            vocab_size=args.vocab,
+            d_model=args.d_model,
+            n_layers=args.layers,
+            n_heads=args.heads,
+            head_dim=args.head_dim,
+            d_ff=args.d_ff,
+            max_context=args.max_context,
+            seed=args.seed,
+        )
+        return cls(
+            shards=args.shards,
+            coupling=args.coupling,
+            policy=args.policy,
+            chunk=args.chunk,
+            storm_tokens=args.storm_tokens,
+            victims=args.victims,
+            seed=args.seed,
+            device=args.device,
+            otlp_endpoint=args.otlp_endpoint,
+            baseline=not args.no_baseline,
+            model=model,
+            intra_op_threads=args.intra_op_threads,
+            max_running_requests=args.max_running_requests,
+            prefix_cache_tokens=args.prefix_cache_tokens,
+        )
 
 
 # ---------------------------------------------------------------------------- the sidecar process
@@ -107,11 +128,23 @@ class SidecarProcess:
     def __init__(self, *extra_args: str, timeout_s: float = 60.0) -> None:
         self.dir = tempfile.mkdtemp(prefix="et-demo-", dir="/tmp")
         self.log_path = os.path.join(self.dir, "sidecar.log")
-        cmd = [sys.executable, "-m", "enginetime", "sidecar", "--ingest", f"unix:{self.dir}/ingest.sock",
-               "--listen", "127.0.0.1:0", "--log-level", "warning", *extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "enginetime",
+            "sidecar",
+            "--ingest",
+            f"unix:{self.dir}/ingest.sock",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "warning",
+            *extra_args,
+        ]
         with open(self.log_path, "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                                         text=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True
+            )
         ready = threading.Event()
         lines: list[str] = []
 
@@ -130,7 +163,7 @@ class SidecarProcess:
             log = self.log()  # before stop() removes it
             self.stop()
             raise RuntimeError(f"the sidecar did not start (command: {' '.join(cmd)}):\n{log[-3000:]}")
-        fields = dict(part.split("=", 1) for part in line[len(READY_PREFIX):].split())
+        fields = dict(part.split("=", 1) for part in line[len(READY_PREFIX) :].split())
         self.grpc_target = fields["grpc"]
         self.ingest = fields["ingest"]
 
@@ -191,8 +224,15 @@ def decode_rate(steps: list[StepLog], window: Window, active_until: float) -> fl
 
 
 def _blame(acct) -> list[dict]:
-    return [{"request_id": b.request_id, "shard": b.shard, "seconds": round(b.seconds, 4),
-             "same_shard": b.same_shard} for b in acct.top_blame]
+    return [
+        {
+            "request_id": b.request_id,
+            "shard": b.shard,
+            "seconds": round(b.seconds, 4),
+            "same_shard": b.same_shard,
+        }
+        for b in acct.top_blame
+    ]
 
 
 def _r(x: float | None, nd: int = 4) -> float | None:
@@ -202,19 +242,33 @@ def _r(x: float | None, nd: int = 4) -> float | None:
 class Scenario:
     """One demo run: engine + HTTP + sidecar client, driven phase by phase."""
 
-    def __init__(self, cfg: DemoConfig, engine: Engine, url: str, acct, say: Callable[[str], None],
-                 sidecar_target: str = "") -> None:
+    def __init__(
+        self,
+        cfg: DemoConfig,
+        engine: Engine,
+        url: str,
+        acct,
+        say: Callable[[str], None],
+        sidecar_target: str = "",
+    ) -> None:
         self.cfg = cfg
         self.engine = engine
         self.acct = acct
         self.say = say
         self.url = url
         self.sidecar_target = sidecar_target
-        self.client = httpx.Client(base_url=url, timeout=600,
-                                   limits=httpx.Limits(max_connections=cfg.victims + 16))
+        self.client = httpx.Client(
+            base_url=url, timeout=600, limits=httpx.Limits(max_connections=cfg.victims + 16)
+        )
         # Its own seed: the session's tokens must not repeat the warmup's (no accidental cache hits).
-        self.driver = SessionDriver(url, num_shards=cfg.shards, routing="sticky", seed=cfg.seed + 1,
-                                    vocab_size=cfg.model.vocab_size, client=self.client)
+        self.driver = SessionDriver(
+            url,
+            num_shards=cfg.shards,
+            routing="sticky",
+            seed=cfg.seed + 1,
+            vocab_size=cfg.model.vocab_size,
+            client=self.client,
+        )
         self.rng = random.Random(cfg.seed)
         self.storm_shard = cfg.shards - 1
         self.home_shard = 0
@@ -226,8 +280,15 @@ class Scenario:
         return [self.rng.randrange(self.cfg.model.vocab_size) for _ in range(n)]
 
     def post(self, rid: str, ids: list[int], max_new: int, shard: int) -> dict:
-        r = self.client.post("/generate", json={"rid": rid, "input_ids": ids, "routed_dp_rank": shard,
-                                                "sampling_params": {"max_new_tokens": max_new}})
+        r = self.client.post(
+            "/generate",
+            json={
+                "rid": rid,
+                "input_ids": ids,
+                "routed_dp_rank": shard,
+                "sampling_params": {"max_new_tokens": max_new},
+            },
+        )
         if r.status_code != 200:
             raise RuntimeError(f"{rid}: HTTP {r.status_code}: {r.text}")
         return r.json()
@@ -235,8 +296,10 @@ class Scenario:
     # ------------------------------------------------------------------ phases
 
     def warmup(self) -> None:
-        threads = [threading.Thread(target=self.post, args=(f"warmup-{k}", self.tokens(600), 8, k))
-                   for k in range(self.cfg.shards)]
+        threads = [
+            threading.Thread(target=self.post, args=(f"warmup-{k}", self.tokens(600), 8, k))
+            for k in range(self.cfg.shards)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -314,21 +377,46 @@ class Scenario:
 
     def victim_row(self, rid: str, shard: int, req, storm_window: Window | None, deadline: float) -> dict:
         acct, partial = self.accounting(rid, req.steps, deadline)
-        row = {"request_id": rid, "shard": shard, "output_tokens": len(req.output_ids),
-               "engine_wall_s": _r(req.finish_perf - req.arrival_perf), "max_stall_s": _r(req.max_gap_s)}
+        row = {
+            "request_id": rid,
+            "shard": shard,
+            "output_tokens": len(req.output_ids),
+            "engine_wall_s": _r(req.finish_perf - req.arrival_perf),
+            "max_stall_s": _r(req.max_gap_s),
+        }
         if storm_window is not None:
             row["decode_tokens_during_storm"] = sum(
-                s.decode_tokens[s.rids.index(rid)] for s in self.engine.step_log(shard)
-                if rid in s.rids and s.end in storm_window)
+                s.decode_tokens[s.rids.index(rid)]
+                for s in self.engine.step_log(shard)
+                if rid in s.rids and s.end in storm_window
+            )
         if acct is None:
-            row.update({"wall_s": None, "queue_s": None, "engine_time_s": None, "gpu_time_s": None,
-                        "interference_s": None, "other_s": None, "blame": [], "partial": True})
+            row.update(
+                {
+                    "wall_s": None,
+                    "queue_s": None,
+                    "engine_time_s": None,
+                    "gpu_time_s": None,
+                    "interference_s": None,
+                    "other_s": None,
+                    "blame": [],
+                    "partial": True,
+                }
+            )
             return row
-        row.update({"wall_s": _r(acct.wall), "queue_s": _r(acct.queue_time),
-                    "engine_time_s": _r(acct.engine_time), "gpu_time_s": _r(acct.gpu_time),
-                    "interference_s": _r(acct.interference),
-                    "other_s": _r(acct.other), "excluded_steps": acct.excluded_steps, "blame": _blame(acct),
-                    "partial": bool(partial or acct.partial)})
+        row.update(
+            {
+                "wall_s": _r(acct.wall),
+                "queue_s": _r(acct.queue_time),
+                "engine_time_s": _r(acct.engine_time),
+                "gpu_time_s": _r(acct.gpu_time),
+                "interference_s": _r(acct.interference),
+                "other_s": _r(acct.other),
+                "excluded_steps": acct.excluded_steps,
+                "blame": _blame(acct),
+                "partial": bool(partial or acct.partial),
+            }
+        )
         return row
 
     # ------------------------------------------------------------------ the run
@@ -344,8 +432,9 @@ class Scenario:
         first = cfg.storm_tokens - cfg.turn_tokens - history_out
         session = self.driver.new_session(first, session_id="session-long")
         say(f"session-long turn 0: {first} tokens prefilled on shard {self.home_shard} (its home)")
-        turn0 = self.driver.run_turn(session, 0, max_new_tokens=history_out, shard=self.home_shard,
-                                     rid="session-long-turn-0")
+        turn0 = self.driver.run_turn(
+            session, 0, max_new_tokens=history_out, shard=self.home_shard, rid="session-long-turn-0"
+        )
         storm_prompt = len(session.history) + cfg.turn_tokens
         per_step = cfg.chunk - (1 if cfg.policy == "mixed" else 0)
         storm_chunks = math.ceil(storm_prompt / per_step)
@@ -353,19 +442,24 @@ class Scenario:
 
         baseline = None
         if cfg.baseline:
-            say(f"baseline: {cfg.victims} victims on shards 0..{cfg.shards - 2} (+1 on shard "
-                f"{self.storm_shard}) decode {max_new} tokens, no storm")
+            say(
+                f"baseline: {cfg.victims} victims on shards 0..{cfg.shards - 2} (+1 on shard "
+                f"{self.storm_shard}) decode {max_new} tokens, no storm"
+            )
             baseline = self.run_victims("baseline-", max_new, None)
 
         storm_box: dict = {}
 
         def storm() -> None:
             storm_box["sent"] = time.perf_counter()
-            storm_box["turn"] = self.driver.run_turn(session, cfg.turn_tokens, max_new_tokens=8,
-                                                     shard=self.storm_shard, rid=STORM_RID)
+            storm_box["turn"] = self.driver.run_turn(
+                session, cfg.turn_tokens, max_new_tokens=8, shard=self.storm_shard, rid=STORM_RID
+            )
 
-        say(f"storm: the same victims; session-long turn 1 migrates to shard {self.storm_shard} "
-            f"({storm_prompt} tokens, {storm_chunks} chunks of {cfg.chunk})")
+        say(
+            f"storm: the same victims; session-long turn 1 migrates to shard {self.storm_shard} "
+            f"({storm_prompt} tokens, {storm_chunks} chunks of {cfg.chunk})"
+        )
         run = self.run_victims("", max_new, storm)
         storm_turn = storm_box["turn"]
 
@@ -375,23 +469,35 @@ class Scenario:
         say("collecting accounting from the sidecar")
 
         # ---- engine-side measurements
-        storm_steps = [s for s in eng.step_log(self.storm_shard) if STORM_RID in s.rids
-                       and s.prefill_tokens[s.rids.index(STORM_RID)] > 0]
+        storm_steps = [
+            s
+            for s in eng.step_log(self.storm_shard)
+            if STORM_RID in s.rids and s.prefill_tokens[s.rids.index(STORM_RID)] > 0
+        ]
         storm_window = Window(storm_steps[0].start, storm_steps[-1].end)
         reqs = run["reqs"]
         last_finish = max(r.finish_perf for r in reqs.values())
         # "before" ends when the storm turn is sent: its HTTP body (tens of thousands of ids) is
         # parsed while the victims decode, which is the server's cost, not the storm's.
-        windows = {"before": Window(run["all_decoding"], storm_box["sent"]), "during": storm_window,
-                   "after": Window(storm_window.end, last_finish)}
+        windows = {
+            "before": Window(run["all_decoding"], storm_box["sent"]),
+            "during": storm_window,
+            "after": Window(storm_window.end, last_finish),
+        }
         shards = []
         for k in range(cfg.shards):
             mine = [reqs[rid] for rid, sh in run["specs"] if sh == k]
             active_until = max((r.finish_perf for r in mine), default=0.0)
             steps = eng.step_log(k)
-            shards.append({"shard": k, "role": "storm" if k == self.storm_shard else "victims",
-                           "decode_tok_s": {name: _r(decode_rate(steps, w, active_until), 2)
-                                            for name, w in windows.items()}})
+            shards.append(
+                {
+                    "shard": k,
+                    "role": "storm" if k == self.storm_shard else "victims",
+                    "decode_tok_s": {
+                        name: _r(decode_rate(steps, w, active_until), 2) for name, w in windows.items()
+                    },
+                }
+            )
 
         # ---- sidecar accounting
         deadline = time.monotonic() + 20
@@ -414,32 +520,54 @@ class Scenario:
         storm_req_steps = sum(1 for s in eng.step_log(self.storm_shard) if STORM_RID in s.rids)
         sa, spartial = self.accounting(STORM_RID, storm_req_steps, deadline)
         storm_row = {
-            "request_id": STORM_RID, "shard": self.storm_shard, "from_shard": self.home_shard,
-            "session_id": "session-long", "prompt_tokens": storm_turn.prompt_tokens,
+            "request_id": STORM_RID,
+            "shard": self.storm_shard,
+            "from_shard": self.home_shard,
+            "session_id": "session-long",
+            "prompt_tokens": storm_turn.prompt_tokens,
             "cached_tokens": storm_turn.cached_tokens,
             "prefill_tokens": sum(s.prefill_tokens[s.rids.index(STORM_RID)] for s in storm_steps),
-            "chunks": len(storm_steps), "prefill_s": _r(storm_window.end - storm_window.start),
+            "chunks": len(storm_steps),
+            "prefill_s": _r(storm_window.end - storm_window.start),
             "sent_after_victims_s": _r(storm_box["sent"] - run["all_decoding"]),
-            "wall_s": _r(sa.wall) if sa else None, "queue_s": _r(sa.queue_time) if sa else None,
+            "wall_s": _r(sa.wall) if sa else None,
+            "queue_s": _r(sa.queue_time) if sa else None,
             "engine_time_s": _r(sa.engine_time) if sa else None,
             "gpu_time_s": _r(sa.gpu_time) if sa else None,
             "interference_s": _r(sa.interference) if sa else None,
-            "migrated": bool(sa.migrated) if sa else None, "partial": bool(spartial or (sa and sa.partial)),
+            "migrated": bool(sa.migrated) if sa else None,
+            "partial": bool(spartial or (sa and sa.partial)),
         }
         session_row = {
             "session_id": "session-long",
-            "turns": [{"request_id": t.rid, "shard": t.shard, "prompt_tokens": t.prompt_tokens,
-                       "cached_tokens": t.cached_tokens, "prefilled_tokens": t.prefilled_tokens,
-                       "wall_s": _r(t.wall_s)} for t in (turn0, storm_turn, turn2)],
+            "turns": [
+                {
+                    "request_id": t.rid,
+                    "shard": t.shard,
+                    "prompt_tokens": t.prompt_tokens,
+                    "cached_tokens": t.cached_tokens,
+                    "prefilled_tokens": t.prefilled_tokens,
+                    "wall_s": _r(t.wall_s),
+                }
+                for t in (turn0, storm_turn, turn2)
+            ],
         }
 
         report = {
-            "config": {"shards": cfg.shards, "coupling": cfg.coupling, "policy": cfg.policy,
-                       "chunk": cfg.chunk, "storm_tokens": cfg.storm_tokens, "victims": cfg.victims,
-                       "seed": cfg.seed,
-                       "device": str(eng.device), "intra_op_threads": eng.intra_op_threads,
-                       "victim_max_new_tokens": max_new, "model": asdict(cfg.model),
-                       "engine_id": eng.config.engine_id},
+            "config": {
+                "shards": cfg.shards,
+                "coupling": cfg.coupling,
+                "policy": cfg.policy,
+                "chunk": cfg.chunk,
+                "storm_tokens": cfg.storm_tokens,
+                "victims": cfg.victims,
+                "seed": cfg.seed,
+                "device": str(eng.device),
+                "intra_op_threads": eng.intra_op_threads,
+                "victim_max_new_tokens": max_new,
+                "model": asdict(cfg.model),
+                "engine_id": eng.config.engine_id,
+            },
             "shards": shards,
             "storm": storm_row,
             "victims": victims,
@@ -448,8 +576,9 @@ class Scenario:
         }
         if baseline is not None:
             report["baseline"] = {"victims": base_rows, "neighbour": base_neighbour}
-            report["timeouts"] = _timeouts(victims + [neighbour], base_rows + [base_neighbour],
-                                           cfg.budget_factor)
+            report["timeouts"] = _timeouts(
+                victims + [neighbour], base_rows + [base_neighbour], cfg.budget_factor
+            )
         report["summary"] = _summary(report, self.storm_shard)
         if cfg.compare_policies and report.get("timeouts"):
             report["policies"] = self.compare_policies(session, report["timeouts"]["budget_s"], max_new)
@@ -490,23 +619,33 @@ class Scenario:
             for policy, tag in (("wall_clock", "wall"), ("engine_time", "guard")):
                 rid = f"{tag}-{name}"
                 trajs[rid] = Trajectory(rid, policy, shards[i % len(shards)], n)
-                bodies[rid] = json.dumps({"rid": rid, "input_ids": self.tokens(cfg.victim_prompt_tokens),
-                                          "routed_dp_rank": trajs[rid].shard,
-                                          "sampling_params": {"max_new_tokens": n}}).encode()
+                bodies[rid] = json.dumps(
+                    {
+                        "rid": rid,
+                        "input_ids": self.tokens(cfg.victim_prompt_tokens),
+                        "routed_dp_rank": trajs[rid].shard,
+                        "sampling_params": {"max_new_tokens": n},
+                    }
+                ).encode()
         answers: dict[str, httpx.Response | BaseException] = {}
         client = httpx.Client(timeout=None, limits=httpx.Limits(max_connections=len(trajs) + 4))
 
         def send(rid: str) -> None:
             try:
-                answers[rid] = client.post(f"{servers[trajs[rid].policy].url}/generate", content=bodies[rid],
-                                           headers={"Content-Type": "application/json"})
+                answers[rid] = client.post(
+                    f"{servers[trajs[rid].policy].url}/generate",
+                    content=bodies[rid],
+                    headers={"Content-Type": "application/json"},
+                )
             except BaseException as exc:  # reported below
                 answers[rid] = exc
 
         sizes = ", ".join(str(n) for _, n in plan)
-        say(f"two session servers, one storm: {len(plan)} trajectories each ({sizes} "
+        say(
+            f"two session servers, one storm: {len(plan)} trajectories each ({sizes} "
             f"tokens) through a {budget_s:.2f} s read timeout and through the engine-time guard "
-            f"({budget_s:.2f} s of engine time); session-long turn 3 migrates to shard {storm_shard}")
+            f"({budget_s:.2f} s of engine time); session-long turn 3 migrates to shard {storm_shard}"
+        )
         reqs: dict[str, object] = {}
         threads = [threading.Thread(target=send, args=(rid,)) for rid in trajs]
         try:
@@ -528,8 +667,9 @@ class Scenario:
             if not eng.wait_until(ready, 120):
                 raise RuntimeError("the trajectories did not start decoding within 120 s")
             sent = time.perf_counter()
-            self.driver.run_turn(session, cfg.turn_tokens, max_new_tokens=8, shard=storm_shard,
-                                 rid="session-long-turn-3")
+            self.driver.run_turn(
+                session, cfg.turn_tokens, max_new_tokens=8, shard=storm_shard, rid="session-long-turn-3"
+            )
             for t in threads:
                 t.join(300)
         finally:
@@ -537,16 +677,22 @@ class Scenario:
             wall.stop()
             guard.stop()
         eng.flush_hooks(10)
-        storm_steps = [s for s in eng.step_log(storm_shard) if "session-long-turn-3" in s.rids
-                       and s.prefill_tokens[s.rids.index("session-long-turn-3")] > 0]
+        storm_steps = [
+            s
+            for s in eng.step_log(storm_shard)
+            if "session-long-turn-3" in s.rids and s.prefill_tokens[s.rids.index("session-long-turn-3")] > 0
+        ]
         deadline = time.monotonic() + 20
         out: dict = {
             "budget_s": _r(budget_s),
             "basis": "the timeouts budget: the same seconds as a read timeout and as an engine-time budget",
-            "storm": {"request_id": "session-long-turn-3", "shard": storm_shard,
-                      "prefill_s": _r(storm_steps[-1].end - storm_steps[0].start) if storm_steps else None,
-                      "chunks": len(storm_steps), "sent_after_s": _r(sent - min(r.arrival_perf for r in
-                                                                                  reqs.values()))},
+            "storm": {
+                "request_id": "session-long-turn-3",
+                "shard": storm_shard,
+                "prefill_s": _r(storm_steps[-1].end - storm_steps[0].start) if storm_steps else None,
+                "chunks": len(storm_steps),
+                "sent_after_s": _r(sent - min(r.arrival_perf for r in reqs.values())),
+            },
         }
         for policy, server in servers.items():
             killed, completed = [], []
@@ -560,19 +706,26 @@ class Scenario:
                 req = reqs.get(rid)
                 tokens = len(req.output_ids) if req is not None else len(ans.json().get("output_ids", []))
                 acct, partial = self.accounting(rid, req.steps if req is not None else 0, deadline)
-                row = {"request_id": rid, "shard": tr.shard, "max_new_tokens": tr.max_new_tokens,
-                       "output_tokens": tokens, "http_status": ans.status_code,
-                       "wall_s": _r(acct.wall) if acct else None,
-                       "engine_time_s": _r(acct.engine_time) if acct else None,
-                       "interference_s": _r(acct.interference) if acct else None}
+                row = {
+                    "request_id": rid,
+                    "shard": tr.shard,
+                    "max_new_tokens": tr.max_new_tokens,
+                    "output_tokens": tokens,
+                    "http_status": ans.status_code,
+                    "wall_s": _r(acct.wall) if acct else None,
+                    "engine_time_s": _r(acct.engine_time) if acct else None,
+                    "interference_s": _r(acct.interference) if acct else None,
+                }
                 if rid in kills:
                     row["reason"] = kills[rid].reason
                     killed.append(row)
                 else:
                     completed.append(row)
-            out[policy] = {"session_server": server.policy.describe(),
-                           "killed": sorted(killed, key=lambda r: r["max_new_tokens"]),
-                           "completed": sorted(completed, key=lambda r: r["max_new_tokens"])}
+            out[policy] = {
+                "session_server": server.policy.describe(),
+                "killed": sorted(killed, key=lambda r: r["max_new_tokens"]),
+                "completed": sorted(completed, key=lambda r: r["max_new_tokens"]),
+            }
         return out
 
 
@@ -584,8 +737,12 @@ def _timeouts(victims: list[dict], baseline: list[dict], factor: float) -> dict:
     budget = factor * max(walls)
     wall_kills = [v["request_id"] for v in victims if v and (v.get("wall_s") or 0) > budget]
     engine_kills = [v["request_id"] for v in victims if v and (v.get("engine_time_s") or 0) > budget]
-    return {"budget_s": _r(budget), "basis": f"{factor:g} x the slowest victim's wall time without the storm",
-            "wall_clock_kills": wall_kills, "engine_time_kills": engine_kills}
+    return {
+        "budget_s": _r(budget),
+        "basis": f"{factor:g} x the slowest victim's wall time without the storm",
+        "wall_clock_kills": wall_kills,
+        "engine_time_kills": engine_kills,
+    }
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -597,12 +754,15 @@ def _summary(report: dict, storm_shard: int) -> dict:
     others = [s["decode_tok_s"] for s in report["shards"] if s["shard"] != storm_shard]
     before = _mean([s["before"] for s in others])
     during = _mean([s["during"] for s in others])
-    out: dict = {"victim_shards_decode_tok_s_before": _r(before, 2),
-                 "victim_shards_decode_tok_s_during": _r(during, 2)}
+    out: dict = {
+        "victim_shards_decode_tok_s_before": _r(before, 2),
+        "victim_shards_decode_tok_s_during": _r(during, 2),
+    }
     if before and during is not None:
         out["victim_shards_during_over_before"] = _r(during / before, 4)
-    base = {v["request_id"].removeprefix("baseline-"): v
-            for v in report.get("baseline", {}).get("victims", [])}
+    base = {
+        v["request_id"].removeprefix("baseline-"): v for v in report.get("baseline", {}).get("victims", [])
+    }
     ratios_wall, ratios_engine = [], []
     for v in report["victims"]:
         b = base.get(v["request_id"])
@@ -625,8 +785,13 @@ def _summary(report: dict, storm_shard: int) -> dict:
 # ---------------------------------------------------------------------------- entry points
 
 
-def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None, *,
-             sidecar: SidecarProcess | None = None, ingest: str | None = None) -> dict:
+def run_demo(
+    cfg: DemoConfig,
+    say: Callable[[str], None] | None = None,
+    *,
+    sidecar: SidecarProcess | None = None,
+    ingest: str | None = None,
+) -> dict:
     """Run the whole demo and return the report (the ``--json`` object).
 
     Starts (and stops) its own sidecar unless one is given. ``ingest`` sends the hooks
@@ -642,14 +807,26 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] | None = None, *,
         sidecar = SidecarProcess(*extra)
     engine = server = acct = scenario = None
     try:
-        say(f"starting the testbed: {cfg.shards} shards, {cfg.coupling}, {cfg.policy}, chunk {cfg.chunk}, "
-            f"{cfg.device}")
-        engine = Engine(EngineConfig(
-            num_shards=cfg.shards, coupling=cfg.coupling, policy=cfg.policy, chunk_size=cfg.chunk,
-            device=cfg.device, model=cfg.model, hooks=True, ingest=ingest or sidecar.ingest,
-            engine_id="testbed-demo", intra_op_threads=cfg.intra_op_threads,
-            max_running_requests=cfg.max_running_requests, prefix_cache_tokens=cfg.prefix_cache_tokens,
-        )).start()
+        say(
+            f"starting the testbed: {cfg.shards} shards, {cfg.coupling}, {cfg.policy}, chunk {cfg.chunk}, "
+            f"{cfg.device}"
+        )
+        engine = Engine(
+            EngineConfig(
+                num_shards=cfg.shards,
+                coupling=cfg.coupling,
+                policy=cfg.policy,
+                chunk_size=cfg.chunk,
+                device=cfg.device,
+                model=cfg.model,
+                hooks=True,
+                ingest=ingest or sidecar.ingest,
+                engine_id="testbed-demo",
+                intra_op_threads=cfg.intra_op_threads,
+                max_running_requests=cfg.max_running_requests,
+                prefix_cache_tokens=cfg.prefix_cache_tokens,
+            )
+        ).start()
         server = EngineHTTPServer(engine).serve_in_thread()
         acct = AccountingClient(sidecar.grpc_target, timeout=5)
         scenario = Scenario(cfg, engine, server.url, acct, say, sidecar.grpc_target)
@@ -697,55 +874,77 @@ def render(report: dict) -> str:
         f"(cached {st['cached_tokens']}) in {st['chunks']} chunks, {_fmt(st['prefill_s'], ' s')}",
     ]
     t = report["session"]["turns"]
-    lines.append(f"       (turn 0 on shard {t[0]['shard']} prefilled {t[0]['prefilled_tokens']}; "
-                 f"turn 2 kept on shard {t[2]['shard']} prefilled {t[2]['prefilled_tokens']} of "
-                 f"{t[2]['prompt_tokens']} "
-                 f"in {_fmt(t[2]['wall_s'], ' s')})")
-    lines.append(f"       sidecar: engine_time {_fmt(st['engine_time_s'], ' s')}, gpu_time "
-                 f"{_fmt(st['gpu_time_s'], ' s')}, wall {_fmt(st['wall_s'], ' s')}, "
-                 f"migrated={st['migrated']}")
+    lines.append(
+        f"       (turn 0 on shard {t[0]['shard']} prefilled {t[0]['prefilled_tokens']}; "
+        f"turn 2 kept on shard {t[2]['shard']} prefilled {t[2]['prefilled_tokens']} of "
+        f"{t[2]['prompt_tokens']} "
+        f"in {_fmt(t[2]['wall_s'], ' s')})"
+    )
+    lines.append(
+        f"       sidecar: engine_time {_fmt(st['engine_time_s'], ' s')}, gpu_time "
+        f"{_fmt(st['gpu_time_s'], ' s')}, wall {_fmt(st['wall_s'], ' s')}, "
+        f"migrated={st['migrated']}"
+    )
     lines += ["", "decode tok/s per shard      before    during     after"]
     for s in report["shards"]:
         d = s["decode_tok_s"]
         tag = " (storm)" if s["role"] == "storm" else ""
-        lines.append(f"  shard {s['shard']}{tag:<17} {_fmt(d['before'], '', 1):>8}  "
-                     f"{_fmt(d['during'], '', 1):>8}  {_fmt(d['after'], '', 1):>8}")
-    base = {v["request_id"].removeprefix("baseline-"): v
-            for v in (report.get("baseline") or {}).get("victims", []) + [(report.get("baseline") or {})
-                                                                            .get("neighbour")] if v}
-    lines += ["", "victims (seconds; sidecar accounting)      wall   queue  engine  interf  top blame",
-              "                                     [no storm: wall / engine]"]
+        lines.append(
+            f"  shard {s['shard']}{tag:<17} {_fmt(d['before'], '', 1):>8}  "
+            f"{_fmt(d['during'], '', 1):>8}  {_fmt(d['after'], '', 1):>8}"
+        )
+    base = {
+        v["request_id"].removeprefix("baseline-"): v
+        for v in (report.get("baseline") or {}).get("victims", [])
+        + [(report.get("baseline") or {}).get("neighbour")]
+        if v
+    }
+    lines += [
+        "",
+        "victims (seconds; sidecar accounting)      wall   queue  engine  interf  top blame",
+        "                                     [no storm: wall / engine]",
+    ]
     rows = report["victims"] + ([report["neighbour"]] if report.get("neighbour") else [])
     for v in rows:
         b = base.get(v["request_id"])
-        lines.append(f"  {v['request_id']:<12} shard {v['shard']}  {'':<14}{_fmt(v['wall_s']):>6}  "
-                     f"{_fmt(v['queue_s']):>6}  {_fmt(v['engine_time_s']):>6}  "
-                     f"{_fmt(v['interference_s']):>6}  {_blame_text(v)}")
+        lines.append(
+            f"  {v['request_id']:<12} shard {v['shard']}  {'':<14}{_fmt(v['wall_s']):>6}  "
+            f"{_fmt(v['queue_s']):>6}  {_fmt(v['engine_time_s']):>6}  "
+            f"{_fmt(v['interference_s']):>6}  {_blame_text(v)}"
+        )
         if b:
             lines.append(f"  {'':<36}[{_fmt(b['wall_s'])} / {_fmt(b['engine_time_s'])}]")
     to = report.get("timeouts")
     if to:
         n = len(rows)
-        lines += ["", f"a wall-clock timeout of {to['budget_s']:.2f} s ({to['basis']})",
-                  f"  kills {len(to['wall_clock_kills'])}/{n} of these requests; an engine-time budget "
-                  f"of the same {to['budget_s']:.2f} s kills {len(to['engine_time_kills'])}/{n}."]
+        lines += [
+            "",
+            f"a wall-clock timeout of {to['budget_s']:.2f} s ({to['basis']})",
+            f"  kills {len(to['wall_clock_kills'])}/{n} of these requests; an engine-time budget "
+            f"of the same {to['budget_s']:.2f} s kills {len(to['engine_time_kills'])}/{n}.",
+        ]
     pol = report.get("policies")
     if pol and "skipped" not in pol:
         lines += _render_policies(pol)
     s = report["summary"]
     if s.get("victim_shards_during_over_before") is not None:
-        lines.append(f"victim shards decoded at {100 * s['victim_shards_during_over_before']:.0f}% of their "
-                     f"pre-storm rate during the storm; top blame names the storm for "
-                     f"{s['victims_blaming_storm_first']} victims.")
+        lines.append(
+            f"victim shards decoded at {100 * s['victim_shards_during_over_before']:.0f}% of their "
+            f"pre-storm rate during the storm; top blame names the storm for "
+            f"{s['victims_blaming_storm_first']} victims."
+        )
     return "\n".join(lines)
 
 
 def _render_policies(pol: dict) -> list[str]:
     """The two session servers side by side: who each killed, and how long those trajectories were."""
     st, budget = pol["storm"], pol["budget_s"]
-    lines = ["", f"two session servers, one storm ({st['request_id']} prefilled {st['chunks']} chunks on "
-                 f"shard {st['shard']} in {_fmt(st['prefill_s'], ' s')}), the same {budget:.2f} s budget:",
-             f"  {'trajectory':<10} {'tokens':>6}   {'wall-clock read timeout':<48} engine-time guard"]
+    lines = [
+        "",
+        f"two session servers, one storm ({st['request_id']} prefilled {st['chunks']} chunks on "
+        f"shard {st['shard']} in {_fmt(st['prefill_s'], ' s')}), the same {budget:.2f} s budget:",
+        f"  {'trajectory':<10} {'tokens':>6}   {'wall-clock read timeout':<48} engine-time guard",
+    ]
     rows: dict[str, dict] = {}
     for policy in ("wall_clock", "engine_time"):
         for state in ("killed", "completed"):
@@ -759,13 +958,14 @@ def _render_policies(pol: dict) -> list[str]:
         state, r = entry
         if state == "killed":
             why = {"read_timeout": "timed out"}.get(r.get("reason", ""), r.get("reason", ""))
-            return (f"KILLED ({why}) at {r['output_tokens']} tokens, "
-                    f"engine {_fmt(r['engine_time_s'])} s")
+            return f"KILLED ({why}) at {r['output_tokens']} tokens, engine {_fmt(r['engine_time_s'])} s"
         return f"ok, {r['output_tokens']} tokens, wall {_fmt(r['wall_s'])} s"
 
     for name, row in sorted(rows.items(), key=lambda kv: kv[1]["tokens"]):
-        lines.append(f"  {name:<10} {row['tokens']:>6}   {cell(row.get('wall_clock')):<48} "
-                     f"{cell(row.get('engine_time'))}")
+        lines.append(
+            f"  {name:<10} {row['tokens']:>6}   {cell(row.get('wall_clock')):<48} "
+            f"{cell(row.get('engine_time'))}"
+        )
     wk, gk = pol["wall_clock"]["killed"], pol["engine_time"]["killed"]
     n = len(rows)
     wall_lost = sum(r["output_tokens"] for r in wk)
@@ -773,8 +973,10 @@ def _render_policies(pol: dict) -> list[str]:
     survived = [r["max_new_tokens"] for r in pol["wall_clock"]["completed"]]
     longest = bool(wk) and min(r["max_new_tokens"] for r in wk) > max(survived, default=0)
     which = ", the longest ones" if longest else ""
-    lines.append(f"  the read timeout killed {len(wk)}/{n} trajectories{which} "
-                 f"({wall_lost} tokens of work thrown away);")
+    lines.append(
+        f"  the read timeout killed {len(wk)}/{n} trajectories{which} "
+        f"({wall_lost} tokens of work thrown away);"
+    )
     lines.append(f"  the engine-time guard killed {len(gk)}/{n}{guard_text}.")
     return lines
 

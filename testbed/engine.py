@@ -139,13 +139,23 @@ class Shard:
         cfg = engine.config
         self.engine = engine
         self.index = index
-        self.sched = Scheduler(engine.model, policy=cfg.policy, chunk_size=cfg.chunk_size,
-                               max_running_requests=cfg.max_running_requests,
-                               prefix_cache_tokens=cfg.prefix_cache_tokens)
+        self.sched = Scheduler(
+            engine.model,
+            policy=cfg.policy,
+            chunk_size=cfg.chunk_size,
+            max_running_requests=cfg.max_running_requests,
+            prefix_cache_tokens=cfg.prefix_cache_tokens,
+        )
         self.hooks: ShardHooks | None = None
         if cfg.hooks:
-            self.hooks = ShardHooks(cfg.engine_id, index, cfg.num_shards, cfg.coupling, address=cfg.ingest,
-                                    timer="cuda" if engine.cuda else "cpu")
+            self.hooks = ShardHooks(
+                cfg.engine_id,
+                index,
+                cfg.num_shards,
+                cfg.coupling,
+                address=cfg.ingest,
+                timer="cuda" if engine.cuda else "cpu",
+            )
         self.inbox: list[Request] = []  # guarded by engine._cv
         self.aborts: list[Request] = []  # guarded by engine._cv
         self.load = 0  # live requests routed here; guarded by engine._cv
@@ -265,12 +275,20 @@ class Shard:
             else:
                 hooks.step_end(token, plan)
         entries = plan.entries
-        self.step_log.append(StepLog(
-            self.index, self.seq, None if group is None else group.step,
-            plan.kind if entries else StepKind.IDLE, start, end,
-            tuple(e.req.rid for e in entries), tuple(e.prefill_tokens for e in entries),
-            tuple(e.decode_tokens for e in entries), tuple(e.context_tokens for e in entries),
-        ))
+        self.step_log.append(
+            StepLog(
+                self.index,
+                self.seq,
+                None if group is None else group.step,
+                plan.kind if entries else StepKind.IDLE,
+                start,
+                end,
+                tuple(e.req.rid for e in entries),
+                tuple(e.prefill_tokens for e in entries),
+                tuple(e.decode_tokens for e in entries),
+                tuple(e.context_tokens for e in entries),
+            )
+        )
         self.seq += 1
         for e in entries:
             e.req.note_step(end)
@@ -322,8 +340,11 @@ class Engine:
         self._tokens = [0] * cfg.num_shards
         self._global_step = 0
         self._group = _Group(-1, (), True, 0, False)
-        self._barrier = (threading.Barrier(cfg.num_shards, action=self._after_group)
-                         if cfg.coupling is Coupling.LOCKSTEP else None)
+        self._barrier = (
+            threading.Barrier(cfg.num_shards, action=self._after_group)
+            if cfg.coupling is Coupling.LOCKSTEP
+            else None
+        )
         self.shards = [Shard(self, k) for k in range(cfg.num_shards)]
 
     # ------------------------------------------------------------------ lifecycle
@@ -384,8 +405,16 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, input_ids: Sequence[int], max_new_tokens: int = 128, *, rid: str | None = None,
-               routed_shard: int | None = None, session_id: str = "", traceparent: str = "") -> Request:
+    def submit(
+        self,
+        input_ids: Sequence[int],
+        max_new_tokens: int = 128,
+        *,
+        rid: str | None = None,
+        routed_shard: int | None = None,
+        session_id: str = "",
+        traceparent: str = "",
+    ) -> Request:
         """Queue a generate request; returns it at once (``req.wait()`` for the result).
 
         Raises InvalidRequest (bad ids, lengths, shard) with a message for the client.
@@ -394,17 +423,23 @@ class Engine:
         ids = self._check_ids(input_ids)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise InvalidRequest(
-                f"sampling_params.max_new_tokens must be an integer ≥ 0, got {max_new_tokens!r}")
+                f"sampling_params.max_new_tokens must be an integer ≥ 0, got {max_new_tokens!r}"
+            )
         total = len(ids) + max_new_tokens
         if total > cfg.model.max_context:
             raise InvalidRequest(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
-                f"model's context of {cfg.model.max_context} tokens; send fewer tokens")
-        if routed_shard is not None and (isinstance(routed_shard, bool) or not isinstance(routed_shard, int)
-                                         or not 0 <= routed_shard < cfg.num_shards):
+                f"model's context of {cfg.model.max_context} tokens; send fewer tokens"
+            )
+        if routed_shard is not None and (
+            isinstance(routed_shard, bool)
+            or not isinstance(routed_shard, int)
+            or not 0 <= routed_shard < cfg.num_shards
+        ):
             raise InvalidRequest(
                 f"routed_dp_rank must be an integer in 0..{cfg.num_shards - 1} (this engine has "
-                f"{cfg.num_shards} DP shards), got {routed_shard!r}")
+                f"{cfg.num_shards} DP shards), got {routed_shard!r}"
+            )
         if rid is None:
             rid = uuid.uuid4().hex
         elif not isinstance(rid, str) or not rid:
@@ -415,8 +450,15 @@ class Engine:
             if rid in self._live:
                 raise InvalidRequest(f"rid {rid!r} is already running; request ids must be unique")
             shard = self.shards[routed_shard] if routed_shard is not None else self._least_loaded()
-            req = Request(rid, ids, max_new_tokens, shard.index, session_id=session_id or "",
-                          traceparent=traceparent or "", routed_shard=routed_shard)
+            req = Request(
+                rid,
+                ids,
+                max_new_tokens,
+                shard.index,
+                session_id=session_id or "",
+                traceparent=traceparent or "",
+                routed_shard=routed_shard,
+            )
             self._live[rid] = req
             shard.load += 1
         if shard.hooks is not None:
@@ -427,8 +469,9 @@ class Engine:
             self._cv.notify_all()
         return req
 
-    def generate(self, input_ids: Sequence[int], max_new_tokens: int = 128, *,
-                 timeout: float | None = None, **kwargs) -> Request:
+    def generate(
+        self, input_ids: Sequence[int], max_new_tokens: int = 128, *, timeout: float | None = None, **kwargs
+    ) -> Request:
         """submit + wait: the finished request (TimeoutError when it is not done in time)."""
         req = self.submit(input_ids, max_new_tokens, **kwargs)
         if not req.wait(timeout):
@@ -488,8 +531,13 @@ class Engine:
         """Barrier action (runs once per lockstep step, every shard waiting): snapshot and decide."""
         with self._cv:
             work = any(sh.has_work_locked() for sh in self.shards)
-            self._group = _Group(self._global_step, tuple(self._tokens), not work and not self._stop,
-                                 self._wake_epoch, self._stop)
+            self._group = _Group(
+                self._global_step,
+                tuple(self._tokens),
+                not work and not self._stop,
+                self._wake_epoch,
+                self._stop,
+            )
             self._global_step += 1
 
     # ------------------------------------------------------------------ observation
@@ -529,18 +577,31 @@ class Engine:
         shards = []
         for sh in self.shards:
             pc = sh.sched.prefix_cache
-            shards.append({
-                "shard": sh.index, "load": sh.load, "steps": sh.seq, "waiting": len(sh.sched.waiting),
-                "running": len(sh.sched.running), "prefix_cache_tokens": pc.tokens,
-                "prefix_cache_hits": pc.hits, "prefix_cache_hit_tokens": pc.hit_tokens,
-                "hooks": None if sh.hooks is None else _stats_dict(sh.hooks),
-            })
+            shards.append(
+                {
+                    "shard": sh.index,
+                    "load": sh.load,
+                    "steps": sh.seq,
+                    "waiting": len(sh.sched.waiting),
+                    "running": len(sh.sched.running),
+                    "prefix_cache_tokens": pc.tokens,
+                    "prefix_cache_hits": pc.hits,
+                    "prefix_cache_hit_tokens": pc.hit_tokens,
+                    "hooks": None if sh.hooks is None else _stats_dict(sh.hooks),
+                }
+            )
         return {
-            "engine": "enginetime-testbed", "engine_id": cfg.engine_id, "dp_size": cfg.num_shards,
-            "coupling": cfg.coupling.name.lower(), "policy": cfg.policy,
+            "engine": "enginetime-testbed",
+            "engine_id": cfg.engine_id,
+            "dp_size": cfg.num_shards,
+            "coupling": cfg.coupling.name.lower(),
+            "policy": cfg.policy,
             "chunked_prefill_size": cfg.chunk_size,
-            "max_running_requests": cfg.max_running_requests, "device": str(self.device),
-            "intra_op_threads": self.intra_op_threads, "hooks": cfg.hooks, "model": cfg.model.to_dict(),
+            "max_running_requests": cfg.max_running_requests,
+            "device": str(self.device),
+            "intra_op_threads": self.intra_op_threads,
+            "hooks": cfg.hooks,
+            "model": cfg.model.to_dict(),
             "shards": shards,
         }
 
@@ -558,5 +619,10 @@ def _close_engines_at_exit() -> None:
 
 def _stats_dict(hooks: ShardHooks) -> dict:
     st = hooks.stats()
-    return {"connected": st.connected, "sent_frames": st.sent_frames, "dropped_frames": st.dropped_frames,
-            "errors": st.errors, "address": st.address}
+    return {
+        "connected": st.connected,
+        "sent_frames": st.sent_frames,
+        "dropped_frames": st.dropped_frames,
+        "errors": st.errors,
+        "address": st.address,
+    }

@@ -80,8 +80,9 @@ def _parse_generate(body: dict[str, Any], headers: Any) -> dict[str, Any]:
         raise HttpError(bad, "missing field 'input_ids' (a list of token ids)")
     ids = body["input_ids"]
     if isinstance(ids, list) and ids and isinstance(ids[0], list):
-        raise HttpError(bad, "batched input_ids (a list of lists) is not supported: "
-                             "send one request per call")
+        raise HttpError(
+            bad, "batched input_ids (a list of lists) is not supported: send one request per call"
+        )
     if body.get("stream"):
         raise HttpError(bad, "streaming is not supported by the testbed: send stream=false")
     params = body.get("sampling_params") or {}
@@ -128,7 +129,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_error(self, status: HTTPStatus, message: str) -> None:
         kind = {400: "BadRequestError", 404: "NotFoundError", 503: "ServiceUnavailableError"}.get(
-            int(status), "InternalServerError")
+            int(status), "InternalServerError"
+        )
         self._send_json(status, {"object": "error", "message": message, "type": kind, "code": int(status)})
 
     def _read_json(self) -> dict[str, Any]:
@@ -173,13 +175,15 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._dispatch({
-            "/health": self._health,
-            "/health_generate": self._health,
-            "/get_server_info": self._server_info,
-            "/server_info": self._server_info,
-            "/get_model_info": self._model_info,
-        })
+        self._dispatch(
+            {
+                "/health": self._health,
+                "/health_generate": self._health,
+                "/get_server_info": self._server_info,
+                "/server_info": self._server_info,
+                "/get_model_info": self._model_info,
+            }
+        )
 
     def do_POST(self) -> None:  # noqa: N802
         self._dispatch({"/generate": self._generate, "/abort_request": self._abort})
@@ -198,8 +202,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _model_info(self) -> None:
         cfg = self.server.engine.config.model
-        self._send_json(HTTPStatus.OK, {"model_path": "enginetime-testbed-random", "is_generation": True,
-                                        "config": cfg.to_dict()})
+        self._send_json(
+            HTTPStatus.OK,
+            {"model_path": "enginetime-testbed-random", "is_generation": True, "config": cfg.to_dict()},
+        )
 
     def _generate(self) -> None:
         kwargs = _parse_generate(self._read_json(), self.headers)
@@ -238,9 +244,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(rid, str):
             raise HttpError(HTTPStatus.BAD_REQUEST, f"'rid' must be a string, got {rid!r}")
         if not engine.abort(rid):
-            raise HttpError(HTTPStatus.NOT_FOUND,
-                            f"no running request with rid {rid!r} "
-                            "(it finished, was aborted, or never existed)")
+            raise HttpError(
+                HTTPStatus.NOT_FOUND,
+                f"no running request with rid {rid!r} (it finished, was aborted, or never existed)",
+            )
         self._send_json(HTTPStatus.OK, {"success": True, "rid": rid})
 
 
@@ -261,8 +268,9 @@ class EngineHTTPServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
     def serve_in_thread(self) -> EngineHTTPServer:
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="testbed-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.1}, name="testbed-http", daemon=True
+        )
         self._thread.start()
         return self
 

@@ -124,8 +124,9 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch
 class TinyTransformer:
     """Weights plus a forward over a batch of ForwardItems. Not an nn.Module: no autograd, no hooks."""
 
-    def __init__(self, config: ModelConfig, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -141,14 +142,16 @@ class TinyTransformer:
         self.embed = rand(config.vocab_size, d, fan_in=1)
         self.layers = []
         for _ in range(config.n_layers):
-            self.layers.append({
-                "norm1": torch.ones(d, device=self.device, dtype=dtype),
-                "wqkv": rand(d, 3 * a, fan_in=d),
-                "wo": rand(a, d, fan_in=a),
-                "norm2": torch.ones(d, device=self.device, dtype=dtype),
-                "w1": rand(d, f, fan_in=d),
-                "w2": rand(f, d, fan_in=f),
-            })
+            self.layers.append(
+                {
+                    "norm1": torch.ones(d, device=self.device, dtype=dtype),
+                    "wqkv": rand(d, 3 * a, fan_in=d),
+                    "wo": rand(a, d, fan_in=a),
+                    "norm2": torch.ones(d, device=self.device, dtype=dtype),
+                    "w1": rand(d, f, fan_in=d),
+                    "w2": rand(f, d, fan_in=f),
+                }
+            )
         self.final_norm = torch.ones(d, device=self.device, dtype=dtype)
         # Untied output head: with a tied one the residual stream's own embedding wins
         # the argmax and greedy decoding just repeats the last token.
@@ -165,7 +168,7 @@ class TinyTransformer:
         angles = positions.to(torch.float32)[:, None] * self._inv_freq[None, :]  # [T, hd/2]
         cos = torch.cos(angles).to(x.dtype)[:, None, :]
         sin = torch.sin(angles).to(x.dtype)[:, None, :]
-        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
     @torch.inference_mode()
@@ -214,8 +217,8 @@ class TinyTransformer:
             for i, it in enumerate(items):
                 a, b = offsets[i], offsets[i + 1]
                 start, n = starts[i], lengths[i]
-                it.kv.k[li, :, start:start + n].copy_(k[a:b].transpose(0, 1))
-                it.kv.v[li, :, start:start + n].copy_(v[a:b].transpose(0, 1))
+                it.kv.k[li, :, start : start + n].copy_(k[a:b].transpose(0, 1))
+                it.kv.v[li, :, start : start + n].copy_(v[a:b].transpose(0, 1))
                 kk = it.kv.k[li, :, : start + n]
                 vv = it.kv.v[li, :, : start + n]
                 qq = q[a:b].transpose(0, 1)  # [H, n, hd]
@@ -232,7 +235,7 @@ class TinyTransformer:
         if all_logits:
             h = _rms_norm(x, self.final_norm)
             logits = h @ self.lm_head
-            return [logits[offsets[i]:offsets[i + 1]] for i in range(len(items))]
+            return [logits[offsets[i] : offsets[i + 1]] for i in range(len(items))]
         last = torch.tensor([o - 1 for o in offsets[1:]], device=self.device)
         h = _rms_norm(x[last], self.final_norm)
         logits = h @ self.lm_head

@@ -183,8 +183,11 @@ class PrefixCache:
             return
         t = torch.tensor(tokens[:n], dtype=torch.long)
         # Entries that are a prefix of the new one are redundant: drop them.
-        for key in [k for k, (old, _) in self._entries.items()
-                    if old.numel() <= n and self._common_prefix(old, t) == old.numel()]:
+        for key in [
+            k
+            for k, (old, _) in self._entries.items()
+            if old.numel() <= n and self._common_prefix(old, t) == old.numel()
+        ]:
             self.tokens -= self._entries.pop(key)[0].numel()
         self._entries[self._next] = (t, kv)
         self._next += 1
@@ -201,8 +204,15 @@ class PrefixCache:
 class Scheduler:
     """Waiting queue, running batch and batching policy of one shard."""
 
-    def __init__(self, model: TinyTransformer, *, policy: str = "prefill-first", chunk_size: int = 512,
-                 max_running_requests: int = 1024, prefix_cache_tokens: int = 1 << 18) -> None:
+    def __init__(
+        self,
+        model: TinyTransformer,
+        *,
+        policy: str = "prefill-first",
+        chunk_size: int = 512,
+        max_running_requests: int = 1024,
+        prefix_cache_tokens: int = 1 << 18,
+    ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}: use one of {', '.join(POLICIES)}")
         if chunk_size < 1:
@@ -285,7 +295,7 @@ class Scheduler:
             req = e.req
             if e.prefill_tokens:
                 start = req.prefilled
-                items.append(ForwardItem(req.kv, req.input_ids[start:start + e.prefill_tokens]))
+                items.append(ForwardItem(req.kv, req.input_ids[start : start + e.prefill_tokens]))
             else:
                 items.append(ForwardItem(req.kv, [req.output_ids[-1]]))
         return items

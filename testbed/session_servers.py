@@ -43,8 +43,11 @@ class WallClockPolicy:
 
     def __init__(self, engine_url: str, seconds: float) -> None:
         self.seconds = seconds
-        self.http = httpx.Client(base_url=engine_url, timeout=httpx.Timeout(10.0, read=seconds),
-                                 limits=httpx.Limits(max_connections=256))
+        self.http = httpx.Client(
+            base_url=engine_url,
+            timeout=httpx.Timeout(10.0, read=seconds),
+            limits=httpx.Limits(max_connections=256),
+        )
 
     def describe(self) -> str:
         return f"httpx read timeout of {self.seconds:.2f} s"
@@ -72,8 +75,12 @@ class EngineTimePolicy:
         budget = EngineBudget(engine_time=seconds, liveness=30.0, wall=max(60.0, 20 * seconds))
         # Budgets here are seconds (the demo's scale), so follow the engine at 0.1 s rather than 0.5 s.
         self.guard = Guard(sidecar, budget, abort=engine_url, interval=0.1)
-        self.http = httpx.Client(base_url=engine_url, transport=CancellableTransport(), timeout=None,
-                                 limits=httpx.Limits(max_connections=256))
+        self.http = httpx.Client(
+            base_url=engine_url,
+            transport=CancellableTransport(),
+            timeout=None,
+            limits=httpx.Limits(max_connections=256),
+        )
 
     def describe(self) -> str:
         return f"engine-time guard, engine_time budget {self.seconds:.2f} s"
@@ -84,8 +91,13 @@ class EngineTimePolicy:
                 r = self.http.post("/generate", content=payload, headers={"Content-Type": "application/json"})
         except EngineBudgetExceeded as exc:
             kill = Kill(rid, self.name, exc.reason.value, str(exc))
-            body = {"error": str(exc), "policy": self.name, "reason": exc.reason.value,
-                    "engine_time_s": exc.engine_time, "interference_s": exc.interference}
+            body = {
+                "error": str(exc),
+                "policy": self.name,
+                "reason": exc.reason.value,
+                "engine_time_s": exc.engine_time,
+                "interference_s": exc.interference,
+            }
             return 504, json.dumps(body).encode(), kill
         return r.status_code, r.content, None
 
@@ -144,8 +156,12 @@ class SessionServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
     def start(self) -> SessionServer:
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name=f"session-server-{self.policy.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name=f"session-server-{self.policy.name}",
+            daemon=True,
+        )
         self._thread.start()
         return self
 

@@ -58,9 +58,17 @@ class Session:
 class SessionDriver:
     """Drives TITO sessions against one server. Thread-safe: sessions may run concurrently."""
 
-    def __init__(self, base_url: str, *, num_shards: int | None = None, routing: str = "round-robin",
-                 timeout_s: float = 600.0, seed: int = 0, vocab_size: int | None = None,
-                 client: httpx.Client | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        num_shards: int | None = None,
+        routing: str = "round-robin",
+        timeout_s: float = 600.0,
+        seed: int = 0,
+        vocab_size: int | None = None,
+        client: httpx.Client | None = None,
+    ) -> None:
         if routing not in ROUTINGS:
             raise ValueError(f"unknown routing {routing!r}: use one of {', '.join(ROUTINGS)}")
         self.base_url = base_url.rstrip("/")
@@ -114,16 +122,28 @@ class SessionDriver:
             return session.last_shard
         return (session.index + turn) % self.num_shards
 
-    def run_turn(self, session: Session, new_tokens: list[int] | int = 0, *, max_new_tokens: int = 16,
-                 shard: int | None = None, rid: str | None = None) -> TurnResult:
+    def run_turn(
+        self,
+        session: Session,
+        new_tokens: list[int] | int = 0,
+        *,
+        max_new_tokens: int = 16,
+        shard: int | None = None,
+        rid: str | None = None,
+    ) -> TurnResult:
         """Send history + new tokens; the output is appended to the history. ``shard`` overrides routing."""
         new = self.random_tokens(new_tokens) if isinstance(new_tokens, int) else list(new_tokens)
         ids = session.history + session.pending + new
         turn = len(session.turns)
         target = self.route(session) if shard is None else shard
         rid = rid or f"{session.session_id}-turn-{turn}"
-        body = {"rid": rid, "input_ids": ids, "sampling_params": {"max_new_tokens": max_new_tokens},
-                "routed_dp_rank": target, "session_id": session.session_id}
+        body = {
+            "rid": rid,
+            "input_ids": ids,
+            "sampling_params": {"max_new_tokens": max_new_tokens},
+            "routed_dp_rank": target,
+            "session_id": session.session_id,
+        }
         t0 = time.perf_counter()
         resp = self.client.post("/generate", json=body)
         wall = time.perf_counter() - t0
@@ -132,20 +152,31 @@ class SessionDriver:
         out = resp.json()
         meta = out.get("meta_info", {})
         result = TurnResult(
-            session_id=session.session_id, turn=turn, rid=meta.get("id", rid),
-            shard=int(meta.get("dp_rank", target)), prompt_tokens=int(meta.get("prompt_tokens", len(ids))),
+            session_id=session.session_id,
+            turn=turn,
+            rid=meta.get("id", rid),
+            shard=int(meta.get("dp_rank", target)),
+            prompt_tokens=int(meta.get("prompt_tokens", len(ids))),
             cached_tokens=int(meta.get("cached_tokens", 0)),
             completion_tokens=int(meta.get("completion_tokens", len(out.get("output_ids", [])))),
             output_ids=list(out.get("output_ids", [])),
-            finish_reason=str((meta.get("finish_reason") or {}).get("type", "")), wall_s=wall,
+            finish_reason=str((meta.get("finish_reason") or {}).get("type", "")),
+            wall_s=wall,
         )
         session.history = ids + result.output_ids
         session.pending = []
         session.turns.append(result)
         return result
 
-    def run(self, sessions: int, turns: int, *, prompt_tokens: int = 512, turn_tokens: int = 64,
-            max_new_tokens: int = 16) -> list[Session]:
+    def run(
+        self,
+        sessions: int,
+        turns: int,
+        *,
+        prompt_tokens: int = 512,
+        turn_tokens: int = 64,
+        max_new_tokens: int = 16,
+    ) -> list[Session]:
         """Run ``sessions`` sessions of ``turns`` turns concurrently (one thread per session)."""
         out = [self.new_session(prompt_tokens) for _ in range(sessions)]
         errors: list[BaseException] = []

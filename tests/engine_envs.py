@@ -88,13 +88,38 @@ RECIPES: dict[str, Recipe] = {
             ("--no-deps", f"vllm=={VLLM_VERSION}", "xgrammar==0.2.8", "apache-tvm-ffi==0.1.11"),
             (
                 # the pure-Python imports vLLM's scheduler path needs (ranges from vLLM's metadata)
-                "transformers>=5.16.1,<5.21.0", "huggingface_hub>=1.31.0", "tokenizers>=0.23.2",
-                "safetensors>=0.6.2", "msgspec", "pydantic>=2.12.0", "cachetools", "regex", "psutil",
-                "numpy", "blake3", "py-cpuinfo", "cloudpickle", "pyzmq>=25.0.0", "pyyaml",
-                "sentencepiece", "einops", "cbor2", "aiohttp>=3.14.4", "openai>=2.25.0", "openai-harmony",
-                "pillow>=13.0.0", "pybase64", "uvloop", "prometheus_client>=0.18.0",
-                "fastapi>=0.133.0,<0.137.0", "partial-json-parser", "llguidance>=1.7.0,<1.8.0",
-                "setproctitle", "requests", "tqdm", "filelock",
+                "transformers>=5.16.1,<5.21.0",
+                "huggingface_hub>=1.31.0",
+                "tokenizers>=0.23.2",
+                "safetensors>=0.6.2",
+                "msgspec",
+                "pydantic>=2.12.0",
+                "cachetools",
+                "regex",
+                "psutil",
+                "numpy",
+                "blake3",
+                "py-cpuinfo",
+                "cloudpickle",
+                "pyzmq>=25.0.0",
+                "pyyaml",
+                "sentencepiece",
+                "einops",
+                "cbor2",
+                "aiohttp>=3.14.4",
+                "openai>=2.25.0",
+                "openai-harmony",
+                "pillow>=13.0.0",
+                "pybase64",
+                "uvloop",
+                "prometheus_client>=0.18.0",
+                "fastapi>=0.133.0,<0.137.0",
+                "partial-json-parser",
+                "llguidance>=1.7.0,<1.8.0",
+                "setproctitle",
+                "requests",
+                "tqdm",
+                "filelock",
             ),
         ),
     ),
@@ -105,16 +130,50 @@ RECIPES: dict[str, Recipe] = {
         pip_steps=(
             (TORCH_PIN,),
             # sglang's declared deps pull CUDA kernels; triton only for `import triton`
-            ("--no-deps", f"sglang=={SGLANG_VERSION}", "triton", "apache-tvm-ffi==0.1.11",
-             "compressed-tensors==0.18.0"),
+            (
+                "--no-deps",
+                f"sglang=={SGLANG_VERSION}",
+                "triton",
+                "apache-tvm-ffi==0.1.11",
+                "compressed-tensors==0.18.0",
+            ),
             (
                 # what the scheduler modules import, at sglang 0.5.23's pins where it has them
-                "transformers==5.19.0", "tokenizers==0.23.2", "openai==2.8.0", "sentencepiece==0.2.1",
-                "blobfile==3.0.0", "openai-harmony==0.0.4", "numpy", "pybase64", "pillow", "starlette",
-                "fastapi", "uvicorn>=0.51", "python-multipart", "IPython", "aiohttp", "gguf",
-                "partial-json-parser", "psutil", "pyzmq>=25.1.2", "msgspec", "requests", "tqdm", "pydantic",
-                "orjson", "uvloop", "setproctitle", "einops", "prometheus-client>=0.20.0", "packaging",
-                "huggingface_hub", "safetensors", "dill", "loguru", "xxhash", "regex",
+                "transformers==5.19.0",
+                "tokenizers==0.23.2",
+                "openai==2.8.0",
+                "sentencepiece==0.2.1",
+                "blobfile==3.0.0",
+                "openai-harmony==0.0.4",
+                "numpy",
+                "pybase64",
+                "pillow",
+                "starlette",
+                "fastapi",
+                "uvicorn>=0.51",
+                "python-multipart",
+                "IPython",
+                "aiohttp",
+                "gguf",
+                "partial-json-parser",
+                "psutil",
+                "pyzmq>=25.1.2",
+                "msgspec",
+                "requests",
+                "tqdm",
+                "pydantic",
+                "orjson",
+                "uvloop",
+                "setproctitle",
+                "einops",
+                "prometheus-client>=0.20.0",
+                "packaging",
+                "huggingface_hub",
+                "safetensors",
+                "dill",
+                "loguru",
+                "xxhash",
+                "regex",
             ),
         ),
     ),
@@ -152,7 +211,9 @@ class EngineEnv:
             return self.path / "src"
         out = subprocess.run(
             [str(self.python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return Path(out.stdout.strip())
 
@@ -190,8 +251,11 @@ def _build(recipe: Recipe, path: Path, log: Path) -> None:
     constraints.write_text(CONSTRAINTS)
     if recipe.unpack_wheel:
         dl = path / "dl"
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(dl), recipe.unpack_wheel],
-             log, f"downloading {recipe.unpack_wheel}")
+        _run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(dl), recipe.unpack_wheel],
+            log,
+            f"downloading {recipe.unpack_wheel}",
+        )
         wheels = list(dl.glob("*.whl"))
         if len(wheels) != 1:
             raise EngineEnvError(f"expected one wheel for {recipe.unpack_wheel}, got {wheels}")
@@ -411,7 +475,7 @@ class IngestSink:
 
     def frames(self) -> list[list]:
         """Decoded frames, one list per connection (hello first)."""
-        from enginetime.sidecar.frames import FrameDecoder
+        from enginetime.sidecar.ingest.frames import FrameDecoder
 
         out = []
         for buf in self.connections:
@@ -420,15 +484,28 @@ class IngestSink:
         return out
 
 
-def run_engine_script(env: EngineEnv, script: Path, args: list[str], *, shim_dir: Path,
-                      extra_env: dict[str, str] | None = None, timeout: float = 240.0) -> dict:
+def run_engine_script(
+    env: EngineEnv,
+    script: Path,
+    args: list[str],
+    *,
+    shim_dir: Path,
+    extra_env: dict[str, str] | None = None,
+    timeout: float = 240.0,
+) -> dict:
     """Run ``script`` with the engine venv's python; return the JSON of its last stdout line.
 
     Fails (AssertionError with the engine's stderr tail) when the script does.
     """
     env_vars = engine_subprocess_env(shim_dir, **(extra_env or {}))
-    proc = subprocess.run([str(env.python), str(script), *args], capture_output=True, text=True,
-                          env=env_vars, timeout=timeout, cwd=str(shim_dir))
+    proc = subprocess.run(
+        [str(env.python), str(script), *args],
+        capture_output=True,
+        text=True,
+        env=env_vars,
+        timeout=timeout,
+        cwd=str(shim_dir),
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise AssertionError(

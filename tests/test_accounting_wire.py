@@ -16,8 +16,9 @@ import pytest
 from test_attribution import Sim, warm_model
 
 from enginetime.engine_hooks.constants import Coupling, EventKind
-from enginetime.sidecar import accounting_wire, convert
-from enginetime.sidecar.ledger import LedgerConfig
+from enginetime.sidecar.api import convert
+from enginetime.sidecar.ledger import accounting_wire
+from enginetime.sidecar.ledger.ledger import LedgerConfig
 from enginetime.v1 import accounting_pb2 as pb
 
 MS = 1_000_000

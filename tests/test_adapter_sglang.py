@@ -35,7 +35,7 @@ from enginetime.engine_hooks import StepKind
 from enginetime.engine_hooks.constants import Coupling, EventKind
 from enginetime.engine_hooks.sglang import hooks as sg_hooks
 from enginetime.engine_hooks.sglang import launch_server
-from enginetime.sidecar.records import Event, Hello, Step
+from enginetime.sidecar.ingest.records import Event, Hello, Step
 
 NEW = f"sglang-{SGLANG_VERSION}"
 OLD = f"sglang-{SGLANG_OLD_VERSION}"
@@ -64,7 +64,8 @@ def shim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     eps = engine_envs.declared_entry_points("sglang.srt.plugins")
     assert eps.get("enginetime") == "enginetime.engine_hooks.sglang:register", (
         'pyproject.toml must declare [project.entry-points."sglang.srt.plugins"] '
-        f'enginetime = "enginetime.engine_hooks.sglang:register" (found {eps})')
+        f'enginetime = "enginetime.engine_hooks.sglang:register" (found {eps})'
+    )
     return engine_envs.shim(tmp_path_factory.mktemp("shim"))
 
 
@@ -77,8 +78,12 @@ def test_plugin_loads_through_sglang_and_records_real_batches(engine: str, sglan
     sink = engine_envs.IngestSink(sockdir)
     try:
         result = engine_envs.run_engine_script(
-            sglang_env, SCRIPTS / "sglang_hooks_run.py", [], shim_dir=shim_dir,
-            extra_env={"ENGINETIME_INGEST": sink.address, "ENGINETIME_ENGINE_ID": "sg-test"})
+            sglang_env,
+            SCRIPTS / "sglang_hooks_run.py",
+            [],
+            shim_dir=shim_dir,
+            extra_env={"ENGINETIME_INGEST": sink.address, "ENGINETIME_ENGINE_ID": "sg-test"},
+        )
     finally:
         sink.close()
     tag = f"[{engine}]"
@@ -107,8 +112,12 @@ def test_plugin_loads_through_sglang_and_records_real_batches(engine: str, sglan
     expected = result["expected_steps"]
     assert [s.seq for s in steps] == list(range(len(expected))), tag
     for i, (want, got) in enumerate(zip(expected, steps, strict=True)):
-        entries = {ids[int(h)]: [int(p), int(d), int(c)] for h, p, d, c in zip(
-            got.handles, got.prefill_tokens, got.decode_tokens, got.context_tokens, strict=True)}
+        entries = {
+            ids[int(h)]: [int(p), int(d), int(c)]
+            for h, p, d, c in zip(
+                got.handles, got.prefill_tokens, got.decode_tokens, got.context_tokens, strict=True
+            )
+        }
         assert StepKind(got.kind).name == want["kind"], (tag, i, want, got)
         assert entries == want["entries"], (tag, i, entries, want)
         assert [int(x) for x in got.peer_tokens] == want["peer"], (tag, i)
@@ -137,16 +146,18 @@ def test_plugin_loads_through_sglang_and_records_real_batches(engine: str, sglan
 @pytest.mark.parametrize("engine", [NEW])
 def test_launcher_install_direct_patches_real_classes(engine: str, sglang_env, shim_dir) -> None:
     """What the launcher runs in each spawned scheduler process, on 0.5.23's classes."""
-    code = "\n".join([
-        f"import sys, json, pkgutil; sys.path.insert(0, {str(SCRIPTS)!r})",
-        "import torchvision_standin; torchvision_standin.install()",
-        "from enginetime.engine_hooks.sglang import hooks, launch_server",
-        "first = hooks.install_direct(); second = hooks.install_direct()",
-        "marked = sorted(t for t, h in hooks.HOOKS",
-        "                if getattr(pkgutil.resolve_name(t), '__enginetime_hook__', None) is h)",
-        "print(json.dumps({'first': first, 'second': second, 'marked': marked,",
-        "                  'plugins': launch_server.has_plugin_system()}))",
-    ])
+    code = "\n".join(
+        [
+            f"import sys, json, pkgutil; sys.path.insert(0, {str(SCRIPTS)!r})",
+            "import torchvision_standin; torchvision_standin.install()",
+            "from enginetime.engine_hooks.sglang import hooks, launch_server",
+            "first = hooks.install_direct(); second = hooks.install_direct()",
+            "marked = sorted(t for t, h in hooks.HOOKS",
+            "                if getattr(pkgutil.resolve_name(t), '__enginetime_hook__', None) is h)",
+            "print(json.dumps({'first': first, 'second': second, 'marked': marked,",
+            "                  'plugins': launch_server.has_plugin_system()}))",
+        ]
+    )
     script = Path(tempfile.mkdtemp(prefix="et-sgl-")) / "direct.py"
     script.write_text(code)
     result = engine_envs.run_engine_script(sglang_env, script, [], shim_dir=shim_dir)
@@ -191,8 +202,11 @@ class SourceIndex:
     def class_defs(self, name: str) -> list[ast.ClassDef]:
         found = []
         for path in dict.fromkeys(self._files.get(name, ())):
-            found.extend(node for node in ast.walk(self._tree(path))
-                         if isinstance(node, ast.ClassDef) and node.name == name)
+            found.extend(
+                node
+                for node in ast.walk(self._tree(path))
+                if isinstance(node, ast.ClassDef) and node.name == name
+            )
         return found
 
     def names(self, cls: str, seen: set[str] | None = None) -> set[str]:
@@ -301,7 +315,8 @@ def test_launcher_targets_exist_in_0_5_4(engine: str, sglang_old_src) -> None:
     assert "run_data_parallel_controller_process" in index.module_names(launch_server.DPC_MODULE)
     engine_src = (root / "sglang" / "srt" / "entrypoints" / "engine.py").read_text()
     assert "target=run_scheduler_process" in engine_src and "target=run_data_parallel_controller_process" in (
-        engine_src), f"{engine} spawns these by their module-global names (what the launcher rebinds)"
+        engine_src
+    ), f"{engine} spawns these by their module-global names (what the launcher rebinds)"
     dpc_src = (root / "sglang" / "srt" / "managers" / "data_parallel_controller.py").read_text()
     assert "target=run_scheduler_process" in dpc_src
     for target, _ in sg_hooks.HOOKS:

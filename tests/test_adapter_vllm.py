@@ -24,7 +24,7 @@ from engine_envs import VLLM_VERSION
 from enginetime.engine_hooks import Recorder, StepKind
 from enginetime.engine_hooks.constants import EventKind
 from enginetime.engine_hooks.timers import CpuTimer
-from enginetime.sidecar.records import Event, Hello, Step
+from enginetime.sidecar.ingest.records import Event, Hello, Step
 
 ENGINE = f"vllm-{VLLM_VERSION}"
 SCRIPT = Path(__file__).parent / "engine_scripts" / "vllm_scheduler_run.py"
@@ -43,7 +43,8 @@ def shim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     eps = engine_envs.declared_entry_points("vllm.general_plugins")
     assert eps.get("enginetime") == "enginetime.engine_hooks.vllm:register", (
         'pyproject.toml must declare [project.entry-points."vllm.general_plugins"] '
-        f'enginetime = "enginetime.engine_hooks.vllm:register" (found {eps})')
+        f'enginetime = "enginetime.engine_hooks.vllm:register" (found {eps})'
+    )
     return engine_envs.shim(tmp_path_factory.mktemp("shim"))
 
 
@@ -52,8 +53,12 @@ def _run(vllm_env, shim_dir, *args: str) -> tuple[dict, list]:
     sink = engine_envs.IngestSink(sockdir)
     try:
         result = engine_envs.run_engine_script(
-            vllm_env, SCRIPT, list(args), shim_dir=shim_dir,
-            extra_env={"ENGINETIME_INGEST": sink.address, "ENGINETIME_ENGINE_ID": "vllm-test"})
+            vllm_env,
+            SCRIPT,
+            list(args),
+            shim_dir=shim_dir,
+            extra_env={"ENGINETIME_INGEST": sink.address, "ENGINETIME_ENGINE_ID": "vllm-test"},
+        )
     finally:
         sink.close()
     conns = sink.frames()
@@ -94,8 +99,12 @@ def _check_run(result: dict, frames: list, *, expect_preemption: bool) -> None:
     totals: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     mixed = 0
     for i, (truth, rec) in enumerate(zip(scheduled, steps, strict=True)):
-        got = {ids[int(h)]: (int(p), int(d), int(c)) for h, p, d, c in zip(
-            rec.handles, rec.prefill_tokens, rec.decode_tokens, rec.context_tokens, strict=True)}
+        got = {
+            ids[int(h)]: (int(p), int(d), int(c))
+            for h, p, d, c in zip(
+                rec.handles, rec.prefill_tokens, rec.decode_tokens, rec.context_tokens, strict=True
+            )
+        }
         assert set(got) == set(truth["scheduled"]), (tag, i, got, truth)
         for rid, (p, d, c) in got.items():
             assert p + d == truth["scheduled"][rid], (tag, i, rid, got[rid], truth)
@@ -103,8 +112,13 @@ def _check_run(result: dict, frames: list, *, expect_preemption: bool) -> None:
             totals[rid]["prefill"] += p
             totals[rid]["decode"] += d
         kinds = {("p" if p else "") + ("d" if d else "") for p, d, _ in got.values()}
-        want = (StepKind.MIXED if ("p" in "".join(kinds) and "d" in "".join(kinds))
-                else StepKind.PREFILL if "p" in "".join(kinds) else StepKind.DECODE)
+        want = (
+            StepKind.MIXED
+            if ("p" in "".join(kinds) and "d" in "".join(kinds))
+            else StepKind.PREFILL
+            if "p" in "".join(kinds)
+            else StepKind.DECODE
+        )
         assert rec.kind == want, (tag, i, got)
         mixed += rec.kind == StepKind.MIXED
         assert rec.end_time_ns >= rec.start_time_ns and rec.device_time_ns > 0, (tag, i)
@@ -126,8 +140,9 @@ def _check_run(result: dict, frames: list, *, expect_preemption: bool) -> None:
         else:  # recomputed after the preemption
             assert totals[rid]["prefill"] > n_prompt - hits[rid], (tag, rid, dict(totals[rid]))
 
-    sched_ev = {e.request_id if e.request_id else ids[e.handle]: e for e in events
-                if e.kind == EventKind.SCHEDULED}
+    sched_ev = {
+        e.request_id if e.request_id else ids[e.handle]: e for e in events if e.kind == EventKind.SCHEDULED
+    }
     assert sched_ev and ids[sched_ev["share"].handle] == "share"
     by_kind = defaultdict(set)
     for e in events:
@@ -157,7 +172,8 @@ def test_real_scheduler_sync_records_what_it_scheduled(engine: str, vllm_env, sh
     assert result["scheduler_mro"][:3] == [
         "enginetime.engine_hooks.vllm.scheduler.Scheduler",
         "enginetime.engine_hooks.vllm.scheduler.EngineTimeMixin",
-        "vllm.v1.core.sched.scheduler.Scheduler"], engine
+        "vllm.v1.core.sched.scheduler.Scheduler",
+    ], engine
     _check_run(result, frames, expect_preemption=True)
 
 
@@ -223,9 +239,17 @@ class _FakeScheduler:
 
 
 def _req(rid: str, prompt: int, *, dp_rank: int | None = None) -> types.SimpleNamespace:
-    r = types.SimpleNamespace(request_id=rid, num_prompt_tokens=prompt, num_tokens=prompt, arrival_time=1.0,
-                              session_id=None, trace_headers=None, num_computed_tokens=0,
-                              num_output_tokens=0, status=types.SimpleNamespace(name="RUNNING"))
+    r = types.SimpleNamespace(
+        request_id=rid,
+        num_prompt_tokens=prompt,
+        num_tokens=prompt,
+        arrival_time=1.0,
+        session_id=None,
+        trace_headers=None,
+        num_computed_tokens=0,
+        num_output_tokens=0,
+        status=types.SimpleNamespace(name="RUNNING"),
+    )
     r.is_finished = lambda: r.status.name.startswith("FINISHED")
     r.get_finished_reason = lambda: "length"
     if dp_rank is not None:
@@ -235,10 +259,12 @@ def _req(rid: str, prompt: int, *, dp_rank: int | None = None) -> types.SimpleNa
 
 def _output(sched: dict[str, int], new: dict[str, int]) -> types.SimpleNamespace:
     return types.SimpleNamespace(
-        num_scheduled_tokens=sched, total_num_scheduled_tokens=sum(sched.values()),
+        num_scheduled_tokens=sched,
+        total_num_scheduled_tokens=sum(sched.values()),
         scheduled_new_reqs=[types.SimpleNamespace(req_id=r, num_computed_tokens=c) for r, c in new.items()],
-        scheduled_cached_reqs=types.SimpleNamespace(req_ids=[], num_computed_tokens=[],
-                                                    resumed_req_ids=set()),
+        scheduled_cached_reqs=types.SimpleNamespace(
+            req_ids=[], num_computed_tokens=[], resumed_req_ids=set()
+        ),
         preempted_req_ids=set(),
     )
 
@@ -309,8 +335,9 @@ def test_step_stop_keeps_the_clock_where_it_stopped() -> None:
     import time
 
     time.sleep(0.05)  # the batch becomes known later; that wait is not the step's
-    rec.step_end(stopped, kind=StepKind.DECODE, handles=[], prefill_tokens=[], decode_tokens=[],
-                 context_tokens=[])
+    rec.step_end(
+        stopped, kind=StepKind.DECODE, handles=[], prefill_tokens=[], decode_tokens=[], context_tokens=[]
+    )
     assert rec.flush(5.0)
     rec.close()
     sink.close()

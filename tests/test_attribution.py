@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION, Coupling, EventKind, StepKind
-from enginetime.sidecar.ledger import Ledger, LedgerConfig
-from enginetime.sidecar.records import Beat, Event, Hello, Step
-from enginetime.sidecar.views import InterferencePhase, RequestQuery, RequestState, RequestView
+from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
+from enginetime.sidecar.ledger.ledger import Ledger, LedgerConfig
+from enginetime.sidecar.ledger.views import InterferencePhase, RequestQuery, RequestState, RequestView
 
 T0 = 1_700_000_000_000_000_000
 MS = 1_000_000

@@ -25,26 +25,51 @@ from enginetime.clients import AccountingClient, RequestNotFound
 from enginetime.testbed.engine import Engine, EngineConfig
 from enginetime.testbed.model import ModelConfig
 
-MODEL = ModelConfig(vocab_size=1024, d_model=256, n_layers=2, n_heads=4, head_dim=32, d_ff=512,
-                    max_context=16384, seed=5)
+MODEL = ModelConfig(
+    vocab_size=1024, d_model=256, n_layers=2, n_heads=4, head_dim=32, d_ff=512, max_context=16384, seed=5
+)
 VICTIM, STORM = "cli-victim", "cli-storm"
 
 
 def et(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "enginetime", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "enginetime", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A sidecar with a finished victim (blamed on a storm), the storm, and the events stream's output."""
     sc = start_sidecar(tmp_path_factory.mktemp("cli"), "--storm-threshold", "0.05")
-    eng = Engine(EngineConfig(num_shards=2, coupling="lockstep", chunk_size=512, model=MODEL,
-                              ingest=sc.ingest, engine_id="cli-tb")).start()
+    eng = Engine(
+        EngineConfig(
+            num_shards=2,
+            coupling="lockstep",
+            chunk_size=512,
+            model=MODEL,
+            ingest=sc.ingest,
+            engine_id="cli-tb",
+        )
+    ).start()
     target = sc.grpc_target
-    events = subprocess.Popen([sys.executable, "-m", "enginetime", "events", "--json", "--sidecar", target,
-                               "--count", "1", "--duration", "60"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    events = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "enginetime",
+            "events",
+            "--json",
+            "--sidecar",
+            target,
+            "--count",
+            "1",
+            "--duration",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     client = AccountingClient(target)
     try:
         time.sleep(1.0)  # the events process subscribes (it prints nothing until a storm)
@@ -57,9 +82,23 @@ def world(tmp_path_factory):
                 return None
 
         wait_until(known, 10, message="the sidecar never saw the victim")
-        watch = subprocess.Popen([sys.executable, "-m", "enginetime", "watch", VICTIM, "--json", "--sidecar",
-                                  target, "--interval", "0.05"], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
+        watch = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "enginetime",
+                "watch",
+                VICTIM,
+                "--json",
+                "--sidecar",
+                target,
+                "--interval",
+                "0.05",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert eng.wait_until(lambda: len(victim.output_ids) >= 8, 30)
         eng.generate([(7 * i) % 1024 for i in range(4096)], 1, rid=STORM, routed_shard=1, timeout=60)
         assert victim.wait(60)
@@ -67,9 +106,13 @@ def world(tmp_path_factory):
         wait_until(lambda: client.get_request(VICTIM).terminal and client.get_request(STORM).terminal, 10)
         watch_out, watch_err = watch.communicate(timeout=30)
         events_out, events_err = events.communicate(timeout=60)
-        yield {"target": target, "client": client, "engine": eng,
-               "watch": (watch.returncode, watch_out, watch_err),
-               "events": (events.returncode, events_out, events_err)}
+        yield {
+            "target": target,
+            "client": client,
+            "engine": eng,
+            "watch": (watch.returncode, watch_out, watch_err),
+            "events": (events.returncode, events_out, events_err),
+        }
     finally:
         for p in (events,):
             if p.poll() is None:
@@ -148,12 +191,15 @@ def test_top_draws_in_a_real_terminal_and_q_quits(world):
     tmux = ["tmux", "-L", sock]
     cmd = f"{sys.executable} -m enginetime top --sidecar {world['target']} --interval 0.3"
     env = {**os.environ, "TERM": "xterm-256color"}
-    subprocess.run([*tmux, "new-session", "-d", "-s", "top", "-x", "160", "-y", "40", cmd], check=True,
-                   env=env)
+    subprocess.run(
+        [*tmux, "new-session", "-d", "-s", "top", "-x", "160", "-y", "40", cmd], check=True, env=env
+    )
     try:
+
         def screen() -> str:
-            return subprocess.run([*tmux, "capture-pane", "-p", "-t", "top"], capture_output=True,
-                                  text=True).stdout
+            return subprocess.run(
+                [*tmux, "capture-pane", "-p", "-t", "top"], capture_output=True, text=True
+            ).stdout
 
         def drawn() -> str | None:
             s = screen()
@@ -170,6 +216,7 @@ def test_top_draws_in_a_real_terminal_and_q_quits(world):
         victim = eng.submit(list(range(64)), 600, rid="top-victim", routed_shard=0)
         assert eng.wait_until(lambda: len(victim.output_ids) >= 4, 30)
         eng.submit([(5 * i) % 1024 for i in range(6144)], 1, rid="top-storm", routed_shard=1)
+
         def storm_shown() -> str | None:
             s = screen()
             return s if "top-storm" in s else None
@@ -178,15 +225,18 @@ def test_top_draws_in_a_real_terminal_and_q_quits(world):
         assert any("top-storm" in ln and ("prefill" in ln or "lost" in ln) for ln in seen.splitlines()), seen
         assert victim.wait(60)
         subprocess.run([*tmux, "send-keys", "-t", "top", "q"], check=True)
-        wait_until(lambda: subprocess.run([*tmux, "has-session", "-t", "top"],
-                                          capture_output=True).returncode != 0, 5,
-                   message="top did not quit on q")
+        wait_until(
+            lambda: subprocess.run([*tmux, "has-session", "-t", "top"], capture_output=True).returncode != 0,
+            5,
+            message="top did not quit on q",
+        )
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
 
 
-@pytest.mark.parametrize("args", [["get", "x"], ["watch", "x"], ["events", "--count", "1"], ["requests"],
-                                  ["top", "--once"]])
+@pytest.mark.parametrize(
+    "args", [["get", "x"], ["watch", "x"], ["events", "--count", "1"], ["requests"], ["top", "--once"]]
+)
 def test_unreachable_sidecar_gives_a_clear_error(args):
     out = et(*args, "--sidecar", "127.0.0.1:1", timeout=30)
     assert out.returncode == 3, (out.stdout, out.stderr)

@@ -217,7 +217,12 @@ def test_unset_times_and_optionals_are_none() -> None:
 def test_integer_twins_are_used_when_durations_are_absent() -> None:
     """A sidecar may send only the *_ns integers."""
     m = pb.RequestAccounting(
-        request_id="n", queue_time_ns=5, engine_time_ns=70, gpu_time_ns=60, interference_ns=20, wall_ns=100,
+        request_id="n",
+        queue_time_ns=5,
+        engine_time_ns=70,
+        gpu_time_ns=60,
+        interference_ns=20,
+        wall_ns=100,
         other_ns=5,
     )
     r = cv.request_from_pb(m)

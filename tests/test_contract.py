@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from enginetime.engine_hooks import constants
-from enginetime.sidecar import views
+from enginetime.sidecar.ledger import views
 from enginetime.v1 import accounting_pb2, ingest_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,14 +79,39 @@ def test_every_rpc_of_the_design_is_in_the_service() -> None:
 def test_request_accounting_carries_every_field_the_design_names() -> None:
     fields = set(accounting_pb2.RequestAccounting.DESCRIPTOR.fields_by_name)
     assert {
-        "request_id", "session_id", "engine_id", "shard", "state", "arrival_time", "queue_time",
-        "engine_time", "gpu_time", "interference", "wall", "tokens", "steps", "preemptions",
-        "top_blame", "partial", "last_step_time", "migrated",
+        "request_id",
+        "session_id",
+        "engine_id",
+        "shard",
+        "state",
+        "arrival_time",
+        "queue_time",
+        "engine_time",
+        "gpu_time",
+        "interference",
+        "wall",
+        "tokens",
+        "steps",
+        "preemptions",
+        "top_blame",
+        "partial",
+        "last_step_time",
+        "migrated",
     } <= fields
     step_fields = set(ingest_pb2.StepRecord.DESCRIPTOR.fields_by_name)
     assert {
-        "seq", "global_step", "start_time_ns", "end_time_ns", "device_time_ns", "timer_source", "kind",
-        "handles", "prefill_tokens", "decode_tokens", "context_tokens", "peer_tokens",
+        "seq",
+        "global_step",
+        "start_time_ns",
+        "end_time_ns",
+        "device_time_ns",
+        "timer_source",
+        "kind",
+        "handles",
+        "prefill_tokens",
+        "decode_tokens",
+        "context_tokens",
+        "peer_tokens",
     } <= step_fields
     # Columns are packed fixed32 so the hook side can write array('I').tobytes().
     for name in ("handles", "prefill_tokens", "decode_tokens", "context_tokens", "peer_tokens"):

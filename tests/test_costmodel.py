@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from enginetime.sidecar.costmodel import (
+from enginetime.sidecar.ledger.costmodel import (
     MIN_OBSERVATIONS,
     CostModel,
     fit_nnls_ridge,

@@ -280,9 +280,13 @@ def test_dashboard_queries_metrics_the_sidecar_exposes(tmp_path: Path) -> None:
                 finished(1, time_ns=t + 3_000_000),
             )
             samples = wait_until(
-                lambda: (m := scrape(address))
-                and m.get(("enginetime_request_wall_seconds_count", (("engine_id", "dash"), ("shard", "0"))))
-                and m,
+                lambda: (
+                    (m := scrape(address))
+                    and m.get(
+                        ("enginetime_request_wall_seconds_count", (("engine_id", "dash"), ("shard", "0")))
+                    )
+                    and m
+                ),
             )
     names = {name for name, _ in samples}
     exposed = names | {re.sub(r"_(bucket|sum|count|total)$", "", name) for name in names}

@@ -16,9 +16,9 @@ import pytest
 from test_attribution import Sim
 
 from enginetime.engine_hooks.constants import EventKind
-from enginetime.sidecar import convert
-from enginetime.sidecar.fanout import MAX_RESPONSE_BYTES, FanOut, FanOutLimits
-from enginetime.sidecar.views import RequestQuery, RequestState
+from enginetime.sidecar.api import convert
+from enginetime.sidecar.api.fanout import MAX_RESPONSE_BYTES, FanOut, FanOutLimits
+from enginetime.sidecar.ledger.views import RequestQuery, RequestState
 from enginetime.v1 import accounting_pb2 as pb
 
 MS = 1_000_000

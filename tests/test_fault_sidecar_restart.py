@@ -34,16 +34,30 @@ def test_sidecar_killed_and_restarted_while_a_recorder_sends(tmp_path: Path) -> 
     ingest = f"unix:{short_socket_dir()}/ingest.sock"
     first = start_sidecar(tmp_path, ingest=ingest)
     # A small ring so that the outage overflows it: drops must be counted and reported.
-    rec = Recorder("restart", shard=0, num_shards=1, address=ingest, engine_kind="test", timer="cpu",
-                   buffer_size=16, heartbeat_interval_s=0.1)
+    rec = Recorder(
+        "restart",
+        shard=0,
+        num_shards=1,
+        address=ingest,
+        engine_kind="test",
+        timer="cpu",
+        buffer_size=16,
+        heartbeat_interval_s=0.1,
+    )
     h_old = rec.request_arrived("lived-through", prompt_tokens=32)
     h_done = rec.request_arrived("before-gap", prompt_tokens=8)
 
     def step(handles: list[int], ctx: int) -> None:
         tok = rec.step_begin()
         _work()
-        rec.step_end(tok, kind=StepKind.DECODE, handles=handles, prefill_tokens=[0] * len(handles),
-                     decode_tokens=[1] * len(handles), context_tokens=[ctx] * len(handles))
+        rec.step_end(
+            tok,
+            kind=StepKind.DECODE,
+            handles=handles,
+            prefill_tokens=[0] * len(handles),
+            decode_tokens=[1] * len(handles),
+            context_tokens=[ctx] * len(handles),
+        )
 
     step([h_old, h_done], 40)
     rec.request_finished(h_done, reason="length", output_tokens=1)
@@ -70,8 +84,10 @@ def test_sidecar_killed_and_restarted_while_a_recorder_sends(tmp_path: Path) -> 
         stats = rec.stats()
         assert stats.connected and stats.reconnects >= 1
         with AccountingClient(second.grpc_target) as c:
-            acct = wait_until(lambda: (a := _get(c, "lived-through")) and a.terminal and a,
-                              message=lambda: f"{_get(c, 'lived-through')} {rec.stats()}")
+            acct = wait_until(
+                lambda: (a := _get(c, "lived-through")) and a.terminal and a,
+                message=lambda: f"{_get(c, 'lived-through')} {rec.stats()}",
+            )
             # Re-announced by the recorder on reconnect, so the new sidecar knows its name,
             # and marked partial: this sidecar missed its earlier records.
             assert acct.partial and acct.state == RequestState.FINISHED

@@ -48,10 +48,12 @@ from enginetime.testbed.http_api import EngineHTTPServer
 from enginetime.testbed.model import ModelConfig
 
 #: Small enough to decode fast on 2 cores, big enough that a 12K-token prefill takes seconds.
-MODEL = ModelConfig(vocab_size=1024, d_model=256, n_layers=2, n_heads=4, head_dim=32, d_ff=512,
-                    max_context=32768, seed=3)
-TINY = ModelConfig(vocab_size=256, d_model=64, n_layers=1, n_heads=2, head_dim=16, d_ff=128,
-                   max_context=8192, seed=4)
+MODEL = ModelConfig(
+    vocab_size=1024, d_model=256, n_layers=2, n_heads=4, head_dim=32, d_ff=512, max_context=32768, seed=3
+)
+TINY = ModelConfig(
+    vocab_size=256, d_model=64, n_layers=1, n_heads=2, head_dim=16, d_ff=128, max_context=8192, seed=4
+)
 
 
 def ids(n: int, seed: int, vocab: int = 1024) -> list[int]:
@@ -60,8 +62,11 @@ def ids(n: int, seed: int, vocab: int = 1024) -> list[int]:
 
 
 def body(rid: str, n_prompt: int, max_new: int, shard: int | None = None, seed: int = 0, vocab: int = 1024):
-    b = {"rid": rid, "input_ids": ids(n_prompt, seed or hash(rid) & 0xFFFF, vocab),
-         "sampling_params": {"max_new_tokens": max_new}}
+    b = {
+        "rid": rid,
+        "input_ids": ids(n_prompt, seed or hash(rid) & 0xFFFF, vocab),
+        "sampling_params": {"max_new_tokens": max_new},
+    }
     if shard is not None:
         b["routed_dp_rank"] = shard
     return b
@@ -69,12 +74,14 @@ def body(rid: str, n_prompt: int, max_new: int, shard: int | None = None, seed: 
 
 def settled(client: AccountingClient, rid: str, timeout: float = 10.0):
     """The sidecar's accounting once the request is terminal."""
+
     def check():
         try:
             a = client.get_request(rid)
         except RequestNotFound:
             return None
         return a if a.terminal else None
+
     return wait_until(check, timeout, message=f"the sidecar never saw {rid} end")
 
 
@@ -91,8 +98,17 @@ def sidecar(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(sidecar):
-    eng = Engine(EngineConfig(num_shards=2, coupling="lockstep", policy="prefill-first", chunk_size=512,
-                              model=MODEL, ingest=sidecar.ingest, engine_id="guard-tb")).start()
+    eng = Engine(
+        EngineConfig(
+            num_shards=2,
+            coupling="lockstep",
+            policy="prefill-first",
+            chunk_size=512,
+            model=MODEL,
+            ingest=sidecar.ingest,
+            engine_id="guard-tb",
+        )
+    ).start()
     srv = EngineHTTPServer(eng).serve_in_thread()
     yield eng, srv
     srv.stop()
@@ -112,8 +128,12 @@ def test_storm_victims_survive_the_guard_but_not_a_wall_clock_timeout(sidecar, e
     eng, srv = engine
     victim_tokens = 200
     guard = Guard(sidecar.grpc_target, EngineBudget(engine_time=60, liveness=30, wall=120), interval=0.1)
-    http = httpx.Client(base_url=srv.url, transport=CancellableTransport(), timeout=None,
-                        limits=httpx.Limits(max_connections=16))
+    http = httpx.Client(
+        base_url=srv.url,
+        transport=CancellableTransport(),
+        timeout=None,
+        limits=httpx.Limits(max_connections=16),
+    )
     try:
         # Calibrate on this machine: the victims' wall time without a storm.
         walls = []
@@ -144,15 +164,24 @@ def test_storm_victims_survive_the_guard_but_not_a_wall_clock_timeout(sidecar, e
                 results[rid] = exc
 
         storm_body = json.dumps(body("storm", 12288, 1, 1)).encode()  # ready before the victims start
-        rids = {"wall-0": wall_clock_victim, "wall-1": wall_clock_victim,
-                "guard-0": guarded_victim, "guard-1": guarded_victim}
+        rids = {
+            "wall-0": wall_clock_victim,
+            "wall-1": wall_clock_victim,
+            "guard-0": guarded_victim,
+            "guard-1": guarded_victim,
+        }
         threads = [threading.Thread(target=fn, args=(rid,)) for rid, fn in rids.items()]
         for t in threads:
             t.start()
-        assert eng.wait_until(lambda: all((r := eng.get(rid)) is not None and len(r.output_ids) >= 2
-                                          for rid in rids), 30), "victims never started decoding"
-        storm = httpx.post(f"{srv.url}/generate", content=storm_body, timeout=120,
-                           headers={"Content-Type": "application/json"})
+        assert eng.wait_until(
+            lambda: all((r := eng.get(rid)) is not None and len(r.output_ids) >= 2 for rid in rids), 30
+        ), "victims never started decoding"
+        storm = httpx.post(
+            f"{srv.url}/generate",
+            content=storm_body,
+            timeout=120,
+            headers={"Content-Type": "application/json"},
+        )
         assert storm.status_code == 200
         for t in threads:
             t.join(60)
@@ -192,8 +221,10 @@ def _await_gone(eng: Engine, rid: str, timeout: float = 5.0) -> None:
 def test_runaway_request_is_killed_with_its_accounting_and_its_call_cut(sidecar, engine, acct):
     eng, srv = engine
     budget = EngineBudget(engine_time=0.5, liveness=30, wall=60)
-    with Guard(sidecar.grpc_target, budget, interval=0.1) as guard, \
-            httpx.Client(base_url=srv.url, transport=CancellableTransport(), timeout=None) as http:
+    with (
+        Guard(sidecar.grpc_target, budget, interval=0.1) as guard,
+        httpx.Client(base_url=srv.url, transport=CancellableTransport(), timeout=None) as http,
+    ):
         t0 = time.monotonic()
         with pytest.raises(EngineBudgetExceeded) as info:
             with guard.watch("runaway-sync"):
@@ -220,8 +251,10 @@ def test_runaway_request_is_killed_with_its_accounting_and_its_call_cut(sidecar,
 def test_guard_aborts_on_the_engine_when_the_call_cannot_be_cut(sidecar, engine, acct):
     eng, srv = engine
     budget = EngineBudget(engine_time=0.4, liveness=30, wall=60)
-    with Guard(sidecar.grpc_target, budget, abort=srv.url, interval=0.1) as guard, \
-            httpx.Client(base_url=srv.url, timeout=None) as http:  # a plain client: nothing to cut
+    with (
+        Guard(sidecar.grpc_target, budget, abort=srv.url, interval=0.1) as guard,
+        httpx.Client(base_url=srv.url, timeout=None) as http,
+    ):  # a plain client: nothing to cut
         with pytest.raises(EngineBudgetExceeded) as info:
             with guard.watch("runaway-abort"):
                 r = http.post("/generate", json=body("runaway-abort", 32, 20000, 1))
@@ -238,9 +271,16 @@ def test_async_guard_cancels_the_call_and_keeps_others_running(sidecar, engine, 
     eng, srv = engine
 
     async def main():
-        async with AsyncGuard(sidecar.grpc_target, EngineBudget(engine_time=30, liveness=30, wall=60),
-                              abort=srv.url, interval=0.1) as guard, \
-                httpx.AsyncClient(base_url=srv.url, timeout=None) as http:
+        async with (
+            AsyncGuard(
+                sidecar.grpc_target,
+                EngineBudget(engine_time=30, liveness=30, wall=60),
+                abort=srv.url,
+                interval=0.1,
+            ) as guard,
+            httpx.AsyncClient(base_url=srv.url, timeout=None) as http,
+        ):
+
             async def one(rid: str, max_new: int, budget: EngineBudget | None = None):
                 t0 = time.monotonic()
                 try:
@@ -251,8 +291,9 @@ def test_async_guard_cancels_the_call_and_keeps_others_running(sidecar, engine, 
                     return exc, time.monotonic() - t0
 
             small = EngineBudget(engine_time=0.4, liveness=30, wall=60)
-            out = await asyncio.gather(one("async-runaway", 20000, small), one("async-ok-0", 24),
-                                       one("async-ok-1", 24))
+            out = await asyncio.gather(
+                one("async-runaway", 20000, small), one("async-ok-0", 24), one("async-ok-1", 24)
+            )
             return out, guard.streams_opened
 
     (runaway, ok0, ok1), streams = asyncio.run(main())
@@ -273,8 +314,10 @@ def test_follow_ids_streams_only_the_watched_requests(sidecar, engine, acct):
     eng, srv = engine
     budget = EngineBudget(engine_time=30, liveness=30, wall=60)
     tight = EngineBudget(engine_time=0.3, liveness=30, wall=60)
-    with Guard(sidecar.grpc_target, budget, follow="ids", interval=0.1, restart_interval=0.05) as guard, \
-            httpx.Client(base_url=srv.url, transport=CancellableTransport(), timeout=None) as http:
+    with (
+        Guard(sidecar.grpc_target, budget, follow="ids", interval=0.1, restart_interval=0.05) as guard,
+        httpx.Client(base_url=srv.url, transport=CancellableTransport(), timeout=None) as http,
+    ):
         results: dict[str, object] = {}
         seen: set[str] = set()
         on_batch = guard._tracker.on_batch
@@ -300,8 +343,10 @@ def test_follow_ids_streams_only_the_watched_requests(sidecar, engine, acct):
         first = threading.Thread(target=one, args=("ids-0", 400))
         first.start()
         wait_until(lambda: guard.streams_opened >= 1 and guard.telemetry_up, 10)
-        late = [threading.Thread(target=one, args=("ids-1", 300)),
-                threading.Thread(target=one, args=("ids-runaway", 20000, tight))]
+        late = [
+            threading.Thread(target=one, args=("ids-1", 300)),
+            threading.Thread(target=one, args=("ids-runaway", 20000, tight)),
+        ]
         for t in late:
             t.start()
         for t in (first, *late, other):
@@ -318,8 +363,10 @@ def test_sidecar_never_reachable_only_the_wall_backstop_fires(engine, caplog):
     eng, srv = engine
     caplog.set_level(logging.WARNING, "enginetime.clients.guard")
     budget = EngineBudget(engine_time=0.01, liveness=0.2, wall=1.0)  # only wall can act without telemetry
-    with Guard("127.0.0.1:1", budget, reconnect=(0.05, 0.2)) as guard, \
-            httpx.Client(base_url=srv.url, transport=CancellableTransport(), timeout=None) as http:
+    with (
+        Guard("127.0.0.1:1", budget, reconnect=(0.05, 0.2)) as guard,
+        httpx.Client(base_url=srv.url, transport=CancellableTransport(), timeout=None) as http,
+    ):
         with guard.watch("no-telemetry-ok"):
             r = http.post("/generate", json=body("no-telemetry-ok", 32, 30, 0))
         assert len(r.json()["output_ids"]) == 30  # engine_time 0.01 s could not be checked: not killed
@@ -350,8 +397,16 @@ def test_budget_validation():
 def test_sidecar_killed_mid_request_falls_back_then_resumes(tmp_path, caplog):
     caplog.set_level(logging.INFO, "enginetime.clients.guard")
     sc = start_sidecar(tmp_path)
-    eng = Engine(EngineConfig(num_shards=1, coupling="independent", model=TINY, ingest=sc.ingest,
-                              engine_id="guard-kill", intra_op_threads=1)).start()
+    eng = Engine(
+        EngineConfig(
+            num_shards=1,
+            coupling="independent",
+            model=TINY,
+            ingest=sc.ingest,
+            engine_id="guard-kill",
+            intra_op_threads=1,
+        )
+    ).start()
     srv = EngineHTTPServer(eng).serve_in_thread()
     port = sc.grpc_target.rsplit(":", 1)[1]
     sc2 = None
@@ -373,8 +428,11 @@ def test_sidecar_killed_mid_request_falls_back_then_resumes(tmp_path, caplog):
 
         t = threading.Thread(target=run)
         t.start()
-        wait_until(lambda: guard.watching and next(iter(guard._tracker.entries.values())).progress > 3, 20,
-                   message="the guard never saw the request step")
+        wait_until(
+            lambda: guard.watching and next(iter(guard._tracker.entries.values())).progress > 3,
+            20,
+            message="the guard never saw the request step",
+        )
         sc.kill()  # SIGKILL mid-request
         wait_until(lambda: not guard.telemetry_up, 5, message="the guard did not notice the sidecar died")
         steps_then = eng.get("outlives-sidecar").steps
@@ -432,15 +490,44 @@ TESTBED_READY = "enginetime testbed ready "
 def frozen_engine(tmp_path):
     """A sidecar and ``enginetime testbed serve`` as real processes (the engine can be SIGSTOPped)."""
     sc = start_sidecar(tmp_path)
-    cmd = [sys.executable, "-m", "enginetime", "testbed", "serve", "--port", "0", "--ingest", sc.ingest,
-           "--engine-id", "frozen", "--shards", "1", "--coupling", "independent", "--vocab", "256",
-           "--d-model", "64", "--layers", "1", "--heads", "2", "--head-dim", "16", "--d-ff", "128",
-           "--max-context", "8192", "--intra-op-threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "enginetime",
+        "testbed",
+        "serve",
+        "--port",
+        "0",
+        "--ingest",
+        sc.ingest,
+        "--engine-id",
+        "frozen",
+        "--shards",
+        "1",
+        "--coupling",
+        "independent",
+        "--vocab",
+        "256",
+        "--d-model",
+        "64",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--head-dim",
+        "16",
+        "--d-ff",
+        "128",
+        "--max-context",
+        "8192",
+        "--intra-op-threads",
+        "1",
+    ]
     with open(tmp_path / "testbed.log", "wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     line = proc.stdout.readline()
     assert line.startswith(TESTBED_READY), (line, (tmp_path / "testbed.log").read_text())
-    http = dict(p.split("=", 1) for p in line[len(TESTBED_READY):].split())["http"]
+    http = dict(p.split("=", 1) for p in line[len(TESTBED_READY) :].split())["http"]
     try:
         yield sc, proc, f"http://{http}"
     finally:
@@ -455,8 +542,10 @@ def frozen_engine(tmp_path):
 def test_liveness_fires_on_a_frozen_engine_and_not_on_a_short_pause(frozen_engine):
     sc, proc, url = frozen_engine
     budget = EngineBudget(engine_time=60, liveness=1.5, wall=60)
-    with Guard(sc.grpc_target, budget) as guard, \
-            httpx.Client(base_url=url, transport=CancellableTransport(), timeout=None) as http:
+    with (
+        Guard(sc.grpc_target, budget) as guard,
+        httpx.Client(base_url=url, transport=CancellableTransport(), timeout=None) as http,
+    ):
 
         def guarded(rid: str, max_new: int, box: dict) -> None:
             try:
@@ -557,19 +646,31 @@ class _BigBacklogServer(EngineHTTPServer):
 
 def test_a_thousand_concurrent_requests_use_one_stream():
     sc = _InProcessSidecar()
-    eng = Engine(EngineConfig(num_shards=2, coupling="independent", model=TINY, max_running_requests=1024,
-                              chunk_size=2048, ingest=sc.sidecar.ingest_address,
-                              engine_id="thousand")).start()
+    eng = Engine(
+        EngineConfig(
+            num_shards=2,
+            coupling="independent",
+            model=TINY,
+            max_running_requests=1024,
+            chunk_size=2048,
+            ingest=sc.sidecar.ingest_address,
+            engine_id="thousand",
+        )
+    ).start()
     srv = _BigBacklogServer(eng).serve_in_thread()
     n, runaways = 1000, 5
     max_live = 0
 
     async def main():
         nonlocal max_live
-        async with AsyncGuard(sc.sidecar.grpc_address, EngineBudget(engine_time=60, liveness=30, wall=120),
-                              abort=srv.url) as guard, \
-                httpx.AsyncClient(base_url=srv.url, timeout=None,
-                                  limits=httpx.Limits(max_connections=n + 10)) as http:
+        async with (
+            AsyncGuard(
+                sc.sidecar.grpc_address, EngineBudget(engine_time=60, liveness=30, wall=120), abort=srv.url
+            ) as guard,
+            httpx.AsyncClient(
+                base_url=srv.url, timeout=None, limits=httpx.Limits(max_connections=n + 10)
+            ) as http,
+        ):
             tight = EngineBudget(engine_time=0.3, liveness=30, wall=120)
 
             async def one(k: int):
@@ -577,8 +678,9 @@ def test_a_thousand_concurrent_requests_use_one_stream():
                 runaway = k < runaways
                 try:
                     async with guard.watch(rid, tight if runaway else None):
-                        r = await http.post("/generate", json=body(rid, 8, 6000 if runaway else 24, k % 2,
-                                                                   vocab=256))
+                        r = await http.post(
+                            "/generate", json=body(rid, 8, 6000 if runaway else 24, k % 2, vocab=256)
+                        )
                     return rid, len(r.json()["output_ids"])
                 except EngineBudgetExceeded as exc:
                     return rid, exc

@@ -125,8 +125,11 @@ class FrameServer:
     # --- views
     def of(self, which: str, conn: int | None = None) -> list:
         with self._cond:
-            return [getattr(f, which) for n, f in self.frames
-                    if f.WhichOneof("frame") == which and (conn is None or n == conn)]
+            return [
+                getattr(f, which)
+                for n, f in self.frames
+                if f.WhichOneof("frame") == which and (conn is None or n == conn)
+            ]
 
     def kinds(self, conn: int | None = None) -> list[str]:
         with self._cond:
@@ -149,13 +152,20 @@ def server(sockdir):
     srv.stop()
 
 
-def add_step(rec: Recorder, handles: list[int], *, kind=StepKind.DECODE, global_step=None, prefill=None,
-             context=None) -> None:
+def add_step(
+    rec: Recorder, handles: list[int], *, kind=StepKind.DECODE, global_step=None, prefill=None, context=None
+) -> None:
     tok = rec.step_begin()
     n = len(handles)
-    rec.step_end(tok, kind=kind, handles=handles, prefill_tokens=prefill or [0] * n,
-                 decode_tokens=[1] * n if prefill is None else [0] * n,
-                 context_tokens=context or [100] * n, global_step=global_step)
+    rec.step_end(
+        tok,
+        kind=kind,
+        handles=handles,
+        prefill_tokens=prefill or [0] * n,
+        decode_tokens=[1] * n if prefill is None else [0] * n,
+        context_tokens=context or [100] * n,
+        global_step=global_step,
+    )
 
 
 def delivered(rec: Recorder, srv: FrameServer) -> bool:
@@ -177,11 +187,24 @@ def wait_stats(rec: Recorder, predicate, timeout: float = 10.0):
 
 
 def test_frames_arrive_in_order_with_hello_first(server):
-    with Recorder("eng-a", shard=1, num_shards=2, coupling="lockstep", address=server.address,
-                  engine_kind="testbed", engine_version="9.9", timer="cpu") as rec:
-        h1 = rec.request_arrived("req-1", prompt_tokens=700, cached_tokens=64, session_id="sess",
-                                 traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-                                 routed_shard=0)
+    with Recorder(
+        "eng-a",
+        shard=1,
+        num_shards=2,
+        coupling="lockstep",
+        address=server.address,
+        engine_kind="testbed",
+        engine_version="9.9",
+        timer="cpu",
+    ) as rec:
+        h1 = rec.request_arrived(
+            "req-1",
+            prompt_tokens=700,
+            cached_tokens=64,
+            session_id="sess",
+            traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            routed_shard=0,
+        )
         h2 = rec.request_arrived("req-2", prompt_tokens=5)
         rec.request_scheduled(h1, cached_tokens=128)
         add_step(rec, [h1], kind=StepKind.PREFILL, prefill=[512], context=[128], global_step=0)
@@ -203,17 +226,34 @@ def test_frames_arrive_in_order_with_hello_first(server):
     assert (hello.engine_kind, hello.engine_version, hello.clock.device_name) == ("testbed", "9.9", "cpu")
     assert hello.clock.timer_source == 1 and hello.recorder_epoch != 0
     # Events and steps in exactly the order they were recorded.
-    body = [(f.WhichOneof("frame"), f.request_event.kind if f.HasField("request_event") else None)
-            for _, f in server.frames if f.WhichOneof("frame") in ("request_event", "step")]
+    body = [
+        (f.WhichOneof("frame"), f.request_event.kind if f.HasField("request_event") else None)
+        for _, f in server.frames
+        if f.WhichOneof("frame") in ("request_event", "step")
+    ]
     ev_ = "request_event"
-    assert body == [(ev_, EventKind.ARRIVED), (ev_, EventKind.ARRIVED), (ev_, EventKind.SCHEDULED),
-                    ("step", None), (ev_, EventKind.SCHEDULED), ("step", None), (ev_, EventKind.PREEMPTED),
-                    (ev_, EventKind.RESUMED), ("step", None), (ev_, EventKind.FINISHED),
-                    (ev_, EventKind.ABORTED)]
+    assert body == [
+        (ev_, EventKind.ARRIVED),
+        (ev_, EventKind.ARRIVED),
+        (ev_, EventKind.SCHEDULED),
+        ("step", None),
+        (ev_, EventKind.SCHEDULED),
+        ("step", None),
+        (ev_, EventKind.PREEMPTED),
+        (ev_, EventKind.RESUMED),
+        ("step", None),
+        (ev_, EventKind.FINISHED),
+        (ev_, EventKind.ABORTED),
+    ]
     ev = server.of("request_event")
     a1 = ev[0]
-    assert (a1.handle, a1.request_id, a1.prompt_tokens, a1.cached_tokens, a1.session_id) == \
-        (h1, "req-1", 700, 64, "sess")
+    assert (a1.handle, a1.request_id, a1.prompt_tokens, a1.cached_tokens, a1.session_id) == (
+        h1,
+        "req-1",
+        700,
+        64,
+        "sess",
+    )
     assert a1.traceparent.startswith("00-4bf92f") and a1.HasField("routed_shard") and a1.routed_shard == 0
     assert not ev[1].HasField("routed_shard") and not a1.replayed
     assert ev[2].cached_tokens == 128 and ev[2].handle == h1
@@ -236,8 +276,9 @@ def test_no_listener_then_listener_starts_later(sockdir, caplog):
     srv = FrameServer.unix(sockdir)  # not started: nothing listens on the path
     rec = Recorder("eng-b", address=srv.address, buffer_size=32, timer="cpu", heartbeat_interval_s=0.2)
     try:
-        early = rec.request_arrived("early", prompt_tokens=11, session_id="s-early", routed_shard=3,
-                                    time_ns=123)
+        early = rec.request_arrived(
+            "early", prompt_tokens=11, session_id="s-early", routed_shard=3, time_ns=123
+        )
         gone = rec.request_arrived("gone")
         rec.request_finished(gone)
         for i in range(500):  # far more than the buffers hold: the oldest are dropped
@@ -265,9 +306,15 @@ def test_no_listener_then_listener_starts_later(sockdir, caplog):
         # The live request whose ARRIVED was dropped is re-announced with its original fields...
         replay = ev[0]
         assert kinds[1] == "request_event" and replay.replayed
-        assert (replay.handle, replay.request_id, replay.kind, replay.time_ns, replay.prompt_tokens,
-                replay.session_id, replay.routed_shard) == (early, "early", EventKind.ARRIVED, 123, 11,
-                                                            "s-early", 3)
+        assert (
+            replay.handle,
+            replay.request_id,
+            replay.kind,
+            replay.time_ns,
+            replay.prompt_tokens,
+            replay.session_id,
+            replay.routed_shard,
+        ) == (early, "early", EventKind.ARRIVED, 123, 11, "s-early", 3)
         # ...then a heartbeat with the drop counts, before anything else.
         assert kinds[2] == "heartbeat"
         beat = srv.of("heartbeat")[0]
@@ -376,8 +423,14 @@ def test_unequal_columns_are_counted_not_raised(server):
     with Recorder("eng-d", address=server.address, timer="cpu") as rec:
         h = rec.request_arrived("r")
         tok = rec.step_begin()
-        rec.step_end(tok, kind=StepKind.DECODE, handles=[h, h], prefill_tokens=[0], decode_tokens=[1, 1],
-                     context_tokens=[1, 1])
+        rec.step_end(
+            tok,
+            kind=StepKind.DECODE,
+            handles=[h, h],
+            prefill_tokens=[0],
+            decode_tokens=[1, 1],
+            context_tokens=[1, 1],
+        )
         add_step(rec, [h])
         assert delivered(rec, server)
         st = rec.stats()
@@ -396,20 +449,38 @@ def test_every_public_method_survives_garbage(server):
     rec = Recorder("eng-e", address=server.address, timer="cpu")
     garbage = [None, "x", -1, 2**70, 1.5, [1], {"a": 1}, Weird(), object()]
     for g in garbage:
-        rec.request_arrived(g, prompt_tokens=g, cached_tokens=g, session_id=g, traceparent=g,
-                            routed_shard=g, time_ns=g)
+        rec.request_arrived(
+            g, prompt_tokens=g, cached_tokens=g, session_id=g, traceparent=g, routed_shard=g, time_ns=g
+        )
         rec.request_scheduled(g, cached_tokens=g, time_ns=g)
         rec.request_preempted(g, time_ns=g)
         rec.request_resumed(g, time_ns=g)
         rec.request_finished(g, reason=g, output_tokens=g, time_ns=g)
         rec.request_aborted(g, reason=g, output_tokens=g, time_ns=g)
         tok = rec.step_begin(stream=g)
-        rec.step_end(g, kind=g, handles=g, prefill_tokens=g, decode_tokens=g, context_tokens=g, global_step=g,
-                     peer_tokens=g)
-        rec.step_end(tok, kind=g, handles=[1], prefill_tokens=[1], decode_tokens=[1], context_tokens=[1],
-                     global_step=g, peer_tokens=g)
-        rec.step_end(tok, kind=StepKind.DECODE, handles=[g], prefill_tokens=[g], decode_tokens=[g],
-                     context_tokens=[g])
+        rec.step_end(
+            g,
+            kind=g,
+            handles=g,
+            prefill_tokens=g,
+            decode_tokens=g,
+            context_tokens=g,
+            global_step=g,
+            peer_tokens=g,
+        )
+        rec.step_end(
+            tok,
+            kind=g,
+            handles=[1],
+            prefill_tokens=[1],
+            decode_tokens=[1],
+            context_tokens=[1],
+            global_step=g,
+            peer_tokens=g,
+        )
+        rec.step_end(
+            tok, kind=StepKind.DECODE, handles=[g], prefill_tokens=[g], decode_tokens=[g], context_tokens=[g]
+        )
         rec.flush(g) if not isinstance(g, int | float) else None
     valid = rec.request_arrived(" valid ", prompt_tokens=3)
     h_ok = rec.request_arrived("ok")
@@ -491,8 +562,14 @@ def test_sidecar_that_stops_reading_only_fills_the_buffer(sockdir):
         started = time.monotonic()
         for _ in range(3000):  # ~8 KiB a step: far beyond the socket's buffer
             tok = rec.step_begin()
-            rec.step_end(tok, kind=StepKind.DECODE, handles=cols, prefill_tokens=cols, decode_tokens=cols,
-                         context_tokens=cols)
+            rec.step_end(
+                tok,
+                kind=StepKind.DECODE,
+                handles=cols,
+                prefill_tokens=cols,
+                decode_tokens=cols,
+                context_tokens=cols,
+            )
         assert time.monotonic() - started < 30  # returned; the engine loop was never held up
         st = wait_stats(rec, lambda s: s.dropped_steps > 0)
         assert st.connected and st.dropped_steps > 1000 and st.errors == 0

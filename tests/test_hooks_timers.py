@@ -87,9 +87,14 @@ class FakeEvent:
 
 
 def fake_timer(gpu: FakeGpu, **kw) -> CudaEventTimer:
-    return CudaEventTimer(event_factory=lambda: FakeEvent(gpu), is_capturing=lambda: gpu.capturing,
-                          current_device=lambda: gpu.device, set_device=gpu.set_device, device_name="FakeGPU",
-                          **kw)
+    return CudaEventTimer(
+        event_factory=lambda: FakeEvent(gpu),
+        is_capturing=lambda: gpu.capturing,
+        current_device=lambda: gpu.device,
+        set_device=gpu.set_device,
+        device_name="FakeGPU",
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -112,8 +117,14 @@ def gpu_step(rec: Recorder, gpu: FakeGpu, ns: int, handles=(1,), stream=None) ->
     tok = rec.step_begin(stream)
     gpu.launch(ns)  # the forward pass, queued on the device
     n = len(handles)
-    rec.step_end(tok, kind=StepKind.DECODE, handles=list(handles), prefill_tokens=[0] * n,
-                 decode_tokens=[1] * n, context_tokens=[10] * n)
+    rec.step_end(
+        tok,
+        kind=StepKind.DECODE,
+        handles=list(handles),
+        prefill_tokens=[0] * n,
+        decode_tokens=[1] * n,
+        context_tokens=[10] * n,
+    )
 
 
 def test_pool_reuses_pairs_and_falls_back_at_its_cap():
@@ -221,9 +232,13 @@ def test_unreadable_event_time_falls_back_and_is_counted(server):
         def elapsed_time(self, end):
             raise RuntimeError("events on different devices")
 
-    timer = CudaEventTimer(event_factory=lambda: BrokenEvent(gpu), is_capturing=lambda: False,
-                           current_device=lambda: gpu.device, set_device=gpu.set_device,
-                           device_name="FakeGPU")
+    timer = CudaEventTimer(
+        event_factory=lambda: BrokenEvent(gpu),
+        is_capturing=lambda: False,
+        current_device=lambda: gpu.device,
+        set_device=gpu.set_device,
+        device_name="FakeGPU",
+    )
     with Recorder("eng-cuda", address=server.address, timer=timer) as rec:
         gpu_step(rec, gpu, 5_000)
         gpu.run_all()
@@ -239,8 +254,9 @@ def test_dropped_steps_give_their_event_pairs_back(sockdir):
     gpu = FakeGpu()
     timer = fake_timer(gpu, pool_cap=64, prealloc=0)
     # Nothing listens, the GPU is stalled, the ring holds 4: the oldest steps are dropped.
-    rec = Recorder("eng-cuda", address="unix:" + os.path.join(sockdir, "nobody.sock"), buffer_size=4,
-                   timer=timer)
+    rec = Recorder(
+        "eng-cuda", address="unix:" + os.path.join(sockdir, "nobody.sock"), buffer_size=4, timer=timer
+    )
     try:
         for _ in range(200):
             gpu_step(rec, gpu, 1_000)
@@ -264,8 +280,14 @@ def test_cpu_timer_measures_the_step_on_the_engine_thread(server):
         end = time.perf_counter() + 0.02
         while time.perf_counter() < end:  # 20 ms of real work on this thread
             pass
-        rec.step_end(tok, kind=StepKind.PREFILL, handles=[1], prefill_tokens=[10], decode_tokens=[0],
-                     context_tokens=[0])
+        rec.step_end(
+            tok,
+            kind=StepKind.PREFILL,
+            handles=[1],
+            prefill_tokens=[10],
+            decode_tokens=[0],
+            context_tokens=[0],
+        )
         assert delivered(rec, server)
     (step,) = server.of("step")
     assert step.timer_source == TimerSource.MONOTONIC
@@ -302,8 +324,14 @@ def test_real_cuda_events_time_real_matmuls(server):
             tok = rec.step_begin()
             for _ in range(reps):
                 a @ a
-            rec.step_end(tok, kind=StepKind.DECODE, handles=[1], prefill_tokens=[0], decode_tokens=[1],
-                         context_tokens=[1])
+            rec.step_end(
+                tok,
+                kind=StepKind.DECODE,
+                handles=[1],
+                prefill_tokens=[0],
+                decode_tokens=[1],
+                context_tokens=[1],
+            )
         assert delivered(rec, server)
         st = rec.stats()
     steps = server.of("step")

@@ -24,8 +24,17 @@ U64_MAX = 2**64 - 1
 I64_MIN = -(2**63)
 I64_MAX = 2**63 - 1
 
-TEXTS = ["", "r", "req-0001", "ünïcødé-✓", "日本語のリクエスト", "emoji-🚀-id", "x" * 300, "tab\tnew\nline",
-         "\x00nul"]
+TEXTS = [
+    "",
+    "r",
+    "req-0001",
+    "ünïcødé-✓",
+    "日本語のリクエスト",
+    "emoji-🚀-id",
+    "x" * 300,
+    "tab\tnew\nline",
+    "\x00nul",
+]
 
 
 def payload(frame: bytes) -> bytes:
@@ -48,8 +57,9 @@ def u64(rng: random.Random) -> int:
 
 
 def i64(rng: random.Random) -> int:
-    return rng.choice([0, 1, -1, I64_MIN, I64_MAX, 1_795_000_000_000_000_000, -rng.randrange(2**62),
-                       rng.randrange(2**62)])
+    return rng.choice(
+        [0, 1, -1, I64_MIN, I64_MAX, 1_795_000_000_000_000_000, -rng.randrange(2**62), rng.randrange(2**62)]
+    )
 
 
 def column(rng: random.Random, n: int) -> list[int]:
@@ -58,19 +68,36 @@ def column(rng: random.Random, n: int) -> list[int]:
 
 def random_hello(rng: random.Random) -> dict:
     return dict(
-        engine_id=rng.choice(TEXTS), shard=u32(rng), num_shards=u32(rng), coupling=rng.randrange(3),
-        engine_kind=rng.choice(TEXTS), engine_version=rng.choice(TEXTS), hooks_version=rng.choice(TEXTS),
-        wall_time_ns=i64(rng), monotonic_ns=i64(rng), timer_source=rng.randrange(3),
-        device_name=rng.choice(TEXTS), recorder_epoch=u64(rng), protocol_version=u32(rng),
+        engine_id=rng.choice(TEXTS),
+        shard=u32(rng),
+        num_shards=u32(rng),
+        coupling=rng.randrange(3),
+        engine_kind=rng.choice(TEXTS),
+        engine_version=rng.choice(TEXTS),
+        hooks_version=rng.choice(TEXTS),
+        wall_time_ns=i64(rng),
+        monotonic_ns=i64(rng),
+        timer_source=rng.randrange(3),
+        device_name=rng.choice(TEXTS),
+        recorder_epoch=u64(rng),
+        protocol_version=u32(rng),
     )
 
 
 def random_event(rng: random.Random) -> dict:
     return dict(
-        handle=u32(rng), kind=rng.randrange(7), time_ns=i64(rng), request_id=rng.choice(TEXTS),
-        prompt_tokens=u32(rng), cached_tokens=u32(rng), session_id=rng.choice(TEXTS),
-        traceparent=rng.choice(TEXTS), routed_shard=rng.choice([None, 0, 1, U32_MAX]),
-        finish_reason=rng.choice(TEXTS), output_tokens=u32(rng), replayed=rng.random() < 0.5,
+        handle=u32(rng),
+        kind=rng.randrange(7),
+        time_ns=i64(rng),
+        request_id=rng.choice(TEXTS),
+        prompt_tokens=u32(rng),
+        cached_tokens=u32(rng),
+        session_id=rng.choice(TEXTS),
+        traceparent=rng.choice(TEXTS),
+        routed_shard=rng.choice([None, 0, 1, U32_MAX]),
+        finish_reason=rng.choice(TEXTS),
+        output_tokens=u32(rng),
+        replayed=rng.random() < 0.5,
     )
 
 
@@ -82,23 +109,46 @@ def random_step(rng: random.Random) -> dict:
     if as_array:
         cols = [array(wire.U32, c) for c in cols]
     return dict(
-        seq=u64(rng), global_step=rng.choice([None, 0, 1, U64_MAX]), start_time_ns=i64(rng),
-        end_time_ns=i64(rng), device_time_ns=i64(rng), timer_source=rng.randrange(3), kind=rng.randrange(5),
-        handles=cols[0], prefill_tokens=cols[1], decode_tokens=cols[2], context_tokens=cols[3],
+        seq=u64(rng),
+        global_step=rng.choice([None, 0, 1, U64_MAX]),
+        start_time_ns=i64(rng),
+        end_time_ns=i64(rng),
+        device_time_ns=i64(rng),
+        timer_source=rng.randrange(3),
+        kind=rng.randrange(5),
+        handles=cols[0],
+        prefill_tokens=cols[1],
+        decode_tokens=cols[2],
+        context_tokens=cols[3],
         peer_tokens=rng.choice([None, peer, tuple(peer)]),
     )
 
 
 def random_heartbeat(rng: random.Random) -> dict:
-    return dict(time_ns=i64(rng), dropped_frames=u64(rng), dropped_steps=u64(rng), dropped_events=u64(rng),
-                sent_frames=u64(rng), reconnects=u64(rng))
+    return dict(
+        time_ns=i64(rng),
+        dropped_frames=u64(rng),
+        dropped_steps=u64(rng),
+        dropped_events=u64(rng),
+        sent_frames=u64(rng),
+        reconnects=u64(rng),
+    )
 
 
 def check_hello(fields: dict, msg: ingest_pb2.IngestFrame) -> None:
     assert msg.WhichOneof("frame") == "hello"
     h = msg.hello
-    for name in ("engine_id", "shard", "num_shards", "coupling", "engine_kind", "engine_version",
-                 "hooks_version", "recorder_epoch", "protocol_version"):
+    for name in (
+        "engine_id",
+        "shard",
+        "num_shards",
+        "coupling",
+        "engine_kind",
+        "engine_version",
+        "hooks_version",
+        "recorder_epoch",
+        "protocol_version",
+    ):
         assert getattr(h, name) == fields[name], name
     assert h.HasField("clock")
     assert h.clock.wall_time_ns == fields["wall_time_ns"]
@@ -110,8 +160,19 @@ def check_hello(fields: dict, msg: ingest_pb2.IngestFrame) -> None:
 def check_event(fields: dict, msg: ingest_pb2.IngestFrame) -> None:
     assert msg.WhichOneof("frame") == "request_event"
     e = msg.request_event
-    for name in ("handle", "kind", "time_ns", "request_id", "prompt_tokens", "cached_tokens", "session_id",
-                 "traceparent", "finish_reason", "output_tokens", "replayed"):
+    for name in (
+        "handle",
+        "kind",
+        "time_ns",
+        "request_id",
+        "prompt_tokens",
+        "cached_tokens",
+        "session_id",
+        "traceparent",
+        "finish_reason",
+        "output_tokens",
+        "replayed",
+    ):
         assert getattr(e, name) == fields[name], name
     if fields["routed_shard"] is None:
         assert not e.HasField("routed_shard")
@@ -150,8 +211,11 @@ def protobuf_bytes(which: str, fields: dict) -> bytes:
         f = {k: v for k, v in fields.items() if v is not None}
         frame.request_event.CopyFrom(ingest_pb2.RequestEvent(**f))
     elif which == "step":
-        f = {k: (list(v) if isinstance(v, list | tuple | array) else v) for k, v in fields.items()
-             if v is not None}
+        f = {
+            k: (list(v) if isinstance(v, list | tuple | array) else v)
+            for k, v in fields.items()
+            if v is not None
+        }
         frame.step.CopyFrom(ingest_pb2.StepRecord(**f))
     else:
         frame.heartbeat.CopyFrom(ingest_pb2.Heartbeat(**fields))
@@ -182,23 +246,41 @@ def test_proto3_defaults_are_omitted_and_optional_zero_is_present():
     assert payload(wire.frame_heartbeat(time_ns=0)) == b"\x22\x00"
     with_zero = decode(wire.frame_event(handle=0, kind=0, time_ns=0, routed_shard=0)).request_event
     assert with_zero.HasField("routed_shard") and with_zero.routed_shard == 0
-    step = decode(wire.frame_step(seq=0, start_time_ns=0, end_time_ns=0, device_time_ns=0, timer_source=0,
-                                  kind=0, global_step=0)).step
+    step = decode(
+        wire.frame_step(
+            seq=0, start_time_ns=0, end_time_ns=0, device_time_ns=0, timer_source=0, kind=0, global_step=0
+        )
+    ).step
     assert step.HasField("global_step") and step.global_step == 0
     assert step.ByteSize() == 2  # just global_step = 0
-    no_global = decode(wire.frame_step(seq=0, start_time_ns=0, end_time_ns=0, device_time_ns=0,
-                                       timer_source=0, kind=0)).step
+    no_global = decode(
+        wire.frame_step(seq=0, start_time_ns=0, end_time_ns=0, device_time_ns=0, timer_source=0, kind=0)
+    ).step
     assert not no_global.HasField("global_step")
     # A hello always carries its clock, even an all-default one.
-    hello = decode(wire.frame_hello(engine_id="", shard=0, num_shards=0, coupling=0, hooks_version="",
-                                    protocol_version=0)).hello
+    hello = decode(
+        wire.frame_hello(
+            engine_id="", shard=0, num_shards=0, coupling=0, hooks_version="", protocol_version=0
+        )
+    ).hello
     assert hello.HasField("clock")
 
 
 def test_columns_are_packed_little_endian_fixed32():
-    frame = payload(wire.frame_step(seq=0, start_time_ns=0, end_time_ns=0, device_time_ns=0, timer_source=0,
-                                    kind=0, handles=[1, U32_MAX], prefill_tokens=[2, 0],
-                                    decode_tokens=[3, 0], context_tokens=[4, 0]))
+    frame = payload(
+        wire.frame_step(
+            seq=0,
+            start_time_ns=0,
+            end_time_ns=0,
+            device_time_ns=0,
+            timer_source=0,
+            kind=0,
+            handles=[1, U32_MAX],
+            prefill_tokens=[2, 0],
+            decode_tokens=[3, 0],
+            context_tokens=[4, 0],
+        )
+    )
     step = frame[2:]  # tag 0x1a + length of the StepRecord
     # field 8 (handles), wire type 2: tag 0x42, 8 bytes, two little-endian uint32.
     assert step[:2] == b"\x42\x08"
@@ -208,14 +290,35 @@ def test_columns_are_packed_little_endian_fixed32():
 
 
 def test_edge_values_round_trip():
-    fields = dict(handle=U32_MAX, kind=6, time_ns=I64_MIN, request_id="ünïcødé/日本/🚀",
-                  prompt_tokens=U32_MAX, cached_tokens=0, session_id="s", traceparent="00-abc-def-01",
-                  routed_shard=U32_MAX,
-                  finish_reason="length", output_tokens=U32_MAX, replayed=True)
+    fields = dict(
+        handle=U32_MAX,
+        kind=6,
+        time_ns=I64_MIN,
+        request_id="ünïcødé/日本/🚀",
+        prompt_tokens=U32_MAX,
+        cached_tokens=0,
+        session_id="s",
+        traceparent="00-abc-def-01",
+        routed_shard=U32_MAX,
+        finish_reason="length",
+        output_tokens=U32_MAX,
+        replayed=True,
+    )
     check_event(fields, decode(wire.frame_event(**fields)))
-    step = dict(seq=U64_MAX, global_step=U64_MAX, start_time_ns=-1, end_time_ns=I64_MAX,
-                device_time_ns=-5, timer_source=2, kind=4, handles=[], prefill_tokens=[], decode_tokens=[],
-                context_tokens=[], peer_tokens=[0, U32_MAX])
+    step = dict(
+        seq=U64_MAX,
+        global_step=U64_MAX,
+        start_time_ns=-1,
+        end_time_ns=I64_MAX,
+        device_time_ns=-5,
+        timer_source=2,
+        kind=4,
+        handles=[],
+        prefill_tokens=[],
+        decode_tokens=[],
+        context_tokens=[],
+        peer_tokens=[0, U32_MAX],
+    )
     check_step(step, decode(wire.frame_step(**step)))
 
 
@@ -224,10 +327,17 @@ def test_lone_surrogates_become_question_marks_not_unreadable_frames():
     assert msg.request_id == "bad?id"
 
 
-@pytest.mark.parametrize("bad", [
-    dict(handle=-1), dict(handle=U32_MAX + 1), dict(prompt_tokens=2**40), dict(time_ns=I64_MAX + 1),
-    dict(routed_shard=-1), dict(kind=2**31),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(handle=-1),
+        dict(handle=U32_MAX + 1),
+        dict(prompt_tokens=2**40),
+        dict(time_ns=I64_MAX + 1),
+        dict(routed_shard=-1),
+        dict(kind=2**31),
+    ],
+)
 def test_out_of_range_values_raise_naming_the_field(bad):
     fields = dict(handle=1, kind=1, time_ns=1) | bad
     with pytest.raises(ValueError, match=next(iter(bad))):
@@ -237,8 +347,9 @@ def test_out_of_range_values_raise_naming_the_field(bad):
 def test_bad_columns_raise_value_error():
     base = dict(seq=1, start_time_ns=0, end_time_ns=0, device_time_ns=0, timer_source=1, kind=2)
     with pytest.raises(ValueError, match="differ in length"):
-        wire.frame_step(**base, handles=[1, 2], prefill_tokens=[1], decode_tokens=[1, 2],
-                        context_tokens=[1, 2])
+        wire.frame_step(
+            **base, handles=[1, 2], prefill_tokens=[1], decode_tokens=[1, 2], context_tokens=[1, 2]
+        )
     with pytest.raises(ValueError, match="prefill_tokens has a value outside uint32"):
         wire.frame_step(**base, handles=[1], prefill_tokens=[-1], decode_tokens=[1], context_tokens=[1])
     with pytest.raises(ValueError, match="handles must hold ints"):
@@ -255,7 +366,7 @@ def test_split_frames_handles_partial_input():
     pos = 0
     while pos < len(stream):  # feed it in awkward chunks
         step = rng.randint(1, 700)
-        buf += stream[pos:pos + step]
+        buf += stream[pos : pos + step]
         pos += step
         out, used = wire.split_frames(buf)
         got += out

@@ -30,8 +30,9 @@ from enginetime.testbed.demo import STORM_RID, DemoConfig, render, run_demo
 # The incident run uses the demo's defaults; the two comparison runs a 24-chunk storm (faster).
 SCENARIOS = {
     "lockstep": DemoConfig(coupling="lockstep", policy="prefill-first"),
-    "independent": DemoConfig(coupling="independent", policy="prefill-first", baseline=False,
-                              storm_tokens=12288),
+    "independent": DemoConfig(
+        coupling="independent", policy="prefill-first", baseline=False, storm_tokens=12288
+    ),
     "mixed": DemoConfig(coupling="lockstep", policy="mixed", baseline=False, storm_tokens=12288),
 }
 
@@ -93,7 +94,8 @@ def test_victim_engine_time_stays_while_wall_time_grows(run):
         ratio = v["engine_time_s"] / b["engine_time_s"]
         assert 0.5 <= ratio <= 1.2, (
             f"{v['request_id']}: engine_time {v['engine_time_s']:.3f}s with the storm vs "
-            f"{b['engine_time_s']:.3f}s without (ratio {ratio:.3f})")
+            f"{b['engine_time_s']:.3f}s without (ratio {ratio:.3f})"
+        )
         # The stall is interference, not unexplained time.
         assert v["interference_s"] >= 0.8 * (v["wall_s"] - b["wall_s"]), (v, b)
     # A wall-clock timeout set with 3x headroom kills every victim; an engine-time budget kills none.
@@ -160,8 +162,16 @@ def test_report_has_the_documented_keys_and_renders(run):
     report = run("lockstep")
     assert set(report) >= {"config", "shards", "storm", "victims", "baseline"}
     assert set(report["storm"]) >= {"request_id", "shard", "prefill_tokens", "engine_time_s", "wall_s"}
-    keys = {"request_id", "shard", "wall_s", "queue_s", "engine_time_s", "gpu_time_s", "interference_s",
-            "blame"}
+    keys = {
+        "request_id",
+        "shard",
+        "wall_s",
+        "queue_s",
+        "engine_time_s",
+        "gpu_time_s",
+        "interference_s",
+        "blame",
+    }
     for v in report["victims"] + report["baseline"]["victims"]:
         assert set(v) >= keys
         for b in v["blame"]:
@@ -174,8 +184,22 @@ def test_report_has_the_documented_keys_and_renders(run):
 
 
 def test_demo_command_prints_one_json_object():
-    cmd = [sys.executable, "-m", "enginetime", "demo", "--json", "--shards", "2", "--victims", "1",
-           "--storm-tokens", "2048", "--no-baseline", "--seed", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "enginetime",
+        "demo",
+        "--json",
+        "--shards",
+        "2",
+        "--victims",
+        "1",
+        "--storm-tokens",
+        "2048",
+        "--no-baseline",
+        "--seed",
+        "3",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)
@@ -186,6 +210,10 @@ def test_demo_command_prints_one_json_object():
 
 
 def test_demo_rejects_a_config_without_a_storm():
-    out = subprocess.run([sys.executable, "-m", "enginetime", "demo", "--shards", "1"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "enginetime", "demo", "--shards", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "--shards" in out.stderr

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION, Coupling, EventKind, StepKind
-from enginetime.sidecar.ledger import Ledger, LedgerConfig
-from enginetime.sidecar.ledger_store import EMPTY, SlotColumns
-from enginetime.sidecar.records import Beat, Event, Hello, Step
-from enginetime.sidecar.views import RequestQuery, RequestState
+from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
+from enginetime.sidecar.ledger.ledger import Ledger, LedgerConfig
+from enginetime.sidecar.ledger.store import EMPTY, SlotColumns
+from enginetime.sidecar.ledger.views import RequestQuery, RequestState
 
 T0 = 1_700_000_000_000_000_000
 MS = 1_000_000

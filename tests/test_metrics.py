@@ -22,7 +22,7 @@ from helpers import IngestConnection, arrived, finished, heartbeat, hello, start
 from otel_helpers import metrics_address, scrape
 
 from enginetime.clients import AccountingClient, InterferencePhase, RequestState
-from enginetime.sidecar.metrics import SECONDS_BUCKETS
+from enginetime.sidecar.telemetry.metrics import SECONDS_BUCKETS
 
 ENGINE = "metrics-engine"
 MS = 1_000_000
@@ -112,7 +112,6 @@ def test_metrics_match_the_accounting(tmp_path: Path) -> None:
         assert before[0].decode_tokens_per_second > 0 and before[0].prefill_tokens_per_second > 0
         assert client.get_request("waiting").state is RequestState.QUEUED
 
-
         done = {"d1", "d2", "storm"}
         wait_until(lambda: {r.request_id for r in client.list_requests(engine_id=ENGINE, states=["finished"])
                             .requests} == done)  # fmt: skip
@@ -120,9 +119,11 @@ def test_metrics_match_the_accounting(tmp_path: Path) -> None:
         labels = (("engine_id", ENGINE), ("shard", "0"))
         # Histograms are observed once a finished request's figures settled (a few ticks later).
         m = wait_until(
-            lambda: (got := scrape(address))
-            and got.get(("enginetime_request_wall_seconds_count", labels)) == 3
-            and got,
+            lambda: (
+                (got := scrape(address))
+                and got.get(("enginetime_request_wall_seconds_count", labels)) == 3
+                and got
+            ),
             message="the finished requests never showed up in the histograms",
         )
 
@@ -157,7 +158,6 @@ def test_metrics_match_the_accounting(tmp_path: Path) -> None:
         assert rejected == {"no_hello": 1, "bad_version": 1}  # every other reason is exposed as 0
         assert m[("enginetime_ingest_connections_total", ())] == 4
         assert m[("enginetime_spans_enabled", ())] == 0
-
 
 
 def _until_ended(stream) -> list:

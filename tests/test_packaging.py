@@ -18,9 +18,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("enginetime", "enginetime.v1", "enginetime.engine_hooks", "enginetime.engine_hooks.sglang",
-               "enginetime.engine_hooks.vllm", "enginetime.sidecar",
-               "enginetime.clients", "enginetime.testbed")
+SUBPACKAGES = (
+    "enginetime",
+    "enginetime.v1",
+    "enginetime.engine_hooks",
+    "enginetime.engine_hooks.sglang",
+    "enginetime.engine_hooks.vllm",
+    "enginetime.sidecar",
+    "enginetime.clients",
+    "enginetime.testbed",
+)
 
 
 def _run(*cmd: str | Path, **kw) -> subprocess.CompletedProcess[str]:

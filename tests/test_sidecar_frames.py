@@ -17,8 +17,8 @@ import pytest
 from helpers import frame, varint
 
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION
-from enginetime.sidecar.frames import FrameDecoder, FrameError, decode_frame
-from enginetime.sidecar.records import Beat, Event, Hello, Step
+from enginetime.sidecar.ingest.frames import FrameDecoder, FrameError, decode_frame
+from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
 from enginetime.v1 import ingest_pb2 as pb
 
 # ----------------------------------------------------------------------------- random messages

@@ -32,8 +32,8 @@ from helpers import (
 )
 
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, PROTOCOL_VERSION
-from enginetime.sidecar.ingest import IngestServer
-from enginetime.sidecar.ledger import Ledger, LedgerConfig
+from enginetime.sidecar.ingest.server import IngestServer
+from enginetime.sidecar.ledger.ledger import Ledger, LedgerConfig
 from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
 from enginetime.v1 import ingest_pb2

@@ -28,8 +28,9 @@ from enginetime.testbed.engine import Engine, EngineConfig, InvalidRequest
 from enginetime.testbed.model import ForwardItem, ModelConfig, TinyTransformer
 from enginetime.v1 import ingest_pb2
 
-SMALL = ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, head_dim=16, d_ff=256,
-                    max_context=8192, seed=3)
+SMALL = ModelConfig(
+    vocab_size=512, d_model=128, n_layers=2, n_heads=4, head_dim=16, d_ff=256, max_context=8192, seed=3
+)
 
 
 def ids(n: int, seed: int = 0, vocab: int = 512) -> list[int]:
@@ -100,8 +101,8 @@ class FrameSink:
                 if head is None or head[1] + head[0] > len(buf):
                     break
                 size, start = head
-                frame = ingest_pb2.IngestFrame.FromString(bytes(buf[start:start + size]))
-                del buf[:start + size]
+                frame = ingest_pb2.IngestFrame.FromString(bytes(buf[start : start + size]))
+                del buf[: start + size]
                 with self.lock:
                     which = frame.WhichOneof("frame")
                     if which == "hello":
@@ -118,10 +119,15 @@ class FrameSink:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self.lock:
-                handles = {e.handle for e in self.by_shard[shard].events
-                           if e.kind == ingest_pb2.REQUEST_EVENT_KIND_ARRIVED and e.request_id == rid}
-                if any(e.handle in handles and e.kind == ingest_pb2.REQUEST_EVENT_KIND_FINISHED
-                       for e in self.by_shard[shard].events):
+                handles = {
+                    e.handle
+                    for e in self.by_shard[shard].events
+                    if e.kind == ingest_pb2.REQUEST_EVENT_KIND_ARRIVED and e.request_id == rid
+                }
+                if any(
+                    e.handle in handles and e.kind == ingest_pb2.REQUEST_EVENT_KIND_FINISHED
+                    for e in self.by_shard[shard].events
+                ):
                     return
             time.sleep(0.01)
         raise AssertionError(f"no FINISHED event for {rid} on shard {shard} within {timeout_s} s")
@@ -191,7 +197,7 @@ def test_chunked_prefill_matches_unchunked_logits():
         kv = model.new_cache(16)
         parts, pos = [], 0
         for n in chunks:
-            parts.append(model.forward([ForwardItem(kv, prompt[pos:pos + n])], all_logits=True)[0])
+            parts.append(model.forward([ForwardItem(kv, prompt[pos : pos + n])], all_logits=True)[0])
             pos += n
         chunked = torch.cat(parts)
         assert chunked.shape == whole.shape
@@ -264,8 +270,9 @@ def test_sticky_turn_prefills_only_new_tokens_migrated_turn_prefills_all(sink):
 
 
 def test_lockstep_records_global_step_peer_tokens_and_idle_steps(sink):
-    with make_engine(num_shards=2, coupling="lockstep", hooks=True, ingest=sink.address,
-                     chunk_size=256) as eng:
+    with make_engine(
+        num_shards=2, coupling="lockstep", hooks=True, ingest=sink.address, chunk_size=256
+    ) as eng:
         busy = eng.submit(ids(2048, 7), 4, routed_shard=0)  # 8 chunks on shard 0, shard 1 has nothing
         assert busy.wait(60)
         assert eng.flush_hooks(10)
@@ -297,8 +304,9 @@ def test_independent_shards_record_no_idle_steps_and_no_global_step(sink):
         assert eng.flush_hooks(10)
     sink.wait_finished(0, "solo")
     assert sink.steps(1) == []
-    assert sink.steps(0) and all(not s.HasField("global_step") and len(s.peer_tokens) == 0
-                                 for s in sink.steps(0))
+    assert sink.steps(0) and all(
+        not s.HasField("global_step") and len(s.peer_tokens) == 0 for s in sink.steps(0)
+    )
 
 
 def _decode_steps_of(eng: Engine, shard: int, rid: str, t0: float, t1: float) -> list:

@@ -22,8 +22,9 @@ from enginetime.testbed.http_api import EngineHTTPServer
 from enginetime.testbed.model import ModelConfig
 from enginetime.testbed.sessions import SessionDriver
 
-SMALL = ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, head_dim=16, d_ff=256,
-                    max_context=8192, seed=1)
+SMALL = ModelConfig(
+    vocab_size=512, d_model=128, n_layers=2, n_heads=4, head_dim=16, d_ff=256, max_context=8192, seed=1
+)
 
 
 def ids(n: int, seed: int = 0) -> list[int]:
@@ -33,8 +34,9 @@ def ids(n: int, seed: int = 0) -> list[int]:
 
 @pytest.fixture(scope="module")
 def server():
-    engine = Engine(EngineConfig(num_shards=2, coupling="lockstep", model=SMALL, hooks=False,
-                                 chunk_size=256)).start()
+    engine = Engine(
+        EngineConfig(num_shards=2, coupling="lockstep", model=SMALL, hooks=False, chunk_size=256)
+    ).start()
     srv = EngineHTTPServer(engine).serve_in_thread()
     yield srv
     srv.stop()
@@ -65,19 +67,26 @@ def test_generate_returns_sglang_shape(client):
     assert 0 < meta["e2e_latency"] < 60
     assert meta["dp_rank"] in (0, 1)
     # Same prompt again on the same shard: served from the prefix cache, same greedy tokens.
-    again = generate(client, rid="g-2", input_ids=ids(300, 1), sampling_params={"max_new_tokens": 12},
-                     routed_dp_rank=meta["dp_rank"]).json()
+    again = generate(
+        client,
+        rid="g-2",
+        input_ids=ids(300, 1),
+        sampling_params={"max_new_tokens": 12},
+        routed_dp_rank=meta["dp_rank"],
+    ).json()
     assert again["output_ids"] == out["output_ids"]
     assert again["meta_info"]["cached_tokens"] == 299
 
 
 def test_routed_dp_rank_is_honoured(client):
     for rank in (0, 1, 1, 0):
-        meta = generate(client, input_ids=ids(20, rank), sampling_params={"max_new_tokens": 2},
-                        routed_dp_rank=rank).json()["meta_info"]
+        meta = generate(
+            client, input_ids=ids(20, rank), sampling_params={"max_new_tokens": 2}, routed_dp_rank=rank
+        ).json()["meta_info"]
         assert meta["dp_rank"] == rank
-    meta = generate(client, input_ids=ids(20, 9), sampling_params={"max_new_tokens": 2},
-                    data_parallel_rank=1).json()["meta_info"]
+    meta = generate(
+        client, input_ids=ids(20, 9), sampling_params={"max_new_tokens": 2}, data_parallel_rank=1
+    ).json()["meta_info"]
     assert meta["dp_rank"] == 1, "the older field name data_parallel_rank pins too"
     assert len(meta["id"]) >= 16, "a request without rid gets a generated id"
 
@@ -102,8 +111,9 @@ def test_abort_of_a_running_request(server, client):
     box: dict = {}
 
     def run() -> None:
-        box["resp"] = generate(client, rid="to-abort", input_ids=ids(50, 2),
-                               sampling_params={"max_new_tokens": 6000})
+        box["resp"] = generate(
+            client, rid="to-abort", input_ids=ids(50, 2), sampling_params={"max_new_tokens": 6000}
+        )
 
     t = threading.Thread(target=run)
     t.start()
@@ -129,20 +139,23 @@ def test_client_disconnect_aborts_the_request(server):
     assert engine.wait_until(lambda: engine.get("impatient") is None, 10), "request still running"
 
 
-@pytest.mark.parametrize("body, needle", [
-    ({"rid": "b1", "sampling_params": {"max_new_tokens": 4}}, "input_ids"),
-    ({"input_ids": [1, "x", 3]}, "integers"),
-    ({"input_ids": [1, 2.5]}, "integers"),
-    ({"input_ids": "1 2 3"}, "list of token ids"),
-    ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens"),
-    ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": "ten"}}, "max_new_tokens"),
-    ({"input_ids": [1, 2], "routed_dp_rank": 7}, "routed_dp_rank"),
-    ({"input_ids": []}, "empty"),
-    ({"input_ids": [1, 100000]}, "vocabulary"),
-    ({"text": "hello"}, "no tokenizer"),
-    ({"input_ids": [[1, 2], [3]]}, "batched"),
-    ({"input_ids": [1], "rid": 5}, "rid"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ({"rid": "b1", "sampling_params": {"max_new_tokens": 4}}, "input_ids"),
+        ({"input_ids": [1, "x", 3]}, "integers"),
+        ({"input_ids": [1, 2.5]}, "integers"),
+        ({"input_ids": "1 2 3"}, "list of token ids"),
+        ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens"),
+        ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": "ten"}}, "max_new_tokens"),
+        ({"input_ids": [1, 2], "routed_dp_rank": 7}, "routed_dp_rank"),
+        ({"input_ids": []}, "empty"),
+        ({"input_ids": [1, 100000]}, "vocabulary"),
+        ({"text": "hello"}, "no tokenizer"),
+        ({"input_ids": [[1, 2], [3]]}, "batched"),
+        ({"input_ids": [1], "rid": 5}, "rid"),
+    ],
+)
 def test_bad_generate_requests_get_400_with_a_message(client, body, needle):
     r = client.post("/generate", json=body)
     assert r.status_code == 400, r.text
@@ -170,8 +183,11 @@ def test_malformed_bodies_and_paths(client):
 
 def test_duplicate_live_rid_is_rejected(server, client):
     box: dict = {}
-    t = threading.Thread(target=lambda: box.setdefault("r", generate(
-        client, rid="dup", input_ids=ids(20, 5), sampling_params={"max_new_tokens": 6000})))
+    t = threading.Thread(
+        target=lambda: box.setdefault(
+            "r", generate(client, rid="dup", input_ids=ids(20, 5), sampling_params={"max_new_tokens": 6000})
+        )
+    )
     t.start()
     assert server.engine.wait_until(lambda: server.engine.get("dup") is not None, 10)
     with httpx.Client(base_url=server.url, timeout=30) as other:
@@ -201,8 +217,26 @@ def test_tito_sessions_sticky_reuse_prefix_round_robin_migrates(server, routing)
 
 
 def test_serve_command_runs_as_a_process():
-    cmd = [sys.executable, "-m", "enginetime", "testbed", "serve", "--port", "0", "--shards", "2",
-           "--no-hooks", "--d-model", "64", "--d-ff", "128", "--vocab", "256", "--layers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "enginetime",
+        "testbed",
+        "serve",
+        "--port",
+        "0",
+        "--shards",
+        "2",
+        "--no-hooks",
+        "--d-model",
+        "64",
+        "--d-ff",
+        "128",
+        "--vocab",
+        "256",
+        "--layers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
@@ -210,8 +244,10 @@ def test_serve_command_runs_as_a_process():
         addr = line.split("http=", 1)[1].split()[0]
         with httpx.Client(base_url=f"http://{addr}", timeout=30) as c:
             assert c.get("/health").status_code == 200
-            out = c.post("/generate", json={"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 3},
-                                            "routed_dp_rank": 1}).json()
+            out = c.post(
+                "/generate",
+                json={"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 3}, "routed_dp_rank": 1},
+            ).json()
             assert out["meta_info"]["dp_rank"] == 1 and len(out["output_ids"]) == 3
     finally:
         proc.terminate()

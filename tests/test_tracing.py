@@ -37,7 +37,7 @@ from otel_helpers import (
 )
 
 from enginetime.clients import AccountingClient, RequestAccounting
-from enginetime.sidecar.tracing import MAX_SPANS_PER_REQUEST, REQUEST_SPAN_NAME, request_span_ids
+from enginetime.sidecar.telemetry.tracing import MAX_SPANS_PER_REQUEST, REQUEST_SPAN_NAME, request_span_ids
 
 ENGINE = "trace-e2e"
 CHUNK = 512
@@ -373,14 +373,17 @@ def test_endpoint_down_sidecar_keeps_serving_and_counts_dropped_spans(tmp_path: 
         "OTEL_EXPORTER_OTLP_TIMEOUT": "1",  # seconds: give up on a batch quickly
         "OTEL_BSP_SCHEDULE_DELAY": "50",
     }
-    with start_sidecar(
-        tmp_path,
-        "--otlp-endpoint",
-        f"http://127.0.0.1:{dead_port}",
-        "--metrics-port",
-        "0",
-        env=env,
-    ) as sidecar, AccountingClient(sidecar.grpc_target) as client:
+    with (
+        start_sidecar(
+            tmp_path,
+            "--otlp-endpoint",
+            f"http://127.0.0.1:{dead_port}",
+            "--metrics-port",
+            "0",
+            env=env,
+        ) as sidecar,
+        AccountingClient(sidecar.grpc_target) as client,
+    ):
         address = metrics_address(sidecar.stdout_lines)
         t0 = time.time_ns() - 10**9
         with IngestConnection(sidecar.ingest) as conn:
@@ -418,8 +421,8 @@ def test_endpoint_down_sidecar_keeps_serving_and_counts_dropped_spans(tmp_path: 
 def _ledger_with(schedule, *, max_requests: int = 1000):
     """A real Ledger fed decoded frames: ``schedule`` yields ("event", Event) / ("step", Step)."""
     from enginetime.engine_hooks.constants import PROTOCOL_VERSION, Coupling
-    from enginetime.sidecar.ledger import Ledger, LedgerConfig
-    from enginetime.sidecar.records import Hello
+    from enginetime.sidecar.ingest.records import Hello
+    from enginetime.sidecar.ledger.ledger import Ledger, LedgerConfig
 
     ledger = Ledger(LedgerConfig(max_requests=max_requests))
     keys: list[int] = []
@@ -432,7 +435,7 @@ def _ledger_with(schedule, *, max_requests: int = 1000):
 
 def _ev(handle: int, kind: str, t: int, **kw):
     from enginetime.engine_hooks.constants import EventKind
-    from enginetime.sidecar.records import Event
+    from enginetime.sidecar.ingest.records import Event
 
     return ("event", Event(handle, int(EventKind[kind]), t, **kw))
 
@@ -440,7 +443,7 @@ def _ev(handle: int, kind: str, t: int, **kw):
 def _st(seq: int, t: int, handles, prefill, decode, d: int = 1_000_000):
     import numpy as np
 
-    from enginetime.sidecar.records import Step
+    from enginetime.sidecar.ingest.records import Step
 
     u32 = np.uint32
     return (
@@ -474,8 +477,8 @@ def _preempted_many_times(cycles: int) -> list:
 
 
 def test_one_preemption_splits_the_phases_and_many_stay_within_eight_spans() -> None:
-    from enginetime.sidecar.ledger_trace import MAX_MARKS
-    from enginetime.sidecar.tracing import phases, span_count
+    from enginetime.sidecar.ledger.trace import MAX_MARKS
+    from enginetime.sidecar.telemetry.tracing import phases, span_count
 
     ledger, keys = _ledger_with(_preempted_many_times(1))
     trace = ledger.request_trace(keys[0])
@@ -496,7 +499,7 @@ def test_one_preemption_splits_the_phases_and_many_stay_within_eight_spans() -> 
 
 
 def test_evicted_request_has_no_trace_and_ids_are_deterministic() -> None:
-    from enginetime.sidecar.tracing import parse_traceparent
+    from enginetime.sidecar.telemetry.tracing import parse_traceparent
 
     ms = 1_000_000
     sched = []
@@ -524,7 +527,7 @@ def test_evicted_request_has_no_trace_and_ids_are_deterministic() -> None:
 
 
 def test_finished_record_carries_what_get_returns() -> None:
-    from enginetime.sidecar.ledger_trace import record_to_trace, trace_to_record
+    from enginetime.sidecar.ledger.trace import record_to_trace, trace_to_record
 
     ledger, keys = _ledger_with(_preempted_many_times(1))
     record = ledger.finished_record(keys[0])
@@ -548,9 +551,7 @@ def test_killed_span_process_counts_exporter_down_and_the_sidecar_carries_on(tmp
             for tasks in Path(f"/proc/{sidecar.proc.pid}/task").iterdir()
             for pid in (tasks / "children").read_text().split()
         ]
-        (child,) = [
-            pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        ]
+        (child,) = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         os.kill(child, 9)
         t0 = time.time_ns() - 10**9
         with IngestConnection(sidecar.ingest) as conn:
@@ -565,7 +566,7 @@ def test_killed_span_process_counts_exporter_down_and_the_sidecar_carries_on(tmp
 
 
 def test_export_settings_follow_flags_then_the_otel_environment() -> None:
-    from enginetime.sidecar.tracing import TracingConfig, TracingConfigError, resolve_export
+    from enginetime.sidecar.telemetry.tracing import TracingConfig, TracingConfigError, resolve_export
 
     def target(endpoint: str = "", protocol: str = "", **env: str):
         return resolve_export(TracingConfig(endpoint=endpoint, protocol=protocol), env)
@@ -582,7 +583,9 @@ def test_export_settings_follow_flags_then_the_otel_environment() -> None:
     t, _ = target("http://c:9999", OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf")
     assert (t.protocol, t.endpoint) == ("http/protobuf", "http://c:9999/v1/traces")
     # without the flag the exporter reads the endpoint variables itself (signal-specific first)
-    t, _ = target(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT="http://t:4317", OTEL_EXPORTER_OTLP_ENDPOINT="http://g:4318")
+    t, _ = target(
+        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT="http://t:4317", OTEL_EXPORTER_OTLP_ENDPOINT="http://g:4318"
+    )
     assert (t.protocol, t.endpoint) == ("grpc", None) and "http://t:4317" in t.shown
     assert target(OTEL_EXPORTER_OTLP_ENDPOINT="http://g:4317", OTEL_TRACES_EXPORTER="none")[0] is None
     assert target("http://c:4317", OTEL_SDK_DISABLED="true") == (None, "OTEL_SDK_DISABLED=true")
@@ -597,7 +600,7 @@ def test_tracer_counts_a_full_export_queue_and_never_blocks_submit() -> None:
 
     from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-    from enginetime.sidecar.tracing import RequestTracer, TracingConfig
+    from enginetime.sidecar.telemetry.tracing import RequestTracer, TracingConfig
 
     class Stuck(SpanExporter):
         """An exporter whose endpoint hangs until released (a collector that stopped reading)."""
@@ -636,7 +639,8 @@ def test_tracer_counts_a_full_export_queue_and_never_blocks_submit() -> None:
     finally:
         tracer.shutdown(5.0)
     assert sorted({s.attributes["enginetime.request.id"] for s in exporter.spans if s.parent is None}) == [
-        "q1", "q2"
+        "q1",
+        "q2",
     ]
     assert c.dropped["shutdown"] == 0 and c.dropped["export_failed"] == 0
 
@@ -700,9 +704,12 @@ def test_spans_can_be_queried_back_from_arize_phoenix(tmp_path: Path) -> None:
             "OTEL_BSP_SCHEDULE_DELAY": "100",
             "OTEL_RESOURCE_ATTRIBUTES": "openinference.project.name=enginetime-e2e",
         }
-        with start_sidecar(
-            tmp_path, "--otlp-endpoint", f"http://127.0.0.1:{grpc_port}", env=sidecar_env
-        ) as sidecar, AccountingClient(sidecar.grpc_target) as client:
+        with (
+            start_sidecar(
+                tmp_path, "--otlp-endpoint", f"http://127.0.0.1:{grpc_port}", env=sidecar_env
+            ) as sidecar,
+            AccountingClient(sidecar.grpc_target) as client,
+        ):
             with IngestConnection(sidecar.ingest) as conn:
                 conn.send(hello(engine_id="phoenix-engine"))
                 _one_request(conn, 1, "phoenix-req", time.time_ns() - 10**9, traceparent=tp, session_id="s-p")

@@ -33,8 +33,15 @@ DECODE_MODES = frozenset({"DECODE", "TARGET_VERIFY"})
 IDLE_MODES = frozenset({"IDLE"})
 
 #: every attribute this module reads, by owner (checked against SGLang's source in tests)
-BATCH_ATTRS = ("forward_mode", "reqs", "extend_lens", "prefix_lens", "decoding_reqs", "global_num_tokens",
-               "spec_info")
+BATCH_ATTRS = (
+    "forward_mode",
+    "reqs",
+    "extend_lens",
+    "prefix_lens",
+    "decoding_reqs",
+    "global_num_tokens",
+    "spec_info",
+)
 REQ_ATTRS = ("rid", "origin_input_ids", "output_ids", "cached_tokens", "finished_reason", "is_retracted")
 
 
@@ -99,7 +106,8 @@ def read_batch(batch: Any) -> StepRead | None:
     if extend is None or prefix is None or len(extend) != len(reqs) or len(prefix) != len(reqs):
         raise ValueError(
             f"{name} batch with {len(reqs)} reqs but extend_lens={None if extend is None else len(extend)} "
-            f"prefix_lens={None if prefix is None else len(prefix)}")
+            f"prefix_lens={None if prefix is None else len(prefix)}"
+        )
     decoding = {id(r) for r in (getattr(batch, "decoding_reqs", None) or ())}
     out = StepRead(StepKind.PREFILL, name, reqs=reqs, peer_tokens=peer)
     n_pre = n_dec = 0
@@ -114,6 +122,7 @@ def read_batch(batch: Any) -> StepRead | None:
             out.first_prefix[id(req)] = ctx
             n_pre += n
         out.context.append(ctx)
-    out.kind = (StepKind.MIXED if n_pre and n_dec else StepKind.DECODE if n_dec and not n_pre
-                else StepKind.PREFILL)
+    out.kind = (
+        StepKind.MIXED if n_pre and n_dec else StepKind.DECODE if n_dec and not n_pre else StepKind.PREFILL
+    )
     return out

@@ -91,8 +91,10 @@ def shard_layout(scheduler: Any) -> tuple[int, int, str, bool, str]:
         pass
     args = getattr(scheduler, "server_args", None)
     dp_size = int(getattr(args, "dp_size", 1) or 1)
-    reports = int(getattr(scheduler, "attn_tp_rank", 0) or 0) == 0 and int(
-        getattr(scheduler, "pp_rank", 0) or 0) == 0
+    reports = (
+        int(getattr(scheduler, "attn_tp_rank", 0) or 0) == 0
+        and int(getattr(scheduler, "pp_rank", 0) or 0) == 0
+    )
     if getattr(args, "enable_dp_attention", False) and dp_size > 1:
         return int(getattr(scheduler, "attn_dp_rank", 0) or 0), dp_size, "lockstep", reports, ""
     return int(getattr(scheduler, "dp_rank", None) or 0), dp_size, "independent", reports, ""
@@ -111,8 +113,9 @@ class _Pending:
 class SGLangAdapter:
     """Recording for one SGLang scheduler (one DP rank)."""
 
-    def __init__(self, scheduler: Any, *, settings: AdapterSettings | None = None,
-                 recorder: Recorder | None = None) -> None:
+    def __init__(
+        self, scheduler: Any, *, settings: AdapterSettings | None = None, recorder: Recorder | None = None
+    ) -> None:
         self.settings = settings or AdapterSettings.from_env("sglang")
         self.guard = Guard()
         shard, num, coupling, reports, suffix = shard_layout(scheduler)
@@ -120,8 +123,13 @@ class SGLangAdapter:
         self.coupling = self.settings.coupling or coupling
         if recorder is None and reports:
             recorder = Recorder(
-                self.settings.engine_id + suffix, shard=shard, num_shards=num, coupling=self.coupling,
-                address=self.settings.address, engine_kind="sglang", engine_version=_sglang_version(),
+                self.settings.engine_id + suffix,
+                shard=shard,
+                num_shards=num,
+                coupling=self.coupling,
+                address=self.settings.address,
+                engine_kind="sglang",
+                engine_version=_sglang_version(),
                 timer=self.settings.timer,
             )
         self.recorder = recorder
@@ -154,7 +162,8 @@ class SGLangAdapter:
         if not session:
             session = getattr(getattr(recv_req, "session_params", None), "id", None)
         trace = traceparent_of(getattr(recv_req, "trace_context", None)) or traceparent_of(
-            getattr(recv_req, "external_trace_header", None))
+            getattr(recv_req, "external_trace_header", None)
+        )
         routed = getattr(recv_req, "routed_dp_rank", None)
         if routed is None:
             routed = getattr(recv_req, "data_parallel_rank", None)  # SGLang < 0.5.5
@@ -162,21 +171,32 @@ class SGLangAdapter:
         ids = getattr(recv_req, "input_ids", None)
         self._arrive(rid, len(ids) if ids is not None else 0, str(session or ""), trace, routed, None)
 
-    def _arrive(self, rid: str, prompt: int, session: str, trace: str, routed: int | None,
-                time_ns: int | None) -> int:
+    def _arrive(
+        self, rid: str, prompt: int, session: str, trace: str, routed: int | None, time_ns: int | None
+    ) -> int:
         rec = self.recorder
         if rec is None:
             return 0
-        handle = rec.request_arrived(self.user_rid(rid), prompt_tokens=prompt, session_id=session,
-                                     traceparent=trace, routed_shard=routed, time_ns=time_ns)
+        handle = rec.request_arrived(
+            self.user_rid(rid),
+            prompt_tokens=prompt,
+            session_id=session,
+            traceparent=trace,
+            routed_shard=routed,
+            time_ns=time_ns,
+        )
         self.handles[rid] = handle
         if routed is not None and routed != self.shard:
             # The request asked for a DP rank and runs on another one: the sidecar marks it
             # migrated; say so here too, once, since a silently ignored pin is a config bug.
             self.pinned_elsewhere += 1
-            self.guard.report("request pinned to another DP rank", (
-                f"request {rid} asked for DP rank {routed} but runs on rank {self.shard}; "
-                "the sidecar reports it as migrated (counted per request)"))
+            self.guard.report(
+                "request pinned to another DP rank",
+                (
+                    f"request {rid} asked for DP rank {routed} but runs on rank {self.shard}; "
+                    "the sidecar reports it as migrated (counted per request)"
+                ),
+            )
         return handle
 
     def handle_of(self, req: Any) -> int:
@@ -290,9 +310,16 @@ class SGLangAdapter:
     def _emit(self, read: StepRead, stopped: Any, global_step: int | None, batch: Any) -> None:
         rec = self.recorder
         handles = read.handles
-        rec.step_end(stopped, kind=read.kind if handles else StepKind.IDLE, handles=handles,
-                     prefill_tokens=read.prefill, decode_tokens=read.decode, context_tokens=read.context,
-                     global_step=global_step, peer_tokens=read.peer_tokens)
+        rec.step_end(
+            stopped,
+            kind=read.kind if handles else StepKind.IDLE,
+            handles=handles,
+            prefill_tokens=read.prefill,
+            decode_tokens=read.decode,
+            context_tokens=read.context,
+            global_step=global_step,
+            peer_tokens=read.peer_tokens,
+        )
         for rid in read.rids:
             left = self.inflight.get(rid, 1) - 1
             if left > 0:
@@ -350,8 +377,9 @@ def adapter_for(scheduler: Any) -> SGLangAdapter | None:
                 ad = SGLangAdapter(scheduler, settings=settings)
                 _current = weakref.ref(ad)
         except Exception as exc:
-            log.exception("enginetime: cannot set up SGLang recording (%s); this scheduler runs unrecorded",
-                          exc)
+            log.exception(
+                "enginetime: cannot set up SGLang recording (%s); this scheduler runs unrecorded", exc
+            )
             ad = None
         scheduler.__dict__["_enginetime"] = ad
         return ad
@@ -388,8 +416,9 @@ def around_run_batch(original: Any, self: Any, batch: Any, *args: Any, **kwargs:
     return result
 
 
-def around_launch_batch_sample_if_needed(original: Any, self: Any, batch_result: Any, *args: Any,
-                                         **kwargs: Any) -> Any:
+def around_launch_batch_sample_if_needed(
+    original: Any, self: Any, batch_result: Any, *args: Any, **kwargs: Any
+) -> Any:
     out = original(self, batch_result, *args, **kwargs)
     if batch_result is not None:
         ad = adapter_for(self)
@@ -416,6 +445,7 @@ def around_abort_request(original: Any, self: Any, recv_req: Any, *args: Any, **
             ad.guard.report("sglang abort_request hook", exc)
     out = original(self, recv_req, *args, **kwargs)
     if waiting:
+
         def gone() -> None:
             still = {id(r) for r in self.waiting_queue}
             for req in waiting:
@@ -439,15 +469,35 @@ def around_retract_decode(original: Any, self: Any, *args: Any, **kwargs: Any) -
 #: tests/test_adapter_sglang.py; every read is a getattr with a fallback, so a name
 #: missing in some release degrades one field, never the engine.
 READS: dict[str, tuple[str, ...]] = {
-    "Scheduler": ("server_args", "enable_overlap", "forward_stream", "forward_ct", "waiting_queue",
-                  "handle_generate_request", "run_batch", "launch_batch_sample_if_needed",
-                  "process_batch_result", "abort_request"),
+    "Scheduler": (
+        "server_args",
+        "enable_overlap",
+        "forward_stream",
+        "forward_ct",
+        "waiting_queue",
+        "handle_generate_request",
+        "run_batch",
+        "launch_batch_sample_if_needed",
+        "process_batch_result",
+        "abort_request",
+    ),
     "ServerArgs": ("tokenizer_worker_num", "dp_size", "enable_dp_attention"),
-    "ScheduleBatch": ("forward_mode", "reqs", "extend_lens", "prefix_lens", "decoding_reqs",
-                      "global_num_tokens", "retract_decode"),
+    "ScheduleBatch": (
+        "forward_mode",
+        "reqs",
+        "extend_lens",
+        "prefix_lens",
+        "decoding_reqs",
+        "global_num_tokens",
+        "retract_decode",
+    ),
     "Req": ("rid", "origin_input_ids", "output_ids", "cached_tokens", "finished_reason", "finished"),
-    "TokenizedGenerateReqInput": ("rid", "input_ids", "session_id|session_params",
-                                  "routed_dp_rank|data_parallel_rank"),
+    "TokenizedGenerateReqInput": (
+        "rid",
+        "input_ids",
+        "session_id|session_params",
+        "routed_dp_rank|data_parallel_rank",
+    ),
     "GenerationBatchResult": ("delay_sample_func",),
     "FINISH_LENGTH": ("to_json",),
     "FINISH_ABORT": ("to_json",),
@@ -458,8 +508,15 @@ READS_WITHOUT_RUNTIME_CONTEXT: dict[str, tuple[str, ...]] = {
     "Scheduler": ("attn_tp_rank", "attn_dp_rank", "dp_rank", "pp_rank"),
 }
 #: ParallelContext fields read through sglang.srt.runtime_context.get_parallel().
-PARALLEL_FIELDS = ("attn_dp_size", "attn_dp_rank", "attn_tp_rank", "attn_cp_rank", "pp_rank", "dp_rank",
-                   "dp_size")
+PARALLEL_FIELDS = (
+    "attn_dp_size",
+    "attn_dp_rank",
+    "attn_tp_rank",
+    "attn_cp_rank",
+    "pp_rank",
+    "dp_rank",
+    "dp_size",
+)
 
 #: (target for HookRegistry, hook). Every one is an AROUND hook.
 HOOKS: tuple[tuple[str, Any], ...] = (

@@ -79,8 +79,11 @@ def redirect_spawn_targets() -> list[str]:
             log.warning("enginetime: cannot import %s (%s); its processes run unhooked", module_name, exc)
             continue
         if not hasattr(module, name):
-            log.warning("enginetime: %s.%s is missing in this SGLang; its processes run without hooks",
-                        module_name, name)
+            log.warning(
+                "enginetime: %s.%s is missing in this SGLang; its processes run without hooks",
+                module_name,
+                name,
+            )
             continue
         setattr(module, name, getattr(me, replacement))
         done.append(f"{module_name}.{name}")
@@ -90,8 +93,10 @@ def redirect_spawn_targets() -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if has_plugin_system():
-        log.warning("enginetime: this SGLang loads plugins itself; the enginetime plugin records it "
-                    "(the launcher is only needed before SGLang 0.5.11)")
+        log.warning(
+            "enginetime: this SGLang loads plugins itself; the enginetime plugin records it "
+            "(the launcher is only needed before SGLang 0.5.11)"
+        )
     else:
         redirect_spawn_targets()
     sys.argv = ["sglang.launch_server", *argv]

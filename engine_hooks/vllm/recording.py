@@ -64,8 +64,18 @@ def active() -> VllmRecording | None:
 
 
 class _Snapshot:
-    __slots__ = ("output", "req_ids", "handles", "prefill", "decode", "context", "kind", "wall", "perf",
-                 "global_step")
+    __slots__ = (
+        "output",
+        "req_ids",
+        "handles",
+        "prefill",
+        "decode",
+        "context",
+        "kind",
+        "wall",
+        "perf",
+        "global_step",
+    )
 
     def __init__(self, output: Any, wall: int, perf: int, global_step: int | None) -> None:
         self.output = output  # keeps id(output) unique while we wait for its update
@@ -97,8 +107,9 @@ def _status_name(req: Any) -> str:
 class VllmRecording:
     """Step and request recording for one vLLM v1 scheduler (one DP rank)."""
 
-    def __init__(self, scheduler: Any, *, recorder: Recorder | None = None,
-                 settings: AdapterSettings | None = None) -> None:
+    def __init__(
+        self, scheduler: Any, *, recorder: Recorder | None = None, settings: AdapterSettings | None = None
+    ) -> None:
         self.settings = settings or AdapterSettings.from_env("vllm")
         self.guard = Guard()
         self.scheduler_ref = weakref.ref(scheduler)
@@ -110,8 +121,13 @@ class VllmRecording:
         # vLLM runs DP ranks in lockstep (dummy batches, step_counter) only for MoE models.
         coupling = self.settings.coupling or ("lockstep" if self.num_shards > 1 and is_moe else "independent")
         self.recorder = recorder or Recorder(
-            self.settings.engine_id, shard=self.shard, num_shards=self.num_shards, coupling=coupling,
-            address=self.settings.address, engine_kind="vllm", engine_version=_vllm_version(),
+            self.settings.engine_id,
+            shard=self.shard,
+            num_shards=self.num_shards,
+            coupling=coupling,
+            address=self.settings.address,
+            engine_kind="vllm",
+            engine_version=_vllm_version(),
             timer=self.settings.timer,
         )
         device_type = str(getattr(getattr(cfg, "device_config", None), "device_type", "") or "")
@@ -153,16 +169,21 @@ class VllmRecording:
         if external and external not in self.recorder._by_id:
             name = external  # the X-Request-Id the user knows; the internal id has a random suffix
         handle = self.recorder.request_arrived(
-            name, prompt_tokens=int(getattr(req, "num_prompt_tokens", 0) or 0),
+            name,
+            prompt_tokens=int(getattr(req, "num_prompt_tokens", 0) or 0),
             session_id=str(getattr(req, "session_id", None) or ""),
             traceparent=traceparent_of(getattr(req, "trace_headers", None)),
             routed_shard=routed if isinstance(routed, int) and routed >= 0 else None,
             time_ns=time_ns,
         )
         if isinstance(routed, int) and routed >= 0 and routed != self.shard:
-            self.guard.report("request pinned to another DP rank", (
-                f"request {rid} asked for data_parallel_rank={routed} but runs on rank {self.shard} "
-                "(the sidecar flags it as migrated)"))
+            self.guard.report(
+                "request pinned to another DP rank",
+                (
+                    f"request {rid} asked for data_parallel_rank={routed} but runs on rank {self.shard} "
+                    "(the sidecar flags it as migrated)"
+                ),
+            )
         self._reqs[rid] = req
         self._handles[rid] = handle
         return handle
@@ -283,8 +304,9 @@ class VllmRecording:
                 elif rid in self._preempted and (rid in resumed or rid in first_time):
                     self._preempted.discard(rid)
                     rec.request_resumed(handle, time_ns=wall)
-        snap.kind = (StepKind.MIXED if n_prefill and n_decode
-                     else StepKind.PREFILL if n_prefill else StepKind.DECODE)
+        snap.kind = (
+            StepKind.MIXED if n_prefill and n_decode else StepKind.PREFILL if n_prefill else StepKind.DECODE
+        )
         pending = self._pending
         pending[id(output)] = snap
         if len(pending) > _MAX_PENDING:  # an output that never came back: forget it
@@ -309,8 +331,15 @@ class VllmRecording:
     def record_idle(self, token: Any) -> None:
         """Worker hook: a DP dummy batch ran (this rank had no work but its peers did)."""
         try:
-            self.recorder.step_end(token, kind=StepKind.IDLE, handles=[], prefill_tokens=[],
-                                   decode_tokens=[], context_tokens=[], global_step=self.global_step())
+            self.recorder.step_end(
+                token,
+                kind=StepKind.IDLE,
+                handles=[],
+                prefill_tokens=[],
+                decode_tokens=[],
+                context_tokens=[],
+                global_step=self.global_step(),
+            )
         except Exception as exc:
             self.guard.report("vllm dummy batch hook", exc)
 
@@ -336,9 +365,15 @@ class VllmRecording:
             start_perf = max(snap.perf, min(self._last_done_perf, end_perf))
             token = (snap.wall + (start_perf - snap.perf), start_perf, None, end_wall, end_perf)
         self._last_done_perf = end_perf
-        self.recorder.step_end(token, kind=snap.kind, handles=snap.handles, prefill_tokens=snap.prefill,
-                               decode_tokens=snap.decode, context_tokens=snap.context,
-                               global_step=snap.global_step)
+        self.recorder.step_end(
+            token,
+            kind=snap.kind,
+            handles=snap.handles,
+            prefill_tokens=snap.prefill,
+            decode_tokens=snap.decode,
+            context_tokens=snap.context,
+            global_step=snap.global_step,
+        )
         self._after_step(snap)
 
     def _after_step(self, snap: _Snapshot) -> None:

@@ -46,7 +46,8 @@ class EngineTimeMixin:
             import logging
 
             logging.getLogger("enginetime.engine_hooks").exception(
-                "enginetime: cannot set up vLLM recording (%s); the scheduler runs unrecorded", exc)
+                "enginetime: cannot set up vLLM recording (%s); the scheduler runs unrecorded", exc
+            )
             self._enginetime = None
 
     def add_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
@@ -63,10 +64,12 @@ class EngineTimeMixin:
             et.on_schedule(output)
         return output
 
-    def update_from_output(self, scheduler_output: Any, model_runner_output: Any, *args: Any,
-                           **kwargs: Any) -> Any:
+    def update_from_output(
+        self, scheduler_output: Any, model_runner_output: Any, *args: Any, **kwargs: Any
+    ) -> Any:
         result = super().update_from_output(  # type: ignore[misc]
-            scheduler_output, model_runner_output, *args, **kwargs)
+            scheduler_output, model_runner_output, *args, **kwargs
+        )
         et = self._enginetime
         if et is not None:
             et.on_update(scheduler_output)
@@ -89,8 +92,15 @@ class EngineTimeMixin:
 def scheduler_class(base: type, name: str | None = None) -> type:
     """``base`` (a vLLM v1 scheduler class) with enginetime recording in front."""
     name = name or base.__name__
-    return type(name, (EngineTimeMixin, base), {"__module__": __name__, "__qualname__": name,
-                                                "__doc__": f"{base.__qualname__} recorded by enginetime."})
+    return type(
+        name,
+        (EngineTimeMixin, base),
+        {
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": f"{base.__qualname__} recorded by enginetime.",
+        },
+    )
 
 
 def __getattr__(name: str) -> type:

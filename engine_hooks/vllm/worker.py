@@ -228,8 +228,12 @@ def _patch_request(module: Any) -> None:
     if cls is None:
         _guard.report("vLLM has no v1.request.Request", "external request ids are not reported")
         return
-    _wrap(cls, "from_engine_core_request", _from_engine_core_request,
-          f"{REQUEST_MODULE}.Request.from_engine_core_request")
+    _wrap(
+        cls,
+        "from_engine_core_request",
+        _from_engine_core_request,
+        f"{REQUEST_MODULE}.Request.from_engine_core_request",
+    )
 
 
 def _from_engine_core_request(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -253,8 +257,12 @@ def _patch_core(module: Any) -> None:
     cls = getattr(module, "DPEngineCoreProc", None)
     if cls is None:
         return  # no DP engine core in this version: steps carry no global_step
-    _wrap(cls, "_process_engine_step", _process_engine_step,
-          f"{CORE_MODULE}.DPEngineCoreProc._process_engine_step")
+    _wrap(
+        cls,
+        "_process_engine_step",
+        _process_engine_step,
+        f"{CORE_MODULE}.DPEngineCoreProc._process_engine_step",
+    )
 
 
 def _process_engine_step(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -47,8 +47,18 @@ def main() -> int:
 
     # DP attention, 2 attention-DP ranks; this scheduler is rank 1 (attention-TP rank 0).
     get_parallel().override_permanently(
-        tp_size=2, attn_tp_size=1, attn_dp_size=2, attn_cp_size=1, attn_dp_rank=1, attn_tp_rank=0,
-        attn_cp_rank=0, pp_rank=0, pp_size=1, dp_size=1, dp_rank=None)
+        tp_size=2,
+        attn_tp_size=1,
+        attn_dp_size=2,
+        attn_cp_size=1,
+        attn_dp_rank=1,
+        attn_tp_rank=0,
+        attn_cp_rank=0,
+        pp_rank=0,
+        pp_size=1,
+        dp_size=1,
+        dp_rank=None,
+    )
 
     import sglang.srt.managers.scheduler as scheduler_mod
 
@@ -56,11 +66,14 @@ def main() -> int:
 
     from enginetime.engine_hooks.sglang import hooks
 
-    targets = {t: pkgutil.resolve_name(t.rsplit(".", 1)[0]).__dict__.get(t.rsplit(".", 1)[1]) is not None
-               for t, _ in hooks.HOOKS}
+    targets = {
+        t: pkgutil.resolve_name(t.rsplit(".", 1)[0]).__dict__.get(t.rsplit(".", 1)[1]) is not None
+        for t, _ in hooks.HOOKS
+    }
     applied = sorted(t for t, _ in hooks.HOOKS if t in HookRegistry._patched)
-    wrapped = sorted(t for t, _ in hooks.HOOKS
-                     if getattr(pkgutil.resolve_name(t), "__wrapped__", None) is not None)
+    wrapped = sorted(
+        t for t, _ in hooks.HOOKS if getattr(pkgutil.resolve_name(t), "__wrapped__", None) is not None
+    )
 
     from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
     from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req, ScheduleBatch
@@ -85,8 +98,17 @@ def main() -> int:
         sp = SamplingParams(max_new_tokens=8)
         sp.normalize(None)
         values = {f.name: None for f in msgspec.structs.fields(TokenizedGenerateReqInput) if f.required}
-        values.update(rid=rid, input_text="", input_ids=list(range(1, n + 1)), sampling_params=sp,
-                       return_logprob=False, logprob_start_len=-1, top_logprobs_num=0, stream=False, **kw)
+        values.update(
+            rid=rid,
+            input_text="",
+            input_ids=list(range(1, n + 1)),
+            sampling_params=sp,
+            return_logprob=False,
+            logprob_start_len=-1,
+            top_logprobs_num=0,
+            stream=False,
+            **kw,
+        )
         return TokenizedGenerateReqInput(**values)
 
     def req(recv: TokenizedGenerateReqInput) -> Req:
@@ -120,21 +142,38 @@ def main() -> int:
     sched.waiting_queue.remove(rb)
 
     # -- step 1: chunked prefill of a (32 of 40) + b with a 16-token prefix-cache hit
-    run(ScheduleBatch(reqs=[ra, rb], forward_mode=ForwardMode.EXTEND, extend_lens=[32, 8],
-                      prefix_lens=[0, 16], global_num_tokens=[7, 40]),
-        expect={"kind": "PREFILL", "entries": {"a": [32, 0, 0], "b": [8, 0, 16]}, "peer": [7, 40]})
+    run(
+        ScheduleBatch(
+            reqs=[ra, rb],
+            forward_mode=ForwardMode.EXTEND,
+            extend_lens=[32, 8],
+            prefix_lens=[0, 16],
+            global_num_tokens=[7, 40],
+        ),
+        expect={"kind": "PREFILL", "entries": {"a": [32, 0, 0], "b": [8, 0, 16]}, "peer": [7, 40]},
+    )
     rb.output_ids.append(5)
     # -- step 2: mixed chunk: a's last 8 prompt tokens + b decoding in the same forward
-    run(ScheduleBatch(reqs=[ra, rb], forward_mode=ForwardMode.MIXED, extend_lens=[8, 1], prefix_lens=[32, 24],
-                      decoding_reqs=[rb], global_num_tokens=[3, 9]),
-        expect={"kind": "MIXED", "entries": {"a": [8, 0, 32], "b": [0, 1, 24]}, "peer": [3, 9]})
+    run(
+        ScheduleBatch(
+            reqs=[ra, rb],
+            forward_mode=ForwardMode.MIXED,
+            extend_lens=[8, 1],
+            prefix_lens=[32, 24],
+            decoding_reqs=[rb],
+            global_num_tokens=[3, 9],
+        ),
+        expect={"kind": "MIXED", "entries": {"a": [8, 0, 32], "b": [0, 1, 24]}, "peer": [3, 9]},
+    )
     ra.output_ids.append(6)
     rb.output_ids.append(6)
     # -- step 3: decode, overlap scheduling with delayed sampling: recorded at the sample launch
     sched.enable_overlap = True
-    res3 = run(ScheduleBatch(reqs=[ra, rb], forward_mode=ForwardMode.DECODE, global_num_tokens=[2, 2]),
-               delay=True, expect={"kind": "DECODE", "entries": {"a": [0, 1, 40], "b": [0, 1, 25]},
-                                   "peer": [2, 2]})
+    res3 = run(
+        ScheduleBatch(reqs=[ra, rb], forward_mode=ForwardMode.DECODE, global_num_tokens=[2, 2]),
+        delay=True,
+        expect={"kind": "DECODE", "entries": {"a": [0, 1, 40], "b": [0, 1, 25]}, "peer": [2, 2]},
+    )
     time.sleep(0.025)  # the previous batch's results are processed meanwhile; then sampling launches
     hooks.around_launch_batch_sample_if_needed(lambda self, r, b=None: None, sched, res3)
     sched.enable_overlap = False
@@ -142,14 +181,25 @@ def main() -> int:
     retract_batch = ScheduleBatch(reqs=[ra, rb], forward_mode=ForwardMode.DECODE)
     hooks.around_retract_decode(lambda self: ([rb], 0.5, []), retract_batch)
     ra.output_ids.append(7)
-    run(ScheduleBatch(reqs=[ra], forward_mode=ForwardMode.DECODE, global_num_tokens=[1, 1]),
-        expect={"kind": "DECODE", "entries": {"a": [0, 1, 41]}, "peer": [1, 1]})
-    run(ScheduleBatch(reqs=[rb], forward_mode=ForwardMode.EXTEND, extend_lens=[26], prefix_lens=[0],
-                      global_num_tokens=[26, 0]),
-        expect={"kind": "PREFILL", "entries": {"b": [26, 0, 0]}, "peer": [26, 0]})
+    run(
+        ScheduleBatch(reqs=[ra], forward_mode=ForwardMode.DECODE, global_num_tokens=[1, 1]),
+        expect={"kind": "DECODE", "entries": {"a": [0, 1, 41]}, "peer": [1, 1]},
+    )
+    run(
+        ScheduleBatch(
+            reqs=[rb],
+            forward_mode=ForwardMode.EXTEND,
+            extend_lens=[26],
+            prefix_lens=[0],
+            global_num_tokens=[26, 0],
+        ),
+        expect={"kind": "PREFILL", "entries": {"b": [26, 0, 0]}, "peer": [26, 0]},
+    )
     # -- an IDLE step: this rank has nothing, its peer prefills (the wait shows up here)
-    run(ScheduleBatch(reqs=[], forward_mode=ForwardMode.IDLE, global_num_tokens=[0, 512]),
-        expect={"kind": "IDLE", "entries": {}, "peer": [0, 512]})
+    run(
+        ScheduleBatch(reqs=[], forward_mode=ForwardMode.IDLE, global_num_tokens=[0, 512]),
+        expect={"kind": "IDLE", "entries": {}, "peer": [0, 512]},
+    )
     # -- a finishes by length: reported after process_batch_result
     ra.finished_reason = FINISH_LENGTH(length=3)
     last = ScheduleBatch(reqs=[ra, rb], forward_mode=ForwardMode.DECODE)
@@ -162,23 +212,27 @@ def main() -> int:
     flushed = rec.flush(10.0)
     stats = rec.stats()
     rec.close(5.0)
-    print(json.dumps({
-        "sglang_version": sglang.__version__,
-        "targets_exist": targets,
-        "applied": applied,
-        "wrapped": wrapped,
-        "expected_steps": expected_steps,
-        "expected_finished": {"a": {"reason": "length", "output_tokens": len(ra.output_ids)}},
-        "expected_aborted": ["c"],
-        "prompts": {"a": 40, "b": 24, "c": 12},
-        "layout": [adapter.shard, adapter.num_shards, adapter.coupling, adapter.reports],
-        "pinned_elsewhere": adapter.pinned_elsewhere,
-        "errors": stats.errors,
-        "guard_errors": adapter.guard.errors.count,
-        "dropped": stats.dropped_frames,
-        "flushed": flushed,
-        "seconds": round(time.monotonic() - t0, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "sglang_version": sglang.__version__,
+                "targets_exist": targets,
+                "applied": applied,
+                "wrapped": wrapped,
+                "expected_steps": expected_steps,
+                "expected_finished": {"a": {"reason": "length", "output_tokens": len(ra.output_ids)}},
+                "expected_aborted": ["c"],
+                "prompts": {"a": 40, "b": 24, "c": 12},
+                "layout": [adapter.shard, adapter.num_shards, adapter.coupling, adapter.reports],
+                "pinned_elsewhere": adapter.pinned_elsewhere,
+                "errors": stats.errors,
+                "guard_errors": adapter.guard.errors.count,
+                "dropped": stats.dropped_frames,
+                "flushed": flushed,
+                "seconds": round(time.monotonic() - t0, 2),
+            }
+        )
+    )
     return 0
 
 

@@ -28,11 +28,15 @@ class _Inert(type):
 
 
 def _inert(name: str) -> type:
-    return _Inert(name, (), {
-        "__init__": lambda self, *a, **k: None,
-        "__call__": lambda self, *a, **k: self,
-        "__getattr__": lambda self, n: _inert(n),
-    })
+    return _Inert(
+        name,
+        (),
+        {
+            "__init__": lambda self, *a, **k: None,
+            "__call__": lambda self, *a, **k: self,
+            "__getattr__": lambda self, n: _inert(n),
+        },
+    )
 
 
 def _module_getattr(name: str) -> type:

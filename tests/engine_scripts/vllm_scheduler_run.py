@@ -61,31 +61,62 @@ def main() -> int:
     block = 16
     model_dir = tempfile.mkdtemp(prefix="et-vllm-model-")
     with open(os.path.join(model_dir, "config.json"), "w") as fh:
-        json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-                   "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
-                   "num_hidden_layers": 2, "vocab_size": 1000, "max_position_embeddings": 4096,
-                   "torch_dtype": "float32", "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2}, fh)
+        json.dump(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+                "num_hidden_layers": 2,
+                "vocab_size": 1000,
+                "max_position_embeddings": 4096,
+                "torch_dtype": "float32",
+                "rms_norm_eps": 1e-5,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+            },
+            fh,
+        )
     model_config = ModelConfig(model=model_dir, skip_tokenizer_init=True, max_model_len=1024, dtype="float32")
     sched_name = "AsyncScheduler" if args.async_ else "Scheduler"
     scheduler_config = SchedulerConfig(
-        max_model_len=1024, is_encoder_decoder=False, max_num_batched_tokens=48, max_num_seqs=8,
-        enable_chunked_prefill=True, async_scheduling=args.async_,
+        max_model_len=1024,
+        is_encoder_decoder=False,
+        max_num_batched_tokens=48,
+        max_num_seqs=8,
+        enable_chunked_prefill=True,
+        async_scheduling=args.async_,
         scheduler_cls=f"enginetime.engine_hooks.vllm.scheduler.{sched_name}",
     )
     cache_config = CacheConfig(block_size=block, enable_prefix_caching=True)
     cache_config.num_gpu_blocks = args.blocks  # what the engine sets after profiling memory
-    vllm_config = VllmConfig(model_config=model_config, scheduler_config=scheduler_config,
-                             cache_config=cache_config, device_config=DeviceConfig(device="cpu"))
+    vllm_config = VllmConfig(
+        model_config=model_config,
+        scheduler_config=scheduler_config,
+        cache_config=cache_config,
+        device_config=DeviceConfig(device="cpu"),
+    )
     kv_cache_config = KVCacheConfig(
-        num_blocks=args.blocks, kv_cache_tensors=[],
-        kv_cache_groups=[KVCacheGroupSpec(["layer.0"], FullAttentionSpec(
-            block_size=block, num_kv_heads=4, head_size=16, dtype=torch.float32))],
+        num_blocks=args.blocks,
+        kv_cache_tensors=[],
+        kv_cache_groups=[
+            KVCacheGroupSpec(
+                ["layer.0"],
+                FullAttentionSpec(block_size=block, num_kv_heads=4, head_size=16, dtype=torch.float32),
+            )
+        ],
     )
     # The class vLLM itself resolves from --scheduler-cls (our lazily built subclass).
     scheduler_cls = vllm_config.scheduler_config.get_scheduler_cls()
-    sched = scheduler_cls(vllm_config=vllm_config, kv_cache_config=kv_cache_config,
-                          structured_output_manager=StructuredOutputManager(vllm_config),
-                          block_size=block, log_stats=True)
+    sched = scheduler_cls(
+        vllm_config=vllm_config,
+        kv_cache_config=kv_cache_config,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        block_size=block,
+        log_stats=True,
+    )
 
     init_none_hash(sha256)
     hasher = get_request_block_hasher(block, sha256)
@@ -95,9 +126,16 @@ def main() -> int:
     def add(rid: str, ids: list[int], n_out: int, session: str | None = None) -> None:
         prompts[rid] = ids
         max_tokens[rid] = n_out
-        req = Request(rid, ids, SamplingParams(max_tokens=n_out, ignore_eos=True), None,
-                      arrival_time=time.time(), block_hasher=hasher, session_id=session,
-                      trace_headers={"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"})
+        req = Request(
+            rid,
+            ids,
+            SamplingParams(max_tokens=n_out, ignore_eos=True),
+            None,
+            arrival_time=time.time(),
+            block_hasher=hasher,
+            session_id=session,
+            trace_headers={"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"},
+        )
         sched.add_request(req)
 
     shared = list(range(1, 65))  # the first 64 tokens (4 full blocks) of `long`
@@ -111,20 +149,23 @@ def main() -> int:
         for rid in ids:
             # a step samples a token unless it is a partial prefill chunk
             sampled.append([] if sched.requests[rid].is_prefill_chunk else [7])
-        return ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-                                 sampled_token_ids=sampled)
+        return ModelRunnerOutput(
+            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=sampled
+        )
 
     def record_schedule(out) -> None:
         cached = out.scheduled_cached_reqs
         before = {nr.req_id: nr.num_computed_tokens for nr in out.scheduled_new_reqs}
         before.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
-        steps.append({
-            "scheduled": dict(out.num_scheduled_tokens),
-            "new": {nr.req_id: nr.num_computed_tokens for nr in out.scheduled_new_reqs},
-            "before": before,
-            "resumed": sorted(getattr(cached, "resumed_req_ids", ()) or ()),
-            "preempted": sorted(out.preempted_req_ids or ()),
-        })
+        steps.append(
+            {
+                "scheduled": dict(out.num_scheduled_tokens),
+                "new": {nr.req_id: nr.num_computed_tokens for nr in out.scheduled_new_reqs},
+                "before": before,
+                "resumed": sorted(getattr(cached, "resumed_req_ids", ()) or ()),
+                "preempted": sorted(out.preempted_req_ids or ()),
+            }
+        )
 
     def apply(out, mro) -> None:
         result = sched.update_from_output(out, mro)
@@ -163,10 +204,17 @@ def main() -> int:
 
     internal = "user-42-1a2b3c4d"
     ecr = EngineCoreRequest(
-        request_id=internal, prompt_token_ids=list(range(3000, 3020)), mm_features=None,
-        sampling_params=SamplingParams(max_tokens=2, ignore_eos=True), pooling_params=None,
-        arrival_time=time.time(), lora_request=None, cache_salt=None, data_parallel_rank=0,
-        external_req_id="user-42")
+        request_id=internal,
+        prompt_token_ids=list(range(3000, 3020)),
+        mm_features=None,
+        sampling_params=SamplingParams(max_tokens=2, ignore_eos=True),
+        pooling_params=None,
+        arrival_time=time.time(),
+        lora_request=None,
+        cache_salt=None,
+        data_parallel_rank=0,
+        external_req_id="user-42",
+    )
     req = Request.from_engine_core_request(ecr, hasher)  # patched by our plugin: keeps the user's id
     prompts[internal] = list(ecr.prompt_token_ids)
     max_tokens[internal] = 2
@@ -200,24 +248,28 @@ def main() -> int:
     flushed = rec.flush(10.0)
     stats = rec.stats()
     rec.close(5.0)
-    print(json.dumps({
-        "vllm_version": vllm.__version__,
-        "scheduler_mro": [c.__module__ + "." + c.__qualname__ for c in type(sched).__mro__[:4]],
-        "prompts": {k: len(v) for k, v in prompts.items()},
-        "max_tokens": max_tokens,
-        "steps": steps,
-        "finished": finished,
-        "flushed": flushed,
-        "errors": stats.errors,
-        "dropped": stats.dropped_frames,
-        "unpaired": recording.unpaired,
-        "patched": sorted(et_worker.patched),
-        "worker_timing": recording.worker_timing,
-        "external": {internal: getattr(req, "_enginetime_external_id", None)},
-        "external_dp_rank": getattr(req, "_enginetime_dp_rank", None),
-        "global_step": global_step,
-        "seconds": round(time.monotonic() - t0, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "vllm_version": vllm.__version__,
+                "scheduler_mro": [c.__module__ + "." + c.__qualname__ for c in type(sched).__mro__[:4]],
+                "prompts": {k: len(v) for k, v in prompts.items()},
+                "max_tokens": max_tokens,
+                "steps": steps,
+                "finished": finished,
+                "flushed": flushed,
+                "errors": stats.errors,
+                "dropped": stats.dropped_frames,
+                "unpaired": recording.unpaired,
+                "patched": sorted(et_worker.patched),
+                "worker_timing": recording.worker_timing,
+                "external": {internal: getattr(req, "_enginetime_external_id", None)},
+                "external_dp_rank": getattr(req, "_enginetime_dp_rank", None),
+                "global_step": global_step,
+                "seconds": round(time.monotonic() - t0, 2),
+            }
+        )
+    )
     return 0
 
 

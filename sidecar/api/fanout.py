@@ -50,11 +50,11 @@ from itertools import compress, repeat
 
 import numpy as np
 
-from enginetime.sidecar import convert
-from enginetime.sidecar.views import InterferencePhase, InterferenceView, RequestQuery, RequestView
+from enginetime.sidecar.api import convert
+from enginetime.sidecar.ledger.views import InterferencePhase, InterferenceView, RequestQuery, RequestView
 from enginetime.v1 import accounting_pb2 as pb
 
-log = logging.getLogger("enginetime.sidecar.fanout")
+log = logging.getLogger("enginetime.sidecar.api.fanout")
 
 #: Publish period: how often changes are collected from the ledger.
 PUBLISH_PERIOD_S = 0.025

@@ -54,7 +54,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from enginetime import __version__
-from enginetime.sidecar.ledger_trace import (
+from enginetime.sidecar.ledger.trace import (
     MARK_PREEMPTED,
     MARK_RESUMED,
     MARK_STORM_ENDED,
@@ -62,9 +62,9 @@ from enginetime.sidecar.ledger_trace import (
     MAX_MARKS,
     RequestTrace,
 )
-from enginetime.sidecar.views import RequestState
+from enginetime.sidecar.ledger.views import RequestState
 
-log = logging.getLogger("enginetime.sidecar.tracing")
+log = logging.getLogger("enginetime.sidecar.telemetry.tracing")
 
 PROTOCOLS = ("grpc", "http/protobuf")
 MAX_SPANS_PER_REQUEST = 8
@@ -599,7 +599,7 @@ class RequestTracer:
             self._warned_at = now
             log.warning(
                 "could not export %d spans to %s; they are dropped and counted "
-                "(enginetime_spans_dropped_total{reason=\"export_failed\"}). Is the collector up?",
+                '(enginetime_spans_dropped_total{reason="export_failed"}). Is the collector up?',
                 n,
                 self.target.shown if self.target else "the exporter",
             )
@@ -682,8 +682,9 @@ class RequestTracer:
             attrs = {"enginetime.phase": p.name}
             if p.merged:
                 attrs["enginetime.phase.merged"] = p.merged
-            child = tracer.start_span(p.name, context=ctx, kind=SpanKind.INTERNAL, attributes=attrs,
-                                      start_time=p.start_ns)
+            child = tracer.start_span(
+                p.name, context=ctx, kind=SpanKind.INTERNAL, attributes=attrs, start_time=p.start_ns
+            )
             child.end(end_time=p.end_ns)
         if v.state == RequestState.ABORTED:
             root.set_status(Status(StatusCode.ERROR, v.finish_reason or "aborted"))

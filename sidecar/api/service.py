@@ -31,13 +31,13 @@ import zlib
 
 import grpc
 
-from enginetime.sidecar import convert
-from enginetime.sidecar.fanout import FanOut, InterferenceFilter, RequestSubscriber
-from enginetime.sidecar.views import RequestQuery, RequestState
+from enginetime.sidecar.api import convert
+from enginetime.sidecar.api.fanout import FanOut, InterferenceFilter, RequestSubscriber
+from enginetime.sidecar.ledger.views import RequestQuery, RequestState
 from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
 
-log = logging.getLogger("enginetime.sidecar.service")
+log = logging.getLogger("enginetime.sidecar.api.service")
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .views import RequestState
+from enginetime.sidecar.ledger.views import RequestState
 
 #: Blame table value meaning "no aggressor in this column".
 EMPTY = 0

@@ -69,13 +69,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..engine_hooks.constants import Coupling, EventKind, StepKind
-from .accounting_wire import encode as encode_accounting
-from .costmodel import CostModel, step_features
-from .ledger_attribution import Batch, Division, Prediction, divide, predict, step_scalars
-from .ledger_join import Group
-from .ledger_shards import EngineState, ShardState
-from .ledger_store import (
+from enginetime.engine_hooks.constants import Coupling, EventKind, StepKind
+from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
+from enginetime.sidecar.ledger.accounting_wire import encode as encode_accounting
+from enginetime.sidecar.ledger.attribution import Batch, Division, Prediction, divide, predict, step_scalars
+from enginetime.sidecar.ledger.costmodel import CostModel, step_features
+from enginetime.sidecar.ledger.join import Group
+from enginetime.sidecar.ledger.shards import EngineState, ShardState
+from enginetime.sidecar.ledger.store import (
     ABORTED,
     EMPTY,
     FINISHED,
@@ -87,8 +88,8 @@ from .ledger_store import (
     Request,
     SlotColumns,
 )
-from .ledger_storms import StormTracker
-from .ledger_trace import (
+from enginetime.sidecar.ledger.storms import StormTracker
+from enginetime.sidecar.ledger.trace import (
     MARK_PREEMPTED,
     MARK_RESUMED,
     Mark,
@@ -97,8 +98,7 @@ from .ledger_trace import (
     mark_tuple,
     record_to_trace,
 )
-from .records import Beat, Event, Hello, Step
-from .views import (
+from enginetime.sidecar.ledger.views import (
     BlameView,
     InterferenceView,
     RequestQuery,
@@ -351,8 +351,10 @@ class Ledger:
                 shard, int(ev.handle), ev.request_id or self._anon_id(shard, ev.handle), int(ev.time_ns)
             )
             self._mark_partial(req)
-        elif ev.request_id and req.request_id != ev.request_id and req.request_id == self._anon_id(
-            shard, ev.handle
+        elif (
+            ev.request_id
+            and req.request_id != ev.request_id
+            and req.request_id == self._anon_id(shard, ev.handle)
         ):
             # Its ARRIVED was lost (it finished while the sidecar was away, so the recorder no
             # longer re-announces it) and steps created it nameless: every event names it.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 
-from .records import Step
+from enginetime.sidecar.ingest.records import Step
 
 
 class Group:

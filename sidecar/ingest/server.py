@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES
 from enginetime.sidecar.cli import parse_ingest_address
-from enginetime.sidecar.frames import FrameDecoder, FrameError
-from enginetime.sidecar.records import Beat, Event, Hello, Step
+from enginetime.sidecar.ingest.frames import FrameDecoder, FrameError
+from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
 
-log = logging.getLogger("enginetime.sidecar.ingest")
+log = logging.getLogger("enginetime.sidecar.ingest.server")
 
 #: Reason label for a frame the ledger refused (it raised while ingesting it).
 LEDGER_ERROR = "ledger_error"

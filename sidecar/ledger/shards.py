@@ -6,11 +6,11 @@ from collections import deque
 
 import numpy as np
 
-from ..engine_hooks.constants import Coupling
-from .costmodel import CostModel
-from .ledger_join import LockstepJoin
-from .ledger_store import Request
-from .records import Event
+from enginetime.engine_hooks.constants import Coupling
+from enginetime.sidecar.ingest.records import Event
+from enginetime.sidecar.ledger.costmodel import CostModel
+from enginetime.sidecar.ledger.join import LockstepJoin
+from enginetime.sidecar.ledger.store import Request
 
 #: Handles below this index a dense numpy map; larger ones (unusual) fall back to a dict.
 DENSE_HANDLE_LIMIT = 1 << 20

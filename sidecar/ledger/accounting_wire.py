@@ -32,8 +32,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .ledger_store import ABORTED, EMPTY, FINISHED, Request
-from .views import BlameView
+from enginetime.sidecar.ledger.store import ABORTED, EMPTY, FINISHED, Request
+from enginetime.sidecar.ledger.views import BlameView
 
 NS_PER_S = 1_000_000_000
 _U64 = (1 << 64) - 1
@@ -220,9 +220,7 @@ def _varint_len(u: np.ndarray) -> np.ndarray:
     return n
 
 
-def step_fields(
-    values: np.ndarray, present: np.ndarray, extra_len: np.ndarray
-) -> tuple[bytes, np.ndarray]:
+def step_fields(values: np.ndarray, present: np.ndarray, extra_len: np.ndarray) -> tuple[bytes, np.ndarray]:
     """Encode the item matrix; returns (all rows back to back, row byte lengths).
 
     ``values`` is (rows, items) int64 with header items' values still unset;

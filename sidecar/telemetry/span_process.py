@@ -31,8 +31,8 @@ import threading
 import time
 from collections import deque
 
-from enginetime.sidecar.ledger_trace import record_to_trace
-from enginetime.sidecar.tracing import (
+from enginetime.sidecar.ledger.trace import record_to_trace
+from enginetime.sidecar.telemetry.tracing import (
     DROP_BACKLOG,
     DROP_EXPORTER_DOWN,
     DROP_REASONS,
@@ -251,7 +251,7 @@ class SpanExportProcess:
                     warned = True
                     log.error(
                         "the span export process (pid %s) is gone; spans are dropped and counted "
-                        "(enginetime_spans_dropped_total{reason=\"exporter_down\"}) until it is restarted",
+                        '(enginetime_spans_dropped_total{reason="exporter_down"}) until it is restarted',
                         self._proc.pid if self._proc else "?",
                     )
             else:
@@ -268,7 +268,7 @@ class SpanExportProcess:
                 self._retire_child()
                 log.error(
                     "the span export process (pid %s) exited with code %s; spans are dropped and counted "
-                    "(enginetime_spans_dropped_total{reason=\"exporter_down\"}); it is started again "
+                    '(enginetime_spans_dropped_total{reason="exporter_down"}); it is started again '
                     "for spans that arrive %gs or more after its last start",
                     proc.pid,
                     proc.exitcode,

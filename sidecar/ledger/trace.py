@@ -32,8 +32,14 @@ import dataclasses
 import operator
 from dataclasses import dataclass
 
-from .ledger_store import Request
-from .views import BlameView, InterferencePhase, InterferenceView, RequestState, RequestView
+from enginetime.sidecar.ledger.store import Request
+from enginetime.sidecar.ledger.views import (
+    BlameView,
+    InterferencePhase,
+    InterferenceView,
+    RequestState,
+    RequestView,
+)
 
 MARK_PREEMPTED = 1
 MARK_RESUMED = 2

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .costmodel import CostModel
-from .records import Step
+from enginetime.sidecar.ingest.records import Step
+from enginetime.sidecar.ledger.costmodel import CostModel
 
 #: Shards whose predicted duration is within this fraction of the critical one's count
 #: as critical too (w = d): the model cannot tell such loads apart.

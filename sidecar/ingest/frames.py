@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, PROTOCOL_VERSION
-from enginetime.sidecar.records import Beat, Event, Frame, Hello, Step
+from enginetime.sidecar.ingest.records import Beat, Event, Frame, Hello, Step
 
 #: Reasons a connection can be rejected for (counter labels; stable strings).
 MALFORMED = "malformed"

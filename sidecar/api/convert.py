@@ -11,7 +11,7 @@ from __future__ import annotations
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from enginetime.sidecar.views import (
+from enginetime.sidecar.ledger.views import (
     InterferenceView,
     RequestQuery,
     RequestState,

@@ -19,9 +19,9 @@ from collections import deque
 
 import numpy as np
 
-from .ledger_store import Request, SlotColumns
-from .ledger_trace import MARK_STORM_ENDED, MARK_STORM_STARTED, Mark, add_mark
-from .views import InterferencePhase, InterferenceView, StormView
+from enginetime.sidecar.ledger.store import Request, SlotColumns
+from enginetime.sidecar.ledger.trace import MARK_STORM_ENDED, MARK_STORM_STARTED, Mark, add_mark
+from enginetime.sidecar.ledger.views import InterferencePhase, InterferenceView, StormView
 
 ONGOING_INTERVAL_NS = 1_000_000_000
 #: A run ends after its shard ran this many steps without its prefill.

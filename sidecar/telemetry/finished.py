@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-log = logging.getLogger("enginetime.sidecar.finished")
+log = logging.getLogger("enginetime.sidecar.telemetry.finished")
 
 #: Requests read per budget check.
 _CHUNK = 32

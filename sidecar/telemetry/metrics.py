@@ -33,9 +33,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
-from enginetime.sidecar.frames import REASONS as FRAME_REJECT_REASONS
-from enginetime.sidecar.ingest import LEDGER_ERROR
-from enginetime.sidecar.ledger_trace import (
+from enginetime.sidecar.ingest.frames import REASONS as FRAME_REJECT_REASONS
+from enginetime.sidecar.ingest.server import LEDGER_ERROR
+from enginetime.sidecar.ledger.trace import (
     R_STATE,
     R_VIEW,
     V_ENGINE,
@@ -46,10 +46,10 @@ from enginetime.sidecar.ledger_trace import (
     V_SHARD,
     V_WALL,
 )
-from enginetime.sidecar.tracing import DROP_REASONS
-from enginetime.sidecar.views import RequestState, ShardView
+from enginetime.sidecar.ledger.views import RequestState, ShardView
+from enginetime.sidecar.telemetry.tracing import DROP_REASONS
 
-log = logging.getLogger("enginetime.sidecar.metrics")
+log = logging.getLogger("enginetime.sidecar.telemetry.metrics")
 
 #: Seconds buckets: a few ms of engine time up to the incident's 600 s proxy timeout and beyond.
 SECONDS_BUCKETS = (
@@ -157,13 +157,24 @@ class _StateCollector(Collector):
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(name, doc, value=value)
 
-        yield counter("enginetime_storms", "Prefill storms started (a request's prefill run whose "
-                      "stall on others crossed --storm-threshold).", led.get("storms", 0))
-        yield counter("enginetime_partial_requests", "Requests marked partial: the sidecar missed records "
-                      "for them (drops, sequence gaps, lost events).", led.get("partial_requests", 0))
-        yield counter("enginetime_ingest_reported_drops", "Records (steps, events) the engines' recorders "
-                      "reported dropping (buffer full while the sidecar was unreachable or slow).",
-                      led.get("reported_drops", 0))
+        yield counter(
+            "enginetime_storms",
+            "Prefill storms started (a request's prefill run whose "
+            "stall on others crossed --storm-threshold).",
+            led.get("storms", 0),
+        )
+        yield counter(
+            "enginetime_partial_requests",
+            "Requests marked partial: the sidecar missed records "
+            "for them (drops, sequence gaps, lost events).",
+            led.get("partial_requests", 0),
+        )
+        yield counter(
+            "enginetime_ingest_reported_drops",
+            "Records (steps, events) the engines' recorders "
+            "reported dropping (buffer full while the sidecar was unreachable or slow).",
+            led.get("reported_drops", 0),
+        )
         rejected = CounterMetricFamily(
             "enginetime_ingest_rejected_connections",
             "Ingest connections closed for breaking the wire contract, by reason (the sidecar log names "
@@ -176,17 +187,28 @@ class _StateCollector(Collector):
         yield rejected
         yield counter("enginetime_ingest_frames", "Ingest frames accepted.", ing.get("frames", 0))
         yield counter("enginetime_ingest_bytes", "Ingest bytes received.", ing.get("bytes", 0))
-        yield counter("enginetime_ingest_connections", "Ingest connections accepted.",
-                      ing.get("connections", 0))
-        yield GaugeMetricFamily("enginetime_ingest_active_connections", "Engine shards connected now.",
-                                value=ing.get("active_connections", 0))
+        yield counter(
+            "enginetime_ingest_connections", "Ingest connections accepted.", ing.get("connections", 0)
+        )
+        yield GaugeMetricFamily(
+            "enginetime_ingest_active_connections",
+            "Engine shards connected now.",
+            value=ing.get("active_connections", 0),
+        )
         yield counter("enginetime_steps", "Step records attributed.", led.get("steps", 0))
-        yield counter("enginetime_step_entries", "Request entries in attributed steps.",
-                      led.get("entries", 0))
-        yield counter("enginetime_lockstep_timeouts", "LOCKSTEP groups attributed without every shard after "
-                      "--lockstep-wait.", led.get("lockstep_timeouts", 0))
-        yield counter("enginetime_sequence_gaps", "Gaps in a shard's step sequence (steps lost).",
-                      led.get("seq_gaps", 0))
+        yield counter(
+            "enginetime_step_entries", "Request entries in attributed steps.", led.get("entries", 0)
+        )
+        yield counter(
+            "enginetime_lockstep_timeouts",
+            "LOCKSTEP groups attributed without every shard after --lockstep-wait.",
+            led.get("lockstep_timeouts", 0),
+        )
+        yield counter(
+            "enginetime_sequence_gaps",
+            "Gaps in a shard's step sequence (steps lost).",
+            led.get("seq_gaps", 0),
+        )
         evicted = CounterMetricFamily(
             "enginetime_requests_evicted",
             "Requests dropped from the store to stay under --max-requests (active ones lose their "
@@ -196,20 +218,24 @@ class _StateCollector(Collector):
         evicted.add_metric(("active",), led.get("evicted_active", 0))
         evicted.add_metric(("finished",), led.get("evicted_finished", 0))
         yield evicted
-        yield GaugeMetricFamily("enginetime_stream_subscribers", "gRPC streams following the ledger.",
-                                value=snap.subscribers)
+        yield GaugeMetricFamily(
+            "enginetime_stream_subscribers", "gRPC streams following the ledger.", value=snap.subscribers
+        )
         yield from self._span_metrics(snap)
         yield from self._shard_metrics(snap.shards)
 
     @staticmethod
     def _span_metrics(snap: StateSnapshot) -> Iterable[Metric]:
-        yield GaugeMetricFamily("enginetime_spans_enabled", "1 when span export is on.",
-                                value=1 if snap.spans_enabled else 0)
+        yield GaugeMetricFamily(
+            "enginetime_spans_enabled", "1 when span export is on.", value=1 if snap.spans_enabled else 0
+        )
         sp = snap.spans
-        yield CounterMetricFamily("enginetime_spans_created", "Spans built and queued for export.",
-                                  value=sp.get("created", 0))
-        yield CounterMetricFamily("enginetime_spans_exported", "Spans the OTLP endpoint accepted.",
-                                  value=sp.get("exported", 0))
+        yield CounterMetricFamily(
+            "enginetime_spans_created", "Spans built and queued for export.", value=sp.get("created", 0)
+        )
+        yield CounterMetricFamily(
+            "enginetime_spans_exported", "Spans the OTLP endpoint accepted.", value=sp.get("exported", 0)
+        )
         dropped = CounterMetricFamily(
             "enginetime_spans_dropped",
             "Spans not exported, by reason: backlog (requests finished faster than spans were built), "
@@ -220,10 +246,16 @@ class _StateCollector(Collector):
         for reason, n in sorted((dict.fromkeys(DROP_REASONS, 0) | snap.spans_dropped).items()):
             dropped.add_metric((reason,), n)
         yield dropped
-        yield CounterMetricFamily("enginetime_spans_unsampled_requests", "Finished requests whose spans "
-                                  "the sampler left out.", value=sp.get("unsampled", 0))
-        yield CounterMetricFamily("enginetime_span_links", "Span links from victims to the requests "
-                                  "blamed for their interference.", value=sp.get("links", 0))
+        yield CounterMetricFamily(
+            "enginetime_spans_unsampled_requests",
+            "Finished requests whose spans the sampler left out.",
+            value=sp.get("unsampled", 0),
+        )
+        yield CounterMetricFamily(
+            "enginetime_span_links",
+            "Span links from victims to the requests blamed for their interference.",
+            value=sp.get("links", 0),
+        )
         lost = CounterMetricFamily(
             "enginetime_finished_requests_unobserved",
             "Finished requests neither observed in the histograms nor traced: overflow (backlog full) "
