@@ -43,6 +43,7 @@ from enginetime.sidecar.api.service import AccountingService, add_to_server
 from enginetime.sidecar.cli import DEFAULT_LISTEN, split_host_port
 from enginetime.sidecar.ingest.server import IngestAddressError, IngestServer
 from enginetime.sidecar.ledger.ledger import Ledger, LedgerConfig
+from enginetime.sidecar.ledger.protocols import SidecarLedger
 from enginetime.sidecar.telemetry.finished import FinishedFeed
 from enginetime.sidecar.telemetry.metrics import MetricsStartError, SidecarMetrics, StateSnapshot
 from enginetime.sidecar.telemetry.span_process import SpanExportProcess
@@ -95,9 +96,9 @@ class SidecarConfig:
 class Sidecar:
     """One sidecar: owns the ledger, the ingest server, the gRPC server and the ticker."""
 
-    def __init__(self, config: SidecarConfig, ledger=None) -> None:
+    def __init__(self, config: SidecarConfig, ledger: SidecarLedger | None = None) -> None:
         self.config = config
-        self.ledger = ledger if ledger is not None else Ledger(config.ledger)
+        self.ledger: SidecarLedger = ledger if ledger is not None else Ledger(config.ledger)
         self.fanout = FanOut(
             self.ledger, FanOutLimits(max_pending=config.subscriber_queue, lag_limit_s=config.lag_limit_s)
         )

@@ -51,6 +51,7 @@ from itertools import compress, repeat
 import numpy as np
 
 from enginetime.sidecar.api import convert
+from enginetime.sidecar.ledger.protocols import ChangeFeed
 from enginetime.sidecar.ledger.views import InterferencePhase, InterferenceView, RequestQuery, RequestView
 from enginetime.v1 import accounting_pb2 as pb
 
@@ -267,7 +268,7 @@ def _passes(q: RequestQuery, entry: Entry) -> bool:
 class FanOut:
     """Collects ledger changes and hands them to subscribers; see the module doc."""
 
-    def __init__(self, ledger, limits: FanOutLimits | None = None) -> None:
+    def __init__(self, ledger: ChangeFeed, limits: FanOutLimits | None = None) -> None:
         self.ledger = ledger
         self.limits = limits or FanOutLimits()
         self.request_subscribers: set[RequestSubscriber] = set()

@@ -33,6 +33,7 @@ import grpc
 
 from enginetime.sidecar.api import convert
 from enginetime.sidecar.api.fanout import FanOut, InterferenceFilter, RequestSubscriber
+from enginetime.sidecar.ledger.protocols import AccountingReader
 from enginetime.sidecar.ledger.views import RequestQuery, RequestState
 from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
@@ -69,7 +70,7 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
 
     def __init__(
         self,
-        ledger,
+        ledger: AccountingReader,
         fanout: FanOut,
         *,
         retention_s: float = 600.0,

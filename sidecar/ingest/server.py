@@ -27,6 +27,7 @@ from enginetime.engine_hooks.constants import MAX_FRAME_BYTES
 from enginetime.sidecar.cli import parse_ingest_address
 from enginetime.sidecar.ingest.frames import FrameDecoder, FrameError
 from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
+from enginetime.sidecar.ledger.protocols import IngestSink
 
 log = logging.getLogger("enginetime.sidecar.ingest.server")
 
@@ -229,7 +230,7 @@ class IngestServer:
     the sidecar run as the same user; nobody else may inject records).
     """
 
-    def __init__(self, ledger, address: str, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+    def __init__(self, ledger: IngestSink, address: str, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         self.family, self.target = parse_ingest_address(address)
         self.ledger = ledger
         self.max_frame_bytes = max_frame_bytes

@@ -23,6 +23,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from enginetime.sidecar.ledger.protocols import FinishedSource
+
 log = logging.getLogger("enginetime.sidecar.telemetry.finished")
 
 #: Requests read per budget check.
@@ -37,7 +39,7 @@ class FinishedFeed:
 
     def __init__(
         self,
-        ledger,
+        ledger: FinishedSource,
         settle_s: float,
         *,
         max_pending: int = 100_000,
