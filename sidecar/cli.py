@@ -12,12 +12,8 @@ import argparse
 import importlib.util
 import math
 
-from enginetime.engine_hooks.constants import (
-    DEFAULT_INGEST_ADDRESS,
-    INGEST_ENV,
-    MAX_FRAME_BYTES,
-    parse_address,
-)
+from enginetime.engine_hooks.constants import DEFAULT_INGEST_ADDRESS, INGEST_ENV, parse_address
+from enginetime.sidecar.config import LedgerConfig, SidecarConfig
 
 for _module in (
     "grpc",
@@ -33,8 +29,6 @@ for _module in (
         raise ImportError(
             f"enginetime sidecar needs {_module}: pip install 'enginetime[sidecar]'", name=_module
         )
-
-DEFAULT_LISTEN = "127.0.0.1:50151"
 
 
 def split_host_port(listen: str) -> tuple[str, int]:
@@ -146,11 +140,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--listen",
         metavar="HOST:PORT",
         type=_listen,
-        default=DEFAULT_LISTEN,
+        default=SidecarConfig.listen,
         help=(
-            f"where gRPC is served. Default: {DEFAULT_LISTEN} (loopback only). Port 0 picks a free port "
-            "(read it from the ready line). Use 0.0.0.0:PORT only behind a network policy: the API has no "
-            "authentication yet."
+            f"where gRPC is served. Default: {SidecarConfig.listen} (loopback only). Port 0 picks a free "
+            "port (read it from the ready line). Use 0.0.0.0:PORT only behind a network policy: the API "
+            "has no authentication yet."
         ),
     )
     led = parser.add_argument_group("accounting store")
@@ -158,10 +152,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--max-requests",
         metavar="N",
         type=_positive_int,
-        default=100_000,
+        default=LedgerConfig.max_requests,
         help=(
             "most requests kept (live + finished); the oldest finished ones are evicted first. Default: "
-            "100000. Raise it when clients get NOT_FOUND for requests that "
+            f"{LedgerConfig.max_requests}. Raise it when clients get NOT_FOUND for requests that "
             "finished recently under heavy load."
         ),
     )
@@ -169,10 +163,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--retention",
         metavar="SECONDS",
         type=_positive_seconds,
-        default=600.0,
+        default=LedgerConfig.retention_s,
         help=(
-            "how long a finished request's accounting stays queryable. Default: 600. Raise it when "
-            "session servers look requests up long after they end."
+            "how long a finished request's accounting stays queryable. "
+            f"Default: {LedgerConfig.retention_s:g}. Raise it when session servers look requests up long "
+            "after they end."
         ),
     )
     led.add_argument(
@@ -182,7 +177,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=None,
         help=(
             "for LOCKSTEP engines: how long to wait for the other shards' records of a step before "
-            "attributing it without them. Default: 0.2. Raise it when shards report through a slow or "
+            "attributing it without them. "
+            f"Default: {LedgerConfig.lockstep_wait_s:g}. Raise it when shards report through a slow or "
             "bursty path (many steps attributed as partial); lower it for fresher figures."
         ),
     )
@@ -193,7 +189,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=None,
         help=(
             "summed stall a request's prefill must cause on others to be reported as a storm "
-            "(StreamInterference, GetShards). Default: 1.0. Lower it to see smaller interference events."
+            "(StreamInterference, GetShards). "
+            f"Default: {LedgerConfig.storm_threshold_s}. Lower it to see smaller interference events."
         ),
     )
     lim = parser.add_argument_group("limits")
@@ -201,23 +198,24 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--max-frame-bytes",
         metavar="N",
         type=_frame_bytes,
-        default=MAX_FRAME_BYTES,
+        default=SidecarConfig.max_frame_bytes,
         help=(
             f"largest ingest frame accepted; a connection declaring a bigger one is closed as corrupt. "
-            f"Default: {MAX_FRAME_BYTES} (a 4096-entry step is ~64 KiB). Raise it only for batches of "
-            "hundreds of thousands of entries."
+            f"Default: {SidecarConfig.max_frame_bytes} (a 4096-entry step is ~64 KiB). Raise it only for "
+            "batches of hundreds of thousands of entries."
         ),
     )
     lim.add_argument(
         "--subscriber-queue",
         metavar="N",
         type=_positive_int,
-        default=100_000,
+        default=SidecarConfig.subscriber_queue,
         help=(
             "most changed requests (or interference events) one gRPC stream may have waiting to be sent; "
             "a stream that exceeds it is cut off with RESOURCE_EXHAUSTED. Streams following every request "
             "share a log of 20x N changes; one that falls further behind is cut off the same way. "
-            "Default: 100000. Raise it for one proxy following more requests than that."
+            f"Default: {SidecarConfig.subscriber_queue}. Raise it for one proxy following more requests "
+            "than that."
         ),
     )
     lim.add_argument(
@@ -235,8 +233,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--shutdown-grace",
         metavar="SECONDS",
         type=_seconds,
-        default=5.0,
-        help="on SIGTERM, how long in-flight unary RPCs may take to finish. Default: 5.",
+        default=SidecarConfig.shutdown_grace_s,
+        help=(
+            "on SIGTERM, how long in-flight unary RPCs may take to finish. "
+            f"Default: {SidecarConfig.shutdown_grace_s:g}."
+        ),
     )
     obs = parser.add_argument_group("observability")
     obs.add_argument(
@@ -265,9 +266,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--trace-link-threshold",
         metavar="SECONDS",
         type=_seconds,
-        default=0.5,
+        default=SidecarConfig.trace_link_threshold_s,
         help=(
-            "blame on one request that earns a victim's span a link to that request's span. Default: 0.5. "
+            "blame on one request that earns a victim's span a link to that request's span. "
+            f"Default: {SidecarConfig.trace_link_threshold_s:g}. "
             "Lower it to link smaller interference; 0 links every named aggressor."
         ),
     )
@@ -284,10 +286,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     obs.add_argument(
         "--metrics-host",
         metavar="HOST",
-        default="127.0.0.1",
+        default=SidecarConfig.metrics_host,
         help=(
-            "address /metrics listens on. Default: 127.0.0.1 (loopback); use 0.0.0.0 so Prometheus can "
-            "scrape it from another host or pod."
+            f"address /metrics listens on. Default: {SidecarConfig.metrics_host} (loopback); use 0.0.0.0 so "
+            "Prometheus can scrape it from another host or pod."
         ),
     )
     obs.add_argument(
@@ -302,11 +304,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
-def build_config(args: argparse.Namespace):
+def build_config(args: argparse.Namespace) -> SidecarConfig:
     """The SidecarConfig for parsed arguments (imports the sidecar proper)."""
     from enginetime.engine_hooks.constants import ingest_address
-    from enginetime.sidecar.ledger.ledger import LedgerConfig
-    from enginetime.sidecar.server import SidecarConfig
 
     overrides = {"max_requests": args.max_requests, "retention_s": args.retention}
     if args.lockstep_wait is not None:

@@ -30,25 +30,23 @@ import gc
 import logging
 import signal
 import sys
-from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, ingest_address
-from enginetime.sidecar.api.fanout import PUBLISH_PERIOD_S, FanOut, FanOutLimits
+from enginetime.sidecar.api.fanout import PUBLISH_PERIOD_S, FanOut
 from enginetime.sidecar.api.service import AccountingService, add_to_server
-from enginetime.sidecar.cli import DEFAULT_LISTEN, split_host_port
+from enginetime.sidecar.cli import split_host_port
+from enginetime.sidecar.config import SidecarConfig
 from enginetime.sidecar.ingest.server import IngestAddressError, IngestServer
-from enginetime.sidecar.ledger.ledger import Ledger, LedgerConfig
+from enginetime.sidecar.ledger.ledger import Ledger
 from enginetime.sidecar.ledger.protocols import SidecarLedger
 from enginetime.sidecar.telemetry.finished import FinishedFeed
 from enginetime.sidecar.telemetry.metrics import MetricsStartError, SidecarMetrics, StateSnapshot
 from enginetime.sidecar.telemetry.span_process import SpanExportProcess
 from enginetime.sidecar.telemetry.tracing import (
-    DEFAULT_LINK_THRESHOLD_S,
     TracingConfig,
     TracingConfigError,
     resolve_export,
@@ -65,53 +63,17 @@ class SidecarStartError(RuntimeError):
     """The sidecar cannot start (an address is unusable); the message says what to change."""
 
 
-@dataclass
-class SidecarConfig:
-    """Everything ``enginetime sidecar`` can be told (see ``enginetime sidecar --help``)."""
-
-    ingest: str = field(default_factory=ingest_address)
-    listen: str = DEFAULT_LISTEN
-    ledger: LedgerConfig = field(default_factory=LedgerConfig)
-    max_frame_bytes: int = MAX_FRAME_BYTES
-    #: Request ids (or interference events) one stream may have unsent before it is cut off.
-    subscriber_queue: int = 100_000
-    #: Seconds a stream's write may stay blocked before it is cut off; None: max(10 intervals, 5 s).
-    lag_limit_s: float | None = None
-    #: Seconds in-flight unary RPCs get to finish on shutdown.
-    shutdown_grace_s: float = 5.0
-    #: OTLP endpoint for span export; "" = OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else no spans.
-    otlp_endpoint: str = ""
-    #: grpc | http/protobuf; "" = OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL, else by the endpoint's port.
-    otlp_protocol: str = ""
-    #: Blame on one aggressor (seconds) that earns a victim's span a link to the aggressor's span.
-    trace_link_threshold_s: float = DEFAULT_LINK_THRESHOLD_S
-    #: Seconds shutdown waits for the last spans to be exported.
-    span_flush_s: float = 5.0
-    #: Serve Prometheus /metrics on metrics_host:metrics_port (0: a free port); None: off.
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
-    log_level: str = "INFO"
-
-
 class Sidecar:
     """One sidecar: owns the ledger, the ingest server, the gRPC server and the ticker."""
 
     def __init__(self, config: SidecarConfig, ledger: SidecarLedger | None = None) -> None:
         self.config = config
         self.ledger: SidecarLedger = ledger if ledger is not None else Ledger(config.ledger)
-        self.fanout = FanOut(
-            self.ledger, FanOutLimits(max_pending=config.subscriber_queue, lag_limit_s=config.lag_limit_s)
-        )
+        self.fanout = FanOut(self.ledger, config.fanout_limits())
         self.ingest = IngestServer(self.ledger, config.ingest, max_frame_bytes=config.max_frame_bytes)
         counters = self.ingest.counters
         self.fanout.ingest_busy_s = lambda: counters.busy_s
-        self.service = AccountingService(
-            self.ledger,
-            self.fanout,
-            retention_s=config.ledger.retention_s,
-            max_requests=config.ledger.max_requests,
-            storm_threshold_s=config.ledger.storm_threshold_s,
-        )
+        self.service = AccountingService(self.ledger, self.fanout, config.ledger)
         self.health = HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.grpc_address = ""
@@ -233,29 +195,15 @@ class Sidecar:
         """What /metrics reports now (runs on the event loop)."""
         ing = self.ingest.counters
         tracer = self.tracer
-        spans: dict[str, int] = {}
-        dropped: dict[str, int] = {}
+        spans = None
         if tracer is not None:
-            c = tracer.counters
-            spans = {
-                "created": c.created,
-                "exported": tracer.exported,
-                "unsampled": c.unsampled,
-                "links": c.links,
-            }
-            dropped = dict(c.dropped)
+            spans = dataclasses.replace(tracer.counters, dropped=dict(tracer.counters.dropped))
         return StateSnapshot(
-            ledger={k: v for k, v in dataclasses.asdict(self.ledger.counters).items() if isinstance(v, int)},
-            ingest={
-                f.name: getattr(ing, f.name)
-                for f in dataclasses.fields(ing)
-                if isinstance(getattr(ing, f.name), int)
-            },
-            rejected=dict(ing.rejected),
+            ledger=dataclasses.replace(self.ledger.counters),
+            ingest=dataclasses.replace(ing, rejected=dict(ing.rejected)),
             shards=tuple(self.ledger.shards()),
             spans=spans,
-            spans_dropped=dropped,
-            spans_enabled=tracer is not None,
+            spans_exported=tracer.exported if tracer is not None else 0,
             finished_dropped=dict(self.finished.dropped) if self.finished is not None else {},
             subscribers=self.fanout.subscribers,
         )

@@ -51,6 +51,7 @@ from itertools import compress, repeat
 import numpy as np
 
 from enginetime.sidecar.api import convert
+from enginetime.sidecar.config import FanOutLimits
 from enginetime.sidecar.ledger.protocols import ChangeFeed
 from enginetime.sidecar.ledger.views import InterferencePhase, InterferenceView, RequestQuery, RequestView
 from enginetime.v1 import accounting_pb2 as pb
@@ -70,35 +71,6 @@ _BUILD_CHUNK = 512
 #: latest-map entry: (cycle it last changed in, framed RequestAccounting bytes, state, Request)
 Entry = tuple[int, bytes, int, object]
 _REQUEST_ID = operator.attrgetter("request_id")
-
-
-@dataclass(slots=True)
-class FanOutLimits:
-    """Per-subscriber bounds.
-
-    max_pending: request ids (or interference events) a subscriber may have
-    waiting before it is cut off. lag_limit_s: how long one write may stay
-    blocked before the subscriber is cut off; None = max(10 intervals, 5 s).
-    max_log_entries: changed ids kept for subscribers that follow every request
-    (8 bytes each; None = 20 x max_pending): one that falls further behind is cut
-    off. min_share: see below.
-    """
-
-    max_pending: int = 100_000
-    lag_limit_s: float | None = None
-    max_log_entries: int | None = None
-    #: Least share of the event loop that encoding for subscribers may use when ingest is
-    #: saturated; otherwise it gets what ingest leaves idle.
-    min_share: float = 0.25
-
-    def __post_init__(self) -> None:
-        if self.max_log_entries is None:
-            self.max_log_entries = 20 * self.max_pending
-
-    def lag_limit(self, interval_s: float) -> float:
-        if self.lag_limit_s is not None:
-            return self.lag_limit_s
-        return max(10.0 * interval_s, 5.0)
 
 
 class _Subscriber:

@@ -33,6 +33,7 @@ import grpc
 
 from enginetime.sidecar.api import convert
 from enginetime.sidecar.api.fanout import FanOut, InterferenceFilter, RequestSubscriber
+from enginetime.sidecar.config import LedgerConfig
 from enginetime.sidecar.ledger.protocols import AccountingReader
 from enginetime.sidecar.ledger.views import RequestQuery, RequestState
 from enginetime.v1 import accounting_pb2 as pb
@@ -72,16 +73,13 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
         self,
         ledger: AccountingReader,
         fanout: FanOut,
-        *,
-        retention_s: float = 600.0,
-        max_requests: int = 100_000,
-        storm_threshold_s: float = 1.0,
+        config: LedgerConfig | None = None,
     ) -> None:
         self.ledger = ledger
         self.fanout = fanout
-        self.retention_s = retention_s
-        self.max_requests = max_requests
-        self.storm_threshold_ns = int(storm_threshold_s * 1e9)
+        #: The ledger's bounds: what NOT_FOUND explains, and the storm threshold streams filter by.
+        self.config = config = config or LedgerConfig()
+        self.storm_threshold_ns = int(config.storm_threshold_s * 1e9)
 
     # -- unary ------------------------------------------------------------------------------
 
@@ -305,15 +303,15 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
     def _not_found(self, rid: str) -> str:
         return (
             f"request {rid!r} is not known to this sidecar: no engine reporting here has announced it, or it "
-            f"ended more than {self.retention_s:g} s ago (--retention), or the store evicted it "
-            f"(--max-requests {self.max_requests}). Check the id (SGLang may prefix rids with a worker "
-            "index) and that the engine's ENGINETIME_INGEST points at this sidecar"
+            f"ended more than {self.config.retention_s:g} s ago (--retention), or the store evicted it "
+            f"(--max-requests {self.config.max_requests}). Check the id (SGLang may prefix rids with a "
+            "worker index) and that the engine's ENGINETIME_INGEST points at this sidecar"
         )
 
     def _evicted(self, rid: str) -> str:
         return (
             f"request {rid!r} was evicted from this sidecar's store before it ended (more than "
-            f"--max-requests {self.max_requests} requests held); raise --max-requests"
+            f"--max-requests {self.config.max_requests} requests held); raise --max-requests"
         )
 
     def _overflowed(self, sub: RequestSubscriber) -> str:

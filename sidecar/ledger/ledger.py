@@ -70,6 +70,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from enginetime.engine_hooks.constants import Coupling, EventKind, StepKind
+from enginetime.sidecar.config import LedgerConfig
 from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
 from enginetime.sidecar.ledger.accounting_wire import encode as encode_accounting
 from enginetime.sidecar.ledger.attribution import Batch, Division, Prediction, divide, predict, step_scalars
@@ -127,27 +128,6 @@ def _clamped(
     queue = first_start - arrival if first_start >= 0 else wall
     queue = min(max(queue, 0), wall - eng)
     return wall, eng, queue, min(max(round(interf), 0), wall - eng - queue)
-
-
-@dataclass
-class LedgerConfig:
-    lockstep_wait_s: float = 0.2  # bounded wait for a LOCKSTEP group's stragglers
-    retention_s: float = 600.0  # finished requests kept this long
-    max_requests: int = 100_000  # active + finished; evict oldest finished first, then oldest active
-    storm_threshold_s: float = 1.0  # summed blame that makes an aggressor's prefill a storm
-    top_blame: int = 5  # blame entries kept in views (full map kept internally, bounded)
-    model_window: int = 2048  # cost-model observations kept per model
-    refit_every: int = 32  # refit after this many new observations
-    rate_window_s: float = 2.0  # window for shard tok/s and busy fraction
-
-    def __post_init__(self) -> None:
-        if self.max_requests < 1:
-            raise ValueError(f"max_requests must be ≥ 1, got {self.max_requests}")
-        if self.top_blame < 1:
-            raise ValueError(f"top_blame must be ≥ 1, got {self.top_blame}")
-        for name in ("lockstep_wait_s", "retention_s", "storm_threshold_s", "rate_window_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
 
 
 @dataclass

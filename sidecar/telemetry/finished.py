@@ -12,8 +12,8 @@ carries are therefore the figures ``GetRequest`` returns.
 
 ``pump`` works within a time budget per call (``budget_s``) so a burst of
 thousands of finishing requests is spread over several ticks instead of
-holding the loop; the backlog is bounded (``max_pending``) and whatever cannot
-be kept is counted in ``dropped``.
+holding the loop; the backlog is bounded (``max_pending``, by default as many as
+the ledger's default store holds) and whatever cannot be kept is counted in ``dropped``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from enginetime.sidecar.config import LedgerConfig
 from enginetime.sidecar.ledger.protocols import FinishedSource
 
 log = logging.getLogger("enginetime.sidecar.telemetry.finished")
@@ -42,7 +43,7 @@ class FinishedFeed:
         ledger: FinishedSource,
         settle_s: float,
         *,
-        max_pending: int = 100_000,
+        max_pending: int = LedgerConfig.max_requests,
         budget_s: float = 0.005,
         clock: Callable[[], int] = time.monotonic_ns,
     ) -> None:

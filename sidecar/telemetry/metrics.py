@@ -34,7 +34,8 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
 from enginetime.sidecar.ingest.frames import REASONS as FRAME_REJECT_REASONS
-from enginetime.sidecar.ingest.server import LEDGER_ERROR
+from enginetime.sidecar.ingest.server import LEDGER_ERROR, IngestCounters
+from enginetime.sidecar.ledger.ledger import LedgerCounters
 from enginetime.sidecar.ledger.trace import (
     R_STATE,
     R_VIEW,
@@ -47,7 +48,7 @@ from enginetime.sidecar.ledger.trace import (
     V_WALL,
 )
 from enginetime.sidecar.ledger.views import RequestState, ShardView
-from enginetime.sidecar.telemetry.tracing import DROP_REASONS
+from enginetime.sidecar.telemetry.tracing import DROP_REASONS, SpanCounters
 
 log = logging.getLogger("enginetime.sidecar.telemetry.metrics")
 
@@ -68,13 +69,11 @@ class MetricsStartError(RuntimeError):
 class StateSnapshot:
     """What a scrape reports, copied on the event loop (plain values: safe on any thread)."""
 
-    ledger: dict[str, int] = field(default_factory=dict)  # LedgerCounters fields
-    ingest: dict[str, int] = field(default_factory=dict)  # IngestCounters numeric fields
-    rejected: dict[str, int] = field(default_factory=dict)  # rejected connections by reason
+    ledger: LedgerCounters = field(default_factory=LedgerCounters)  # a copy
+    ingest: IngestCounters = field(default_factory=IngestCounters)  # a copy (rejected: by reason)
     shards: tuple[ShardView, ...] = ()
-    spans: dict[str, int] = field(default_factory=dict)  # created, exported, unsampled, links
-    spans_dropped: dict[str, int] = field(default_factory=dict)
-    spans_enabled: bool = False
+    spans: SpanCounters | None = None  # a copy; None: span export is off
+    spans_exported: int = 0  # spans the OTLP endpoint accepted
     finished_dropped: dict[str, int] = field(default_factory=dict)
     subscribers: int = 0
 
@@ -161,19 +160,19 @@ class _StateCollector(Collector):
             "enginetime_storms",
             "Prefill storms started (a request's prefill run whose "
             "stall on others crossed --storm-threshold).",
-            led.get("storms", 0),
+            led.storms,
         )
         yield counter(
             "enginetime_partial_requests",
             "Requests marked partial: the sidecar missed records "
             "for them (drops, sequence gaps, lost events).",
-            led.get("partial_requests", 0),
+            led.partial_requests,
         )
         yield counter(
             "enginetime_ingest_reported_drops",
             "Records (steps, events) the engines' recorders "
             "reported dropping (buffer full while the sidecar was unreachable or slow).",
-            led.get("reported_drops", 0),
+            led.reported_drops,
         )
         rejected = CounterMetricFamily(
             "enginetime_ingest_rejected_connections",
@@ -182,32 +181,28 @@ class _StateCollector(Collector):
             labels=("reason",),
         )
         # Every known reason from the start (0 until it happens), as Prometheus advises.
-        for reason, n in sorted((dict.fromkeys(_REJECT_REASONS, 0) | snap.rejected).items()):
+        for reason, n in sorted((dict.fromkeys(_REJECT_REASONS, 0) | ing.rejected).items()):
             rejected.add_metric((reason,), n)
         yield rejected
-        yield counter("enginetime_ingest_frames", "Ingest frames accepted.", ing.get("frames", 0))
-        yield counter("enginetime_ingest_bytes", "Ingest bytes received.", ing.get("bytes", 0))
-        yield counter(
-            "enginetime_ingest_connections", "Ingest connections accepted.", ing.get("connections", 0)
-        )
+        yield counter("enginetime_ingest_frames", "Ingest frames accepted.", ing.frames)
+        yield counter("enginetime_ingest_bytes", "Ingest bytes received.", ing.bytes)
+        yield counter("enginetime_ingest_connections", "Ingest connections accepted.", ing.connections)
         yield GaugeMetricFamily(
             "enginetime_ingest_active_connections",
             "Engine shards connected now.",
-            value=ing.get("active_connections", 0),
+            value=ing.active_connections,
         )
-        yield counter("enginetime_steps", "Step records attributed.", led.get("steps", 0))
-        yield counter(
-            "enginetime_step_entries", "Request entries in attributed steps.", led.get("entries", 0)
-        )
+        yield counter("enginetime_steps", "Step records attributed.", led.steps)
+        yield counter("enginetime_step_entries", "Request entries in attributed steps.", led.entries)
         yield counter(
             "enginetime_lockstep_timeouts",
             "LOCKSTEP groups attributed without every shard after --lockstep-wait.",
-            led.get("lockstep_timeouts", 0),
+            led.lockstep_timeouts,
         )
         yield counter(
             "enginetime_sequence_gaps",
             "Gaps in a shard's step sequence (steps lost).",
-            led.get("seq_gaps", 0),
+            led.seq_gaps,
         )
         evicted = CounterMetricFamily(
             "enginetime_requests_evicted",
@@ -215,8 +210,8 @@ class _StateCollector(Collector):
             "accounting before they end: raise --max-requests).",
             labels=("state",),
         )
-        evicted.add_metric(("active",), led.get("evicted_active", 0))
-        evicted.add_metric(("finished",), led.get("evicted_finished", 0))
+        evicted.add_metric(("active",), led.evicted_active)
+        evicted.add_metric(("finished",), led.evicted_finished)
         yield evicted
         yield GaugeMetricFamily(
             "enginetime_stream_subscribers", "gRPC streams following the ledger.", value=snap.subscribers
@@ -227,14 +222,14 @@ class _StateCollector(Collector):
     @staticmethod
     def _span_metrics(snap: StateSnapshot) -> Iterable[Metric]:
         yield GaugeMetricFamily(
-            "enginetime_spans_enabled", "1 when span export is on.", value=1 if snap.spans_enabled else 0
+            "enginetime_spans_enabled", "1 when span export is on.", value=0 if snap.spans is None else 1
         )
-        sp = snap.spans
+        sp = snap.spans or SpanCounters()
         yield CounterMetricFamily(
-            "enginetime_spans_created", "Spans built and queued for export.", value=sp.get("created", 0)
+            "enginetime_spans_created", "Spans built and queued for export.", value=sp.created
         )
         yield CounterMetricFamily(
-            "enginetime_spans_exported", "Spans the OTLP endpoint accepted.", value=sp.get("exported", 0)
+            "enginetime_spans_exported", "Spans the OTLP endpoint accepted.", value=snap.spans_exported
         )
         dropped = CounterMetricFamily(
             "enginetime_spans_dropped",
@@ -243,18 +238,18 @@ class _StateCollector(Collector):
             "shutdown (unsent when the sidecar stopped).",
             labels=("reason",),
         )
-        for reason, n in sorted((dict.fromkeys(DROP_REASONS, 0) | snap.spans_dropped).items()):
+        for reason, n in sorted((dict.fromkeys(DROP_REASONS, 0) | sp.dropped).items()):
             dropped.add_metric((reason,), n)
         yield dropped
         yield CounterMetricFamily(
             "enginetime_spans_unsampled_requests",
             "Finished requests whose spans the sampler left out.",
-            value=sp.get("unsampled", 0),
+            value=sp.unsampled,
         )
         yield CounterMetricFamily(
             "enginetime_span_links",
             "Span links from victims to the requests blamed for their interference.",
-            value=sp.get("links", 0),
+            value=sp.links,
         )
         lost = CounterMetricFamily(
             "enginetime_finished_requests_unobserved",

@@ -54,6 +54,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from enginetime import __version__
+from enginetime.sidecar.config import DEFAULT_LINK_THRESHOLD_S
 from enginetime.sidecar.ledger.trace import (
     MARK_PREEMPTED,
     MARK_RESUMED,
@@ -68,7 +69,6 @@ log = logging.getLogger("enginetime.sidecar.telemetry.tracing")
 
 PROTOCOLS = ("grpc", "http/protobuf")
 MAX_SPANS_PER_REQUEST = 8
-DEFAULT_LINK_THRESHOLD_S = 0.5
 REQUEST_SPAN_NAME = "engine request"
 SCOPE_NAME = "enginetime.sidecar"
 #: The BatchSpanProcessor's queue when OTEL_BSP_MAX_QUEUE_SIZE is not set (the SDK's own default).
