@@ -33,12 +33,16 @@ from dataclasses import dataclass, field
 
 from . import _convert as cv
 from .budget import BudgetReason, EngineBudget, EngineBudgetExceeded
-from .types import RequestAccounting, ShardStatus
+from .types import RequestAccounting, RequestState, ShardStatus
 
 NS = 1_000_000_000
 
-# RequestState numbers (enginetime.v1.RequestState), compared on raw messages.
-_QUEUED, _RUNNING, _PREEMPTED, _FINISHED = 1, 2, 3, 4
+# RequestState numbers as plain ints: compared on raw messages, where a plain int compare is cheapest.
+_UNSPECIFIED = int(RequestState.UNSPECIFIED)
+_QUEUED = int(RequestState.QUEUED)
+_RUNNING = int(RequestState.RUNNING)
+_PREEMPTED = int(RequestState.PREEMPTED)
+_FINISHED = int(RequestState.FINISHED)
 _ADMITTED = (_RUNNING, _PREEMPTED)
 
 # Heap item kinds.
@@ -57,7 +61,7 @@ class Entry:
     #: Latest raw accounting (enginetime.v1.RequestAccounting) and when it arrived (monotonic).
     msg: object = None
     received: float = 0.0
-    state: int = 0
+    state: int = _UNSPECIFIED
     #: steps + excluded_steps: grows with every step of the request's shard while it runs.
     progress: int = -1
     progress_at: float = 0.0
@@ -209,7 +213,7 @@ class Tracker:
             e.msg = m
             e.received = now
             state = e.state = m.state
-            if state >= _FINISHED or state == 0:
+            if state >= _FINISHED or state == _UNSPECIFIED:
                 continue  # terminal: the HTTP call is returning on its own
             progress = m.steps + m.excluded_steps
             if progress != e.progress:

@@ -7,16 +7,19 @@ budget) and as the exact integer nanoseconds the sidecar computed (what a progra
 summing figures wants, since floats drift). Times are float epoch seconds plus
 the same integer nanoseconds; a time that has not happened yet is ``None``.
 
-The enums carry the proto numbers; they are defined here rather than imported from
-``enginetime.sidecar`` or ``enginetime.engine_hooks`` so the client installs and
-imports with grpcio and protobuf alone (a test checks the numbers against the
-generated stubs).
+The enums carry the proto numbers (a test checks them against the generated stubs).
+``Coupling`` and ``TimerSource`` are the engine side's own (``engine_hooks.constants``,
+stdlib only), re-exported here; ``RequestState`` and ``InterferencePhase`` exist only
+in the accounting API. Nothing here imports ``enginetime.sidecar``, so the client
+installs and imports with grpcio and protobuf alone.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+
+from enginetime.engine_hooks.constants import Coupling, TimerSource
 
 
 def _parse_enum(cls, value, what: str, prefix: str):
@@ -59,22 +62,6 @@ class RequestState(enum.IntEnum):
     def parse(cls, value: RequestState | str | int) -> RequestState:
         """``RequestState.RUNNING``, ``"running"``, ``"REQUEST_STATE_RUNNING"`` or ``2``."""
         return _parse_enum(cls, value, "request state", "REQUEST_STATE_")
-
-
-class Coupling(enum.IntEnum):
-    """How an engine's shards' steps interact (numbers of enginetime.v1.Coupling)."""
-
-    UNSPECIFIED = 0
-    INDEPENDENT = 1
-    LOCKSTEP = 2
-
-
-class TimerSource(enum.IntEnum):
-    """What measured a shard's step durations (numbers of enginetime.v1.TimerSource)."""
-
-    UNSPECIFIED = 0
-    MONOTONIC = 1
-    CUDA_EVENT = 2
 
 
 class InterferencePhase(enum.IntEnum):

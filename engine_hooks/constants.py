@@ -49,6 +49,8 @@ def parse_address(address: str) -> tuple[str, str | tuple[str, int]]:
 
 
 class Coupling(enum.IntEnum):
+    """How an engine's shards' steps interact (numbers of enginetime.v1.Coupling)."""
+
     UNSPECIFIED = 0
     INDEPENDENT = 1
     LOCKSTEP = 2
@@ -65,6 +67,8 @@ class Coupling(enum.IntEnum):
 
 
 class TimerSource(enum.IntEnum):
+    """What measured a shard's step durations (numbers of enginetime.v1.TimerSource)."""
+
     UNSPECIFIED = 0
     MONOTONIC = 1
     CUDA_EVENT = 2
