@@ -45,7 +45,7 @@ def parse_ingest_address(address: str) -> tuple[str, str | tuple[str, int]]:
     """``parse_address`` plus ``tcp:HOST:0`` (a free port, reported in the ready line)."""
     if address.startswith("tcp:") and address.endswith(":0"):
         family, target = parse_address(address[:-1] + "1")
-        return family, (target[0], 0)  # type: ignore[index]
+        return family, (target[0], 0)
     return parse_address(address)
 
 

@@ -50,7 +50,7 @@ def request_to_proto(v: RequestView) -> pb.RequestAccounting:
         session_id=v.session_id,
         engine_id=v.engine_id,
         shard=v.shard,
-        state=int(v.state),
+        state=int(v.state),  # type: ignore[arg-type]  # the .pyi wants the enum class; its numbers work
         arrival_time=timestamp(v.arrival_time_ns),
         queue_time=duration(v.queue_time_ns),
         engine_time=duration(v.engine_time_ns),
@@ -114,7 +114,7 @@ def shard_to_proto(v: ShardView) -> pb.ShardStatus:
     msg = pb.ShardStatus(
         engine_id=v.engine_id,
         shard=v.shard,
-        coupling=int(v.coupling),
+        coupling=int(v.coupling),  # type: ignore[arg-type]  # (as state above)
         decode_tokens_per_second=float(v.decode_tokens_per_second),
         prefill_tokens_per_second=float(v.prefill_tokens_per_second),
         busy_fraction=float(v.busy_fraction),
@@ -125,7 +125,7 @@ def shard_to_proto(v: ShardView) -> pb.ShardStatus:
         dropped_frames=v.dropped_frames,
         engine_kind=v.engine_kind,
         device_name=v.device_name,
-        timer_source=int(v.timer_source),
+        timer_source=int(v.timer_source),  # type: ignore[arg-type]  # (as state above)
     )
     if v.current_storm is not None:
         msg.current_storm.CopyFrom(storm_to_proto(v.current_storm))
@@ -136,7 +136,7 @@ def shard_to_proto(v: ShardView) -> pb.ShardStatus:
 
 def interference_to_proto(v: InterferenceView) -> pb.InterferenceEvent:
     msg = pb.InterferenceEvent(
-        phase=int(v.phase),
+        phase=int(v.phase),  # type: ignore[arg-type]  # (as state above)
         engine_id=v.engine_id,
         aggressor_request_id=v.aggressor_request_id,
         aggressor_shard=v.aggressor_shard,

@@ -313,15 +313,15 @@ class FanOut:
         return sub
 
     def unsubscribe(self, sub: _Subscriber) -> None:
-        self.interference_subscribers.discard(sub)  # type: ignore[arg-type]
+        self.interference_subscribers.discard(sub)
         if sub not in self.request_subscribers:
             return
-        self.request_subscribers.discard(sub)  # type: ignore[arg-type]
-        self._every.discard(sub)  # type: ignore[arg-type]
+        self.request_subscribers.discard(sub)
+        self._every.discard(sub)
         if sub in self._by_ids:
-            self._by_ids.discard(sub)  # type: ignore[arg-type]
+            self._by_ids.discard(sub)
             wanted = self._wanted
-            for rid in sub.ids or ():  # type: ignore[attr-defined]
+            for rid in sub.ids or ():
                 n = wanted.get(rid, 0) - 1
                 if n > 0:
                     wanted[rid] = n
@@ -366,10 +366,10 @@ class FanOut:
         events = ledger.take_interference()
         if events and self.interference_subscribers:
             messages = [convert.interference_to_proto(v) for v in events]
-            for sub in self.interference_subscribers:
+            for isub in self.interference_subscribers:
                 for v, msg in zip(events, messages, strict=True):
-                    if sub.matches(v):
-                        sub.offer(msg)
+                    if isub.matches(v):
+                        isub.offer(msg)
 
     def _every_due(self) -> bool:
         """Whether a subscriber to everything may take within the next publish period."""

@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import time
 import zlib
+from typing import NoReturn
 
 import grpc
 
@@ -62,6 +63,12 @@ class _Abort(Exception):
         self.details = details
 
 
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """``context.abort``, which ends the RPC by raising; typed so the checker knows it does not return."""
+    await context.abort(code, details)
+    raise AssertionError("context.abort returned")
+
+
 def _now_ts():
     return convert.timestamp(time.time_ns())
 
@@ -93,7 +100,7 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
             )
         view = self.ledger.get(rid)
         if view is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, self._not_found(rid))
+            await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(rid))
         return pb.GetRequestResponse(request=convert.request_to_proto(view))
 
     async def ListRequests(self, request: pb.ListRequestsRequest, context) -> pb.ListRequestsResponse:
@@ -132,7 +139,7 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
         interval = await self._interval(context, request, "min_interval")
         view = self.ledger.get(rid)
         if view is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, self._not_found(rid))
+            await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(rid))
         sub = self.fanout.subscribe_requests(RequestQuery(request_ids=frozenset((rid,))))
         lag = self.fanout.limits.lag_limit(interval)
         try:

@@ -18,6 +18,8 @@ Every violation raises :class:`FrameError` with a short machine ``reason``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, PROTOCOL_VERSION
@@ -359,7 +361,12 @@ def _parse_beat(buf: bytes, start: int, end: int) -> Beat:
     return beat
 
 
-_PARSERS = {1: _parse_hello, 2: _parse_event, 3: _parse_step, 4: _parse_beat}
+_PARSERS: dict[int, Callable[[bytes, int, int], Frame]] = {
+    1: _parse_hello,
+    2: _parse_event,
+    3: _parse_step,
+    4: _parse_beat,
+}
 
 
 def decode_frame(buf: bytes, start: int = 0, end: int | None = None) -> Frame | None:

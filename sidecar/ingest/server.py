@@ -22,12 +22,16 @@ import stat
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES
 from enginetime.sidecar.cli import parse_ingest_address
 from enginetime.sidecar.ingest.frames import FrameDecoder, FrameError
 from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
 from enginetime.sidecar.ledger.protocols import IngestSink
+
+if TYPE_CHECKING:
+    from enginetime.sidecar.ledger.ledger import ShardKey
 
 log = logging.getLogger("enginetime.sidecar.ingest.server")
 
@@ -87,7 +91,7 @@ class _Connection(asyncio.Protocol):
         self.decoder = FrameDecoder(server.max_frame_bytes)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self.key = None
+        self.key: ShardKey | None = None
         self.closed = False
 
     # -- asyncio callbacks -------------------------------------------------------------
@@ -149,7 +153,8 @@ class _Connection(asyncio.Protocol):
         srv = self.server
         ledger = srv.ledger
         counters = srv.counters
-        key = self.key
+        # Not None once records arrive: the decoder lets nothing through before the hello.
+        key = cast("ShardKey", self.key)
         for frame in frames:
             if self.closed:
                 return
@@ -264,7 +269,8 @@ class IngestServer:
             self._socket_id = (st.st_dev, st.st_ino)
             self.bound_target = path
         else:
-            host, port = self.target  # type: ignore[misc]
+            assert isinstance(self.target, tuple)  # tcp: (host, port)
+            host, port = self.target
             try:
                 self._server = await loop.create_server(lambda: _Connection(self), host, port)
             except OSError as exc:

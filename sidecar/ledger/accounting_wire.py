@@ -290,7 +290,7 @@ def encode(ledger, slots: np.ndarray, now_ns: int, reqs: list[Request] | None = 
     """
     slots = np.asarray(slots, dtype=np.int64)
     if reqs is None:
-        reqs = list(map(ledger._reqs.__getitem__, slots.tolist()))
+        reqs = ledger.requests_at(slots)
     if slots.size <= CHUNK_ROWS:
         return _encode(ledger, slots, reqs, now_ns)
     out: list[bytes] = []

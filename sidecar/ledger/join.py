@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from enginetime.sidecar.ingest.records import Step
+
+if TYPE_CHECKING:  # shards.py imports this module
+    from enginetime.sidecar.ledger.shards import ShardState
 
 
 class Group:
@@ -25,7 +29,7 @@ class Group:
 
     def __init__(self, gs: int, created_ns: int) -> None:
         self.gs = gs
-        self.parts: dict[int, tuple[object, Step]] = {}  # shard number -> (ShardState, Step)
+        self.parts: dict[int, tuple[ShardState, Step]] = {}  # shard number -> (ShardState, Step)
         self.created_ns = created_ns
 
 
@@ -42,7 +46,7 @@ class LockstepJoin:
         self.released_upto = -1
         self.timeouts = 0
 
-    def add(self, shard: object, step: Step, now_ns: int) -> tuple[list[tuple[Group, bool]], bool]:
+    def add(self, shard: ShardState, step: Step, now_ns: int) -> tuple[list[tuple[Group, bool]], bool]:
         """Add a step; returns (groups now ready, in order, with a timed-out flag; late?).
 
         ``late`` means the step cannot join (its group was released, or its shard

@@ -66,6 +66,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -303,7 +304,7 @@ class Ledger:
         ):
             # The shard's earlier steps still wait in the lockstep join: a FINISHED applied now
             # would end the request (and a storm) before its last step is attributed.
-            shard.held.append((shard.last_seq, ev))
+            shard.held.append((_seq(shard.last_seq), ev))
             return
         self._apply_event(shard, ev)
 
@@ -633,7 +634,7 @@ class Ledger:
         if ended.any():
             start = int(step.start_time_ns)
             for i in np.flatnonzero(ended):
-                req = self._reqs[int(slots[i])]
+                req = self._live[int(slots[i])]
                 if req.finish_ns < start:
                     shard.unmap_handle(req.handle, req.slot)
                     slots[i] = -1
@@ -739,7 +740,7 @@ class Ledger:
         cols = self._cols
         st = cols.state[slots]
         fresh = np.flatnonzero(~cols.running[slots] & (st != FINISHED) & (st != ABORTED))
-        reqs = self._reqs
+        reqs = self._live
         for i in fresh:
             slot = int(slots[i])
             cols.state[slot] = RUNNING
@@ -814,7 +815,7 @@ class Ledger:
         add_blame = self._cols.add_blame
         # (a) Other entries' prefill in the same step (same shard).
         caused = div.scale[seg] * pf * (counts[seg] - 1)
-        for j in np.flatnonzero((pred.pf_sum > 0.0) & (counts > 1)):
+        for j in np.flatnonzero((pred.pf_sum > 0.0) & (counts > 1)).tolist():
             lo, hi = int(offs[j]), int(offs[j + 1])
             seg_pf = pf[lo:hi]
             seg_slots = slots[lo:hi]
@@ -854,7 +855,7 @@ class Ledger:
         # (c) Waiting for the critical shard (cross-shard).
         victims: list[np.ndarray] = []
         amounts: list[np.ndarray] = []
-        for j in np.flatnonzero(div.wait > 0.0):
+        for j in np.flatnonzero(div.wait > 0.0).tolist():
             if j == critical:
                 continue
             lo, hi = int(offs[j]), int(offs[j + 1])
@@ -872,6 +873,7 @@ class Ledger:
             wa = np.concatenate(amounts) if len(amounts) > 1 else amounts[0]
             if critical >= 0 and div.crit_by_prefill:
                 cw = div.crit_weights
+                assert cw is not None  # crit_by_prefill: set with the weights
                 idx = np.flatnonzero(cw > 0.0)
                 top = idx[np.argsort(-cw[idx], kind="stable")[:NAMED_PER_STEP]]
                 named = 0.0
@@ -902,7 +904,7 @@ class Ledger:
             storms.end(int(slots[i]), int(ends[seg[i]]))  # in a step without prefill: it decodes now
         prefilled: list[set[int]] = [set() for _ in range(batch.m)]
         wait = self._wait_victims
-        reqs = self._reqs
+        reqs = self._live
         for i in np.flatnonzero(p > 0.0):
             j = int(seg[i])
             shard = parts[j][0]
@@ -918,8 +920,9 @@ class Ledger:
             if hi - lo > 1 and pred.pf[i] > 0.0:
                 victims.append(np.delete(slots[lo:hi], i - lo))
                 vshards.add(shard.shard)
-            if excluded[j] is not None:
-                victims.append(excluded[j])
+            ex = excluded[j]
+            if ex is not None:
+                victims.append(ex)
                 vshards.add(shard.shard)
             if wait is not None and wait[0] == j:
                 victims.append(wait[1])
@@ -968,6 +971,11 @@ class Ledger:
                 found = no
         return self._shard_state(eng, found) if found is not None else None
 
+    @property
+    def _live(self) -> list[Request]:
+        """``_reqs`` as read at live slots, the only ones it is indexed at through this (no None there)."""
+        return cast("list[Request]", self._reqs)
+
     def _rid(self, slot: int) -> int:
         return (int(self._cols.gen[slot]) << SLOT_BITS) | slot
 
@@ -987,7 +995,8 @@ class Ledger:
         stop = None if limit is None else start + max(0, int(limit))
         slots = slots[start:stop]
         now = self._clock()
-        return [self._view(self._reqs[int(s)], now) for s in slots]
+        reqs = self._live
+        return [self._view(reqs[int(s)], now) for s in slots]
 
     def count(self, q: RequestQuery) -> int:
         return int(self._select(q).size)
@@ -1020,7 +1029,8 @@ class Ledger:
             )
             mask &= ok[cols.shard_idx[sel]]
         if q.session_id:
-            mask &= np.array([self._reqs[s].session_id == q.session_id for s in sel], dtype=bool)
+            reqs = self._live
+            mask &= np.array([reqs[s].session_id == q.session_id for s in sel], dtype=bool)
         sel = sel[mask]
         # Newest arrival first; ties: most recently created first.
         order = np.lexsort((-cols.created[sel], -cols.arrival[sel]))
@@ -1053,7 +1063,7 @@ class Ledger:
 
     def requests_at(self, slots: np.ndarray) -> list[Request]:
         """The requests in live ``slots`` (same order)."""
-        return list(map(self._reqs.__getitem__, slots.tolist()))
+        return list(map(self._live.__getitem__, slots.tolist()))
 
     def ids_of(self, slots: np.ndarray) -> list[str]:
         return list(map(_REQUEST_ID, self.requests_at(slots)))
@@ -1182,7 +1192,7 @@ class Ledger:
         slot = agg & SLOT_MASK
         cols = self._cols
         if slot < cols.used and cols.alive.item(slot) and cols.gen.item(slot) == agg >> SLOT_BITS:
-            req = self._reqs[slot]
+            req = self._live[slot]
             return req.request_id, req.shard, req.arrival_ns, req.traceparent
         ghost = self._ghosts.get(agg)
         if ghost is not None:
@@ -1307,7 +1317,7 @@ class Ledger:
         slot = agg & SLOT_MASK
         cols = self._cols
         if slot < cols.used and cols.alive[slot] and int(cols.gen[slot]) == agg >> SLOT_BITS:
-            req = self._reqs[slot]
+            req = self._live[slot]
             return req.request_id, req.shard
         ghost = self._ghosts.get(agg)
         if ghost is not None:

@@ -16,9 +16,14 @@ a dead shard), ``-(shard_index + 1)`` — the shard as a pseudo-aggressor.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from enginetime.sidecar.ledger.views import RequestState
+
+if TYPE_CHECKING:  # shards.py imports this module
+    from enginetime.sidecar.ledger.shards import ShardState
 
 #: Blame table value meaning "no aggressor in this column".
 EMPTY = 0
@@ -58,12 +63,12 @@ class Request:
     )
 
     def __init__(
-        self, rid: int, slot: int, request_id: str, shard: object, handle: int, arrival_ns: int
+        self, rid: int, slot: int, request_id: str, shard: ShardState, handle: int, arrival_ns: int
     ) -> None:
         self.rid = rid  # aggressor id: generation << 32 | slot
         self.slot = slot  # -1 once evicted
         self.request_id = request_id
-        self.shard = shard  # ShardState (typed loosely to avoid an import cycle)
+        self.shard = shard
         self.handle = handle
         self.arrival_ns = arrival_ns
         self.finish_ns = 0
@@ -126,6 +131,36 @@ class SlotColumns:
     state (RequestState); changed (since the last take_changed); running (admitted and
     stepped: an excluded-step victim candidate); alive; in_run (has a prefill run).
     """
+
+    # The columns (set by name from _F8, _I8, _I4, _I1, _B in __init__ and _grow).
+    engine: np.ndarray
+    gpu: np.ndarray
+    interf: np.ndarray
+    caused: np.ndarray
+    blame_dropped: np.ndarray
+    created: np.ndarray
+    prefilled: np.ndarray
+    decoded: np.ndarray
+    steps: np.ndarray
+    excluded: np.ndarray
+    first_start: np.ndarray
+    decode_start: np.ndarray
+    first_token: np.ndarray
+    resumed_at: np.ndarray
+    last_step: np.ndarray
+    arrival: np.ndarray
+    prompt: np.ndarray
+    cached: np.ndarray
+    version: np.ndarray
+    stamp: np.ndarray
+    victim_mark: np.ndarray
+    gen: np.ndarray
+    shard_idx: np.ndarray
+    state: np.ndarray
+    changed: np.ndarray
+    running: np.ndarray
+    alive: np.ndarray
+    in_run: np.ndarray
 
     def __init__(self, capacity: int, blame_width: int) -> None:
         self.capacity = 0

@@ -16,12 +16,16 @@ a victim twice, which is acceptable for a visibility figure.
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from enginetime.sidecar.ledger.store import Request, SlotColumns
 from enginetime.sidecar.ledger.trace import MARK_STORM_ENDED, MARK_STORM_STARTED, Mark, add_mark
 from enginetime.sidecar.ledger.views import InterferencePhase, InterferenceView, StormView
+
+if TYPE_CHECKING:
+    from enginetime.sidecar.ledger.shards import ShardState
 
 ONGOING_INTERVAL_NS = 1_000_000_000
 #: A run ends after its shard ran this many steps without its prefill.
@@ -46,7 +50,7 @@ class PrefillRun:
         "emitted_caused",
     )
 
-    def __init__(self, req: Request, shard: object, run_id: int, start_ns: int) -> None:
+    def __init__(self, req: Request, shard: ShardState, run_id: int, start_ns: int) -> None:
         self.req = req
         self.shard = shard  # ShardState
         self.run_id = run_id
@@ -86,7 +90,7 @@ class StormTracker:
         self._next_run_id = 0
 
     # ---- per step ----------------------------------------------------------------------
-    def chunk(self, req: Request, shard: object, tokens: int, start_ns: int, end_ns: int) -> PrefillRun:
+    def chunk(self, req: Request, shard: ShardState, tokens: int, start_ns: int, end_ns: int) -> PrefillRun:
         """A prefill chunk of ``req`` ran in a step on ``shard``."""
         run = self.runs.get(req.slot)
         if run is None:
@@ -133,7 +137,7 @@ class StormTracker:
             run.emitted_caused = run.caused_ns
             self._emit(run, InterferencePhase.ONGOING, 0)
 
-    def shard_step(self, shard: object, prefilled_slots: set[int], end_ns: int) -> None:
+    def shard_step(self, shard: ShardState, prefilled_slots: set[int], end_ns: int) -> None:
         """After a step of ``shard``: runs whose request did not prefill in it count a miss."""
         if not shard.runs:
             return
@@ -154,12 +158,12 @@ class StormTracker:
         if run.storm:
             self._emit(run, InterferencePhase.ENDED, end_ns or run.last_end_ns)
 
-    def end_shard(self, shard: object, end_ns: int) -> None:
+    def end_shard(self, shard: ShardState, end_ns: int) -> None:
         for slot in list(shard.runs):
             self.end(slot, end_ns)
 
     # ---- views -------------------------------------------------------------------------
-    def current(self, shard: object) -> StormView | None:
+    def current(self, shard: ShardState) -> StormView | None:
         """The shard's largest ongoing storm, if any."""
         best = None
         for run in shard.runs.values():

@@ -27,11 +27,15 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 from enginetime.sidecar.ingest.frames import REASONS as FRAME_REJECT_REASONS
 from enginetime.sidecar.ingest.server import LEDGER_ERROR, IngestCounters
@@ -264,7 +268,7 @@ class _StateCollector(Collector):
     @staticmethod
     def _shard_metrics(shards: tuple[ShardView, ...]) -> Iterable[Metric]:
         labels = ("engine_id", "shard")
-        fams = {
+        fams: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "decode": GaugeMetricFamily("enginetime_shard_decode_tokens_per_second",
                                         "Decode tokens per second over the last 2 s.", labels=labels),
             "prefill": GaugeMetricFamily("enginetime_shard_prefill_tokens_per_second",
@@ -318,7 +322,7 @@ class SidecarMetrics:
         self._last = StateSnapshot()
         self._last_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server = None
+        self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.address = ""
         self.registry.register(_StateCollector(self))

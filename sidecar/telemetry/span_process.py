@@ -30,6 +30,7 @@ import signal
 import threading
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from enginetime.sidecar.ledger.trace import record_to_trace
 from enginetime.sidecar.telemetry.tracing import (
@@ -44,6 +45,10 @@ from enginetime.sidecar.telemetry.tracing import (
     make_exporter,
     span_count,
 )
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.context import SpawnProcess
 
 log = logging.getLogger("enginetime.sidecar.spans")
 
@@ -134,8 +139,8 @@ class SpanExportProcess:
         self._pending_n = 0
         self._cv = threading.Condition()
         self._closing = False
-        self._conn = None
-        self._proc = None
+        self._conn: Connection | None = None
+        self._proc: SpawnProcess | None = None
         self._started_at = 0.0
         self._spawn()
         self._sender = threading.Thread(target=self._send_loop, name="enginetime-span-sender", daemon=True)
@@ -243,8 +248,10 @@ class SpanExportProcess:
             if not self._ensure_child():
                 self._drop(DROP_EXPORTER_DOWN, part)
                 continue
+            conn = self._conn
+            assert conn is not None  # _ensure_child() said the child is up
             try:
-                self._conn.send_bytes(data)  # blocks (GIL released) while the child is behind
+                conn.send_bytes(data)  # blocks (GIL released) while the child is behind
             except (OSError, EOFError, ValueError):
                 self._drop(DROP_EXPORTER_DOWN, part)
                 if not warned:

@@ -52,6 +52,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.util.types import AnyValue
 
 from enginetime import __version__
 from enginetime.sidecar.config import DEFAULT_LINK_THRESHOLD_S
@@ -352,10 +353,10 @@ def _s(ns: int) -> float:
     return ns / 1e9
 
 
-def request_attributes(trace: RequestTrace) -> dict[str, object]:
+def request_attributes(trace: RequestTrace) -> dict[str, AnyValue]:
     """The request span's attributes: the accounting GetRequest returns, seconds as doubles."""
     v = trace.view
-    attrs: dict[str, object] = {
+    attrs: dict[str, AnyValue] = {
         "enginetime.request.id": v.request_id,
         "enginetime.engine.id": v.engine_id,
         "enginetime.shard": v.shard,
@@ -416,10 +417,10 @@ def request_links(trace: RequestTrace, threshold_ns: int) -> list[Link]:
     return links
 
 
-def request_events(trace: RequestTrace) -> list[tuple[str, dict[str, object], int]]:
+def request_events(trace: RequestTrace) -> list[tuple[str, dict[str, AnyValue], int]]:
     """(name, attributes, time ns) of the request span's events, in time order."""
     v = trace.view
-    events: list[tuple[str, dict[str, object], int]] = []
+    events: list[tuple[str, dict[str, AnyValue], int]] = []
     if trace.first_token_ns > 0:
         events.append(
             (
