@@ -22,13 +22,16 @@ from .types import (
     InterferencePhase,
     InterferenceVictims,
     RequestAccounting,
+    RequestFilter,
     RequestPage,
     RequestState,
     ShardStatus,
+    States,
     Storm,
     TimerSource,
     TokenCounts,
     UpdateBatch,
+    check_shard,
 )
 
 NS_PER_S = 1_000_000_000
@@ -234,40 +237,62 @@ def _enum(cls, number: int):
 # --- arguments -> protobuf ------------------------------------------------------------
 
 
+def filter_to_pb(flt: RequestFilter) -> pb.RequestFilter:
+    f = pb.RequestFilter(
+        states=[int(s) for s in flt.states],  # type: ignore[union-attr]  # normalised to a tuple
+        session_id=flt.session_id,
+        engine_id=flt.engine_id,
+        request_ids=list(flt.request_ids),
+    )
+    if flt.shard is not None:
+        f.shard = flt.shard
+    return f
+
+
 def request_filter(
     *,
-    states: Iterable[RequestState | str | int] | RequestState | str = (),
+    states: States = (),
     shard: int | None = None,
     session_id: str = "",
     engine_id: str = "",
     request_ids: Iterable[str] = (),
 ) -> pb.RequestFilter:
-    if isinstance(states, str | RequestState):  # one state given bare
-        states = (states,)
-    if isinstance(request_ids, str):
-        request_ids = (request_ids,)
-    f = pb.RequestFilter(
-        states=[int(RequestState.parse(s)) for s in states],
-        session_id=session_id,
-        engine_id=engine_id,
-        request_ids=list(request_ids),
-    )
-    if shard is not None:
-        f.shard = _shard(shard)
-    return f
+    """The protobuf filter for the five filter keywords (see ``RequestFilter``)."""
+    return filter_to_pb(RequestFilter(states, shard, session_id, engine_id, request_ids))
+
+
+def merge_filter(
+    flt: RequestFilter | None,
+    states: States,
+    shard: int | None,
+    session_id: str,
+    engine_id: str,
+    request_ids: Iterable[str],
+) -> RequestFilter:
+    """The filter a call asked for: ``filter=`` or the keywords, not both."""
+    if flt is None:
+        return RequestFilter(states, shard, session_id, engine_id, request_ids)
+    if not isinstance(flt, RequestFilter):
+        raise TypeError(f"filter must be a RequestFilter, got {flt!r}")
+    if states or shard is not None or session_id or engine_id or request_ids:
+        raise ValueError(
+            "pass either filter= or the filter keywords (states=, shard=, session_id=, engine_id=, "
+            "request_ids=), not both"
+        )
+    return flt
 
 
 def _shard(shard: int) -> int:
-    if isinstance(shard, bool) or not isinstance(shard, int) or shard < 0:
-        raise ValueError(f"shard must be a non-negative int, got {shard!r}")
-    return shard
+    return check_shard(shard)
 
 
-def list_requests_request(*, page_size: int, page_token: str, **filter_kw) -> pb.ListRequestsRequest:
+def list_requests_request(
+    flt: RequestFilter | None = None, *, page_size: int, page_token: str
+) -> pb.ListRequestsRequest:
     if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= 1000:
         raise ValueError(f"page_size must be an int from 1 to 1000, got {page_size!r}")
     return pb.ListRequestsRequest(
-        filter=request_filter(**filter_kw), page_size=page_size, page_token=page_token
+        filter=filter_to_pb(flt or RequestFilter()), page_size=page_size, page_token=page_token
     )
 
 
@@ -277,9 +302,9 @@ def watch_request_request(request_id: str, min_interval: float) -> pb.WatchReque
     )
 
 
-def stream_updates_request(*, interval: float, **filter_kw) -> pb.StreamUpdatesRequest:
+def stream_updates_request(flt: RequestFilter | None = None, *, interval: float) -> pb.StreamUpdatesRequest:
     return pb.StreamUpdatesRequest(
-        filter=request_filter(**filter_kw), interval=duration_from_seconds(interval, "interval")
+        filter=filter_to_pb(flt or RequestFilter()), interval=duration_from_seconds(interval, "interval")
     )
 
 

@@ -2,16 +2,16 @@
 
 For asyncio session servers (FastAPI, aiohttp, an httpx.AsyncClient proxy). The
 channel is created on first use, inside the running event loop, so the client
-can be built at import or configuration time like an ``httpx.AsyncClient``.
-Streams start their RPC on first iteration and cancel it when closed.
+can be built at import or configuration time like an ``httpx.AsyncClient``
+(``AccountingClient`` opens its channel lazily too; see ``_base``). Streams start
+their RPC on first iteration and cancel it when closed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 import grpc.aio
@@ -20,19 +20,19 @@ from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
 
 from . import _convert as cv
-from .errors import EnginetimeError, map_rpc_error
+from ._base import BaseClient
+from .errors import map_rpc_error
 from .types import (
     InterferenceEvent,
     RequestAccounting,
+    RequestFilter,
     RequestPage,
-    RequestState,
     ShardStatus,
+    States,
     UpdateBatch,
 )
 
 T = TypeVar("T")
-
-States = Iterable[RequestState | str | int] | RequestState | str
 
 
 class AsyncStream(Generic[T]):
@@ -46,7 +46,7 @@ class AsyncStream(Generic[T]):
     def __init__(
         self,
         start: Callable[[], grpc.aio.UnaryStreamCall],
-        convert: Callable[[object], T],
+        convert: Callable[[Any], T],
         *,
         target: str,
         request_id: str | None = None,
@@ -109,11 +109,13 @@ class AsyncStream(Generic[T]):
         self.cancel()
 
 
-class AsyncAccountingClient:
+class AsyncAccountingClient(BaseClient):
     """Asyncio client for a sidecar's AccountingService; see AccountingClient for the arguments.
 
+    The twin of ``AccountingClient``: the same methods with the same arguments.
     Unary methods are coroutines; stream methods return an ``AsyncStream`` at once
-    (``async for u in client.watch_request(rid): ...``).
+    (``async for u in client.watch_request(rid): ...``). The channel is opened
+    lazily, on the first call, inside the running event loop.
     """
 
     def __init__(
@@ -125,17 +127,7 @@ class AsyncAccountingClient:
         metadata: cv.Metadata = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        if channel is not None and credentials is not None:
-            raise ValueError("pass either channel= or credentials=, not both: a given channel has its own")
-        self.target = target
-        self.timeout = cv.check_timeout(timeout)
-        self._metadata = cv.normalize_metadata(metadata)
-        self._credentials = credentials
-        self._owns_channel = channel is None
-        self._channel = channel
-        self._stub = pb_grpc.AccountingServiceStub(channel) if channel is not None else None
-        self._streams: weakref.WeakSet[AsyncStream] = weakref.WeakSet()
-        self._closed = False
+        super().__init__(target, timeout=timeout, channel=channel, metadata=metadata, credentials=credentials)
 
     # --- unary calls ----------------------------------------------------------------
 
@@ -147,6 +139,7 @@ class AsyncAccountingClient:
 
     async def list_requests(
         self,
+        filter: RequestFilter | None = None,
         *,
         states: States = (),
         shard: int | None = None,
@@ -158,19 +151,13 @@ class AsyncAccountingClient:
         timeout: float | None = None,
     ) -> RequestPage:
         """One page of requests matching every given filter, newest arrival first."""
-        req = cv.list_requests_request(
-            states=states,
-            shard=shard,
-            session_id=session_id,
-            engine_id=engine_id,
-            request_ids=request_ids,
-            page_size=page_size,
-            page_token=page_token,
-        )
+        flt = self._filter(filter, states, shard, session_id, engine_id, request_ids)
+        req = cv.list_requests_request(flt, page_size=page_size, page_token=page_token)
         return cv.page_from_pb(await self._unary("ListRequests", req, timeout))
 
     async def iter_requests(
         self,
+        filter: RequestFilter | None = None,
         *,
         states: States = (),
         shard: int | None = None,
@@ -181,18 +168,10 @@ class AsyncAccountingClient:
         timeout: float | None = None,
     ) -> AsyncIterator[RequestAccounting]:
         """Every matching request, fetching pages as it goes."""
+        flt = self._filter(filter, states, shard, session_id, engine_id, request_ids)
         token = ""
         while True:
-            page = await self.list_requests(
-                states=states,
-                shard=shard,
-                session_id=session_id,
-                engine_id=engine_id,
-                request_ids=request_ids,
-                page_size=page_size,
-                page_token=token,
-                timeout=timeout,
-            )
+            page = await self.list_requests(flt, page_size=page_size, page_token=token, timeout=timeout)
             for request in page.requests:
                 yield request
             token = page.next_page_token
@@ -222,6 +201,7 @@ class AsyncAccountingClient:
 
     def stream_updates(
         self,
+        filter: RequestFilter | None = None,
         *,
         states: States = (),
         shard: int | None = None,
@@ -232,14 +212,8 @@ class AsyncAccountingClient:
         timeout: float | None = None,
     ) -> AsyncStream[UpdateBatch]:
         """Coalesced batches of changed requests matching the filter, every ``interval`` seconds."""
-        req = cv.stream_updates_request(
-            states=states,
-            shard=shard,
-            session_id=session_id,
-            engine_id=engine_id,
-            request_ids=request_ids,
-            interval=interval,
-        )
+        flt = self._filter(filter, states, shard, session_id, engine_id, request_ids)
+        req = cv.stream_updates_request(flt, interval=interval)
         return self._stream("StreamUpdates", req, timeout, cv.batch_from_pb)
 
     def stream_interference(
@@ -274,16 +248,13 @@ class AsyncAccountingClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    def __repr__(self) -> str:
-        return f"AsyncAccountingClient({self.target!r}{', closed' if self._closed else ''})"
-
     # --- plumbing -------------------------------------------------------------------
 
     def _get_stub(self) -> pb_grpc.AccountingServiceStub:
-        if self._closed:
-            raise EnginetimeError(f"this AsyncAccountingClient for {self.target} is closed; create a new one")
+        """The stub, opening the channel on first use (in the running loop); EnginetimeError once closed."""
+        self._check_open()
         if self._stub is None:
-            options = list(cv.CHANNEL_OPTIONS)
+            options = self._channel_options()
             if self._credentials is not None:
                 self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=options)
             else:
@@ -291,9 +262,11 @@ class AsyncAccountingClient:
             self._stub = pb_grpc.AccountingServiceStub(self._channel)
         return self._stub
 
-    async def _unary(self, method: str, request, timeout: float | None, *, request_id: str | None = None):
+    async def _unary(
+        self, method: str, request: Any, timeout: float | None, *, request_id: str | None = None
+    ) -> Any:
         rpc = getattr(self._get_stub(), method)
-        deadline = cv.check_timeout(timeout) if timeout is not None else self.timeout
+        deadline = self._unary_deadline(timeout)
         try:
             return await rpc(request, timeout=deadline, metadata=self._metadata)
         except grpc.RpcError as exc:
@@ -302,16 +275,16 @@ class AsyncAccountingClient:
     def _stream(
         self,
         method: str,
-        request,
+        request: Any,
         timeout: float | None,
-        convert: Callable[[object], T],
+        convert: Callable[[Any], T],
         *,
         request_id: str | None = None,
         last: Callable[[T], bool] | None = None,
     ) -> AsyncStream[T]:
-        deadline = cv.check_timeout(timeout)
-        if self._closed:
-            self._get_stub()  # raises the "closed" error now, not on first iteration
+        """Follow the server stream ``method``, started on first iteration (``cancel()`` ends it)."""
+        deadline = self._stream_deadline(timeout)
+        self._check_open()  # the "closed" error now, not on first iteration
 
         def start() -> grpc.aio.UnaryStreamCall:
             return getattr(self._get_stub(), method)(request, timeout=deadline, metadata=self._metadata)

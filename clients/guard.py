@@ -76,7 +76,7 @@ from .async_client import AsyncAccountingClient, AsyncStream
 from .budget import EngineBudget, EngineBudgetExceeded
 from .errors import EnginetimeError
 from .sync_client import AccountingClient, Stream
-from .types import RequestAccounting
+from .types import RequestAccounting, RequestFilter
 
 log = logging.getLogger("enginetime.clients.guard")
 
@@ -207,9 +207,8 @@ class _GuardBase:
         return len(self._tracker.entries)
 
     def _stream_request(self, ids: list[str]):
-        return cv.stream_updates_request(
-            engine_id=self.engine_id, request_ids=ids if self.follow == "ids" else (), interval=self.interval
-        )
+        flt = RequestFilter(engine_id=self.engine_id, request_ids=ids if self.follow == "ids" else ())
+        return cv.stream_updates_request(flt, interval=self.interval)
 
     def _log_down(self, target: str, exc: BaseException) -> None:
         log.warning(
@@ -479,11 +478,12 @@ class Guard(_GuardBase):
                 ids = self._tracker.ids()
                 self._restart_at = None
                 try:
-                    call = client._open_stream(client._stub.StreamUpdates, self._stream_request(ids), None)
+                    stream = self._stream = client._stream(
+                        "StreamUpdates", self._stream_request(ids), None, _raw
+                    )
                 except (EnginetimeError, ValueError) as exc:  # client closed, or a bad argument
                     log.error("enginetime guard: cannot open the update stream: %s", exc)
                     return
-                stream = self._stream = client._track(Stream(call, _raw, target=client.target))
                 self.streams_opened += 1
             try:
                 first = True

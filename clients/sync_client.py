@@ -1,17 +1,17 @@
 """AccountingClient: the blocking client a (threaded) session server imports.
 
 Thin on purpose: every call builds a request with ``_convert``, runs it with the
-client's timeout and metadata, maps gRPC errors to ``enginetime.clients.errors``
-and returns frozen dataclasses. Streams are iterators that cancel their RPC when
+client's timeout and metadata (``_base.BaseClient``, shared with the asyncio twin),
+maps gRPC errors to ``enginetime.clients.errors`` and returns frozen dataclasses.
+The channel is opened lazily, on the first call. Streams are iterators that cancel their RPC when
 closed, so a proxy can stop following a request without leaking a call.
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -19,19 +19,19 @@ from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
 
 from . import _convert as cv
-from .errors import EnginetimeError, map_rpc_error
+from ._base import BaseClient
+from .errors import map_rpc_error
 from .types import (
     InterferenceEvent,
     RequestAccounting,
+    RequestFilter,
     RequestPage,
-    RequestState,
     ShardStatus,
+    States,
     UpdateBatch,
 )
 
 T = TypeVar("T")
-
-States = Iterable[RequestState | str | int] | RequestState | str
 
 
 class Stream(Generic[T]):
@@ -45,7 +45,7 @@ class Stream(Generic[T]):
     def __init__(
         self,
         call: grpc.Call,
-        convert: Callable[[object], T],
+        convert: Callable[[Any], T],
         *,
         target: str,
         request_id: str | None = None,
@@ -99,14 +99,19 @@ class Stream(Generic[T]):
         self.close()
 
 
-class AccountingClient:
+class AccountingClient(BaseClient):
     """Blocking client for a sidecar's AccountingService.
 
-    ``AccountingClient("127.0.0.1:50151")`` opens its own insecure channel (the
-    sidecar serves on loopback by default); pass ``credentials=`` for TLS or
-    ``channel=`` to share one you manage (then ``close()`` leaves it open).
-    ``timeout`` bounds every unary call; streams have no deadline unless given one.
-    ``metadata`` (e.g. ``{"authorization": "Bearer ..."}``) goes with every call.
+    ``AccountingClient("127.0.0.1:50151")`` uses its own insecure channel (the
+    sidecar serves on loopback by default), opened lazily on the first call; pass
+    ``credentials=`` for TLS or ``channel=`` to share one you manage (then
+    ``close()`` leaves it open). ``timeout`` bounds every unary call; streams have
+    no deadline unless given one. ``metadata`` (e.g. ``{"authorization": "Bearer
+    ..."}``) goes with every call. Safe to share between threads.
+
+    The filtering methods take a ``RequestFilter`` as ``filter`` or its five fields
+    as keywords (``states=``, ``shard=``, ``session_id=``, ``engine_id=``,
+    ``request_ids=``).
     """
 
     def __init__(
@@ -118,33 +123,20 @@ class AccountingClient:
         metadata: cv.Metadata = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        if channel is not None and credentials is not None:
-            raise ValueError("pass either channel= or credentials=, not both: a given channel has its own")
-        self.target = target
-        self.timeout = cv.check_timeout(timeout)
-        self._metadata = cv.normalize_metadata(metadata)
-        self._owns_channel = channel is None
-        if channel is None:
-            options = list(cv.CHANNEL_OPTIONS)
-            if credentials is not None:
-                channel = grpc.secure_channel(target, credentials, options=options)
-            else:
-                channel = grpc.insecure_channel(target, options=options)
-        self._channel = channel
-        self._stub = pb_grpc.AccountingServiceStub(channel)
-        self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
-        self._closed = False
+        super().__init__(target, timeout=timeout, channel=channel, metadata=metadata, credentials=credentials)
+        self._lock = threading.Lock()  # opening the channel, closing
 
     # --- unary calls ----------------------------------------------------------------
 
     def get_request(self, request_id: str, *, timeout: float | None = None) -> RequestAccounting:
         """One request's accounting; raises RequestNotFound when the sidecar does not know it."""
         req = cv.get_request_request(request_id)
-        resp = self._unary(self._stub.GetRequest, req, timeout, request_id=request_id)
+        resp = self._unary("GetRequest", req, timeout, request_id=request_id)
         return cv.request_from_pb(resp.request)
 
     def list_requests(
         self,
+        filter: RequestFilter | None = None,
         *,
         states: States = (),
         shard: int | None = None,
@@ -156,19 +148,13 @@ class AccountingClient:
         timeout: float | None = None,
     ) -> RequestPage:
         """One page of requests matching every given filter, newest arrival first."""
-        req = cv.list_requests_request(
-            states=states,
-            shard=shard,
-            session_id=session_id,
-            engine_id=engine_id,
-            request_ids=request_ids,
-            page_size=page_size,
-            page_token=page_token,
-        )
-        return cv.page_from_pb(self._unary(self._stub.ListRequests, req, timeout))
+        flt = self._filter(filter, states, shard, session_id, engine_id, request_ids)
+        req = cv.list_requests_request(flt, page_size=page_size, page_token=page_token)
+        return cv.page_from_pb(self._unary("ListRequests", req, timeout))
 
     def iter_requests(
         self,
+        filter: RequestFilter | None = None,
         *,
         states: States = (),
         shard: int | None = None,
@@ -179,18 +165,10 @@ class AccountingClient:
         timeout: float | None = None,
     ) -> Iterator[RequestAccounting]:
         """Every matching request, fetching pages as it goes."""
+        flt = self._filter(filter, states, shard, session_id, engine_id, request_ids)
         token = ""
         while True:
-            page = self.list_requests(
-                states=states,
-                shard=shard,
-                session_id=session_id,
-                engine_id=engine_id,
-                request_ids=request_ids,
-                page_size=page_size,
-                page_token=token,
-                timeout=timeout,
-            )
+            page = self.list_requests(flt, page_size=page_size, page_token=token, timeout=timeout)
             yield from page.requests
             token = page.next_page_token
             if not token:
@@ -198,7 +176,7 @@ class AccountingClient:
 
     def get_shards(self, engine_id: str = "", *, timeout: float | None = None) -> list[ShardStatus]:
         """Every shard the sidecar knows (of one engine when engine_id is given)."""
-        resp = self._unary(self._stub.GetShards, pb.GetShardsRequest(engine_id=engine_id), timeout)
+        resp = self._unary("GetShards", pb.GetShardsRequest(engine_id=engine_id), timeout)
         return [cv.shard_from_pb(s) for s in resp.shards]
 
     # --- streams --------------------------------------------------------------------
@@ -208,19 +186,18 @@ class AccountingClient:
     ) -> Stream[RequestAccounting]:
         """The request's accounting as it changes; the iterator ends after the terminal update."""
         req = cv.watch_request_request(request_id, min_interval)
-        call = self._open_stream(self._stub.WatchRequest, req, timeout)
-        return self._track(
-            Stream(
-                call,
-                lambda m: cv.request_from_pb(m.request),
-                target=self.target,
-                request_id=request_id,
-                last=lambda r: r.state.terminal,
-            )
+        return self._stream(
+            "WatchRequest",
+            req,
+            timeout,
+            lambda m: cv.request_from_pb(m.request),
+            request_id=request_id,
+            last=lambda r: r.state.terminal,
         )
 
     def stream_updates(
         self,
+        filter: RequestFilter | None = None,
         *,
         states: States = (),
         shard: int | None = None,
@@ -231,16 +208,9 @@ class AccountingClient:
         timeout: float | None = None,
     ) -> Stream[UpdateBatch]:
         """Coalesced batches of changed requests matching the filter, every ``interval`` seconds."""
-        req = cv.stream_updates_request(
-            states=states,
-            shard=shard,
-            session_id=session_id,
-            engine_id=engine_id,
-            request_ids=request_ids,
-            interval=interval,
-        )
-        call = self._open_stream(self._stub.StreamUpdates, req, timeout)
-        return self._track(Stream(call, cv.batch_from_pb, target=self.target))
+        flt = self._filter(filter, states, shard, session_id, engine_id, request_ids)
+        req = cv.stream_updates_request(flt, interval=interval)
+        return self._stream("StreamUpdates", req, timeout, cv.batch_from_pb)
 
     def stream_interference(
         self,
@@ -252,19 +222,19 @@ class AccountingClient:
     ) -> Stream[InterferenceEvent]:
         """Storms as they start, grow and end (only those whose victims lost >= min_stall seconds)."""
         req = cv.stream_interference_request(engine_id=engine_id, shard=shard, min_stall=min_stall)
-        call = self._open_stream(self._stub.StreamInterference, req, timeout)
-        return self._track(Stream(call, lambda m: cv.interference_from_pb(m.event), target=self.target))
+        return self._stream("StreamInterference", req, timeout, lambda m: cv.interference_from_pb(m.event))
 
     # --- lifecycle ------------------------------------------------------------------
 
     def close(self) -> None:
         """Cancel open streams and close the channel (unless it was passed in)."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         for stream in list(self._streams):
             stream.close()
-        if self._owns_channel:
+        if self._owns_channel and self._channel is not None:
             self._channel.close()
 
     def __enter__(self) -> AccountingClient:
@@ -273,27 +243,48 @@ class AccountingClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return f"AccountingClient({self.target!r}{', closed' if self._closed else ''})"
-
     # --- plumbing -------------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise EnginetimeError(f"this AccountingClient for {self.target} is closed; create a new one")
-
-    def _unary(self, method, request, timeout: float | None, *, request_id: str | None = None):
+    def _get_stub(self) -> pb_grpc.AccountingServiceStub:
+        """The stub, opening the channel on first use; EnginetimeError once closed."""
         self._check_open()
-        deadline = cv.check_timeout(timeout) if timeout is not None else self.timeout
+        stub = self._stub
+        if stub is None:
+            with self._lock:
+                self._check_open()
+                if self._stub is None:
+                    options = self._channel_options()
+                    if self._credentials is not None:
+                        self._channel = grpc.secure_channel(self.target, self._credentials, options=options)
+                    else:
+                        self._channel = grpc.insecure_channel(self.target, options=options)
+                    self._stub = pb_grpc.AccountingServiceStub(self._channel)
+                stub = self._stub
+        return stub
+
+    def _unary(
+        self, method: str, request: Any, timeout: float | None, *, request_id: str | None = None
+    ) -> Any:
+        rpc = getattr(self._get_stub(), method)
+        deadline = self._unary_deadline(timeout)
         try:
-            return method(request, timeout=deadline, metadata=self._metadata)
+            return rpc(request, timeout=deadline, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise map_rpc_error(exc, target=self.target, request_id=request_id) from exc
 
-    def _open_stream(self, method, request, timeout: float | None):
-        self._check_open()
-        return method(request, timeout=cv.check_timeout(timeout), metadata=self._metadata)
-
-    def _track(self, stream: Stream[T]) -> Stream[T]:
+    def _stream(
+        self,
+        method: str,
+        request: Any,
+        timeout: float | None,
+        convert: Callable[[Any], T],
+        *,
+        request_id: str | None = None,
+        last: Callable[[T], bool] | None = None,
+    ) -> Stream[T]:
+        """Start the server stream ``method`` now and follow it (``close()`` cancels it)."""
+        deadline = self._stream_deadline(timeout)
+        call = getattr(self._get_stub(), method)(request, timeout=deadline, metadata=self._metadata)
+        stream = Stream(call, convert, target=self.target, request_id=request_id, last=last)
         self._streams.add(stream)
         return stream

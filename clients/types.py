@@ -17,6 +17,7 @@ installs and imports with grpcio and protobuf alone.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from enginetime.engine_hooks.constants import Coupling, TimerSource
@@ -71,6 +72,47 @@ class InterferencePhase(enum.IntEnum):
     STARTED = 1
     ONGOING = 2
     ENDED = 3
+
+
+#: Request states as the filters accept them: members, names or numbers, one or several.
+States = Iterable[RequestState | str | int] | RequestState | str
+
+
+def check_shard(shard: int) -> int:
+    """A shard number as the API takes it (a non-negative int); ValueError otherwise."""
+    if isinstance(shard, bool) or not isinstance(shard, int) or shard < 0:
+        raise ValueError(f"shard must be a non-negative int, got {shard!r}")
+    return shard
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFilter:
+    """Which requests ``list_requests``, ``iter_requests`` and ``stream_updates`` cover.
+
+    Every field given must match; the defaults match any request. ``states`` takes
+    members, names (``"running"``, ``"REQUEST_STATE_RUNNING"``) or numbers, one or
+    several; ``shard=0`` is a filter, not "any shard"; ``request_ids`` takes one id
+    or several. Checked when built (a bad value raises ValueError here, not at the
+    call), and stored normalised: ``states`` as a tuple of ``RequestState``,
+    ``request_ids`` as a tuple of str. The methods also take these five fields as
+    keywords; a ``RequestFilter`` is for passing one filter around and reusing it.
+    """
+
+    states: States = ()
+    shard: int | None = None
+    session_id: str = ""
+    engine_id: str = ""
+    request_ids: Iterable[str] = ()
+
+    def __post_init__(self) -> None:
+        states = self.states
+        if isinstance(states, str | RequestState):  # one state given bare
+            states = (states,)
+        object.__setattr__(self, "states", tuple(RequestState.parse(s) for s in states))
+        ids = self.request_ids
+        object.__setattr__(self, "request_ids", (ids,) if isinstance(ids, str) else tuple(ids))
+        if self.shard is not None:
+            check_shard(self.shard)
 
 
 @dataclass(frozen=True, slots=True)

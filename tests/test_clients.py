@@ -30,6 +30,7 @@ from enginetime.clients import (
     EnginetimeError,
     InterferencePhase,
     InvalidArgument,
+    RequestFilter,
     RequestNotFound,
     RequestState,
     SidecarUnavailable,
@@ -488,6 +489,21 @@ def test_sync_get_list_and_shards(server: ServerThread) -> None:
         shards = client.get_shards("eng-a")
         assert [s.shard for s in shards] == [0, 1]
         assert shards[0].current_storm is not None and shards[1].current_storm is None
+
+
+def test_a_request_filter_sends_what_the_five_keywords_send(server: ServerThread) -> None:
+    flt = RequestFilter(states="running", shard=0, request_ids="r2")
+    assert flt.states == (RequestState.RUNNING,) and flt.request_ids == ("r2",)  # normalised when built
+    with AccountingClient(server.target) as client:
+        by_keywords = client.list_requests(states="running", shard=0, request_ids="r2")
+        _, keywords_sent, _ = server.servicer.received[-1]
+        assert client.list_requests(flt) == by_keywords
+        _, filter_sent, _ = server.servicer.received[-1]
+        assert filter_sent == keywords_sent
+        with pytest.raises(ValueError, match="either filter= or the filter keywords"):
+            client.list_requests(flt, shard=1)
+    with pytest.raises(ValueError, match="shard must be a non-negative int"):
+        RequestFilter(shard=-1)
 
 
 def test_sync_watch_ends_at_terminal_and_cancels_the_rpc(server: ServerThread) -> None:
