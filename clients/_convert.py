@@ -239,7 +239,7 @@ def _enum(cls, number: int):
 
 def filter_to_pb(flt: RequestFilter) -> pb.RequestFilter:
     f = pb.RequestFilter(
-        states=[int(s) for s in flt.states],  # type: ignore[union-attr]  # normalised to a tuple
+        states=[int(s) for s in flt.states],  # type: ignore[misc,union-attr]  # a tuple; the .pyi wants enums
         session_id=flt.session_id,
         engine_id=flt.engine_id,
         request_ids=list(flt.request_ids),

@@ -30,10 +30,14 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import _convert as cv
 from .budget import BudgetReason, EngineBudget, EngineBudgetExceeded
 from .types import RequestAccounting, RequestState, ShardStatus
+
+if TYPE_CHECKING:
+    from enginetime.v1 import accounting_pb2 as pb
 
 NS = 1_000_000_000
 
@@ -59,7 +63,7 @@ class Entry:
     owner: object = None
     engine_limit_ns: int | None = None
     #: Latest raw accounting (enginetime.v1.RequestAccounting) and when it arrived (monotonic).
-    msg: object = None
+    msg: pb.RequestAccounting | None = None
     received: float = 0.0
     state: int = _UNSPECIFIED
     #: steps + excluded_steps: grows with every step of the request's shard while it runs.
@@ -225,6 +229,7 @@ class Tracker:
                 engine_ns = m.engine_time_ns or cv._dur_ns(m.engine_time)
                 if engine_ns >= limit:
                     e.fired = True
+                    assert b.engine_time is not None  # engine_limit_ns is set from it
                     fires.append(Fire(e, BudgetReason.ENGINE_TIME, b.engine_time, engine_ns / NS, True))
                     continue
             if state == _QUEUED:
@@ -252,10 +257,13 @@ class Tracker:
             if e.done or e.fired:
                 continue
             b = e.budget
+            # Each kind is armed only when its limit is set.
             if kind == _WALL:
+                assert b.wall is not None
                 e.fired = True
                 out.fires.append(Fire(e, BudgetReason.WALL, b.wall, now - e.started, bool(self.telemetry_up)))
             elif kind == _LIVENESS:
+                assert b.liveness is not None
                 e.live_armed = False
                 if not self.telemetry_up or e.state not in _ADMITTED:
                     continue  # re-armed by the next update that shows it admitted
@@ -267,6 +275,7 @@ class Tracker:
                     e.live_armed = True  # held until confirm_liveness decides
                     out.suspects.append(e)
             elif kind == _QUEUE:
+                assert b.queue is not None
                 e.queue_armed = False
                 if not self.telemetry_up or e.state != _QUEUED or e.msg is None:
                     continue
@@ -298,6 +307,7 @@ class Tracker:
         if e.done or e.fired:
             return None, "done"
         limit = e.budget.liveness
+        assert limit is not None  # suspects come from liveness items, armed only with a limit
         self.stats.liveness_checks += 1
         if shard is None or not shard.connected:
             why = "sidecar did not answer" if shard is None else "recorder disconnected"

@@ -243,6 +243,7 @@ class _GuardBase:
             if fire is not None:
                 fires.append(fire)
             elif why == "recorder disconnected":
+                assert m is not None  # a status was found for its engine and shard
                 self._once(
                     f"disconnected:{m.engine_id}:{m.shard}",
                     logging.WARNING,
@@ -309,7 +310,7 @@ class Watch:
         stack.append(self)
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         with self._lock:
             self._exited = True
             self._blocked.clear()
@@ -758,6 +759,7 @@ class AsyncGuard(_GuardBase):
         entry = self._tracker.add(watch.request_id, now, watch.budget, watch)
         if self.follow == "ids" and self._restart_at is None:
             self._restart_at = now if self._stream is None else now + self.restart_interval
+        assert self._have_entries is not None and self._wake is not None  # made with the loop, above
         self._have_entries.set()
         self._wake.set()
         return entry
@@ -773,9 +775,11 @@ class AsyncGuard(_GuardBase):
         backoff = self.reconnect[0]
         client = self.client
         tracker = self._tracker
+        wake, have_entries = self._wake, self._have_entries
+        assert wake is not None and have_entries is not None  # made before this task (_register)
         while not self._closed:
             if self.follow == "ids":
-                await self._have_entries.wait()
+                await have_entries.wait()
             self._restart_at = None
             stream = self._stream = client._stream(
                 "StreamUpdates", self._stream_request(tracker.ids()), None, _raw
@@ -792,7 +796,7 @@ class AsyncGuard(_GuardBase):
                         )
                     first = False
                     fires = tracker.on_batch(batch.updates, cv._ts_ns(batch.time), now, wall_ns)
-                    self._wake.set()
+                    wake.set()
                     backoff = self.reconnect[0]
                     for fire in fires:
                         self._execute(fire)
@@ -813,16 +817,18 @@ class AsyncGuard(_GuardBase):
 
     async def _timer_loop(self) -> None:
         tracker = self._tracker
+        woken = self._wake
+        assert woken is not None  # made before this task (_register)
         while not self._closed:
             wake = [t for t in (tracker.next_due(), self._restart_at) if t is not None]
-            self._wake.clear()
+            woken.clear()
             delay = min(wake) - time.monotonic() if wake else None
             if delay is None:
-                await self._wake.wait()
+                await woken.wait()
             elif delay > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
-                        await self._wake.wait()
+                        await woken.wait()
             now = time.monotonic()
             due = tracker.due(now)
             if self._restart_at is not None and self._restart_at <= now:

@@ -121,7 +121,7 @@ class CancellableTransport(httpx.HTTPTransport):
         super().__init__(**kwargs)
         pool = getattr(self, "_pool", None)
         backend = getattr(pool, "_network_backend", None)
-        if backend is None:
+        if pool is None or backend is None:
             self.cancellable = False
             log.warning(
                 "CancellableTransport: this httpx/httpcore (%s/%s) has no network backend to wrap; guarded "

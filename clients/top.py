@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import EnginetimeError
-from .sync_client import AccountingClient
+from .sync_client import AccountingClient, Stream
 from .types import InterferenceEvent, RequestAccounting, RequestState, ShardStatus
 
 #: Storm events kept for the "recent storms" panel.
@@ -139,7 +139,7 @@ class Feed:
         self.engine_id = engine_id
         self.events: collections.deque[InterferenceEvent] = collections.deque(maxlen=64)
         self._stop = threading.Event()
-        self._stream = None
+        self._stream: Stream[InterferenceEvent] | None = None
         self._thread = threading.Thread(target=self._follow, name="enginetime-top-events", daemon=True)
 
     def start(self) -> Feed:

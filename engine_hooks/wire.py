@@ -60,7 +60,7 @@ def encode_varint(value: int) -> bytes:
         return _SMALL_VARINTS[value]
     if value < 0 or value > _U64_MAX:
         raise ValueError(f"varint out of range: {value}")
-    out = []
+    out: list[int] = []
     append = out.append
     while value > 0x7F:
         append((value & 0x7F) | 0x80)

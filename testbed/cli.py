@@ -204,6 +204,7 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     server.serve_in_thread()
     host, port = server.server_address[:2]
+    assert isinstance(host, str)  # a TCP server's address: (host, port)
     first = engine.shards[0].hooks
     hooks = "off" if first is None else first.recorder.address
     print(

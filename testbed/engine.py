@@ -152,7 +152,7 @@ class Shard:
                 cfg.engine_id,
                 index,
                 cfg.num_shards,
-                cfg.coupling,
+                Coupling.parse(cfg.coupling),  # a Coupling already (__post_init__); typed for the checker
                 address=cfg.ingest,
                 timer="cuda" if engine.cuda else "cpu",
             )
@@ -235,7 +235,7 @@ class Shard:
             if self.sched.remove(req, "abort", "aborted by /abort_request"):
                 self._release(req, aborted=True)
 
-    def _forward(self, plan: Plan) -> list[int | None]:
+    def _forward(self, plan: Plan) -> list[int]:
         sched = self.sched
         # greedy() ends in .tolist(): the engine needs the tokens now (on CUDA, a stream sync
         # before the lockstep barrier, as a real collective would wait for the GPU).
@@ -594,7 +594,7 @@ class Engine:
             "engine": "enginetime-testbed",
             "engine_id": cfg.engine_id,
             "dp_size": cfg.num_shards,
-            "coupling": cfg.coupling.name.lower(),
+            "coupling": Coupling.parse(cfg.coupling).name.lower(),
             "policy": cfg.policy,
             "chunked_prefill_size": cfg.chunk_size,
             "max_running_requests": cfg.max_running_requests,

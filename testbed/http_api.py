@@ -265,6 +265,7 @@ class EngineHTTPServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        assert isinstance(host, str)  # a TCP server's address: (host, port)
         return f"http://{host}:{port}"
 
     def serve_in_thread(self) -> EngineHTTPServer:

@@ -22,6 +22,7 @@ import enum
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +71,12 @@ class Request:
     max_gap_s: float = 0.0  # longest time between two consecutive steps that included it
     abort_requested: bool = False
     done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def cache(self) -> KVCache:
+        """The KV cache, which every admitted request (every one in a step) holds."""
+        assert self.kv is not None, f"request {self.rid} has no KV cache: it was never admitted"
+        return self.kv
 
     @property
     def prompt_tokens(self) -> int:
@@ -268,13 +275,13 @@ class Scheduler:
                 plan.kind = StepKind.PREFILL
                 return plan
             for req in self.running:
-                plan.entries.append(Entry(req, 0, 1, req.kv.length))
+                plan.entries.append(Entry(req, 0, 1, req.cache.length))
             if plan.entries:
                 plan.kind = StepKind.DECODE
             return plan
         # mixed: decodes first, then prefill chunks in what is left of the budget
         for req in self.running:
-            plan.entries.append(Entry(req, 0, 1, req.kv.length))
+            plan.entries.append(Entry(req, 0, 1, req.cache.length))
         n_dec = len(plan.entries)
         if self.waiting:
             self._prefill_entries(self.chunk_size - n_dec, plan)
@@ -295,12 +302,12 @@ class Scheduler:
             req = e.req
             if e.prefill_tokens:
                 start = req.prefilled
-                items.append(ForwardItem(req.kv, req.input_ids[start : start + e.prefill_tokens]))
+                items.append(ForwardItem(req.cache, req.input_ids[start : start + e.prefill_tokens]))
             else:
-                items.append(ForwardItem(req.kv, [req.output_ids[-1]]))
+                items.append(ForwardItem(req.cache, [req.output_ids[-1]]))
         return items
 
-    def complete(self, plan: Plan, next_tokens: list[int | None]) -> list[Request]:
+    def complete(self, plan: Plan, next_tokens: Sequence[int | None]) -> list[Request]:
         """Apply a step's sampled tokens; returns the requests that finished in it."""
         finished: list[Request] = []
         for e, tok in zip(plan.entries, next_tokens, strict=True):
@@ -313,6 +320,7 @@ class Scheduler:
                 if req.max_new_tokens == 0:
                     self._finish(req, "length", finished)
                     continue
+                assert tok is not None  # the prompt's last chunk samples a token
                 req.output_ids.append(int(tok))
                 if len(req.output_ids) >= req.max_new_tokens:
                     self._finish(req, "length", finished)
@@ -320,6 +328,7 @@ class Scheduler:
                     req.status = Status.DECODE
                     self.running.append(req)
             else:
+                assert tok is not None  # a decode entry samples a token
                 req.output_ids.append(int(tok))
                 if len(req.output_ids) >= req.max_new_tokens:
                     self.running.remove(req)

@@ -153,6 +153,7 @@ class SessionServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        assert isinstance(host, str)  # a TCP server's address: (host, port)
         return f"http://{host}:{port}"
 
     def start(self) -> SessionServer:

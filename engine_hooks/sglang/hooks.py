@@ -284,6 +284,9 @@ class SGLangAdapter:
         return read, rec.step_begin(stream)
 
     def after_run(self, scheduler: Any, batch: Any, result: Any, pre: tuple[StepRead, Any]) -> None:
+        rec = self.recorder
+        if rec is None:  # never: ``pre`` came from begin(), which needs the recorder
+            return
         read, token = pre
         global_step = getattr(batch, "forward_iter", None)
         if not isinstance(global_step, int):
@@ -293,22 +296,25 @@ class SGLangAdapter:
             # Sampling launches later (launch_batch_sample_if_needed): stop the clock there.
             old = self.pending.pop(id(result), None)
             if old is not None:
-                self._emit(old.read, self.recorder.step_stop(old.token), old.global_step, batch)
+                self._emit(old.read, rec.step_stop(old.token), old.global_step, batch)
             self.pending[id(result)] = _Pending(result, token, read, global_step)
             if len(self.pending) > _MAX_PENDING:
                 stale = self.pending.pop(next(iter(self.pending)))
                 self.guard.report("delayed sample never launched", "recording the step without it")
-                self._emit(stale.read, self.recorder.step_stop(stale.token), stale.global_step, batch)
+                self._emit(stale.read, rec.step_stop(stale.token), stale.global_step, batch)
             return
-        self._emit(read, self.recorder.step_stop(token), global_step, batch)
+        self._emit(read, rec.step_stop(token), global_step, batch)
 
     def after_sample(self, batch_result: Any) -> None:
         pending = self.pending.pop(id(batch_result), None)
-        if pending is not None and pending.result is batch_result:
-            self._emit(pending.read, self.recorder.step_stop(pending.token), pending.global_step, None)
+        rec = self.recorder
+        if pending is not None and pending.result is batch_result and rec is not None:
+            self._emit(pending.read, rec.step_stop(pending.token), pending.global_step, None)
 
     def _emit(self, read: StepRead, stopped: Any, global_step: int | None, batch: Any) -> None:
         rec = self.recorder
+        if rec is None:  # never: a step was begun
+            return
         handles = read.handles
         rec.step_end(
             stopped,
@@ -444,15 +450,16 @@ def around_abort_request(original: Any, self: Any, recv_req: Any, *args: Any, **
         except Exception as exc:
             ad.guard.report("sglang abort_request hook", exc)
     out = original(self, recv_req, *args, **kwargs)
-    if waiting:
+    if waiting and ad is not None:
+        adapter = ad  # (a closure does not see the narrowing of ``ad``)
 
         def gone() -> None:
             still = {id(r) for r in self.waiting_queue}
             for req in waiting:
                 if id(req) not in still:
-                    ad.terminal(req, aborted=True)
+                    adapter.terminal(req, aborted=True)
 
-        ad.guard.call("sglang abort_request hook", gone)
+        adapter.guard.call("sglang abort_request hook", gone)
     return out
 
 

@@ -57,7 +57,7 @@ def run_scheduler_process(*args: Any, **kwargs: Any) -> Any:
 
 def run_data_parallel_controller_process(*args: Any, **kwargs: Any) -> Any:
     """Spawn target: the DP controller spawns the schedulers; redirect its target first."""
-    dpc = importlib.import_module(DPC_MODULE)
+    dpc: Any = importlib.import_module(DPC_MODULE)
     original = dpc.run_data_parallel_controller_process
     dpc.run_scheduler_process = _self().run_scheduler_process
     return original(*args, **kwargs)

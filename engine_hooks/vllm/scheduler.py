@@ -53,8 +53,9 @@ class EngineTimeMixin:
     def add_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         result = super().add_request(request, *args, **kwargs)  # type: ignore[misc]
         et = self._enginetime
-        if et is not None:
-            et.on_add_request(getattr(request, "request_id", None))
+        rid = getattr(request, "request_id", None)
+        if et is not None and isinstance(rid, str):
+            et.on_add_request(rid)
         return result
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:

@@ -188,7 +188,7 @@ def _execute_model(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def _sample_tokens(original: Callable[..., Any]) -> Callable[..., Any]:
     def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
-        pending = self.__dict__.pop("_enginetime_pending", None) if hasattr(self, "__dict__") else None
+        pending: Any = self.__dict__.pop("_enginetime_pending", None) if hasattr(self, "__dict__") else None
         rec = recording.active() if pending is not None else None
         try:
             out = original(self, *args, **kwargs)
