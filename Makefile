@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint proto bench clean
+.PHONY: venv test demo lint typecheck proto bench clean
 
 # torch==2.13.0 first: pip takes the CPU build on disk instead of a CUDA download.
 $(STAMP): pyproject.toml
@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m ruff check .
+# make test runs the lint steps first: a type error fails fast, before the suite.
+test: lint
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
@@ -25,6 +25,13 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) scripts/typecheck.py
+
+# mypy through scripts/typecheck.py: it maps the package-dir folders (sidecar/ ->
+# enginetime.sidecar, ...) into build/typecheck/ so imports of enginetime.* resolve to the files.
+typecheck: $(STAMP)
+	$(PY) scripts/typecheck.py
 
 proto: $(STAMP)
 	PYTHON=$(abspath $(PY)) scripts/gen_proto.sh

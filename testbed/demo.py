@@ -36,12 +36,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import httpx
 
 from .engine import Engine, EngineConfig, StepLog
 from .http_api import EngineHTTPServer
 from .model import ModelConfig
+from .scheduler import Request
 from .sessions import SessionDriver
 
 READY_PREFIX = "enginetime sidecar ready "
@@ -326,7 +328,7 @@ class Scenario:
         for t in threads:
             t.start()
         eng = self.engine
-        reqs: dict[str, object] = {}
+        reqs: dict[str, Request] = {}
 
         def decoding(n: int) -> bool:
             for rid, _ in specs:
@@ -501,14 +503,16 @@ class Scenario:
 
         # ---- sidecar accounting
         deadline = time.monotonic() + 20
-        victims, neighbour = [], None
+        victims: list[dict | None] = []
+        neighbour: dict | None = None
         for rid, shard in run["specs"]:
             row = self.victim_row(rid, shard, reqs[rid], storm_window, deadline)
             if rid.endswith("neighbour"):
                 neighbour = row
             else:
                 victims.append(row)
-        base_rows, base_neighbour = [], None
+        base_rows: list[dict | None] = []
+        base_neighbour: dict | None = None
         if baseline is not None:
             for rid, shard in baseline["specs"]:
                 row = self.victim_row(rid, shard, baseline["reqs"][rid], None, deadline)
@@ -553,7 +557,7 @@ class Scenario:
             ],
         }
 
-        report = {
+        report: dict[str, Any] = {
             "config": {
                 "shards": cfg.shards,
                 "coupling": cfg.coupling,
@@ -646,7 +650,7 @@ class Scenario:
             f"tokens) through a {budget_s:.2f} s read timeout and through the engine-time guard "
             f"({budget_s:.2f} s of engine time); session-long turn 3 migrates to shard {storm_shard}"
         )
-        reqs: dict[str, object] = {}
+        reqs: dict[str, Request] = {}
         threads = [threading.Thread(target=send, args=(rid,)) for rid in trajs]
         try:
             for t in threads:
@@ -700,7 +704,7 @@ class Scenario:
             for rid, tr in trajs.items():
                 if tr.policy != policy:
                     continue
-                ans = answers.get(rid)
+                ans = answers[rid]
                 if isinstance(ans, BaseException):
                     raise RuntimeError(f"{rid}: the session server failed: {ans!r}")
                 req = reqs.get(rid)
@@ -729,7 +733,7 @@ class Scenario:
         return out
 
 
-def _timeouts(victims: list[dict], baseline: list[dict], factor: float) -> dict:
+def _timeouts(victims: list[dict | None], baseline: list[dict | None], factor: float) -> dict:
     """What a wall-clock timeout kills versus an engine-time budget of the same length."""
     walls = [v["wall_s"] for v in baseline if v and v.get("wall_s") is not None]
     if not walls:
@@ -801,7 +805,7 @@ def run_demo(
 
     say = say or (lambda _msg: None)
     own_sidecar = sidecar is None
-    if own_sidecar:
+    if sidecar is None:
         say("starting the sidecar")
         extra = ("--otlp-endpoint", cfg.otlp_endpoint) if cfg.otlp_endpoint else ()
         sidecar = SidecarProcess(*extra)
