@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from enginetime.engine_hooks.constants import DEFAULT_GRPC_ADDRESS
 from enginetime.v1 import accounting_pb2 as pb
 
 from .types import (
@@ -37,7 +38,7 @@ from .types import (
 NS_PER_S = 1_000_000_000
 
 #: Where ``enginetime sidecar`` serves gRPC when not told otherwise.
-DEFAULT_TARGET = "127.0.0.1:50151"
+DEFAULT_TARGET = DEFAULT_GRPC_ADDRESS
 
 #: A StreamUpdates batch for a big proxy can hold thousands of requests; grpc's
 #: 4 MiB default receive limit would cut such a stream off with a confusing error.

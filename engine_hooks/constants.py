@@ -18,6 +18,10 @@ HOOKS_VERSION = "0.1.0"
 DEFAULT_INGEST_ADDRESS = "unix:/tmp/enginetime/ingest.sock"
 INGEST_ENV = "ENGINETIME_INGEST"
 
+#: Where the sidecar serves gRPC and clients look for it when nothing else is said
+#: (loopback only; ``enginetime sidecar --listen`` changes it).
+DEFAULT_GRPC_ADDRESS = "127.0.0.1:50151"
+
 #: Largest frame the sidecar accepts; hooks never produce one this big
 #: (a 4096-entry step is ~64 KiB).
 MAX_FRAME_BYTES = 4 * 1024 * 1024

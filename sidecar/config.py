@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, ingest_address
+from enginetime.engine_hooks.constants import DEFAULT_GRPC_ADDRESS, MAX_FRAME_BYTES, ingest_address
 
 #: Where gRPC is served unless told otherwise (loopback only).
-DEFAULT_LISTEN = "127.0.0.1:50151"
+DEFAULT_LISTEN = DEFAULT_GRPC_ADDRESS
 #: Blame on one aggressor (seconds) that earns a victim's span a link to the aggressor's span.
 DEFAULT_LINK_THRESHOLD_S = 0.5
 
