@@ -44,7 +44,7 @@ class Stream(Generic[T]):
 
     def __init__(
         self,
-        call: grpc.Call,
+        call: Any,  # the RPC: a grpc.Call that iterates its messages
         convert: Callable[[Any], T],
         *,
         target: str,
