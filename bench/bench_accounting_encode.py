@@ -24,12 +24,12 @@ import numpy as np
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION, Coupling, EventKind, StepKind
 from enginetime.sidecar.api import convert
 from enginetime.sidecar.ingest.records import Event, Hello, Step
-from enginetime.sidecar.ledger import accounting_wire
 from enginetime.sidecar.ledger.ledger import Ledger, LedgerConfig
+from enginetime.sidecar.ledger.views import RequestQuery
 
 
 def build(requests: int, shards: int) -> Ledger:
-    ledger = Ledger(LedgerConfig(max_requests=max(100_000, 2 * requests)))
+    ledger = Ledger(LedgerConfig(max_requests=max(LedgerConfig.max_requests, 2 * requests)))
     per = requests // shards
     t = time.time_ns()
     for k in range(shards):
@@ -65,8 +65,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args()
     ledger = build(args.requests, args.shards)
-    ids = [r.request_id for r in ledger._reqs if r is not None]
-    slots = np.array([ledger._by_id[r].slot for r in ids], dtype=np.int64)
+    slots = np.sort(ledger.select(RequestQuery()))  # every request, in slot (creation) order
+    ids = ledger.ids_of(slots)
     n = len(ids)
 
     def view_proto() -> None:
@@ -74,7 +74,7 @@ def main() -> int:
             convert.request_to_proto(ledger.get(rid)).SerializeToString()
 
     def vectorised() -> None:
-        accounting_wire.encode(ledger, slots, ledger._clock())
+        ledger.encode(slots)  # accounting_wire.encode at the ledger's clock
 
     vectorised()  # first use encodes and caches the event-only fields, as the first publish does
     times: dict[str, list[float]] = {"view+proto": [], "vectorised": []}

@@ -283,10 +283,6 @@ def merge_filter(
     return flt
 
 
-def _shard(shard: int) -> int:
-    return check_shard(shard)
-
-
 def list_requests_request(
     flt: RequestFilter | None = None, *, page_size: int, page_token: str
 ) -> pb.ListRequestsRequest:
@@ -314,7 +310,7 @@ def stream_interference_request(
 ) -> pb.StreamInterferenceRequest:
     r = pb.StreamInterferenceRequest(engine_id=engine_id)
     if shard is not None:
-        r.shard = _shard(shard)
+        r.shard = check_shard(shard)
     if min_stall is not None:
         r.min_stall.CopyFrom(duration_from_seconds(min_stall, "min_stall"))
     return r
