@@ -1,6 +1,7 @@
 """The ledger: where attribution happens.
 
-``ledger`` is the entry point (:class:`Ledger`, :class:`LedgerConfig`); it joins
+``ledger`` is the entry point (:class:`Ledger`; its :class:`LedgerConfig` is defined
+with the sidecar's other settings in ``enginetime.sidecar.config``); it joins
 lockstep steps (``join``), predicts step costs (``costmodel``), divides each step's
 device time among its entries (``attribution``), keeps requests in a bounded store of
 slots and columns (``store``), tracks shards and engines (``shards``), storms
