@@ -13,7 +13,10 @@ Two kinds of figures:
   single-threaded, so a scrape (on prometheus_client's HTTP thread) asks the
   event loop for a snapshot and waits for it (``snapshot_timeout_s``; the last
   snapshot is served if the loop does not answer in time). A scrape costs the
-  loop one pass over the shards, nothing between scrapes.
+  loop one pass over the shards, nothing between scrapes. The snapshot holds
+  copies of the counter dataclasses themselves (``LedgerCounters``,
+  ``IngestCounters``, ``SpanCounters``), so a renamed counter fails the type
+  check instead of exporting 0.
 
 Names follow the Prometheus conventions: ``enginetime_`` prefix, base units in
 the name (``_seconds``), ``_total`` for counters, ``_ratio`` for fractions.
