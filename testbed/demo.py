@@ -966,19 +966,34 @@ def _render_policies(pol: dict) -> list[str]:
             f"  {name:<10} {row['tokens']:>6}   {cell(row.get('wall_clock')):<48} "
             f"{cell(row.get('engine_time'))}"
         )
+    lines += _policy_verdict(pol, n=len(rows))
+    return lines
+
+
+def _policy_verdict(pol: dict, n: int) -> list[str]:
+    """Two sentences computed from who each session server killed (names, not a fixed story)."""
+
+    def short(r: dict) -> str:
+        return r["request_id"].split("-", 1)[1]
+
     wk, gk = pol["wall_clock"]["killed"], pol["engine_time"]["killed"]
-    n = len(rows)
-    wall_lost = sum(r["output_tokens"] for r in wk)
-    guard_text = f": {', '.join(r['request_id'] for r in gk)}, over budget on its own work" if gk else ""
     survived = [r["max_new_tokens"] for r in pol["wall_clock"]["completed"]]
     longest = bool(wk) and min(r["max_new_tokens"] for r in wk) > max(survived, default=0)
-    which = ", the longest ones" if longest else ""
-    lines.append(
-        f"  the read timeout killed {len(wk)}/{n} trajectories{which} "
-        f"({wall_lost} tokens of work thrown away);"
-    )
-    lines.append(f"  the engine-time guard killed {len(gk)}/{n}{guard_text}.")
-    return lines
+    guard_killed = {short(r) for r in gk}
+    spared = [short(r) for r in wk if short(r) not in guard_killed]
+    wall_text = f"  the read timeout killed {len(wk)}/{n} trajectories"
+    if wk:
+        which = f": the {len(wk)} longest" if longest and len(wk) > 1 else ""
+        lost = sum(r["output_tokens"] for r in wk)
+        wall_text += f" ({', '.join(short(r) for r in wk)}{which}), {lost} tokens of work thrown away in total"
+    guard_text = f"  the engine-time guard killed {len(gk)}/{n}"
+    if gk:
+        guard_text += f" ({', '.join(short(r) for r in gk)}), over budget on its own work"
+    if spared:
+        guard_text += f"; it let {', '.join(spared)} finish"
+    elif wk and guard_killed:
+        guard_text += "; the read timeout killed no other"
+    return [wall_text + ";", guard_text + "."]
 
 
 def main(args: argparse.Namespace) -> int:
