@@ -985,7 +985,9 @@ def _policy_verdict(pol: dict, n: int) -> list[str]:
     if wk:
         which = f": the {len(wk)} longest" if longest and len(wk) > 1 else ""
         lost = sum(r["output_tokens"] for r in wk)
-        wall_text += f" ({', '.join(short(r) for r in wk)}{which}), {lost} tokens of work thrown away in total"
+        wall_text += (
+            f" ({', '.join(short(r) for r in wk)}{which}), {lost} tokens of work thrown away in total"
+        )
     guard_text = f"  the engine-time guard killed {len(gk)}/{n}"
     if gk:
         guard_text += f" ({', '.join(short(r) for r in gk)}), over budget on its own work"
