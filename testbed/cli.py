@@ -174,7 +174,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--victims", type=_positive, default=6, help="decoding victims on shards 0..N-2 (default 6)"
     )
-    demo.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    demo.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object instead of the report: config, shards [{shard, role, decode_tok_s "
+        "{before, during, after}}], storm {request_id, shard, prompt/prefill/cached tokens, chunks, "
+        "prefill_s, wall_s, engine_time_s, gpu_time_s, ...}, victims and neighbour [{request_id, shard, "
+        "wall_s, queue_s, engine_time_s, gpu_time_s, interference_s, other_s, blame [...]}], baseline "
+        "(the same without the storm), timeouts, policies (the two session servers), summary, timeline "
+        "(decode tok/s per shard over time), elapsed_s. Seconds are floats",
+    )
+    demo.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        default=None,
+        help="also draw the incident with matplotlib: per-shard decode tok/s over time with the storm "
+        "shaded, and each victim's wall split into queue / engine_time / interference / other beside "
+        "its no-storm run",
+    )
     demo.add_argument("--otlp-endpoint", default=None, help="passed to the sidecar (--otlp-endpoint)")
     demo.add_argument("--no-baseline", action="store_true", help="skip the run without the storm")
     demo.set_defaults(func=_demo)

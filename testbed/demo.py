@@ -223,6 +223,21 @@ def decode_rate(steps: list[StepLog], window: Window, active_until: float) -> fl
     return tokens / span
 
 
+def _timeline(logs: list[list[StepLog]], t0: float, t1: float, bins: int = 40) -> dict:
+    """Decode tok/s of each shard over time (``--plot``): the victims' run, in at most ``bins`` bins
+    (at least 0.2 s each, so a lockstep step's burst of tokens does not read as a spike)."""
+    width = max((t1 - t0) / bins, 0.2)
+    n = max(1, math.ceil((t1 - t0) / width))
+    rates = []
+    for steps in logs:
+        tokens = [0] * n
+        for s in steps:
+            if t0 < s.end <= t1 and s.decoded:
+                tokens[min(n - 1, int((s.end - t0) / width))] += s.decoded
+        rates.append([round(x / width, 1) for x in tokens])
+    return {"bin_s": round(width, 4), "t0_s": [round(i * width, 3) for i in range(n)], "decode_tok_s": rates}
+
+
 def _blame(acct) -> list[dict]:
     return [
         {
@@ -499,6 +514,12 @@ class Scenario:
                 }
             )
 
+        first_arrival = min(r.arrival_perf for r in reqs.values())
+        timeline = _timeline([eng.step_log(k) for k in range(cfg.shards)], first_arrival, last_finish)
+        storm_span = (storm_window.start - first_arrival, storm_window.end - first_arrival)
+        timeline["storm"] = [_r(x, 3) for x in storm_span]
+        timeline["storm_shard"] = self.storm_shard
+
         # ---- sidecar accounting
         deadline = time.monotonic() + 20
         victims, neighbour = [], None
@@ -573,6 +594,7 @@ class Scenario:
             "victims": victims,
             "neighbour": neighbour,
             "session": session_row,
+            "timeline": timeline,
         }
         if baseline is not None:
             report["baseline"] = {"victims": base_rows, "neighbour": base_neighbour}
@@ -1008,6 +1030,18 @@ def main(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
+    plot = getattr(args, "plot", None)
+    if plot:
+        from .plot import check_available
+
+        try:
+            check_available()
+        except ImportError as exc:
+            print(f"enginetime demo: {exc}", file=sys.stderr)
+            return 2
+        if args.no_baseline:
+            say("--plot with --no-baseline: the picture has no no-storm bars to compare with")
+
     try:
         report = run_demo(cfg, say)
     except Exception as exc:
@@ -1017,6 +1051,11 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         print(render(report))
+    if plot:
+        from .plot import plot_report
+
+        plot_report(report, plot)
+        say(f"wrote the picture to {plot}")
     return 0
 
 
