@@ -375,7 +375,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "shard, its prefill, the victims' shards, count and summed stall. Runs until Ctrl-C, --count or "
         "--duration.",
     )
-    events.add_argument("--engine-id", default="")
+    events.add_argument("--engine-id", default="", help="only this engine's storms (default: every engine)")
     events.add_argument("--shard", type=int, default=None, help="storms on, or stalling, this shard")
     events.add_argument(
         "--min-stall",
@@ -402,9 +402,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         help="queued, running, preempted, finished or aborted (repeatable)",
     )
-    reqs.add_argument("--shard", type=int, default=None)
+    reqs.add_argument("--shard", type=int, default=None, help="only requests on this shard")
     reqs.add_argument("--session", default=None, help="only this session id")
-    reqs.add_argument("--engine-id", default="")
+    reqs.add_argument("--engine-id", default="", help="only this engine's requests (default: every engine)")
     reqs.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     _json_flag(reqs, "requests")
     reqs.set_defaults(func=_guarded("requests", cmd_requests))

@@ -384,3 +384,23 @@ def test_unreachable_sidecar_gives_a_clear_error(args):
 def test_unknown_request_is_a_clear_error(world):
     out = et("get", "no-such-request", "--sidecar", world["target"])
     assert out.returncode == 4 and "no-such-request" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_every_flag_of_every_command_has_help():
+    """A newcomer reading `--help` learns what each flag does (no bare `--vocab VOCAB`)."""
+    import argparse
+
+    from enginetime.cli import build_parser
+
+    bare: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif action.option_strings and not action.help and action.dest != "help":
+                bare.append(f"{path} {action.option_strings[-1]}")
+
+    walk(build_parser(), "enginetime")
+    assert not bare, bare
