@@ -26,7 +26,8 @@ folder on PYTHONPATH and the engine's own plugin loaders find our entry points
 exactly as they would after ``pip install enginetime``, while every edit to the
 source is live (nothing to rebuild).
 
-Run ``python tests/engine_envs.py vllm sglang sglang-0.5.4`` to build ahead of a test run.
+Run ``python tests/engine_envs.py vllm sglang sglang-0.5.4 phoenix`` to build ahead of a test run
+(``phoenix``: Arize Phoenix, the trace backend tests/test_tracing.py and tests/test_trace_ui.py use).
 """
 
 from __future__ import annotations
