@@ -206,7 +206,8 @@ def render(snap: Snapshot, width: int = 120, height: int | None = None) -> list[
         total = st.prompt_tokens or st.prefill_tokens
         pct = f" ({100 * st.prefill_tokens / total:.0f}%)" if total else ""
         last = latest.get(key)
-        on = f" on shards {','.join(str(k) for k in last.victims.shards)}" if last and last.victims.shards else ""
+        shards_hit = ",".join(str(k) for k in last.victims.shards) if last else ""
+        on = f" on shards {shards_hit}" if shards_hit else ""
         storm_lines += _wrap(
             f"  {s.engine_id} shard {st.shard}: {st.request_id}  prefill {st.prefill_tokens}/{total} tokens"
             f"{pct} in {st.chunks} chunks, running {now - st.start_time:.1f} s; "
