@@ -142,7 +142,7 @@ def _shard_columns(shards: Sequence[ShardStatus], now: float) -> list[Column]:
         Column("ACTIVE", 6, 2, lambda s: str(s.active_requests)),
         Column("QUEUED", 6, 3, lambda s: str(s.queued_requests)),
         Column("STEPS", 8, 6, lambda s: str(s.steps)),
-        Column(" LAST STEP", 12, 5, lambda s: _ago(s.last_step_time, now), left=True),
+        Column("LAST STEP", 12, 5, lambda s: _ago(s.last_step_time, now), left=True),
         Column("KIND", 10, 8, lambda s: s.engine_kind, left=True),
         Column("DEVICE", 14, 9, lambda s: s.device_name, left=True),
         Column("LINK", 4, 4, link, flex=True),
