@@ -404,3 +404,19 @@ def test_every_flag_of_every_command_has_help():
 
     walk(build_parser(), "enginetime")
     assert not bare, bare
+
+
+def test_prefix_cache_hits_reach_the_accounting(world):
+    """The testbed reports cache hits when it admits a request (SCHEDULED): the sidecar must count
+    them, so prompt = cached + prefilled (a newcomer saw cached 0 for every request)."""
+    eng, client = world["engine"], world["client"]
+    prompt = list(range(64)) + [(3 * i) % 1024 for i in range(64)]  # the victim's 64 tokens, then new ones
+    req = eng.generate(prompt, 2, rid="cli-cached", routed_shard=0, timeout=60)
+    eng.flush_hooks(5)
+    assert req.cached_tokens > 0, "the testbed's own prefix cache did not hit: nothing to check"
+    acct = wait_until(lambda: (a := client.get_request("cli-cached")).terminal and a, 10)
+    assert acct.tokens.prompt == len(prompt)
+    assert acct.tokens.cached == req.cached_tokens
+    assert acct.tokens.prompt == acct.tokens.cached + acct.tokens.prefilled
+    out = json.loads(et("get", "cli-cached", "--sidecar", world["target"], "--json").stdout)
+    assert out["tokens"]["cached"] == req.cached_tokens
