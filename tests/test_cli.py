@@ -420,3 +420,23 @@ def test_prefix_cache_hits_reach_the_accounting(world):
     assert acct.tokens.prompt == acct.tokens.cached + acct.tokens.prefilled
     out = json.loads(et("get", "cli-cached", "--sidecar", world["target"], "--json").stdout)
     assert out["tokens"]["cached"] == req.cached_tokens
+
+
+def test_a_lockstep_shard_stepping_idle_is_not_busy(world):
+    """Shard 1 has nothing to run while shard 0 decodes: it steps IDLE (waiting for its peer), which
+    `top` must not show as busy (it read 97 %)."""
+    eng, client = world["engine"], world["client"]
+    req = eng.submit([(7 * i) % 1024 for i in range(32)], 16_000, rid="cli-busy", routed_shard=0)
+    try:
+        assert eng.wait_until(lambda: len(req.output_ids) >= 4, 30)
+        time.sleep(2.5)  # the 2 s rate window now holds only this decode and shard 1's IDLE steps
+
+        def both():
+            shards = {s.shard: s for s in client.get_shards("cli-tb")}
+            return shards if shards[0].busy_fraction > 0 else None
+
+        shards = wait_until(both, 10)
+    finally:
+        eng.abort("cli-busy")
+    assert shards[0].busy_fraction > 0.2 and shards[0].decode_tokens_per_second > 0, shards[0]
+    assert shards[1].busy_fraction == 0.0 and shards[1].steps > 0, shards[1]
