@@ -1054,7 +1054,11 @@ def main(args: argparse.Namespace) -> int:
     if plot:
         from .plot import plot_report
 
-        plot_report(report, plot)
+        try:
+            plot_report(report, plot)
+        except (OSError, ValueError) as exc:  # an unwritable path, an unknown image format
+            print(f"enginetime demo: could not write the picture to {plot}: {exc}", file=sys.stderr)
+            return 1
         say(f"wrote the picture to {plot}")
     return 0
 
