@@ -111,7 +111,7 @@ def format_event(ev: InterferenceEvent) -> str:
         f"{_clock(ev.end_time or ev.start_time)}  {ev.phase.name:<8} storm {ev.aggressor_request_id}"
         + (f" (session {ev.aggressor_session_id})" if ev.aggressor_session_id else "")
         + f" on {ev.engine_id} shard {ev.aggressor_shard}: {ev.prefill_tokens} tokens in {ev.chunks} chunks; "
-        f"{ev.victims.request_count} victims on shards {victims} lost {ev.victims.seconds:.3f} s"
+        f"{ev.victims.request_count} victims on shards {victims} lost {ev.victims.seconds:.3f} s in total"
         + (" (cross-shard)" if ev.cross_shard else "")
     )
 
@@ -283,8 +283,38 @@ def _common() -> argparse.ArgumentParser:
         help=f"the sidecar's gRPC address. Default: ${SIDECAR_ENV} if set, else {DEFAULT_TARGET}",
     )
     g.add_argument("--timeout", type=_positive, default=5.0, help="seconds per call (default 5)")
-    p.add_argument("--json", action="store_true", help="machine-readable output (see `enginetime --help`)")
     return p
+
+
+#: What each command's --json prints. Field names are those of enginetime.clients.types;
+#: durations as float seconds plus exact integer *_ns twins, times as epoch seconds (+ *_ns),
+#: enums as lower-case names, absent values as null.
+_REQUEST_FIELDS = (
+    "a RequestAccounting object: request_id, session_id, engine_id, shard, state, arrival(_ns), "
+    "queue_time(_ns), engine_time(_ns), gpu_time(_ns), interference(_ns), wall(_ns), other(_ns), "
+    "tokens {prompt, cached, prefilled, decoded}, steps, excluded_steps, preemptions, "
+    "top_blame [{request_id, engine_id, shard, seconds(_ns), same_shard}], partial, last_step_time(_ns), "
+    "migrated, finish_time(_ns), finish_reason, routed_shard, traceparent"
+)
+JSON_HELP = {
+    "get": f"print one JSON object: {_REQUEST_FIELDS}. Seconds are floats, *_ns exact integers",
+    "watch": "print one JSON object per line (JSON Lines) per update, each the same RequestAccounting "
+    "object as `get --json`",
+    "requests": "print one JSON array of RequestAccounting objects (as `get --json`), newest arrival first",
+    "events": "print one JSON object per line (JSON Lines) per event: phase (started|ongoing|ended), "
+    "engine_id, aggressor_request_id, aggressor_shard, aggressor_session_id, prefill_tokens, chunks, "
+    "victims {shards, request_count, seconds(_ns): the victims' lost time summed}, start_time(_ns), "
+    "end_time(_ns) (null until ended), cross_shard",
+    "top": "print one JSON object and exit: target, time (epoch s), shards [ShardStatus: engine_id, shard, "
+    "coupling, decode_tokens_per_second, prefill_tokens_per_second, busy_fraction, active_requests, "
+    "queued_requests, current_storm {request_id, shard, prefill_tokens, prompt_tokens, chunks, "
+    "start_time(_ns), stall(_ns): summed over victims} or null, last_step_time(_ns), steps, connected, "
+    "dropped_frames, engine_kind, device_name, timer_source], running [RequestAccounting as `get --json`]",
+}
+
+
+def _json_flag(p: argparse.ArgumentParser, command: str) -> None:
+    p.add_argument("--json", action="store_true", help=JSON_HELP[command])
 
 
 def _state(value: str) -> RequestState:
@@ -309,6 +339,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     top.add_argument("--interval", type=_positive, default=1.0, help="seconds between refreshes (default 1)")
     top.add_argument("--engine-id", default="", help="only this engine's shards")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
+    _json_flag(top, "top")
     top.set_defaults(func=_guarded("top", cmd_top))
 
     get = subparsers.add_parser(
@@ -321,6 +352,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     get.add_argument(
         "request_id", metavar="RID", help="the id the engine knows (SGLang rid, vLLM request id)"
     )
+    _json_flag(get, "get")
     get.set_defaults(func=_guarded("get", cmd_get))
 
     watch = subparsers.add_parser(
@@ -332,6 +364,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     watch.add_argument("request_id", metavar="RID")
     watch.add_argument("--interval", type=_positive, default=0.5, help="at most one update per this many s")
+    _json_flag(watch, "watch")
     watch.set_defaults(func=_guarded("watch", cmd_watch))
 
     events = subparsers.add_parser(
@@ -342,7 +375,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "shard, its prefill, the victims' shards, count and summed stall. Runs until Ctrl-C, --count or "
         "--duration.",
     )
-    events.add_argument("--engine-id", default="")
+    events.add_argument("--engine-id", default="", help="only this engine's storms (default: every engine)")
     events.add_argument("--shard", type=int, default=None, help="storms on, or stalling, this shard")
     events.add_argument(
         "--min-stall",
@@ -353,6 +386,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     events.add_argument("--count", type=int, default=None, help="exit after this many events")
     events.add_argument("--duration", type=_positive, default=None, help="exit after this many seconds")
+    _json_flag(events, "events")
     events.set_defaults(func=_guarded("events", cmd_events))
 
     reqs = subparsers.add_parser(
@@ -368,8 +402,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         help="queued, running, preempted, finished or aborted (repeatable)",
     )
-    reqs.add_argument("--shard", type=int, default=None)
+    reqs.add_argument("--shard", type=int, default=None, help="only requests on this shard")
     reqs.add_argument("--session", default=None, help="only this session id")
-    reqs.add_argument("--engine-id", default="")
+    reqs.add_argument("--engine-id", default="", help="only this engine's requests (default: every engine)")
     reqs.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    _json_flag(reqs, "requests")
     reqs.set_defaults(func=_guarded("requests", cmd_requests))

@@ -15,10 +15,12 @@ the screen and retried rather than ending the view.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import EnginetimeError
 from .sync_client import AccountingClient, Stream
@@ -62,72 +64,204 @@ def _blame(r: RequestAccounting) -> str:
         return "-"
     b = r.top_blame[0]
     who = b.request_id or "(batch)"
-    return f"{who} @ shard {b.shard} {b.seconds:.1f}s{'' if b.same_shard else ' x-shard'}"
+    return f"{who} @{b.shard} {b.seconds:.1f}s{'' if b.same_shard else ' x-shard'}"
 
 
-def render(snap: Snapshot, width: int = 120) -> list[str]:
-    """The frame as lines (no colour, no cursor control), each cut to ``width``."""
-    now = snap.time
-    lines = [
-        f"enginetime top  sidecar {snap.target}  {_clock(now)}  (q quits)",
+@dataclass(frozen=True)
+class Column:
+    """One table column: shown when the terminal has room for it, most important first."""
+
+    header: str
+    width: int
+    priority: int  # 0 is always shown; larger numbers go first when the terminal is narrow
+    cell: Callable[[Any], str]
+    left: bool = False
+    flex: bool = False  # the last column: takes what is left of the line (at least ``width``)
+
+
+def _fit(columns: list[Column], width: int) -> list[Column]:
+    """The columns that fit ``width``, in their order, adding them by priority."""
+    chosen: set[int] = set()
+    used = 0
+    for i in sorted(range(len(columns)), key=lambda i: columns[i].priority):
+        need = columns[i].width + (1 if chosen else 0)
+        if columns[i].priority == 0 or used + need <= width:
+            chosen.add(i)
+            used += need
+    return [c for i, c in enumerate(columns) if i in chosen]
+
+
+def _table(columns: list[Column], rows: Sequence[Any], width: int, indent: str = "") -> list[str]:
+    # The flex column asks for room for its longest cell, so lesser columns do not squeeze it.
+    columns = [
+        dataclasses.replace(c, width=max([c.width] + [len(c.cell(r)) for r in rows])) if c.flex else c
+        for c in columns
     ]
+    cols = _fit(columns, width - len(indent))
+    fixed = sum(c.width + 1 for c in cols if not c.flex)
+
+    def line(cells: list[str]) -> str:
+        out = []
+        for c, text in zip(cols, cells, strict=True):
+            w = max(1, width - len(indent) - fixed) if c.flex else c.width
+            text = text[:w]
+            out.append(text.ljust(w) if c.left or c.flex else text.rjust(w))
+        return (indent + " ".join(out)).rstrip()
+
+    return [line([c.header for c in cols])] + [line([c.cell(r) for c in cols]) for r in rows]
+
+
+def _wrap(text: str, width: int, indent: str = "    ") -> list[str]:
+    """``text`` broken at spaces into lines of ``width``; continuation lines indented."""
+    lines: list[str] = []
+    rest = text
+    while len(rest) > width:
+        cut = rest.rfind(" ", len(indent) + 1, width + 1)
+        if cut <= len(indent):
+            cut = width
+        lines.append(rest[:cut].rstrip())
+        rest = indent + rest[cut:].lstrip()
+    lines.append(rest)
+    return lines
+
+
+def _shard_columns(shards: Sequence[ShardStatus], now: float) -> list[Column]:
+    ew = min(16, max([6] + [len(s.engine_id) for s in shards]))
+
+    def link(s: ShardStatus) -> str:
+        dropped = f" ({s.dropped_frames} dropped)" if s.dropped_frames else ""
+        return ("up" if s.connected else "DOWN") + dropped
+
+    return [
+        Column("ENGINE", ew, 0, lambda s: s.engine_id, left=True),
+        Column("SHARD", 5, 0, lambda s: str(s.shard)),
+        Column("COUPLING", 11, 7, lambda s: s.coupling.name.lower(), left=True),
+        Column("DECODE tok/s", 12, 1, lambda s: f"{s.decode_tokens_per_second:.1f}"),
+        Column("PREFILL tok/s", 13, 1, lambda s: f"{s.prefill_tokens_per_second:.1f}"),
+        Column("BUSY", 5, 2, lambda s: f"{100 * s.busy_fraction:.0f}%"),
+        Column("ACTIVE", 6, 2, lambda s: str(s.active_requests)),
+        Column("QUEUED", 6, 3, lambda s: str(s.queued_requests)),
+        Column("STEPS", 8, 6, lambda s: str(s.steps)),
+        Column("LAST STEP", 12, 5, lambda s: _ago(s.last_step_time, now), left=True),
+        Column("KIND", 10, 8, lambda s: s.engine_kind, left=True),
+        Column("DEVICE", 14, 9, lambda s: s.device_name, left=True),
+        Column("LINK", 4, 4, link, flex=True),
+    ]
+
+
+def _request_columns(rows: Sequence[RequestAccounting]) -> list[Column]:
+    rw = min(28, max([8] + [len(r.request_id) for r in rows]))
+    ew = min(16, max([9] + [len(r.engine_id) for r in rows]))
+    return [
+        Column("REQUEST", rw, 0, lambda r: r.request_id, left=True),
+        Column("ENGINE ID", ew, 8, lambda r: r.engine_id, left=True),
+        Column("SHARD", 5, 0, lambda r: str(r.shard)),
+        Column("WALL", 6, 1, lambda r: f"{r.wall:.2f}"),
+        Column("QUEUE", 6, 4, lambda r: f"{r.queue_time:.2f}"),
+        Column("ENGINE", 6, 1, lambda r: f"{r.engine_time:.2f}"),
+        Column("INTERF", 6, 1, lambda r: f"{r.interference:.2f}"),
+        Column("OTHER", 6, 6, lambda r: f"{r.other:.2f}"),
+        Column("GPU", 6, 7, lambda r: f"{r.gpu_time:.2f}"),
+        Column("DECODED", 7, 5, lambda r: str(r.tokens.decoded)),
+        Column("TOP BLAME (request @shard seconds)", 34, 1, _blame, flex=True),
+    ]
+
+
+def _storm_key(engine_id: str, request_id: str, shard: int) -> tuple[str, str, int]:
+    return (engine_id, request_id, shard)
+
+
+def render(snap: Snapshot, width: int = 120, height: int | None = None) -> list[str]:
+    """The frame as lines (no colour, no cursor control), each at most ``width`` long.
+
+    Tables drop their least important columns to fit ``width``; with ``height`` the
+    panels below the shard table show as many rows as fit (their titles say how many
+    there are). Storms come from one view per frame: a storm running now (GetShards)
+    is shown under STORMS NOW only, with its live figures; RECENT STORMS lists the
+    others, each at its latest StreamInterference event.
+    """
+    now = snap.time
+    head = [f"enginetime top  sidecar {snap.target}  {_clock(now)}  (q quits)"]
     if snap.error:
-        lines.append(f"!! {snap.error}")
-    lines.append("")
-    hdr = (
-        f"{'ENGINE':<16} {'SHARD':>5} {'COUPLING':<11} {'DECODE tok/s':>12} {'PREFILL tok/s':>13} "
-        f"{'BUSY':>5} {'ACTIVE':>6} {'QUEUED':>6} {'STEPS':>8}  {'LAST STEP':<12} LINK"
-    )
-    lines.append(hdr)
-    if not snap.shards:
-        lines.append("  (no engine has reported to this sidecar yet: point ENGINETIME_INGEST at it)")
-    for s in sorted(snap.shards, key=lambda s: (s.engine_id, s.shard)):
-        link = "up" if s.connected else "DOWN"
-        if s.dropped_frames:
-            link += f" ({s.dropped_frames} dropped)"
-        lines.append(
-            f"{s.engine_id[:16]:<16} {s.shard:>5} {s.coupling.name.lower():<11} "
-            f"{s.decode_tokens_per_second:>12.1f} {s.prefill_tokens_per_second:>13.1f} "
-            f"{100 * s.busy_fraction:>4.0f}% {s.active_requests:>6} {s.queued_requests:>6} {s.steps:>8}  "
-            f"{_ago(s.last_step_time, now):<12} {link}"
-        )
-    storms = [s for s in snap.shards if s.current_storm is not None]
-    lines += ["", f"STORMS NOW ({len(storms)})"]
-    if not storms:
-        lines.append("  none")
-    for s in storms:
+        head += _wrap(f"!! {snap.error}", width)
+    head.append("")
+    shards = sorted(snap.shards, key=lambda s: (s.engine_id, s.shard))
+    head += _table(_shard_columns(shards, now), shards, width)
+    if not shards:
+        head += _wrap("  (no engine has reported to this sidecar yet: point ENGINETIME_INGEST at it)", width)
+
+    latest: dict[tuple[str, str, int], InterferenceEvent] = {}
+    for ev in snap.events:  # one entry per storm: its latest event (STARTED -> ONGOING -> ENDED)
+        key = _storm_key(ev.engine_id, ev.aggressor_request_id, ev.aggressor_shard)
+        latest.pop(key, None)
+        latest[key] = ev
+    running = [s for s in shards if s.current_storm is not None]
+    now_keys = set()
+    storm_lines: list[str] = []
+    for s in running:
         st = s.current_storm
         assert st is not None
+        key = _storm_key(s.engine_id, st.request_id, st.shard)
+        now_keys.add(key)
         total = st.prompt_tokens or st.prefill_tokens
         pct = f" ({100 * st.prefill_tokens / total:.0f}%)" if total else ""
-        lines.append(
+        last = latest.get(key)
+        shards_hit = ",".join(str(k) for k in last.victims.shards) if last else ""
+        on = f" on shards {shards_hit}" if shards_hit else ""
+        storm_lines += _wrap(
             f"  {s.engine_id} shard {st.shard}: {st.request_id}  prefill {st.prefill_tokens}/{total} tokens"
-            f"{pct} in {st.chunks} chunks  stalling others {st.stall:.1f} s  "
-            f"running {now - st.start_time:.1f} s"
+            f"{pct} in {st.chunks} chunks, running {now - st.start_time:.1f} s; "
+            f"requests{on} lost {st.stall:.1f} s in total",
+            width,
         )
-    lines += ["", "RECENT STORMS (StreamInterference)"]
-    if not snap.events:
-        lines.append("  none seen since top started")
-    latest: dict[tuple, InterferenceEvent] = {}
-    for ev in snap.events:  # one line per storm: its latest event (STARTED -> ONGOING -> ENDED)
-        latest[(ev.engine_id, ev.aggressor_request_id, ev.aggressor_shard, ev.start_time_ns)] = ev
-    for ev in list(latest.values())[-RECENT_EVENTS:][::-1]:
+    past = [ev for key, ev in latest.items() if key not in now_keys][::-1]
+    recent_rows: list[str] = []
+    for ev in past[:RECENT_EVENTS]:
         victims = ",".join(str(k) for k in ev.victims.shards) or "-"
-        lines.append(
-            f"  {_clock(ev.end_time or ev.start_time)} {ev.phase.name:<8} {ev.aggressor_request_id} "
-            f"(shard {ev.aggressor_shard}, {ev.prefill_tokens} tokens, {ev.chunks} chunks) -> "
-            f"{ev.victims.request_count} requests on shards {victims} lost {ev.victims.seconds:.1f} s"
-            f"{' cross-shard' if ev.cross_shard else ''}"
+        recent_rows.append(
+            "\n".join(
+                _wrap(
+                    f"  {_clock(ev.end_time or ev.start_time)} {ev.phase.name:<7} {ev.aggressor_request_id} "
+                    f"(shard {ev.aggressor_shard}, {ev.prefill_tokens} tokens, {ev.chunks} chunks): "
+                    f"{ev.victims.request_count} requests on shards {victims} lost "
+                    f"{ev.victims.seconds:.1f} s in total{' (cross-shard)' if ev.cross_shard else ''}",
+                    width,
+                )
+            )
         )
     worst = sorted(snap.running, key=lambda r: r.interference_ns, reverse=True)[:TOP_REQUESTS]
-    lines += ["", "RUNNING REQUESTS LOSING MOST TO INTERFERENCE"]
+    req_table = _table(_request_columns(worst), worst, width, indent="  ")
+
+    lines = head + ["", f"STORMS NOW ({len(running)})"] + (storm_lines or ["  none"])
+    n_recent, n_req = len(recent_rows), len(worst)
+    if height is not None:
+        # What is left below goes to the two panels (each: a blank line, a title, its rows),
+        # one row to each in turn, so both stay visible on a small terminal.
+        room = height - len(lines) - 4
+        used = (0 if recent_rows else 1) + 1  # "none" line; the requests' header or "none running"
+        cost = [r.count("\n") + 1 for r in recent_rows]
+        n_recent = n_req = 0
+        progress = True
+        while progress:
+            progress = False
+            if n_req < len(worst) and used + 1 <= room:
+                n_req, used, progress = n_req + 1, used + 1, True
+            if n_recent < len(recent_rows) and used + cost[n_recent] <= room:
+                n_recent, used, progress = n_recent + 1, used + cost[n_recent], True
+    shown = "" if n_recent == len(past[:RECENT_EVENTS]) else f", {n_recent} shown"
+    lines += ["", f"RECENT STORMS ({len(past)}{shown}; StreamInterference)"]
+    if not recent_rows:
+        lines.append("  none besides the ones running now" if running else "  none seen since top started")
+    for row in recent_rows[:n_recent]:
+        lines += row.split("\n")
+    shown = f"seconds; top {n_req} of {len(snap.running)}" if snap.running else "0"
+    lines += ["", f"RUNNING REQUESTS LOSING MOST TO INTERFERENCE ({shown})"]
     if not worst:
         lines.append("  none running")
-    for r in worst:
-        lines.append(
-            f"  {r.request_id[:28]:<28} shard {r.shard:>2}  engine {r.engine_time:>7.2f}s  "
-            f"interference {r.interference:>7.2f}s  wall {r.wall:>7.2f}s  blame {_blame(r)}"
-        )
+    else:
+        lines += req_table[: 1 + n_req]
+    if height is not None:
+        lines = lines[:height]
     return [ln[:width] for ln in lines]
 
 
@@ -185,7 +319,7 @@ def run_curses(feed: Feed, interval: float) -> None:
             snap = feed.snapshot()
             height, width = screen.getmaxyx()
             screen.erase()
-            for y, line in enumerate(render(snap, width - 1)[: height - 1]):
+            for y, line in enumerate(render(snap, width - 1, height - 1)):
                 screen.addstr(y, 0, line, curses.A_BOLD if y == 0 or line.isupper() else curses.A_NORMAL)
             screen.refresh()
             deadline = time.monotonic() + interval

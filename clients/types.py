@@ -288,6 +288,7 @@ class UpdateBatch:
     updates: tuple[RequestAccounting, ...]
     time: float
     time_ns: int
-    #: Updates replaced by a newer one of the same request before delivery,
-    #: counted since the stream began (a growing number says the reader is slow).
+    #: Running total for the stream: updates replaced by a newer one of the same request
+    #: before delivery, since the stream began. Never decreases; this batch's count is the
+    #: difference from the previous batch's (a fast-growing total says the reader is slow).
     coalesced: int

@@ -56,7 +56,12 @@ def add_engine_args(parser: argparse.ArgumentParser, *, shards: int = 4) -> None
     )
     eng.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     eng.add_argument("--seed", type=_non_negative, default=0, help="model weights seed (default 0)")
-    eng.add_argument("--max-running-requests", type=_positive, default=1024)
+    eng.add_argument(
+        "--max-running-requests",
+        type=_positive,
+        default=1024,
+        help="requests a shard runs at once; later ones queue (default 1024)",
+    )
     eng.add_argument(
         "--prefix-cache-tokens",
         type=_non_negative,
@@ -69,14 +74,23 @@ def add_engine_args(parser: argparse.ArgumentParser, *, shards: int = 4) -> None
         default=0,
         help="torch threads per op; 0: cores // shards, at least 1 (default 0)",
     )
-    mod = parser.add_argument_group("model (random weights)")
-    mod.add_argument("--vocab", type=_positive, default=2048)
-    mod.add_argument("--d-model", type=_positive, default=256)
-    mod.add_argument("--layers", type=_positive, default=2)
-    mod.add_argument("--heads", type=_positive, default=4)
-    mod.add_argument("--head-dim", type=_positive, default=32)
-    mod.add_argument("--d-ff", type=_positive, default=1024)
-    mod.add_argument("--max-context", type=_positive, default=65536)
+    mod = parser.add_argument_group(
+        "model (random weights: the figures measure compute, not text; bigger is slower per token)"
+    )
+    mod.add_argument(
+        "--vocab", type=_positive, default=2048, help="vocabulary size: token ids 0..N-1 (default 2048)"
+    )
+    mod.add_argument("--d-model", type=_positive, default=256, help="hidden size (default 256)")
+    mod.add_argument("--layers", type=_positive, default=2, help="transformer layers (default 2)")
+    mod.add_argument("--heads", type=_positive, default=4, help="attention heads (default 4)")
+    mod.add_argument("--head-dim", type=_positive, default=32, help="size of one head (default 32)")
+    mod.add_argument("--d-ff", type=_positive, default=1024, help="MLP hidden size (default 1024)")
+    mod.add_argument(
+        "--max-context",
+        type=_positive,
+        default=65536,
+        help="longest prompt + output in tokens; longer requests get 400 (default 65536)",
+    )
 
 
 def engine_config(args: argparse.Namespace, *, hooks: bool, ingest: str | None, engine_id: str):
@@ -121,10 +135,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve = tb_sub.add_parser(
         "serve",
         help="serve /generate, /abort_request, /health",
-        description="Serve the testbed over HTTP. Prints 'enginetime testbed ready http=HOST:PORT ...' on "
-        "stdout once listening; SIGTERM or Ctrl-C stops it.",
+        description="Serve the testbed over HTTP (SGLang's API subset; docs/CLIENTS.md has the bodies). "
+        'POST /generate {"rid", "input_ids": [token ids], "sampling_params": {"max_new_tokens"}, '
+        '"routed_dp_rank": shard, "session_id"}: routed_dp_rank pins the shard (without it the least '
+        'loaded shard runs it; session_id alone does not pin). POST /abort_request {"rid"}; GET /health. '
+        "Prints 'enginetime testbed ready http=HOST:PORT ...' on stdout once listening; SIGTERM or Ctrl-C "
+        "stops it.",
     )
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument(
         "--port", type=_non_negative, default=30000, help="0 picks a free port (default 30000)"
     )
@@ -135,7 +153,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "or unix:/tmp/enginetime/ingest.sock",
     )
     serve.add_argument("--no-hooks", action="store_true", help="run without engine_hooks (overhead baseline)")
-    serve.add_argument("--engine-id", default="testbed")
+    serve.add_argument(
+        "--engine-id",
+        default="testbed",
+        help="the engine's name in the sidecar's accounting (engine_id; default testbed)",
+    )
     add_engine_args(serve)
     serve.set_defaults(func=_serve)
 
@@ -145,14 +167,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run multi-turn token-in/token-out sessions (every turn sends the whole history) and "
         "print each turn's shard, prompt and cached tokens.",
     )
-    drive.add_argument("--url", default="http://127.0.0.1:30000")
-    drive.add_argument("--sessions", type=_positive, default=4)
-    drive.add_argument("--turns", type=_positive, default=3)
-    drive.add_argument("--routing", choices=("round-robin", "sticky"), default="round-robin")
-    drive.add_argument("--prompt-tokens", type=_positive, default=1024)
-    drive.add_argument("--turn-tokens", type=_positive, default=64)
-    drive.add_argument("--max-new-tokens", type=_non_negative, default=16)
-    drive.add_argument("--seed", type=_non_negative, default=0)
+    drive.add_argument(
+        "--url", default="http://127.0.0.1:30000", help="the server (default http://127.0.0.1:30000)"
+    )
+    drive.add_argument("--sessions", type=_positive, default=4, help="sessions run side by side (default 4)")
+    drive.add_argument("--turns", type=_positive, default=3, help="turns per session (default 3)")
+    drive.add_argument(
+        "--routing",
+        choices=("round-robin", "sticky"),
+        default="round-robin",
+        help="round-robin: each turn to the next shard (a migration each turn); sticky: a session's "
+        "turns stay on its first shard (default round-robin)",
+    )
+    drive.add_argument(
+        "--prompt-tokens", type=_positive, default=1024, help="first turn's prompt (default 1024)"
+    )
+    drive.add_argument(
+        "--turn-tokens", type=_positive, default=64, help="tokens each later turn adds (default 64)"
+    )
+    drive.add_argument(
+        "--max-new-tokens", type=_non_negative, default=16, help="tokens per turn (default 16)"
+    )
+    drive.add_argument(
+        "--seed", type=_non_negative, default=0, help="seed of the prompts' token ids (default 0)"
+    )
     drive.set_defaults(func=_sessions)
 
     demo = subparsers.add_parser(
@@ -174,7 +212,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--victims", type=_positive, default=6, help="decoding victims on shards 0..N-2 (default 6)"
     )
-    demo.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    demo.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object instead of the report: config, shards [{shard, role, decode_tok_s "
+        "{before, during, after}}], storm {request_id, shard, prompt/prefill/cached tokens, chunks, "
+        "prefill_s, wall_s, engine_time_s, gpu_time_s, ...}, victims and neighbour [{request_id, shard, "
+        "wall_s, queue_s, engine_time_s, gpu_time_s, interference_s, other_s, blame [...]}], baseline "
+        "(the same without the storm), timeouts, policies (the two session servers), summary, timeline "
+        "(decode tok/s per shard over time), elapsed_s. Seconds are floats",
+    )
+    demo.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        default=None,
+        help="also draw the incident with matplotlib: per-shard decode tok/s over time with the storm "
+        "shaded, and each victim's wall split into queue / engine_time / interference / other beside "
+        "its no-storm run",
+    )
     demo.add_argument("--otlp-endpoint", default=None, help="passed to the sidecar (--otlp-endpoint)")
     demo.add_argument("--no-baseline", action="store_true", help="skip the run without the storm")
     demo.set_defaults(func=_demo)

@@ -225,6 +225,21 @@ def decode_rate(steps: list[StepLog], window: Window, active_until: float) -> fl
     return tokens / span
 
 
+def _timeline(logs: list[list[StepLog]], t0: float, t1: float, bins: int = 40) -> dict:
+    """Decode tok/s of each shard over time (``--plot``): the victims' run, in at most ``bins`` bins
+    (at least 0.2 s each, so a lockstep step's burst of tokens does not read as a spike)."""
+    width = max((t1 - t0) / bins, 0.2)
+    n = max(1, math.ceil((t1 - t0) / width))
+    rates = []
+    for steps in logs:
+        tokens = [0] * n
+        for s in steps:
+            if t0 < s.end <= t1 and s.decoded:
+                tokens[min(n - 1, int((s.end - t0) / width))] += s.decoded
+        rates.append([round(x / width, 1) for x in tokens])
+    return {"bin_s": round(width, 4), "t0_s": [round(i * width, 3) for i in range(n)], "decode_tok_s": rates}
+
+
 def _blame(acct) -> list[dict]:
     return [
         {
@@ -501,6 +516,12 @@ class Scenario:
                 }
             )
 
+        first_arrival = min(r.arrival_perf for r in reqs.values())
+        timeline = _timeline([eng.step_log(k) for k in range(cfg.shards)], first_arrival, last_finish)
+        storm_span = (storm_window.start - first_arrival, storm_window.end - first_arrival)
+        timeline["storm"] = [_r(x, 3) for x in storm_span]
+        timeline["storm_shard"] = self.storm_shard
+
         # ---- sidecar accounting
         deadline = time.monotonic() + 20
         victims: list[dict | None] = []
@@ -577,6 +598,7 @@ class Scenario:
             "victims": victims,
             "neighbour": neighbour,
             "session": session_row,
+            "timeline": timeline,
         }
         if baseline is not None:
             report["baseline"] = {"victims": base_rows, "neighbour": base_neighbour}
@@ -970,19 +992,36 @@ def _render_policies(pol: dict) -> list[str]:
             f"  {name:<10} {row['tokens']:>6}   {cell(row.get('wall_clock')):<48} "
             f"{cell(row.get('engine_time'))}"
         )
+    lines += _policy_verdict(pol, n=len(rows))
+    return lines
+
+
+def _policy_verdict(pol: dict, n: int) -> list[str]:
+    """Two sentences computed from who each session server killed (names, not a fixed story)."""
+
+    def short(r: dict) -> str:
+        return r["request_id"].split("-", 1)[1]
+
     wk, gk = pol["wall_clock"]["killed"], pol["engine_time"]["killed"]
-    n = len(rows)
-    wall_lost = sum(r["output_tokens"] for r in wk)
-    guard_text = f": {', '.join(r['request_id'] for r in gk)}, over budget on its own work" if gk else ""
     survived = [r["max_new_tokens"] for r in pol["wall_clock"]["completed"]]
     longest = bool(wk) and min(r["max_new_tokens"] for r in wk) > max(survived, default=0)
-    which = ", the longest ones" if longest else ""
-    lines.append(
-        f"  the read timeout killed {len(wk)}/{n} trajectories{which} "
-        f"({wall_lost} tokens of work thrown away);"
-    )
-    lines.append(f"  the engine-time guard killed {len(gk)}/{n}{guard_text}.")
-    return lines
+    guard_killed = {short(r) for r in gk}
+    spared = [short(r) for r in wk if short(r) not in guard_killed]
+    wall_text = f"  the read timeout killed {len(wk)}/{n} trajectories"
+    if wk:
+        which = f": the {len(wk)} longest" if longest and len(wk) > 1 else ""
+        lost = sum(r["output_tokens"] for r in wk)
+        wall_text += (
+            f" ({', '.join(short(r) for r in wk)}{which}), {lost} tokens of work thrown away in total"
+        )
+    guard_text = f"  the engine-time guard killed {len(gk)}/{n}"
+    if gk:
+        guard_text += f" ({', '.join(short(r) for r in gk)}), over budget on its own work"
+    if spared:
+        guard_text += f"; it let {', '.join(spared)} finish"
+    elif wk and guard_killed:
+        guard_text += "; the read timeout killed no other"
+    return [wall_text + ";", guard_text + "."]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -995,6 +1034,18 @@ def main(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
+    plot = getattr(args, "plot", None)
+    if plot:
+        from .plot import check_available
+
+        try:
+            check_available()
+        except ImportError as exc:
+            print(f"enginetime demo: {exc}", file=sys.stderr)
+            return 2
+        if args.no_baseline:
+            say("--plot with --no-baseline: the picture has no no-storm bars to compare with")
+
     try:
         report = run_demo(cfg, say)
     except Exception as exc:
@@ -1004,6 +1055,15 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         print(render(report))
+    if plot:
+        from .plot import plot_report
+
+        try:
+            plot_report(report, plot)
+        except (OSError, ValueError) as exc:  # an unwritable path, an unknown image format
+            print(f"enginetime demo: could not write the picture to {plot}: {exc}", file=sys.stderr)
+            return 1
+        say(f"wrote the picture to {plot}")
     return 0
 
 

@@ -26,7 +26,8 @@ folder on PYTHONPATH and the engine's own plugin loaders find our entry points
 exactly as they would after ``pip install enginetime``, while every edit to the
 source is live (nothing to rebuild).
 
-Run ``python tests/engine_envs.py vllm sglang sglang-0.5.4`` to build ahead of a test run.
+Run ``python tests/engine_envs.py vllm sglang sglang-0.5.4 phoenix`` to build ahead of a test run
+(``phoenix``: Arize Phoenix, the trace backend tests/test_tracing.py and tests/test_trace_ui.py use).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Recipe:
     pip_steps: tuple[tuple[str, ...], ...] = ()
     unpack_wheel: str | None = None  # "sglang==0.5.4": download and unpack only (source inspection)
     notes: str = ""
+    check_torch: bool = True  # engines: fail the build if a CUDA torch slipped in
 
     def digest(self) -> str:
         blob = json.dumps(
@@ -77,6 +79,8 @@ class Recipe:
 VLLM_VERSION = "0.33.0"
 SGLANG_VERSION = "0.5.23"
 SGLANG_OLD_VERSION = "0.5.4"
+#: A trace backend with a web UI (tests/test_tracing.py queries it; docs/OBSERVABILITY.md shows it).
+PHOENIX_VERSION = "20.26.1"
 
 RECIPES: dict[str, Recipe] = {
     "vllm": Recipe(
@@ -184,6 +188,14 @@ RECIPES: dict[str, Recipe] = {
         unpack_wheel=f"sglang=={SGLANG_OLD_VERSION}",
         notes="source only: the launcher check reads the classes it patches from the wheel",
     ),
+    "phoenix": Recipe(
+        name=f"phoenix-{PHOENIX_VERSION}",
+        engine="arize-phoenix",
+        version=PHOENIX_VERSION,
+        pip_steps=((f"arize-phoenix=={PHOENIX_VERSION}",),),
+        notes="an OTLP trace backend with a web UI, not an engine: no torch",
+        check_torch=False,
+    ),
 }
 
 
@@ -269,7 +281,8 @@ def _build(recipe: Recipe, path: Path, log: Path) -> None:
     for i, step in enumerate(recipe.pip_steps, 1):
         what = f"{recipe.name}: pip step {i}/{len(recipe.pip_steps)} ({' '.join(step)[:80]})"
         _run([*pip, *step], log, what)
-    _check_no_cuda_torch(path, log)
+    if recipe.check_torch:
+        _check_no_cuda_torch(path, log)
 
 
 def _check_no_cuda_torch(path: Path, log: Path) -> None:

@@ -181,18 +181,145 @@ def test_top_once_and_json(world):
     assert out.returncode == 0, out.stderr
     assert "DECODE tok/s" in out.stdout and "cli-tb" in out.stdout and "STORMS NOW" in out.stdout
     snap = json.loads(et("top", "--sidecar", world["target"], "--json").stdout)
+    assert set(snap) == {"target", "time", "shards", "running"}  # what `top --help` documents
     assert sorted(s["shard"] for s in snap["shards"]) == [0, 1]
     assert all(s["engine_id"] == "cli-tb" and s["connected"] for s in snap["shards"])
 
 
+def test_every_json_help_documents_the_fields_it_prints():
+    """`--help` of each command names every field its --json output carries (no "see elsewhere")."""
+    import dataclasses
+
+    from enginetime.clients import types
+    from enginetime.clients.cli import JSON_HELP
+
+    def names(cls) -> set[str]:
+        return {f.name.removesuffix("_ns") for f in dataclasses.fields(cls)}
+
+    shapes = {
+        "get": [types.RequestAccounting, types.TokenCounts, types.Blame],
+        "events": [types.InterferenceEvent, types.InterferenceVictims],
+        "top": [types.ShardStatus, types.Storm],
+    }
+    for command, classes in shapes.items():
+        for cls in classes:
+            missing = {n for n in names(cls) if n not in JSON_HELP[command]}
+            assert not missing, (command, cls.__name__, missing)
+    for command in ("get", "watch", "events", "requests", "top"):
+        out = et(command, "--help")
+        assert out.returncode == 0 and "enginetime --help" not in out.stdout
+        assert " ".join(JSON_HELP[command].split())[:40] in " ".join(out.stdout.split()), command
+
+
+def demo_frame_snapshot():
+    """What ``top`` holds 4.6 s into the demo's storm (the figures of a real run): 4 shards, one
+    storm running, two ended, 7 running requests with long blame strings."""
+    from google.protobuf.duration_pb2 import Duration
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from enginetime.clients import _convert as cv
+    from enginetime.clients.top import Snapshot
+    from enginetime.v1 import accounting_pb2 as pb
+    from enginetime.v1 import ingest_pb2
+
+    now = 1_760_000_000.0
+
+    def ts(t: float) -> Timestamp:
+        return Timestamp(seconds=int(t), nanos=int((t % 1) * 1e9))
+
+    def dur(x: float) -> Duration:
+        return Duration(seconds=int(x), nanos=int((x % 1) * 1e9))
+
+    shards = []
+    for k in range(4):
+        m = pb.ShardStatus(
+            engine_id="testbed-demo", shard=k, coupling=ingest_pb2.COUPLING_LOCKSTEP,
+            decode_tokens_per_second=0.0 if k == 3 else 7.0,
+            prefill_tokens_per_second=1792.0 if k == 3 else 0,
+            busy_fraction=1.0, active_requests=2, queued_requests=0, last_step_time=ts(now - 0.05), steps=157,
+            connected=True, engine_kind="testbed", device_name="cpu",
+        )  # fmt: skip
+        if k == 3:
+            m.current_storm.CopyFrom(
+                pb.Storm(
+                    request_id="session-long-turn-1",
+                    shard=3,
+                    prefill_tokens=12800,
+                    prompt_tokens=16384,
+                    chunks=25,
+                    start_time=ts(now - 4.6),
+                    stall=dur(30.5),
+                )  # fmt: skip
+            )
+        shards.append(cv.shard_from_pb(m))
+    events = []
+    for rid, phase, start in (
+        ("session-long-turn-1", 2, now - 4.6),
+        ("old-storm-a", 3, now - 60),
+        ("old-storm-b", 3, now - 30),
+    ):
+        ev = pb.InterferenceEvent(
+            phase=phase, engine_id="testbed-demo", aggressor_request_id=rid, aggressor_shard=3,
+            prefill_tokens=10752, chunks=21, start_time=ts(start), cross_shard=True,
+            victims=pb.InterferenceVictims(shards=[0, 1, 2, 3], request_count=7, duration=dur(21.7)),
+        )  # fmt: skip
+        if phase == 3:
+            ev.end_time.CopyFrom(ts(start + 4))
+        events.append(cv.interference_from_pb(ev))
+    running = []
+    for i, rid in enumerate(["neighbour"] + [f"victim-{v}" for v in range(6)]):
+        m = pb.RequestAccounting(
+            request_id=rid, engine_id="testbed-demo", shard=3 if i == 0 else (i - 1) % 3,
+            state=pb.REQUEST_STATE_RUNNING, arrival_time=ts(now - 4.87), engine_time_ns=480_000_000,
+            interference_ns=4_330_000_000 - i, wall_ns=4_870_000_000, queue_time_ns=10_000_000,
+            gpu_time_ns=490_000_000, tokens=pb.TokenCounts(prompt=64, prefilled=64, decoded=150),
+            top_blame=[
+                pb.Blame(request_id="session-long-turn-1", shard=3, duration=dur(4.3), same_shard=i == 0)
+            ],
+        )  # fmt: skip
+        running.append(cv.request_from_pb(m))
+    return Snapshot("127.0.0.1:39627", now, shards=shards, running=running, events=events)
+
+
+@pytest.mark.parametrize(("width", "height"), [(80, 24), (200, 50)])
+def test_top_frame_fits_the_terminal_with_the_columns_that_matter(width, height):
+    from enginetime.clients.top import render
+
+    lines = render(demo_frame_snapshot(), width, height)
+    text = "\n".join(lines)
+    assert len(lines) <= height and all(len(ln) <= width for ln in lines), text
+    # Never cut, at any size: throughput, load, link, and each running request's wall, engine time,
+    # interference and who caused it.
+    for header in ("DECODE tok/s", "PREFILL tok/s", "BUSY", "ACTIVE", "QUEUED", "LINK"):
+        assert header in text, (header, text)
+    for header in ("WALL", "ENGINE", "INTERF", "TOP BLAME"):
+        assert header in text, (header, text)
+    shard_rows = [ln.split() for ln in lines if ln.startswith("testbed-demo")]
+    assert [r[1] for r in shard_rows] == ["0", "1", "2", "3"] and all(r[-1] == "up" for r in shard_rows)
+    victim = next(ln for ln in lines if ln.strip().startswith("victim-0"))
+    assert {"4.87", "0.48", "4.33"} <= set(victim.split()), victim  # wall, engine_time, interference
+    assert victim.endswith("session-long-turn-1 @3 4.3s x-shard"), victim
+    # One storm view: the running storm appears once, live (with its summed stall labelled as a sum);
+    # RECENT STORMS holds only the ended ones.
+    assert sum("session-long-turn-1  prefill" in ln for ln in lines) == 1
+    assert "lost 30.5 s in total" in text and "21.7 s" not in text.split("RECENT STORMS")[0]
+    recent = text.split("RECENT STORMS")[1].split("RUNNING REQUESTS")[0]
+    assert "session-long-turn-1" not in recent and "old-storm-b" in recent
+    if width >= 200:  # wider terminals show more
+        for header in ("COUPLING", "STEPS", "LAST STEP", "QUEUE", "OTHER", "GPU", "DECODED", "ENGINE ID"):
+            assert header in text, (header, text)
+        assert "old-storm-a" in recent and "top 6 of 7" in text
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")
-def test_top_draws_in_a_real_terminal_and_q_quits(world):
+@pytest.mark.parametrize(("cols", "rows"), [(80, 24), (200, 50)])
+def test_top_draws_in_a_real_terminal_and_q_quits(world, cols, rows):
     sock = f"et-{uuid.uuid4().hex[:8]}"
     tmux = ["tmux", "-L", sock]
     cmd = f"{sys.executable} -m enginetime top --sidecar {world['target']} --interval 0.3"
     env = {**os.environ, "TERM": "xterm-256color"}
     subprocess.run(
-        [*tmux, "new-session", "-d", "-s", "top", "-x", "160", "-y", "40", cmd], check=True, env=env
+        [*tmux, "new-session", "-d", "-s", "top", "-x", str(cols), "-y", str(rows), cmd], check=True, env=env
     )
     try:
 
@@ -208,21 +335,31 @@ def test_top_draws_in_a_real_terminal_and_q_quits(world):
         text = wait_until(drawn, 20, message=lambda: f"top never drew its table:\n{screen()}")
         lines = text.splitlines()
         assert lines[0].startswith("enginetime top") and world["target"] in lines[0]
-        rows = [ln.split() for ln in lines if ln.startswith("cli-tb")]
-        assert [r[1] for r in rows] == ["0", "1"] and all(r[2] == "lockstep" for r in rows)
+        shard_rows = [ln.split() for ln in lines if ln.startswith("cli-tb")]
+        assert [r[1] for r in shard_rows] == ["0", "1"] and all(r[-1] == "up" for r in shard_rows)
         assert any("STORMS NOW" in ln for ln in lines)
+        for header in ("DECODE tok/s", "PREFILL tok/s", "BUSY", "ACTIVE", "QUEUED", "LINK"):
+            assert header in text, (header, text)
+        assert ("COUPLING" in text) == (cols >= 200), text  # wider terminals show more columns
         # A storm while top is up: it shows on the screen (live with its progress, then among recent storms).
         eng = world["engine"]
-        victim = eng.submit(list(range(64)), 600, rid="top-victim", routed_shard=0)
+        storm_rid = f"top-storm-{cols}"  # each terminal size gets its own storm
+        victim = eng.submit(list(range(64)), 600, rid=f"top-victim-{cols}", routed_shard=0)
         assert eng.wait_until(lambda: len(victim.output_ids) >= 4, 30)
-        eng.submit([(5 * i) % 1024 for i in range(6144)], 1, rid="top-storm", routed_shard=1)
+        # A prompt of its own (no prefix-cache hit from the other size's storm).
+        eng.submit([(5 * i + cols) % 1024 for i in range(6144)], 1, rid=storm_rid, routed_shard=1)
 
         def storm_shown() -> str | None:
             s = screen()
-            return s if "top-storm" in s else None
+            return (
+                s
+                if any(storm_rid in ln and ("prefill" in ln or "lost" in ln) for ln in s.splitlines())
+                else None
+            )
 
         seen = wait_until(storm_shown, 30, message=lambda: f"the storm never showed:\n{screen()}")
-        assert any("top-storm" in ln and ("prefill" in ln or "lost" in ln) for ln in seen.splitlines()), seen
+        # The running victim's row keeps its wall, engine time, interference and blame on screen.
+        assert "TOP BLAME" in seen and "WALL" in seen and "INTERF" in seen, seen
         assert victim.wait(60)
         subprocess.run([*tmux, "send-keys", "-t", "top", "q"], check=True)
         wait_until(
@@ -247,3 +384,59 @@ def test_unreachable_sidecar_gives_a_clear_error(args):
 def test_unknown_request_is_a_clear_error(world):
     out = et("get", "no-such-request", "--sidecar", world["target"])
     assert out.returncode == 4 and "no-such-request" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_every_flag_of_every_command_has_help():
+    """A newcomer reading `--help` learns what each flag does (no bare `--vocab VOCAB`)."""
+    import argparse
+
+    from enginetime.cli import build_parser
+
+    bare: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif action.option_strings and not action.help and action.dest != "help":
+                bare.append(f"{path} {action.option_strings[-1]}")
+
+    walk(build_parser(), "enginetime")
+    assert not bare, bare
+
+
+def test_prefix_cache_hits_reach_the_accounting(world):
+    """The testbed reports cache hits when it admits a request (SCHEDULED): the sidecar must count
+    them, so prompt = cached + prefilled (a newcomer saw cached 0 for every request)."""
+    eng, client = world["engine"], world["client"]
+    prompt = list(range(64)) + [(3 * i) % 1024 for i in range(64)]  # the victim's 64 tokens, then new ones
+    req = eng.generate(prompt, 2, rid="cli-cached", routed_shard=0, timeout=60)
+    eng.flush_hooks(5)
+    assert req.cached_tokens > 0, "the testbed's own prefix cache did not hit: nothing to check"
+    acct = wait_until(lambda: (a := client.get_request("cli-cached")).terminal and a, 10)
+    assert acct.tokens.prompt == len(prompt)
+    assert acct.tokens.cached == req.cached_tokens
+    assert acct.tokens.prompt == acct.tokens.cached + acct.tokens.prefilled
+    out = json.loads(et("get", "cli-cached", "--sidecar", world["target"], "--json").stdout)
+    assert out["tokens"]["cached"] == req.cached_tokens
+
+
+def test_a_lockstep_shard_stepping_idle_is_not_busy(world):
+    """Shard 1 has nothing to run while shard 0 decodes: it steps IDLE (waiting for its peer), which
+    `top` must not show as busy (it read 97 %)."""
+    eng, client = world["engine"], world["client"]
+    req = eng.submit([(7 * i) % 1024 for i in range(32)], 16_000, rid="cli-busy", routed_shard=0)
+    try:
+        assert eng.wait_until(lambda: len(req.output_ids) >= 4, 30)
+        time.sleep(2.5)  # the 2 s rate window now holds only this decode and shard 1's IDLE steps
+
+        def both():
+            shards = {s.shard: s for s in client.get_shards("cli-tb")}
+            return shards if shards[0].busy_fraction > 0 else None
+
+        shards = wait_until(both, 10)
+    finally:
+        eng.abort("cli-busy")
+    assert shards[0].busy_fraction > 0.2 and shards[0].decode_tokens_per_second > 0, shards[0]
+    assert shards[1].busy_fraction == 0.0 and shards[1].steps > 0, shards[1]

@@ -183,6 +183,59 @@ def test_report_has_the_documented_keys_and_renders(run):
     assert STORM_RID in text and "decode tok/s" in text and "victim-5" in text
 
 
+def test_policy_verdict_names_whom_each_server_killed():
+    """The closing sentences follow what happened, not a fixed story (issue: "the longest ones" was
+    printed in a run where the read timeout killed only the runaway)."""
+    from enginetime.testbed.demo import _policy_verdict
+
+    def row(rid: str, tokens: int, out: int) -> dict:
+        return {"request_id": rid, "max_new_tokens": tokens, "output_tokens": out}
+
+    guard = {"killed": [row("guard-runaway", 8192, 900)], "completed": []}
+    only_runaway = {
+        "wall_clock": {"killed": [row("wall-runaway", 8192, 38)], "completed": [row("wall-traj-96", 96, 96)]},
+        "engine_time": guard,
+    }
+    text = "\n".join(_policy_verdict(only_runaway, 5))
+    assert "killed 1/5 trajectories (runaway)" in text and "longest" not in text
+    assert "the read timeout killed no other" in text
+    three = {
+        "wall_clock": {
+            "killed": [row("wall-traj-48", 48, 39), row("wall-traj-96", 96, 39)]
+            + [row("wall-runaway", 8192, 38)],
+            "completed": [row("wall-traj-8", 8, 8), row("wall-traj-24", 24, 24)],
+        },
+        "engine_time": guard,
+    }
+    text = "\n".join(_policy_verdict(three, 5))
+    assert "(traj-48, traj-96, runaway: the 3 longest), 116 tokens of work thrown away in total" in text
+    assert "it let traj-48, traj-96 finish" in text
+
+
+def test_demo_plot_draws_the_incident(run, tmp_path):
+    """``--plot``'s data: the victims' shards decode far slower inside the shaded storm span than
+    before it, and the picture is written (a PNG small enough to commit)."""
+    pytest.importorskip("matplotlib", reason="pip install 'enginetime[testbed]' (matplotlib draws --plot)")
+    from enginetime.testbed.plot import plot_report
+
+    report = run("lockstep")
+    tl = report["timeline"]
+    s0, s1 = tl["storm"]
+    assert 0 < s0 < s1 <= tl["t0_s"][-1] + tl["bin_s"]
+    assert s1 - s0 == pytest.approx(report["storm"]["prefill_s"], abs=0.01)
+    for k, rates in enumerate(tl["decode_tok_s"]):
+        if k == tl["storm_shard"]:
+            continue
+        bins = list(zip(tl["t0_s"], rates, strict=True))
+        inside = [r for t, r in bins if s0 + tl["bin_s"] <= t and t + tl["bin_s"] <= s1]
+        before = report["shards"][k]["decode_tok_s"]["before"]  # the engine's own pre-storm rate
+        assert inside and max(inside) < before / 3, (k, before, inside)
+    path = tmp_path / "incident.png"
+    plot_report(report, str(path))
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and 20_000 < len(data) < 300_000
+
+
 def test_demo_command_prints_one_json_object():
     cmd = [
         sys.executable,

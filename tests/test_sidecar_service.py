@@ -16,7 +16,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import IngestConnection, arrived, finished, hello, start_sidecar, step, wait_until
+from helpers import IngestConnection, arrived, event, finished, hello, start_sidecar, step, wait_until
 
 from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
@@ -152,6 +152,20 @@ def test_get_request_reports_the_accounting(sidecar, stub) -> None:
     assert not acc.HasField("routed_shard")
 
 
+def test_cached_tokens_reported_at_scheduled_count(sidecar, stub) -> None:
+    """Engines (the testbed, vLLM) learn prefix-cache hits on admission: prompt = cached + prefilled."""
+    eng = Engine(sidecar, "svc-cached")
+    eng.arrive(1, "cached-1", prompt_tokens=40)
+    eng.conn.send(event(1, ingest_pb2.REQUEST_EVENT_KIND_SCHEDULED, time_ns=eng.t, cached_tokens=24))
+    eng.step([1], prefill=[16], decode=[0], context=[24])
+    eng.step([1], decode=[1], context=[40])
+    eng.finish(1, output_tokens=1)
+    acc = wait_for(stub, "cached-1", lambda a: a.state == pb.REQUEST_STATE_FINISHED, "finished")
+    eng.close()
+    assert (acc.tokens.prompt, acc.tokens.cached, acc.tokens.prefilled) == (40, 24, 16)
+    assert acc.tokens.prompt == acc.tokens.cached + acc.tokens.prefilled
+
+
 def test_list_requests_filters_and_pages(sidecar, stub) -> None:
     eng = Engine(sidecar, "svc-list")
     ids = [f"list-{i}" for i in range(7)]
@@ -231,6 +245,30 @@ def test_get_shards(sidecar, stub) -> None:
     assert sum(s.engine_id == "svc-shards" for s in everyone) == 2
     for eng in engines:
         eng.close()
+
+
+def test_busy_fraction_counts_only_steps_with_the_shards_own_work(sidecar, stub) -> None:
+    """A lockstep shard with nothing to run steps IDLE (it waits for its peers): it is not busy."""
+    engines = [Engine(sidecar, "svc-busy", shard=s, num_shards=2, coupling=2) for s in range(2)]
+    start = time.time_ns() - 700_000_000  # inside the 2 s rate window
+    for eng in engines:
+        eng.t = start
+    engines[0].arrive(1, "busy-1")
+    for g in range(60):
+        engines[0].step([1], decode=[1], global_step=g, device_ms=10)
+        engines[1].step([], kind=ingest_pb2.STEP_KIND_IDLE, global_step=g, device_ms=10)
+
+    def shards():
+        got = stub.GetShards(pb.GetShardsRequest(engine_id="svc-busy"), timeout=5).shards
+        return got if [s.steps for s in got] == [60, 60] else None
+
+    working, idle = wait_until(shards, timeout=10)
+    for eng in engines:
+        eng.close()
+    # Steps back to back for 0.6 s of the last ~0.7 s (more if this machine is slow to ask) on the
+    # working shard; the idle shard's steps took as long but held none of its own work.
+    assert 0.2 < working.busy_fraction <= 1.0, working.busy_fraction
+    assert idle.busy_fraction == 0.0, idle.busy_fraction
 
 
 # ----------------------------------------------------------------------------- streams

@@ -19,7 +19,6 @@ import json
 import os
 import secrets
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from otel_helpers import (
     metrics_address,
     scrape,
 )
+from phoenix_helpers import Phoenix
 
 from enginetime.clients import AccountingClient, RequestAccounting
 from enginetime.sidecar.telemetry.tracing import MAX_SPANS_PER_REQUEST, REQUEST_SPAN_NAME, request_span_ids
@@ -646,68 +646,20 @@ def test_tracer_counts_a_full_export_queue_and_never_blocks_submit() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# A real trace backend installed from PyPI: Arize Phoenix accepts OTLP and answers queries.
-
-PHOENIX_VENV = Path(
-    os.environ.get("ENGINETIME_PHOENIX_VENV", str(Path.home() / ".cache" / "enginetime" / "phoenix-venv"))
-)
+# A real trace backend installed from PyPI: Arize Phoenix accepts OTLP and answers queries
+# (its venv is built once and cached: tests/phoenix_helpers.py).
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str):
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return json.load(resp)
-
-
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)  # includes building Phoenix's venv on a cold cache (~1 min)
 def test_spans_can_be_queried_back_from_arize_phoenix(tmp_path: Path) -> None:
-    phoenix = PHOENIX_VENV / "bin" / "phoenix"
-    if not phoenix.exists():
-        pytest.skip(
-            f"Arize Phoenix is not installed at {PHOENIX_VENV} (a separate venv; ~1 min, ~850 MB): "
-            f"python3 -m venv {PHOENIX_VENV} && {PHOENIX_VENV}/bin/pip install arize-phoenix"
-        )
-    http_port, grpc_port = _free_port(), _free_port()
-    env = dict(
-        os.environ,
-        PHOENIX_WORKING_DIR=str(tmp_path / "phoenix"),
-        PHOENIX_PORT=str(http_port),
-        PHOENIX_GRPC_PORT=str(grpc_port),
-        PHOENIX_HOST="127.0.0.1",
-    )
-    log = tmp_path / "phoenix.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen([str(phoenix), "serve"], stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{http_port}"
-
-    def up():
-        if server.poll() is not None:
-            raise AssertionError(f"phoenix exited ({server.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            return _get_json(f"{base}/v1/projects")
-        except OSError:
-            return None
-
-    try:
-        wait_until(
-            up, timeout=90, interval=0.2, message=lambda: f"phoenix never came up:\n{log.read_text()[-3000:]}"
-        )
+    with Phoenix(tmp_path) as phoenix:
         tp, trace_hex, parent_hex = _traceparent()
         sidecar_env = {
             "OTEL_BSP_SCHEDULE_DELAY": "100",
             "OTEL_RESOURCE_ATTRIBUTES": "openinference.project.name=enginetime-e2e",
         }
         with (
-            start_sidecar(
-                tmp_path, "--otlp-endpoint", f"http://127.0.0.1:{grpc_port}", env=sidecar_env
-            ) as sidecar,
+            start_sidecar(tmp_path, "--otlp-endpoint", phoenix.otlp, env=sidecar_env) as sidecar,
             AccountingClient(sidecar.grpc_target) as client,
         ):
             with IngestConnection(sidecar.ingest) as conn:
@@ -716,20 +668,10 @@ def test_spans_can_be_queried_back_from_arize_phoenix(tmp_path: Path) -> None:
             acct = wait_until(lambda: (a := client.get_request("phoenix-req")) and a.terminal and a)
 
             def spans():
-                try:
-                    got = _get_json(f"{base}/v1/projects/enginetime-e2e/spans?limit=100")["data"]
-                except OSError:
-                    return None
+                got = phoenix.spans("enginetime-e2e", limit=100)
                 return got if len(got) >= 4 else None
 
             got = wait_until(spans, timeout=30, interval=0.2, message="phoenix never returned the spans")
-    finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
     by_name = {s["name"]: s for s in got}
     assert set(by_name) == {REQUEST_SPAN_NAME, "queue", "prefill", "decode"}
     root = by_name[REQUEST_SPAN_NAME]

@@ -346,6 +346,8 @@ class Ledger:
         if state in _TERMINAL:
             return
         if kind == EventKind.SCHEDULED or kind == EventKind.RESUMED:
+            if ev.cached_tokens:  # engines learn prefix-cache hits when they admit the request
+                req.cached_tokens = cols.cached[slot] = int(ev.cached_tokens)
             if state == PREEMPTED:
                 # A new run: the one the preemption ended keeps its first decoding step in the mark.
                 add_mark(req, Mark(MARK_RESUMED, int(ev.time_ns), int(cols.decode_start[slot])))
@@ -947,7 +949,9 @@ class Ledger:
                 shard.first_step_ns = int(batch.starts[j])
             shard.last_step_ns = max(shard.last_step_ns, end)
             rates = shard.rates
-            rates.append((end, int(batch.d[j]), int(psum[j]), int(qsum[j])))
+            # Busy means steps with work of the shard's own: an IDLE lockstep step only waits for peers.
+            busy = int(batch.d[j]) if batch.counts[j] else 0
+            rates.append((end, busy, int(psum[j]), int(qsum[j])))
             while rates[0][0] < end - window:
                 rates.popleft()
 

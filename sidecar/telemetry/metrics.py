@@ -287,7 +287,8 @@ class _StateCollector(Collector):
             "storm": GaugeMetricFamily("enginetime_shard_storm_active",
                                        "1 while a prefill storm runs on the shard.", labels=labels),
             "stall": GaugeMetricFamily("enginetime_shard_storm_stall_seconds",
-                                       "Stall the shard's current storm has caused so far (0: none).",
+                                       "Stall the shard's current storm has caused so far, summed over its "
+                                       "victims (0: none).",
                                        labels=labels),
             "steps": CounterMetricFamily("enginetime_shard_steps", "Steps attributed for the shard.",
                                          labels=labels),

@@ -1,0 +1,108 @@
+"""Arize Phoenix (an OTLP trace backend with a web UI, from PyPI) as a real process for tests.
+
+Phoenix lives in its own venv, built on first use and cached like the engines'
+(``engine_envs.ensure("phoenix")``: ~1 min and ~850 MB once, well under a second after);
+``ENGINETIME_PHOENIX_VENV`` points at another install. ``Phoenix`` starts ``phoenix serve``
+on free loopback ports with a fresh working directory and stops it on exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+from helpers import wait_until
+
+
+def phoenix_executable() -> Path:
+    """Phoenix's ``phoenix`` command, building its cached venv if needed (fails with the build log)."""
+    import engine_envs
+
+    override = os.environ.get("ENGINETIME_PHOENIX_VENV")
+    if override:
+        return Path(override) / "bin" / "phoenix"
+    try:
+        return engine_envs.ensure("phoenix").path / "bin" / "phoenix"
+    except engine_envs.EngineEnvError as exc:
+        pytest.fail(f"cannot build the Arize Phoenix environment: {exc}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.load(resp)
+
+
+class Phoenix:
+    """``phoenix serve`` on loopback: ``base`` is its web UI and REST API, ``otlp`` its OTLP/gRPC."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.base = f"http://127.0.0.1:{self.http_port}"
+        self.otlp = f"http://127.0.0.1:{self.grpc_port}"
+        self.log = workdir / "phoenix.log"
+        env = dict(
+            os.environ,
+            PHOENIX_WORKING_DIR=str(workdir / "phoenix"),
+            PHOENIX_PORT=str(self.http_port),
+            PHOENIX_GRPC_PORT=str(self.grpc_port),
+            PHOENIX_HOST="127.0.0.1",
+        )
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [str(phoenix_executable()), "serve"], stdout=out, stderr=subprocess.STDOUT, env=env
+            )
+
+    def __enter__(self) -> Phoenix:
+        def up():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"phoenix exited ({self.proc.returncode}):\n{self.tail()}")
+            try:
+                return get_json(f"{self.base}/v1/projects")
+            except OSError:
+                return None
+
+        try:
+            wait_until(up, timeout=90, interval=0.2, message=lambda: f"phoenix never came up:\n{self.tail()}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def project_id(self, name: str) -> str | None:
+        """The UI's id of a project (what its URLs carry), None while it does not exist."""
+        for p in get_json(f"{self.base}/v1/projects")["data"]:
+            if p["name"] == name:
+                return p["id"]
+        return None
+
+    def spans(self, project: str, limit: int = 1000) -> list[dict]:
+        try:
+            return get_json(f"{self.base}/v1/projects/{project}/spans?limit={limit}")["data"]
+        except OSError:
+            return []
