@@ -46,7 +46,7 @@ class IngestLimits:
     #: Distinct engine ids the ledger holds (``too_many_engines``).
     max_engines: int = 256
     #: Largest num_shards a hello may claim (``bad_hello``).
-    max_shards: int = 4096
+    max_shards: int = 1024
 
 
 def clip_text(text: str, limit: int = MAX_TEXT_BYTES) -> str:

@@ -34,7 +34,7 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
 from enginetime.sidecar.ingest.frames import REASONS as FRAME_REJECT_REASONS
-from enginetime.sidecar.ingest.server import LEDGER_ERROR
+from enginetime.sidecar.ingest.server import SERVER_REASONS
 from enginetime.sidecar.ledger.trace import (
     R_STATE,
     R_VIEW,
@@ -57,7 +57,7 @@ SECONDS_BUCKETS = (
 )  # fmt: skip
 
 
-_REJECT_REASONS = (*FRAME_REJECT_REASONS, LEDGER_ERROR)
+_REJECT_REASONS = (*FRAME_REJECT_REASONS, *SERVER_REASONS)
 
 
 class MetricsStartError(RuntimeError):
@@ -71,6 +71,8 @@ class StateSnapshot:
     ledger: dict[str, int] = field(default_factory=dict)  # LedgerCounters fields
     ingest: dict[str, int] = field(default_factory=dict)  # IngestCounters numeric fields
     rejected: dict[str, int] = field(default_factory=dict)  # rejected connections by reason
+    api_rejected: dict[str, int] = field(default_factory=dict)  # refused gRPC calls by reason
+    api_streams: int = 0
     shards: tuple[ShardView, ...] = ()
     spans: dict[str, int] = field(default_factory=dict)  # created, exported, unsampled, links
     spans_dropped: dict[str, int] = field(default_factory=dict)
@@ -185,6 +187,28 @@ class _StateCollector(Collector):
         for reason, n in sorted((dict.fromkeys(_REJECT_REASONS, 0) | snap.rejected).items()):
             rejected.add_metric((reason,), n)
         yield rejected
+        api = CounterMetricFamily(
+            "enginetime_api_rejected_calls",
+            "gRPC calls refused before reaching the service, by reason (unauthenticated: no or wrong "
+            "API token; too_many_streams: --max-streams or --max-streams-per-peer).",
+            labels=("reason",),
+        )
+        for reason, n in sorted(snap.api_rejected.items()):
+            api.add_metric((reason,), n)
+        yield api
+        yield GaugeMetricFamily(
+            "enginetime_api_streams", "Server streams open now (all peers).", value=snap.api_streams
+        )
+        yield counter(
+            "enginetime_ingest_clipped_fields",
+            "Ingest id/text fields longer than --max-text-bytes, kept as a prefix plus a hash.",
+            ing.get("clipped_fields", 0),
+        )
+        yield GaugeMetricFamily(
+            "enginetime_ingest_buffered_bytes",
+            "Bytes of half-received ingest frames, all connections (--max-ingest-buffer).",
+            value=ing.get("buffered_bytes", 0),
+        )
         yield counter("enginetime_ingest_frames", "Ingest frames accepted.", ing.get("frames", 0))
         yield counter("enginetime_ingest_bytes", "Ingest bytes received.", ing.get("bytes", 0))
         yield counter(
