@@ -106,7 +106,8 @@ class AccountingClient:
     sidecar serves on loopback by default); pass ``credentials=`` for TLS or
     ``channel=`` to share one you manage (then ``close()`` leaves it open).
     ``timeout`` bounds every unary call; streams have no deadline unless given one.
-    ``metadata`` (e.g. ``{"authorization": "Bearer ..."}``) goes with every call.
+    ``metadata`` goes with every call. ``token`` (default $ENGINETIME_API_TOKEN) is the
+    sidecar's API token (its --api-token-file), sent as ``authorization: Bearer``.
     """
 
     def __init__(
@@ -117,12 +118,13 @@ class AccountingClient:
         channel: grpc.Channel | None = None,
         metadata: cv.Metadata = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         if channel is not None and credentials is not None:
             raise ValueError("pass either channel= or credentials=, not both: a given channel has its own")
         self.target = target
         self.timeout = cv.check_timeout(timeout)
-        self._metadata = cv.normalize_metadata(metadata)
+        self._metadata = cv.with_token(cv.normalize_metadata(metadata), token)
         self._owns_channel = channel is None
         if channel is None:
             options = list(cv.CHANNEL_OPTIONS)

@@ -145,6 +145,7 @@ class Sidecar:
             max_requests=config.ledger.max_requests,
             storm_threshold_s=config.ledger.storm_threshold_s,
         )
+        self.service.max_text_bytes = config.ingest_limits.max_text_bytes
         self.health = HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.grpc_address = ""

@@ -29,6 +29,15 @@ log = logging.getLogger("enginetime.sidecar.api.auth")
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 UNAUTHENTICATED = "unauthenticated"
 TOO_MANY_STREAMS = "too_many_streams"
+BAD_REQUEST = "bad_request"
+
+
+@dataclass(frozen=True, slots=True)
+class _BadBody:
+    """What a request body that does not parse deserializes to (refused as INVALID_ARGUMENT)."""
+
+    size: int
+    error: str
 
 
 class CredentialsError(RuntimeError):
@@ -78,7 +87,9 @@ def _peer_host(peer: str) -> str:
 class ApiGuardCounters:
     """Calls the interceptor refused, by reason (served in /metrics)."""
 
-    rejected: dict[str, int] = field(default_factory=lambda: {UNAUTHENTICATED: 0, TOO_MANY_STREAMS: 0})
+    rejected: dict[str, int] = field(
+        default_factory=lambda: {UNAUTHENTICATED: 0, TOO_MANY_STREAMS: 0, BAD_REQUEST: 0}
+    )
     streams: int = 0  # open server streams now
 
 
@@ -123,14 +134,58 @@ class ApiGuard(grpc.aio.ServerInterceptor):
                 "ENGINETIME_API_TOKEN (the sidecar's --api-token-file)",
             )
         if handler.unary_stream is not None:
-            return self._limited(handler)
+            return self._limited(handler, method)
+        if handler.unary_unary is not None:
+            return self._checked(handler, method)
         return handler
 
-    def _limited(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _safe_deserializer(self, handler: grpc.RpcMethodHandler):
+        """The handler's deserializer, returning a _BadBody instead of raising (no traceback per call)."""
+        deserialize = handler.request_deserializer
+        if deserialize is None:
+            return None
+
+        def safe(data: bytes):
+            try:
+                return deserialize(data)
+            except Exception as exc:
+                return _BadBody(len(data), f"{type(exc).__name__}: {exc}")
+
+        return safe
+
+    async def _refuse_bad_body(self, request: _BadBody, method: str, context) -> None:
+        self.counters.rejected[BAD_REQUEST] = self.counters.rejected.get(BAD_REQUEST, 0) + 1
+        self._ratelog.log(
+            logging.WARNING, BAD_REQUEST, "refused %s: undecodable request body (%s)", method, request.error
+        )
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request body ({request.size} bytes) is not a valid message for {method[:200]}: is the "
+            "client built from enginetime's accounting.proto?",
+        )
+
+    def _checked(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        behavior = handler.unary_unary
+        guard = self
+
+        async def unary(request, context):
+            if type(request) is _BadBody:
+                await guard._refuse_bad_body(request, method, context)
+            return await behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary,
+            request_deserializer=self._safe_deserializer(handler),
+            response_serializer=handler.response_serializer,
+        )
+
+    def _limited(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         behavior = handler.unary_stream
         guard = self
 
         async def stream(request, context):
+            if type(request) is _BadBody:
+                await guard._refuse_bad_body(request, method, context)
             host = _peer_host(context.peer())
             per_peer = guard._per_peer.get(host, 0)
             if guard.counters.streams >= guard.max_streams or per_peer >= guard.max_streams_per_peer:
@@ -161,7 +216,7 @@ class ApiGuard(grpc.aio.ServerInterceptor):
 
         return grpc.unary_stream_rpc_method_handler(
             stream,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=self._safe_deserializer(handler),
             response_serializer=handler.response_serializer,
         )
 

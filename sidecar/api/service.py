@@ -33,6 +33,7 @@ import grpc
 
 from enginetime.sidecar.api import convert
 from enginetime.sidecar.api.fanout import FanOut, InterferenceFilter, RequestSubscriber
+from enginetime.sidecar.ingest.limits import MAX_TEXT_BYTES, clip_text, quote
 from enginetime.sidecar.ledger.views import RequestQuery, RequestState
 from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
@@ -81,11 +82,13 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
         self.retention_s = retention_s
         self.max_requests = max_requests
         self.storm_threshold_ns = int(storm_threshold_s * 1e9)
+        #: Ids longer than this were stored clipped (ingest's --max-text-bytes); look them up alike.
+        self.max_text_bytes = MAX_TEXT_BYTES
 
     # -- unary ------------------------------------------------------------------------------
 
     async def GetRequest(self, request: pb.GetRequestRequest, context) -> pb.GetRequestResponse:
-        rid = request.request_id
+        rid = clip_text(request.request_id, self.max_text_bytes)  # the rule ingest stored it by
         if not rid:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -125,7 +128,7 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
     # -- streams ----------------------------------------------------------------------------
 
     async def WatchRequest(self, request: pb.WatchRequestRequest, context) -> None:
-        rid = request.request_id
+        rid = clip_text(request.request_id, self.max_text_bytes)  # the rule ingest stored it by
         if not rid:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty: name the request to watch"
@@ -303,7 +306,8 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
 
     def _not_found(self, rid: str) -> str:
         return (
-            f"request {rid!r} is not known to this sidecar: no engine reporting here has announced it, or it "
+            f"request {quote(rid)} is not known to this sidecar: no engine reporting here has announced "
+            "it, or it "
             f"ended more than {self.retention_s:g} s ago (--retention), or the store evicted it "
             f"(--max-requests {self.max_requests}). Check the id (SGLang may prefix rids with a worker "
             "index) and that the engine's ENGINETIME_INGEST points at this sidecar"
@@ -311,7 +315,7 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
 
     def _evicted(self, rid: str) -> str:
         return (
-            f"request {rid!r} was evicted from this sidecar's store before it ended (more than "
+            f"request {quote(rid)} was evicted from this sidecar's store before it ended (more than "
             f"--max-requests {self.max_requests} requests held); raise --max-requests"
         )
 
