@@ -80,25 +80,19 @@ class RecorderStats:
 
 
 def _own(column: Any) -> Any:
-    """A copy the caller cannot mutate behind our back, as an ``array`` where possible.
+    """A copy the caller cannot mutate behind our back: the column's uint32s as ``bytes``.
 
-    An array is one object the garbage collector does not track, where a list copy is
-    a tracked container holding int objects: with the ring full of lists (the sidecar
-    away or slow), the engine process's collector had hundreds of thousands more
-    objects to walk and one full collection stalled the engine thread for 300 ms.
-    Values outside uint32 stay a list, for the encoder to report (counted).
+    ``bytes`` is the one container the garbage collector does not track (a list copy
+    is a tracked container holding int objects, and even ``array`` is tracked): with
+    the ring full of lists (the sidecar away or slow), the engine process's collector
+    had hundreds of thousands more objects to walk and one full collection stalled the
+    engine thread for 300 ms. Values outside uint32 stay a list, for the encoder to
+    report (counted).
     """
-    kind = type(column)
-    if kind is array:
-        return column[:] if column.typecode == wire.U32 else _as_u32(column)
-    if kind is tuple and len(column) < 64:
-        return column
-    return _as_u32(column)
-
-
-def _as_u32(column: Any) -> Any:
     try:
-        return array(wire.U32, column)
+        if type(column) is array and column.typecode == wire.U32:
+            return column.tobytes()
+        return array(wire.U32, column).tobytes()
     except (OverflowError, TypeError, ValueError):
         return list(column)
 

@@ -32,6 +32,7 @@ import socket
 import ssl
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -68,15 +69,33 @@ _MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 
+def _column_size(column: Any) -> int:
+    return len(column) if type(column) is bytes else 40 * len(column)
+
+
 def item_bytes(item: tuple) -> int:
-    """Approximate memory a ring item holds (the ring is bounded by it as well as by count)."""
+    """Approximate memory a ring item holds (the ring is bounded by it as well as by count).
+
+    Step columns are ``bytes`` of uint32s (recorder._own); a list (values out of range,
+    about to be dropped by the encoder) is counted at ~40 bytes an entry.
+    """
     code = item[0]
     if code == STEP:
         peers = item[12]
-        return 400 + 16 * len(item[8]) + (4 * len(peers) if peers is not None else 0)
+        size = 400 + _column_size(item[8]) + _column_size(item[9]) + _column_size(item[10])
+        return size + _column_size(item[11]) + (_column_size(peers) if peers is not None else 0)
     if code == EVENT:
         return 300 + len(item[5] or "")
     return 200
+
+
+def _as_array(column: Any) -> Any:
+    """A ring column (native-order uint32 ``bytes``) as the ``array`` the encoder takes whole."""
+    if type(column) is not bytes:
+        return column
+    arr = array(wire.U32)
+    arr.frombytes(column)
+    return arr
 
 
 class LiveRequest:
@@ -472,6 +491,14 @@ class Shipper:
                 duration = ns
                 source = TimerSource.CUDA_EVENT
         try:
+            handles, prefill, decode, context = (
+                _as_array(handles),
+                _as_array(prefill),
+                _as_array(decode),
+                _as_array(context),
+            )
+            if peer is not None:
+                peer = _as_array(peer)
             frame = wire.frame_step(
                 seq=seq,
                 start_time_ns=start_ns,
