@@ -38,12 +38,13 @@ class BaseClient:
         channel: Any,
         metadata: cv.Metadata,
         credentials: grpc.ChannelCredentials | None,
+        token: str | None = None,
     ) -> None:
         if channel is not None and credentials is not None:
             raise ValueError("pass either channel= or credentials=, not both: a given channel has its own")
         self.target = target
         self.timeout = cv.check_timeout(timeout)
-        self._metadata = cv.normalize_metadata(metadata)
+        self._metadata = cv.with_token(cv.normalize_metadata(metadata), token)
         self._credentials = credentials
         self._owns_channel = channel is None
         self._channel = channel

@@ -9,6 +9,7 @@ the sidecar also sends; floats are derived from the integer last.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -340,6 +341,20 @@ def normalize_metadata(metadata: Metadata) -> tuple[tuple[str, str], ...]:
             raise TypeError(f"metadata keys and values must be str, got {key!r}: {value!r}")
         out.append((key.lower(), value))
     return tuple(out)
+
+
+#: The sidecar's API token (its --api-token-file) when ``token=`` is not given.
+API_TOKEN_ENV = "ENGINETIME_API_TOKEN"
+
+
+def with_token(metadata: tuple[tuple[str, str], ...], token: str | None) -> tuple[tuple[str, str], ...]:
+    """``metadata`` plus ``authorization: Bearer <token>`` (token= else $ENGINETIME_API_TOKEN)."""
+    if token is None:
+        token = os.environ.get(API_TOKEN_ENV, "")
+    token = token.strip()
+    if not token or any(key == "authorization" for key, _ in metadata):
+        return metadata
+    return (*metadata, ("authorization", f"Bearer {token}"))
 
 
 def check_timeout(timeout: float | None, what: str = "timeout") -> float | None:

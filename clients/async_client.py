@@ -126,8 +126,16 @@ class AsyncAccountingClient(BaseClient):
         channel: grpc.aio.Channel | None = None,
         metadata: cv.Metadata = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
-        super().__init__(target, timeout=timeout, channel=channel, metadata=metadata, credentials=credentials)
+        super().__init__(
+            target,
+            timeout=timeout,
+            channel=channel,
+            metadata=metadata,
+            credentials=credentials,
+            token=token,
+        )
 
     # --- unary calls ----------------------------------------------------------------
 

@@ -136,9 +136,20 @@ def format_table(rows: list[RequestAccounting]) -> str:
 
 
 def _client(args):
+    """A client for --sidecar; the API token comes from $ENGINETIME_API_TOKEN (the client's default),
+    TLS from $ENGINETIME_API_CA (the CA bundle that signed the sidecar's --tls-cert)."""
+    import os
+
+    import grpc
+
     from .sync_client import AccountingClient
 
-    return AccountingClient(args.sidecar, timeout=args.timeout)
+    credentials = None
+    ca = os.environ.get("ENGINETIME_API_CA", "")
+    if ca:
+        with open(ca, "rb") as f:
+            credentials = grpc.ssl_channel_credentials(f.read())
+    return AccountingClient(args.sidecar, timeout=args.timeout, credentials=credentials)
 
 
 def cmd_get(args) -> int:

@@ -357,7 +357,9 @@ class Watch:
 class Guard(_GuardBase):
     """The engine-time guard for threaded session servers; see the module doc.
 
-    ``sidecar`` is the sidecar's gRPC address or an ``AccountingClient`` to share.
+    ``sidecar`` is the sidecar's gRPC address or an ``AccountingClient`` to share;
+    with an address, ``token`` (default $ENGINETIME_API_TOKEN) and ``credentials``
+    (TLS) are passed to the client it opens.
     Two daemon threads (stream reader, timer) start with the first watch; ``close()``
     stops them. Thread-safe: watch from any number of threads.
     """
@@ -376,6 +378,8 @@ class Guard(_GuardBase):
         restart_interval: float = 0.2,
         abort_timeout: float = 5.0,
         shard_timeout: float = 2.0,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         super().__init__(
             budget,
@@ -392,7 +396,10 @@ class Guard(_GuardBase):
         if isinstance(sidecar, AccountingClient):
             self.client, self._owns_client = sidecar, False
         elif isinstance(sidecar, str):
-            self.client, self._owns_client = AccountingClient(sidecar, timeout=shard_timeout), True
+            self.client, self._owns_client = (
+                AccountingClient(sidecar, timeout=shard_timeout, token=token, credentials=credentials),
+                True,
+            )
         else:
             raise TypeError(
                 f"sidecar= must be an address like '127.0.0.1:50151' or an AccountingClient, got {sidecar!r}"
@@ -682,6 +689,8 @@ class AsyncGuard(_GuardBase):
         restart_interval: float = 0.2,
         abort_timeout: float = 5.0,
         shard_timeout: float = 2.0,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         super().__init__(
             budget,
@@ -698,7 +707,10 @@ class AsyncGuard(_GuardBase):
         if isinstance(sidecar, AsyncAccountingClient):
             self.client, self._owns_client = sidecar, False
         elif isinstance(sidecar, str):
-            self.client, self._owns_client = AsyncAccountingClient(sidecar, timeout=shard_timeout), True
+            self.client, self._owns_client = (
+                AsyncAccountingClient(sidecar, timeout=shard_timeout, token=token, credentials=credentials),
+                True,
+            )
         else:
             raise TypeError(
                 "sidecar= must be an address like '127.0.0.1:50151' or an AsyncAccountingClient, "

@@ -106,8 +106,9 @@ class AccountingClient(BaseClient):
     sidecar serves on loopback by default), opened lazily on the first call; pass
     ``credentials=`` for TLS or ``channel=`` to share one you manage (then
     ``close()`` leaves it open). ``timeout`` bounds every unary call; streams have
-    no deadline unless given one. ``metadata`` (e.g. ``{"authorization": "Bearer
-    ..."}``) goes with every call. Safe to share between threads.
+    no deadline unless given one. ``metadata`` goes with every call. ``token``
+    (default $ENGINETIME_API_TOKEN) is the sidecar's API token (its
+    --api-token-file), sent as ``authorization: Bearer``. Safe to share between threads.
 
     The filtering methods take a ``RequestFilter`` as ``filter`` or its five fields
     as keywords (``states=``, ``shard=``, ``session_id=``, ``engine_id=``,
@@ -122,8 +123,16 @@ class AccountingClient(BaseClient):
         channel: grpc.Channel | None = None,
         metadata: cv.Metadata = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
-        super().__init__(target, timeout=timeout, channel=channel, metadata=metadata, credentials=credentials)
+        super().__init__(
+            target,
+            timeout=timeout,
+            channel=channel,
+            metadata=metadata,
+            credentials=credentials,
+            token=token,
+        )
         self._lock = threading.Lock()  # opening the channel, closing
 
     # --- unary calls ----------------------------------------------------------------

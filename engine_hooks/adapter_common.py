@@ -11,10 +11,11 @@ variable is the one thing every engine process inherits.
 
 =========================  ====================================================
 ``ENGINETIME_INGEST``      sidecar address, ``unix:PATH`` or ``tcp:HOST:PORT``
-                           (default ``unix:/tmp/enginetime/ingest.sock``)
+                           (default ``unix:/tmp/enginetime-<uid>/ingest.sock``)
 ``ENGINETIME_ENGINE_ID``   engine id shown by the sidecar (default
-                           ``<engine>-<hostname>``; set it on multi-node engines
-                           so every node reports the same engine)
+                           ``<engine>-<hostname>:<server port>``, unique per
+                           engine instance on a host; set it on multi-node
+                           engines so every node reports the same engine)
 ``ENGINETIME_TIMER``       ``auto`` (CUDA events when a GPU is visible), ``cpu``,
                            ``cuda``
 ``ENGINETIME_COUPLING``    ``independent`` / ``lockstep``: overrides what the
@@ -26,6 +27,7 @@ variable is the one thing every engine process inherits.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -57,11 +59,23 @@ class AdapterSettings:
     timer: str
     coupling: str | None  # None: infer from the engine's configuration
     disabled: bool
+    engine_id_given: bool = False  # ENGINETIME_ENGINE_ID was set
+
+    def for_instance(self, instance: object) -> AdapterSettings:
+        """Settings whose default engine id names this engine instance (e.g. its server port).
+
+        Two engines on one host would otherwise share ``<engine>-<hostname>`` and the
+        sidecar would refuse the second (``shard_taken``). An explicit id is kept.
+        """
+        if self.engine_id_given or instance in (None, ""):
+            return self
+        return dataclasses.replace(self, engine_id=f"{self.engine_id}:{instance}")
 
     @classmethod
     def from_env(cls, engine_kind: str, env: Mapping[str, str] | None = None) -> AdapterSettings:
         env = os.environ if env is None else env
-        engine_id = env.get(ENGINE_ID_ENV, "").strip() or f"{engine_kind}-{_hostname()}"
+        given = env.get(ENGINE_ID_ENV, "").strip()
+        engine_id = given or f"{engine_kind}-{_hostname()}"
         coupling = env.get(COUPLING_ENV, "").strip().lower() or None
         if coupling not in (None, "independent", "lockstep"):
             log.error(
@@ -76,6 +90,7 @@ class AdapterSettings:
             timer=env.get(TIMER_ENV, "").strip().lower() or "auto",
             coupling=coupling,
             disabled=env.get(DISABLE_ENV, "").strip().lower() in _TRUE,
+            engine_id_given=bool(given),
         )
 
 

@@ -12,11 +12,29 @@ import os
 PROTOCOL_VERSION = 1
 HOOKS_VERSION = "0.1.0"
 
-#: Where hooks send frames and the sidecar listens when nothing else is said.
+#: Where hooks send frames and the sidecar listens when nothing else is said: a
+#: directory of the user's own under /tmp (``{uid}`` is the process's uid), so
+#: two users on one host never share, and neither can squat the other's socket.
+#: Not $XDG_RUNTIME_DIR: an engine started by a service manager often lacks it while
+#: the sidecar started from a login shell has it, and both sides must agree.
 #: Overridden by the ENGINETIME_INGEST environment variable (same syntax as
 #: ``enginetime sidecar --ingest``: ``unix:PATH`` or ``tcp:HOST:PORT``).
-DEFAULT_INGEST_ADDRESS = "unix:/tmp/enginetime/ingest.sock"
+DEFAULT_INGEST_TEMPLATE = "unix:/tmp/enginetime-{uid}/ingest.sock"
 INGEST_ENV = "ENGINETIME_INGEST"
+#: TCP ingest's shared secret: a file holding it (preferred) or the value itself.
+TOKEN_FILE_ENV = "ENGINETIME_TOKEN_FILE"
+TOKEN_ENV = "ENGINETIME_TOKEN"
+#: TCP ingest over TLS: the CA bundle (PEM) that signed the sidecar's certificate.
+TLS_CA_ENV = "ENGINETIME_TLS_CA"
+
+
+def default_ingest_address() -> str:
+    """This user's default ingest address (the same rule in the hooks and the sidecar)."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return DEFAULT_INGEST_TEMPLATE.format(uid=uid)
+
+
+DEFAULT_INGEST_ADDRESS = default_ingest_address()
 
 #: Where the sidecar serves gRPC and clients look for it when nothing else is said
 #: (loopback only; ``enginetime sidecar --listen`` changes it).
@@ -29,7 +47,7 @@ MAX_FRAME_BYTES = 4 * 1024 * 1024
 
 def ingest_address(explicit: str | None = None) -> str:
     """The ingest address to use: explicit, else $ENGINETIME_INGEST, else the default."""
-    return explicit or os.environ.get(INGEST_ENV) or DEFAULT_INGEST_ADDRESS
+    return explicit or os.environ.get(INGEST_ENV) or default_ingest_address()
 
 
 def parse_address(address: str) -> tuple[str, str | tuple[str, int]]:

@@ -37,13 +37,16 @@ from . import wire
 from .constants import (
     HOOKS_VERSION,
     PROTOCOL_VERSION,
+    TLS_CA_ENV,
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
     Coupling,
     EventKind,
     StepKind,
     ingest_address,
     parse_address,
 )
-from .shipper import EVENT, STEP, ErrorLog, LiveRequest, Shipper
+from .shipper import EVENT, STEP, ErrorLog, LiveRequest, Shipper, item_bytes
 from .timers import CpuTimer, CudaEventTimer, make_timer
 
 log = logging.getLogger("enginetime.engine_hooks")
@@ -77,13 +80,21 @@ class RecorderStats:
 
 
 def _own(column: Any) -> Any:
-    """A copy the caller cannot mutate behind our back (engine thread: keep it cheap)."""
-    kind = type(column)
-    if kind is list or kind is array:
-        return column[:]
-    if kind is tuple:
-        return column
-    return list(column)
+    """A copy the caller cannot mutate behind our back: the column's uint32s as ``bytes``.
+
+    ``bytes`` is the one container the garbage collector does not track (a list copy
+    is a tracked container holding int objects, and even ``array`` is tracked): with
+    the ring full of lists (the sidecar away or slow), the engine process's collector
+    had hundreds of thousands more objects to walk and one full collection stalled the
+    engine thread for 300 ms. Values outside uint32 stay a list, for the encoder to
+    report (counted).
+    """
+    try:
+        if type(column) is array and column.typecode == wire.U32:
+            return column.tobytes()
+        return array(wire.U32, column).tobytes()
+    except (OverflowError, TypeError, ValueError):
+        return list(column)
 
 
 class Recorder:
@@ -94,13 +105,16 @@ class Recorder:
     nothing and counts every step as dropped).
 
     ``address``: ``unix:PATH`` or ``tcp:HOST:PORT``; default $ENGINETIME_INGEST, else
-    ``unix:/tmp/enginetime/ingest.sock``. ``timer``: "auto" (CUDA events when torch
+    ``unix:/tmp/enginetime-<uid>/ingest.sock``. ``timer``: "auto" (CUDA events when torch
     sees a GPU, else the CPU clock; an engine whose forward runs on the CPU in a
     process that can see a GPU must say "cpu"), "cpu", "cuda", or a timer object.
-    ``buffer_size`` bounds the ring the engine thread appends to, and (with
-    ``buffer_bytes``) the shipper's backlog of encoded frames; beyond them the oldest
-    records are dropped and counted. ``seq`` starts at 0 and every ``step_end`` call
-    takes one, so a step that could not be recorded shows to the sidecar as a gap.
+    ``buffer_size`` (items) and ``buffer_bytes`` (memory, default 64 MiB) bound both
+    the ring the engine thread appends to and the shipper's backlog of encoded frames;
+    beyond them the oldest records are dropped and counted. ``token`` (TCP ingest's
+    shared secret) defaults to the contents of $ENGINETIME_TOKEN_FILE, else
+    $ENGINETIME_TOKEN; ``tls_ca`` (a CA bundle: TCP ingest over TLS) to
+    $ENGINETIME_TLS_CA. ``seq`` starts at 0 and every ``step_end`` call takes one, so a
+    step that could not be recorded shows to the sidecar as a gap.
     """
 
     def __init__(
@@ -118,6 +132,8 @@ class Recorder:
         timer: str | CpuTimer | CudaEventTimer = "auto",
         heartbeat_interval_s: float = 1.0,
         start: bool = True,
+        token: str | None = None,
+        tls_ca: str | None = None,
     ) -> None:
         # Safe defaults first: whatever fails below, every method still works.
         self._errors = ErrorLog()
@@ -139,6 +155,8 @@ class Recorder:
         self.engine_version = str(engine_version)
         self.epoch = (int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)) | 1
         self.address = ""
+        self._token = ""
+        tls = None
         target = None
         try:
             self.shard = self._u32("shard", shard)
@@ -166,6 +184,9 @@ class Recorder:
                     level=logging.ERROR,
                 )
             if target is not None:
+                self._token = self._read_token(token)
+                if target[0] == "tcp":
+                    tls = self._tls_context(tls_ca)
                 self._timer = make_timer(timer)
         except Exception as exc:
             self._errors.report("Recorder setup", exc, level=logging.ERROR)
@@ -181,9 +202,11 @@ class Recorder:
             capacity=buffer_size,
             backlog_bytes=buffer_bytes,
             heartbeat_interval_s=heartbeat_interval_s,
+            tls=tls,
         )
         self._ring = self._shipper.ring
         self._cap = self._shipper.capacity
+        self._cap_bytes = self._shipper.ring_bytes_cap
         self._enabled = target is not None
         _RECORDERS.add(self)
         if start:
@@ -337,8 +360,11 @@ class Recorder:
                 None if peer_tokens is None else _own(peer_tokens),
             )
             ring = self._ring
-            if len(ring) >= self._cap:
-                self._shipper.overflow()
+            sh = self._shipper
+            size = item_bytes(item)
+            while ring and (len(ring) >= self._cap or sh.ring_bytes + size > self._cap_bytes):
+                sh.overflow()
+            sh.add_ring_bytes(size)
             ring.append(item)
         except Exception as exc:
             self._lost_step(dev, "bad step_end arguments", exc)
@@ -586,6 +612,43 @@ class Recorder:
         with self._lock:
             return list(self._by_handle.values())
 
+    def _read_token(self, token: str | None) -> str:
+        """The TCP ingest token: argument, else $ENGINETIME_TOKEN_FILE's contents, else $ENGINETIME_TOKEN."""
+        if token is not None:
+            return str(token)
+        path = os.environ.get(TOKEN_FILE_ENV, "")
+        if path:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return f.read().strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                self._errors.report(
+                    "cannot read the ingest token",
+                    f"{TOKEN_FILE_ENV}={path}: {exc}; connecting without a token (the sidecar will refuse "
+                    "it if it requires one)",
+                    level=logging.ERROR,
+                )
+                return ""
+        return os.environ.get(TOKEN_ENV, "").strip()
+
+    def _tls_context(self, tls_ca: str | None) -> Any:
+        """An ssl context verifying the sidecar against $ENGINETIME_TLS_CA (None: plain TCP)."""
+        path = tls_ca if tls_ca is not None else os.environ.get(TLS_CA_ENV, "")
+        if not path:
+            return None
+        import ssl
+
+        try:
+            return ssl.create_default_context(cafile=path)
+        except (OSError, ssl.SSLError) as exc:
+            self._errors.report(
+                "cannot use the TLS CA",
+                f"{TLS_CA_ENV}={path}: {exc}; this recorder will not connect (a plain connection would "
+                "send the token in the clear)",
+                level=logging.ERROR,
+            )
+            raise
+
     def _hello_frame(self) -> bytes:
         return wire.frame_hello(
             engine_id=self.engine_id,
@@ -601,6 +664,7 @@ class Recorder:
             device_name=getattr(self._timer, "device_name", ""),
             recorder_epoch=self.epoch,
             protocol_version=PROTOCOL_VERSION,
+            token=self._token,
         )
 
 

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -65,6 +67,35 @@ _YIELD_S = 0.0001
 _STABLE_CONNECTION_S = 1.0
 _MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+
+
+def _column_size(column: Any) -> int:
+    return len(column) if type(column) is bytes else 40 * len(column)
+
+
+def item_bytes(item: tuple) -> int:
+    """Approximate memory a ring item holds (the ring is bounded by it as well as by count).
+
+    Step columns are ``bytes`` of uint32s (recorder._own); a list (values out of range,
+    about to be dropped by the encoder) is counted at ~40 bytes an entry.
+    """
+    code = item[0]
+    if code == STEP:
+        peers = item[12]
+        size = 400 + _column_size(item[8]) + _column_size(item[9]) + _column_size(item[10])
+        return size + _column_size(item[11]) + (_column_size(peers) if peers is not None else 0)
+    if code == EVENT:
+        return 300 + len(item[5] or "")
+    return 200
+
+
+def _as_array(column: Any) -> Any:
+    """A ring column (native-order uint32 ``bytes``) as the ``array`` the encoder takes whole."""
+    if type(column) is not bytes:
+        return column
+    arr = array(wire.U32)
+    arr.frombytes(column)
+    return arr
 
 
 class LiveRequest:
@@ -188,6 +219,7 @@ class Shipper:
         heartbeat_interval_s: float = 1.0,
         connect_timeout_s: float = 1.0,
         stall_timeout_s: float = 10.0,
+        tls: Any = None,
     ) -> None:
         self.address = address
         self._target = target
@@ -204,6 +236,12 @@ class Shipper:
         #: Producers append here (engine thread, request threads). Unbounded deque with
         #: an explicit check so a drop can be counted by kind and its CUDA pair reused.
         self.ring: deque[tuple] = deque()
+        #: Approximate memory the ring holds (item_bytes of each item), bounded by backlog_bytes
+        #: like the backlog: many big steps must not grow the engine process without bound.
+        self.ring_bytes = 0
+        self.ring_bytes_cap = self._backlog_bytes_cap
+        self._bytes_lock = threading.Lock()
+        self._tls = tls  # ssl.SSLContext for tcp: ingest over TLS
         self._drop_lock = threading.Lock()
         self.dropped_steps = 0
         self.dropped_events = 0
@@ -243,9 +281,16 @@ class Shipper:
 
     def push(self, item: tuple) -> None:
         """Append an item, dropping the oldest when the ring is full (any thread)."""
-        if len(self.ring) >= self.capacity:
+        size = item_bytes(item)
+        ring = self.ring
+        while ring and (len(ring) >= self.capacity or self.ring_bytes + size > self.ring_bytes_cap):
             self.overflow()
-        self.ring.append(item)
+        self.add_ring_bytes(size)
+        ring.append(item)
+
+    def add_ring_bytes(self, size: int) -> None:
+        with self._bytes_lock:
+            self.ring_bytes += size
 
     def overflow(self) -> None:
         """Drop the oldest ring item and count it (called by a producer when full)."""
@@ -253,6 +298,7 @@ class Shipper:
             old = self.ring.popleft()
         except IndexError:  # the shipper emptied it meanwhile
             return
+        self.add_ring_bytes(-item_bytes(old))
         self._lost_item(old)
 
     def count_dropped(self, steps: int = 0, events: int = 0) -> None:
@@ -389,6 +435,7 @@ class Shipper:
                     item = ring.popleft()
                 except IndexError:
                     return False, False
+                self.add_ring_bytes(-item_bytes(item))
             code = item[0]
             if code == STEP:
                 dev = item[6]
@@ -444,6 +491,14 @@ class Shipper:
                 duration = ns
                 source = TimerSource.CUDA_EVENT
         try:
+            handles, prefill, decode, context = (
+                _as_array(handles),
+                _as_array(prefill),
+                _as_array(decode),
+                _as_array(context),
+            )
+            if peer is not None:
+                peer = _as_array(peer)
             frame = wire.frame_step(
                 seq=seq,
                 start_time_ns=start_ns,
@@ -522,6 +577,8 @@ class Shipper:
                 host, port = target
                 sock = socket.create_connection((host, port), timeout=self._connect_timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self._tls is not None:  # handshake now, still blocking (bounded by the timeout)
+                    sock = self._tls.wrap_socket(sock, server_hostname=host)
             # Non-blocking from here on: a sidecar that reads slowly must not hold up this
             # thread (it still has CUDA events to resolve); unwritten bytes wait for the next pass.
             sock.setblocking(False)
@@ -603,8 +660,10 @@ class Shipper:
     def _peer_closed(self) -> bool:
         """Has the sidecar closed its end? (A TCP write after that would vanish silently.)"""
         try:
+            if self._tls is not None:  # TLS sockets cannot peek; the sidecar never sends data
+                return self._sock.recv(1) == b""  # type: ignore[union-attr]
             return self._sock.recv(1, _PEEK_FLAGS) == b""  # type: ignore[union-attr]
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return False
         except OSError:
             return True
@@ -695,8 +754,11 @@ class Shipper:
         out = self._out
         while out:
             try:
-                n = sock.send(out, _MSG_NOSIGNAL)  # type: ignore[union-attr]
-            except (BlockingIOError, InterruptedError):
+                if self._tls is not None:
+                    n = sock.send(out)  # type: ignore[union-attr]
+                else:
+                    n = sock.send(out, _MSG_NOSIGNAL)  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 self._out = out
                 if now - self._last_progress > self._stall_timeout:
                     self._disconnect(now, f"the sidecar has not read for {self._stall_timeout:.0f} s")

@@ -211,6 +211,7 @@ _HELLO_VERSION = _tag(7, _LEN)
 _HELLO_HOOKS = _tag(8, _LEN)
 _HELLO_CLOCK = _tag(9, _LEN)
 _HELLO_EPOCH = _tag(10, _VARINT)
+_HELLO_TOKEN = _tag(11, _LEN)
 
 
 def frame_hello(
@@ -228,8 +229,9 @@ def frame_hello(
     device_name: str = "",
     recorder_epoch: int = 0,
     protocol_version: int = PROTOCOL_VERSION,
+    token: str = "",
 ) -> bytes:
-    """One framed EngineHello (with its ClockInfo)."""
+    """One framed EngineHello (with its ClockInfo); ``token`` authenticates TCP ingest."""
     clock: list[bytes] = []
     _put_varint(clock, _CLOCK_WALL, _i64("wall_time_ns", wall_time_ns))
     _put_varint(clock, _CLOCK_MONO, _i64("monotonic_ns", monotonic_ns))
@@ -249,6 +251,7 @@ def frame_hello(
     clock_bytes = b"".join(clock)
     parts += (_HELLO_CLOCK, encode_varint(len(clock_bytes)), clock_bytes)
     _put_varint(parts, _HELLO_EPOCH, _u64("recorder_epoch", recorder_epoch))
+    _put_str(parts, _HELLO_TOKEN, token)
     return _wrap(FRAME_HELLO, b"".join(parts))
 
 

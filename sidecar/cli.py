@@ -14,6 +14,7 @@ import math
 
 from enginetime.engine_hooks.constants import DEFAULT_INGEST_ADDRESS, INGEST_ENV, parse_address
 from enginetime.sidecar.config import LedgerConfig, SidecarConfig
+from enginetime.sidecar.ingest.limits import IngestLimits
 
 for _module in (
     "grpc",
@@ -90,6 +91,15 @@ _seconds = _number(float, minimum=0.0, inclusive=True, what="a number of seconds
 _frame_bytes = _number(int, minimum=1024, inclusive=True, what="a number of bytes")
 
 
+_text_bytes = _number(int, minimum=64, inclusive=True, what="a number of bytes")
+
+
+def _uid(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a numeric uid (see `id -u USER`)")
+    return int(value)
+
+
 def _port(value: str) -> int:
     if not value.isdigit() or not 0 <= int(value) < 65536:
         raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0-65535; 0 picks a free port)")
@@ -131,9 +141,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
             + INGEST_ENV
             + " if set, else "
             + DEFAULT_INGEST_ADDRESS
-            + ". A Unix socket is created 0600 (parent directory 0700 if missing); a stale socket from a "
-            "dead sidecar is replaced, a live one is never taken over. Change it to run several sidecars on "
-            "one host, or use tcp: when the engine runs in another network namespace."
+            + " (uid: this user's). A Unix socket is created 0600 (parent directory 0700 if missing; an "
+            "existing one must be this user's and not writable by others); a stale socket from a dead "
+            "sidecar is replaced, a live one is never taken over. Change it to run several sidecars on one "
+            "host, or use tcp: (with --ingest-token-file and/or TLS) when the engine runs in another "
+            "network namespace."
         ),
     )
     net.add_argument(
@@ -146,6 +158,63 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "port (read it from the ready line). Use 0.0.0.0:PORT only behind a network policy: the API "
             "has no authentication yet."
         ),
+    )
+    sec = parser.add_argument_group("security (see docs/SECURITY.md)")
+    sec.add_argument(
+        "--ingest-allow-uid",
+        metavar="UID",
+        type=_uid,
+        action="append",
+        default=[],
+        help=(
+            "Unix ingest: also accept engines running as this uid (repeatable). Default: only the "
+            "sidecar's own uid; other peers are closed (counted as peer_uid)."
+        ),
+    )
+    sec.add_argument(
+        "--ingest-token-file",
+        metavar="PATH",
+        default="",
+        help=(
+            "TCP ingest: a file holding a shared secret every engine must send in its hello (the hooks "
+            "read ENGINETIME_TOKEN_FILE or ENGINETIME_TOKEN); compared in constant time."
+        ),
+    )
+    sec.add_argument(
+        "--ingest-tls-cert", metavar="PEM", default="", help="TCP ingest over TLS: certificate chain."
+    )
+    sec.add_argument(
+        "--ingest-tls-key",
+        metavar="PEM",
+        default="",
+        help="TCP ingest over TLS: private key (the hooks verify with ENGINETIME_TLS_CA).",
+    )
+    sec.add_argument(
+        "--allow-insecure-ingest",
+        action="store_true",
+        help="serve tcp: ingest with neither token nor TLS (a warning is logged). Only on a private network.",
+    )
+    sec.add_argument("--tls-cert", metavar="PEM", default="", help="gRPC API over TLS: certificate chain.")
+    sec.add_argument("--tls-key", metavar="PEM", default="", help="gRPC API over TLS: private key.")
+    sec.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        default="",
+        help="mTLS: accept only API clients presenting a certificate signed by this CA (needs --tls-cert).",
+    )
+    sec.add_argument(
+        "--api-token-file",
+        metavar="PATH",
+        default="",
+        help=(
+            "a file holding a bearer token every API call must carry (clients: token= or "
+            "ENGINETIME_API_TOKEN). Health checks need none."
+        ),
+    )
+    sec.add_argument(
+        "--allow-insecure-listen",
+        action="store_true",
+        help="serve the API on a non-loopback --listen without TLS or token (a warning is logged).",
     )
     led = parser.add_argument_group("accounting store")
     led.add_argument(
@@ -227,6 +296,96 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "how long a gRPC stream's write may stay blocked (its client is not reading) before the stream "
             "is cut off with RESOURCE_EXHAUSTED. Default: max(10 x the stream's interval, 5). Raise it for "
             "clients that pause reading for long; slow clients never slow ingest either way."
+        ),
+    )
+    lim.add_argument(
+        "--max-ingest-connections",
+        metavar="N",
+        type=_positive_int,
+        default=IngestLimits.max_connections,
+        help=(
+            "open ingest connections; more are closed at once (too_many_connections). "
+            f"Default: {IngestLimits.max_connections}."
+        ),
+    )
+    lim.add_argument(
+        "--ingest-hello-timeout",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        default=IngestLimits.hello_timeout_s,
+        help=(
+            "an ingest connection without a valid hello by then is closed (hello_timeout). "
+            f"Default: {IngestLimits.hello_timeout_s:g}."
+        ),
+    )
+    lim.add_argument(
+        "--max-ingest-buffer",
+        metavar="BYTES",
+        type=_frame_bytes,
+        default=IngestLimits.max_buffered_bytes,
+        help=(
+            "bytes of half-received frames over all ingest connections; the connection that crosses it is "
+            "closed (buffer_limit). One connection holds at most one frame (--max-frame-bytes). "
+            f"Default: {IngestLimits.max_buffered_bytes}."
+        ),
+    )
+    lim.add_argument(
+        "--max-text-bytes",
+        metavar="BYTES",
+        type=_text_bytes,
+        default=IngestLimits.max_text_bytes,
+        help=(
+            "longest request/session/engine id or other text field kept as sent; a longer one is kept as "
+            "its first bytes plus '…#' and 16 hex digits of its sha256 (the API applies the same rule to "
+            f"the ids it is asked for). Default: {IngestLimits.max_text_bytes}."
+        ),
+    )
+    lim.add_argument(
+        "--max-live-per-shard",
+        metavar="N",
+        type=_positive_int,
+        default=IngestLimits.max_live_per_shard,
+        help="live requests one shard may have; beyond it the connection is closed (too_many_live). "
+        f"Default: {IngestLimits.max_live_per_shard}.",
+    )
+    lim.add_argument(
+        "--max-engines",
+        metavar="N",
+        type=_positive_int,
+        default=IngestLimits.max_engines,
+        help=(
+            "distinct engine ids the sidecar keeps state for (too_many_engines beyond). "
+            f"Default: {IngestLimits.max_engines}."
+        ),
+    )
+    lim.add_argument(
+        "--max-shards",
+        metavar="N",
+        type=_positive_int,
+        default=IngestLimits.max_shards,
+        help=(
+            "shards over all engines, and the largest num_shards a hello may claim. "
+            f"Default: {IngestLimits.max_shards}."
+        ),
+    )
+    lim.add_argument(
+        "--max-streams",
+        metavar="N",
+        type=_positive_int,
+        default=SidecarConfig.max_streams,
+        help=(
+            "concurrent gRPC server streams; one more ends with RESOURCE_EXHAUSTED. "
+            f"Default: {SidecarConfig.max_streams}."
+        ),
+    )
+    lim.add_argument(
+        "--max-streams-per-peer",
+        metavar="N",
+        type=_positive_int,
+        default=SidecarConfig.max_streams_per_peer,
+        help=(
+            "concurrent gRPC server streams from one client host (RESOURCE_EXHAUSTED beyond). "
+            f"Default: {SidecarConfig.max_streams_per_peer}."
         ),
     )
     lim.add_argument(
@@ -327,6 +486,27 @@ def build_config(args: argparse.Namespace) -> SidecarConfig:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         log_level=args.log_level,
+        ingest_limits=IngestLimits(
+            max_connections=args.max_ingest_connections,
+            hello_timeout_s=args.ingest_hello_timeout,
+            max_buffered_bytes=args.max_ingest_buffer,
+            max_text_bytes=args.max_text_bytes,
+            max_live_per_shard=args.max_live_per_shard,
+            max_engines=args.max_engines,
+            max_shards=args.max_shards,
+        ),
+        ingest_token_file=args.ingest_token_file,
+        ingest_tls_cert=args.ingest_tls_cert,
+        ingest_tls_key=args.ingest_tls_key,
+        allow_insecure_ingest=args.allow_insecure_ingest,
+        ingest_allow_uids=tuple(args.ingest_allow_uid),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        api_token_file=args.api_token_file,
+        allow_insecure_listen=args.allow_insecure_listen,
+        max_streams=args.max_streams,
+        max_streams_per_peer=args.max_streams_per_peer,
     )
 
 

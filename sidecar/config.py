@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from enginetime.engine_hooks.constants import DEFAULT_GRPC_ADDRESS, MAX_FRAME_BYTES, ingest_address
+from enginetime.sidecar.ingest.limits import IngestLimits
 
 #: Where gRPC is served unless told otherwise (loopback only).
 DEFAULT_LISTEN = DEFAULT_GRPC_ADDRESS
@@ -97,6 +98,28 @@ class SidecarConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
+    #: Per-peer ingest limits (connections, hello timeout, buffers, ids, live requests, engines).
+    ingest_limits: IngestLimits = field(default_factory=IngestLimits)
+    #: TCP ingest: a file holding the shared token the hooks send in their hello.
+    ingest_token_file: str = ""
+    #: TCP ingest over TLS (PEM files).
+    ingest_tls_cert: str = ""
+    ingest_tls_key: str = ""
+    #: Serve TCP ingest without token or TLS (a warning is logged).
+    allow_insecure_ingest: bool = False
+    #: Unix ingest: uids besides the sidecar's own that may connect.
+    ingest_allow_uids: tuple[int, ...] = ()
+    #: gRPC API over TLS (PEM files); with tls_client_ca every client needs a certificate it signed.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    #: A file holding the bearer token every API call but health must carry.
+    api_token_file: str = ""
+    #: Serve the API on a non-loopback address without TLS or token.
+    allow_insecure_listen: bool = False
+    #: Concurrent server streams in total and per peer host (RESOURCE_EXHAUSTED beyond).
+    max_streams: int = 1024
+    max_streams_per_peer: int = 64
 
     def fanout_limits(self) -> FanOutLimits:
         """The fan-out's bounds these settings ask for."""

@@ -27,8 +27,10 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import ipaddress
 import logging
 import signal
+import ssl
 import sys
 
 import grpc
@@ -36,10 +38,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from enginetime.sidecar.api.auth import ApiGuard, CredentialsError, read_secret_file, server_credentials
 from enginetime.sidecar.api.fanout import PUBLISH_PERIOD_S, FanOut
 from enginetime.sidecar.api.service import AccountingService, add_to_server
 from enginetime.sidecar.cli import split_host_port
 from enginetime.sidecar.config import SidecarConfig
+from enginetime.sidecar.ingest.limits import RateLimitedLog
 from enginetime.sidecar.ingest.server import IngestAddressError, IngestServer
 from enginetime.sidecar.ledger.ledger import Ledger
 from enginetime.sidecar.ledger.protocols import SidecarLedger
@@ -70,10 +74,19 @@ class Sidecar:
         self.config = config
         self.ledger: SidecarLedger = ledger if ledger is not None else Ledger(config.ledger)
         self.fanout = FanOut(self.ledger, config.fanout_limits())
-        self.ingest = IngestServer(self.ledger, config.ingest, max_frame_bytes=config.max_frame_bytes)
+        self.ingest = IngestServer(
+            self.ledger,
+            config.ingest,
+            max_frame_bytes=config.max_frame_bytes,
+            limits=config.ingest_limits,
+            allow_uids=config.ingest_allow_uids,
+            allow_insecure=config.allow_insecure_ingest,
+        )
+        self.api_guard: ApiGuard | None = None
         counters = self.ingest.counters
         self.fanout.ingest_busy_s = lambda: counters.busy_s
         self.service = AccountingService(self.ledger, self.fanout, config.ledger)
+        self.service.max_text_bytes = config.ingest_limits.max_text_bytes
         self.health = HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.grpc_address = ""
@@ -105,13 +118,42 @@ class Sidecar:
         """Bind ingest and gRPC (and /metrics, span export), start the ticker, mark health SERVING."""
         if self._tracing_error:
             raise SidecarStartError(self._tracing_error)
-        host, port = split_host_port(self.config.listen)
+        cfg = self.config
+        host, port = split_host_port(cfg.listen)
+        install_quiet_exception_handler(asyncio.get_running_loop())
+        try:
+            api_token = read_secret_file(cfg.api_token_file, "--api-token-file") if cfg.api_token_file else ""
+            creds = None
+            if cfg.tls_cert or cfg.tls_key or cfg.tls_client_ca:
+                if not (cfg.tls_cert and cfg.tls_key):
+                    raise CredentialsError(
+                        "--tls-cert and --tls-key go together (--tls-client-ca needs both)"
+                    )
+                creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+            self._configure_ingest_auth()
+        except CredentialsError as exc:
+            raise SidecarStartError(str(exc)) from exc
+        if not is_loopback(host) and creds is None and not api_token:
+            if not cfg.allow_insecure_listen:
+                raise SidecarStartError(
+                    f"refusing to serve the API on {host}:{port} without TLS or a token: every request id, "
+                    "session id and traceparent would be open to the network. Use --tls-cert/--tls-key "
+                    "(and --tls-client-ca for mTLS) and/or --api-token-file, listen on 127.0.0.1, or pass "
+                    "--allow-insecure-listen when a network policy already limits who can connect"
+                )
+            log.warning(
+                "serving the API on %s:%s without TLS or token (--allow-insecure-listen): anyone who can "
+                "reach it can read every request's accounting",
+                host,
+                port,
+            )
         try:
             self.ingest_address = await self.ingest.start()
         except IngestAddressError as exc:
             raise SidecarStartError(str(exc)) from exc
+        self.api_guard = ApiGuard(api_token, cfg.max_streams, cfg.max_streams_per_peer)
         # so_reuseport off: a second sidecar on the same port must fail, not share it silently.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[self.api_guard])
         add_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -123,7 +165,10 @@ class Sidecar:
             server,
         )
         try:
-            bound = server.add_insecure_port(f"{host}:{port}")
+            if creds is not None:
+                bound = server.add_secure_port(f"{host}:{port}", creds)
+            else:
+                bound = server.add_insecure_port(f"{host}:{port}")
         except RuntimeError as exc:
             bound = 0
             detail = str(exc)
@@ -149,6 +194,25 @@ class Sidecar:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._ticker = asyncio.create_task(self._tick_loop(), name="enginetime-ledger-ticker")
+
+    def _configure_ingest_auth(self) -> None:
+        """TCP ingest's token and TLS context from their files (CredentialsError when unusable)."""
+        cfg = self.config
+        if cfg.ingest_token_file:
+            self.ingest.token = read_secret_file(cfg.ingest_token_file, "--ingest-token-file").encode()
+        if cfg.ingest_tls_cert or cfg.ingest_tls_key:
+            if not (cfg.ingest_tls_cert and cfg.ingest_tls_key):
+                raise CredentialsError("--ingest-tls-cert and --ingest-tls-key go together")
+            if self.ingest.family != "tcp":
+                raise CredentialsError("--ingest-tls-cert/--ingest-tls-key apply to tcp: ingest only")
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            try:
+                ctx.load_cert_chain(cfg.ingest_tls_cert, cfg.ingest_tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise CredentialsError(
+                    f"--ingest-tls-cert {cfg.ingest_tls_cert} / --ingest-tls-key {cfg.ingest_tls_key}: {exc}"
+                ) from exc
+            self.ingest.ssl_context = ctx
 
     def _start_observability(self) -> None:
         """Span export and /metrics, each when configured, fed by one FinishedFeed."""
@@ -201,6 +265,8 @@ class Sidecar:
         return StateSnapshot(
             ledger=dataclasses.replace(self.ledger.counters),
             ingest=dataclasses.replace(ing, rejected=dict(ing.rejected)),
+            api_rejected=dict(self.api_guard.counters.rejected) if self.api_guard is not None else {},
+            api_streams=self.api_guard.counters.streams if self.api_guard is not None else 0,
             shards=tuple(self.ledger.shards()),
             spans=spans,
             spans_exported=tracer.exported if tracer is not None else 0,
@@ -316,6 +382,49 @@ class Sidecar:
                     log.exception("ledger tick / publish failed (%d so far)", self._tick_errors)
 
 
+def is_loopback(host: str) -> bool:
+    """Is ``host`` (as given to --listen) a loopback address or localhost?"""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def install_quiet_exception_handler(loop: asyncio.AbstractEventLoop) -> None:
+    """Route asyncio's unhandled errors through a once-a-second-per-kind log.
+
+    Out of descriptors (EMFILE), asyncio's accept loop reports every failed accept with a
+    traceback; under a connection flood that was thousands of ERROR lines a second.
+    """
+    ratelog = RateLimitedLog(logging.getLogger("enginetime.sidecar.loop"))
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        exc = context.get("exception")
+        message = context.get("message", "unhandled error in the event loop")
+        kind = f"{message}:{type(exc).__name__}" if exc is not None else message
+        detail = f"{type(exc).__name__}: {exc}" if exc is not None else ""
+        if isinstance(exc, OSError) and exc.errno in (24, 23):  # EMFILE, ENFILE
+            detail += " (out of file descriptors: raise `ulimit -n` or lower --max-ingest-connections)"
+        ratelog.log(logging.ERROR, kind, "%s %s", message, detail)
+
+    loop.set_exception_handler(handler)
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft descriptor limit to the hard one (connection floods hit it first)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def configure_logging(level: str) -> None:
     """One line per record on stderr (stdout carries only the ready line)."""
     logging.basicConfig(
@@ -348,5 +457,6 @@ def tune_gc() -> None:
 
 def main(config: SidecarConfig) -> int:
     configure_logging(config.log_level)
+    raise_fd_limit()
     tune_gc()
     return asyncio.run(Sidecar(config).run())

@@ -150,7 +150,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--ingest",
         default=None,
         help="sidecar ingest address (unix:PATH or tcp:HOST:PORT); default $ENGINETIME_INGEST "
-        "or unix:/tmp/enginetime/ingest.sock",
+        "or unix:/tmp/enginetime-<uid>/ingest.sock",
     )
     serve.add_argument("--no-hooks", action="store_true", help="run without engine_hooks (overhead baseline)")
     serve.add_argument(

@@ -106,11 +106,15 @@ def test_engine_pod_shares_the_socket_with_its_sidecar() -> None:
     env = {c["name"]: {e["name"]: e.get("value") for e in c["env"]} for c in (sidecar, engine)}
     ingest = env["enginetime-sidecar"]["ENGINETIME_INGEST"]
     assert env["engine"]["ENGINETIME_INGEST"] == ingest and ingest.startswith("unix:")
-    socket_dir = str(Path(ingest[len("unix:") :]).parent)
+    socket_dir = Path(ingest[len("unix:") :]).parent
     volumes = {v["name"]: v for v in pod["volumes"]}
     for c in (sidecar, engine):
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-        assert "emptyDir" in volumes[mounts[socket_dir]], c["name"]
+        # The socket's directory is a subdirectory the sidecar creates inside the shared
+        # emptyDir (an emptyDir is world-writable: the sidecar refuses it as the socket's directory).
+        assert str(socket_dir) not in mounts and "emptyDir" in volumes[mounts[str(socket_dir.parent)]], c[
+            "name"
+        ]
     assert pod["securityContext"]["runAsUser"] == 10001  # one uid: the socket is 0600
     for c in (sidecar, engine):
         assert "runAsUser" not in c.get("securityContext", {})
@@ -121,6 +125,10 @@ def test_engine_pod_shares_the_socket_with_its_sidecar() -> None:
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
     assert args.listen == f"0.0.0.0:{ports['accounting']}" and args.metrics_port == ports["metrics"]
     assert args.metrics_host == "0.0.0.0"
+    # The API listens beyond loopback, so it is authenticated: a token from a mounted Secret.
+    token_dir = str(Path(args.api_token_file).parent)
+    mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
+    assert "secret" in volumes[mounts[token_dir]] and not args.allow_insecure_listen
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert sidecar[probe]["grpc"]["port"] == ports["accounting"]  # grpc.health.v1 is served
     annotations = dep["spec"]["template"]["metadata"]["annotations"]

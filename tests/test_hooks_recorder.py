@@ -586,3 +586,41 @@ def test_close_without_start_and_stats_shape(sockdir):
     st = rec.stats()
     assert st.pending == 1 and st.live_requests == 1 and not st.connected
     rec.close()
+
+
+def test_the_ring_is_bounded_by_bytes_and_holds_no_gc_tracked_columns(sockdir):
+    """Big steps with nobody reading: memory stays under buffer_bytes, and the ring's columns are
+    arrays the garbage collector never walks (a ring of lists made full collections stall the engine)."""
+    import gc
+
+    rec = Recorder(
+        "bytes",
+        address=f"unix:{sockdir}/nobody-here.sock",
+        timer="cpu",
+        buffer_size=1_000_000,
+        buffer_bytes=1 << 20,
+        start=False,  # no shipper thread: everything stays in the ring
+    )
+    try:
+        entries = 4096
+        handles = list(range(1, entries + 1))
+        zeros = [0] * entries
+        for _ in range(200):
+            tok = rec.step_begin()
+            rec.step_end(
+                tok,
+                kind=StepKind.DECODE,
+                handles=handles,
+                prefill_tokens=zeros,
+                decode_tokens=[1] * entries,
+                context_tokens=handles,
+            )
+        ring = rec._shipper.ring
+        assert rec._shipper.ring_bytes <= 1 << 20
+        assert 0 < len(ring) < 200
+        assert rec.stats().dropped_steps == 200 - len(ring)  # the oldest went, counted
+        actual = sum(sum(len(col) for col in item[8:12]) for item in ring)  # uint32 bytes
+        assert actual <= 1 << 20  # the estimate does not undercount the columns
+        assert not any(gc.is_tracked(col) for item in ring for col in item[8:12])
+    finally:
+        rec.close()

@@ -24,6 +24,10 @@ from enginetime.v1 import ingest_pb2 as pb
 # ----------------------------------------------------------------------------- random messages
 
 INT64 = (-(2**63), 2**63 - 1)
+# What the stream decoder accepts (docs/SECURITY.md): times in [0, 2**62), a step's device
+# time up to an hour. decode_frame alone parses any int64 (test_decode_frame_parses_any_int64).
+TIME = (0, 2**62 - 1)
+DURATION = (0, 3600 * 10**9)
 
 
 def _text(rng: random.Random) -> str:
@@ -47,7 +51,7 @@ def _random_hello(rng: random.Random, version: int = PROTOCOL_VERSION) -> pb.Eng
     if rng.random() < 0.8:
         msg.clock.CopyFrom(
             pb.ClockInfo(
-                wall_time_ns=rng.randint(*INT64),
+                wall_time_ns=rng.randint(*TIME),
                 monotonic_ns=rng.randint(*INT64),
                 timer_source=rng.randint(0, 2),
                 device_name=_text(rng),
@@ -61,7 +65,7 @@ def _random_event(rng: random.Random) -> pb.RequestEvent:
         handle=rng.randint(0, 2**32 - 1),
         request_id=_text(rng),
         kind=rng.randint(0, 6),
-        time_ns=rng.randint(*INT64),
+        time_ns=rng.randint(*TIME),
         prompt_tokens=rng.randint(0, 2**32 - 1),
         cached_tokens=rng.randint(0, 2**32 - 1),
         session_id=_text(rng),
@@ -83,9 +87,9 @@ def _random_step(rng: random.Random) -> pb.StepRecord:
 
     msg = pb.StepRecord(
         seq=rng.randint(0, 2**64 - 1),
-        start_time_ns=rng.randint(*INT64),
-        end_time_ns=rng.randint(*INT64),
-        device_time_ns=rng.randint(*INT64),
+        start_time_ns=rng.randint(*TIME),
+        end_time_ns=rng.randint(*TIME),
+        device_time_ns=rng.randint(*DURATION),
         timer_source=rng.randint(0, 2),
         kind=rng.randint(0, 4),
         handles=col(),
@@ -101,7 +105,7 @@ def _random_step(rng: random.Random) -> pb.StepRecord:
 
 def _random_beat(rng: random.Random) -> pb.Heartbeat:
     return pb.Heartbeat(
-        time_ns=rng.randint(*INT64),
+        time_ns=rng.randint(*TIME),
         dropped_frames=rng.randint(0, 2**64 - 1),
         dropped_steps=rng.randint(0, 2**64 - 1),
         dropped_events=rng.randint(0, 2**64 - 1),
@@ -433,3 +437,80 @@ def test_column_mismatch_keeps_the_frames_before_it() -> None:
     assert "seq=9" in err.message and "decode_tokens=2" in err.message
     assert [type(f).__name__ for f in err.frames] == ["Hello", "Step", "Step"]
     assert [f.seq for f in err.frames[1:]] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- value limits
+
+
+def test_decode_frame_parses_any_int64() -> None:
+    """The wire parser keeps protobuf's full ranges; only the stream decoder enforces limits."""
+    rng = random.Random(3)
+    for _ in range(50):
+        msg = pb.IngestFrame(
+            request_event=pb.RequestEvent(handle=1, kind=1, time_ns=rng.randint(*INT64), request_id="r")
+        )
+        assert decode_frame(msg.SerializeToString()).time_ns == msg.request_event.time_ns
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (pb.IngestFrame(request_event=pb.RequestEvent(handle=1, kind=1, time_ns=-(2**63))), "time_ns"),
+        (pb.IngestFrame(request_event=pb.RequestEvent(handle=1, kind=1, time_ns=2**62)), "time_ns"),
+        (pb.IngestFrame(step=pb.StepRecord(seq=1, start_time_ns=-1, end_time_ns=1)), "start_time_ns"),
+        (pb.IngestFrame(step=pb.StepRecord(seq=1, end_time_ns=2**63 - 1)), "end_time_ns"),
+        (pb.IngestFrame(step=pb.StepRecord(seq=1, device_time_ns=-5)), "device_time_ns"),
+        (pb.IngestFrame(step=pb.StepRecord(seq=1, device_time_ns=3601 * 10**9)), "device_time_ns"),
+        (pb.IngestFrame(heartbeat=pb.Heartbeat(time_ns=-1)), "Heartbeat.time_ns"),
+    ],
+)
+def test_out_of_range_times_are_bad_value(bad: pb.IngestFrame, field: str) -> None:
+    rng = random.Random(1)
+    good = pb.IngestFrame(request_event=_random_event(rng))
+    decoder = FrameDecoder()
+    with pytest.raises(FrameError) as err:
+        decoder.feed(frame(pb.IngestFrame(hello=_random_hello(rng))) + frame(good) + frame(bad))
+    assert err.value.reason == "bad_value" and field in err.value.message
+    assert [type(f) for f in err.value.frames] == [Hello, Event]  # the good ones before it survive
+
+
+def test_long_text_fields_are_clipped_to_a_prefix_and_hash() -> None:
+    from enginetime.sidecar.ingest.limits import clip_text
+
+    long_id = "r" * 5000
+    decoder = FrameDecoder(max_text_bytes=256)
+    frames = decoder.feed(
+        frame(
+            pb.IngestFrame(
+                hello=pb.EngineHello(protocol_version=PROTOCOL_VERSION, engine_id="e" * 999, num_shards=1)
+            )
+        )
+        + frame(
+            pb.IngestFrame(
+                request_event=pb.RequestEvent(
+                    handle=1, kind=1, request_id=long_id, session_id="s" * 300, traceparent="t"
+                )
+            )
+        )
+    )
+    hello, ev = frames
+    assert len(hello.engine_id.encode()) <= 256 and hello.engine_id.startswith("e" * 100)
+    assert ev.request_id == clip_text(long_id, 256) and len(ev.request_id.encode()) <= 256
+    assert ev.request_id != clip_text("r" * 5001, 256)  # the hash tells long ids apart
+    assert ev.traceparent == "t"
+    assert decoder.clipped == 3
+
+
+def test_a_big_frame_before_the_hello_is_oversized() -> None:
+    decoder = FrameDecoder()
+    with pytest.raises(FrameError) as err:
+        decoder.feed(varint(100_000) + b"x" * 10)
+    assert err.value.reason == "oversized"
+
+
+def test_hello_token_is_decoded_but_never_shown() -> None:
+    msg = pb.IngestFrame(
+        hello=pb.EngineHello(protocol_version=PROTOCOL_VERSION, engine_id="e", num_shards=1, token="s3cret")
+    )
+    (hello,) = FrameDecoder().feed(frame(msg))
+    assert hello.token == "s3cret" and "s3cret" not in repr(hello)

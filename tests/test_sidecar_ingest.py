@@ -239,7 +239,7 @@ def test_refuses_a_path_that_is_not_a_socket(tmp_path) -> None:
 
 
 def test_tcp_ingest(tmp_path) -> None:
-    with start_sidecar(tmp_path, ingest="tcp:127.0.0.1:0") as sp:
+    with start_sidecar(tmp_path, "--allow-insecure-ingest", ingest="tcp:127.0.0.1:0") as sp:
         assert sp.ingest.startswith("tcp:127.0.0.1:") and not sp.ingest.endswith(":0")
         with grpc.insecure_channel(sp.grpc_target) as channel:
             stub = pb_grpc.AccountingServiceStub(channel)

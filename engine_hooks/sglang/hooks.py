@@ -116,7 +116,11 @@ class SGLangAdapter:
     def __init__(
         self, scheduler: Any, *, settings: AdapterSettings | None = None, recorder: Recorder | None = None
     ) -> None:
-        self.settings = settings or AdapterSettings.from_env("sglang")
+        args = getattr(scheduler, "server_args", None)
+        # Default engine id: host plus the server's port, unique per SGLang instance on a host.
+        self.settings = (settings or AdapterSettings.from_env("sglang")).for_instance(
+            getattr(args, "port", None)
+        )
         self.guard = Guard()
         shard, num, coupling, reports, suffix = shard_layout(scheduler)
         self.shard, self.num_shards, self.reports = shard, num, reports

@@ -110,11 +110,16 @@ class VllmRecording:
     def __init__(
         self, scheduler: Any, *, recorder: Recorder | None = None, settings: AdapterSettings | None = None
     ) -> None:
-        self.settings = settings or AdapterSettings.from_env("vllm")
-        self.guard = Guard()
-        self.scheduler_ref = weakref.ref(scheduler)
         cfg = getattr(scheduler, "vllm_config", None)
         pc = getattr(cfg, "parallel_config", None)
+        # Default engine id: host plus an id every DP rank of this instance shares
+        # (VllmConfig.instance_id, random per instance; else the DP master port).
+        instance = getattr(cfg, "instance_id", None) or getattr(pc, "data_parallel_master_port", None)
+        self.settings = (settings or AdapterSettings.from_env("vllm")).for_instance(
+            instance if isinstance(instance, int | str) else None
+        )
+        self.guard = Guard()
+        self.scheduler_ref = weakref.ref(scheduler)
         self.shard = int(getattr(pc, "data_parallel_rank", 0) or 0)
         self.num_shards = max(1, int(getattr(pc, "data_parallel_size", 1) or 1))
         is_moe = bool(getattr(getattr(cfg, "model_config", None), "is_moe", False))

@@ -35,6 +35,7 @@ import grpc
 from enginetime.sidecar.api import convert
 from enginetime.sidecar.api.fanout import FanOut, InterferenceFilter, RequestSubscriber
 from enginetime.sidecar.config import LedgerConfig
+from enginetime.sidecar.ingest.limits import MAX_TEXT_BYTES, clip_text, quote
 from enginetime.sidecar.ledger.protocols import AccountingReader
 from enginetime.sidecar.ledger.views import RequestQuery, RequestState
 from enginetime.v1 import accounting_pb2 as pb
@@ -87,11 +88,13 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
         #: The ledger's bounds: what NOT_FOUND explains, and the storm threshold streams filter by.
         self.config = config = config or LedgerConfig()
         self.storm_threshold_ns = int(config.storm_threshold_s * 1e9)
+        #: Ids longer than this were stored clipped (ingest's --max-text-bytes); look them up alike.
+        self.max_text_bytes = MAX_TEXT_BYTES
 
     # -- unary ------------------------------------------------------------------------------
 
     async def GetRequest(self, request: pb.GetRequestRequest, context) -> pb.GetRequestResponse:
-        rid = request.request_id
+        rid = clip_text(request.request_id, self.max_text_bytes)  # the rule ingest stored it by
         if not rid:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -131,7 +134,7 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
     # -- streams ----------------------------------------------------------------------------
 
     async def WatchRequest(self, request: pb.WatchRequestRequest, context) -> None:
-        rid = request.request_id
+        rid = clip_text(request.request_id, self.max_text_bytes)  # the rule ingest stored it by
         if not rid:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty: name the request to watch"
@@ -309,15 +312,15 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
 
     def _not_found(self, rid: str) -> str:
         return (
-            f"request {rid!r} is not known to this sidecar: no engine reporting here has announced it, or it "
-            f"ended more than {self.config.retention_s:g} s ago (--retention), or the store evicted it "
-            f"(--max-requests {self.config.max_requests}). Check the id (SGLang may prefix rids with a "
-            "worker index) and that the engine's ENGINETIME_INGEST points at this sidecar"
+            f"request {quote(rid)} is not known to this sidecar: no engine reporting here has announced "
+            f"it, or it ended more than {self.config.retention_s:g} s ago (--retention), or the store "
+            f"evicted it (--max-requests {self.config.max_requests}). Check the id (SGLang may prefix rids "
+            "with a worker index) and that the engine's ENGINETIME_INGEST points at this sidecar"
         )
 
     def _evicted(self, rid: str) -> str:
         return (
-            f"request {rid!r} was evicted from this sidecar's store before it ended (more than "
+            f"request {quote(rid)} was evicted from this sidecar's store before it ended (more than "
             f"--max-requests {self.config.max_requests} requests held); raise --max-requests"
         )
 

@@ -23,6 +23,14 @@ from collections.abc import Callable
 import numpy as np
 
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, PROTOCOL_VERSION
+from enginetime.sidecar.ingest.limits import (
+    MAX_DURATION_NS,
+    MAX_TEXT_BYTES,
+    PRE_HELLO_FRAME_BYTES,
+    TIME_MAX_NS,
+    clip_text,
+    quote,
+)
 from enginetime.sidecar.ingest.records import Beat, Event, Frame, Hello, Step
 
 #: Reasons a connection can be rejected for (counter labels; stable strings).
@@ -34,6 +42,7 @@ NO_HELLO = "no_hello"
 DUPLICATE_HELLO = "duplicate_hello"
 BAD_HELLO = "bad_hello"
 COLUMN_MISMATCH = "column_mismatch"
+BAD_VALUE = "bad_value"
 
 REASONS: tuple[str, ...] = (
     MALFORMED,
@@ -44,6 +53,7 @@ REASONS: tuple[str, ...] = (
     DUPLICATE_HELLO,
     BAD_HELLO,
     COLUMN_MISMATCH,
+    BAD_VALUE,
 )
 
 _U32 = np.dtype("<u4")
@@ -231,6 +241,8 @@ def _parse_hello(buf: bytes, start: int, end: int) -> Hello:
                 hello.hooks_version = _text(buf, value, "EngineHello.hooks_version")
             elif number == 9:
                 clock.append(value)
+            elif number == 11:
+                hello.token = _text(buf, value, "EngineHello.token")
     for span in clock:  # an embedded message seen twice merges, in order
         _parse_clock(buf, span[0], span[1], hello)
     return hello
@@ -408,16 +420,23 @@ class FrameDecoder:
     """
 
     def __init__(
-        self, max_frame_bytes: int = MAX_FRAME_BYTES, expected_version: int = PROTOCOL_VERSION
+        self,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        expected_version: int = PROTOCOL_VERSION,
+        *,
+        max_text_bytes: int = MAX_TEXT_BYTES,
     ) -> None:
         if max_frame_bytes <= 0:
             raise ValueError(f"max_frame_bytes must be positive, got {max_frame_bytes}")
         self.max_frame_bytes = max_frame_bytes
         self.expected_version = expected_version
+        self.max_text_bytes = max(64, int(max_text_bytes))
         self.hello: Hello | None = None
         #: Frames decoded, and frames skipped because their variant is unknown here.
         self.frames = 0
         self.skipped = 0
+        #: Text fields longer than max_text_bytes, kept clipped (prefix + hash).
+        self.clipped = 0
         self._buf = bytearray()
         self._need = 0  # declared length of the frame being buffered (0: none yet)
         self._prefix = 0  # bytes of its length prefix
@@ -477,6 +496,12 @@ class FrameDecoder:
                             f"{self.max_frame_bytes} (--max-frame-bytes); a recorder never sends frames "
                             "this big, so the stream is corrupt or not from enginetime",
                         )
+                    if self.hello is None and n > PRE_HELLO_FRAME_BYTES:
+                        raise FrameError(
+                            OVERSIZED,
+                            f"the first frame declares {n} bytes; an EngineHello is under "
+                            f"{PRE_HELLO_FRAME_BYTES} bytes, so the stream is corrupt or not from enginetime",
+                        )
                     stop = body + n
                     if stop > size:
                         self._need = n
@@ -502,6 +527,12 @@ class FrameDecoder:
                             f"the first frame is a {type(frame).__name__}, not an EngineHello; a recorder "
                             "must introduce itself before sending events or steps",
                         )
+                    elif type(frame) is Step:
+                        self._check_step(frame)
+                    elif type(frame) is Event:
+                        self._check_event(frame)
+                    elif type(frame) is Beat:
+                        _check_time(frame.time_ns, "Heartbeat.time_ns")
                     self.frames += 1
                     out.append(frame)
             finally:
@@ -537,14 +568,15 @@ class FrameDecoder:
         if self.hello is not None:
             raise FrameError(
                 DUPLICATE_HELLO,
-                f"a second EngineHello on one connection (engine {hello.engine_id!r} shard {hello.shard}); "
+                f"a second EngineHello on one connection (engine {quote(hello.engine_id)} "
+                f"shard {hello.shard}); "
                 "a recorder that restarts must open a new connection",
             )
         if hello.protocol_version != self.expected_version:
             newer = hello.protocol_version > self.expected_version
             raise FrameError(
                 BAD_VERSION,
-                f"engine {hello.engine_id!r} shard {hello.shard} speaks ingest protocol "
+                f"engine {quote(hello.engine_id)} shard {hello.shard} speaks ingest protocol "
                 f"v{hello.protocol_version}, this sidecar speaks v{self.expected_version}: "
                 + (
                     "upgrade the sidecar to the enginetime version of the engine's hooks"
@@ -552,6 +584,14 @@ class FrameDecoder:
                     else "upgrade the enginetime hooks in the engine's environment to the sidecar's version"
                 ),
             )
+        _check_time(hello.wall_time_ns, "ClockInfo.wall_time_ns")
+        for name in ("engine_id", "engine_kind", "engine_version", "hooks_version", "device_name"):
+            value = getattr(hello, name)
+            if len(value) * 4 > self.max_text_bytes:
+                clipped = clip_text(value, self.max_text_bytes)
+                if clipped is not value:
+                    self.clipped += 1
+                    setattr(hello, name, clipped)
         problems = []
         if not hello.engine_id:
             problems.append("engine_id is empty")
@@ -565,6 +605,42 @@ class FrameDecoder:
                 "EngineHello is unusable: " + "; ".join(problems) + " (a bug in the engine adapter)",
             )
         self.hello = hello
+
+    def _check_step(self, step: Step) -> None:
+        _check_time(step.start_time_ns, "StepRecord.start_time_ns")
+        _check_time(step.end_time_ns, "StepRecord.end_time_ns")
+        if not 0 <= step.device_time_ns <= MAX_DURATION_NS:
+            raise _bad_value("StepRecord.device_time_ns", step.device_time_ns, f"0..{MAX_DURATION_NS} ns")
+
+    def _check_event(self, ev: Event) -> None:
+        _check_time(ev.time_ns, "RequestEvent.time_ns")
+        limit = self.max_text_bytes
+        quarter = limit >> 2
+        if (
+            len(ev.request_id) > quarter
+            or len(ev.session_id) > quarter
+            or len(ev.traceparent) > quarter
+            or len(ev.finish_reason) > quarter
+        ):
+            for name in ("request_id", "session_id", "traceparent", "finish_reason"):
+                value = getattr(ev, name)
+                clipped = clip_text(value, limit)
+                if clipped is not value:
+                    self.clipped += 1
+                    setattr(ev, name, clipped)
+
+
+def _bad_value(field: str, value: int, allowed: str) -> FrameError:
+    return FrameError(
+        BAD_VALUE,
+        f"{field} is {value}, outside {allowed}; the recorder's clock or its adapter is broken "
+        "(or the peer is not an enginetime recorder)",
+    )
+
+
+def _check_time(value: int, field: str) -> None:
+    if not 0 <= value < TIME_MAX_NS:
+        raise _bad_value(field, value, "0..2**62 ns since the epoch")
 
 
 def encode_varint(value: int) -> bytes:

@@ -27,6 +27,8 @@ class Hello:
     timer_source: int = 0  # TimerSource
     device_name: str = ""
     recorder_epoch: int = 0
+    #: TCP ingest's shared secret; never shown in reprs or logs.
+    token: str = field(default="", repr=False)
 
 
 @dataclass(slots=True)

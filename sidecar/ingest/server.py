@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hmac
 import logging
 import os
 import socket
+import ssl
 import stat
 import struct
 import time
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, cast
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES
 from enginetime.sidecar.cli import parse_ingest_address
 from enginetime.sidecar.ingest.frames import FrameDecoder, FrameError
+from enginetime.sidecar.ingest.limits import IngestLimits, RateLimitedLog, quote
 from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
 from enginetime.sidecar.ledger.protocols import IngestSink
 
@@ -37,6 +40,28 @@ log = logging.getLogger("enginetime.sidecar.ingest.server")
 
 #: Reason label for a frame the ledger refused (it raised while ingesting it).
 LEDGER_ERROR = "ledger_error"
+#: Reasons the ingest server itself closes a connection for (beside the frame errors).
+SHARD_TAKEN = "shard_taken"  # another live connection speaks for this (engine, shard)
+ENGINE_MISMATCH = "engine_mismatch"  # num_shards/coupling differ from the engine's live shards
+BAD_TOKEN = "bad_token"  # --ingest-token-file is set and the hello's token is missing or wrong
+PEER_UID = "peer_uid"  # a Unix peer of a uid that --ingest-allow-uid does not allow
+HELLO_TIMEOUT = "hello_timeout"
+TOO_MANY_CONNECTIONS = "too_many_connections"
+BUFFER_LIMIT = "buffer_limit"
+TOO_MANY_ENGINES = "too_many_engines"
+TOO_MANY_LIVE = "too_many_live"
+SERVER_REASONS: tuple[str, ...] = (
+    LEDGER_ERROR,
+    SHARD_TAKEN,
+    ENGINE_MISMATCH,
+    BAD_TOKEN,
+    PEER_UID,
+    HELLO_TIMEOUT,
+    TOO_MANY_CONNECTIONS,
+    BUFFER_LIMIT,
+    TOO_MANY_ENGINES,
+    TOO_MANY_LIVE,
+)
 
 
 class IngestAddressError(RuntimeError):
@@ -56,6 +81,8 @@ class IngestCounters:
     heartbeats: int = 0
     entries: int = 0  # step entries (requests x steps)
     busy_s: float = 0.0  # seconds spent decoding and feeding the ledger
+    buffered_bytes: int = 0  # bytes of half-received frames, all connections
+    clipped_fields: int = 0  # id/text fields longer than --max-text-bytes, kept clipped
     rejected: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -67,16 +94,27 @@ class IngestCounters:
         )
 
 
-def _describe_peer(transport: asyncio.BaseTransport, family: str, address: str) -> str:
-    """Who is on the other end: the process id for Unix sockets, host:port for TCP."""
+def peer_credentials(transport: asyncio.BaseTransport) -> tuple[int, int] | None:
+    """(pid, uid) of a Unix socket's peer from SO_PEERCRED; None where unavailable."""
     sock = transport.get_extra_info("socket")
-    if family == "unix" and sock is not None and hasattr(socket, "SO_PEERCRED"):
-        try:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, uid, _gid = struct.unpack("3i", creds)
-            return f"pid {pid} (uid {uid}) on unix:{address}"
-        except OSError:
-            return f"unix:{address}"
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return pid, uid
+
+
+def _describe_peer(
+    transport: asyncio.BaseTransport, family: str, address: str, creds: tuple[int, int] | None
+) -> str:
+    """Who is on the other end: the process id for Unix sockets, host:port for TCP."""
+    if family == "unix":
+        if creds is not None:
+            return f"pid {creds[0]} (uid {creds[1]}) on unix:{address}"
+        return f"unix:{address}"
     peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"tcp:{peer[0]}:{peer[1]}"
@@ -88,37 +126,86 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, server: IngestServer) -> None:
         self.server = server
-        self.decoder = FrameDecoder(server.max_frame_bytes)
+        self.decoder = FrameDecoder(server.max_frame_bytes, max_text_bytes=server.limits.max_text_bytes)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.pid: int | None = None
         self.key: ShardKey | None = None
+        self.epoch = 0
         self.closed = False
+        self._buffered = 0  # this connection's share of counters.buffered_bytes
+        self._hello_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         srv = self.server
-        self.peer = _describe_peer(transport, srv.family, srv.bound_target)
+        creds = peer_credentials(transport) if srv.family == "unix" else None
+        self.pid = creds[0] if creds is not None else None
+        self.peer = _describe_peer(transport, srv.family, srv.bound_target, creds)
         srv.counters.connections += 1
         srv.counters.active_connections += 1
         srv._connections.add(self)
         log.debug("connection from %s", self.peer)
+        if srv.counters.active_connections > srv.limits.max_connections:
+            self._reject(
+                TOO_MANY_CONNECTIONS,
+                f"{srv.limits.max_connections} ingest connections are open already "
+                "(--max-ingest-connections); is something opening connections in a loop?",
+            )
+            return
+        if srv.family == "unix" and srv.allowed_uids is not None:
+            if creds is None or creds[1] not in srv.allowed_uids:
+                self._reject(
+                    PEER_UID,
+                    f"the peer runs as uid {creds[1] if creds else '?'}; only uids "
+                    f"{sorted(srv.allowed_uids)} may send records (run the engine as the sidecar's user, "
+                    "or allow its uid with --ingest-allow-uid)",
+                )
+                return
+        self._hello_timer = asyncio.get_running_loop().call_later(
+            srv.limits.hello_timeout_s, self._hello_timed_out
+        )
+
+    def _hello_timed_out(self) -> None:
+        self._hello_timer = None
+        if self.key is None and not self.closed:
+            self._reject(
+                HELLO_TIMEOUT,
+                f"no valid EngineHello within {self.server.limits.hello_timeout_s:g} s "
+                "(--ingest-hello-timeout)",
+            )
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        counters = self.server.counters
+        srv = self.server
+        counters = srv.counters
         started = time.perf_counter()
         counters.bytes += len(data)
+        decoder = self.decoder
         try:
-            frames = self.decoder.feed(data)
+            frames = decoder.feed(data)
         except FrameError as exc:
             self._dispatch(exc.frames)
             self._reject(exc.reason, exc.message)
         else:
             if frames:
                 self._dispatch(frames)
+            buffered = decoder.buffered
+            if buffered != self._buffered:
+                counters.buffered_bytes += buffered - self._buffered
+                self._buffered = buffered
+                if buffered and counters.buffered_bytes > srv.limits.max_buffered_bytes:
+                    self._reject(
+                        BUFFER_LIMIT,
+                        f"half-received frames hold {counters.buffered_bytes} bytes over all connections, "
+                        f"more than --max-ingest-buffer {srv.limits.max_buffered_bytes}",
+                    )
+        if decoder.clipped:
+            counters.clipped_fields += decoder.clipped
+            decoder.clipped = 0
         counters.busy_s += time.perf_counter() - started
 
     def eof_received(self) -> bool:
@@ -138,9 +225,15 @@ class _Connection(asyncio.Protocol):
             self.closed = True
         srv = self.server
         srv.counters.active_connections -= 1
+        srv.counters.buffered_bytes -= self._buffered
+        self._buffered = 0
         srv._connections.discard(self)
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
         if self.key is not None:
             key, self.key = self.key, None
+            srv.release(key, self)
             try:
                 srv.ledger.disconnect(key)
             except Exception:
@@ -164,17 +257,32 @@ class _Connection(asyncio.Protocol):
                     ledger.on_step(key, frame)
                     counters.steps += 1
                     counters.entries += len(frame.handles)
+                    if ledger.live_requests(key) > srv.limits.max_live_per_shard:
+                        self._too_many_live()
+                        return
                 elif t is Event:
                     ledger.on_event(key, frame)
                     counters.events += 1
+                    if frame.kind == 1 and ledger.live_requests(key) > srv.limits.max_live_per_shard:
+                        self._too_many_live()
+                        return
                 elif t is Beat:
                     ledger.on_heartbeat(key, frame)
                     counters.heartbeats += 1
                 elif t is Hello:
+                    refusal = srv.admit(self, frame)
+                    if refusal is not None:
+                        self._reject(*refusal)
+                        return
                     key = self.key = ledger.connect(frame)
+                    self.epoch = frame.recorder_epoch
+                    srv.claim(key, self)
+                    if self._hello_timer is not None:
+                        self._hello_timer.cancel()
+                        self._hello_timer = None
                     log.info(
-                        "engine %r shard %d/%d (%s %s, hooks %s, %s) connected from %s",
-                        frame.engine_id,
+                        "engine %s shard %d/%d (%s %s, hooks %s, %s) connected from %s",
+                        quote(frame.engine_id),
                         frame.shard,
                         frame.num_shards,
                         frame.engine_kind or "?",
@@ -195,17 +303,26 @@ class _Connection(asyncio.Protocol):
                 return
             counters.frames += 1
 
+    def _too_many_live(self) -> None:
+        self._reject(
+            TOO_MANY_LIVE,
+            f"{self._who()} has more than {self.server.limits.max_live_per_shard} live requests "
+            "(--max-live-per-shard); is the adapter reporting FINISHED/ABORTED?",
+        )
+
     def _who(self) -> str:
         hello = self.decoder.hello
         if hello is None:
             return "unidentified recorder"
-        return f"engine {hello.engine_id!r} shard {hello.shard}"
+        return f"engine {quote(hello.engine_id)} shard {hello.shard}"
 
     def _count_reject(self, reason: str, message: str) -> int:
         rejected = self.server.counters.rejected
         n = rejected.get(reason, 0) + 1
         rejected[reason] = n
-        log.warning(
+        self.server.ratelog.log(
+            logging.WARNING,
+            reason,
             "closing connection from %s (%s): %s: %s [rejected %s total: %d]",
             self.peer,
             self._who(),
@@ -224,6 +341,13 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def drop(self) -> None:
+        """Close without counting a rejection (superseded by a reconnect of the same recorder)."""
+        self.key = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
 
 class IngestServer:
     """Listens on ``unix:PATH`` or ``tcp:HOST:PORT`` and feeds the ledger.
@@ -235,15 +359,104 @@ class IngestServer:
     the sidecar run as the same user; nobody else may inject records).
     """
 
-    def __init__(self, ledger: IngestSink, address: str, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self,
+        ledger: IngestSink,
+        address: str,
+        *,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        limits: IngestLimits | None = None,
+        token: str = "",
+        ssl_context: ssl.SSLContext | None = None,
+        allow_uids: tuple[int, ...] = (),
+        allow_insecure: bool = False,
+    ) -> None:
         self.family, self.target = parse_ingest_address(address)
         self.ledger = ledger
         self.max_frame_bytes = max_frame_bytes
+        self.limits = limits or IngestLimits()
         self.counters = IngestCounters()
+        self.ratelog = RateLimitedLog(log)
+        self.token = token.encode("utf-8")
+        self.ssl_context = ssl_context
+        self.allow_insecure = allow_insecure
+        #: Unix peers allowed to connect: our own uid plus --ingest-allow-uid (None: no check).
+        self.allowed_uids: frozenset[int] | None = (
+            frozenset((os.getuid(), *allow_uids)) if hasattr(os, "getuid") else None
+        )
         self.bound_target = self.target if isinstance(self.target, str) else ""
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[_Connection] = set()
+        self._owners: dict[tuple[str, int], _Connection] = {}
         self._socket_id: tuple[int, int] | None = None
+
+    # -- ownership of (engine, shard) ----------------------------------------------------
+
+    def admit(self, conn: _Connection, hello: Hello) -> tuple[str, str] | None:
+        """May ``conn`` speak for the hello's (engine, shard)? None, or (reason, message)."""
+        if self.token and not hmac.compare_digest(hello.token.encode("utf-8"), self.token):
+            what = "carries no token" if not hello.token else "carries a wrong token"
+            return BAD_TOKEN, (
+                f"the EngineHello {what}; give the hooks the sidecar's --ingest-token-file through "
+                "ENGINETIME_TOKEN_FILE (or ENGINETIME_TOKEN)"
+            )
+        key = (hello.engine_id, int(hello.shard))
+        owner = self._owners.get(key)
+        if owner is not None and owner is not conn and not owner.closed:
+            if owner.epoch == hello.recorder_epoch:
+                # The same recorder reconnected before we saw its old connection end: the new one wins.
+                log.info(
+                    "engine %s shard %d reconnected from %s; closing its previous connection (%s)",
+                    quote(hello.engine_id),
+                    hello.shard,
+                    conn.peer,
+                    owner.peer,
+                )
+                del self._owners[key]
+                owner.drop()
+                return None
+            return SHARD_TAKEN, (
+                f"engine {quote(hello.engine_id)} shard {hello.shard} is already connected from "
+                f"{owner.peer} (pid {owner.pid if owner.pid is not None else 'unknown'}) with another "
+                f"recorder epoch; this peer is pid {conn.pid if conn.pid is not None else 'unknown'}. "
+                "Two engines share an engine id: give each its own (ENGINETIME_ENGINE_ID, or the "
+                "adapter's engine_id), or stop the old engine"
+            )
+        for (engine_id, _shard), other in self._owners.items():
+            if engine_id != hello.engine_id or other.closed:
+                continue
+            theirs = other.decoder.hello
+            if theirs is not None and (
+                theirs.num_shards != hello.num_shards or (theirs.coupling or 1) != (hello.coupling or 1)
+            ):
+                return ENGINE_MISMATCH, (
+                    f"engine {quote(hello.engine_id)} is connected with num_shards={theirs.num_shards} "
+                    f"coupling={theirs.coupling} (from {other.peer}); this hello says "
+                    f"num_shards={hello.num_shards} coupling={hello.coupling}. Two engines share an "
+                    "engine id: give each its own"
+                )
+            break
+        limits = self.limits
+        if hello.num_shards > limits.max_shards:
+            return TOO_MANY_ENGINES, (
+                f"num_shards={hello.num_shards} is more than --max-shards {limits.max_shards}"
+            )
+        engines, shards, engine_known, shard_known = self.ledger.census(hello.engine_id, int(hello.shard))
+        if not engine_known and engines >= limits.max_engines:
+            return TOO_MANY_ENGINES, (
+                f"the sidecar already holds {engines} engine ids (--max-engines {limits.max_engines}); "
+                "one sidecar serves one engine: are engines starting with a fresh engine id each time?"
+            )
+        if not shard_known and shards >= limits.max_shards:
+            return TOO_MANY_ENGINES, f"the sidecar already holds {shards} shards (--max-shards)"
+        return None
+
+    def claim(self, key: tuple[str, int], conn: _Connection) -> None:
+        self._owners[key] = conn
+
+    def release(self, key: tuple[str, int], conn: _Connection) -> None:
+        if self._owners.get(key) is conn:
+            del self._owners[key]
 
     @property
     def address(self) -> str:
@@ -271,8 +484,25 @@ class IngestServer:
         else:
             assert isinstance(self.target, tuple)  # tcp: (host, port)
             host, port = self.target
+            if not self.token and self.ssl_context is None:
+                if not self.allow_insecure:
+                    raise IngestAddressError(
+                        f"refusing TCP ingest on {host}:{port} without authentication: anyone who can reach "
+                        "it could forge records and make guards kill real requests. Give a shared secret "
+                        "with --ingest-token-file PATH (the hooks read ENGINETIME_TOKEN_FILE) and/or TLS "
+                        "with --ingest-tls-cert/--ingest-tls-key, or pass --allow-insecure-ingest if the "
+                        "network is private"
+                    )
+                log.warning(
+                    "TCP ingest on %s:%s has no token and no TLS (--allow-insecure-ingest): every peer "
+                    "that can reach it can forge engine records",
+                    host,
+                    port,
+                )
             try:
-                self._server = await loop.create_server(lambda: _Connection(self), host, port)
+                self._server = await loop.create_server(
+                    lambda: _Connection(self), host, port, ssl=self.ssl_context
+                )
             except OSError as exc:
                 hint = " (another process uses that port?)" if exc.errno == errno.EADDRINUSE else ""
                 raise IngestAddressError(
@@ -323,6 +553,35 @@ class IngestServer:
         self._socket_id = None
 
 
+def check_socket_dir(parent: str) -> None:
+    """Refuse a socket directory that another user could tamper with.
+
+    Whoever can write to the directory can replace the socket with their own and
+    receive the engine's request and session ids, or feed it forged records. So the
+    directory must belong to the sidecar's uid and be writable by nobody else (a
+    directory the sidecar created itself is both).
+    """
+    if not hasattr(os, "getuid"):
+        return
+    try:
+        st = os.stat(parent)
+    except OSError as exc:
+        raise IngestAddressError(f"cannot check the ingest socket's directory {parent}: {exc}") from exc
+    uid = os.getuid()
+    problems = []
+    if st.st_uid != uid:
+        problems.append(f"it is owned by uid {st.st_uid}, not by this sidecar's uid {uid}")
+    if st.st_mode & 0o022:
+        problems.append(f"it is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})")
+    if problems:
+        raise IngestAddressError(
+            f"refusing the ingest socket's directory {parent}: {' and '.join(problems)}, so another user "
+            "could replace the socket and read the engine's request ids or forge its records. Point "
+            "--ingest at a path in a directory that does not exist yet (the sidecar creates it 0700), "
+            f"or fix this one: chown {uid} {parent} && chmod 700 {parent}"
+        )
+
+
 def prepare_unix_path(path: str) -> None:
     """Make ``path`` bindable: parent dir 0700 if missing; replace a stale socket; refuse otherwise."""
     parent = os.path.dirname(os.path.abspath(path))
@@ -334,6 +593,7 @@ def prepare_unix_path(path: str) -> None:
                 f"cannot create the ingest socket's directory {parent}: {exc.strerror or exc}; "
                 "create it or choose another --ingest path"
             ) from exc
+    check_socket_dir(parent)
     if len(os.fsencode(path)) > 107:
         raise IngestAddressError(
             f"ingest socket path is {len(os.fsencode(path))} bytes, over the ~107-byte AF_UNIX limit: "

@@ -232,6 +232,20 @@ class Ledger:
         self._enforce_bound()
         return (eng.engine_id, shard.shard)
 
+    def live_requests(self, key: ShardKey) -> int:
+        """Live (not yet finished) requests of one shard (ingest's per-shard limit)."""
+        shard = self._shards.get(key)
+        return len(shard.live) if shard is not None else 0
+
+    def census(self, engine_id: str = "", shard: int = -1) -> tuple[int, int, bool, bool]:
+        """Engine ids and shards the ledger holds state for, and whether it knows these two."""
+        return (
+            len(self._engines),
+            len(self._shards),
+            engine_id in self._engines,
+            (engine_id, shard) in self._shards,
+        )
+
     def disconnect(self, key: ShardKey) -> None:
         shard = self._shards.get(key)
         if shard is None:

@@ -44,6 +44,10 @@ class IngestSink(Protocol):
 
     def on_heartbeat(self, key: ShardKey, beat: Beat) -> None: ...
 
+    def live_requests(self, key: ShardKey) -> int: ...
+
+    def census(self, engine_id: str = "", shard: int = -1) -> tuple[int, int, bool, bool]: ...
+
 
 class AccountingReader(Protocol):
     """What the unary API reads: immutable views of requests and shards."""

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
 from enginetime.sidecar.ingest.frames import REASONS as FRAME_REJECT_REASONS
-from enginetime.sidecar.ingest.server import LEDGER_ERROR, IngestCounters
+from enginetime.sidecar.ingest.server import SERVER_REASONS, IngestCounters
 from enginetime.sidecar.ledger.ledger import LedgerCounters
 from enginetime.sidecar.ledger.trace import (
     R_STATE,
@@ -65,7 +65,7 @@ SECONDS_BUCKETS = (
 )  # fmt: skip
 
 
-_REJECT_REASONS = (*FRAME_REJECT_REASONS, LEDGER_ERROR)
+_REJECT_REASONS = (*FRAME_REJECT_REASONS, *SERVER_REASONS)
 
 
 class MetricsStartError(RuntimeError):
@@ -78,6 +78,8 @@ class StateSnapshot:
 
     ledger: LedgerCounters = field(default_factory=LedgerCounters)  # a copy
     ingest: IngestCounters = field(default_factory=IngestCounters)  # a copy (rejected: by reason)
+    api_rejected: dict[str, int] = field(default_factory=dict)  # refused gRPC calls by reason
+    api_streams: int = 0
     shards: tuple[ShardView, ...] = ()
     spans: SpanCounters | None = None  # a copy; None: span export is off
     spans_exported: int = 0  # spans the OTLP endpoint accepted
@@ -191,6 +193,28 @@ class _StateCollector(Collector):
         for reason, n in sorted((dict.fromkeys(_REJECT_REASONS, 0) | ing.rejected).items()):
             rejected.add_metric((reason,), n)
         yield rejected
+        api = CounterMetricFamily(
+            "enginetime_api_rejected_calls",
+            "gRPC calls refused before reaching the service, by reason (unauthenticated: no or wrong "
+            "API token; too_many_streams: --max-streams or --max-streams-per-peer).",
+            labels=("reason",),
+        )
+        for reason, n in sorted(snap.api_rejected.items()):
+            api.add_metric((reason,), n)
+        yield api
+        yield GaugeMetricFamily(
+            "enginetime_api_streams", "Server streams open now (all peers).", value=snap.api_streams
+        )
+        yield counter(
+            "enginetime_ingest_clipped_fields",
+            "Ingest id/text fields longer than --max-text-bytes, kept as a prefix plus a hash.",
+            ing.clipped_fields,
+        )
+        yield GaugeMetricFamily(
+            "enginetime_ingest_buffered_bytes",
+            "Bytes of half-received ingest frames, all connections (--max-ingest-buffer).",
+            value=ing.buffered_bytes,
+        )
         yield counter("enginetime_ingest_frames", "Ingest frames accepted.", ing.frames)
         yield counter("enginetime_ingest_bytes", "Ingest bytes received.", ing.bytes)
         yield counter("enginetime_ingest_connections", "Ingest connections accepted.", ing.connections)

@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65nginetime/v1/ingest.proto\x12\renginetime.v1\"~\n\tClockInfo\x12\x14\n\x0cwall_time_ns\x18\x01 \x01(\x03\x12\x14\n\x0cmonotonic_ns\x18\x02 \x01(\x03\x12\x30\n\x0ctimer_source\x18\x03 \x01(\x0e\x32\x1a.enginetime.v1.TimerSource\x12\x13\n\x0b\x64\x65vice_name\x18\x04 \x01(\t\"\x8d\x02\n\x0b\x45ngineHello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\r\n\x05shard\x18\x03 \x01(\r\x12\x12\n\nnum_shards\x18\x04 \x01(\r\x12)\n\x08\x63oupling\x18\x05 \x01(\x0e\x32\x17.enginetime.v1.Coupling\x12\x13\n\x0b\x65ngine_kind\x18\x06 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x07 \x01(\t\x12\x15\n\rhooks_version\x18\x08 \x01(\t\x12\'\n\x05\x63lock\x18\t \x01(\x0b\x32\x18.enginetime.v1.ClockInfo\x12\x16\n\x0erecorder_epoch\x18\n \x01(\x04\"\xb5\x02\n\x0cRequestEvent\x12\x0e\n\x06handle\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12-\n\x04kind\x18\x03 \x01(\x0e\x32\x1f.enginetime.v1.RequestEventKind\x12\x0f\n\x07time_ns\x18\x04 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x19\n\x0crouted_shard\x18\t \x01(\rH\x00\x88\x01\x01\x12\x15\n\rfinish_reason\x18\n \x01(\t\x12\x15\n\routput_tokens\x18\x0b \x01(\r\x12\x10\n\x08replayed\x18\x0c \x01(\x08\x42\x0f\n\r_routed_shard\"\xcd\x02\n\nStepRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x18\n\x0bglobal_step\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\rstart_time_ns\x18\x03 \x01(\x03\x12\x13\n\x0b\x65nd_time_ns\x18\x04 \x01(\x03\x12\x16\n\x0e\x64\x65vice_time_ns\x18\x05 \x01(\x03\x12\x30\n\x0ctimer_source\x18\x06 \x01(\x0e\x32\x1a.enginetime.v1.TimerSource\x12%\n\x04kind\x18\x07 \x01(\x0e\x32\x17.enginetime.v1.StepKind\x12\x0f\n\x07handles\x18\x08 \x03(\x07\x12\x16\n\x0eprefill_tokens\x18\t \x03(\x07\x12\x15\n\rdecode_tokens\x18\n \x03(\x07\x12\x16\n\x0e\x63ontext_tokens\x18\x0b \x03(\x07\x12\x13\n\x0bpeer_tokens\x18\x0c \x03(\x07\x42\x0e\n\x0c_global_step\"\x8c\x01\n\tHeartbeat\x12\x0f\n\x07time_ns\x18\x01 \x01(\x03\x12\x16\n\x0e\x64ropped_frames\x18\x02 \x01(\x04\x12\x15\n\rdropped_steps\x18\x03 \x01(\x04\x12\x16\n\x0e\x64ropped_events\x18\x04 \x01(\x04\x12\x13\n\x0bsent_frames\x18\x05 \x01(\x04\x12\x12\n\nreconnects\x18\x06 \x01(\x04\"\xd3\x01\n\x0bIngestFrame\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.enginetime.v1.EngineHelloH\x00\x12\x34\n\rrequest_event\x18\x02 \x01(\x0b\x32\x1b.enginetime.v1.RequestEventH\x00\x12)\n\x04step\x18\x03 \x01(\x0b\x32\x19.enginetime.v1.StepRecordH\x00\x12-\n\theartbeat\x18\x04 \x01(\x0b\x32\x18.enginetime.v1.HeartbeatH\x00\x42\x07\n\x05\x66rame*U\n\x08\x43oupling\x12\x18\n\x14\x43OUPLING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43OUPLING_INDEPENDENT\x10\x01\x12\x15\n\x11\x43OUPLING_LOCKSTEP\x10\x02*d\n\x0bTimerSource\x12\x1c\n\x18TIMER_SOURCE_UNSPECIFIED\x10\x00\x12\x1a\n\x16TIMER_SOURCE_MONOTONIC\x10\x01\x12\x1b\n\x17TIMER_SOURCE_CUDA_EVENT\x10\x02*{\n\x08StepKind\x12\x19\n\x15STEP_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11STEP_KIND_PREFILL\x10\x01\x12\x14\n\x10STEP_KIND_DECODE\x10\x02\x12\x13\n\x0fSTEP_KIND_MIXED\x10\x03\x12\x12\n\x0eSTEP_KIND_IDLE\x10\x04*\xfb\x01\n\x10RequestEventKind\x12\"\n\x1eREQUEST_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aREQUEST_EVENT_KIND_ARRIVED\x10\x01\x12 \n\x1cREQUEST_EVENT_KIND_SCHEDULED\x10\x02\x12 \n\x1cREQUEST_EVENT_KIND_PREEMPTED\x10\x03\x12\x1e\n\x1aREQUEST_EVENT_KIND_RESUMED\x10\x04\x12\x1f\n\x1bREQUEST_EVENT_KIND_FINISHED\x10\x05\x12\x1e\n\x1aREQUEST_EVENT_KIND_ABORTED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65nginetime/v1/ingest.proto\x12\renginetime.v1\"~\n\tClockInfo\x12\x14\n\x0cwall_time_ns\x18\x01 \x01(\x03\x12\x14\n\x0cmonotonic_ns\x18\x02 \x01(\x03\x12\x30\n\x0ctimer_source\x18\x03 \x01(\x0e\x32\x1a.enginetime.v1.TimerSource\x12\x13\n\x0b\x64\x65vice_name\x18\x04 \x01(\t\"\x9c\x02\n\x0b\x45ngineHello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\r\n\x05shard\x18\x03 \x01(\r\x12\x12\n\nnum_shards\x18\x04 \x01(\r\x12)\n\x08\x63oupling\x18\x05 \x01(\x0e\x32\x17.enginetime.v1.Coupling\x12\x13\n\x0b\x65ngine_kind\x18\x06 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x07 \x01(\t\x12\x15\n\rhooks_version\x18\x08 \x01(\t\x12\'\n\x05\x63lock\x18\t \x01(\x0b\x32\x18.enginetime.v1.ClockInfo\x12\x16\n\x0erecorder_epoch\x18\n \x01(\x04\x12\r\n\x05token\x18\x0b \x01(\t\"\xb5\x02\n\x0cRequestEvent\x12\x0e\n\x06handle\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12-\n\x04kind\x18\x03 \x01(\x0e\x32\x1f.enginetime.v1.RequestEventKind\x12\x0f\n\x07time_ns\x18\x04 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x19\n\x0crouted_shard\x18\t \x01(\rH\x00\x88\x01\x01\x12\x15\n\rfinish_reason\x18\n \x01(\t\x12\x15\n\routput_tokens\x18\x0b \x01(\r\x12\x10\n\x08replayed\x18\x0c \x01(\x08\x42\x0f\n\r_routed_shard\"\xcd\x02\n\nStepRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x18\n\x0bglobal_step\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\rstart_time_ns\x18\x03 \x01(\x03\x12\x13\n\x0b\x65nd_time_ns\x18\x04 \x01(\x03\x12\x16\n\x0e\x64\x65vice_time_ns\x18\x05 \x01(\x03\x12\x30\n\x0ctimer_source\x18\x06 \x01(\x0e\x32\x1a.enginetime.v1.TimerSource\x12%\n\x04kind\x18\x07 \x01(\x0e\x32\x17.enginetime.v1.StepKind\x12\x0f\n\x07handles\x18\x08 \x03(\x07\x12\x16\n\x0eprefill_tokens\x18\t \x03(\x07\x12\x15\n\rdecode_tokens\x18\n \x03(\x07\x12\x16\n\x0e\x63ontext_tokens\x18\x0b \x03(\x07\x12\x13\n\x0bpeer_tokens\x18\x0c \x03(\x07\x42\x0e\n\x0c_global_step\"\x8c\x01\n\tHeartbeat\x12\x0f\n\x07time_ns\x18\x01 \x01(\x03\x12\x16\n\x0e\x64ropped_frames\x18\x02 \x01(\x04\x12\x15\n\rdropped_steps\x18\x03 \x01(\x04\x12\x16\n\x0e\x64ropped_events\x18\x04 \x01(\x04\x12\x13\n\x0bsent_frames\x18\x05 \x01(\x04\x12\x12\n\nreconnects\x18\x06 \x01(\x04\"\xd3\x01\n\x0bIngestFrame\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.enginetime.v1.EngineHelloH\x00\x12\x34\n\rrequest_event\x18\x02 \x01(\x0b\x32\x1b.enginetime.v1.RequestEventH\x00\x12)\n\x04step\x18\x03 \x01(\x0b\x32\x19.enginetime.v1.StepRecordH\x00\x12-\n\theartbeat\x18\x04 \x01(\x0b\x32\x18.enginetime.v1.HeartbeatH\x00\x42\x07\n\x05\x66rame*U\n\x08\x43oupling\x12\x18\n\x14\x43OUPLING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43OUPLING_INDEPENDENT\x10\x01\x12\x15\n\x11\x43OUPLING_LOCKSTEP\x10\x02*d\n\x0bTimerSource\x12\x1c\n\x18TIMER_SOURCE_UNSPECIFIED\x10\x00\x12\x1a\n\x16TIMER_SOURCE_MONOTONIC\x10\x01\x12\x1b\n\x17TIMER_SOURCE_CUDA_EVENT\x10\x02*{\n\x08StepKind\x12\x19\n\x15STEP_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11STEP_KIND_PREFILL\x10\x01\x12\x14\n\x10STEP_KIND_DECODE\x10\x02\x12\x13\n\x0fSTEP_KIND_MIXED\x10\x03\x12\x12\n\x0eSTEP_KIND_IDLE\x10\x04*\xfb\x01\n\x10RequestEventKind\x12\"\n\x1eREQUEST_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aREQUEST_EVENT_KIND_ARRIVED\x10\x01\x12 \n\x1cREQUEST_EVENT_KIND_SCHEDULED\x10\x02\x12 \n\x1cREQUEST_EVENT_KIND_PREEMPTED\x10\x03\x12\x1e\n\x1aREQUEST_EVENT_KIND_RESUMED\x10\x04\x12\x1f\n\x1bREQUEST_EVENT_KIND_FINISHED\x10\x05\x12\x1e\n\x1aREQUEST_EVENT_KIND_ABORTED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'enginetime.v1.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COUPLING']._serialized_start=1450
-  _globals['_COUPLING']._serialized_end=1535
-  _globals['_TIMERSOURCE']._serialized_start=1537
-  _globals['_TIMERSOURCE']._serialized_end=1637
-  _globals['_STEPKIND']._serialized_start=1639
-  _globals['_STEPKIND']._serialized_end=1762
-  _globals['_REQUESTEVENTKIND']._serialized_start=1765
-  _globals['_REQUESTEVENTKIND']._serialized_end=2016
+  _globals['_COUPLING']._serialized_start=1465
+  _globals['_COUPLING']._serialized_end=1550
+  _globals['_TIMERSOURCE']._serialized_start=1552
+  _globals['_TIMERSOURCE']._serialized_end=1652
+  _globals['_STEPKIND']._serialized_start=1654
+  _globals['_STEPKIND']._serialized_end=1777
+  _globals['_REQUESTEVENTKIND']._serialized_start=1780
+  _globals['_REQUESTEVENTKIND']._serialized_end=2031
   _globals['_CLOCKINFO']._serialized_start=45
   _globals['_CLOCKINFO']._serialized_end=171
   _globals['_ENGINEHELLO']._serialized_start=174
-  _globals['_ENGINEHELLO']._serialized_end=443
-  _globals['_REQUESTEVENT']._serialized_start=446
-  _globals['_REQUESTEVENT']._serialized_end=755
-  _globals['_STEPRECORD']._serialized_start=758
-  _globals['_STEPRECORD']._serialized_end=1091
-  _globals['_HEARTBEAT']._serialized_start=1094
-  _globals['_HEARTBEAT']._serialized_end=1234
-  _globals['_INGESTFRAME']._serialized_start=1237
-  _globals['_INGESTFRAME']._serialized_end=1448
+  _globals['_ENGINEHELLO']._serialized_end=458
+  _globals['_REQUESTEVENT']._serialized_start=461
+  _globals['_REQUESTEVENT']._serialized_end=770
+  _globals['_STEPRECORD']._serialized_start=773
+  _globals['_STEPRECORD']._serialized_end=1106
+  _globals['_HEARTBEAT']._serialized_start=1109
+  _globals['_HEARTBEAT']._serialized_end=1249
+  _globals['_INGESTFRAME']._serialized_start=1252
+  _globals['_INGESTFRAME']._serialized_end=1463
 # @@protoc_insertion_point(module_scope)

@@ -68,7 +68,7 @@ class ClockInfo(_message.Message):
     def __init__(self, wall_time_ns: _Optional[int] = ..., monotonic_ns: _Optional[int] = ..., timer_source: _Optional[_Union[TimerSource, str]] = ..., device_name: _Optional[str] = ...) -> None: ...
 
 class EngineHello(_message.Message):
-    __slots__ = ("protocol_version", "engine_id", "shard", "num_shards", "coupling", "engine_kind", "engine_version", "hooks_version", "clock", "recorder_epoch")
+    __slots__ = ("protocol_version", "engine_id", "shard", "num_shards", "coupling", "engine_kind", "engine_version", "hooks_version", "clock", "recorder_epoch", "token")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class EngineHello(_message.Message):
     HOOKS_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     RECORDER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     engine_id: str
     shard: int
@@ -89,7 +90,8 @@ class EngineHello(_message.Message):
     hooks_version: str
     clock: ClockInfo
     recorder_epoch: int
-    def __init__(self, protocol_version: _Optional[int] = ..., engine_id: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., coupling: _Optional[_Union[Coupling, str]] = ..., engine_kind: _Optional[str] = ..., engine_version: _Optional[str] = ..., hooks_version: _Optional[str] = ..., clock: _Optional[_Union[ClockInfo, _Mapping]] = ..., recorder_epoch: _Optional[int] = ...) -> None: ...
+    token: str
+    def __init__(self, protocol_version: _Optional[int] = ..., engine_id: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., coupling: _Optional[_Union[Coupling, str]] = ..., engine_kind: _Optional[str] = ..., engine_version: _Optional[str] = ..., hooks_version: _Optional[str] = ..., clock: _Optional[_Union[ClockInfo, _Mapping]] = ..., recorder_epoch: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
 
 class RequestEvent(_message.Message):
     __slots__ = ("handle", "request_id", "kind", "time_ns", "prompt_tokens", "cached_tokens", "session_id", "traceparent", "routed_shard", "finish_reason", "output_tokens", "replayed")
