@@ -40,6 +40,8 @@ import numpy as np
 N_FEATURES = 5
 #: Observations needed before the fitted model replaces the token-proportional rate.
 MIN_OBSERVATIONS = 16
+#: Observations before the reduced cold fit (fixed cost + per-token costs) replaces the rate.
+COLD_MIN_OBSERVATIONS = 4
 #: Of those, at least this many must contain prefill and this many decode.
 MIN_OF_EACH_KIND = 2
 
@@ -181,6 +183,7 @@ class CostModel:
         "_sum_d",
         "_sum_tok",
         "beta",
+        "cold_beta",
         "fits",
     )
 
@@ -200,6 +203,7 @@ class CostModel:
         self._sum_d = 0.0  # Σ duration over the window (token-rate fallback)
         self._sum_tok = 0.0  # Σ tokens over the window
         self.beta: np.ndarray | None = None
+        self.cold_beta: np.ndarray | None = None  # reduced fit used before β is trusted
         self.fits = 0
 
     # ---- state -------------------------------------------------------------------------
@@ -240,9 +244,38 @@ class CostModel:
         self._pos = (i + 1) % self.window
         self._since_fit += 1
         due = self._since_fit >= self.refit_every or (self.beta is None and self._n >= MIN_OBSERVATIONS)
-        if due:
-            return self.refit()
+        if due and self.refit():
+            return True
+        if self.beta is None and self._n >= COLD_MIN_OBSERVATIONS and (due or self._n % 4 == 0):
+            self._cold_fit()
         return False
+
+    def _cold_fit(self) -> None:
+        """Fixed per-step cost and per-token costs from whatever the window holds.
+
+        Before the full model has the spread it needs, a token-proportional rate has no
+        fixed per-step cost: a victim's small decode step would be predicted far too
+        cheap (and the wait above it too large). A reduced fit on [1, Σp, n_decode]
+        learns β0 from decode-only steps of different sizes. A prefill never seen is
+        priced like a decode token, never free.
+        """
+        n = self._n
+        x = self._x[:n]
+        tokens = x[:, 1] + x[:, 3]
+        if not tokens.max() > tokens.min():
+            return
+        cols = [0, 1, 3]
+        b = fit_nnls_ridge(x[:, cols], self._y[:n], self.ridge)
+        if not np.all(np.isfinite(b)):
+            return
+        beta = np.zeros(N_FEATURES)
+        beta[cols] = b
+        rate = self.rate or 0.0
+        if beta[1] <= 0.0:
+            beta[1] = beta[3] if beta[3] > 0.0 else rate
+        if beta[3] <= 0.0:
+            beta[3] = rate
+        self.cold_beta = beta
 
     def has_spread(self) -> bool:
         """Enough observations of both kinds, of different sizes, to identify β."""
@@ -282,7 +315,7 @@ class CostModel:
         Inputs are float64 arrays of equal length.
         """
         is_pf = p > 0.0
-        beta = self.beta
+        beta = self.beta if self.beta is not None else self.cold_beta
         if beta is not None:
             pf = np.where(is_pf, p * (beta[1] + beta[2] * (c + 0.5 * p)), 0.0)
             dc = np.where(is_pf, 0.0, q * (beta[3] + beta[4] * c))
@@ -295,9 +328,83 @@ class CostModel:
 
     def predict(self, x: np.ndarray) -> float:
         """Predicted duration (ns) of a batch with features x; NaN while uncalibrated."""
-        if self.beta is not None:
-            return float(self.beta @ x)
+        beta = self.beta if self.beta is not None else self.cold_beta
+        if beta is not None:
+            return float(beta @ x)
         rate = self.rate
         if rate is None:
             return float("nan")
         return rate * float(x[1] + x[3])
+
+
+def _max_of_normals(k: int) -> tuple[float, float]:
+    """(mean, variance) of the largest of k independent standard normals (numerically)."""
+    x = np.linspace(-9.0, 9.0, 6001)
+    dx = x[1] - x[0]
+    phi = np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
+    cdf = np.cumsum(phi) * dx
+    pdf = k * phi * cdf ** (k - 1)
+    pdf /= pdf.sum() * dx
+    mean = float((x * pdf).sum() * dx)
+    return mean, float(((x - mean) ** 2 * pdf).sum() * dx)
+
+
+#: Residuals beyond this are contention or a model still learning, not jitter: not counted.
+MAX_JITTER = 0.2
+#: Largest tie size tracked separately (bigger ties share the last bucket).
+MAX_TIE = 32
+_MAX_MOMENTS = [(0.0, 1.0)] + [_max_of_normals(k) for k in range(1, MAX_TIE + 1)]
+
+
+class TieNoise:
+    """Relative step jitter σ of a lockstep engine, and the bias it gives tied groups.
+
+    When k shards are tied at the top of a lockstep group the step ends with the
+    slowest of them, so the measured step exceeds each one's own work by about
+    σ·E[max of k standard normals] on average (~1.4σ for 8 shards). Billing the tied
+    shards' requests the whole step, or fitting the model on it, would bill them for
+    noise. σ is learnt from how the measured step scatters around the prediction: for
+    groups with k tied shards the relative residual has variance σ²·Var[max of k], so
+    ``var / Var[max of k]`` estimates σ² whatever bias the model has. Exponentially
+    forgotten (about the last 200 groups of each tie size).
+    """
+
+    __slots__ = ("decay", "_w", "_m1", "_m2")
+
+    MIN_WEIGHT = 16.0
+
+    def __init__(self, decay: float = 0.995) -> None:
+        self.decay = decay
+        self._w = np.zeros(MAX_TIE + 1)
+        self._m1 = np.zeros(MAX_TIE + 1)
+        self._m2 = np.zeros(MAX_TIE + 1)
+
+    def observe(self, k: int, residual: float) -> None:
+        """A group with ``k`` shards tied at the top measured ``residual`` = d / P − 1."""
+        if k < 1 or not np.isfinite(residual) or abs(residual) > MAX_JITTER:
+            return
+        k = min(k, MAX_TIE)
+        a = self.decay
+        self._w[k] = a * self._w[k] + 1.0
+        self._m1[k] = a * self._m1[k] + residual
+        self._m2[k] = a * self._m2[k] + residual * residual
+
+    def sigma(self) -> float | None:
+        """σ (relative), or None before enough groups were seen."""
+        ok = self._w >= self.MIN_WEIGHT
+        if not ok.any():
+            return None
+        w = self._w[ok]
+        mean = self._m1[ok] / w
+        var = np.maximum(self._m2[ok] / w - mean * mean, 0.0)
+        v = np.array([_MAX_MOMENTS[k][1] for k in np.flatnonzero(ok)])
+        return float(np.sqrt(np.sum(w * var / v) / w.sum()))
+
+    def factor(self, k: int) -> float:
+        """Expected own work of k tied shards over the measured step (1.0 while σ is unknown)."""
+        if k < 2:
+            return 1.0
+        sigma = self.sigma()
+        if sigma is None:
+            return 1.0
+        return 1.0 / (1.0 + sigma * _MAX_MOMENTS[min(k, MAX_TIE)][0])

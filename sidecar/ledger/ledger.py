@@ -204,9 +204,9 @@ class Ledger:
         self._storms = StormTracker(self._cols, cfg.storm_threshold_s * 1e9)
         self._version = 0
         self._stamp_base = 1
-        # Scratch passed from _blame to _track_storms within one _attribute call.
-        self._wait_victims: tuple[int, np.ndarray] | None = None  # (critical position, victims)
-        self._wait_shards: set[int] = set()
+        # Scratch passed from _blame to _track_storms within one _attribute call:
+        # shard position -> (the victims waiting for it, their shard numbers).
+        self._wait_victims: dict[int, tuple[np.ndarray, set[int]]] = {}
         self._wait_ns = int(cfg.lockstep_wait_s * 1e9)
         self._retention_ns = int(cfg.retention_s * 1e9)
         self._rate_ns = max(1, int(cfg.rate_window_s * 1e9))
@@ -691,11 +691,14 @@ class Ledger:
             missing = self._missing_critical(eng, parts, crit_shard)
             if missing is not None:
                 critical, crit_shard = -1, missing
-        div = divide(batch, pred, critical)
+        div = divide(batch, pred, critical, eng.tie_factor if lockstep and complete else None)
         if div.uncharged:
             for j in np.flatnonzero(div.wait > 0.0):
                 parts[j][0].unattributed_ns += float(div.wait[j])
             self.counters.unattributed_ns += round(div.wait_total)
+        elif div.by is not None:
+            for j in np.flatnonzero(div.imbalance > 0.0):
+                parts[j][0].imbalance_ns += float(div.imbalance[j])
         self._set_stepped_running(batch.slots)
         self._version += 1
         self._accumulate(batch, div)
@@ -718,7 +721,17 @@ class Ledger:
             if int(parts[fit_j][1].kind) != StepKind.IDLE:
                 lo, hi = int(batch.offs[fit_j]), int(batch.offs[fit_j + 1])
                 x = step_features(pred.p[lo:hi], pred.q[lo:hi], pred.c[lo:hi])
-                if model.observe(x, float(batch.d[fit_j])):
+                y = float(batch.d[fit_j])
+                if lockstep and batch.m > 1:
+                    # The step of k tied shards is the slowest of k noisy ones: learn the jitter
+                    # from its scatter and fit the model on the expected own work, not the max.
+                    k_top = int(np.count_nonzero(div.top_set))
+                    if model.fitted and k_top >= 1:
+                        top_p = float(pred.big_p[div.top_set].max())
+                        if top_p > 0.0:
+                            eng.noise.observe(k_top, float(batch.d[div.top_set].max()) / top_p - 1.0)
+                    y *= eng.tie_factor(k_top)
+                if model.observe(x, y):
                     self.counters.model_fits += 1
 
     def _gather(self, parts: list[tuple[ShardState, Step]]) -> tuple[Batch, int]:
@@ -871,39 +884,52 @@ class Ledger:
             if w - named > 1e-9 * w:
                 add_blame(ex, parts[j][0].pseudo, w - named)
             caused[lo:hi] += seg_share * float(ex.size)
-        # (c) Waiting for the critical shard (cross-shard).
-        victims: list[np.ndarray] = []
-        amounts: list[np.ndarray] = []
-        for j in np.flatnonzero(div.wait > 0.0):
-            if j == critical:
+        # (c) Lockstep waits (cross-shard): shard j's wait is caused by every heavier shard k,
+        # in the layered (Shapley) parts ``div.by[j, k]``; k's part goes to its prefill entries
+        # by predicted prefill cost, or to k itself (pseudo-aggressor) when it ran only decode.
+        self._wait_victims = {}
+        if div.wait_total <= 0.0:
+            return caused
+        waiting = [
+            slots[int(offs[j]) : int(offs[j + 1])]
+            if excluded[j] is None
+            else np.concatenate([slots[int(offs[j]) : int(offs[j + 1])], excluded[j]])
+            for j in range(batch.m)
+        ]
+        by = div.by
+        if by is None:
+            for j in np.flatnonzero(div.wait > 0.0):
+                vs = waiting[j]
+                if vs.size:
+                    who = parts[j][0] if crit_shard is None else crit_shard  # None: nobody worked
+                    add_blame(vs, who.pseudo, float(div.wait[j]))
+            return caused
+        for j in np.flatnonzero(div.noise > 1e-9 * np.maximum(batch.d, 1.0)):
+            if waiting[j].size:
+                add_blame(waiting[j], parts[j][0].pseudo, float(div.noise[j]))
+        for k in np.flatnonzero(by.sum(axis=0) > 0.0):
+            js = np.flatnonzero(by[:, k] > 0.0)
+            js = [j for j in js if waiting[j].size]
+            if not js:
                 continue
-            lo, hi = int(offs[j]), int(offs[j + 1])
-            vs = slots[lo:hi] if excluded[j] is None else np.concatenate([slots[lo:hi], excluded[j]])
-            if vs.size:
-                if crit_shard is None:  # nobody worked: the shard's own idle time
-                    add_blame(vs, parts[j][0].pseudo, float(div.wait[j]))
-                else:
-                    victims.append(vs)
-                    amounts.append(np.full(vs.size, float(div.wait[j])))
-                    self._wait_shards.add(parts[j][0].shard)
-        self._wait_victims = None
-        if victims and crit_shard is not None:
-            wv = np.concatenate(victims) if len(victims) > 1 else victims[0]
-            wa = np.concatenate(amounts) if len(amounts) > 1 else amounts[0]
-            if critical >= 0 and div.crit_by_prefill:
-                cw = div.crit_weights
-                idx = np.flatnonzero(cw > 0.0)
-                top = idx[np.argsort(-cw[idx], kind="stable")[:NAMED_PER_STEP]]
-                named = 0.0
-                for t in top:
-                    add_blame(wv, rid_of(int(slots[div.crit_lo + t])), wa * float(cw[t]))
-                    named += float(cw[t])
-                if 1.0 - named > 1e-12:
-                    add_blame(wv, crit_shard.pseudo, wa * (1.0 - named))
-                caused[div.crit_lo : div.crit_hi] += float(wa.sum()) * cw
-                self._wait_victims = (critical, wv)
-            else:
-                add_blame(wv, crit_shard.pseudo, wa)
+            wv = np.concatenate([waiting[j] for j in js]) if len(js) > 1 else waiting[js[0]]
+            wa = np.concatenate([np.full(waiting[j].size, float(by[j, k])) for j in js])
+            agg_shard = parts[k][0]
+            if pred.pf_sum[k] <= 0.0:
+                add_blame(wv, agg_shard.pseudo, wa)
+                continue
+            lo, hi = int(offs[k]), int(offs[k + 1])
+            cw = div.pf_weight[lo:hi]
+            idx = np.flatnonzero(cw > 0.0)
+            top = idx[np.argsort(-cw[idx], kind="stable")[:NAMED_PER_STEP]]
+            named = 0.0
+            for t in top:
+                add_blame(wv, rid_of(int(slots[lo + t])), wa * float(cw[t]))
+                named += float(cw[t])
+            if 1.0 - named > 1e-12:
+                add_blame(wv, agg_shard.pseudo, wa * (1.0 - named))
+            caused[lo:hi] += float(wa.sum()) * cw
+            self._wait_victims[k] = (wv, {parts[j][0].shard for j in js})
         return caused
 
     def _track_storms(
@@ -941,15 +967,15 @@ class Ledger:
             if excluded[j] is not None:
                 victims.append(excluded[j])
                 vshards.add(shard.shard)
-            if wait is not None and wait[0] == j:
-                victims.append(wait[1])
-                vshards |= self._wait_shards
+            waited = wait.get(j)
+            if waited is not None and pred.pf[i] > 0.0:
+                victims.append(waited[0])
+                vshards |= waited[1]
             storms.caused(run, amount, victims, vshards, int(ends[j]))
         for j, (shard, _) in enumerate(parts):
             if shard.runs:
                 storms.shard_step(shard, prefilled[j], int(ends[j]))
-        self._wait_shards.clear()
-        self._wait_victims = None
+        self._wait_victims = {}
         self.counters.storms = storms.storms_started
 
     def _shard_stats(self, parts: list[tuple[ShardState, Step]], batch: Batch, pred: Prediction) -> None:
@@ -1253,6 +1279,7 @@ class Ledger:
                     device_name=sh.device_name,
                     timer_source=sh.timer_source,
                     unattributed_ns=round(sh.unattributed_ns),
+                    imbalance_ns=round(sh.imbalance_ns),
                 )
             )
         return out

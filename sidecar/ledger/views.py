@@ -99,6 +99,7 @@ class ShardView:
     #: Device time of this shard no request could be charged with (idle waits with no
     #: critical shard to blame, or a critical shard that never reported).
     unattributed_ns: int = 0
+    imbalance_ns: int = 0  # lockstep wait charged to no request (decode imbalance, tied-shard jitter)
 
 
 class InterferencePhase(IntEnum):
