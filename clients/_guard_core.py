@@ -65,6 +65,11 @@ class Entry:
     queue_armed: bool = False
     done: bool = False
     fired: bool = False
+    #: The engine serving it: named by the watch, or the first that reported the id.
+    engine_id: str = ""
+    engine_named: bool = False
+    #: Another engine reported the same id and the watch named none: never fire on figures.
+    ambiguous: bool = False
 
     def accounting(self) -> RequestAccounting | None:
         return None if self.msg is None else cv.request_from_pb(self.msg)
@@ -113,6 +118,9 @@ class TrackerStats:
     foreign: int = 0
     batches: int = 0
     fires: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in BudgetReason})
+    #: Watches that saw their id reported by two engines without naming one (they never fire
+    #: on figures; pass engine_id to guard.watch).
+    ambiguous: int = 0
     liveness_checks: int = 0
     liveness_cleared: int = 0
 
@@ -136,14 +144,22 @@ class Tracker:
 
     # -- watching -----------------------------------------------------------------------------
 
-    def add(self, request_id: str, now: float, budget: EngineBudget | None = None, owner=None) -> Entry:
+    def add(
+        self,
+        request_id: str,
+        now: float,
+        budget: EngineBudget | None = None,
+        owner=None,
+        *,
+        engine_id: str = "",
+    ) -> Entry:
         if request_id in self.entries:
             raise ValueError(
                 f"request {request_id!r} is already watched by this guard: request ids must be unique "
                 "(the engine rejects a duplicate rid as well)"
             )
         b = budget or self.budget
-        e = Entry(request_id, b, now, owner)
+        e = Entry(request_id, b, now, owner, engine_id=engine_id, engine_named=bool(engine_id))
         if b.engine_time is not None:
             e.engine_limit_ns = round(b.engine_time * NS)
         self.entries[request_id] = e
@@ -206,6 +222,20 @@ class Tracker:
                 continue
             if e.fired:
                 continue
+            if m.engine_id != e.engine_id:
+                if e.engine_named:
+                    foreign += 1  # the same id in another engine: not this request
+                    continue
+                if e.engine_id:
+                    # Two engines report this id and the watch named neither: whose figures these
+                    # are cannot be told, so they never kill the request.
+                    if not e.ambiguous:
+                        e.ambiguous = True
+                        st.ambiguous += 1
+                    continue
+                e.engine_id = m.engine_id
+            if e.ambiguous:
+                continue
             e.msg = m
             e.received = now
             state = e.state = m.state
@@ -253,7 +283,7 @@ class Tracker:
                 out.fires.append(Fire(e, BudgetReason.WALL, b.wall, now - e.started, bool(self.telemetry_up)))
             elif kind == _LIVENESS:
                 e.live_armed = False
-                if not self.telemetry_up or e.state not in _ADMITTED:
+                if not self.telemetry_up or e.state not in _ADMITTED or e.ambiguous:
                     continue  # re-armed by the next update that shows it admitted
                 deadline = max(e.progress_at, self.up_since) + b.liveness
                 if deadline > now:
@@ -264,7 +294,7 @@ class Tracker:
                     out.suspects.append(e)
             elif kind == _QUEUE:
                 e.queue_armed = False
-                if not self.telemetry_up or e.state != _QUEUED or e.msg is None:
+                if not self.telemetry_up or e.state != _QUEUED or e.msg is None or e.ambiguous:
                     continue
                 m = e.msg
                 queued = (m.queue_time_ns or cv._dur_ns(m.queue_time)) / NS + (now - e.received)
@@ -293,6 +323,8 @@ class Tracker:
         e.live_armed = False
         if e.done or e.fired:
             return None, "done"
+        if e.ambiguous:
+            return None, "request id reported by two engines"
         limit = e.budget.liveness
         self.stats.liveness_checks += 1
         if shard is None or not shard.connected:

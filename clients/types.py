@@ -211,6 +211,13 @@ class ShardStatus:
     engine_kind: str
     device_name: str
     timer_source: TimerSource
+    #: Device time no request could be charged with (a missing lockstep peer).
+    unattributed: float = 0.0
+    unattributed_ns: int = 0
+    #: Lockstep wait charged to no request: decode imbalance and tied-shard jitter.
+    #: Σ gpu_time + unattributed + imbalance = Σ device time.
+    imbalance: float = 0.0
+    imbalance_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)

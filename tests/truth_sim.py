@@ -221,7 +221,7 @@ class TruthEngine:
             self.device_ns += round(d[k])
             n = len(entries)
             pf_sum = sum(pf_costs[k])
-            for i, (req, p, q, c) in enumerate(entries):
+            for i, (req, _p, _q, _c) in enumerate(entries):
                 eng = own[k] - (pf_sum - pf_costs[k][i])
                 req.engine_ns += eng
                 req.interference_ns += d[k] - eng
@@ -240,8 +240,10 @@ class TruthEngine:
                                 agg.caused_ns += amount * pfa / psum * n
                     else:
                         self.imbalance_ns += amount
-            kind = StepKind.IDLE if not entries else (
-                StepKind.DECODE if all(p == 0 for _, p, _, _ in entries) else StepKind.MIXED
+            kind = (
+                StepKind.IDLE
+                if not entries
+                else (StepKind.DECODE if all(p == 0 for _, p, _, _ in entries) else StepKind.MIXED)
             )
             self.ops.append(
                 Op(

@@ -126,6 +126,8 @@ def shard_to_proto(v: ShardView) -> pb.ShardStatus:
         engine_kind=v.engine_kind,
         device_name=v.device_name,
         timer_source=int(v.timer_source),
+        unattributed=duration(v.unattributed_ns),
+        imbalance=duration(v.imbalance_ns),
     )
     if v.current_storm is not None:
         msg.current_storm.CopyFrom(storm_to_proto(v.current_storm))

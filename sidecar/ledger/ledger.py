@@ -99,6 +99,7 @@ from enginetime.sidecar.ledger.trace import (
     record_to_trace,
 )
 from enginetime.sidecar.ledger.views import (
+    AmbiguousRequestError,
     BlameView,
     InterferenceView,
     RequestQuery,
@@ -188,7 +189,10 @@ class Ledger:
         self.counters = LedgerCounters()
         self._cols = SlotColumns(min(1024, cfg.max_requests + 16), 4 * cfg.top_blame)
         self._reqs: list[Request | None] = []
-        self._by_id: dict[str, Request] = {}
+        self._by_id: dict[str, Request] = {}  # request id -> its newest request, any engine
+        # request id -> {engine id: that engine's newest request with the id}: a request is
+        # (engine_id, request_id), and two engines sharing a sidecar may use the same ids.
+        self._by_engine_id: dict[str, dict[str, Request]] = {}
         self._active: dict[int, Request] = {}  # rid -> live request, creation order
         self._finished: deque[Request] = deque()  # terminal requests, finish order
         self._n_finished = 0
@@ -449,10 +453,9 @@ class Ledger:
         return f"{shard.engine_id}/{shard.shard}#{int(handle)}"
 
     def _rename(self, req: Request, request_id: str) -> None:
-        if self._by_id.get(req.request_id) is req:
-            del self._by_id[req.request_id]
+        self._unindex(req)
         req.request_id = request_id
-        self._by_id[request_id] = req
+        self._index(req)
         self._mark_partial(req)
         self._touch(req.slot)
 
@@ -466,11 +469,48 @@ class Ledger:
             self._reqs[slot] = req
         cols.arrival[slot] = arrival_ns
         cols.shard_idx[slot] = shard.index
-        self._by_id[request_id] = req
+        self._index(req)
         self._active[req.rid] = req
         shard.live[slot] = req
         shard.map_handle(handle, slot)
         return req
+
+    def _index(self, req: Request) -> None:
+        """The newest request with an id answers for it (per engine, and overall)."""
+        self._by_id[req.request_id] = req
+        self._by_engine_id.setdefault(req.request_id, {})[req.shard.engine_id] = req
+
+    def _unindex(self, req: Request) -> None:
+        rid = req.request_id
+        if self._by_id.get(rid) is req:
+            del self._by_id[rid]
+        held = self._by_engine_id.get(rid)
+        if held is not None:
+            eng = req.shard.engine_id
+            if held.get(eng) is req:
+                del held[eng]
+            if not held:
+                del self._by_engine_id[rid]
+            elif rid not in self._by_id:
+                self._by_id[rid] = max(held.values(), key=lambda r: r.arrival_ns)
+
+    def find(self, request_id: str, engine_id: str = "") -> Request | None:
+        """The request ``request_id`` (of ``engine_id`` when given); None when not held.
+
+        Raises ``AmbiguousRequestError`` for a bare id that several engines hold.
+        """
+        held = self._by_engine_id.get(request_id)
+        if not held:
+            return None
+        if engine_id:
+            return held.get(engine_id)
+        if len(held) > 1:
+            raise AmbiguousRequestError(request_id, list(held))
+        return next(iter(held.values()))
+
+    def engines_holding(self, request_id: str) -> list[str]:
+        """Engines holding a request with this id (sorted)."""
+        return sorted(self._by_engine_id.get(request_id, ()))
 
     def _touch(self, slot: int) -> None:
         self._version += 1
@@ -524,8 +564,7 @@ class Ledger:
         self._set_running(req, False)
         shard.live.pop(slot, None)
         shard.unmap_handle(req.handle, slot)
-        if self._by_id.get(req.request_id) is req:
-            del self._by_id[req.request_id]
+        self._unindex(req)
         self._active.pop(req.rid, None)
         if req.session_id:
             group = self._sessions.get(req.session_id)
@@ -907,9 +946,8 @@ class Ledger:
         for j in np.flatnonzero(div.noise > 1e-9 * np.maximum(batch.d, 1.0)):
             if waiting[j].size:
                 add_blame(waiting[j], parts[j][0].pseudo, float(div.noise[j]))
-        for k in np.flatnonzero(by.sum(axis=0) > 0.0):
-            js = np.flatnonzero(by[:, k] > 0.0)
-            js = [j for j in js if waiting[j].size]
+        for k in np.flatnonzero(by.sum(axis=0) > 0.0).tolist():
+            js = [j for j in np.flatnonzero(by[:, k] > 0.0).tolist() if waiting[j].size]
             if not js:
                 continue
             wv = np.concatenate([waiting[j] for j in js]) if len(js) > 1 else waiting[js[0]]
@@ -1020,8 +1058,10 @@ class Ledger:
     # =====================================================================================
     # views
     # =====================================================================================
-    def get(self, request_id: str) -> RequestView | None:
-        req = self._by_id.get(request_id)
+    def get(self, request_id: str, engine_id: str = "") -> RequestView | None:
+        """The newest request with this id (of ``engine_id``); raises AmbiguousRequestError
+        when no engine is named and several engines hold the id."""
+        req = self.find(request_id, engine_id)
         if req is None:
             return None
         return self._view(req, self._clock())
@@ -1042,7 +1082,9 @@ class Ledger:
         cols = self._cols
         if q.request_ids or q.session_id:
             if q.request_ids:
-                cands = [self._by_id[r] for r in q.request_ids if r in self._by_id]
+                cands = [
+                    r for r in (self.find(i, q.engine_id) for i in sorted(q.request_ids)) if r is not None
+                ]
             else:
                 cands = list(self._sessions.get(q.session_id, {}).values())
             sel = np.array([r.slot for r in cands if r.slot >= 0], dtype=np.int64)
@@ -1091,11 +1133,25 @@ class Ledger:
         """Slots of the requests matching ``q``, newest arrival first (``query`` without the views)."""
         return self._select(q)
 
-    def slots_of(self, request_ids: list[str]) -> np.ndarray:
-        """Slots of those ids the ledger holds, in the order given (unknown and evicted ids skipped)."""
-        by_id = self._by_id
-        found = [r.slot for r in (by_id.get(rid) for rid in request_ids) if r is not None and r.slot >= 0]
-        return np.array(found, dtype=np.int64)
+    def slots_of(self, request_ids: list[str], engine_id: str = "") -> np.ndarray:
+        """Slots of those ids the ledger holds, in the order given (unknown and evicted ids skipped).
+
+        With ``engine_id``, that engine's requests; without, an id several engines hold
+        gives each engine's newest request with it (the fan-out filters by engine later).
+        """
+        out: list[int] = []
+        held = self._by_engine_id
+        for rid in request_ids:
+            mine = held.get(rid)
+            if not mine:
+                continue
+            if engine_id:
+                r = mine.get(engine_id)
+                if r is not None and r.slot >= 0:
+                    out.append(r.slot)
+            else:
+                out.extend(r.slot for r in mine.values() if r.slot >= 0)
+        return np.array(out, dtype=np.int64)
 
     def requests_at(self, slots: np.ndarray) -> list[Request]:
         """The requests in live ``slots`` (same order)."""

@@ -126,6 +126,22 @@ class InterferenceView:
     cross_shard: bool
 
 
+class AmbiguousRequestError(LookupError):
+    """A bare request id that more than one engine holds: the caller must name the engine.
+
+    A request is (engine_id, request_id); answering with whichever engine's request
+    came last would give a guard another request's figures.
+    """
+
+    def __init__(self, request_id: str, engines: list[str]) -> None:
+        self.request_id = request_id
+        self.engines = sorted(engines)
+        super().__init__(
+            f"request id {request_id!r} is held by {len(self.engines)} engines "
+            f"({', '.join(repr(e) for e in self.engines)}): pass engine_id to say which one"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class RequestQuery:
     """Filter for list/stream calls (mirrors enginetime.v1.RequestFilter)."""
