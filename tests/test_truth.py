@@ -9,6 +9,7 @@ Each scenario uses its own engine id, so each starts with a cold cost model.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -238,3 +239,66 @@ def test_two_engines_with_the_same_ids(sidecar) -> None:
         blamed = {(b.engine_id, b.request_id) for x in got[eng.engine_id].values() for b in x.top_blame}
         assert (eng.engine_id, f"{prefix}storm0") in blamed
         assert all(e == eng.engine_id for e, _ in blamed)
+
+
+def test_guard_follows_the_named_engine_and_never_kills_on_a_shared_id(sidecar) -> None:
+    """Engine A's request is cheap, engine B's request with the same id is over budget.
+    A watch naming B fires; one naming A does not; one naming neither pins the first engine
+    that reports the id and, once the other reports it too, never fires on figures."""
+    from enginetime.clients import EngineBudget, EngineBudgetExceeded, Guard
+    from enginetime.engine_hooks.constants import StepKind
+    from enginetime.engine_hooks.recorder import Recorder
+
+    sc, client, _ = sidecar
+    rid = f"shared-{uuid.uuid4().hex[:6]}"
+    names = {k: f"guard-{k}-{uuid.uuid4().hex[:6]}" for k in "ab"}
+    recs = {k: Recorder(names[k], address=sc.ingest, engine_kind="truth-sim", timer="cpu") for k in "ab"}
+
+    def feed(k: str, device_ns: int) -> None:
+        rec = recs[k]
+        now = time.time_ns()
+        h = rec.request_arrived(rid, prompt_tokens=16, time_ns=now - device_ns - 1_000_000)
+        rec.record_step(
+            start_ns=now - device_ns,
+            end_ns=now,
+            kind=StepKind.DECODE,
+            handles=[h],
+            prefill_tokens=[0],
+            decode_tokens=[1],
+            context_tokens=[16],
+        )
+        rec.flush(5.0)
+
+    g_a = Guard(client, EngineBudget(engine_time=0.2), interval=0.05)
+    g_b = Guard(client, EngineBudget(engine_time=0.2), interval=0.05)
+    g_any = Guard(client, EngineBudget(engine_time=0.2), interval=0.05)
+    try:
+        w_a = g_a.watch(rid, engine_id=names["a"])
+        w_b = g_b.watch(rid, engine_id=names["b"])
+        w_any = g_any.watch(rid)
+        for w in (w_a, w_b, w_any):
+            w.__enter__()
+        feed("a", 5_000_000)  # 5 ms of engine time
+        wait_until(lambda: w_any.accounting is not None and w_a.accounting is not None, 10.0)
+        assert w_any.accounting.engine_id == names["a"]
+        feed("b", 600_000_000)  # 600 ms: over the 0.2 s budget
+        wait_until(
+            lambda: w_b.fired,
+            10.0,
+            message=lambda: (
+                f"B never fired: {w_b.accounting} {g_b.stats} {client.get_request(rid, engine_id=names['b'])}"
+            ),
+        )
+        wait_until(lambda: g_any.stats.ambiguous == 1, 10.0, message="the bare watch never saw engine B")
+        time.sleep(0.3)  # a few more stream intervals: nothing else may fire
+        assert not w_a.fired and not w_any.fired
+        assert w_a.accounting.engine_id == names["a"] and w_a.accounting.engine_time_ns < 0.1e9
+        with pytest.raises(EngineBudgetExceeded):
+            w_b.__exit__(None, None, None)
+        w_a.__exit__(None, None, None)
+        w_any.__exit__(None, None, None)
+    finally:
+        for g in (g_a, g_b, g_any):
+            g.close()
+        for r in recs.values():
+            r.close(2.0)
