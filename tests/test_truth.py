@@ -8,7 +8,6 @@ Each scenario uses its own engine id, so each starts with a cold cost model.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,37 +15,19 @@ from pathlib import Path
 
 import pytest
 from helpers import start_sidecar, wait_until
-from truth_sim import TruthEngine, close_all, replay
+from truth_sim import (
+    Storms,
+    TruthEngine,
+    huge_decode_engine,
+    imbalance_engine,
+    rel,
+    run_replayed,
+    warm_engine,
+)
 
 from enginetime.clients import AccountingClient, AmbiguousRequest
-from enginetime.clients.types import InterferencePhase
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class Storms:
-    """Collects InterferenceEvents (the stream opened before any replay)."""
-
-    def __init__(self, client: AccountingClient) -> None:
-        self.ended: dict[tuple[str, str], int] = {}
-        self.started: set[tuple[str, str]] = set()
-        self._stream = client.stream_interference()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for ev in self._stream:
-                key = (ev.engine_id, ev.aggressor_request_id)
-                if ev.phase == InterferencePhase.STARTED:
-                    self.started.add(key)
-                elif ev.phase == InterferencePhase.ENDED:
-                    self.ended[key] = ev.victims.seconds_ns
-        except Exception:
-            pass
-
-    def close(self) -> None:
-        self._stream.close()
 
 
 @pytest.fixture(scope="module")
@@ -63,49 +44,9 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, 
         sc.close()
 
 
-def _run(sidecar, *engines: TruthEngine) -> dict[str, dict[str, object]]:
-    """Replay, wait until every request is settled; returns {engine: {rid: RequestAccounting}}."""
+def _run(sidecar, *engines: TruthEngine) -> dict[str, dict]:
     sc, client, storms = sidecar
-    for eng in engines:
-        eng.run()
-    recs = replay(list(engines), sc.ingest)
-    try:
-        out: dict[str, dict[str, object]] = {}
-        for eng in engines:
-            want = len(eng.requests)
-
-            def settled(eng: TruthEngine = eng, want: int = want) -> dict | None:
-                got = {r.request_id: r for r in client.iter_requests(engine_id=eng.engine_id)}
-                if len(got) == want and all(r.state.terminal for r in got.values()):
-                    return got
-                return None
-
-            out[eng.engine_id] = wait_until(settled, 30.0, message=f"{eng.engine_id} never settled")
-        for eng in engines:
-            expected = {(eng.engine_id, rid) for rid, ns in eng.storms().items() if ns >= 0.6e9}
-            wait_until(
-                lambda expected=expected: expected <= storms.ended.keys(),
-                15.0,
-                message=lambda expected=expected: f"no ENDED for {expected - storms.ended.keys()}",
-            )
-        return out
-    finally:
-        close_all(recs)
-
-
-def warm_engine(name: str, shards: int = 8, prefix: str = "", **kw) -> TruthEngine:
-    """Decode requests on every shard with staggered arrivals (the model's warm-up)."""
-    eng = TruthEngine(f"{name}-{uuid.uuid4().hex[:6]}", shards, **kw)
-    for k in range(shards):
-        for i in range(3 + k % 3):
-            eng.add(
-                f"{prefix}v{k}.{i}", k, at_step=3 * i + k, prompt=64 + 96 * ((i + k) % 5), output=160 + 7 * i
-            )
-    return eng
-
-
-def rel(a: float, b: float) -> float:
-    return (a - b) / b
+    return run_replayed(sc.ingest, client, storms, *engines)
 
 
 def check_victims(eng: TruthEngine, got: dict, tol: float) -> list[str]:
@@ -185,19 +126,26 @@ def test_independent_engine_storm(sidecar) -> None:
 
 
 def test_identical_requests_get_comparable_gpu_time_across_shards(sidecar) -> None:
-    """Shard 0 runs a heavy decode batch (long contexts) and is the slowest every step; a twin
-    on it must not be charged its peers' wait (decode imbalance goes to the shards' bucket)."""
-    eng = TruthEngine(f"imbalance-{uuid.uuid4().hex[:6]}", 4)
-    for k in range(4):
-        for i in range(6):
-            eng.add(f"v{k}.{i}", k, at_step=i, prompt=32000 if k == 0 else 64 + 16 * i, output=120)
-    for k in (0, 1):
-        eng.add(f"twin{k}", k, at_step=20, prompt=128, output=60)
+    """Shard 0 decodes long contexts and is the slowest every step; a twin on it must not be
+    charged its peers' wait (decode imbalance goes to the waiting shards' bucket)."""
+    eng = imbalance_engine()
     got = _run(sidecar, eng)[eng.engine_id]
     a, b = got["twin0"].gpu_time_ns, got["twin1"].gpu_time_ns
     assert abs(a - b) <= 0.1 * min(a, b), (a, b)
     shards = {s.shard: s for s in sidecar[1].get_shards(eng.engine_id)}
     assert shards[1].imbalance_ns > 0 and shards[0].imbalance_ns < shards[1].imbalance_ns
+    errs = check_victims(eng, got, 0.05)
+    assert not errs, "\n".join(errs)
+    check_conservation(sidecar[1], eng, got)
+
+
+def test_huge_decode_batch_on_one_shard(sidecar) -> None:
+    """Forty more decodes join one shard of eight: everyone else waits for a batch, not a
+    request; victims keep their own engine_time and nobody is named for the wait."""
+    eng = huge_decode_engine()
+    got = _run(sidecar, eng)[eng.engine_id]
+    errs = check_victims(eng, got, 0.05)
+    assert not errs, "\n".join(errs)
     check_conservation(sidecar[1], eng, got)
 
 

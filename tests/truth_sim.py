@@ -24,12 +24,17 @@ running sidecar, each shard on its own connection, exactly as an engine would.
 
 from __future__ import annotations
 
+import threading
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
+from helpers import wait_until
 
+from enginetime.clients import AccountingClient
+from enginetime.clients.types import InterferencePhase
 from enginetime.engine_hooks.constants import StepKind
 from enginetime.engine_hooks.recorder import Recorder
 
@@ -418,3 +423,99 @@ def replay_into_ledger(engines: list[TruthEngine], ledger: object) -> None:
                 ),
             )
     ledger.flush()  # type: ignore[attr-defined]
+
+
+# ---- reading the sidecar back ---------------------------------------------------------------
+class Storms:
+    """Collects InterferenceEvents (the stream opened before any replay)."""
+
+    def __init__(self, client: AccountingClient) -> None:
+        self.ended: dict[tuple[str, str], int] = {}
+        self.started: set[tuple[str, str]] = set()
+        self._stream = client.stream_interference()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for ev in self._stream:
+                key = (ev.engine_id, ev.aggressor_request_id)
+                if ev.phase == InterferencePhase.STARTED:
+                    self.started.add(key)
+                elif ev.phase == InterferencePhase.ENDED:
+                    self.ended[key] = ev.victims.seconds_ns
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def run_replayed(
+    ingest: str, client: AccountingClient, storms: Storms, *engines: TruthEngine, storm_min_ns: float = 0.6e9
+) -> dict[str, dict]:
+    """Run the engines, replay them into the sidecar at ``ingest`` and wait until every
+    request is terminal and every storm above ``storm_min_ns`` of true blame has ENDED.
+
+    Returns {engine id: {request id: RequestAccounting}}.
+    """
+    for eng in engines:
+        eng.run()
+    recs = replay(list(engines), ingest)
+    try:
+        out: dict[str, dict[str, object]] = {}
+        for eng in engines:
+            want = len(eng.requests)
+
+            def settled(eng: TruthEngine = eng, want: int = want) -> dict | None:
+                got = {r.request_id: r for r in client.iter_requests(engine_id=eng.engine_id)}
+                if len(got) == want and all(r.state.terminal for r in got.values()):
+                    return got
+                return None
+
+            out[eng.engine_id] = wait_until(settled, 30.0, message=f"{eng.engine_id} never settled")
+        for eng in engines:
+            expected = {(eng.engine_id, rid) for rid, ns in eng.storms().items() if ns >= storm_min_ns}
+            wait_until(
+                lambda expected=expected: expected <= storms.ended.keys(),
+                15.0,
+                message=lambda expected=expected: f"no ENDED for {expected - storms.ended.keys()}",
+            )
+        return out
+    finally:
+        close_all(recs)
+
+
+def warm_engine(name: str, shards: int = 8, prefix: str = "", **kw) -> TruthEngine:
+    """Decode requests on every shard with staggered arrivals (the model's warm-up)."""
+    eng = TruthEngine(f"{name}-{uuid.uuid4().hex[:6]}", shards, **kw)
+    for k in range(shards):
+        for i in range(3 + k % 3):
+            eng.add(
+                f"{prefix}v{k}.{i}", k, at_step=3 * i + k, prompt=64 + 96 * ((i + k) % 5), output=160 + 7 * i
+            )
+    return eng
+
+
+def rel(a: float, b: float) -> float:
+    return (a - b) / b
+
+
+def imbalance_engine() -> TruthEngine:
+    """Shard 0 decodes 4k-token contexts, shards 1-3 short ones: shard 0 is slowest every
+    step with decode alone. Twins (same prompt and output) on shards 0 and 1."""
+    eng = TruthEngine(f"imbalance-{uuid.uuid4().hex[:6]}", 4)
+    for k in range(4):
+        for i in range(6):
+            eng.add(f"v{k}.{i}", k, at_step=3 * i, prompt=4096 if k == 0 else 64 + 16 * i, output=160)
+    for k in (0, 1):
+        eng.add(f"twin{k}", k, at_step=40, prompt=128, output=60)
+    return eng
+
+
+def huge_decode_engine() -> TruthEngine:
+    """A warm 8-shard engine; at step 60, forty short requests join shard 3 and decode."""
+    eng = warm_engine("huge-decode")
+    for i in range(40):
+        eng.add(f"h{i}", 3, at_step=60 + i % 4, prompt=32, output=60)
+    return eng

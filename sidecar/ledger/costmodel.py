@@ -143,7 +143,49 @@ def fit_nnls_ridge(x: np.ndarray, y: np.ndarray, ridge: float = 1e-6, relative: 
     beta = _nnls_ridge_weighted(x, y, 1.0 / np.maximum(np.abs(y), floor), ridge)
     for _ in range(2):
         pred = x @ beta
-        beta = _nnls_ridge_weighted(x, y, 1.0 / np.maximum(pred, floor), ridge)
+        # An observation far above its prediction (a mis-picked critical shard) must not get
+        # the huge weight of its small prediction: its weight is capped at 2/y.
+        beta = _nnls_ridge_weighted(x, y, 1.0 / np.maximum(np.maximum(pred, 0.5 * np.abs(y)), floor), ridge)
+    return beta
+
+
+#: A step shows decode costs when its prefill tokens are at most this many per decode entry.
+DECODE_VISIBLE_RATIO = 64.0
+
+
+def _decode_visible(x: np.ndarray) -> np.ndarray:
+    """Observations (rows of features) in which decode is a visible part of the step.
+
+    In a step with one decode entry beside a 9,000-token prefill the decode is a sliver
+    of the duration, and a fit that leans on such steps can price a decode entry 100x
+    too high (then a decode-only shard looks heavier than a prefilling one). Decode
+    coefficients are trusted only with steps where it is not a sliver.
+    """
+    return (x[:, 3] > 0) & (x[:, 1] <= DECODE_VISIBLE_RATIO * x[:, 3])
+
+
+#: A window observation this far off the fit (relative) is an outlier: refit without it.
+OUTLIER = 0.5
+#: ... as long as outliers are at most this fraction of the window (else the model moved).
+MAX_OUTLIERS = 0.1
+
+
+def _fit_trimmed(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
+    """``fit_nnls_ridge``, refitted once without the few observations it cannot explain.
+
+    A lockstep observation whose critical shard was picked wrongly (a cold model, a
+    missing peer) pairs one shard's batch with another's much longer step. Under the
+    relative error weighting one such point (a small batch, a huge duration) can
+    outweigh hundreds of good ones and wreck β.
+    """
+    beta = fit_nnls_ridge(x, y, ridge)
+    if not np.all(np.isfinite(beta)) or y.size < 8:
+        return beta
+    err = np.abs(x @ beta - y) / np.maximum(np.abs(y), 1e-12)
+    bad = err > OUTLIER
+    n_bad = int(np.count_nonzero(bad))
+    if 0 < n_bad <= MAX_OUTLIERS * y.size:
+        return fit_nnls_ridge(x[~bad], y[~bad], ridge)
     return beta
 
 
@@ -264,8 +306,8 @@ class CostModel:
         tokens = x[:, 1] + x[:, 3]
         if not tokens.max() > tokens.min():
             return
-        cols = [0, 1, 3]
-        b = fit_nnls_ridge(x[:, cols], self._y[:n], self.ridge)
+        cols = [0, 1, 3] if np.count_nonzero(_decode_visible(x)) >= MIN_OF_EACH_KIND else [0, 1]
+        b = _fit_trimmed(x[:, cols], self._y[:n], self.ridge)
         if not np.all(np.isfinite(b)):
             return
         beta = np.zeros(N_FEATURES)
@@ -274,7 +316,7 @@ class CostModel:
         if beta[1] <= 0.0:
             beta[1] = beta[3] if beta[3] > 0.0 else rate
         if beta[3] <= 0.0:
-            beta[3] = rate
+            beta[3] = beta[1] if beta[1] > 0.0 else rate  # no decode-only step yet: a prefill token's cost
         self.cold_beta = beta
 
     def has_spread(self) -> bool:
@@ -285,7 +327,7 @@ class CostModel:
         x = self._x[:n]
         if (
             np.count_nonzero(x[:, 1] > 0) < MIN_OF_EACH_KIND
-            or np.count_nonzero(x[:, 3] > 0) < MIN_OF_EACH_KIND
+            or np.count_nonzero(_decode_visible(x)) < MIN_OF_EACH_KIND
         ):
             return False
         tokens = x[:, 1] + x[:, 3]
@@ -297,7 +339,7 @@ class CostModel:
         if not self.has_spread():
             return False
         n = self._n
-        beta = fit_nnls_ridge(self._x[:n], self._y[:n], self.ridge)
+        beta = _fit_trimmed(self._x[:n], self._y[:n], self.ridge)
         if not np.all(np.isfinite(beta)):
             return False
         self.beta = beta
