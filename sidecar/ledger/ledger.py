@@ -15,18 +15,25 @@ and entries ``i`` whose predicted marginal costs are ``e_i`` (``costmodel``), wi
   (``ledger_attribution.CRITICAL_BAND``) of the critical one, which did not wait for
   it and also get ``w = d``. ``wait = d − w`` is time spent waiting for the critical
   shard. A step without entries (IDLE) has ``w = 0``: all of it is wait.
+* **layered wait split**: shard j's wait is caused by every shard predicted heavier
+  than j; ``by[j, k]`` is k's part, the Shapley value of the max (each layer between
+  consecutive predicted durations is shared equally by the shards at or above it;
+  ``attribution.layered_shares``). Shards tied at the top are charged the step's
+  expected own work under the engine's learnt jitter (``costmodel.TieNoise``); the
+  rest of their step is their own noise.
 * **gpu_time**: ``w`` is split over the step's entries in proportion to their
-  predicted cost (``e_i`` plus an even share of β0); each shard's wait is charged to
-  the critical shard's prefill entries by predicted prefill cost (to all its entries
-  when it has no prefill). Wait with nobody to charge (critical shard missing or
-  empty) goes to the waiting shard's ``unattributed_ns``. So the shares of every
-  step sum to its ``d`` exactly (conservation, tested).
+  predicted cost (``e_i`` plus an even share of β0); ``by[j, k]`` is charged to shard
+  k's prefill entries by predicted prefill cost; when k ran no prefill (decode
+  imbalance) and for tied shards' noise it goes to the waiting shard's
+  ``imbalance_ns``. Wait with nobody to charge (critical shard missing) goes to the
+  waiting shard's ``unattributed_ns``. So the shares of every step plus those buckets
+  sum to its ``d`` exactly (conservation, tested).
 * **engine_time** of entry i: ``w − (w/P)·(predicted prefill cost of the OTHER
   entries)`` — the step without other requests' prefill and without the wait.
   **interference** = ``d − engine_time``: the others' prefill (blamed on those
-  requests, same shard) plus the wait (blamed cross-shard on the critical shard's
-  prefill entries by predicted cost, or on the critical shard itself as a
-  pseudo-aggressor ``""`` when its work was decode or it is missing).
+  requests, same shard) plus the wait (blamed cross-shard on each heavier shard's
+  prefill entries by its layered part and their predicted cost, or on that shard
+  itself as a pseudo-aggressor ``""`` when its work was decode or it is missing).
 * **excluded steps**: every request RUNNING on shard k that already had a step and
   is not in ``s`` adds ``d`` to its interference, blamed on ``s``'s entries by
   predicted cost (``w`` part, same shard) and on the critical shard (wait part).
