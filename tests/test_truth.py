@@ -250,3 +250,41 @@ def test_guard_follows_the_named_engine_and_never_kills_on_a_shared_id(sidecar) 
             g.close()
         for r in recs.values():
             r.close(2.0)
+
+
+def test_an_id_reused_within_one_engine_answers_with_the_newest(sidecar) -> None:
+    from enginetime.engine_hooks.constants import StepKind
+    from enginetime.engine_hooks.recorder import Recorder
+
+    sc, client, _ = sidecar
+    engine = f"reuse-{uuid.uuid4().hex[:6]}"
+    rid = f"again-{uuid.uuid4().hex[:6]}"
+    rec = Recorder(engine, address=sc.ingest, engine_kind="truth-sim", timer="cpu")
+    t = time.time_ns() - 5_000_000_000
+    try:
+        for device_ns in (30_000_000, 70_000_000):
+            h = rec.request_arrived(rid, prompt_tokens=8, time_ns=t)
+            rec.record_step(
+                start_ns=t + 1_000_000,
+                end_ns=t + 1_000_000 + device_ns,
+                kind=StepKind.DECODE,
+                handles=[h],
+                prefill_tokens=[0],
+                decode_tokens=[1],
+                context_tokens=[8],
+            )
+            t += 1_000_000 + device_ns
+            rec.request_finished(h, output_tokens=1, time_ns=t)
+            t += 1_000_000
+        rec.flush(5.0)
+        both = wait_until(
+            lambda: (lambda rs: rs if len(rs) == 2 and all(r.state.terminal for r in rs) else None)(
+                [r for r in client.iter_requests(engine_id=engine) if r.request_id == rid]
+            ),
+            10.0,
+        )
+        assert sorted(r.engine_time_ns for r in both) == [30_000_000, 70_000_000]  # both listable
+        assert client.get_request(rid).engine_time_ns == 70_000_000  # the newest answers
+        assert client.get_request(rid, engine_id=engine).engine_time_ns == 70_000_000
+    finally:
+        rec.close(2.0)
