@@ -31,6 +31,7 @@ from truth_sim import (  # noqa: E402
     imbalance_engine,
     rel,
     run_replayed,
+    straggler_engine,
     warm_engine,
 )
 
@@ -86,8 +87,7 @@ def independent() -> list[TruthEngine]:
 
 def straggler(factor: float) -> Callable[[], list[TruthEngine]]:
     def build() -> list[TruthEngine]:
-        eng = warm_engine(f"straggler{factor}", speed={3: factor})
-        return [eng]
+        return [straggler_engine(factor)]
 
     return build
 

@@ -198,6 +198,7 @@ def shard_from_pb(m: pb.ShardStatus) -> ShardStatus:
         unattributed_ns=_dur_ns(m.unattributed),
         imbalance=_dur_ns(m.imbalance) / 1e9,
         imbalance_ns=_dur_ns(m.imbalance),
+        slowdown=m.slowdown or 1.0,
     )
 
 

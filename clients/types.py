@@ -218,6 +218,9 @@ class ShardStatus:
     #: Σ gpu_time + unattributed + imbalance = Σ device time.
     imbalance: float = 0.0
     imbalance_ns: int = 0
+    #: The engine's steps against its calibrated model (1.0: normal; 1.3: 30 % slower).
+    #: LOCKSTEP: the same for every shard (timing tells the group is slow, not which shard).
+    slowdown: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from truth_sim import (
     imbalance_engine,
     rel,
     run_replayed,
+    straggler_engine,
     warm_engine,
 )
 
@@ -288,3 +289,17 @@ def test_an_id_reused_within_one_engine_answers_with_the_newest(sidecar) -> None
         assert client.get_request(rid, engine_id=engine).engine_time_ns == 70_000_000
     finally:
         rec.close(2.0)
+
+
+@pytest.mark.parametrize(("factor", "tol"), [(1.3, 0.05), (2.0, 0.15)])
+def test_a_straggler_shard_is_slowdown_not_engine_time(sidecar, factor: float, tol: float) -> None:
+    """After a healthy warm-up one shard of eight runs 1.3x / 2x slower (throttled, a bad link).
+    Every shard's step ends with it; requests are billed their own work at normal speed and
+    GetShards says the engine is slower than its reference (not which shard: unknowable)."""
+    eng = straggler_engine(factor)
+    got = _run(sidecar, eng)[eng.engine_id]
+    errs = check_victims(eng, got, tol)
+    assert not errs, "\n".join(errs)
+    shards = sidecar[1].get_shards(eng.engine_id)
+    assert all(s.slowdown > 1.1 for s in shards), [s.slowdown for s in shards]
+    check_conservation(sidecar[1], eng, got)

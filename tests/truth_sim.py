@@ -8,7 +8,8 @@ per-shard speed factor. Alongside the steps it computes, per request, what the
 accounting should say:
 
 * ``engine_ns``: the request's own shard's step without other requests' prefill and
-  without any wait for a peer, summed over its steps (with the step's actual noise);
+  without any wait for a peer, at the shard's normal speed, summed over its steps
+  (with the step's actual noise);
 * ``interference_ns``: the rest of the time its steps took;
 * ``queue_ns``, ``wall_ns`` from its arrival, first step and finish;
 * per aggressor (a prefilling request), the Shapley blame it caused: same-shard
@@ -135,6 +136,7 @@ class TruthEngine:
         chunk: int = 2048,
         noise: float = 0.0,
         speed: dict[int, float] | None = None,
+        slow_from: int = 0,
         seed: int = 0,
         t0_ns: int | None = None,
     ) -> None:
@@ -144,7 +146,8 @@ class TruthEngine:
         self.beta = beta or Beta()
         self.chunk = chunk
         self.noise = noise
-        self.speed = speed or {}
+        self.speed = speed or {}  # shard -> slowness factor (>1: slower), from step slow_from on
+        self.slow_from = slow_from
         self.rng = np.random.default_rng(seed)
         self.t0 = time.time_ns() if t0_ns is None else t0_ns
         self.requests: dict[str, SimRequest] = {}
@@ -187,6 +190,7 @@ class TruthEngine:
         m = self.m
         cols = []
         own = np.zeros(m)
+        slow = np.ones(m)
         pf_costs: list[list[float]] = []
         for k in range(m):
             entries = []
@@ -203,7 +207,8 @@ class TruthEngine:
                 pfs.append(pf)
                 own[k] += pf + dc
             if entries:
-                factor = self.speed.get(k, 1.0)
+                slow[k] = self.speed.get(k, 1.0) if g >= self.slow_from else 1.0
+                factor = slow[k]
                 if self.noise:
                     factor *= 1.0 + self.rng.normal(0.0, self.noise)
                 own[k] = (own[k] + beta.b0) * factor
@@ -227,7 +232,8 @@ class TruthEngine:
             n = len(entries)
             pf_sum = sum(pf_costs[k])
             for i, (req, _p, _q, _c) in enumerate(entries):
-                eng = own[k] - (pf_sum - pf_costs[k][i])
+                # Its own work at the shard's normal speed: a straggler's slowness is not the request's.
+                eng = (own[k] - (pf_sum - pf_costs[k][i])) / slow[k]
                 req.engine_ns += eng
                 req.interference_ns += d[k] - eng
                 if req.first_ns < 0:
@@ -518,4 +524,12 @@ def huge_decode_engine() -> TruthEngine:
     eng = warm_engine("huge-decode")
     for i in range(40):
         eng.add(f"h{i}", 3, at_step=60 + i % 4, prompt=32, output=60)
+    return eng
+
+
+def straggler_engine(factor: float) -> TruthEngine:
+    """A warm 8-shard engine whose shard 3 runs ``factor`` times slower from step 80 on
+    (a throttled GPU); shard 3 keeps a long request, so it is slow to the end."""
+    eng = warm_engine(f"straggler{factor}", speed={3: factor}, slow_from=80)
+    eng.add("v3.long", 3, at_step=5, prompt=64, output=400)
     return eng

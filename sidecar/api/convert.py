@@ -128,6 +128,7 @@ def shard_to_proto(v: ShardView) -> pb.ShardStatus:
         timer_source=int(v.timer_source),
         unattributed=duration(v.unattributed_ns),
         imbalance=duration(v.imbalance_ns),
+        slowdown=float(v.slowdown),
     )
     if v.current_storm is not None:
         msg.current_storm.CopyFrom(storm_to_proto(v.current_storm))

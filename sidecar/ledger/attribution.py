@@ -164,7 +164,7 @@ def divide(
         top_set[critical] = True
         w = np.where(top_set, d, w)
         k_top = int(np.count_nonzero(top_set))
-        if k_top > 1 and tie_factor is not None:
+        if tie_factor is not None:
             # The step of k tied shards is the slowest of k noisy ones: each one's own work is
             # expected below it. Billing them the whole step would bill victims for jitter.
             w = np.where(top_set, d * tie_factor(k_top), w)

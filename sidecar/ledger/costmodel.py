@@ -450,3 +450,41 @@ class TieNoise:
         if sigma is None:
             return 1.0
         return 1.0 / (1.0 + sigma * _MAX_MOMENTS[min(k, MAX_TIE)][0])
+
+
+#: A lockstep engine whose decode steps run this much slower than its model says is slowed.
+SLOWDOWN_MIN = 0.08
+#: Decode-only groups the slowdown is judged on (their median ratio).
+SLOWDOWN_WINDOW = 16
+
+
+class Slowdown:
+    """How much slower a lockstep engine runs than its calibrated model (1.0: normal).
+
+    Step timing cannot say which shard of a lockstep group is slow (every shard's step
+    ends with the slowest), but it can say that the group is slower than its reference:
+    the median, over the last ``SLOWDOWN_WINDOW`` complete groups whose critical work was
+    decode only, of measured step × tie factor over the predicted top. Below
+    ``1 + SLOWDOWN_MIN`` it is jitter or model error and reads 1.0. While an engine is
+    slowed, the model keeps learning the normal pace (its observations are divided by
+    the factor), so the factor stays measurable and the requests are billed their own
+    work at normal speed; the rest is interference.
+    """
+
+    __slots__ = ("_ratios", "factor")
+
+    def __init__(self) -> None:
+        self._ratios: list[float] = []
+        self.factor = 1.0
+
+    def observe(self, ratio: float) -> None:
+        """One decode-only group: measured (tie-corrected) over predicted, both at normal speed."""
+        if not np.isfinite(ratio) or ratio <= 0.0:
+            return
+        r = self._ratios
+        r.append(ratio)
+        if len(r) > SLOWDOWN_WINDOW:
+            del r[0]
+        if len(r) >= SLOWDOWN_WINDOW // 2:
+            med = float(np.median(r))
+            self.factor = med if med >= 1.0 + SLOWDOWN_MIN else 1.0

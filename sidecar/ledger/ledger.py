@@ -772,10 +772,13 @@ class Ledger:
                     # The step of k tied shards is the slowest of k noisy ones: learn the jitter
                     # from its scatter and fit the model on the expected own work, not the max.
                     k_top = int(np.count_nonzero(div.top_set))
-                    if model.fitted and k_top >= 1:
+                    if model.fitted and k_top >= 1 and complete:
                         top_p = float(pred.big_p[div.top_set].max())
                         if top_p > 0.0:
-                            eng.noise.observe(k_top, float(batch.d[div.top_set].max()) / top_p - 1.0)
+                            ratio = float(batch.d[div.top_set].max()) / top_p
+                            eng.noise.observe(k_top, ratio / eng.slowdown.factor - 1.0)
+                            if float(pred.pf_sum[div.top_set].sum()) <= 0.0:
+                                eng.slowdown.observe(ratio * eng.noise.factor(k_top))
                     y *= eng.tie_factor(k_top)
                 if model.observe(x, y):
                     self.counters.model_fits += 1
@@ -1343,6 +1346,7 @@ class Ledger:
                     timer_source=sh.timer_source,
                     unattributed_ns=round(sh.unattributed_ns),
                     imbalance_ns=round(sh.imbalance_ns),
+                    slowdown=sh.engine.slowdown.factor if sh.engine.lockstep else 1.0,
                 )
             )
         return out

@@ -100,6 +100,7 @@ class ShardView:
     #: critical shard to blame, or a critical shard that never reported).
     unattributed_ns: int = 0
     imbalance_ns: int = 0  # lockstep wait charged to no request (decode imbalance, tied-shard jitter)
+    slowdown: float = 1.0  # the engine's pace against its calibrated model (costmodel.Slowdown)
 
 
 class InterferencePhase(IntEnum):

@@ -295,7 +295,10 @@ class _StateCollector(Collector):
             "imbalance": CounterMetricFamily(
                 "enginetime_shard_imbalance_seconds",
                 "Lockstep wait of the shard charged to no request: waiting for a peer that ran only "
-                "decode (decode imbalance) and tied-shard jitter.", labels=labels),
+                "decode (decode imbalance), tied-shard jitter and engine slowdown.", labels=labels),
+            "slowdown": GaugeMetricFamily(
+                "enginetime_shard_slowdown_ratio",
+                "The engine's steps against its calibrated cost model (1: normal).", labels=labels),
         }  # fmt: skip
         for s in shards:
             lv = (s.engine_id, str(s.shard))
@@ -310,6 +313,7 @@ class _StateCollector(Collector):
             fams["steps"].add_metric(lv, s.steps)
             fams["unattributed"].add_metric(lv, s.unattributed_ns / 1e9)
             fams["imbalance"].add_metric(lv, s.imbalance_ns / 1e9)
+            fams["slowdown"].add_metric(lv, s.slowdown)
         yield from fams.values()
 
 
