@@ -295,11 +295,18 @@ class TruthEngine:
 
 
 # ---- replay into a sidecar ----------------------------------------------------------------
-def replay(engines: list[TruthEngine], ingest: str, flush_every: int = 64) -> dict[str, list[Recorder]]:
-    """Send every engine's trace through real Recorders (one per shard) and close them.
+def replay(
+    engines: list[TruthEngine],
+    ingest: str,
+    flush_every: int = 64,
+    client: AccountingClient | None = None,
+) -> dict[str, list[Recorder]]:
+    """Send every engine's trace through real Recorders (one per shard); returns them open.
 
     Ops go out in time order across engines; every ``flush_every`` steps each
-    recorder is flushed so no shard runs far ahead of its lockstep peers.
+    recorder is flushed so no shard runs far ahead of its lockstep peers. With
+    ``client``, no op goes out before the sidecar lists every shard as connected (a
+    lockstep group that reached it before a peer's hello would be joined without it).
     """
     recs: dict[str, list[Recorder]] = {}
     handles: dict[tuple[str, int], dict[str, int]] = defaultdict(dict)
@@ -319,6 +326,13 @@ def replay(engines: list[TruthEngine], ingest: str, flush_every: int = 64) -> di
     for rs in recs.values():
         for r in rs:
             r.flush(10.0)
+    if client is not None:
+        for eng in engines:
+            wait_until(
+                lambda eng=eng: sum(s.connected for s in client.get_shards(eng.engine_id)) == eng.m,
+                10.0,
+                message=f"{eng.engine_id}: not every shard connected",
+            )
     merged = sorted(
         ((op.time_ns, i, n, eng, op) for i, eng in enumerate(engines) for n, op in enumerate(eng.ops)),
         key=lambda t: (t[0], t[1], t[2]),
@@ -467,7 +481,7 @@ def run_replayed(
     """
     for eng in engines:
         eng.run()
-    recs = replay(list(engines), ingest)
+    recs = replay(list(engines), ingest, client=client)
     try:
         out: dict[str, dict[str, object]] = {}
         for eng in engines:
