@@ -41,7 +41,7 @@ N_FEATURES = 5
 #: Observations needed before the fitted model replaces the token-proportional rate.
 MIN_OBSERVATIONS = 16
 #: Observations before the reduced cold fit (fixed cost + per-token costs) replaces the rate.
-COLD_MIN_OBSERVATIONS = 4
+COLD_MIN_OBSERVATIONS = 2
 #: Of those, at least this many must contain prefill and this many decode.
 MIN_OF_EACH_KIND = 2
 
@@ -288,7 +288,7 @@ class CostModel:
         due = self._since_fit >= self.refit_every or (self.beta is None and self._n >= MIN_OBSERVATIONS)
         if due and self.refit():
             return True
-        if self.beta is None and self._n >= COLD_MIN_OBSERVATIONS and (due or self._n % 4 == 0):
+        if self.beta is None and self._n >= COLD_MIN_OBSERVATIONS and (due or self._n < 32 or self._n % 4 == 0):
             self._cold_fit()
         return False
 

@@ -82,6 +82,7 @@ from enginetime.sidecar.ledger.accounting_wire import encode as encode_accountin
 from enginetime.sidecar.ledger.attribution import Batch, Division, Prediction, divide, predict, step_scalars
 from enginetime.sidecar.ledger.costmodel import CostModel, step_features
 from enginetime.sidecar.ledger.join import Group
+from enginetime.sidecar.ledger.modelstate import ModelStateFile, dump_model, model_key
 from enginetime.sidecar.ledger.shards import EngineState, ShardState
 from enginetime.sidecar.ledger.store import (
     ABORTED,
@@ -147,6 +148,8 @@ class LedgerConfig:
     model_window: int = 2048  # cost-model observations kept per model
     refit_every: int = 32  # refit after this many new observations
     rate_window_s: float = 2.0  # window for shard tok/s and busy fraction
+    model_state_path: str = ""  # --model-state: cost models saved here and loaded at hello (modelstate)
+    model_state_interval_s: float = 30.0  # how often the model state is written (and at shutdown)
 
     def __post_init__(self) -> None:
         if self.max_requests < 1:
@@ -221,6 +224,9 @@ class Ledger:
         self._wait_ns = int(cfg.lockstep_wait_s * 1e9)
         self._retention_ns = int(cfg.retention_s * 1e9)
         self._rate_ns = max(1, int(cfg.rate_window_s * 1e9))
+        self._model_state = ModelStateFile(cfg.model_state_path) if cfg.model_state_path else None
+        self._state_every_ns = int(cfg.model_state_interval_s * 1e9)
+        self._state_saved_ns = clock()
 
     # =====================================================================================
     # connections
@@ -258,9 +264,47 @@ class Ledger:
         shard.hooks_version = hello.hooks_version
         shard.device_name = hello.device_name
         shard.timer_source = int(hello.timer_source)
+        if self._model_state is not None:
+            self._restore_models(eng, shard)
         eng.refresh_expected()
         self._enforce_bound()
         return (eng.engine_id, shard.shard)
+
+    def _model_keys(self, eng: EngineState, shard: ShardState) -> tuple[str, str]:
+        """(the engine's LOCKSTEP model key, the shard's own model key) for the state file."""
+        common = (eng.engine_id, shard.engine_kind, shard.device_name, int(eng.coupling), eng.num_shards)
+        return model_key(*common, -1), model_key(*common, shard.shard)
+
+    def _restore_models(self, eng: EngineState, shard: ShardState) -> None:
+        """Warm start: load the saved models this hello matches, into models that saw nothing."""
+        state = self._model_state
+        assert state is not None
+        eng_key, shard_key = self._model_keys(eng, shard)
+        if eng.lockstep and eng.model.observations == 0 and state.restore(eng_key, eng.model, eng.noise):
+            log.info("engine %s: cost model restored from %s", eng.engine_id, state.path)
+        if not eng.lockstep and shard.model.observations == 0 and state.restore(shard_key, shard.model):
+            log.info(
+                "engine %s shard %d: cost model restored from %s", eng.engine_id, shard.shard, state.path
+            )
+
+    def save_models(self) -> None:
+        """Write every cost model to ``--model-state`` (periodically from ``tick``, and at shutdown)."""
+        state = self._model_state
+        if state is None:
+            return
+        out = {}
+        for eng in self._engines.values():
+            for shard in eng.shards.values():
+                if not shard.ever_connected:
+                    continue
+                eng_key, shard_key = self._model_keys(eng, shard)
+                if eng.lockstep:
+                    if eng.model.observations:
+                        out[eng_key] = dump_model(eng.model, eng.noise)
+                elif shard.model.observations:
+                    out[shard_key] = dump_model(shard.model)
+        state.save(out)
+        self._state_saved_ns = self._clock()
 
     def disconnect(self, key: ShardKey) -> None:
         shard = self._shards.get(key)
@@ -651,6 +695,8 @@ class Ledger:
             if eng.join.pending:
                 for group, timed_out in eng.join.expire(now):
                     self._attribute_group(eng, group, timed_out)
+        if self._model_state is not None and now - self._state_saved_ns >= self._state_every_ns:
+            self.save_models()
         horizon = now - self._retention_ns
         fin = self._finished
         while fin and (fin[0].slot < 0 or fin[0].finish_ns <= horizon):
