@@ -288,7 +288,11 @@ class CostModel:
         due = self._since_fit >= self.refit_every or (self.beta is None and self._n >= MIN_OBSERVATIONS)
         if due and self.refit():
             return True
-        if self.beta is None and self._n >= COLD_MIN_OBSERVATIONS and (due or self._n < 32 or self._n % 4 == 0):
+        if (
+            self.beta is None
+            and self._n >= COLD_MIN_OBSERVATIONS
+            and (due or self._n < 32 or self._n % 4 == 0)
+        ):
             self._cold_fit()
         return False
 
@@ -411,7 +415,7 @@ class TieNoise:
     forgotten (about the last 200 groups of each tie size).
     """
 
-    __slots__ = ("decay", "_w", "_m1", "_m2")
+    __slots__ = ("decay", "_w", "_m1", "_m2", "_sigma", "_fresh")
 
     MIN_WEIGHT = 16.0
 
@@ -420,6 +424,8 @@ class TieNoise:
         self._w = np.zeros(MAX_TIE + 1)
         self._m1 = np.zeros(MAX_TIE + 1)
         self._m2 = np.zeros(MAX_TIE + 1)
+        self._sigma: float | None = None
+        self._fresh = True  # _sigma is up to date
 
     def observe(self, k: int, residual: float) -> None:
         """A group with ``k`` shards tied at the top measured ``residual`` = d / P − 1."""
@@ -430,9 +436,16 @@ class TieNoise:
         self._w[k] = a * self._w[k] + 1.0
         self._m1[k] = a * self._m1[k] + residual
         self._m2[k] = a * self._m2[k] + residual * residual
+        self._fresh = False
 
     def sigma(self) -> float | None:
         """σ (relative), or None before enough groups were seen."""
+        if not self._fresh:
+            self._sigma = self._compute_sigma()
+            self._fresh = True
+        return self._sigma
+
+    def _compute_sigma(self) -> float | None:
         ok = self._w >= self.MIN_WEIGHT
         if not ok.any():
             return None

@@ -999,19 +999,24 @@ class Ledger:
                     who = parts[j][0] if crit_shard is None else crit_shard  # None: nobody worked
                     add_blame(vs, who.pseudo, float(div.wait[j]))
             return caused
-        for j in np.flatnonzero(div.noise > 1e-9 * np.maximum(batch.d, 1.0)):
-            if waiting[j].size:
-                add_blame(waiting[j], parts[j][0].pseudo, float(div.noise[j]))
-        for k in np.flatnonzero(by.sum(axis=0) > 0.0).tolist():
+        # Waits for shards that ran only decode, and tied shards' jitter, blame no request: one
+        # entry per victim on the heaviest shard (the group's pace), not one per heavier shard.
+        has_pf = pred.pf_sum > 0.0
+        paceless = by @ (~has_pf).astype(np.float64) + div.noise
+        js = [
+            j for j in np.flatnonzero(paceless > 1e-9 * np.maximum(batch.d, 1.0)).tolist() if waiting[j].size
+        ]
+        if js and critical >= 0:
+            wv = np.concatenate([waiting[j] for j in js]) if len(js) > 1 else waiting[js[0]]
+            wa = np.repeat(paceless[js], [waiting[j].size for j in js])
+            add_blame(wv, parts[critical][0].pseudo, wa)
+        for k in np.flatnonzero((by.sum(axis=0) > 0.0) & has_pf).tolist():
             js = [j for j in np.flatnonzero(by[:, k] > 0.0).tolist() if waiting[j].size]
             if not js:
                 continue
             wv = np.concatenate([waiting[j] for j in js]) if len(js) > 1 else waiting[js[0]]
-            wa = np.concatenate([np.full(waiting[j].size, float(by[j, k])) for j in js])
+            wa = np.repeat(by[js, k], [waiting[j].size for j in js])
             agg_shard = parts[k][0]
-            if pred.pf_sum[k] <= 0.0:
-                add_blame(wv, agg_shard.pseudo, wa)
-                continue
             lo, hi = int(offs[k]), int(offs[k + 1])
             cw = div.pf_weight[lo:hi]
             idx = np.flatnonzero(cw > 0.0)

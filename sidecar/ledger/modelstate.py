@@ -80,6 +80,7 @@ def load_model(model: CostModel, state: dict[str, Any], noise: TieNoise | None =
         w, m1, m2 = (np.asarray(v, dtype=np.float64) for v in state["noise"])
         if w.shape == noise._w.shape == m1.shape == m2.shape:
             noise._w[:], noise._m1[:], noise._m2[:] = w, m1, m2
+            noise._fresh = False
 
 
 class ModelStateFile:
