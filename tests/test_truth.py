@@ -8,6 +8,7 @@ Each scenario uses its own engine id, so each starts with a cold cost model.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from truth_sim import (
     warm_engine,
 )
 
-from enginetime.clients import AccountingClient, AmbiguousRequest
+from enginetime.clients import AccountingClient, AmbiguousRequest, AsyncAccountingClient
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -176,6 +177,17 @@ def test_two_engines_with_the_same_ids(sidecar) -> None:
         next(iter(client.stream_updates(request_ids=[rid], timeout=5.0)))
     with pytest.raises(AmbiguousRequest):
         next(iter(client.watch_request(rid, timeout=5.0)))
+
+    async def with_async_client() -> tuple[str, str]:
+        async with AsyncAccountingClient(sidecar[0].grpc_target) as ac:
+            with pytest.raises(AmbiguousRequest):
+                await ac.get_request(rid)
+            a = await ac.get_request(rid, engine_id=small.engine_id)
+            async for w in ac.watch_request(rid, engine_id=big.engine_id, timeout=5.0):
+                b = w
+            return a.engine_id, b.engine_id
+
+    assert asyncio.run(with_async_client()) == (small.engine_id, big.engine_id)
     for eng in (small, big):
         r = client.get_request(rid, engine_id=eng.engine_id)
         assert r.engine_id == eng.engine_id
