@@ -226,6 +226,7 @@ class CostModel:
         "_sum_tok",
         "beta",
         "cold_beta",
+        "_since_cold",
         "fits",
     )
 
@@ -246,6 +247,7 @@ class CostModel:
         self._sum_tok = 0.0  # Σ tokens over the window
         self.beta: np.ndarray | None = None
         self.cold_beta: np.ndarray | None = None  # reduced fit used before β is trusted
+        self._since_cold = 0
         self.fits = 0
 
     # ---- state -------------------------------------------------------------------------
@@ -288,12 +290,13 @@ class CostModel:
         due = self._since_fit >= self.refit_every or (self.beta is None and self._n >= MIN_OBSERVATIONS)
         if due and self.refit():
             return True
-        if (
-            self.beta is None
-            and self._n >= COLD_MIN_OBSERVATIONS
-            and (due or self._n < 32 or self._n % 4 == 0)
-        ):
-            self._cold_fit()
+        if self.beta is None and self._n >= COLD_MIN_OBSERVATIONS:
+            # After every observation while the window is small (each fit is cheap then), every
+            # refit period after that: a pure-decode engine may never get the full fit.
+            self._since_cold += 1
+            if self._since_cold >= (1 if self._n < 32 else self.refit_every):
+                self._since_cold = 0
+                self._cold_fit()
         return False
 
     def _cold_fit(self) -> None:
