@@ -180,7 +180,10 @@ def divide(
     noise = np.zeros(m)
     imbalance = np.zeros(m)
     by = None
-    if critical >= 0:
+    if critical >= 0 and m == 1:
+        by = np.zeros((1, 1))  # one step alone: no peer to wait for
+        noise = imbalance = wait.copy()
+    elif critical >= 0:
         top = float(d[top_set].max())
         levels = np.where(top_set, top, w)
         gap = top - levels
