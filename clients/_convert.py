@@ -85,6 +85,8 @@ def blame_from_pb(m: pb.Blame) -> Blame:
         seconds=ns / NS_PER_S,
         seconds_ns=ns,
         same_shard=m.same_shard,
+        arrival_time=_s(_opt_ts_ns(m, "arrival_time")),
+        arrival_time_ns=_opt_ts_ns(m, "arrival_time"),
     )
 
 

@@ -109,6 +109,10 @@ class Blame:
     seconds_ns: int
     #: The aggressor ran on the victim's own shard.
     same_shard: bool
+    #: The aggressor's arrival (None for a shard as cause): with engine_id and request_id
+    #: it names one request even when an engine reuses the id.
+    arrival_time: float | None = None
+    arrival_time_ns: int | None = None
 
     @property
     def cross_shard(self) -> bool:

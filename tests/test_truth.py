@@ -196,10 +196,15 @@ def test_two_engines_with_the_same_ids(sidecar) -> None:
         assert listed.engine_id == eng.engine_id and listed.engine_time_ns == r.engine_time_ns
         watched = list(client.watch_request(rid, engine_id=eng.engine_id, timeout=5.0))
         assert watched[-1].engine_id == eng.engine_id and watched[-1].engine_time_ns == r.engine_time_ns
-        # Blame names the aggressor with its engine: the storm of this engine, not the other's.
-        blamed = {(b.engine_id, b.request_id) for x in got[eng.engine_id].values() for b in x.top_blame}
-        assert (eng.engine_id, f"{prefix}storm0") in blamed
-        assert all(e == eng.engine_id for e, _ in blamed)
+        # Blame names the aggressor with its engine and arrival: this engine's storm, not the other's.
+        blamed = {
+            (b.engine_id, b.request_id, b.arrival_time_ns)
+            for x in got[eng.engine_id].values()
+            for b in x.top_blame
+        }
+        storm = got[eng.engine_id][f"{prefix}storm0"]
+        assert (eng.engine_id, storm.request_id, storm.arrival_ns) in blamed
+        assert all(e == eng.engine_id for e, _, _ in blamed)
 
 
 def test_guard_follows_the_named_engine_and_never_kills_on_a_shared_id(sidecar) -> None:

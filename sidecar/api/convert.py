@@ -86,6 +86,7 @@ def request_to_proto(v: RequestView) -> pb.RequestAccounting:
                 shard=b.shard,
                 duration=duration(b.seconds_ns),
                 same_shard=b.same_shard,
+                arrival_time=timestamp(b.arrival_ns) if b.arrival_ns >= 0 else None,
             )
             for b in v.top_blame
         )

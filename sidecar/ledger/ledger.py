@@ -1458,10 +1458,11 @@ class Ledger:
         out = []
         own = req.shard
         for agg, ns in self._cols.blame_row(req.slot, self.config.top_blame):
-            rid, shard = self._aggressor(agg)
-            if shard is None:
+            ref = self._aggressor_ref(agg)
+            if ref is None:
                 continue
-            out.append(BlameView(rid, shard.engine_id, shard.shard, round(ns), shard is own))
+            rid, shard, arrival, _ = ref
+            out.append(BlameView(rid, shard.engine_id, shard.shard, round(ns), shard is own, arrival))
         return tuple(out)
 
     def _aggressor(self, agg: int) -> tuple[str, ShardState | None]:

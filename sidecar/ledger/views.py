@@ -32,6 +32,7 @@ class BlameView:
     shard: int
     seconds_ns: int
     same_shard: bool
+    arrival_ns: int = -1  # the aggressor's arrival (-1: a shard as cause): names it when ids are reused
 
 
 @dataclass(frozen=True, slots=True)

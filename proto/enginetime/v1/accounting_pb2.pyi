@@ -28,18 +28,20 @@ REQUEST_STATE_FINISHED: RequestState
 REQUEST_STATE_ABORTED: RequestState
 
 class Blame(_message.Message):
-    __slots__ = ("request_id", "shard", "duration", "same_shard", "engine_id")
+    __slots__ = ("request_id", "shard", "duration", "same_shard", "engine_id", "arrival_time")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     DURATION_FIELD_NUMBER: _ClassVar[int]
     SAME_SHARD_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    ARRIVAL_TIME_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     shard: int
     duration: _duration_pb2.Duration
     same_shard: bool
     engine_id: str
-    def __init__(self, request_id: _Optional[str] = ..., shard: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., same_shard: bool = ..., engine_id: _Optional[str] = ...) -> None: ...
+    arrival_time: _timestamp_pb2.Timestamp
+    def __init__(self, request_id: _Optional[str] = ..., shard: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., same_shard: bool = ..., engine_id: _Optional[str] = ..., arrival_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TokenCounts(_message.Message):
     __slots__ = ("prompt", "cached", "prefilled", "decoded")
