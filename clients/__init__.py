@@ -18,6 +18,7 @@ from ._convert import DEFAULT_TARGET
 from .async_client import AsyncAccountingClient, AsyncStream
 from .budget import BudgetReason, EngineBudget, EngineBudgetExceeded
 from .errors import (
+    AmbiguousRequest,
     DeadlineExceeded,
     EnginetimeError,
     InvalidArgument,
@@ -67,6 +68,7 @@ __all__ = [
     "InvalidArgument",
     "RequestAccounting",
     "RequestFilter",
+    "AmbiguousRequest",
     "RequestNotFound",
     "RequestPage",
     "RequestState",

@@ -90,6 +90,8 @@ def blame_from_pb(m: pb.Blame) -> Blame:
         seconds=ns / NS_PER_S,
         seconds_ns=ns,
         same_shard=m.same_shard,
+        arrival_time=_s(_opt_ts_ns(m, "arrival_time")),
+        arrival_time_ns=_opt_ts_ns(m, "arrival_time"),
     )
 
 
@@ -199,6 +201,11 @@ def shard_from_pb(m: pb.ShardStatus) -> ShardStatus:
         engine_kind=m.engine_kind,
         device_name=m.device_name,
         timer_source=_enum(TimerSource, m.timer_source),
+        unattributed=_dur_ns(m.unattributed) / 1e9,
+        unattributed_ns=_dur_ns(m.unattributed),
+        imbalance=_dur_ns(m.imbalance) / 1e9,
+        imbalance_ns=_dur_ns(m.imbalance),
+        slowdown=m.slowdown or 1.0,
     )
 
 
@@ -294,9 +301,13 @@ def list_requests_request(
     )
 
 
-def watch_request_request(request_id: str, min_interval: float) -> pb.WatchRequestRequest:
+def watch_request_request(
+    request_id: str, min_interval: float, engine_id: str = ""
+) -> pb.WatchRequestRequest:
     return pb.WatchRequestRequest(
-        request_id=_request_id(request_id), min_interval=duration_from_seconds(min_interval, "min_interval")
+        request_id=_request_id(request_id),
+        min_interval=duration_from_seconds(min_interval, "min_interval"),
+        engine_id=engine_id,
     )
 
 
@@ -317,8 +328,8 @@ def stream_interference_request(
     return r
 
 
-def get_request_request(request_id: str) -> pb.GetRequestRequest:
-    return pb.GetRequestRequest(request_id=_request_id(request_id))
+def get_request_request(request_id: str, engine_id: str = "") -> pb.GetRequestRequest:
+    return pb.GetRequestRequest(request_id=_request_id(request_id), engine_id=engine_id)
 
 
 def _request_id(request_id: str) -> str:

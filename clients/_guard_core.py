@@ -73,6 +73,11 @@ class Entry:
     queue_armed: bool = False
     done: bool = False
     fired: bool = False
+    #: The engine serving it: named by the watch, or the first that reported the id.
+    engine_id: str = ""
+    engine_named: bool = False
+    #: Another engine reported the same id and the watch named none: never fire on figures.
+    ambiguous: bool = False
 
     def accounting(self) -> RequestAccounting | None:
         return None if self.msg is None else cv.request_from_pb(self.msg)
@@ -121,6 +126,9 @@ class TrackerStats:
     foreign: int = 0
     batches: int = 0
     fires: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in BudgetReason})
+    #: Watches that saw their id reported by two engines without naming one (they never fire
+    #: on figures; pass engine_id to guard.watch).
+    ambiguous: int = 0
     liveness_checks: int = 0
     liveness_cleared: int = 0
 
@@ -144,14 +152,22 @@ class Tracker:
 
     # -- watching -----------------------------------------------------------------------------
 
-    def add(self, request_id: str, now: float, budget: EngineBudget | None = None, owner=None) -> Entry:
+    def add(
+        self,
+        request_id: str,
+        now: float,
+        budget: EngineBudget | None = None,
+        owner=None,
+        *,
+        engine_id: str = "",
+    ) -> Entry:
         if request_id in self.entries:
             raise ValueError(
                 f"request {request_id!r} is already watched by this guard: request ids must be unique "
                 "(the engine rejects a duplicate rid as well)"
             )
         b = budget or self.budget
-        e = Entry(request_id, b, now, owner)
+        e = Entry(request_id, b, now, owner, engine_id=engine_id, engine_named=bool(engine_id))
         if b.engine_time is not None:
             e.engine_limit_ns = round(b.engine_time * NS)
         self.entries[request_id] = e
@@ -214,6 +230,20 @@ class Tracker:
                 continue
             if e.fired:
                 continue
+            if m.engine_id != e.engine_id:
+                if e.engine_named:
+                    foreign += 1  # the same id in another engine: not this request
+                    continue
+                if e.engine_id:
+                    # Two engines report this id and the watch named neither: whose figures these
+                    # are cannot be told, so they never kill the request.
+                    if not e.ambiguous:
+                        e.ambiguous = True
+                        st.ambiguous += 1
+                    continue
+                e.engine_id = m.engine_id
+            if e.ambiguous:
+                continue
             e.msg = m
             e.received = now
             state = e.state = m.state
@@ -265,7 +295,7 @@ class Tracker:
             elif kind == _LIVENESS:
                 assert b.liveness is not None
                 e.live_armed = False
-                if not self.telemetry_up or e.state not in _ADMITTED:
+                if not self.telemetry_up or e.state not in _ADMITTED or e.ambiguous:
                     continue  # re-armed by the next update that shows it admitted
                 deadline = max(e.progress_at, self.up_since) + b.liveness
                 if deadline > now:
@@ -277,7 +307,7 @@ class Tracker:
             elif kind == _QUEUE:
                 assert b.queue is not None
                 e.queue_armed = False
-                if not self.telemetry_up or e.state != _QUEUED or e.msg is None:
+                if not self.telemetry_up or e.state != _QUEUED or e.msg is None or e.ambiguous:
                     continue
                 m = e.msg
                 queued = (m.queue_time_ns or cv._dur_ns(m.queue_time)) / NS + (now - e.received)
@@ -306,6 +336,8 @@ class Tracker:
         e.live_armed = False
         if e.done or e.fired:
             return None, "done"
+        if e.ambiguous:
+            return None, "request id reported by two engines"
         limit = e.budget.liveness
         assert limit is not None  # suspects come from liveness items, armed only with a limit
         self.stats.liveness_checks += 1

@@ -139,9 +139,15 @@ class AsyncAccountingClient(BaseClient):
 
     # --- unary calls ----------------------------------------------------------------
 
-    async def get_request(self, request_id: str, *, timeout: float | None = None) -> RequestAccounting:
-        """One request's accounting; raises RequestNotFound when the sidecar does not know it."""
-        req = cv.get_request_request(request_id)
+    async def get_request(
+        self, request_id: str, *, engine_id: str = "", timeout: float | None = None
+    ) -> RequestAccounting:
+        """One request's accounting; raises RequestNotFound when the sidecar does not know it.
+
+        ``engine_id``: the engine holding it; without it, an id that several engines
+        hold raises AmbiguousRequest.
+        """
+        req = cv.get_request_request(request_id, engine_id)
         resp = await self._unary("GetRequest", req, timeout, request_id=request_id)
         return cv.request_from_pb(resp.request)
 
@@ -194,10 +200,15 @@ class AsyncAccountingClient(BaseClient):
     # --- streams --------------------------------------------------------------------
 
     def watch_request(
-        self, request_id: str, *, min_interval: float = 0.1, timeout: float | None = None
+        self,
+        request_id: str,
+        *,
+        engine_id: str = "",
+        min_interval: float = 0.1,
+        timeout: float | None = None,
     ) -> AsyncStream[RequestAccounting]:
         """The request's accounting as it changes; the iterator ends after the terminal update."""
-        req = cv.watch_request_request(request_id, min_interval)
+        req = cv.watch_request_request(request_id, min_interval, engine_id)
         return self._stream(
             "WatchRequest",
             req,

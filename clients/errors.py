@@ -8,6 +8,8 @@ and keeps the gRPC code and details for logs.
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 
@@ -57,6 +59,28 @@ class StreamCutOff(EnginetimeError):
     """
 
 
+_AMBIGUOUS = re.compile(r"request id '([^']*)' is held by \d+ engines \(([^)]*)\)")
+
+
+class AmbiguousRequest(EnginetimeError, LookupError):
+    """A bare request id that several engines behind this sidecar hold (FAILED_PRECONDITION).
+
+    A request is (engine_id, request_id): pass ``engine_id=`` to say which one.
+    ``engines`` lists the engines the sidecar named (empty if it named none).
+    """
+
+    def __init__(self, request_id: str, details: str = "") -> None:
+        found = _AMBIGUOUS.search(details)
+        self.request_id = request_id or (found.group(1) if found else "")
+        self.engines: tuple[str, ...] = tuple(re.findall(r"'([^']*)'", found.group(2))) if found else ()
+        request_id = self.request_id
+        super().__init__(
+            f"request {request_id!r} is ambiguous: {details or 'several engines hold it'}",
+            code=grpc.StatusCode.FAILED_PRECONDITION,
+            details=details,
+        )
+
+
 class DeadlineExceeded(EnginetimeError, TimeoutError):
     """The call did not complete within its timeout."""
 
@@ -71,6 +95,8 @@ def map_rpc_error(error: grpc.RpcError, *, target: str, request_id: str | None =
     details = (error.details() if callable(getattr(error, "details", None)) else None) or ""
     if code == grpc.StatusCode.NOT_FOUND and request_id is not None:
         return RequestNotFound(request_id, details)
+    if code == grpc.StatusCode.FAILED_PRECONDITION and "pass engine_id" in details:
+        return AmbiguousRequest(request_id or "", details)
     if code == grpc.StatusCode.UNAVAILABLE:
         return SidecarUnavailable(target, details)
     if code == grpc.StatusCode.INVALID_ARGUMENT:

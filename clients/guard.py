@@ -280,6 +280,7 @@ class Watch:
             )
         self.guard = guard
         self.request_id = request_id
+        self.engine_id = ""  # set by the guard's watch()
         self.budget = budget or guard.budget
         self.error: EngineBudgetExceeded | None = None
         self._entry: Entry | None = None
@@ -412,9 +413,16 @@ class Guard(_GuardBase):
         self._stop = threading.Event()
         self._aborts: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def watch(self, request_id: str, budget: EngineBudget | None = None) -> Watch:
-        """A context manager following ``request_id``; ``budget`` overrides the guard's for this request."""
-        return Watch(self, request_id, budget)
+    def watch(self, request_id: str, budget: EngineBudget | None = None, *, engine_id: str = "") -> Watch:
+        """A context manager following ``request_id``; ``budget`` overrides the guard's for this request.
+
+        ``engine_id``: the engine serving it (default: the guard's). A request is
+        (engine_id, request_id); without an engine, a watch follows the first engine
+        that reports the id and never fires on figures once a second engine reports it.
+        """
+        watch = Watch(self, request_id, budget)
+        watch.engine_id = engine_id or self.engine_id
+        return watch
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -449,7 +457,7 @@ class Guard(_GuardBase):
             if self._closed:
                 raise EnginetimeError("this Guard is closed; create a new one")
             now = time.monotonic()
-            entry = self._tracker.add(watch.request_id, now, watch.budget, watch)
+            entry = self._tracker.add(watch.request_id, now, watch.budget, watch, engine_id=watch.engine_id)
             if not self._threads:
                 self._start_threads()
             if self.follow == "ids" and self._restart_at is None:
@@ -619,6 +627,7 @@ class AsyncWatch:
             )
         self.guard = guard
         self.request_id = request_id
+        self.engine_id = ""  # set by the guard's watch()
         self.budget = budget or guard.budget
         self.error: EngineBudgetExceeded | None = None
         self._entry: Entry | None = None
@@ -725,9 +734,16 @@ class AsyncGuard(_GuardBase):
         self._have_entries: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def watch(self, request_id: str, budget: EngineBudget | None = None) -> AsyncWatch:
-        """An async context manager following ``request_id``; ``budget`` overrides the guard's."""
-        return AsyncWatch(self, request_id, budget)
+    def watch(
+        self, request_id: str, budget: EngineBudget | None = None, *, engine_id: str = ""
+    ) -> AsyncWatch:
+        """An async context manager following ``request_id``; ``budget`` overrides the guard's.
+
+        ``engine_id`` as in ``Guard.watch``.
+        """
+        watch = AsyncWatch(self, request_id, budget)
+        watch.engine_id = engine_id or self.engine_id
+        return watch
 
     async def aclose(self) -> None:
         if self._closed:
@@ -768,7 +784,7 @@ class AsyncGuard(_GuardBase):
         elif loop is not self._loop:
             raise RuntimeError("an AsyncGuard serves one event loop: create one guard per loop")
         now = time.monotonic()
-        entry = self._tracker.add(watch.request_id, now, watch.budget, watch)
+        entry = self._tracker.add(watch.request_id, now, watch.budget, watch, engine_id=watch.engine_id)
         if self.follow == "ids" and self._restart_at is None:
             self._restart_at = now if self._stream is None else now + self.restart_interval
         assert self._have_entries is not None and self._wake is not None  # made with the loop, above

@@ -137,9 +137,15 @@ class AccountingClient(BaseClient):
 
     # --- unary calls ----------------------------------------------------------------
 
-    def get_request(self, request_id: str, *, timeout: float | None = None) -> RequestAccounting:
-        """One request's accounting; raises RequestNotFound when the sidecar does not know it."""
-        req = cv.get_request_request(request_id)
+    def get_request(
+        self, request_id: str, *, engine_id: str = "", timeout: float | None = None
+    ) -> RequestAccounting:
+        """One request's accounting; raises RequestNotFound when the sidecar does not know it.
+
+        ``engine_id``: the engine holding it; without it, an id that several engines
+        hold raises AmbiguousRequest.
+        """
+        req = cv.get_request_request(request_id, engine_id)
         resp = self._unary("GetRequest", req, timeout, request_id=request_id)
         return cv.request_from_pb(resp.request)
 
@@ -191,10 +197,15 @@ class AccountingClient(BaseClient):
     # --- streams --------------------------------------------------------------------
 
     def watch_request(
-        self, request_id: str, *, min_interval: float = 0.1, timeout: float | None = None
+        self,
+        request_id: str,
+        *,
+        engine_id: str = "",
+        min_interval: float = 0.1,
+        timeout: float | None = None,
     ) -> Stream[RequestAccounting]:
         """The request's accounting as it changes; the iterator ends after the terminal update."""
-        req = cv.watch_request_request(request_id, min_interval)
+        req = cv.watch_request_request(request_id, min_interval, engine_id)
         return self._stream(
             "WatchRequest",
             req,

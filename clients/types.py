@@ -138,6 +138,10 @@ class Blame:
     seconds_ns: int
     #: The aggressor ran on the victim's own shard.
     same_shard: bool
+    #: The aggressor's arrival (None for a shard as cause): with engine_id and request_id
+    #: it names one request even when an engine reuses the id.
+    arrival_time: float | None = None
+    arrival_time_ns: int | None = None
 
     @property
     def cross_shard(self) -> bool:
@@ -240,6 +244,16 @@ class ShardStatus:
     engine_kind: str
     device_name: str
     timer_source: TimerSource
+    #: Device time no request could be charged with (a missing lockstep peer).
+    unattributed: float = 0.0
+    unattributed_ns: int = 0
+    #: Lockstep wait charged to no request: decode imbalance and tied-shard jitter.
+    #: Σ gpu_time + unattributed + imbalance = Σ device time.
+    imbalance: float = 0.0
+    imbalance_ns: int = 0
+    #: The engine's steps against its calibrated model (1.0: normal; 1.3: 30 % slower).
+    #: LOCKSTEP: the same for every shard (timing tells the group is slow, not which shard).
+    slowdown: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -369,6 +369,52 @@ class Recorder:
         except Exception as exc:
             self._lost_step(dev, "bad step_end arguments", exc)
 
+    def record_step(
+        self,
+        *,
+        start_ns: int,
+        end_ns: int,
+        device_ns: int | None = None,
+        kind: StepKind | int,
+        handles: Any,
+        prefill_tokens: Any,
+        decode_tokens: Any,
+        context_tokens: Any,
+        global_step: int | None = None,
+        peer_tokens: Any = None,
+    ) -> None:
+        """Record a step that was timed elsewhere: the replay entry point.
+
+        For simulators, replays of engine logs and tests. ``start_ns``/``end_ns`` are
+        ``time.time_ns()``-based wall stamps; ``device_ns`` is the step's device time
+        (default ``end_ns - start_ns``). Columns as in ``step_end``. Takes a seq like
+        ``step_end``; never raises (bad stamps are counted as a lost step).
+        """
+        try:
+            start = int(start_ns)
+            end = int(end_ns)
+            dev = end - start if device_ns is None else int(device_ns)
+            if not (_I64_MIN <= start <= _I64_MAX and _I64_MIN <= end <= _I64_MAX) or dev < 0:
+                raise ValueError(
+                    f"start_ns={start_ns!r} end_ns={end_ns!r} device_ns={device_ns!r}: need int64 "
+                    "time.time_ns() stamps and a device time >= 0"
+                )
+            token = (start, 0, None, end, dev)
+        except Exception as exc:
+            self._seq += 1  # a step that could not be recorded still shows as a gap
+            self._lost_step(None, "bad record_step stamps", exc)
+            return
+        self.step_end(
+            token,
+            kind=kind,
+            handles=handles,
+            prefill_tokens=prefill_tokens,
+            decode_tokens=decode_tokens,
+            context_tokens=context_tokens,
+            global_step=global_step,
+            peer_tokens=peer_tokens,
+        )
+
     def step_stop(self, token: Any, stream: Any = None) -> tuple[int, int, Any, int, int]:
         """Stop a step's clock now and record its batch later with ``step_end``.
 

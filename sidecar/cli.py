@@ -262,6 +262,17 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
             f"Default: {LedgerConfig.storm_threshold_s}. Lower it to see smaller interference events."
         ),
     )
+    led.add_argument(
+        "--model-state",
+        metavar="PATH",
+        default="",
+        help=(
+            f"keep the step-cost models here: written every {LedgerConfig.model_state_interval_s:g} s and at "
+            "shutdown, loaded when an "
+            "engine with the same id, kind, device and layout says hello. A restarted sidecar then "
+            "attributes its first storm with a calibrated model instead of a per-token guess"
+        ),
+    )
     lim = parser.add_argument_group("limits")
     lim.add_argument(
         "--max-frame-bytes",
@@ -472,6 +483,8 @@ def build_config(args: argparse.Namespace) -> SidecarConfig:
         overrides["lockstep_wait_s"] = args.lockstep_wait
     if args.storm_threshold is not None:
         overrides["storm_threshold_s"] = args.storm_threshold
+    if args.model_state:
+        overrides["model_state_path"] = args.model_state
     return SidecarConfig(
         ingest=ingest_address(args.ingest),
         listen=args.listen,

@@ -32,6 +32,8 @@ class LedgerConfig:
     model_window: int = 2048  # cost-model observations kept per model
     refit_every: int = 32  # refit after this many new observations
     rate_window_s: float = 2.0  # window for shard tok/s and busy fraction
+    model_state_path: str = ""  # --model-state: cost models saved here and loaded at hello (modelstate)
+    model_state_interval_s: float = 30.0  # how often the model state is written (and at shutdown)
 
     def __post_init__(self) -> None:
         if self.max_requests < 1:

@@ -298,6 +298,7 @@ class Sidecar:
         try:
             self.ledger.tick()
             self.ledger.flush()
+            self.ledger.save_models()
             self.fanout.publish()
         except Exception:
             log.exception("final ledger flush failed")

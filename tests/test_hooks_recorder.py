@@ -438,6 +438,33 @@ def test_unequal_columns_are_counted_not_raised(server):
     assert [s.seq for s in server.of("step")] == [1]  # the lost step shows as a gap
 
 
+def test_record_step_replays_stamps_and_never_raises(server):
+    """The replay entry point: wall stamps as given, device time defaulting to end - start;
+    bad stamps are a counted lost step (a seq gap), never an exception."""
+    with Recorder("eng-r", address=server.address, timer="cpu") as rec:
+        h = rec.request_arrived("r")
+        t0 = time.time_ns() - 10_000_000_000
+        common = dict(
+            kind=StepKind.DECODE, handles=[h], prefill_tokens=[0], decode_tokens=[1], context_tokens=[7]
+        )
+        rec.record_step(start_ns=t0, end_ns=t0 + 5_000_000, global_step=3, **common)
+        rec.record_step(start_ns=t0 + 5_000_000, end_ns=t0 + 9_000_000, device_ns=3_000_000, **common)
+        rec.record_step(start_ns="soon", end_ns=t0, **common)  # type: ignore[arg-type]
+        rec.record_step(start_ns=t0, end_ns=t0 - 1, **common)  # negative duration
+        rec.record_step(start_ns=t0 + 9_000_000, end_ns=t0 + 10_000_000, **common)
+        assert delivered(rec, server)
+        st = rec.stats()
+    steps = server.of("step")
+    assert [s.seq for s in steps] == [0, 1, 4]
+    assert [(s.start_time_ns - t0, s.end_time_ns - t0, s.device_time_ns) for s in steps] == [
+        (0, 5_000_000, 5_000_000),
+        (5_000_000, 9_000_000, 3_000_000),
+        (9_000_000, 10_000_000, 1_000_000),
+    ]
+    assert steps[0].global_step == 3 and list(steps[0].context_tokens) == [7]
+    assert st.dropped_steps == 2 and st.errors == 2
+
+
 def test_every_public_method_survives_garbage(server):
     class Weird:
         def __int__(self):

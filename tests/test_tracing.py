@@ -306,7 +306,9 @@ def test_incident_spans_link_victims_to_the_storm(tmp_path: Path) -> None:
         for rid in (*VICTIMS, LONG, PREEMPTED):
             a_ = acct[rid]
             blame = {b.request_id: b for b in a_.top_blame if b.request_id}
-            assert a_.top_blame[0].request_id == STORM, (rid, a_.top_blame)
+            # The storm is the request that cost it most. (A shard as cause, request id "", may rank
+            # above it for a long decode: tied shards' step jitter is interference, not engine time.)
+            assert [b.request_id for b in a_.top_blame if b.request_id][0] == STORM, (rid, a_.top_blame)
             links = {
                 attributes(ln.attributes)["enginetime.blame.request_id"]: ln for ln in roots[rid].span.links
             }

@@ -86,6 +86,7 @@ def request_to_proto(v: RequestView) -> pb.RequestAccounting:
                 shard=b.shard,
                 duration=duration(b.seconds_ns),
                 same_shard=b.same_shard,
+                arrival_time=timestamp(b.arrival_ns) if b.arrival_ns >= 0 else None,
             )
             for b in v.top_blame
         )
@@ -126,6 +127,9 @@ def shard_to_proto(v: ShardView) -> pb.ShardStatus:
         engine_kind=v.engine_kind,
         device_name=v.device_name,
         timer_source=int(v.timer_source),  # type: ignore[arg-type]  # (as state above)
+        unattributed=duration(v.unattributed_ns),
+        imbalance=duration(v.imbalance_ns),
+        slowdown=float(v.slowdown),
     )
     if v.current_storm is not None:
         msg.current_storm.CopyFrom(storm_to_proto(v.current_storm))

@@ -53,7 +53,13 @@ import numpy as np
 from enginetime.sidecar.api import convert
 from enginetime.sidecar.config import FanOutLimits
 from enginetime.sidecar.ledger.protocols import ChangeFeed
-from enginetime.sidecar.ledger.views import InterferencePhase, InterferenceView, RequestQuery, RequestView
+from enginetime.sidecar.ledger.views import (
+    AmbiguousRequestError,
+    InterferencePhase,
+    InterferenceView,
+    RequestQuery,
+    RequestView,
+)
 from enginetime.v1 import accounting_pb2 as pb
 
 log = logging.getLogger("enginetime.sidecar.api.fanout")
@@ -259,7 +265,7 @@ class FanOut:
         self._ranges: dict[int, tuple[list[Entry], int]] = {}
         self._bodies: dict[int, list[bytes]] = {}
         #: request id -> (view, message) for WatchRequest, built this publish cycle.
-        self._cache: dict[str, tuple[RequestView, pb.RequestAccounting]] = {}
+        self._cache: dict[tuple[str, str], tuple[RequestView, pb.RequestAccounting]] = {}
         self._closed: str | None = None
         self.cycles = 0
         self.cut_off = 0
@@ -528,22 +534,29 @@ class FanOut:
         while self._budget_s <= 0.0 and self._closed is None:
             await self._cycle.wait()
 
-    def current(self, request_ids: list[str]) -> list[tuple[RequestView, pb.RequestAccounting]]:
+    def current(
+        self, request_ids: list[str], engine_id: str = ""
+    ) -> list[tuple[RequestView, pb.RequestAccounting]]:
         """View and message of each id the ledger still holds (evicted ids are skipped).
 
         For WatchRequest: built at most once per publish cycle and shared by every
         watcher that sends in that cycle; a change made since is offered again by
-        the next publish, so nothing is lost, it is at most one cycle old.
+        the next publish, so nothing is lost, it is at most one cycle old. Ids are
+        looked up in ``engine_id`` (a bare id that several engines hold is skipped).
         """
         cache = self._cache
         get = self.ledger.get
         out = []
         for rid in request_ids:
-            hit = cache.get(rid)
+            key = (engine_id, rid)
+            hit = cache.get(key)
             if hit is None:
-                v = get(rid)
+                try:
+                    v = get(rid, engine_id)
+                except AmbiguousRequestError:
+                    continue
                 if v is None:
                     continue
-                hit = cache[rid] = (v, convert.request_to_proto(v))
+                hit = cache[key] = (v, convert.request_to_proto(v))
             out.append(hit)
         return out

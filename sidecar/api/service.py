@@ -37,7 +37,7 @@ from enginetime.sidecar.api.fanout import FanOut, InterferenceFilter, RequestSub
 from enginetime.sidecar.config import LedgerConfig
 from enginetime.sidecar.ingest.limits import MAX_TEXT_BYTES, clip_text, quote
 from enginetime.sidecar.ledger.protocols import AccountingReader
-from enginetime.sidecar.ledger.views import RequestQuery, RequestState
+from enginetime.sidecar.ledger.views import AmbiguousRequestError, RequestQuery, RequestState
 from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
 
@@ -101,9 +101,12 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
                 "request_id is empty: pass the id the engine knows the request by "
                 "(SGLang rid, vLLM request_id)",
             )
-        view = self.ledger.get(rid)
+        try:
+            view = self.ledger.get(rid, request.engine_id)
+        except AmbiguousRequestError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         if view is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(rid))
+            await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(rid, request.engine_id))
         return pb.GetRequestResponse(request=convert.request_to_proto(view))
 
     async def ListRequests(self, request: pb.ListRequestsRequest, context) -> pb.ListRequestsResponse:
@@ -117,8 +120,11 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
             offset = _decode_page_token(request.page_token, fingerprint)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        views = self.ledger.query(query, limit=page_size, offset=offset)
-        total = self.ledger.count(query)
+        try:
+            views = self.ledger.query(query, limit=page_size, offset=offset)
+            total = self.ledger.count(query)
+        except AmbiguousRequestError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         end = offset + len(views)
         resp = pb.ListRequestsResponse(total_size=total)
         resp.requests.extend(convert.request_to_proto(v) for v in views)
@@ -140,10 +146,15 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty: name the request to watch"
             )
         interval = await self._interval(context, request, "min_interval")
-        view = self.ledger.get(rid)
+        try:
+            view = self.ledger.get(rid, request.engine_id)
+        except AmbiguousRequestError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         if view is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(rid))
-        sub = self.fanout.subscribe_requests(RequestQuery(request_ids=frozenset((rid,))))
+            await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(rid, request.engine_id))
+        # The watch follows this engine's request, even if another engine later takes the id.
+        engine_id = view.engine_id
+        sub = self.fanout.subscribe_requests(RequestQuery(request_ids=frozenset((rid,)), engine_id=engine_id))
         lag = self.fanout.limits.lag_limit(interval)
         try:
             await self._write(context, pb.WatchRequestResponse(request=convert.request_to_proto(view)), lag)
@@ -156,12 +167,12 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
                 if sub.closed is not None and not sub.pending:
                     raise _Abort(grpc.StatusCode.UNAVAILABLE, sub.closed)
                 if not sub.pending:
-                    if self.ledger.get(rid) is None:
+                    if self.ledger.get(rid, engine_id) is None:
                         raise _Abort(grpc.StatusCode.NOT_FOUND, self._evicted(rid))
                     continue
                 await _sleep_until(last_send + interval, sub)
                 sub.drain()
-                current = self.fanout.current([rid])
+                current = self.fanout.current([rid], engine_id)
                 if not current:
                     raise _Abort(grpc.StatusCode.NOT_FOUND, self._evicted(rid))
                 view, message = current[0]
@@ -189,6 +200,13 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         interval = await self._interval(context, request, "interval")
+        if query.request_ids and not query.engine_id:
+            for rid in sorted(query.request_ids):
+                engines = self.ledger.engines_holding(rid)
+                if len(engines) > 1:
+                    await context.abort(
+                        grpc.StatusCode.FAILED_PRECONDITION, str(AmbiguousRequestError(rid, engines))
+                    )
         sub = self.fanout.subscribe_requests(query)
         lag = self.fanout.limits.lag_limit(interval)
         try:
@@ -310,7 +328,14 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
             return DEFAULT_INTERVAL_S
         return max(ns / 1e9, MIN_INTERVAL_S)
 
-    def _not_found(self, rid: str) -> str:
+    def _not_found(self, rid: str, engine_id: str = "") -> str:
+        if engine_id:
+            others = [e for e in self.ledger.engines_holding(rid) if e != engine_id]
+            if others:
+                return (
+                    f"engine {engine_id!r} holds no request {rid!r} (engines holding that id: "
+                    f"{', '.join(repr(e) for e in others)}); check the engine_id"
+                )
         return (
             f"request {quote(rid)} is not known to this sidecar: no engine reporting here has announced "
             f"it, or it ended more than {self.config.retention_s:g} s ago (--retention), or the store "

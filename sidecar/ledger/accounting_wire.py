@@ -102,6 +102,7 @@ _TB_SHARD = tag(2, 0)
 _TB_DURATION = tag(3, 2)
 _TB_SAME_SHARD = tag(4, 0)
 _TB_ENGINE_ID = tag(5, 2)
+_TB_ARRIVAL = tag(6, 2)
 
 
 def event_fields(req: Request, terminal: bool) -> bytes:
@@ -156,6 +157,7 @@ def blame_fields(blame: Sequence[BlameView]) -> bytes:
                     _seconds_nanos(_TB_DURATION, b.seconds_ns),
                     _int_field(_TB_SAME_SHARD, int(b.same_shard)),
                     _str_field(_TB_ENGINE_ID, b.engine_id),
+                    _seconds_nanos(_TB_ARRIVAL, b.arrival_ns) if b.arrival_ns >= 0 else b"",
                 )
             ),
         )

@@ -12,6 +12,7 @@ definitions; this module is their executable form.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,37 +98,76 @@ class Division:
     """How each shard's ``d`` divides (per shard position) and what each entry gets."""
 
     w: np.ndarray  # own work per shard position
-    wait: np.ndarray  # d − w: waiting for the critical shard
+    wait: np.ndarray  # d − w: waiting for heavier shards (and noise of tied ones)
     scale: np.ndarray  # w / P per shard position (measured over predicted)
     share: np.ndarray  # own-work gpu share per entry (Σ over a shard = w)
     engine: np.ndarray  # engine time per entry
     interference: np.ndarray  # d − engine per entry
     gpu: np.ndarray  # share + charged wait per entry
-    crit_lo: int  # entry range of the critical shard (empty if none present)
-    crit_hi: int
-    crit_weights: np.ndarray | None  # fractions of the wait per critical entry (Σ = 1)
-    crit_by_prefill: bool  # the wait is blamed on the critical shard's prefill entries
+    by: np.ndarray | None  # by[j, k]: part of shard j's wait caused by shard k (layered); None: uncharged
+    pf_weight: np.ndarray  # an entry's fraction of its shard's predicted prefill (0 without prefill)
+    noise: np.ndarray  # per shard position: wait no heavier shard explains (tied shards' jitter)
+    imbalance: np.ndarray  # per shard position: wait charged to no request (decode imbalance + noise)
+    top_set: np.ndarray  # shard positions tied at the top (the critical one and its near-ties)
     wait_total: float
     uncharged: bool  # the wait had nobody to be charged to (critical shard missing/empty)
 
 
-def divide(batch: Batch, pred: Prediction, critical: int) -> Division:
-    """Split each shard's measured ``d`` (``critical`` = -1: no critical shard present)."""
+def layered_shares(levels: np.ndarray) -> np.ndarray:
+    """raw[j, k]: the part of the gap from ``levels[j]`` up to the top level caused by shard k.
+
+    The Shapley value of the max: the layer between two consecutive levels is caused
+    by every shard at or above it, in equal parts. With levels sorted descending
+    s_0 ≥ s_1 ≥ …, layer i (between s_{i+1} and s_i) has i + 1 sharers, so shard k of
+    rank t takes Σ_{i=t}^{r-1} (s_i − s_{i+1}) / (i + 1) of a shard of rank r's gap: a
+    difference of one prefix sum. Row j sums to ``max(levels) − levels[j]``.
+    """
+    m = levels.size
+    order = np.argsort(-levels, kind="stable")
+    s = levels[order]
+    unit = (s[:-1] - s[1:]) / np.arange(1, m, dtype=np.float64)
+    prefix = np.zeros(m)
+    np.cumsum(unit, out=prefix[1:])
+    rank = np.empty(m, dtype=np.int64)
+    rank[order] = np.arange(m)
+    pr = prefix[rank]
+    raw = pr[:, None] - pr[None, :]
+    return np.where(rank[None, :] < rank[:, None], raw, 0.0)
+
+
+def divide(
+    batch: Batch, pred: Prediction, critical: int, tie_factor: Callable[[int], float] | None = None
+) -> Division:
+    """Split each shard's measured ``d`` (``critical`` = -1: no critical shard present).
+
+    ``tie_factor(k)``: the expected own work over the measured step of k shards tied
+    at the top of a lockstep group (< 1 under step jitter: the step is the slowest
+    of k noisy shards); None or 1.0 charges tied shards the whole step.
+    """
     seg, m, d = batch.seg, batch.m, batch.d
     nonempty = batch.counts > 0
     n = np.maximum(batch.counts, 1).astype(np.float64)
     big_p = pred.big_p
+    top_set = np.zeros(m, dtype=bool)
     if pred.calibrated:
         w = np.where(nonempty, np.minimum(d, big_p), 0.0)
     else:
         w = np.where(nonempty, d, 0.0)
     if critical >= 0:
         # Shards as heavy as the critical one (within the model's resolution) did not wait
-        # for it: they are critical too. Otherwise equal loads would be split arbitrarily into
-        # one that measured d and others that got their prediction and "waited" the rest.
-        peers = nonempty & (big_p >= (1.0 - CRITICAL_BAND) * big_p[critical]) if pred.calibrated else nonempty
-        w = np.where(peers, d, w)
-        w[critical] = d[critical]
+        # for it: they are tied at the top. Otherwise equal loads would be split arbitrarily
+        # into one that measured d and others that got their prediction and "waited" the rest.
+        if pred.calibrated:
+            top_set = nonempty & (big_p >= (1.0 - CRITICAL_BAND) * big_p[critical])
+        else:
+            top_set = nonempty.copy()
+        top_set[critical] = True
+        w = np.where(top_set, d, w)
+        k_top = int(np.count_nonzero(top_set))
+        if tie_factor is not None:
+            # The step of k tied shards is the slowest of k noisy ones: each one's own work is
+            # expected below it. Billing them the whole step would bill victims for jitter.
+            w = np.where(top_set, d * tie_factor(k_top), w)
     wait = d - w
     scale = np.divide(w, big_p, out=np.zeros(m), where=big_p > 0.0)
     scale_e = scale[seg]
@@ -136,21 +176,27 @@ def divide(batch: Batch, pred: Prediction, critical: int) -> Division:
     interference = d[seg] - engine
     gpu = share.copy()
     wait_total = float(wait.sum())
-    lo = hi = 0
-    weights = None
-    by_prefill = False
-    if critical >= 0:
-        offs = batch.offs
-        lo, hi = int(offs[critical]), int(offs[critical + 1])
-        wt = pred.pf[lo:hi]
-        tot = float(wt.sum())
-        by_prefill = tot > 0.0
-        if not by_prefill:
-            wt = pred.unit[lo:hi]
-            tot = float(wt.sum())
-        weights = wt / tot if tot > 0.0 else np.full(hi - lo, 1.0 / (hi - lo))
+    pf_weight = np.divide(pred.pf, pred.pf_sum[seg], out=np.zeros(seg.size), where=pred.pf_sum[seg] > 0.0)
+    noise = np.zeros(m)
+    imbalance = np.zeros(m)
+    by = None
+    if critical >= 0 and m == 1:
+        by = np.zeros((1, 1))  # one step alone: no peer to wait for
+        noise = imbalance = wait.copy()
+    elif critical >= 0:
+        top = float(d[top_set].max())
+        levels = np.where(top_set, top, w)
+        gap = top - levels
+        raw = layered_shares(levels)
+        explained = np.where(top_set, 0.0, np.clip(np.minimum(wait, gap), 0.0, None))
+        by = raw * np.divide(explained, gap, out=np.zeros(m), where=gap > 0.0)[:, None]
+        noise = wait - by.sum(axis=1)
+        has_pf = pred.pf_sum > 0.0
+        charged = by.sum(axis=0)
         if wait_total > 0.0:
-            gpu[lo:hi] += wait_total * weights
+            gpu += (charged * has_pf)[seg] * pf_weight
+            # Waits for shards that ran no prefill (decode imbalance) and jitter: nobody's work.
+            imbalance = by @ (~has_pf).astype(np.float64) + noise
     return Division(
         w,
         wait,
@@ -159,10 +205,11 @@ def divide(batch: Batch, pred: Prediction, critical: int) -> Division:
         engine,
         interference,
         gpu,
-        lo,
-        hi,
-        weights,
-        by_prefill,
+        by,
+        pf_weight,
+        noise,
+        imbalance,
+        top_set,
         wait_total,
         critical < 0 and wait_total > 0.0,
     )

@@ -40,6 +40,8 @@ import numpy as np
 N_FEATURES = 5
 #: Observations needed before the fitted model replaces the token-proportional rate.
 MIN_OBSERVATIONS = 16
+#: Observations before the reduced cold fit (fixed cost + per-token costs) replaces the rate.
+COLD_MIN_OBSERVATIONS = 2
 #: Of those, at least this many must contain prefill and this many decode.
 MIN_OF_EACH_KIND = 2
 
@@ -141,7 +143,49 @@ def fit_nnls_ridge(x: np.ndarray, y: np.ndarray, ridge: float = 1e-6, relative: 
     beta = _nnls_ridge_weighted(x, y, 1.0 / np.maximum(np.abs(y), floor), ridge)
     for _ in range(2):
         pred = x @ beta
-        beta = _nnls_ridge_weighted(x, y, 1.0 / np.maximum(pred, floor), ridge)
+        # An observation far above its prediction (a mis-picked critical shard) must not get
+        # the huge weight of its small prediction: its weight is capped at 2/y.
+        beta = _nnls_ridge_weighted(x, y, 1.0 / np.maximum(np.maximum(pred, 0.5 * np.abs(y)), floor), ridge)
+    return beta
+
+
+#: A step shows decode costs when its prefill tokens are at most this many per decode entry.
+DECODE_VISIBLE_RATIO = 64.0
+
+
+def _decode_visible(x: np.ndarray) -> np.ndarray:
+    """Observations (rows of features) in which decode is a visible part of the step.
+
+    In a step with one decode entry beside a 9,000-token prefill the decode is a sliver
+    of the duration, and a fit that leans on such steps can price a decode entry 100x
+    too high (then a decode-only shard looks heavier than a prefilling one). Decode
+    coefficients are trusted only with steps where it is not a sliver.
+    """
+    return (x[:, 3] > 0) & (x[:, 1] <= DECODE_VISIBLE_RATIO * x[:, 3])
+
+
+#: A window observation this far off the fit (relative) is an outlier: refit without it.
+OUTLIER = 0.5
+#: ... as long as outliers are at most this fraction of the window (else the model moved).
+MAX_OUTLIERS = 0.1
+
+
+def _fit_trimmed(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
+    """``fit_nnls_ridge``, refitted once without the few observations it cannot explain.
+
+    A lockstep observation whose critical shard was picked wrongly (a cold model, a
+    missing peer) pairs one shard's batch with another's much longer step. Under the
+    relative error weighting one such point (a small batch, a huge duration) can
+    outweigh hundreds of good ones and wreck β.
+    """
+    beta = fit_nnls_ridge(x, y, ridge)
+    if not np.all(np.isfinite(beta)) or y.size < 8:
+        return beta
+    err = np.abs(x @ beta - y) / np.maximum(np.abs(y), 1e-12)
+    bad = err > OUTLIER
+    n_bad = int(np.count_nonzero(bad))
+    if 0 < n_bad <= MAX_OUTLIERS * y.size:
+        return fit_nnls_ridge(x[~bad], y[~bad], ridge)
     return beta
 
 
@@ -181,6 +225,8 @@ class CostModel:
         "_sum_d",
         "_sum_tok",
         "beta",
+        "cold_beta",
+        "_since_cold",
         "fits",
     )
 
@@ -200,6 +246,8 @@ class CostModel:
         self._sum_d = 0.0  # Σ duration over the window (token-rate fallback)
         self._sum_tok = 0.0  # Σ tokens over the window
         self.beta: np.ndarray | None = None
+        self.cold_beta: np.ndarray | None = None  # reduced fit used before β is trusted
+        self._since_cold = 0
         self.fits = 0
 
     # ---- state -------------------------------------------------------------------------
@@ -240,9 +288,43 @@ class CostModel:
         self._pos = (i + 1) % self.window
         self._since_fit += 1
         due = self._since_fit >= self.refit_every or (self.beta is None and self._n >= MIN_OBSERVATIONS)
-        if due:
-            return self.refit()
+        if due and self.refit():
+            return True
+        if self.beta is None and self._n >= COLD_MIN_OBSERVATIONS:
+            # After every observation while the window is small (each fit is cheap then), every
+            # refit period after that: a pure-decode engine may never get the full fit.
+            self._since_cold += 1
+            if self._since_cold >= (1 if self._n < 32 else self.refit_every):
+                self._since_cold = 0
+                self._cold_fit()
         return False
+
+    def _cold_fit(self) -> None:
+        """Fixed per-step cost and per-token costs from whatever the window holds.
+
+        Before the full model has the spread it needs, a token-proportional rate has no
+        fixed per-step cost: a victim's small decode step would be predicted far too
+        cheap (and the wait above it too large). A reduced fit on [1, Σp, n_decode]
+        learns β0 from decode-only steps of different sizes. A prefill never seen is
+        priced like a decode token, never free.
+        """
+        n = self._n
+        x = self._x[:n]
+        tokens = x[:, 1] + x[:, 3]
+        if not tokens.max() > tokens.min():
+            return
+        cols = [0, 1, 3] if np.count_nonzero(_decode_visible(x)) >= MIN_OF_EACH_KIND else [0, 1]
+        b = _fit_trimmed(x[:, cols], self._y[:n], self.ridge)
+        if not np.all(np.isfinite(b)):
+            return
+        beta = np.zeros(N_FEATURES)
+        beta[cols] = b
+        rate = self.rate or 0.0
+        if beta[1] <= 0.0:
+            beta[1] = beta[3] if beta[3] > 0.0 else rate
+        if beta[3] <= 0.0:
+            beta[3] = beta[1] if beta[1] > 0.0 else rate  # no decode-only step yet: a prefill token's cost
+        self.cold_beta = beta
 
     def has_spread(self) -> bool:
         """Enough observations of both kinds, of different sizes, to identify β."""
@@ -252,7 +334,7 @@ class CostModel:
         x = self._x[:n]
         if (
             np.count_nonzero(x[:, 1] > 0) < MIN_OF_EACH_KIND
-            or np.count_nonzero(x[:, 3] > 0) < MIN_OF_EACH_KIND
+            or np.count_nonzero(_decode_visible(x)) < MIN_OF_EACH_KIND
         ):
             return False
         tokens = x[:, 1] + x[:, 3]
@@ -264,7 +346,7 @@ class CostModel:
         if not self.has_spread():
             return False
         n = self._n
-        beta = fit_nnls_ridge(self._x[:n], self._y[:n], self.ridge)
+        beta = _fit_trimmed(self._x[:n], self._y[:n], self.ridge)
         if not np.all(np.isfinite(beta)):
             return False
         self.beta = beta
@@ -282,7 +364,7 @@ class CostModel:
         Inputs are float64 arrays of equal length.
         """
         is_pf = p > 0.0
-        beta = self.beta
+        beta = self.beta if self.beta is not None else self.cold_beta
         if beta is not None:
             pf = np.where(is_pf, p * (beta[1] + beta[2] * (c + 0.5 * p)), 0.0)
             dc = np.where(is_pf, 0.0, q * (beta[3] + beta[4] * c))
@@ -295,9 +377,130 @@ class CostModel:
 
     def predict(self, x: np.ndarray) -> float:
         """Predicted duration (ns) of a batch with features x; NaN while uncalibrated."""
-        if self.beta is not None:
-            return float(self.beta @ x)
+        beta = self.beta if self.beta is not None else self.cold_beta
+        if beta is not None:
+            return float(beta @ x)
         rate = self.rate
         if rate is None:
             return float("nan")
         return rate * float(x[1] + x[3])
+
+
+def _max_of_normals(k: int) -> tuple[float, float]:
+    """(mean, variance) of the largest of k independent standard normals (numerically)."""
+    x = np.linspace(-9.0, 9.0, 6001)
+    dx = x[1] - x[0]
+    phi = np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
+    cdf = np.cumsum(phi) * dx
+    pdf = k * phi * cdf ** (k - 1)
+    pdf /= pdf.sum() * dx
+    mean = float((x * pdf).sum() * dx)
+    return mean, float(((x - mean) ** 2 * pdf).sum() * dx)
+
+
+#: Residuals beyond this are contention or a model still learning, not jitter: not counted.
+MAX_JITTER = 0.2
+#: Largest tie size tracked separately (bigger ties share the last bucket).
+MAX_TIE = 32
+_MAX_MOMENTS = [(0.0, 1.0)] + [_max_of_normals(k) for k in range(1, MAX_TIE + 1)]
+
+
+class TieNoise:
+    """Relative step jitter σ of a lockstep engine, and the bias it gives tied groups.
+
+    When k shards are tied at the top of a lockstep group the step ends with the
+    slowest of them, so the measured step exceeds each one's own work by about
+    σ·E[max of k standard normals] on average (~1.4σ for 8 shards). Billing the tied
+    shards' requests the whole step, or fitting the model on it, would bill them for
+    noise. σ is learnt from how the measured step scatters around the prediction: for
+    groups with k tied shards the relative residual has variance σ²·Var[max of k], so
+    ``var / Var[max of k]`` estimates σ² whatever bias the model has. Exponentially
+    forgotten (about the last 200 groups of each tie size).
+    """
+
+    __slots__ = ("decay", "_w", "_m1", "_m2", "_sigma", "_fresh")
+
+    MIN_WEIGHT = 16.0
+
+    def __init__(self, decay: float = 0.995) -> None:
+        self.decay = decay
+        self._w = np.zeros(MAX_TIE + 1)
+        self._m1 = np.zeros(MAX_TIE + 1)
+        self._m2 = np.zeros(MAX_TIE + 1)
+        self._sigma: float | None = None
+        self._fresh = True  # _sigma is up to date
+
+    def observe(self, k: int, residual: float) -> None:
+        """A group with ``k`` shards tied at the top measured ``residual`` = d / P − 1."""
+        if k < 1 or not np.isfinite(residual) or abs(residual) > MAX_JITTER:
+            return
+        k = min(k, MAX_TIE)
+        a = self.decay
+        self._w[k] = a * self._w[k] + 1.0
+        self._m1[k] = a * self._m1[k] + residual
+        self._m2[k] = a * self._m2[k] + residual * residual
+        self._fresh = False
+
+    def sigma(self) -> float | None:
+        """σ (relative), or None before enough groups were seen."""
+        if not self._fresh:
+            self._sigma = self._compute_sigma()
+            self._fresh = True
+        return self._sigma
+
+    def _compute_sigma(self) -> float | None:
+        ok = self._w >= self.MIN_WEIGHT
+        if not ok.any():
+            return None
+        w = self._w[ok]
+        mean = self._m1[ok] / w
+        var = np.maximum(self._m2[ok] / w - mean * mean, 0.0)
+        v = np.array([_MAX_MOMENTS[k][1] for k in np.flatnonzero(ok)])
+        return float(np.sqrt(np.sum(w * var / v) / w.sum()))
+
+    def factor(self, k: int) -> float:
+        """Expected own work of k tied shards over the measured step (1.0 while σ is unknown)."""
+        if k < 2:
+            return 1.0
+        sigma = self.sigma()
+        if sigma is None:
+            return 1.0
+        return 1.0 / (1.0 + sigma * _MAX_MOMENTS[min(k, MAX_TIE)][0])
+
+
+#: A lockstep engine whose decode steps run this much slower than its model says is slowed.
+SLOWDOWN_MIN = 0.08
+#: Decode-only groups the slowdown is judged on (their median ratio).
+SLOWDOWN_WINDOW = 16
+
+
+class Slowdown:
+    """How much slower a lockstep engine runs than its calibrated model (1.0: normal).
+
+    Step timing cannot say which shard of a lockstep group is slow (every shard's step
+    ends with the slowest), but it can say that the group is slower than its reference:
+    the median, over the last ``SLOWDOWN_WINDOW`` complete groups whose critical work was
+    decode only, of measured step × tie factor over the predicted top. Below
+    ``1 + SLOWDOWN_MIN`` it is jitter or model error and reads 1.0. While an engine is
+    slowed, the model keeps learning the normal pace (its observations are divided by
+    the factor), so the factor stays measurable and the requests are billed their own
+    work at normal speed; the rest is interference.
+    """
+
+    __slots__ = ("_ratios", "factor")
+
+    def __init__(self) -> None:
+        self._ratios: list[float] = []
+        self.factor = 1.0
+
+    def observe(self, ratio: float) -> None:
+        """One decode-only group: measured (tie-corrected) over predicted, both at normal speed."""
+        if not np.isfinite(ratio) or ratio <= 0.0:
+            return
+        r = self._ratios
+        r.append(ratio)
+        if len(r) > SLOWDOWN_WINDOW:
+            del r[0]
+        if len(r) >= SLOWDOWN_WINDOW // 2:
+            med = float(np.median(r))
+            self.factor = med if med >= 1.0 + SLOWDOWN_MIN else 1.0

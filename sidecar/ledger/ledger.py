@@ -15,18 +15,25 @@ and entries ``i`` whose predicted marginal costs are ``e_i`` (``costmodel``), wi
   (``ledger_attribution.CRITICAL_BAND``) of the critical one, which did not wait for
   it and also get ``w = d``. ``wait = d − w`` is time spent waiting for the critical
   shard. A step without entries (IDLE) has ``w = 0``: all of it is wait.
+* **layered wait split**: shard j's wait is caused by every shard predicted heavier
+  than j; ``by[j, k]`` is k's part, the Shapley value of the max (each layer between
+  consecutive predicted durations is shared equally by the shards at or above it;
+  ``attribution.layered_shares``). Shards tied at the top are charged the step's
+  expected own work under the engine's learnt jitter (``costmodel.TieNoise``); the
+  rest of their step is their own noise.
 * **gpu_time**: ``w`` is split over the step's entries in proportion to their
-  predicted cost (``e_i`` plus an even share of β0); each shard's wait is charged to
-  the critical shard's prefill entries by predicted prefill cost (to all its entries
-  when it has no prefill). Wait with nobody to charge (critical shard missing or
-  empty) goes to the waiting shard's ``unattributed_ns``. So the shares of every
-  step sum to its ``d`` exactly (conservation, tested).
+  predicted cost (``e_i`` plus an even share of β0); ``by[j, k]`` is charged to shard
+  k's prefill entries by predicted prefill cost; when k ran no prefill (decode
+  imbalance) and for tied shards' noise it goes to the waiting shard's
+  ``imbalance_ns``. Wait with nobody to charge (critical shard missing) goes to the
+  waiting shard's ``unattributed_ns``. So the shares of every step plus those buckets
+  sum to its ``d`` exactly (conservation, tested).
 * **engine_time** of entry i: ``w − (w/P)·(predicted prefill cost of the OTHER
   entries)`` — the step without other requests' prefill and without the wait.
   **interference** = ``d − engine_time``: the others' prefill (blamed on those
-  requests, same shard) plus the wait (blamed cross-shard on the critical shard's
-  prefill entries by predicted cost, or on the critical shard itself as a
-  pseudo-aggressor ``""`` when its work was decode or it is missing).
+  requests, same shard) plus the wait (blamed cross-shard on each heavier shard's
+  prefill entries by its layered part and their predicted cost, or on that shard
+  itself as a pseudo-aggressor ``""`` when its work was decode or it is missing).
 * **excluded steps**: every request RUNNING on shard k that already had a step and
   is not in ``s`` adds ``d`` to its interference, blamed on ``s``'s entries by
   predicted cost (``w`` part, same shard) and on the critical shard (wait part).
@@ -77,6 +84,7 @@ from enginetime.sidecar.ledger.accounting_wire import encode as encode_accountin
 from enginetime.sidecar.ledger.attribution import Batch, Division, Prediction, divide, predict, step_scalars
 from enginetime.sidecar.ledger.costmodel import CostModel, step_features
 from enginetime.sidecar.ledger.join import Group
+from enginetime.sidecar.ledger.modelstate import ModelStateFile, dump_model, model_key
 from enginetime.sidecar.ledger.shards import EngineState, ShardState
 from enginetime.sidecar.ledger.store import (
     ABORTED,
@@ -101,6 +109,7 @@ from enginetime.sidecar.ledger.trace import (
     record_to_trace,
 )
 from enginetime.sidecar.ledger.views import (
+    AmbiguousRequestError,
     BlameView,
     InterferenceView,
     RequestQuery,
@@ -169,7 +178,10 @@ class Ledger:
         self.counters = LedgerCounters()
         self._cols = SlotColumns(min(1024, cfg.max_requests + 16), 4 * cfg.top_blame)
         self._reqs: list[Request | None] = []
-        self._by_id: dict[str, Request] = {}
+        self._by_id: dict[str, Request] = {}  # request id -> its newest request, any engine
+        # request id -> {engine id: that engine's newest request with the id}: a request is
+        # (engine_id, request_id), and two engines sharing a sidecar may use the same ids.
+        self._by_engine_id: dict[str, dict[str, Request]] = {}
         self._active: dict[int, Request] = {}  # rid -> live request, creation order
         self._finished: deque[Request] = deque()  # terminal requests, finish order
         self._n_finished = 0
@@ -185,12 +197,15 @@ class Ledger:
         self._storms = StormTracker(self._cols, cfg.storm_threshold_s * 1e9)
         self._version = 0
         self._stamp_base = 1
-        # Scratch passed from _blame to _track_storms within one _attribute call.
-        self._wait_victims: tuple[int, np.ndarray] | None = None  # (critical position, victims)
-        self._wait_shards: set[int] = set()
+        # Scratch passed from _blame to _track_storms within one _attribute call:
+        # shard position -> (the victims waiting for it, their shard numbers).
+        self._wait_victims: dict[int, tuple[np.ndarray, set[int]]] = {}
         self._wait_ns = int(cfg.lockstep_wait_s * 1e9)
         self._retention_ns = int(cfg.retention_s * 1e9)
         self._rate_ns = max(1, int(cfg.rate_window_s * 1e9))
+        self._model_state = ModelStateFile(cfg.model_state_path) if cfg.model_state_path else None
+        self._state_every_ns = int(cfg.model_state_interval_s * 1e9)
+        self._state_saved_ns = clock()
 
     # =====================================================================================
     # connections
@@ -228,6 +243,8 @@ class Ledger:
         shard.hooks_version = hello.hooks_version
         shard.device_name = hello.device_name
         shard.timer_source = int(hello.timer_source)
+        if self._model_state is not None:
+            self._restore_models(eng, shard)
         eng.refresh_expected()
         self._enforce_bound()
         return (eng.engine_id, shard.shard)
@@ -245,6 +262,42 @@ class Ledger:
             engine_id in self._engines,
             (engine_id, shard) in self._shards,
         )
+
+    def _model_keys(self, eng: EngineState, shard: ShardState) -> tuple[str, str]:
+        """(the engine's LOCKSTEP model key, the shard's own model key) for the state file."""
+        common = (eng.engine_id, shard.engine_kind, shard.device_name, int(eng.coupling), eng.num_shards)
+        return model_key(*common, -1), model_key(*common, shard.shard)
+
+    def _restore_models(self, eng: EngineState, shard: ShardState) -> None:
+        """Warm start: load the saved models this hello matches, into models that saw nothing."""
+        state = self._model_state
+        assert state is not None
+        eng_key, shard_key = self._model_keys(eng, shard)
+        if eng.lockstep and eng.model.observations == 0 and state.restore(eng_key, eng.model, eng.noise):
+            log.info("engine %s: cost model restored from %s", eng.engine_id, state.path)
+        if not eng.lockstep and shard.model.observations == 0 and state.restore(shard_key, shard.model):
+            log.info(
+                "engine %s shard %d: cost model restored from %s", eng.engine_id, shard.shard, state.path
+            )
+
+    def save_models(self) -> None:
+        """Write every cost model to ``--model-state`` (periodically from ``tick``, and at shutdown)."""
+        state = self._model_state
+        if state is None:
+            return
+        out = {}
+        for eng in self._engines.values():
+            for shard in eng.shards.values():
+                if not shard.ever_connected:
+                    continue
+                eng_key, shard_key = self._model_keys(eng, shard)
+                if eng.lockstep:
+                    if eng.model.observations:
+                        out[eng_key] = dump_model(eng.model, eng.noise)
+                elif shard.model.observations:
+                    out[shard_key] = dump_model(shard.model)
+        state.save(out)
+        self._state_saved_ns = self._clock()
 
     def disconnect(self, key: ShardKey) -> None:
         shard = self._shards.get(key)
@@ -446,10 +499,9 @@ class Ledger:
         return f"{shard.engine_id}/{shard.shard}#{int(handle)}"
 
     def _rename(self, req: Request, request_id: str) -> None:
-        if self._by_id.get(req.request_id) is req:
-            del self._by_id[req.request_id]
+        self._unindex(req)
         req.request_id = request_id
-        self._by_id[request_id] = req
+        self._index(req)
         self._mark_partial(req)
         self._touch(req.slot)
 
@@ -463,11 +515,48 @@ class Ledger:
             self._reqs[slot] = req
         cols.arrival[slot] = arrival_ns
         cols.shard_idx[slot] = shard.index
-        self._by_id[request_id] = req
+        self._index(req)
         self._active[req.rid] = req
         shard.live[slot] = req
         shard.map_handle(handle, slot)
         return req
+
+    def _index(self, req: Request) -> None:
+        """The newest request with an id answers for it (per engine, and overall)."""
+        self._by_id[req.request_id] = req
+        self._by_engine_id.setdefault(req.request_id, {})[req.shard.engine_id] = req
+
+    def _unindex(self, req: Request) -> None:
+        rid = req.request_id
+        if self._by_id.get(rid) is req:
+            del self._by_id[rid]
+        held = self._by_engine_id.get(rid)
+        if held is not None:
+            eng = req.shard.engine_id
+            if held.get(eng) is req:
+                del held[eng]
+            if not held:
+                del self._by_engine_id[rid]
+            elif rid not in self._by_id:
+                self._by_id[rid] = max(held.values(), key=lambda r: r.arrival_ns)
+
+    def find(self, request_id: str, engine_id: str = "") -> Request | None:
+        """The request ``request_id`` (of ``engine_id`` when given); None when not held.
+
+        Raises ``AmbiguousRequestError`` for a bare id that several engines hold.
+        """
+        held = self._by_engine_id.get(request_id)
+        if not held:
+            return None
+        if engine_id:
+            return held.get(engine_id)
+        if len(held) > 1:
+            raise AmbiguousRequestError(request_id, list(held))
+        return next(iter(held.values()))
+
+    def engines_holding(self, request_id: str) -> list[str]:
+        """Engines holding a request with this id (sorted)."""
+        return sorted(self._by_engine_id.get(request_id, ()))
 
     def _touch(self, slot: int) -> None:
         self._version += 1
@@ -521,8 +610,7 @@ class Ledger:
         self._set_running(req, False)
         shard.live.pop(slot, None)
         shard.unmap_handle(req.handle, slot)
-        if self._by_id.get(req.request_id) is req:
-            del self._by_id[req.request_id]
+        self._unindex(req)
         self._active.pop(req.rid, None)
         if req.session_id:
             group = self._sessions.get(req.session_id)
@@ -602,6 +690,8 @@ class Ledger:
             if eng.join.pending:
                 for group, timed_out in eng.join.expire(now):
                     self._attribute_group(eng, group, timed_out)
+        if self._model_state is not None and now - self._state_saved_ns >= self._state_every_ns:
+            self.save_models()
         horizon = now - self._retention_ns
         fin = self._finished
         while fin and (fin[0].slot < 0 or fin[0].finish_ns <= horizon):
@@ -688,11 +778,14 @@ class Ledger:
             missing = self._missing_critical(eng, parts, crit_shard)
             if missing is not None:
                 critical, crit_shard = -1, missing
-        div = divide(batch, pred, critical)
+        div = divide(batch, pred, critical, eng.tie_factor if lockstep and complete else None)
         if div.uncharged:
             for j in np.flatnonzero(div.wait > 0.0):
                 parts[j][0].unattributed_ns += float(div.wait[j])
             self.counters.unattributed_ns += round(div.wait_total)
+        elif div.by is not None:
+            for j in np.flatnonzero(div.imbalance > 0.0):
+                parts[j][0].imbalance_ns += float(div.imbalance[j])
         self._set_stepped_running(batch.slots)
         self._version += 1
         self._accumulate(batch, div)
@@ -715,7 +808,20 @@ class Ledger:
             if int(parts[fit_j][1].kind) != StepKind.IDLE:
                 lo, hi = int(batch.offs[fit_j]), int(batch.offs[fit_j + 1])
                 x = step_features(pred.p[lo:hi], pred.q[lo:hi], pred.c[lo:hi])
-                if model.observe(x, float(batch.d[fit_j])):
+                y = float(batch.d[fit_j])
+                if lockstep and batch.m > 1:
+                    # The step of k tied shards is the slowest of k noisy ones: learn the jitter
+                    # from its scatter and fit the model on the expected own work, not the max.
+                    k_top = int(np.count_nonzero(div.top_set))
+                    if model.fitted and k_top >= 1 and complete:
+                        top_p = float(pred.big_p[div.top_set].max())
+                        if top_p > 0.0:
+                            ratio = float(batch.d[div.top_set].max()) / top_p
+                            eng.noise.observe(k_top, ratio / eng.slowdown.factor - 1.0)
+                            if float(pred.pf_sum[div.top_set].sum()) <= 0.0:
+                                eng.slowdown.observe(ratio * eng.noise.factor(k_top))
+                    y *= eng.tie_factor(k_top)
+                if model.observe(x, y):
                     self.counters.model_fits += 1
 
     def _gather(self, parts: list[tuple[ShardState, Step]]) -> tuple[Batch, int]:
@@ -868,40 +974,56 @@ class Ledger:
             if w - named > 1e-9 * w:
                 add_blame(ex, parts[j][0].pseudo, w - named)
             caused[lo:hi] += seg_share * float(ex.size)
-        # (c) Waiting for the critical shard (cross-shard).
-        victims: list[np.ndarray] = []
-        amounts: list[np.ndarray] = []
-        for j in np.flatnonzero(div.wait > 0.0).tolist():
-            if j == critical:
+        # (c) Lockstep waits (cross-shard): shard j's wait is caused by every heavier shard k,
+        # in the layered (Shapley) parts ``div.by[j, k]``; k's part goes to its prefill entries
+        # by predicted prefill cost, or to k itself (pseudo-aggressor) when it ran only decode.
+        self._wait_victims = {}
+        if div.wait_total <= 0.0:
+            return caused
+        waiting = [
+            slots[int(offs[j]) : int(offs[j + 1])]
+            if excluded[j] is None
+            else np.concatenate([slots[int(offs[j]) : int(offs[j + 1])], excluded[j]])
+            for j in range(batch.m)
+        ]
+        by = div.by
+        if by is None:
+            for j in np.flatnonzero(div.wait > 0.0).tolist():
+                vs = waiting[j]
+                if vs.size:
+                    who = parts[j][0] if crit_shard is None else crit_shard  # None: nobody worked
+                    add_blame(vs, who.pseudo, float(div.wait[j]))
+            return caused
+        # Waits for shards that ran only decode, and tied shards' jitter, blame no request: one
+        # entry per victim on the heaviest shard (the group's pace), not one per heavier shard.
+        has_pf = pred.pf_sum > 0.0
+        paceless = by @ (~has_pf).astype(np.float64) + div.noise
+        js = [
+            j for j in np.flatnonzero(paceless > 1e-9 * np.maximum(batch.d, 1.0)).tolist() if waiting[j].size
+        ]
+        if js and critical >= 0:
+            wv = np.concatenate([waiting[j] for j in js]) if len(js) > 1 else waiting[js[0]]
+            wa = np.repeat(paceless[js], [waiting[j].size for j in js])
+            add_blame(wv, parts[critical][0].pseudo, wa)
+        for k in np.flatnonzero((by.sum(axis=0) > 0.0) & has_pf).tolist():
+            js = [j for j in np.flatnonzero(by[:, k] > 0.0).tolist() if waiting[j].size]
+            if not js:
                 continue
-            lo, hi = int(offs[j]), int(offs[j + 1])
-            vs = slots[lo:hi] if excluded[j] is None else np.concatenate([slots[lo:hi], excluded[j]])
-            if vs.size:
-                if crit_shard is None:  # nobody worked: the shard's own idle time
-                    add_blame(vs, parts[j][0].pseudo, float(div.wait[j]))
-                else:
-                    victims.append(vs)
-                    amounts.append(np.full(vs.size, float(div.wait[j])))
-                    self._wait_shards.add(parts[j][0].shard)
-        self._wait_victims = None
-        if victims and crit_shard is not None:
-            wv = np.concatenate(victims) if len(victims) > 1 else victims[0]
-            wa = np.concatenate(amounts) if len(amounts) > 1 else amounts[0]
-            if critical >= 0 and div.crit_by_prefill:
-                cw = div.crit_weights
-                assert cw is not None  # crit_by_prefill: set with the weights
-                idx = np.flatnonzero(cw > 0.0)
-                top = idx[np.argsort(-cw[idx], kind="stable")[:NAMED_PER_STEP]]
-                named = 0.0
-                for t in top:
-                    add_blame(wv, rid_of(int(slots[div.crit_lo + t])), wa * float(cw[t]))
-                    named += float(cw[t])
-                if 1.0 - named > 1e-12:
-                    add_blame(wv, crit_shard.pseudo, wa * (1.0 - named))
-                caused[div.crit_lo : div.crit_hi] += float(wa.sum()) * cw
-                self._wait_victims = (critical, wv)
-            else:
-                add_blame(wv, crit_shard.pseudo, wa)
+            wv = np.concatenate([waiting[j] for j in js]) if len(js) > 1 else waiting[js[0]]
+            wa = np.repeat(by[js, k], [waiting[j].size for j in js])
+            agg_shard = parts[k][0]
+            lo, hi = int(offs[k]), int(offs[k + 1])
+            cw = div.pf_weight[lo:hi]
+            idx = np.flatnonzero(cw > 0.0)
+            top = idx[np.argsort(-cw[idx], kind="stable")[:NAMED_PER_STEP]]
+            named = 0.0
+            for t in top:
+                add_blame(wv, rid_of(int(slots[lo + t])), wa * float(cw[t]))
+                named += float(cw[t])
+            if 1.0 - named > 1e-12:
+                add_blame(wv, agg_shard.pseudo, wa * (1.0 - named))
+            caused[lo:hi] += float(wa.sum()) * cw
+            self._wait_victims[k] = (wv, {parts[j][0].shard for j in js})
         return caused
 
     def _track_storms(
@@ -940,15 +1062,15 @@ class Ledger:
             if ex is not None:
                 victims.append(ex)
                 vshards.add(shard.shard)
-            if wait is not None and wait[0] == j:
-                victims.append(wait[1])
-                vshards |= self._wait_shards
+            waited = wait.get(j)
+            if waited is not None and pred.pf[i] > 0.0:
+                victims.append(waited[0])
+                vshards |= waited[1]
             storms.caused(run, amount, victims, vshards, int(ends[j]))
         for j, (shard, _) in enumerate(parts):
             if shard.runs:
                 storms.shard_step(shard, prefilled[j], int(ends[j]))
-        self._wait_shards.clear()
-        self._wait_victims = None
+        self._wait_victims = {}
         self.counters.storms = storms.storms_started
 
     def _shard_stats(self, parts: list[tuple[ShardState, Step]], batch: Batch, pred: Prediction) -> None:
@@ -1000,8 +1122,10 @@ class Ledger:
     # =====================================================================================
     # views
     # =====================================================================================
-    def get(self, request_id: str) -> RequestView | None:
-        req = self._by_id.get(request_id)
+    def get(self, request_id: str, engine_id: str = "") -> RequestView | None:
+        """The newest request with this id (of ``engine_id``); raises AmbiguousRequestError
+        when no engine is named and several engines hold the id."""
+        req = self.find(request_id, engine_id)
         if req is None:
             return None
         return self._view(req, self._clock())
@@ -1023,7 +1147,9 @@ class Ledger:
         cols = self._cols
         if q.request_ids or q.session_id:
             if q.request_ids:
-                cands = [self._by_id[r] for r in q.request_ids if r in self._by_id]
+                cands = [
+                    r for r in (self.find(i, q.engine_id) for i in sorted(q.request_ids)) if r is not None
+                ]
             else:
                 cands = list(self._sessions.get(q.session_id, {}).values())
             sel = np.array([r.slot for r in cands if r.slot >= 0], dtype=np.int64)
@@ -1073,11 +1199,25 @@ class Ledger:
         """Slots of the requests matching ``q``, newest arrival first (``query`` without the views)."""
         return self._select(q)
 
-    def slots_of(self, request_ids: list[str]) -> np.ndarray:
-        """Slots of those ids the ledger holds, in the order given (unknown and evicted ids skipped)."""
-        by_id = self._by_id
-        found = [r.slot for r in (by_id.get(rid) for rid in request_ids) if r is not None and r.slot >= 0]
-        return np.array(found, dtype=np.int64)
+    def slots_of(self, request_ids: list[str], engine_id: str = "") -> np.ndarray:
+        """Slots of those ids the ledger holds, in the order given (unknown and evicted ids skipped).
+
+        With ``engine_id``, that engine's requests; without, an id several engines hold
+        gives each engine's newest request with it (the fan-out filters by engine later).
+        """
+        out: list[int] = []
+        held = self._by_engine_id
+        for rid in request_ids:
+            mine = held.get(rid)
+            if not mine:
+                continue
+            if engine_id:
+                r = mine.get(engine_id)
+                if r is not None and r.slot >= 0:
+                    out.append(r.slot)
+            else:
+                out.extend(r.slot for r in mine.values() if r.slot >= 0)
+        return np.array(out, dtype=np.int64)
 
     def requests_at(self, slots: np.ndarray) -> list[Request]:
         """The requests in live ``slots`` (same order)."""
@@ -1261,6 +1401,8 @@ class Ledger:
                     device_name=sh.device_name,
                     timer_source=sh.timer_source,
                     unattributed_ns=round(sh.unattributed_ns),
+                    imbalance_ns=round(sh.imbalance_ns),
+                    slowdown=sh.engine.slowdown.factor if sh.engine.lockstep else 1.0,
                 )
             )
         return out
@@ -1321,10 +1463,11 @@ class Ledger:
         out = []
         own = req.shard
         for agg, ns in self._cols.blame_row(req.slot, self.config.top_blame):
-            rid, shard = self._aggressor(agg)
-            if shard is None:
+            ref = self._aggressor_ref(agg)
+            if ref is None:
                 continue
-            out.append(BlameView(rid, shard.engine_id, shard.shard, round(ns), shard is own))
+            rid, shard, arrival, _ = ref
+            out.append(BlameView(rid, shard.engine_id, shard.shard, round(ns), shard is own, arrival))
         return tuple(out)
 
     def _aggressor(self, agg: int) -> tuple[str, ShardState | None]:

@@ -50,9 +50,15 @@ class IngestSink(Protocol):
 
 
 class AccountingReader(Protocol):
-    """What the unary API reads: immutable views of requests and shards."""
+    """What the unary API reads: immutable views of requests and shards.
 
-    def get(self, request_id: str) -> RequestView | None: ...
+    A request is (engine_id, request_id): ``get`` without ``engine_id`` raises
+    ``AmbiguousRequestError`` when several engines hold the id.
+    """
+
+    def get(self, request_id: str, engine_id: str = "") -> RequestView | None: ...
+
+    def engines_holding(self, request_id: str) -> list[str]: ...
 
     def query(self, q: RequestQuery, limit: int | None = None, offset: int = 0) -> list[RequestView]: ...
 
@@ -74,7 +80,7 @@ class ChangeFeed(Protocol):
 
     def select(self, q: RequestQuery) -> np.ndarray: ...
 
-    def slots_of(self, request_ids: list[str]) -> np.ndarray: ...
+    def slots_of(self, request_ids: list[str], engine_id: str = "") -> np.ndarray: ...
 
     def requests_at(self, slots: np.ndarray) -> list[Request]: ...
 
@@ -86,7 +92,7 @@ class ChangeFeed(Protocol):
 
     def take_interference(self) -> list[InterferenceView]: ...
 
-    def get(self, request_id: str) -> RequestView | None: ...
+    def get(self, request_id: str, engine_id: str = "") -> RequestView | None: ...
 
 
 class FinishedSource(Protocol):
@@ -106,6 +112,10 @@ class SidecarLedger(IngestSink, AccountingReader, ChangeFeed, FinishedSource, Pr
     def tick(self, now_ns: int | None = None) -> None: ...
 
     def flush(self) -> None: ...
+
+    def save_models(self) -> None:
+        """Write the cost models to ``--model-state`` (at shutdown; the ticker writes them periodically)."""
+        ...
 
 
 __all__ = ["AccountingReader", "ChangeFeed", "FinishedSource", "IngestSink", "SidecarLedger"]

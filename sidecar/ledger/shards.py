@@ -8,7 +8,7 @@ import numpy as np
 
 from enginetime.engine_hooks.constants import Coupling
 from enginetime.sidecar.ingest.records import Event
-from enginetime.sidecar.ledger.costmodel import CostModel
+from enginetime.sidecar.ledger.costmodel import CostModel, Slowdown, TieNoise
 from enginetime.sidecar.ledger.join import LockstepJoin
 from enginetime.sidecar.ledger.store import Request
 
@@ -19,7 +19,17 @@ DENSE_HANDLE_LIMIT = 1 << 20
 class EngineState:
     """One engine: its coupling, shards, the LOCKSTEP cost model and the lockstep join."""
 
-    __slots__ = ("engine_id", "coupling", "num_shards", "shards", "model", "join", "_expected")
+    __slots__ = (
+        "engine_id",
+        "coupling",
+        "num_shards",
+        "shards",
+        "model",
+        "noise",
+        "slowdown",
+        "join",
+        "_expected",
+    )
 
     def __init__(
         self, engine_id: str, coupling: int, num_shards: int, model: CostModel, wait_ns: int
@@ -29,12 +39,19 @@ class EngineState:
         self.num_shards = num_shards
         self.shards: dict[int, ShardState] = {}
         self.model = model  # used when LOCKSTEP (one model per engine)
+        self.noise = TieNoise()  # LOCKSTEP step jitter (costmodel.TieNoise)
+        self.slowdown = Slowdown()  # LOCKSTEP pace against the model (costmodel.Slowdown)
         self._expected: set[int] = set()
         self.join = LockstepJoin(wait_ns, self.expected)
 
     @property
     def lockstep(self) -> bool:
         return self.coupling == Coupling.LOCKSTEP and self.num_shards > 1
+
+    def tie_factor(self, k: int) -> float:
+        """Own work at normal speed over the measured step of k shards tied at the top of a
+        group: the jitter bias of the slowest of k, and the engine's slowdown."""
+        return self.noise.factor(k) / self.slowdown.factor
 
     def expected(self) -> set[int]:
         return self._expected
@@ -78,6 +95,7 @@ class ShardState:
         "drops_seen",
         "dropped_frames",
         "unattributed_ns",
+        "imbalance_ns",
         "model",
         "runs",
     )
@@ -116,6 +134,7 @@ class ShardState:
         self.drops_seen = 0
         self.dropped_frames = 0
         self.unattributed_ns = 0.0
+        self.imbalance_ns = 0.0  # wait charged to no request: decode imbalance and tied-shard jitter
         self.model = model  # used when INDEPENDENT (one model per shard)
         self.runs: dict = {}  # slot -> PrefillRun (ledger_storms)
 

@@ -32,6 +32,7 @@ class BlameView:
     shard: int
     seconds_ns: int
     same_shard: bool
+    arrival_ns: int = -1  # the aggressor's arrival (-1: a shard as cause): names it when ids are reused
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,8 @@ class ShardView:
     #: Device time of this shard no request could be charged with (idle waits with no
     #: critical shard to blame, or a critical shard that never reported).
     unattributed_ns: int = 0
+    imbalance_ns: int = 0  # lockstep wait charged to no request (decode imbalance, tied-shard jitter)
+    slowdown: float = 1.0  # the engine's pace against its calibrated model (costmodel.Slowdown)
 
 
 class InterferencePhase(IntEnum):
@@ -123,6 +126,22 @@ class InterferenceView:
     start_time_ns: int
     end_time_ns: int  # 0 until ENDED
     cross_shard: bool
+
+
+class AmbiguousRequestError(LookupError):
+    """A bare request id that more than one engine holds: the caller must name the engine.
+
+    A request is (engine_id, request_id); answering with whichever engine's request
+    came last would give a guard another request's figures.
+    """
+
+    def __init__(self, request_id: str, engines: list[str]) -> None:
+        self.request_id = request_id
+        self.engines = sorted(engines)
+        super().__init__(
+            f"request id {request_id!r} is held by {len(self.engines)} engines "
+            f"({', '.join(repr(e) for e in self.engines)}): pass engine_id to say which one"
+        )
 
 
 @dataclass(frozen=True, slots=True)

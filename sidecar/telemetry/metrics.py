@@ -319,6 +319,13 @@ class _StateCollector(Collector):
             "unattributed": CounterMetricFamily(
                 "enginetime_shard_unattributed_seconds",
                 "Device time of the shard no request could be charged with.", labels=labels),
+            "imbalance": CounterMetricFamily(
+                "enginetime_shard_imbalance_seconds",
+                "Lockstep wait of the shard charged to no request: waiting for a peer that ran only "
+                "decode (decode imbalance), tied-shard jitter and engine slowdown.", labels=labels),
+            "slowdown": GaugeMetricFamily(
+                "enginetime_shard_slowdown_ratio",
+                "The engine's steps against its calibrated cost model (1: normal).", labels=labels),
         }  # fmt: skip
         for s in shards:
             lv = (s.engine_id, str(s.shard))
@@ -332,6 +339,8 @@ class _StateCollector(Collector):
             fams["stall"].add_metric(lv, s.current_storm.stall_ns / 1e9 if s.current_storm else 0.0)
             fams["steps"].add_metric(lv, s.steps)
             fams["unattributed"].add_metric(lv, s.unattributed_ns / 1e9)
+            fams["imbalance"].add_metric(lv, s.imbalance_ns / 1e9)
+            fams["slowdown"].add_metric(lv, s.slowdown)
         yield from fams.values()
 
 

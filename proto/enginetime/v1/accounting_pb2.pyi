@@ -28,18 +28,20 @@ REQUEST_STATE_FINISHED: RequestState
 REQUEST_STATE_ABORTED: RequestState
 
 class Blame(_message.Message):
-    __slots__ = ("request_id", "shard", "duration", "same_shard", "engine_id")
+    __slots__ = ("request_id", "shard", "duration", "same_shard", "engine_id", "arrival_time")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     DURATION_FIELD_NUMBER: _ClassVar[int]
     SAME_SHARD_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    ARRIVAL_TIME_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     shard: int
     duration: _duration_pb2.Duration
     same_shard: bool
     engine_id: str
-    def __init__(self, request_id: _Optional[str] = ..., shard: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., same_shard: bool = ..., engine_id: _Optional[str] = ...) -> None: ...
+    arrival_time: _timestamp_pb2.Timestamp
+    def __init__(self, request_id: _Optional[str] = ..., shard: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., same_shard: bool = ..., engine_id: _Optional[str] = ..., arrival_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TokenCounts(_message.Message):
     __slots__ = ("prompt", "cached", "prefilled", "decoded")
@@ -132,10 +134,12 @@ class RequestFilter(_message.Message):
     def __init__(self, states: _Optional[_Iterable[_Union[RequestState, str]]] = ..., shard: _Optional[int] = ..., session_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetRequestRequest(_message.Message):
-    __slots__ = ("request_id",)
+    __slots__ = ("request_id", "engine_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+    engine_id: str
+    def __init__(self, request_id: _Optional[str] = ..., engine_id: _Optional[str] = ...) -> None: ...
 
 class GetRequestResponse(_message.Message):
     __slots__ = ("request",)
@@ -164,12 +168,14 @@ class ListRequestsResponse(_message.Message):
     def __init__(self, requests: _Optional[_Iterable[_Union[RequestAccounting, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class WatchRequestRequest(_message.Message):
-    __slots__ = ("request_id", "min_interval")
+    __slots__ = ("request_id", "min_interval", "engine_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     min_interval: _duration_pb2.Duration
-    def __init__(self, request_id: _Optional[str] = ..., min_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    engine_id: str
+    def __init__(self, request_id: _Optional[str] = ..., min_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., engine_id: _Optional[str] = ...) -> None: ...
 
 class WatchRequestResponse(_message.Message):
     __slots__ = ("request",)
@@ -220,7 +226,7 @@ class Storm(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., shard: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stall: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("engine_id", "shard", "coupling", "decode_tokens_per_second", "prefill_tokens_per_second", "busy_fraction", "active_requests", "queued_requests", "current_storm", "last_step_time", "steps", "connected", "dropped_frames", "engine_kind", "device_name", "timer_source")
+    __slots__ = ("engine_id", "shard", "coupling", "decode_tokens_per_second", "prefill_tokens_per_second", "busy_fraction", "active_requests", "queued_requests", "current_storm", "last_step_time", "steps", "connected", "dropped_frames", "engine_kind", "device_name", "timer_source", "unattributed", "imbalance", "slowdown")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     COUPLING_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +243,9 @@ class ShardStatus(_message.Message):
     ENGINE_KIND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     TIMER_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    UNATTRIBUTED_FIELD_NUMBER: _ClassVar[int]
+    IMBALANCE_FIELD_NUMBER: _ClassVar[int]
+    SLOWDOWN_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     shard: int
     coupling: _ingest_pb2.Coupling
@@ -253,7 +262,10 @@ class ShardStatus(_message.Message):
     engine_kind: str
     device_name: str
     timer_source: _ingest_pb2.TimerSource
-    def __init__(self, engine_id: _Optional[str] = ..., shard: _Optional[int] = ..., coupling: _Optional[_Union[_ingest_pb2.Coupling, str]] = ..., decode_tokens_per_second: _Optional[float] = ..., prefill_tokens_per_second: _Optional[float] = ..., busy_fraction: _Optional[float] = ..., active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., current_storm: _Optional[_Union[Storm, _Mapping]] = ..., last_step_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., steps: _Optional[int] = ..., connected: bool = ..., dropped_frames: _Optional[int] = ..., engine_kind: _Optional[str] = ..., device_name: _Optional[str] = ..., timer_source: _Optional[_Union[_ingest_pb2.TimerSource, str]] = ...) -> None: ...
+    unattributed: _duration_pb2.Duration
+    imbalance: _duration_pb2.Duration
+    slowdown: float
+    def __init__(self, engine_id: _Optional[str] = ..., shard: _Optional[int] = ..., coupling: _Optional[_Union[_ingest_pb2.Coupling, str]] = ..., decode_tokens_per_second: _Optional[float] = ..., prefill_tokens_per_second: _Optional[float] = ..., busy_fraction: _Optional[float] = ..., active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., current_storm: _Optional[_Union[Storm, _Mapping]] = ..., last_step_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., steps: _Optional[int] = ..., connected: bool = ..., dropped_frames: _Optional[int] = ..., engine_kind: _Optional[str] = ..., device_name: _Optional[str] = ..., timer_source: _Optional[_Union[_ingest_pb2.TimerSource, str]] = ..., unattributed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., imbalance: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., slowdown: _Optional[float] = ...) -> None: ...
 
 class GetShardsResponse(_message.Message):
     __slots__ = ("shards",)
