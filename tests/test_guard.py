@@ -664,14 +664,18 @@ def test_a_thousand_concurrent_requests_use_one_stream():
     async def main():
         nonlocal max_live
         async with (
+            # No wall or liveness limit for the 995 ordinary requests: on two shared cores a
+            # thousand connections can wait minutes to be read by the HTTP server (a baseline run
+            # under a load average of ~50 saw dozens killed by a 120 s wall backstop before their
+            # request line was even read). This test is about one stream and engine_time.
             AsyncGuard(
-                sc.sidecar.grpc_address, EngineBudget(engine_time=60, liveness=30, wall=120), abort=srv.url
+                sc.sidecar.grpc_address, EngineBudget(engine_time=60, liveness=None, wall=None), abort=srv.url
             ) as guard,
             httpx.AsyncClient(
                 base_url=srv.url, timeout=None, limits=httpx.Limits(max_connections=n + 10)
             ) as http,
         ):
-            tight = EngineBudget(engine_time=0.3, liveness=30, wall=120)
+            tight = EngineBudget(engine_time=0.3, liveness=None, wall=None)
 
             async def one(k: int):
                 rid = f"k-{k}"
@@ -702,8 +706,14 @@ def test_a_thousand_concurrent_requests_use_one_stream():
         srv.stop()
         eng.close()
     try:
-        killed = {rid for rid, r in results if isinstance(r, EngineBudgetExceeded)}
-        assert killed == {f"k-{k}" for k in range(runaways)}
+        killed = {rid: r for rid, r in results if isinstance(r, EngineBudgetExceeded)}
+        assert set(killed) == {f"k-{k}" for k in range(runaways)}, {
+            rid: (e.reason, round(e.elapsed, 1)) for rid, e in killed.items()
+        }
+        for e in killed.values():
+            assert e.reason == BudgetReason.ENGINE_TIME
+            # checked on every update (interval 0.5 s): at most a few steps past the limit
+            assert 0.3 <= e.observed < 0.3 + 2.0, e.observed
         assert all(r == 24 for rid, r in results if rid not in killed)
         assert opened == 1
         assert len(sc.subscriptions) == 1, "the sidecar served one StreamUpdates subscription for all"

@@ -1,0 +1,344 @@
+"""The guard's pure tracker (clients/_guard_core.py) on a fake clock: every limit fires exactly at
+its value and not a tick before.
+
+The tracker takes every time as an argument (local monotonic ``now``, local wall ``wall_ns``),
+so "the clock" here is just the numbers passed in: no sleeps, no sidecar. These are the rules a
+user feels — a guard that fires late lets a runaway burn the engine, one that fires early kills
+a healthy request — so each test checks both sides of its limit. End-to-end coverage of the same
+limits against a real engine and sidecar is in test_guard.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from enginetime.clients import BudgetReason, EngineBudget
+from enginetime.clients import _convert as cv
+from enginetime.clients._guard_core import NS, Tracker, group_by_engine, shard_lookup
+from enginetime.v1 import accounting_pb2 as pb
+
+pytestmark = pytest.mark.timeout(30)  # a due() that never returns must fail, not hang
+
+#: One tick of the fake clock: far below anything the guard could mean, far above float noise.
+TICK = 1e-6
+#: Where the fake monotonic clock starts (not 0: a bug that treats 0 as "unset" must show).
+T0 = 1000.0
+#: Local wall clock at T0 (ns).
+WALL0 = 1_700_000_000 * NS
+
+QUEUED = pb.REQUEST_STATE_QUEUED
+RUNNING = pb.REQUEST_STATE_RUNNING
+PREEMPTED = pb.REQUEST_STATE_PREEMPTED
+FINISHED = pb.REQUEST_STATE_FINISHED
+
+
+def acct(rid: str = "r", state: int = RUNNING, **kw) -> pb.RequestAccounting:
+    kw.setdefault("engine_id", "e")
+    return pb.RequestAccounting(request_id=rid, state=state, **kw)
+
+
+def wall_at(now: float, skew_s: float = 0.0) -> int:
+    """Local wall clock (ns) at fake monotonic ``now``; ``skew_s`` shifts it to another host's clock."""
+    return WALL0 + round((now - T0 + skew_s) * NS)
+
+
+def tracker(budget: EngineBudget, *, up_at: float | None = T0, **kw) -> Tracker:
+    t = Tracker(budget, **kw)
+    if up_at is not None:
+        t.on_up(up_at)
+    return t
+
+
+def batch(t: Tracker, now: float, *updates, sidecar_skew_s: float = 0.0):
+    """Deliver one StreamUpdates batch at ``now``; the sidecar's clock runs ``sidecar_skew_s`` ahead."""
+    return t.on_batch(list(updates), wall_at(now, sidecar_skew_s), now, wall_at(now))
+
+
+def shard(last_step_ns: int | None, connected: bool = True, engine_id: str = "e", index: int = 0):
+    m = pb.ShardStatus(engine_id=engine_id, shard=index, connected=connected)
+    if last_step_ns is not None:
+        m.last_step_time.FromNanoseconds(last_step_ns)
+    return cv.shard_from_pb(m)
+
+
+# ---------------------------------------------------------------------------- engine_time
+
+
+@pytest.mark.parametrize("field", ["engine_time_ns", "engine_time"])
+def test_engine_time_fires_at_the_limit_and_not_one_nanosecond_before(field):
+    t = tracker(EngineBudget(engine_time=0.5))
+    t.add("r", T0)
+
+    def update(ns: int) -> pb.RequestAccounting:
+        m = acct(steps=1)
+        if field == "engine_time_ns":
+            m.engine_time_ns = ns
+        else:  # a sidecar that sends only the Duration
+            m.engine_time.FromNanoseconds(ns)
+        return m
+
+    assert batch(t, T0 + 1, update(500_000_000 - 1)) == []
+    fires = batch(t, T0 + 2, update(500_000_000))
+    assert len(fires) == 1
+    f = fires[0]
+    assert f.reason is BudgetReason.ENGINE_TIME and f.limit == 0.5 and f.observed == 0.5 and f.telemetry
+    # Fired once: later updates over the limit fire nothing more.
+    assert batch(t, T0 + 3, update(900_000_000)) == []
+    assert t.stats.updates == 3
+
+
+def test_engine_time_observed_is_what_the_sidecar_reported():
+    t = tracker(EngineBudget(engine_time=0.5))
+    t.add("r", T0)
+    (f,) = batch(t, T0 + 1, acct(engine_time_ns=730_000_000))
+    assert f.observed == pytest.approx(0.73)
+    err = f.error(T0 + 1.5, aborted=False)
+    assert err.reason is BudgetReason.ENGINE_TIME and err.elapsed == pytest.approx(1.5)
+    assert err.accounting is not None and err.accounting.request_id == "r"
+
+
+def test_engine_time_is_not_checked_on_terminal_or_foreign_updates():
+    t = tracker(EngineBudget(engine_time=0.5))
+    t.add("r", T0)
+    assert batch(t, T0 + 1, acct(state=FINISHED, engine_time_ns=10 * NS)) == []
+    assert batch(t, T0 + 1, acct("other", engine_time_ns=10 * NS)) == []
+    assert t.stats.foreign == 1
+
+
+def test_a_removed_watch_never_fires():
+    t = tracker(EngineBudget(engine_time=0.5, wall=1.0, liveness=1.0))
+    e = t.add("r", T0)
+    t.remove(e)
+    assert batch(t, T0 + 0.5, acct(engine_time_ns=NS)) == []
+    assert t.due(T0 + 100).fires == [] and t.next_due() is None
+
+
+def test_a_request_id_is_watched_once():
+    t = tracker(EngineBudget(engine_time=0.5))
+    t.add("r", T0)
+    with pytest.raises(ValueError, match="already watched"):
+        t.add("r", T0)
+
+
+def test_per_watch_budget_overrides_the_guards():
+    t = tracker(EngineBudget(engine_time=10.0))
+    t.add("tight", T0, EngineBudget(engine_time=0.2))
+    t.add("loose", T0)
+    fires = batch(t, T0 + 1, acct("tight", engine_time_ns=200_000_000), acct("loose", engine_time_ns=NS))
+    assert [f.entry.request_id for f in fires] == ["tight"]
+
+
+# ---------------------------------------------------------------------------- wall
+
+
+def test_wall_fires_at_the_limit_and_not_a_tick_before():
+    t = tracker(EngineBudget(engine_time=None, liveness=None, wall=2.0))
+    t.add("r", T0)
+    assert t.next_due() == T0 + 2.0
+    assert t.due(T0 + 2.0 - TICK).fires == []
+    (f,) = t.due(T0 + 2.0).fires
+    assert f.reason is BudgetReason.WALL and f.limit == 2.0 and f.observed == 2.0 and f.telemetry
+    assert t.due(T0 + 10).fires == []  # once
+
+
+def test_wall_fires_without_telemetry_and_says_so():
+    t = tracker(EngineBudget(engine_time=5.0, liveness=1.0, wall=2.0), up_at=None)
+    assert t.on_down(T0)  # the transition is reported once
+    assert not t.on_down(T0)
+    t.add("r", T0)
+    (f,) = t.due(T0 + 2.0).fires
+    assert f.reason is BudgetReason.WALL and not f.telemetry
+
+
+# ---------------------------------------------------------------------------- queue
+
+
+def test_queue_fires_when_queued_time_reaches_the_limit_counting_what_the_sidecar_saw():
+    t = tracker(EngineBudget(engine_time=None, liveness=None, wall=None, queue=1.0))
+    t.add("r", T0)
+    # At T0+0.5 the sidecar says the request has queued 0.3 s: it is due 0.7 s later.
+    batch(t, T0 + 0.5, acct(state=QUEUED, queue_time_ns=300_000_000))
+    assert t.next_due() == pytest.approx(T0 + 1.2)
+    assert t.due(T0 + 1.2 - TICK).fires == []
+    (f,) = t.due(T0 + 1.2).fires
+    assert f.reason is BudgetReason.QUEUE and f.limit == 1.0
+    assert f.observed == pytest.approx(1.0)
+
+
+def test_queue_uses_the_duration_field_when_the_ns_field_is_absent():
+    # 0.6 + (1000.4 - 1000.0) is 0.99999999999991 in floats: the tracker once re-armed at
+    # now + 9e-14, which rounds back to now, and due() spun forever (a hung guard timer).
+    t = tracker(EngineBudget(engine_time=None, liveness=None, wall=None, queue=1.0))
+    t.add("r", T0)
+    m = acct(state=QUEUED)
+    m.queue_time.FromNanoseconds(600_000_000)
+    batch(t, T0, m)
+    assert t.due(T0 + 0.4 - TICK).fires == []
+    (f,) = t.due(T0 + 0.4).fires
+    assert f.observed == pytest.approx(1.0)
+
+
+def test_queue_rearms_from_newer_figures_and_fires_exactly_at_the_limit():
+    t = tracker(EngineBudget(engine_time=None, liveness=None, wall=None, queue=1.0))
+    t.add("r", T0)
+    batch(t, T0, acct(state=QUEUED, queue_time_ns=0))
+    # A newer update reports less queue time than local time suggests (the request arrived at
+    # the engine later than the watch began): the first deadline re-arms instead of firing.
+    batch(t, T0 + 0.9, acct(state=QUEUED, queue_time_ns=500_000_000))
+    assert t.due(T0 + 1.0).fires == []
+    assert t.due(T0 + 1.4 - TICK).fires == []
+    (f,) = t.due(T0 + 1.4).fires
+    assert f.observed == pytest.approx(1.0)
+
+
+def test_queue_never_fires_once_admitted_or_while_telemetry_is_down():
+    t = tracker(EngineBudget(engine_time=None, liveness=None, wall=None, queue=1.0))
+    t.add("a", T0)
+    t.add("b", T0)
+    batch(t, T0, acct("a", state=QUEUED), acct("b", state=QUEUED))
+    batch(t, T0 + 0.5, acct("a", state=RUNNING, steps=1))
+    t.on_down(T0 + 0.6)
+    assert t.due(T0 + 5).fires == []  # a admitted; b unknown while the stream is down
+
+
+def test_queue_is_off_by_default():
+    t = tracker(EngineBudget(engine_time=1.0, liveness=None, wall=None))
+    t.add("r", T0)
+    batch(t, T0, acct(state=QUEUED, queue_time_ns=100 * NS))
+    assert t.next_due() == T0 + t.unknown_after  # only the "not reported" check is timed
+    assert t.due(T0 + 1000).fires == []
+
+
+# ---------------------------------------------------------------------------- liveness
+
+
+def liveness_tracker(limit: float = 2.0) -> Tracker:
+    return tracker(EngineBudget(engine_time=None, liveness=limit, wall=None))
+
+
+def test_liveness_suspects_exactly_one_limit_after_the_last_progress():
+    t = liveness_tracker(2.0)
+    t.add("r", T0)
+    batch(t, T0 + 1, acct(steps=5))
+    assert t.due(T0 + 3 - TICK).suspects == []
+    assert [e.request_id for e in t.due(T0 + 3).suspects] == ["r"]
+
+
+def test_liveness_progress_pushes_the_deadline_back():
+    t = liveness_tracker(2.0)
+    t.add("r", T0)
+    batch(t, T0 + 1, acct(steps=5))
+    batch(t, T0 + 2, acct(steps=5))  # no progress: same steps
+    batch(t, T0 + 2.5, acct(steps=5, excluded_steps=1))  # an excluded step is progress too
+    assert t.due(T0 + 3).suspects == []  # re-armed from T0+2.5
+    assert t.due(T0 + 4.5 - TICK).suspects == []
+    assert len(t.due(T0 + 4.5).suspects) == 1
+
+
+@pytest.mark.parametrize("state", [QUEUED, FINISHED])
+def test_liveness_does_not_apply_to_queued_or_finished_requests(state):
+    t = liveness_tracker(1.0)
+    t.add("r", T0)
+    batch(t, T0, acct(state=state, steps=1))
+    assert t.due(T0 + 100).suspects == []
+
+
+def test_liveness_applies_to_preempted_requests():
+    t = liveness_tracker(1.0)
+    t.add("r", T0)
+    batch(t, T0, acct(state=PREEMPTED, steps=3))
+    assert len(t.due(T0 + 1).suspects) == 1
+
+
+def test_liveness_clock_restarts_after_a_telemetry_outage():
+    t = liveness_tracker(2.0)
+    t.add("r", T0)
+    batch(t, T0 + 1, acct(steps=5))
+    t.on_down(T0 + 1.5)
+    assert t.due(T0 + 3).suspects == []  # no judging a request while the stream is down
+    assert t.on_up(T0 + 10)  # back: ends an outage
+    batch(t, T0 + 10, acct(steps=5))
+    assert t.due(T0 + 12 - TICK).suspects == []
+    assert len(t.due(T0 + 12).suspects) == 1
+
+
+@pytest.mark.parametrize("skew_s", [0.0, 300.0, -300.0])
+def test_liveness_confirms_exactly_at_the_limit_whatever_the_sidecars_clock(skew_s):
+    """The shard's last step is stamped on the sidecar's host; the guard's host clock is off by
+    ``skew_s`` (both ways). Staleness must still be measured right: fire at the limit, not before."""
+    limit = 2.0
+    t = liveness_tracker(limit)
+    e = t.add("r", T0)
+    batch(t, T0 + 1, acct(steps=5), sidecar_skew_s=skew_s)
+    assert t.skew_ns() == round(skew_s * NS)
+    now = T0 + 3
+    assert t.due(now).suspects == [e]
+    sidecar_now = wall_at(now, skew_s)
+
+    # The shard last stepped one tick less than a limit ago: still alive, the clock restarts.
+    fire, why = t.confirm_liveness(e, shard(sidecar_now - round((limit - TICK) * NS)), now, wall_at(now))
+    assert fire is None and why == "shard stepping"
+    assert t.stats.liveness_cleared == 1
+    assert e.progress_at == pytest.approx(now - (limit - TICK))
+
+    # Exactly a limit ago: fires, with the staleness measured on one clock.
+    fire, _ = t.confirm_liveness(e, shard(sidecar_now - round(limit * NS)), now, wall_at(now))
+    assert fire is not None and fire.reason is BudgetReason.LIVENESS
+    assert fire.limit == limit and fire.observed == pytest.approx(limit)
+
+
+def test_liveness_skew_is_the_largest_recent_sample():
+    """Latency only makes a batch look older, so the largest sample is the truest skew."""
+    t = liveness_tracker(2.0)
+    for k, lag in enumerate([0.2, 0.0, 0.05]):
+        t.on_batch([], wall_at(T0 + k, 7.0 - lag), T0 + k, wall_at(T0 + k))
+    assert t.skew_ns() == 7 * NS
+
+
+def test_liveness_never_fires_on_a_disconnected_recorder_or_a_silent_sidecar():
+    t = liveness_tracker(1.0)
+    e = t.add("r", T0)
+    batch(t, T0, acct(steps=1))
+    assert t.due(T0 + 1).suspects == [e]
+    fire, why = t.confirm_liveness(e, shard(wall_at(T0) - 100 * NS, connected=False), T0 + 1, wall_at(T0 + 1))
+    assert fire is None and why == "recorder disconnected"
+    # The clock restarted at the check; the re-check is one limit later, not sooner.
+    assert t.due(T0 + 2 - TICK).suspects == []
+    assert t.due(T0 + 2).suspects == [e]
+    fire, why = t.confirm_liveness(e, None, T0 + 2, wall_at(T0 + 2))
+    assert fire is None and why == "sidecar did not answer"
+
+
+def test_liveness_on_a_shard_that_never_stepped_counts_from_the_watch():
+    t = liveness_tracker(2.0)
+    e = t.add("r", T0)
+    batch(t, T0 + 0.5, acct(steps=0))
+    assert t.due(T0 + 2.5).suspects == [e]
+    fire, _ = t.confirm_liveness(e, shard(None), T0 + 2.0 - TICK, wall_at(T0 + 2.0))
+    assert fire is None
+    e2 = t.add("r2", T0)
+    fire, _ = t.confirm_liveness(e2, shard(None), T0 + 2.0, wall_at(T0 + 2.0))
+    assert fire is not None and fire.observed == pytest.approx(2.0)
+
+
+def test_suspects_group_by_engine_and_look_up_their_shard():
+    t = liveness_tracker(1.0)
+    a, b, c = t.add("a", T0), t.add("b", T0), t.add("c", T0)
+    batch(t, T0, acct("a", engine_id="x"), acct("b", engine_id="y", shard=1), acct("c", engine_id="x"))
+    groups = group_by_engine([a, b, c])
+    assert groups == {"x": [a, c], "y": [b]}
+    lookup = shard_lookup([shard(1, engine_id="y", index=1), shard(2, engine_id="x")])
+    assert lookup("y", 1).last_step_time_ns == 1 and lookup("y", 0) is None
+
+
+# ---------------------------------------------------------------------------- unknown requests
+
+
+def test_a_request_the_sidecar_never_reported_is_flagged_once_after_unknown_after():
+    t = tracker(EngineBudget(engine_time=1.0, liveness=None, wall=None), unknown_after=10.0)
+    t.add("seen", T0)
+    e = t.add("never", T0)
+    batch(t, T0 + 1, acct("seen"))
+    assert t.due(T0 + 10 - TICK).unknown == []
+    assert t.due(T0 + 10).unknown == [e]
+    assert t.due(T0 + 20).unknown == []
