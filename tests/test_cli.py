@@ -25,6 +25,8 @@ from enginetime.clients import AccountingClient, RequestNotFound
 from enginetime.testbed.engine import Engine, EngineConfig
 from enginetime.testbed.model import ModelConfig
 
+pytestmark = pytest.mark.e2e  # every test here starts processes (see conftest.py)
+
 MODEL = ModelConfig(
     vocab_size=1024, d_model=256, n_layers=2, n_heads=4, head_dim=32, d_ff=512, max_context=16384, seed=5
 )

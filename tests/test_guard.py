@@ -124,6 +124,7 @@ def acct(sidecar):
 # ---------------------------------------------------------------------------- the incident
 
 
+@pytest.mark.e2e
 def test_storm_victims_survive_the_guard_but_not_a_wall_clock_timeout(sidecar, engine, acct):
     eng, srv = engine
     victim_tokens = 200
@@ -218,6 +219,7 @@ def _await_gone(eng: Engine, rid: str, timeout: float = 5.0) -> None:
     assert eng.wait_until(lambda: eng.get(rid) is None, timeout), f"{rid} still running on the engine"
 
 
+@pytest.mark.e2e
 def test_runaway_request_is_killed_with_its_accounting_and_its_call_cut(sidecar, engine, acct):
     eng, srv = engine
     budget = EngineBudget(engine_time=0.5, liveness=30, wall=60)
@@ -248,6 +250,7 @@ def test_runaway_request_is_killed_with_its_accounting_and_its_call_cut(sidecar,
     assert final.state is RequestState.ABORTED and final.tokens.decoded < 20000
 
 
+@pytest.mark.e2e
 def test_guard_aborts_on_the_engine_when_the_call_cannot_be_cut(sidecar, engine, acct):
     eng, srv = engine
     budget = EngineBudget(engine_time=0.4, liveness=30, wall=60)
@@ -267,6 +270,7 @@ def test_guard_aborts_on_the_engine_when_the_call_cannot_be_cut(sidecar, engine,
     assert final.state is RequestState.ABORTED and final.tokens.decoded < 20000
 
 
+@pytest.mark.e2e
 def test_async_guard_cancels_the_call_and_keeps_others_running(sidecar, engine, acct):
     eng, srv = engine
 
@@ -309,6 +313,7 @@ def test_async_guard_cancels_the_call_and_keeps_others_running(sidecar, engine, 
     assert settled(acct, "async-runaway").state is RequestState.ABORTED
 
 
+@pytest.mark.e2e
 def test_follow_ids_streams_only_the_watched_requests(sidecar, engine, acct):
     """follow="ids": the stream names the watched ids and is reopened as new ones arrive."""
     eng, srv = engine
@@ -359,6 +364,7 @@ def test_follow_ids_streams_only_the_watched_requests(sidecar, engine, acct):
         assert results["ids-0:acct"] is not None and results["ids-0:acct"].request_id == "ids-0"
 
 
+@pytest.mark.e2e
 def test_sidecar_never_reachable_only_the_wall_backstop_fires(engine, caplog):
     eng, srv = engine
     caplog.set_level(logging.WARNING, "enginetime.clients.guard")
@@ -394,6 +400,7 @@ def test_budget_validation():
 # ---------------------------------------------------------------------------- the sidecar dies
 
 
+@pytest.mark.e2e
 def test_sidecar_killed_mid_request_falls_back_then_resumes(tmp_path, caplog):
     caplog.set_level(logging.INFO, "enginetime.clients.guard")
     sc = start_sidecar(tmp_path)
@@ -539,6 +546,7 @@ def frozen_engine(tmp_path):
         sc.close()
 
 
+@pytest.mark.e2e
 def test_liveness_fires_on_a_frozen_engine_and_not_on_a_short_pause(frozen_engine):
     sc, proc, url = frozen_engine
     budget = EngineBudget(engine_time=60, liveness=1.5, wall=60)
@@ -644,6 +652,7 @@ class _BigBacklogServer(EngineHTTPServer):
     request_queue_size = 2048  # 1,000 clients connect at once
 
 
+@pytest.mark.e2e
 def test_a_thousand_concurrent_requests_use_one_stream():
     sc = _InProcessSidecar()
     eng = Engine(

@@ -116,6 +116,7 @@ _KNOWS_ENGINE = {"malformed", "truncated", "oversized", "duplicate_hello", "colu
         ]
     ),
 )
+@pytest.mark.e2e
 def test_a_broken_stream_closes_only_its_own_connection(sidecar, stub, reason: str) -> None:
     good_id, bad_id = f"good-{reason}", f"bad-{reason}"
     with IngestConnection(sidecar.ingest) as good, IngestConnection(sidecar.ingest) as bad:
@@ -141,6 +142,7 @@ def test_a_broken_stream_closes_only_its_own_connection(sidecar, stub, reason: s
         assert stub.GetRequest(pb.GetRequestRequest(request_id=f"{good_id}-r1"), timeout=5).request.steps == 5
 
 
+@pytest.mark.e2e
 def test_disconnect_is_seen_and_a_reconnect_resumes(sidecar, stub) -> None:
     engine = "reconnecting"
     with IngestConnection(sidecar.ingest) as conn:
@@ -152,6 +154,7 @@ def test_disconnect_is_seen_and_a_reconnect_resumes(sidecar, stub) -> None:
         wait_steps(stub, engine, 0, 2)
 
 
+@pytest.mark.e2e
 def test_ingest_socket_is_private(sidecar) -> None:
     path = sidecar.socket_path
     assert path is not None
@@ -160,6 +163,7 @@ def test_ingest_socket_is_private(sidecar) -> None:
     assert stat.S_IMODE(mode) == 0o600
 
 
+@pytest.mark.e2e
 def test_lifecycle_new_dir_stale_socket_live_refusal_and_sigterm(tmp_path) -> None:
     base = short_socket_dir()
     path = f"{base}/new/dir/ingest.sock"
@@ -211,6 +215,7 @@ def test_lifecycle_new_dir_stale_socket_live_refusal_and_sigterm(tmp_path) -> No
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.e2e
 def test_refuses_a_path_that_is_not_a_socket(tmp_path) -> None:
     base = short_socket_dir()
     path = f"{base}/ingest.sock"
@@ -238,6 +243,7 @@ def test_refuses_a_path_that_is_not_a_socket(tmp_path) -> None:
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.e2e
 def test_tcp_ingest(tmp_path) -> None:
     with start_sidecar(tmp_path, ingest="tcp:127.0.0.1:0") as sp:
         assert sp.ingest.startswith("tcp:127.0.0.1:") and not sp.ingest.endswith(":0")
@@ -287,6 +293,7 @@ def test_in_process_counters() -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.e2e
 def test_help_explains_every_flag() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "enginetime", "sidecar", "--help"], capture_output=True, text=True, timeout=60
@@ -322,6 +329,7 @@ def test_help_explains_every_flag() -> None:
         (["--max-frame-bytes", "10"], "must be >= 1024"),
     ],
 )
+@pytest.mark.e2e
 def test_bad_flag_values_are_argparse_errors(args: list[str], complaint: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "enginetime", "sidecar", *args], capture_output=True, text=True, timeout=60

@@ -22,6 +22,8 @@ from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
 from enginetime.v1 import ingest_pb2
 
+pytestmark = pytest.mark.e2e  # every test here starts processes (see conftest.py)
+
 MS = 1_000_000
 STORM_THRESHOLD_S = 0.5
 

@@ -22,6 +22,8 @@ from enginetime.testbed.http_api import EngineHTTPServer
 from enginetime.testbed.model import ModelConfig
 from enginetime.testbed.sessions import SessionDriver
 
+pytestmark = pytest.mark.e2e  # every test here starts processes (see conftest.py)
+
 SMALL = ModelConfig(
     vocab_size=512, d_model=128, n_layers=2, n_heads=4, head_dim=16, d_ff=256, max_context=8192, seed=1
 )

@@ -1,0 +1,244 @@
+"""Mutation testing (cosmic-ray) over the modules that decide what users see.
+
+Each module is mutated one small change at a time (a ``>=`` made ``>``, a ``+`` made ``-``,
+a number off by one, a condition negated, ...) and its fast, relevant tests are run against
+each mutant: a mutant the tests do not notice ("survived") is a change in behaviour nobody
+would catch. Prints, per module, the mutants run, killed and survived, the score, and each
+survivor as a diff.
+
+The working tree is never touched: the tracked and untracked-but-not-ignored files are
+copied to a temporary directory and the copy is mutated; ``enginetime`` is imported from
+the copy through a shim package of symlinks on PYTHONPATH (ahead of the editable install).
+
+Equivalent mutants (a change that cannot alter behaviour) are marked in the source with
+``# pragma: no mutate`` and a reason; cosmic-ray's pragma filter skips them.
+
+Run: ``make mutate`` or ``.venv/bin/python scripts/mutate.py [--module guard_core ...] [--keep DIR]``.
+It is CPU-heavy (each mutant is a pytest run: about one to two seconds on a free core) and
+is not part of ``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Target:
+    path: str
+    tests: tuple[str, ...]
+
+
+#: The modules that decide what a user sees, each with the tests that pin it (no processes:
+#: the fast lane's tests, so a mutant costs a pytest start and a fraction of a second).
+TARGETS: dict[str, Target] = {
+    "guard_core": Target("clients/_guard_core.py", ("tests/test_guard_core.py",)),
+    "frames": Target("sidecar/ingest/frames.py", ("tests/test_sidecar_frames.py",)),
+    "attribution": Target("sidecar/ledger/attribution.py", ("tests/test_attribution.py",)),
+    "costmodel": Target("sidecar/ledger/costmodel.py", ("tests/test_costmodel.py",)),
+    "fanout": Target("sidecar/api/fanout.py", ("tests/test_fanout.py",)),
+}
+DEFAULT = ("guard_core", "frames", "attribution", "costmodel")
+
+#: Binary-operator swaps kept (the rest — to ``**``, ``%``, ``^``, ... — are killed by any test
+#: that runs the line and only multiply the run time).
+_BINARY_KEPT = {
+    ("Add", "Sub"),
+    ("Sub", "Add"),
+    ("Mul", "Div"),
+    ("Div", "Mul"),
+    ("FloorDiv", "Div"),
+    ("Mod", "FloorDiv"),
+    ("LShift", "RShift"),
+    ("RShift", "LShift"),
+    ("BitAnd", "BitOr"),
+    ("BitOr", "BitAnd"),
+    ("BitXor", "BitOr"),
+}
+_COMPARISONS = {"Eq", "NotEq", "Lt", "LtE", "Gt", "GtE"}
+
+
+def excluded_operators(python: str) -> list[str]:
+    names = subprocess.run(
+        [python, "-m", "cosmic_ray.cli", "operators"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    out = []
+    for name in names:
+        op = name.removeprefix("core/")
+        if op.startswith("ReplaceBinaryOperator_"):
+            _, a, b = op.split("_")
+            if (a, b) not in _BINARY_KEPT:
+                out.append(f"^{name}$")
+        elif op.startswith("ReplaceComparisonOperator_"):
+            _, a, b = op.split("_")
+            if a not in _COMPARISONS or b not in _COMPARISONS:
+                out.append(f"^{name}$")
+        elif op in ("VariableInserter", "VariableReplacer", "RemoveDecorator"):
+            out.append(f"^{name}$")
+    return out
+
+
+def copy_tree(dest: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for raw in files:
+        if not raw:
+            continue
+        rel = raw.decode()
+        src = ROOT / rel
+        if not src.is_file():
+            continue  # deleted in the working tree
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel)
+
+
+def make_shim(tree: Path, shim: Path) -> None:
+    """``shim/enginetime``: the root package's files plus links to the copy's subpackages."""
+    pkg = shim / "enginetime"
+    pkg.mkdir(parents=True)
+    for f in (tree / "enginetime").iterdir():
+        os.symlink(f, pkg / f.name)
+    for name, rel in {
+        "clients": "clients",
+        "sidecar": "sidecar",
+        "engine_hooks": "engine_hooks",
+        "testbed": "testbed",
+        "v1": "proto/enginetime/v1",
+    }.items():
+        os.symlink(tree / rel, pkg / name)
+
+
+def run_target(name: str, target: Target, tree: Path, env: dict[str, str], python: str) -> dict:
+    work = tree / ".mutate"
+    work.mkdir(exist_ok=True)
+    config, session = work / f"{name}.toml", work / f"{name}.sqlite"
+    tests = " ".join(target.tests)
+    excluded = excluded_operators(python)
+    config.write_text(
+        "[cosmic-ray]\n"
+        f'module-path = "{target.path}"\n'
+        "timeout = 60.0\n"
+        "excluded-modules = []\n"
+        f'test-command = "{python} -m pytest -x -q -p no:randomly -p no:cacheprovider {tests}"\n'
+        "[cosmic-ray.distributor]\n"
+        'name = "local"\n'
+        "[cosmic-ray.filters.operators-filter]\n"
+        f"exclude-operators = {json.dumps(excluded)}\n"
+    )
+    # The unmutated copy must pass, or every mutant would count as killed.
+    base = subprocess.run(
+        [python, "-m", "pytest", "-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", *target.tests],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if base.returncode != 0:
+        raise SystemExit(f"{' '.join(target.tests)} fail without any mutation:\n{base.stdout[-3000:]}")
+    cr = [python, "-m", "cosmic_ray.cli"]
+    subprocess.run([*cr, "init", str(config), str(session)], cwd=tree, env=env, check=True)
+    for tool in ("cosmic_ray.tools.filters.operators_filter", "cosmic_ray.tools.filters.pragma_no_mutate"):
+        extra = [str(config)] if tool.endswith("operators_filter") else []
+        subprocess.run([python, "-m", tool, str(session), *extra], cwd=tree, env=env, check=True)
+    t0 = time.monotonic()
+    subprocess.run([*cr, "exec", str(config), str(session)], cwd=tree, env=env, check=True)
+    elapsed = time.monotonic() - t0
+    return summarize(name, target, tree, session, elapsed)
+
+
+def summarize(name: str, target: Target, tree: Path, session: Path, elapsed: float) -> dict:
+    db = sqlite3.connect(session)
+    rows = [
+        (str(w).lower(), str(t).lower(), d)
+        for w, t, d in db.execute("SELECT worker_outcome, test_outcome, diff FROM work_results")
+    ]
+    db.close()
+    ran = [r for r in rows if r[0] == "normal"]
+    killed = [r for r in ran if r[1] == "killed"]
+    survived = [r for r in ran if r[1] == "survived"]
+    timeouts = [r for r in rows if r[0] == "timeout"]  # an infinite loop: the tests noticed
+    skipped = [r for r in rows if r[0] == "skipped"]
+    errors = [r for r in rows if r[0] not in ("normal", "timeout", "skipped")]
+    total = len(ran) + len(timeouts)
+    score = (len(killed) + len(timeouts)) / total if total else 0.0
+    return {
+        "module": target.path,
+        "tests": list(target.tests),
+        "mutants": total,
+        "killed": len(killed) + len(timeouts),
+        "survived": len(survived),
+        "skipped": len(skipped),
+        "errors": len(errors),
+        "score": score,
+        "seconds": round(elapsed),
+        "survivors": [r[2] for r in survived],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--module", action="append", choices=sorted(TARGETS), help=f"default: {', '.join(DEFAULT)}"
+    )
+    ap.add_argument("--keep", type=Path, help="work in this directory and keep it (sessions, configs)")
+    ap.add_argument("--json", type=Path, help="also write the summary here")
+    args = ap.parse_args()
+    python = sys.executable
+    names = args.module or list(DEFAULT)
+    base = args.keep or Path(tempfile.mkdtemp(prefix="et-mutate-"))
+    tree, shim = base / "tree", base / "shim"
+    shutil.rmtree(tree, ignore_errors=True)
+    shutil.rmtree(shim, ignore_errors=True)
+    tree.mkdir(parents=True)
+    copy_tree(tree)
+    make_shim(tree, shim)
+    # PYTHONSAFEPATH: the copy's own enginetime/ (the root package alone) must not shadow the shim
+    # from the working directory, or the subpackages would resolve to the editable install.
+    env = {**os.environ, "PYTHONPATH": str(shim), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONSAFEPATH": "1"}
+    results = []
+    try:
+        for name in names:
+            r = run_target(name, TARGETS[name], tree, env, python)
+            results.append(r)
+            print(f"\n== {name}: {r['module']} against {' '.join(r['tests'])}", flush=True)
+            print(
+                f"   {r['mutants']} mutants, {r['killed']} killed, {r['survived']} survived, "
+                f"{r['skipped']} skipped (pragma/operator filter), {r['errors']} errors; "
+                f"score {100 * r['score']:.1f} % in {r['seconds']} s"
+            )
+            for diff in r["survivors"]:
+                print("   -- survivor:\n" + "\n".join("      " + ln for ln in diff.splitlines()))
+    finally:
+        if args.keep is None:
+            shutil.rmtree(base, ignore_errors=True)
+    print("\nmodule                          mutants  killed  survived  score")
+    for r in results:
+        score = f"{100 * r['score']:5.1f} %"
+        print(f"{r['module']:<32}{r['mutants']:>7}{r['killed']:>8}{r['survived']:>10}  {score}")
+    total = sum(r["mutants"] for r in results)
+    killed = sum(r["killed"] for r in results)
+    if total:
+        print(f"{'all':<32}{total:>7}{killed:>8}{total - killed:>10}  {100 * killed / total:5.1f} %")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
