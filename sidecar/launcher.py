@@ -53,6 +53,8 @@ class SidecarProcess:
         command: Sequence[str],
     ) -> None:
         self.proc = proc
+        #: Everything the ready line said (grpc, ingest, and metrics when it serves them).
+        self.fields = dict(fields)
         self.grpc_target = fields["grpc"]
         self.ingest = fields["ingest"]
         self.metrics: str | None = fields.get("metrics")
