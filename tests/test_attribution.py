@@ -596,3 +596,61 @@ def test_a_finish_that_overtakes_its_last_lockstep_step_waits_for_it() -> None:
     assert victim.steps == chunks
     assert_identity(storm)
     assert_identity(victim)
+
+
+# ======================================================================================
+# the rules the docs state: preemption lands in `other`; excluded steps only after a first step
+# ======================================================================================
+
+
+def test_preempted_time_lands_in_other_not_interference_or_excluded_steps():
+    """docs/ARCHITECTURE.md: "Preempted time lands in other (a preempted request is not an
+    excluded-step victim)". The shard steps on without A while A is preempted: none of it is A's
+    interference, none of those steps are A's excluded steps, all of it is A's ``other``."""
+    sim = Sim()
+    sim.arrive(0, 1, "A")
+    sim.arrive(0, 2, "B")
+    sim.step(0, [(1, 16, 0, 0), (2, 16, 0, 0)], 4 * MS)
+    for _ in range(2):
+        sim.step(0, [(1, 0, 1, 16), (2, 0, 1, 16)], 3 * MS)
+    before = sim.view("A")
+    assert before.steps == 3 and before.excluded_steps == 0
+    sim.event(0, 1, EventKind.PREEMPTED)
+    assert sim.view("A").state is RequestState.PREEMPTED
+    preempted_ns = 0
+    for _ in range(5):
+        preempted_ns += sim.step(0, [(2, 0, 1, 20)], 3 * MS).device_time_ns
+    during = sim.view("A")
+    assert during.excluded_steps == before.excluded_steps
+    assert during.interference_ns == before.interference_ns
+    sim.event(0, 1, EventKind.RESUMED)
+    sim.step(0, [(1, 18, 0, 0), (2, 0, 1, 25)], 4 * MS)  # A recomputes its context
+    sim.event(0, 1, EventKind.FINISHED, output_tokens=2)
+    a = sim.view("A")
+    assert a.preemptions == 1 and a.steps == 4
+    assert a.excluded_steps == 0
+    assert a.interference_ns == before.interference_ns
+    assert a.other_ns - before.other_ns == preempted_ns == 15 * MS
+    assert_identity(a)
+
+
+def test_excluded_steps_count_only_after_the_requests_first_step():
+    """docs/ARCHITECTURE.md: before its first step a request's waiting is queue time; a step that
+    leaves it out is an excluded step (interference) only once it has had a step of its own."""
+    sim = Sim()
+    sim.arrive(0, 1, "A")
+    sim.arrive(0, 2, "B")
+    sim.step(0, [(2, 16, 0, 0)], 4 * MS)
+    sim.event(0, 1, EventKind.SCHEDULED)  # scheduled, but no step of its own yet
+    for _ in range(3):
+        sim.step(0, [(2, 0, 1, 20)], 3 * MS)
+    a = sim.view("A")
+    assert a.excluded_steps == 0 and a.interference_ns == 0
+    assert a.queue_time_ns == 13 * MS  # everything so far is queue time
+    sim.step(0, [(1, 16, 0, 0), (2, 0, 1, 21)], 4 * MS)  # A's first step
+    sim.step(0, [(2, 0, 1, 22)], 3 * MS)  # leaves A out: now an excluded step
+    a = sim.view("A")
+    assert a.excluded_steps == 1 and a.steps == 1
+    assert a.interference_ns >= 3 * MS
+    assert a.queue_time_ns == 13 * MS
+    assert_identity(a)

@@ -433,3 +433,87 @@ def test_column_mismatch_keeps_the_frames_before_it() -> None:
     assert "seq=9" in err.message and "decode_tokens=2" in err.message
     assert [type(f).__name__ for f in err.frames] == ["Hello", "Step", "Step"]
     assert [f.seq for f in err.frames[1:]] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- boundaries
+
+
+def _cols(n: int = 1) -> bytes:
+    """Packed handles/prefill/decode columns of ``n`` entries (context comes last, per case)."""
+    body = b""
+    for number, value in ((8, 7), (9, 0), (10, 1)):
+        body += _len_field(number, np.full(n, value, "<u4").tobytes())
+    return body
+
+
+# (variant, message body whose LAST field is of the named wire type, check on the decoded record)
+_LAST_FIELD_CASES = {
+    "varint": (2, _len_field(2, b"r-1") + _tag(4, 0) + varint(2**40 + 5), lambda r: r.time_ns == 2**40 + 5),
+    "one-byte varint": (2, _len_field(2, b"r-1") + _tag(5, 0) + varint(9), lambda r: r.prompt_tokens == 9),
+    "fixed32": (
+        3,
+        _tag(1, 0) + varint(3) + _cols() + _tag(11, 5) + (123456).to_bytes(4, "little"),
+        lambda r: r.seq == 3 and list(r.context_tokens) == [123456],
+    ),
+    "fixed64": (
+        4,
+        _tag(1, 0) + varint(77) + _tag(50, 1) + (2**63 + 1).to_bytes(8, "little"),
+        lambda r: r.time_ns == 77,
+    ),
+    "length-delimited": (
+        2,
+        _tag(1, 0) + varint(4) + _len_field(2, b"last-id"),
+        lambda r: r.request_id == "last-id",
+    ),
+    "packed column": (
+        3,
+        _tag(1, 0) + varint(5) + _cols(2) + _len_field(11, np.array([10, 20], "<u4").tobytes()),
+        lambda r: list(r.context_tokens) == [10, 20],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_LAST_FIELD_CASES))
+def test_every_field_type_decodes_at_the_very_end_of_a_message(case: str) -> None:
+    variant, body, check = _LAST_FIELD_CASES[case]
+    wire = _len_field(variant, body)
+    pb.IngestFrame.FromString(wire)  # protobuf agrees the message is valid
+    record = decode_frame(wire)
+    assert record is not None and check(record), record
+    # The same through the stream decoder, the frame arriving one byte short first.
+    decoder = FrameDecoder()
+    stream = _hello_frame() + frame(wire)
+    assert len(decoder.feed(stream[:-1])) == 1 and decoder.buffered > 0
+    (late,) = decoder.feed(stream[-1:])
+    assert check(late)
+
+
+@pytest.mark.parametrize("case", sorted(_LAST_FIELD_CASES))
+def test_a_last_field_one_byte_short_is_malformed(case: str) -> None:
+    variant, body, _ = _LAST_FIELD_CASES[case]
+    wire = _len_field(variant, body[:-1])  # the message now ends inside its last field
+    with pytest.raises(FrameError) as info:
+        decode_frame(wire)
+    assert info.value.reason == "malformed"
+    assert "end" in info.value.message  # says the field runs past the end of its message
+
+
+def test_a_frame_of_exactly_the_maximum_size_is_accepted_and_one_more_byte_is_not() -> None:
+    limit = 2048
+    hello = _hello_frame()
+
+    def step_frame(size: int) -> bytes:
+        body = _tag(1, 0) + varint(1) + _cols()
+        body += _len_field(11, (1).to_bytes(4, "little"))
+        # frame tag (1 byte) + 2-byte length, then an unknown field 99: 2-byte tag + 2-byte length + pad
+        pad = size - len(body) - 7
+        body += _tag(99, 2) + varint(pad) + b"p" * pad
+        wire = _len_field(3, body)
+        assert len(wire) == size, len(wire)
+        return frame(wire)
+
+    decoder = FrameDecoder(max_frame_bytes=limit)
+    assert len(decoder.feed(hello + step_frame(limit))) == 2
+    with pytest.raises(FrameError) as info:
+        decoder.feed(step_frame(limit + 1))
+    assert info.value.reason == "oversized"
