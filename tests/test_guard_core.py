@@ -342,3 +342,173 @@ def test_a_request_the_sidecar_never_reported_is_flagged_once_after_unknown_afte
     assert t.due(T0 + 10 - TICK).unknown == []
     assert t.due(T0 + 10).unknown == [e]
     assert t.due(T0 + 20).unknown == []
+
+
+# ---------------------------------------------------------------------------- what else users feel
+# (each of these was a surviving mutant of `make mutate`: a change no test noticed)
+
+
+@pytest.mark.parametrize("state", [FINISHED, pb.REQUEST_STATE_ABORTED, pb.REQUEST_STATE_UNSPECIFIED])
+def test_terminal_and_unknown_states_stop_every_limit_but_the_wall(state):
+    t = tracker(EngineBudget(engine_time=0.5, liveness=1.0, queue=1.0, wall=50.0))
+    t.add("r", T0)
+    batch(t, T0, acct(state=QUEUED))
+    assert batch(t, T0 + 0.1, acct(state=state, steps=3, engine_time_ns=10 * NS)) == []
+    due = t.due(T0 + 49)
+    assert due.fires == [] and due.suspects == []
+    assert [f.reason for f in t.due(T0 + 50).fires] == [BudgetReason.WALL]
+
+
+def test_one_batch_is_applied_in_full_whatever_comes_first():
+    """Foreign, already-fired and terminal updates must not stop the rest of their batch."""
+    t = tracker(EngineBudget(engine_time=0.5))
+    for rid in ("done", "fired", "a", "b", "c"):
+        t.add(rid, T0)
+    assert len(batch(t, T0, acct("fired", engine_time_ns=NS))) == 1
+    fires = batch(
+        t,
+        T0 + 1,
+        acct("stranger", engine_time_ns=NS),
+        acct("a", engine_time_ns=NS),
+        acct("fired", engine_time_ns=NS),
+        acct("b", engine_time_ns=NS),
+        acct("done", state=FINISHED),
+        acct("c", engine_time_ns=NS),
+    )
+    assert [f.entry.request_id for f in fires] == ["a", "b", "c"]
+    assert (t.stats.batches, t.stats.updates, t.stats.foreign) == (2, 7, 1)
+
+
+def test_every_due_item_is_handled_even_after_a_removed_one():
+    t = tracker(EngineBudget(engine_time=None, liveness=None, wall=1.0))
+    gone, kept = t.add("gone", T0), t.add("kept", T0 + 0.5)
+    t.remove(gone)
+    assert "gone" not in t.ids() and t.ids() == ["kept"]
+    assert t.due(T0 + 1.0).fires == []  # the removed watch's wall item is dropped, not fired
+    assert [f.entry for f in t.due(T0 + 1.5).fires] == [kept]
+
+
+def test_a_fired_watch_never_fires_again():
+    t = tracker(EngineBudget(engine_time=0.5, liveness=1.0, wall=3.0))
+    e = t.add("r", T0)
+    batch(t, T0, acct(steps=1))
+    assert t.due(T0 + 1).suspects == [e]
+    fire, _ = t.confirm_liveness(e, shard(wall_at(T0 + 1) - 5 * NS), T0 + 1, wall_at(T0 + 1))
+    assert fire is not None and fire.telemetry
+    assert batch(t, T0 + 2, acct(engine_time_ns=NS)) == []
+    assert t.due(T0 + 10).fires == []
+    w = t.add("w", T0 + 10)
+    assert [f.entry for f in t.due(T0 + 13).fires] == [w]
+    assert batch(t, T0 + 14, acct("w", engine_time_ns=NS)) == []
+
+
+def test_a_limit_that_came_due_while_nobody_looked_still_fires():
+    """``due`` is called late (a busy event loop): everything overdue fires or is suspected."""
+    t = tracker(EngineBudget(engine_time=None, liveness=1.0, queue=1.0, wall=None))
+    t.add("q", T0)
+    live = t.add("l", T0)
+    batch(t, T0, acct("q", state=QUEUED), acct("l", steps=1))
+    due = t.due(T0 + 30)
+    assert [f.reason for f in due.fires] == [BudgetReason.QUEUE] and due.fires[0].observed == pytest.approx(
+        30
+    )
+    assert due.suspects == [live]
+
+
+def test_progress_is_any_change_of_steps_plus_excluded_steps():
+    t = liveness_tracker(2.0)
+    t.add("r", T0)
+    batch(t, T0, acct(steps=5, excluded_steps=2))
+    batch(t, T0 + 1, acct(steps=6, excluded_steps=3))  # both grew: progress
+    assert t.due(T0 + 3 - TICK).suspects == []
+    batch(t, T0 + 2, acct(steps=0, excluded_steps=0))  # counts reset (a restarted sidecar): still a change
+    assert t.due(T0 + 4 - TICK).suspects == []
+    assert len(t.due(T0 + 4).suspects) == 1
+
+
+@pytest.mark.parametrize("steps", [0, 1])
+def test_the_first_update_starts_the_liveness_clock_whatever_its_step_count(steps):
+    t = liveness_tracker(2.0)
+    t.add("r", T0)
+    batch(t, T0 + 5, acct(steps=steps))  # first seen 5 s after the stream came up
+    assert t.due(T0 + 7 - TICK).suspects == []
+    assert len(t.due(T0 + 7).suspects) == 1
+
+
+def test_a_suspect_is_held_for_its_confirmation_and_re_checked_no_sooner_than_a_second():
+    t = liveness_tracker(2.0)
+    e = t.add("r", T0)
+    batch(t, T0, acct(steps=1))
+    assert t.due(T0 + 2).suspects == [e]
+    batch(t, T0 + 2.1, acct(steps=1))  # no progress while the GetShards is in flight
+    assert t.due(T0 + 10).suspects == []  # not suspected twice
+    now = T0 + 10
+    fire, why = t.confirm_liveness(e, shard(wall_at(now) - round((2.0 - TICK) * NS)), now, wall_at(now))
+    assert fire is None and why == "shard stepping"
+    assert t.stats.liveness_checks == 1 and t.stats.liveness_cleared == 1
+    # The shard stepped just under a limit ago: the next check waits a second, not a microsecond.
+    assert t.due(now + 1.0 - TICK).suspects == []
+    assert t.due(now + 1.0).suspects == [e]
+    fire, _ = t.confirm_liveness(e, shard(wall_at(now) - round(1.5 * NS)), now + 1.0, wall_at(now + 1.0))
+    assert fire is not None and fire.observed == pytest.approx(2.5)  # past the limit fires too
+    assert t.stats.liveness_checks == 2
+
+
+def test_a_suspect_requeued_before_its_confirmation_is_re_armed_when_admitted_again():
+    t = liveness_tracker(1.0)
+    e = t.add("r", T0)
+    batch(t, T0, acct(steps=1))
+    assert t.due(T0 + 1).suspects == [e]
+    batch(t, T0 + 1.1, acct(state=QUEUED, steps=1))
+    fire, _ = t.confirm_liveness(e, shard(wall_at(T0) - 10 * NS), T0 + 1.2, wall_at(T0 + 1.2))
+    assert fire is not None  # stale shard: fires even though the last update said queued
+    t2 = liveness_tracker(1.0)
+    e2 = t2.add("r", T0)
+    batch(t2, T0, acct(steps=1))
+    assert t2.due(T0 + 1).suspects == [e2]
+    batch(t2, T0 + 1.1, acct(state=QUEUED, steps=1))
+    fire, why = t2.confirm_liveness(e2, None, T0 + 1.2, wall_at(T0 + 1.2))
+    assert fire is None and t2.next_due() is None or t2.due(T0 + 50).suspects == []  # queued: not timed
+    batch(t2, T0 + 60, acct(steps=2))  # admitted again: liveness is armed again
+    assert t2.due(T0 + 61).suspects == [e2]
+
+
+def test_each_watch_has_at_most_one_item_per_kind_in_the_heap():
+    """The module's cost promise: progress pushes nothing; re-arming replaces, never adds."""
+    t = tracker(EngineBudget(engine_time=100.0, liveness=2.0, queue=5.0, wall=1000.0))
+    t.add("q", T0)
+    t.add("l", T0)
+    now = T0
+    for k in range(200):
+        now = T0 + 0.1 * k
+        batch(t, now, acct("q", state=QUEUED, queue_time_ns=0), acct("l", steps=k // 3))
+        t.due(now)
+    assert len(t._heap) <= 2 * 3, t._heap
+
+
+def test_skew_is_exact_without_samples_and_forgets_a_sample_after_32_batches():
+    t = liveness_tracker(2.0)
+    e = t.add("r", T0)
+    batch(t, T0, acct(steps=1))
+    assert t.due(T0 + 2).suspects == [e]
+    now = T0 + 2
+    t._skew_samples.clear()
+    assert t.skew_ns() == 0
+    fire, _ = t.confirm_liveness(e, shard(wall_at(now) - 2 * NS + 1), now, wall_at(now))
+    assert fire is None  # one nanosecond short of the limit
+    t2 = liveness_tracker(2.0)
+    t2.on_batch([], WALL0 + 9 * NS, T0, WALL0)  # one old sample 9 s ahead
+    for k in range(31):
+        t2.on_batch([], wall_at(T0 + 1 + k), T0 + 1 + k, wall_at(T0 + 1 + k))
+    assert t2.skew_ns() == 9 * NS  # still among the last 32
+    t2.on_batch([], wall_at(T0 + 40), T0 + 40, wall_at(T0 + 40))
+    assert t2.skew_ns() == 0  # aged out
+
+
+def test_defaults_users_read_about():
+    """A request unreported for 10 s is logged (docs/GUARD.md); no fire counted before any fired."""
+    t = Tracker(EngineBudget(engine_time=1.0))
+    t.add("r", T0)
+    assert t.next_due() == T0 + 10.0
+    assert set(t.stats.fires.values()) == {0} and set(t.stats.fires) == {r.value for r in BudgetReason}
+    assert (t.stats.batches, t.stats.updates, t.stats.liveness_checks) == (0, 0, 0)
