@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -68,6 +69,129 @@ _BINARY_KEPT = {
     ("BitXor", "BitOr"),
 }
 _COMPARISONS = {"Eq", "NotEq", "Lt", "LtE", "Gt", "GtE"}
+
+
+#: Surviving mutants that cannot change behaviour, as (module, original line fragment, mutated line
+#: fragment, why). A survivor matching one is reported as equivalent and left out of the score.
+EQUIVALENT: list[tuple[str, str, str, str]] = [
+    # clients/_guard_core.py
+    (
+        "clients/_guard_core.py",
+        "_WALL, _LIVENESS, _QUEUE, _UNKNOWN = 0, 1, 2, 3",
+        "",
+        "heap item kinds are labels compared only with each other; any four distinct values do",
+    ),
+    ("clients/_guard_core.py", "elif kind == _LIVENESS:", "", "the elif chain already took _WALL (0)"),
+    ("clients/_guard_core.py", "elif kind == _QUEUE:", "", "the elif chain already took _WALL and _LIVENESS"),
+    (
+        "clients/_guard_core.py",
+        "elif kind == _UNKNOWN:",
+        "",
+        "the elif chain already took every smaller kind",
+    ),
+    ("clients/_guard_core.py", "if kind == _WALL:", "<=", "kinds are >= 0: <= _WALL is == _WALL"),
+    (
+        "clients/_guard_core.py",
+        "if state == _QUEUED:",
+        "<=",
+        "state 0 was skipped above: <= QUEUED is == QUEUED",
+    ),
+    (
+        "clients/_guard_core.py",
+        "if state >= _FINISHED or state == 0:",
+        "<= 0",
+        "states are protobuf enum numbers >= 0: <= 0 is == 0",
+    ),
+    (
+        "clients/_guard_core.py",
+        "progress: int = -1",
+        "- 2",
+        "progress is a count >= 0: -2 is as unseen as -1",
+    ),
+    ("clients/_guard_core.py", "progress: int = -1", "~1", "~1 == -2: as unseen as -1"),
+    (
+        "clients/_guard_core.py",
+        "state: int = 0",
+        "",
+        "read only with e.msg set (a message sets it) or as 'not admitted', true of 0, 1 and -1 alike",
+    ),
+    (
+        "clients/_guard_core.py",
+        "received: float = 0.0",
+        "",
+        "read only with e.msg set, and every message sets it",
+    ),
+    (
+        "clients/_guard_core.py",
+        "progress_at: float = 0.0",
+        "",
+        "every deadline takes max(progress_at, up_since) or sets progress_at first; 0 vs +-1 s "
+        "before any update is below any monotonic clock the guard runs on",
+    ),
+    (
+        "clients/_guard_core.py",
+        "for e in self.entries.values():",
+        "for e in []",
+        "redundant: every liveness deadline is max(progress_at, up_since) + limit",
+    ),
+    (
+        "clients/_guard_core.py",
+        "max(0.0, b.queue - queued)",
+        "",
+        "a negative remainder is already overdue: it fires on the next due() either way",
+    ),
+    (
+        "clients/_guard_core.py",
+        "deadline = e.received + max(0.0, b.queue - reported)",
+        "",
+        "a deadline in the past fires now either way",
+    ),
+    (
+        "clients/_guard_core.py",
+        "or e.state != _QUEUED or e.msg is None:",
+        "e.state > _QUEUED",
+        "state 0 never reaches a queue item (it is skipped before arming)",
+    ),
+    ("clients/_guard_core.py", "@dataclass(", "slots=", "slots change memory layout, not behaviour"),
+    (
+        "clients/_guard_core.py",
+        "@dataclass(eq=False, slots=True)",
+        "eq=True",
+        "entries are never compared or hashed: request ids are unique per tracker",
+    ),
+    (
+        "clients/_guard_core.py",
+        "def error(self, now: float, *, aborted: bool)",
+        "/",
+        "callers pass aborted= by keyword, which both signatures accept",
+    ),
+    (
+        "clients/_guard_core.py",
+        "def __init__(self, budget: EngineBudget, *, unknown_after",
+        "/",
+        "callers pass unknown_after= by keyword, which both signatures accept",
+    ),
+]
+
+
+def _changed_lines(diff: str) -> tuple[str, str]:
+    minus = [ln[1:] for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
+    plus = [ln[1:] for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    return (minus[0] if minus else ""), (plus[0] if plus else "")
+
+
+def equivalent_reason(module: str, diff: str) -> str | None:
+    """Why a surviving mutant cannot change behaviour, or None when it is a real gap in the tests."""
+    old, new = _changed_lines(diff)
+    # Every module here starts with `from __future__ import annotations`: annotations are strings.
+    if old.replace("|", "&") == new and (
+        "def " in old or "->" in old or re.match(r"\s*[\w.]+: [^=]*\|", old)
+    ):
+        return "annotations are never evaluated (from __future__ import annotations)"
+    for path, fragment, mutated, why in EQUIVALENT:
+        if path == module and fragment in old and mutated in new:
+            return why
+    return None
 
 
 def excluded_operators(python: str) -> list[str]:
@@ -162,6 +286,21 @@ def run_target(name: str, target: Target, tree: Path, env: dict[str, str], pytho
     return summarize(name, target, tree, session, elapsed)
 
 
+def recheck_target(name: str, target: Target, tree: Path, env: dict[str, str], python: str) -> dict:
+    """Forget the survivors' results and let cosmic-ray run them (only them) again."""
+    work = tree / ".mutate"
+    config, session = work / f"{name}.toml", work / f"{name}.sqlite"
+    db = sqlite3.connect(session)
+    db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+    db.commit()
+    db.close()
+    t0 = time.monotonic()
+    subprocess.run(
+        [python, "-m", "cosmic_ray.cli", "exec", str(config), str(session)], cwd=tree, env=env, check=True
+    )
+    return summarize(name, target, tree, session, time.monotonic() - t0)
+
+
 def summarize(name: str, target: Target, tree: Path, session: Path, elapsed: float) -> dict:
     db = sqlite3.connect(session)
     rows = [
@@ -175,19 +314,23 @@ def summarize(name: str, target: Target, tree: Path, session: Path, elapsed: flo
     timeouts = [r for r in rows if r[0] == "timeout"]  # an infinite loop: the tests noticed
     skipped = [r for r in rows if r[0] == "skipped"]
     errors = [r for r in rows if r[0] not in ("normal", "timeout", "skipped")]
-    total = len(ran) + len(timeouts)
+    equivalent = [(r[2], why) for r in survived if (why := equivalent_reason(target.path, r[2] or ""))]
+    real = [r for r in survived if not equivalent_reason(target.path, r[2] or "")]
+    total = len(ran) + len(timeouts) - len(equivalent)
     score = (len(killed) + len(timeouts)) / total if total else 0.0
     return {
         "module": target.path,
         "tests": list(target.tests),
         "mutants": total,
         "killed": len(killed) + len(timeouts),
-        "survived": len(survived),
+        "survived": len(real),
+        "equivalent": len(equivalent),
         "skipped": len(skipped),
         "errors": len(errors),
         "score": score,
         "seconds": round(elapsed),
-        "survivors": [r[2] for r in survived],
+        "survivors": [r[2] for r in real],
+        "equivalents": equivalent,
     }
 
 
@@ -198,32 +341,56 @@ def main() -> int:
     )
     ap.add_argument("--keep", type=Path, help="work in this directory and keep it (sessions, configs)")
     ap.add_argument("--json", type=Path, help="also write the summary here")
+    ap.add_argument("--show-equivalent", action="store_true", help="also list the equivalent mutants")
+    ap.add_argument(
+        "--recheck",
+        action="store_true",
+        help="with --keep DIR of an earlier run: refresh the tests in the copy and re-run only its "
+        "survivors (the mutated modules must be unchanged since)",
+    )
     args = ap.parse_args()
     python = sys.executable
     names = args.module or list(DEFAULT)
     base = args.keep or Path(tempfile.mkdtemp(prefix="et-mutate-"))
     tree, shim = base / "tree", base / "shim"
-    shutil.rmtree(tree, ignore_errors=True)
-    shutil.rmtree(shim, ignore_errors=True)
-    tree.mkdir(parents=True)
-    copy_tree(tree)
-    make_shim(tree, shim)
+    if args.recheck:
+        if args.keep is None or not (tree / ".mutate").is_dir():
+            raise SystemExit("--recheck needs --keep DIR of an earlier run")
+        for name in names:
+            path = TARGETS[name].path
+            if (ROOT / path).read_bytes() != (tree / path).read_bytes():
+                raise SystemExit(f"{path} changed since that run: mutant positions moved; run afresh")
+        copy_tree(tree)  # new tests; the modules are byte-identical
+    else:
+        shutil.rmtree(tree, ignore_errors=True)
+        shutil.rmtree(shim, ignore_errors=True)
+        tree.mkdir(parents=True)
+        copy_tree(tree)
+        make_shim(tree, shim)
     # PYTHONSAFEPATH: the copy's own enginetime/ (the root package alone) must not shadow the shim
     # from the working directory, or the subpackages would resolve to the editable install.
     env = {**os.environ, "PYTHONPATH": str(shim), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONSAFEPATH": "1"}
     results = []
     try:
         for name in names:
-            r = run_target(name, TARGETS[name], tree, env, python)
+            if args.recheck:
+                r = recheck_target(name, TARGETS[name], tree, env, python)
+            else:
+                r = run_target(name, TARGETS[name], tree, env, python)
             results.append(r)
             print(f"\n== {name}: {r['module']} against {' '.join(r['tests'])}", flush=True)
             print(
                 f"   {r['mutants']} mutants, {r['killed']} killed, {r['survived']} survived, "
-                f"{r['skipped']} skipped (pragma/operator filter), {r['errors']} errors; "
+                f"{r['equivalent']} equivalent (listed with --show-equivalent), "
+                f"{r['skipped']} skipped (operator filter), {r['errors']} errors; "
                 f"score {100 * r['score']:.1f} % in {r['seconds']} s"
             )
             for diff in r["survivors"]:
                 print("   -- survivor:\n" + "\n".join("      " + ln for ln in diff.splitlines()))
+            if args.show_equivalent:
+                for diff, why in r["equivalents"]:
+                    old, new = _changed_lines(diff)
+                    print(f"   -- equivalent ({why}):\n      - {old.strip()}\n      + {new.strip()}")
     finally:
         if args.keep is None:
             shutil.rmtree(base, ignore_errors=True)

@@ -89,11 +89,8 @@ def settled(client: AccountingClient, rid: str, timeout: float = 10.0):
 
 
 @pytest.fixture(scope="module")
-def sidecar(tmp_path_factory):
-    sc = start_sidecar(tmp_path_factory.mktemp("guard-sidecar"))
-    yield sc
-    sc.stop()
-    sc.close()
+def sidecar(module_sidecar):
+    return module_sidecar
 
 
 @pytest.fixture(scope="module")

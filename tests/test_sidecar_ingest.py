@@ -40,9 +40,8 @@ from enginetime.v1 import ingest_pb2
 
 
 @pytest.fixture(scope="module")
-def sidecar(tmp_path_factory):
-    with start_sidecar(tmp_path_factory.mktemp("ingest")) as sp:
-        yield sp
+def sidecar(module_sidecar):
+    return module_sidecar
 
 
 @pytest.fixture(scope="module")
@@ -244,15 +243,15 @@ def test_refuses_a_path_that_is_not_a_socket(tmp_path) -> None:
 
 
 @pytest.mark.e2e
-def test_tcp_ingest(tmp_path) -> None:
-    with start_sidecar(tmp_path, ingest="tcp:127.0.0.1:0") as sp:
-        assert sp.ingest.startswith("tcp:127.0.0.1:") and not sp.ingest.endswith(":0")
-        with grpc.insecure_channel(sp.grpc_target) as channel:
-            stub = pb_grpc.AccountingServiceStub(channel)
-            with IngestConnection(sp.ingest) as conn:
-                conn.send(hello("over-tcp"), arrived(1, "tcp-1"), step(1, [1]))
-                wait_steps(stub, "over-tcp", 0, 1)
-            assert "tcp:127.0.0.1:" in sp.stderr_text()  # the peer is named by address
+def test_tcp_ingest(sidecar_factory) -> None:
+    sp = sidecar_factory(ingest="tcp:127.0.0.1:0")  # stopped by the fixture
+    assert sp.ingest.startswith("tcp:127.0.0.1:") and not sp.ingest.endswith(":0")
+    with grpc.insecure_channel(sp.grpc_target) as channel:
+        stub = pb_grpc.AccountingServiceStub(channel)
+        with IngestConnection(sp.ingest) as conn:
+            conn.send(hello("over-tcp"), arrived(1, "tcp-1"), step(1, [1]))
+            wait_steps(stub, "over-tcp", 0, 1)
+        assert "tcp:127.0.0.1:" in sp.stderr_text()  # the peer is named by address
 
 
 def test_in_process_counters() -> None:

@@ -28,10 +28,12 @@ MS = 1_000_000
 STORM_THRESHOLD_S = 0.5
 
 
+SIDECAR_ARGS = ("--storm-threshold", str(STORM_THRESHOLD_S))  # for conftest's module_sidecar
+
+
 @pytest.fixture(scope="module")
-def sidecar(tmp_path_factory):
-    with start_sidecar(tmp_path_factory.mktemp("service"), "--storm-threshold", str(STORM_THRESHOLD_S)) as sp:
-        yield sp
+def sidecar(module_sidecar):
+    return module_sidecar
 
 
 @pytest.fixture(scope="module")
