@@ -17,6 +17,7 @@ from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import IngestConnection, arrived, finished, hello, start_sidecar, step, wait_until
+from otel_helpers import scrape
 
 from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
@@ -28,7 +29,12 @@ MS = 1_000_000
 STORM_THRESHOLD_S = 0.5
 
 
-SIDECAR_ARGS = ("--storm-threshold", str(STORM_THRESHOLD_S))  # for conftest's module_sidecar
+# For conftest's module_sidecar; the metrics port lets a test see when its streams are subscribed.
+SIDECAR_ARGS = ("--storm-threshold", str(STORM_THRESHOLD_S), "--metrics-port", "0")
+
+
+def stream_subscribers(sidecar) -> int:
+    return int(scrape(sidecar.metrics).get(("enginetime_stream_subscribers", ()), 0))
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +353,8 @@ def test_stream_updates_state_filter(sidecar, stub) -> None:
 
 def test_stream_interference_reports_a_storm(sidecar, stub) -> None:
     """One long prompt prefilled in chunks beside four decoding requests on its shard."""
+    # Streams of earlier tests end when cancelled: start from none, so "two" below means ours.
+    wait_until(lambda: stream_subscribers(sidecar) == 0, 10, message="earlier streams never ended")
     stream = stub.StreamInterference(pb.StreamInterferenceRequest(engine_id="svc-storm"), timeout=30)
     elsewhere = stub.StreamInterference(pb.StreamInterferenceRequest(engine_id="someone-else"), timeout=30)
     events: list[pb.InterferenceEvent] = []
@@ -368,7 +376,8 @@ def test_stream_interference_reports_a_storm(sidecar, stub) -> None:
 
     threading.Thread(target=read, daemon=True).start()
     threading.Thread(target=read_elsewhere, daemon=True).start()
-    time.sleep(0.2)  # the subscription is in place before the storm
+    # Both subscriptions are in place before the storm (no guessed sleep: the sidecar says so).
+    wait_until(lambda: stream_subscribers(sidecar) >= 2, 10, message="the streams never subscribed")
 
     eng = Engine(sidecar, "svc-storm")
     victims = [1, 2, 3, 4]
