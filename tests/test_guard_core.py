@@ -10,6 +10,8 @@ limits against a real engine and sidecar is in test_guard.py.
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 
 from enginetime.clients import BudgetReason, EngineBudget
@@ -384,8 +386,21 @@ def test_every_due_item_is_handled_even_after_a_removed_one():
     gone, kept = t.add("gone", T0), t.add("kept", T0 + 0.5)
     t.remove(gone)
     assert "gone" not in t.ids() and t.ids() == ["kept"]
-    assert t.due(T0 + 1.0).fires == []  # the removed watch's wall item is dropped, not fired
+    # One late call: the removed watch's wall item comes first and is dropped, not fired; the
+    # kept one's still fires in the same call.
     assert [f.entry for f in t.due(T0 + 1.5).fires] == [kept]
+
+
+def test_items_that_no_longer_apply_do_not_hold_up_the_rest_of_the_call():
+    t = tracker(EngineBudget(engine_time=None, liveness=None, wall=None, queue=1.0))
+    t.add("was-running", T0, EngineBudget(engine_time=None, liveness=1.0, wall=None))
+    t.add("was-queued", T0)
+    late = t.add("late", T0, EngineBudget(engine_time=None, liveness=None, wall=3.0))
+    batch(t, T0, acct("was-running", steps=1), acct("was-queued", state=QUEUED))
+    # Both change state before their items come due: the items no longer apply.
+    batch(t, T0 + 0.5, acct("was-running", state=QUEUED, steps=1), acct("was-queued", steps=1))
+    due = t.due(T0 + 3)
+    assert [f.entry for f in due.fires] == [late] and due.suspects == []
 
 
 def test_a_fired_watch_never_fires_again():
@@ -483,7 +498,8 @@ def test_each_watch_has_at_most_one_item_per_kind_in_the_heap():
         now = T0 + 0.1 * k
         batch(t, now, acct("q", state=QUEUED, queue_time_ns=0), acct("l", steps=k // 3))
         t.due(now)
-    assert len(t._heap) <= 2 * 3, t._heap
+    per_kind = collections.Counter((item[3].request_id, item[2]) for item in t._heap)
+    assert max(per_kind.values()) == 1, per_kind
 
 
 def test_skew_is_exact_without_samples_and_forgets_a_sample_after_32_batches():
@@ -512,3 +528,62 @@ def test_defaults_users_read_about():
     assert t.next_due() == T0 + 10.0
     assert set(t.stats.fires.values()) == {0} and set(t.stats.fires) == {r.value for r in BudgetReason}
     assert (t.stats.batches, t.stats.updates, t.stats.liveness_checks) == (0, 0, 0)
+
+
+def test_a_stepping_shard_clears_a_suspect_and_the_next_check_is_one_limit_after_its_last_step():
+    t = liveness_tracker(2.0)
+    e = t.add("r", T0)
+    batch(t, T0, acct(steps=1))
+    assert t.due(T0 + 2).suspects == [e]
+    now = T0 + 2
+    fire, _ = t.confirm_liveness(e, shard(wall_at(now) - round(0.2 * NS)), now, wall_at(now))
+    assert fire is None
+    assert t.due(now + 1.8 - TICK).suspects == []
+    assert t.due(now + 1.8).suspects == [e]
+
+
+def test_a_shard_clock_ahead_of_the_skew_estimate_never_counts_as_stale_or_as_future_progress():
+    t = liveness_tracker(0.5)
+    e = t.add("r", T0)
+    batch(t, T0, acct(steps=1))
+    assert t.due(T0 + 0.5).suspects == [e]
+    now = T0 + 0.5
+    fire, _ = t.confirm_liveness(e, shard(wall_at(now)), now, wall_at(now))  # stepped just now
+    assert fire is None
+    t2 = liveness_tracker(2.0)
+    e2 = t2.add("r", T0)
+    batch(t2, T0, acct(steps=1))
+    assert t2.due(T0 + 2).suspects == [e2]
+    now = T0 + 2
+    # The shard's last step looks 0.5 s in the future: staleness 0, progress now (not later).
+    fire, _ = t2.confirm_liveness(e2, shard(wall_at(now) + NS // 2), now, wall_at(now))
+    assert fire is None
+    assert t2.due(now + 2.0 - TICK).suspects == []
+    assert t2.due(now + 2.0).suspects == [e2]
+
+
+def test_queue_is_re_armed_after_an_outage():
+    t = tracker(EngineBudget(engine_time=None, liveness=None, wall=None, queue=1.0))
+    t.add("r", T0)
+    batch(t, T0, acct(state=QUEUED))
+    t.on_down(T0 + 0.5)
+    assert t.due(T0 + 1.0).fires == []  # the stream is down: not judged
+    t.on_up(T0 + 5)
+    batch(t, T0 + 5, acct(state=QUEUED, queue_time_ns=5 * NS))
+    (f,) = t.due(T0 + 5).fires
+    assert f.reason is BudgetReason.QUEUE and f.telemetry and f.observed == pytest.approx(5.0)
+    assert batch(t, T0 + 6, acct(engine_time_ns=100 * NS)) == [] and t.due(T0 + 100).fires == []
+
+
+def test_a_removed_or_fired_suspect_is_never_confirmed():
+    t = liveness_tracker(1.0)
+    a, b = t.add("a", T0), t.add("b", T0)
+    batch(t, T0, acct("a", steps=1), acct("b", steps=1))
+    assert t.due(T0 + 1).suspects == [a, b]
+    t.remove(a)
+    stale = shard(wall_at(T0) - 10 * NS)
+    assert t.confirm_liveness(a, stale, T0 + 1, wall_at(T0 + 1)) == (None, "done")
+    fire, _ = t.confirm_liveness(b, stale, T0 + 1, wall_at(T0 + 1))
+    assert fire is not None
+    assert t.confirm_liveness(b, stale, T0 + 1, wall_at(T0 + 1)) == (None, "done")
+    assert t.stats.liveness_checks == 1

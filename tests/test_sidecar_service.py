@@ -8,6 +8,7 @@ StreamUpdates subscriber that never reads, then sees that subscriber cut off.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -353,8 +354,8 @@ def test_stream_updates_state_filter(sidecar, stub) -> None:
 
 def test_stream_interference_reports_a_storm(sidecar, stub) -> None:
     """One long prompt prefilled in chunks beside four decoding requests on its shard."""
-    # Streams of earlier tests end when cancelled: start from none, so "two" below means ours.
-    wait_until(lambda: stream_subscribers(sidecar) == 0, 10, message="earlier streams never ended")
+    gc.collect()  # a stream object an earlier test dropped is cancelled now, not at some later GC
+    before = stream_subscribers(sidecar)
     stream = stub.StreamInterference(pb.StreamInterferenceRequest(engine_id="svc-storm"), timeout=30)
     elsewhere = stub.StreamInterference(pb.StreamInterferenceRequest(engine_id="someone-else"), timeout=30)
     events: list[pb.InterferenceEvent] = []
@@ -377,7 +378,7 @@ def test_stream_interference_reports_a_storm(sidecar, stub) -> None:
     threading.Thread(target=read, daemon=True).start()
     threading.Thread(target=read_elsewhere, daemon=True).start()
     # Both subscriptions are in place before the storm (no guessed sleep: the sidecar says so).
-    wait_until(lambda: stream_subscribers(sidecar) >= 2, 10, message="the streams never subscribed")
+    wait_until(lambda: stream_subscribers(sidecar) >= before + 2, 10, message="the streams never subscribed")
 
     eng = Engine(sidecar, "svc-storm")
     victims = [1, 2, 3, 4]
