@@ -152,12 +152,24 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
         "e.state > _QUEUED",
         "state 0 never reaches a queue item (it is skipped before arming)",
     ),
-    ("clients/_guard_core.py", "@dataclass(", "slots=", "slots change memory layout, not behaviour"),
     (
         "clients/_guard_core.py",
         "@dataclass(eq=False, slots=True)",
         "eq=True",
         "entries are never compared or hashed: request ids are unique per tracker",
+    ),
+    ("clients/_guard_core.py", "@dataclass(", "slots=", "slots change memory layout, not behaviour"),
+    (
+        "clients/_guard_core.py",
+        "self.up_since = 0.0",
+        "",
+        "read only once the stream is up, and on_up() sets it first",
+    ),
+    (
+        "clients/_guard_core.py",
+        "self._push(max(e.progress_at, self.up_since) + b.liveness, _LIVENESS, e)",
+        "- b.liveness",
+        "an early liveness item costs one pop: due() recomputes the deadline from progress and re-arms",
     ),
     (
         "clients/_guard_core.py",
@@ -184,9 +196,13 @@ def equivalent_reason(module: str, diff: str) -> str | None:
     """Why a surviving mutant cannot change behaviour, or None when it is a real gap in the tests."""
     old, new = _changed_lines(diff)
     # Every module here starts with `from __future__ import annotations`: annotations are strings.
-    if old.replace("|", "&") == new and (
-        "def " in old or "->" in old or re.match(r"\s*[\w.]+: [^=]*\|", old)
-    ):
+    annotation = (
+        "def " in old
+        or "->" in old
+        or re.match(r"\s*[\w.]+: [^=]*\|", old)  # an annotated name
+        or re.match(r"\s*(self, )?\w+: [\w.\[\]]+, \w+: [\w.\[\]]+ \| None, ", old)  # a wrapped signature
+    )
+    if annotation and old.replace("|", "&") == new:
         return "annotations are never evaluated (from __future__ import annotations)"
     for path, fragment, mutated, why in EQUIVALENT:
         if path == module and fragment in old and mutated in new:
