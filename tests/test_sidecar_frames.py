@@ -17,7 +17,7 @@ import pytest
 from helpers import frame, varint
 
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION
-from enginetime.sidecar.ingest.frames import FrameDecoder, FrameError, decode_frame
+from enginetime.sidecar.ingest.frames import FrameDecoder, FrameError, decode_frame, encode_varint
 from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
 from enginetime.v1 import ingest_pb2 as pb
 
@@ -347,7 +347,7 @@ def _error(*chunks: bytes, finish: bool = False, **decoder_kw) -> FrameError:
         (_tag(3, 2) + varint(50) + b"short", "declares 50 bytes"),
         (b"\xff\xff", "varint runs past"),
         (_len_field(2, _len_field(2, b"\xff\xfe")), "not valid UTF-8"),
-        (_len_field(3, _len_field(8, b"\x01\x02\x03")), "not a multiple of 4"),
+        (_len_field(3, _len_field(8, b"\x01\x02\x03")), "is 3 bytes, not a multiple of 4"),
         (_tag(0, 0) + b"\x01", "number 0"),
     ],
 )
@@ -517,3 +517,99 @@ def test_a_frame_of_exactly_the_maximum_size_is_accepted_and_one_more_byte_is_no
     with pytest.raises(FrameError) as info:
         decoder.feed(step_frame(limit + 1))
     assert info.value.reason == "oversized"
+
+
+# ----------------------------------------------------------------------------- what mutation testing found
+
+
+def test_a_known_field_number_with_another_wire_type_is_skipped_as_protobuf_does() -> None:
+    """A newer recorder may change a field's type; the old number with a new wire type is an
+    unknown field to protobuf, and to this decoder, in every message kind."""
+    i32 = (7).to_bytes(4, "little")
+    i64 = (9).to_bytes(8, "little")
+    # Each wrong-typed field comes after the real one, so a decoder that took it would show it.
+    clock = _len_field(4, b"cpu") + _tag(1, 0) + varint(5) + _tag(4, 5) + i32  # device_name as fixed32
+    hello_body = (
+        _tag(1, 0)
+        + varint(PROTOCOL_VERSION)
+        + _len_field(2, b"eng")
+        + _tag(3, 0)
+        + varint(1)
+        + _tag(4, 0)
+        + varint(2)
+        + _len_field(9, clock)
+        + _len_field(1, b"v")
+        + _len_field(3, b"xx")
+        + _tag(2, 5)
+        + i32  # version, shard, engine_id
+    )
+    event_body = (
+        _tag(1, 0)
+        + varint(4)
+        + _len_field(2, b"rid")
+        + _tag(4, 0)
+        + varint(8)
+        + _len_field(10, b"stop")
+        + _len_field(1, b"zz")
+        + _tag(2, 5)
+        + i32
+        + _len_field(4, b"t")
+        + _tag(10, 1)
+        + i64
+    )
+    step_body = (
+        _tag(1, 0)
+        + varint(6)
+        + _tag(7, 0)
+        + varint(2)
+        + _cols()
+        + _len_field(11, (2).to_bytes(4, "little"))
+        + _len_field(1, b"s")
+        + _tag(3, 5)
+        + i32
+        + _len_field(7, b"k")
+        + _tag(11, 0)
+        + varint(5)
+    )
+    beat_body = _tag(1, 0) + varint(11) + _len_field(1, b"b") + _tag(2, 5) + i32
+    for variant, body in ((1, hello_body), (2, event_body), (3, step_body), (4, beat_body)):
+        wire = _len_field(variant, body)
+        expected = pb.IngestFrame.FromString(wire)
+        assert_same(decode_frame(wire), expected)
+
+
+def test_a_group_holding_every_wire_type_is_skipped() -> None:
+    group = (
+        _tag(50, 3)
+        + _tag(1, 0)
+        + varint(300)
+        + _tag(2, 1)
+        + bytes(8)
+        + _len_field(3, b"abc")
+        + _tag(4, 5)
+        + bytes(4)
+        + _tag(5, 3)
+        + _tag(5, 4)
+        + _tag(50, 4)
+    )
+    wire = _len_field(4, group + _tag(1, 0) + varint(42))
+    assert decode_frame(wire).time_ns == 42
+
+
+@pytest.mark.parametrize("longer", ["prefill_tokens", "decode_tokens", "context_tokens"])
+def test_a_column_longer_than_the_handles_is_a_mismatch(longer: str) -> None:
+    cols = {8: [1], 9: [0], 10: [1], 11: [5]}
+    cols[{"prefill_tokens": 9, "decode_tokens": 10, "context_tokens": 11}[longer]] += [6]
+    body = (
+        _tag(1, 0)
+        + varint(1)
+        + b"".join(_len_field(n, np.array(v, "<u4").tobytes()) for n, v in cols.items())
+    )
+    err = _error(_hello_frame() + frame(_len_field(3, body)))
+    assert err.reason == "column_mismatch" and f"{longer}=2" in err.message
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 2**14, 2**32 - 1, 2**63, 2**64 - 1])
+def test_encode_varint_is_the_protobuf_varint(value: int) -> None:
+    assert encode_varint(value) == varint(value)
+    assert pb.Heartbeat.FromString(_tag(2, 0) + encode_varint(value)).dropped_frames == value
