@@ -173,6 +173,12 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ),
     (
         "clients/_guard_core.py",
+        "self._push(max(e.progress_at + limit, now + min(limit, 1.0)), _LIVENESS, e)",
+        "e.progress_at - limit",
+        "an early re-check costs one pop: due() recomputes the deadline from progress_at and re-arms",
+    ),
+    (
+        "clients/_guard_core.py",
         "def error(self, now: float, *, aborted: bool)",
         "/",
         "callers pass aborted= by keyword, which both signatures accept",
@@ -307,13 +313,24 @@ def recheck_target(name: str, target: Target, tree: Path, env: dict[str, str], p
     work = tree / ".mutate"
     config, session = work / f"{name}.toml", work / f"{name}.sqlite"
     db = sqlite3.connect(session)
+    # Mutants an interrupted run never reached stay pending for a later full run: parked as
+    # skipped (marked) while the survivors run again, then released.
+    parked = "not run yet (parked during --recheck)"
+    db.execute(
+        "INSERT INTO work_results (job_id, worker_outcome, output) SELECT job_id, 'SKIPPED', ? "
+        "FROM work_items WHERE job_id NOT IN (SELECT job_id FROM work_results)",
+        (parked,),
+    )
     db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
     db.commit()
-    db.close()
     t0 = time.monotonic()
-    subprocess.run(
-        [python, "-m", "cosmic_ray.cli", "exec", str(config), str(session)], cwd=tree, env=env, check=True
-    )
+    cmd = [python, "-m", "cosmic_ray.cli", "exec", str(config), str(session)]
+    try:
+        subprocess.run(cmd, cwd=tree, env=env, check=True)
+    finally:
+        db.execute("DELETE FROM work_results WHERE output = ?", (parked,))
+        db.commit()
+        db.close()
     return summarize(name, target, tree, session, time.monotonic() - t0)
 
 
@@ -329,6 +346,11 @@ def summarize(name: str, target: Target, tree: Path, session: Path, elapsed: flo
     survived = [r for r in ran if r[1] == "survived"]
     timeouts = [r for r in rows if r[0] == "timeout"]  # an infinite loop: the tests noticed
     skipped = [r for r in rows if r[0] == "skipped"]
+    db = sqlite3.connect(session)
+    pending = db.execute(
+        "SELECT COUNT(*) FROM work_items WHERE job_id NOT IN (SELECT job_id FROM work_results)"
+    ).fetchone()[0]
+    db.close()
     errors = [r for r in rows if r[0] not in ("normal", "timeout", "skipped")]
     equivalent = [(r[2], why) for r in survived if (why := equivalent_reason(target.path, r[2] or ""))]
     real = [r for r in survived if not equivalent_reason(target.path, r[2] or "")]
@@ -342,6 +364,7 @@ def summarize(name: str, target: Target, tree: Path, session: Path, elapsed: flo
         "survived": len(real),
         "equivalent": len(equivalent),
         "skipped": len(skipped),
+        "not_run": pending,
         "errors": len(errors),
         "score": score,
         "seconds": round(elapsed),
@@ -398,7 +421,8 @@ def main() -> int:
             print(
                 f"   {r['mutants']} mutants, {r['killed']} killed, {r['survived']} survived, "
                 f"{r['equivalent']} equivalent (listed with --show-equivalent), "
-                f"{r['skipped']} skipped (operator filter), {r['errors']} errors; "
+                f"{r['skipped']} skipped (operator filter), {r['errors']} errors, "
+                f"{r['not_run']} not run (an interrupted run); "
                 f"score {100 * r['score']:.1f} % in {r['seconds']} s"
             )
             for diff in r["survivors"]:
