@@ -189,6 +189,59 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
         "/",
         "callers pass unknown_after= by keyword, which both signatures accept",
     ),
+    # sidecar/ingest/frames.py
+    (
+        "sidecar/ingest/frames.py",
+        "b = buf[pos] if pos < end else 0x80",
+        "pos != end",
+        "pos never passes end here: != is <",
+    ),
+    (
+        "sidecar/ingest/frames.py",
+        "if b < 0x80 and pos < end:",
+        "b < 0x80 and",
+        "a fast-path guard: when it is off, the general varint path reads the same value",
+    ),
+    (
+        "sidecar/ingest/frames.py",
+        "if n < 0x80 and pos < end:",
+        "n < 0x80 and",
+        "a fast-path guard: when it is off, the general varint path reads the same length",
+    ),
+    (
+        "sidecar/ingest/frames.py",
+        "if n < 0x80:",
+        "n < 127",
+        "0x7f then takes the general prefix path, which reads the same length",
+    ),
+    ("sidecar/ingest/frames.py", "while pos < size:", "pos != size", "pos never passes size: != is <"),
+    (
+        "sidecar/ingest/frames.py",
+        "self._need = 0",
+        "",
+        "set before it is read: finish() reads it only with bytes buffered, which feed() set it for",
+    ),
+    ("sidecar/ingest/frames.py", "self._prefix = 0", "", "set together with _need before it is read"),
+    (
+        "sidecar/ingest/frames.py",
+        "return _PARSERS[variant](buf, spans[0][0], spans[0][1])",
+        "-1",
+        "there is one span here: [-1] is [0]",
+    ),
+    ("sidecar/ingest/frames.py", "if len(spans) == 1:", "<= 1", "a known variant has at least one span"),
+    (
+        "sidecar/ingest/frames.py",
+        "if len(parts) == 1 and type(parts[0]) is tuple:",
+        "<= 1",
+        "a column has at least one part",
+    ),
+    ("sidecar/ingest/frames.py", "wt == 0", "wt <= 0", "a wire type is tag & 7, never negative"),
+    (
+        "sidecar/ingest/frames.py",
+        "elif number == 2:",
+        "number <= 2",
+        "the chain took number 1 just before, and a field number is never 0 (rejected)",
+    ),
 ]
 
 

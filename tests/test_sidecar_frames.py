@@ -553,6 +553,8 @@ def test_a_known_field_number_with_another_wire_type_is_skipped_as_protobuf_does
         + _len_field(1, b"zz")
         + _tag(2, 5)
         + i32
+        + _tag(2, 0)
+        + varint(6)
         + _len_field(4, b"t")
         + _tag(10, 1)
         + i64
