@@ -261,7 +261,10 @@ def equivalent_reason(module: str, diff: str) -> str | None:
         or re.match(r"\s*[\w.]+: [^=]*\|", old)  # an annotated name
         or re.match(r"\s*(self, )?\w+: [\w.\[\]]+, \w+: [\w.\[\]]+ \| None, ", old)  # a wrapped signature
     )
-    if annotation and old.replace("|", "&") == new:
+    only_bars = len(old) == len(new) and all(
+        a == b or (a, b) == ("|", "&") for a, b in zip(old, new, strict=True)
+    )
+    if annotation and only_bars:
         return "annotations are never evaluated (from __future__ import annotations)"
     for path, fragment, mutated, why in EQUIVALENT:
         if path == module and fragment in old and mutated in new:
