@@ -35,7 +35,10 @@ BENCHES: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "getrequest": ("bench_getrequest.py", ("--rate", "100000", "--seconds", "3")),
     "tracing_overhead": ("bench_tracing_overhead.py", ("--groups", "500", "--rounds", "1")),
-    "testbed_overhead": ("bench_testbed_overhead.py", ("--batches", "64", "--reps", "2", "--tokens", "16")),
+    "testbed_overhead": (
+        "bench_testbed_overhead.py",
+        ("--batches", "64", "--reps", "3", "--tokens", "32", "--threads", "1"),
+    ),
 }
 
 
