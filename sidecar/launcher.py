@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 from enginetime.engine_hooks.constants import parse_address
 from enginetime.sidecar.server import READY_PREFIX
@@ -122,9 +121,6 @@ class SidecarProcess:
             self.close()
 
 
-P = TypeVar("P", bound=SidecarProcess)
-
-
 def start_sidecar(
     *extra_args: str,
     ingest: str | None = None,
@@ -133,8 +129,8 @@ def start_sidecar(
     env: Mapping[str, str] | None = None,
     timeout: float = 30.0,
     python: str = sys.executable,
-    process_class: type[P] = SidecarProcess,  # type: ignore[assignment]
-) -> P:
+    process_class: type[SidecarProcess] = SidecarProcess,
+) -> SidecarProcess:
     """Launch the sidecar and return once it printed its ready line.
 
     ``ingest`` defaults to a Unix socket in a fresh short /tmp directory (removed by

@@ -80,11 +80,13 @@ def start_sidecar(
     within ``timeout`` seconds.
     """
     try:
-        return launcher.start_sidecar(
+        sp = launcher.start_sidecar(
             *extra_args, ingest=ingest, log_dir=tmpdir, env=env, timeout=timeout, process_class=SidecarProcess
         )
     except launcher.SidecarStartError as exc:
         raise AssertionError(str(exc)) from None
+    assert isinstance(sp, SidecarProcess)
+    return sp
 
 
 def wait_until(
