@@ -41,7 +41,7 @@ def _fast_lane_starts_no_process(request: pytest.FixtureRequest, monkeypatch: py
         return
     name = request.node.nodeid
 
-    def refuse(self, *args, **kwargs):  # noqa: ANN001 - Popen's own signature
+    def refuse(self, *args, **kwargs):
         raise AssertionError(
             f"{name} starts a process ({args[0] if args else kwargs.get('args')!r}) but is not marked e2e: "
             "add @pytest.mark.e2e so `pytest -m 'not e2e'` stays the fast, in-process lane"
