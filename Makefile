@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint typecheck proto bench clean
+.PHONY: venv test demo lint typecheck proto bench mutate clean
 
 # torch==2.13.0 first: pip takes the CPU build on disk instead of a CUDA download.
 $(STAMP): pyproject.toml
@@ -36,8 +36,14 @@ typecheck: $(STAMP)
 proto: $(STAMP)
 	PYTHON=$(abspath $(PY)) scripts/gen_proto.sh
 
+# Every CPU benchmark in a quick mode (a few minutes on 2 cores); bench/run_all.py --full for default sizes.
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+# Mutation testing of the modules that decide what users see (not part of `make test`; CPU-heavy).
+# MUTATE="--module guard_core" narrows it; see scripts/mutate.py.
+mutate: $(STAMP)
+	nice -n 10 $(PY) scripts/mutate.py $(MUTATE)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

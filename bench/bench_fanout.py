@@ -37,21 +37,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 import grpc
 
+from enginetime.sidecar import launcher
 from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
-
-READY = "enginetime sidecar ready "
-
 
 # ---------------------------------------------------------------------------- feeder (its own process)
 
@@ -177,28 +173,9 @@ def cpu_seconds(pid: int) -> float:
 def run(
     mode: str, subscribers: int, requests: int, hz: float, shards: int, seconds: float, lag_from: str
 ) -> dict:
-    d = tempfile.mkdtemp(prefix="et-fo-", dir="/tmp")
-    sidecar = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "enginetime",
-            "sidecar",
-            "--ingest",
-            f"unix:{d}/in.sock",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-level",
-            "warning",
-            "--max-requests",
-            str(max(100_000, 2 * requests)),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    line = sidecar.stdout.readline()
-    assert line.startswith(READY), line
-    target = dict(p.split("=", 1) for p in line[len(READY) :].split())["grpc"]
+    max_requests = str(max(100_000, 2 * requests))
+    sidecar = launcher.start_sidecar("--log-level", "warning", "--max-requests", max_requests)
+    target = sidecar.grpc_target
     warm = 2.0
     feeder = subprocess.Popen(
         [
@@ -207,7 +184,7 @@ def run(
             "--role",
             "feeder",
             "--ingest",
-            f"{d}/in.sock",
+            sidecar.socket_path,
             "--shards",
             str(shards),
             "--requests",
@@ -238,10 +215,10 @@ def run(
                 asyncio.create_task(subscribe(stub, ids, interval, sub, stop, warmup_until, lag_from))
             )
         await asyncio.sleep(warm)
-        c0, t0 = cpu_seconds(sidecar.pid), time.monotonic()
+        c0, t0 = cpu_seconds(sidecar.proc.pid), time.monotonic()
         o0 = cpu_seconds(os.getpid()), cpu_seconds(feeder.pid)
         await asyncio.sleep(seconds)
-        c1, t1 = cpu_seconds(sidecar.pid), time.monotonic()
+        c1, t1 = cpu_seconds(sidecar.proc.pid), time.monotonic()
         others["subscribers"] = (cpu_seconds(os.getpid()) - o0[0]) / (t1 - t0)
         others["feeder"] = (cpu_seconds(feeder.pid) - o0[1]) / (t1 - t0)
         stop.set()
@@ -258,9 +235,8 @@ def run(
     finally:
         feeder.terminate()
         feeder.wait()
-        sidecar.terminate()
-        sidecar.wait(20)
-        shutil.rmtree(d, ignore_errors=True)
+        sidecar.stop()
+        sidecar.close()
     lags = sorted(lag for s in subs for lag in s.lags)
     worst = max((s.max_lag_s for s in subs), default=0.0)
     return {

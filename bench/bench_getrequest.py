@@ -15,11 +15,8 @@ import argparse
 import multiprocessing as mp
 import os
 import random
-import shutil
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -29,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_ingest import encode  # noqa: E402  (the same pre-encoded workload)
 
+from enginetime.sidecar import launcher  # noqa: E402
 from enginetime.v1 import accounting_pb2 as pb  # noqa: E402
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -58,28 +56,6 @@ def paced_pusher(path: str, groups: int, rate: float, ready, go) -> None:
             time.sleep(delay)
     for s in conns:
         s.close()
-
-
-def start_sidecar(sockdir: str) -> tuple[subprocess.Popen, str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "enginetime",
-        "sidecar",
-        "--ingest",
-        f"unix:{sockdir}/ingest.sock",
-        "--listen",
-        "127.0.0.1:0",
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()  # the ready line (or EOF if it failed)
-    if not line.startswith("enginetime sidecar ready "):
-        proc.kill()
-        raise SystemExit(f"sidecar did not start: {line!r}")
-    fields = dict(p.split("=", 1) for p in line.split()[3:])
-    return proc, fields["grpc"]
 
 
 def percentiles(samples: list[float]) -> str:
@@ -120,11 +96,11 @@ def main() -> int:
     args = parser.parse_args()
 
     groups = int(args.rate * args.seconds / (SHARDS * BATCH))
-    sockdir = tempfile.mkdtemp(prefix="et-bench-", dir="/tmp")
-    proc, target = start_sidecar(sockdir)
+    sidecar = launcher.start_sidecar("--log-level", "warning")
+    proc, target = sidecar.proc, sidecar.grpc_target
     ctx = mp.get_context("spawn")
     ready, go = ctx.Event(), ctx.Event()
-    child = ctx.Process(target=paced_pusher, args=(f"{sockdir}/ingest.sock", groups, args.rate, ready, go))
+    child = ctx.Process(target=paced_pusher, args=(sidecar.socket_path, groups, args.rate, ready, go))
     child.start()
     try:
         with grpc.insecure_channel(target) as channel:
@@ -159,9 +135,8 @@ def main() -> int:
     finally:
         if child.is_alive():
             child.kill()
-        proc.terminate()
-        proc.wait(30)
-        shutil.rmtree(sockdir, ignore_errors=True)
+        sidecar.stop(30)
+        sidecar.close()
 
     achieved = attributed * BATCH / elapsed  # storms add a few entries; close enough for a rate
     print(

@@ -310,13 +310,17 @@ class Tracker:
                 if not self.telemetry_up or e.state != _QUEUED or e.msg is None or e.ambiguous:
                     continue
                 m = e.msg
-                queued = (m.queue_time_ns or cv._dur_ns(m.queue_time)) / NS + (now - e.received)
-                if queued >= b.queue:
+                reported = (m.queue_time_ns or cv._dur_ns(m.queue_time)) / NS
+                # The deadline from the latest figures, compared as a time: re-arming at
+                # now + (limit - queued) could round back to ``now`` and spin this loop forever.
+                deadline = e.received + max(0.0, b.queue - reported)
+                if now >= deadline:
                     e.fired = True
+                    queued = reported + (now - e.received)
                     out.fires.append(Fire(e, BudgetReason.QUEUE, b.queue, queued, True))
                 else:
                     e.queue_armed = True
-                    self._push(now + (b.queue - queued), _QUEUE, e)
+                    self._push(deadline, _QUEUE, e)
             elif kind == _UNKNOWN:
                 if e.msg is None and self.telemetry_up:
                     out.unknown.append(e)

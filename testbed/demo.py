@@ -25,13 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -40,13 +35,13 @@ from typing import Any
 
 import httpx
 
+from ..sidecar import launcher
 from .engine import Engine, EngineConfig, StepLog
 from .http_api import EngineHTTPServer
 from .model import ModelConfig
 from .scheduler import Request
 from .sessions import SessionDriver
 
-READY_PREFIX = "enginetime sidecar ready "
 STORM_RID = "session-long-turn-1"
 
 
@@ -124,78 +119,24 @@ class DemoConfig:
 # ---------------------------------------------------------------------------- the sidecar process
 
 
-class SidecarProcess:
-    """``python -m enginetime sidecar`` on a private Unix socket and a free gRPC port."""
+class SidecarProcess(launcher.SidecarProcess):
+    """``python -m enginetime sidecar`` on a private Unix socket and a free gRPC port.
+
+    The package's launcher (enginetime.sidecar.launcher); ``stop()`` also removes its directory.
+    """
 
     def __init__(self, *extra_args: str, timeout_s: float = 60.0) -> None:
-        self.dir = tempfile.mkdtemp(prefix="et-demo-", dir="/tmp")
-        self.log_path = os.path.join(self.dir, "sidecar.log")
-        cmd = [
-            sys.executable,
-            "-m",
-            "enginetime",
-            "sidecar",
-            "--ingest",
-            f"unix:{self.dir}/ingest.sock",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-level",
-            "warning",
-            *extra_args,
-        ]
-        with open(self.log_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True
-            )
-        ready = threading.Event()
-        lines: list[str] = []
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                lines.append(line.rstrip("\n"))
-                if line.startswith(READY_PREFIX):
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, name="demo-sidecar-stdout", daemon=True).start()
-        ready.wait(timeout_s)
-        line = next((ln for ln in lines if ln.startswith(READY_PREFIX)), None)
-        if line is None:
-            log = self.log()  # before stop() removes it
-            self.stop()
-            raise RuntimeError(f"the sidecar did not start (command: {' '.join(cmd)}):\n{log[-3000:]}")
-        fields = dict(part.split("=", 1) for part in line[len(READY_PREFIX) :].split())
-        self.grpc_target = fields["grpc"]
-        self.ingest = fields["ingest"]
-
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the sidecar process so far (Linux /proc; None elsewhere)."""
         try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return None
+            up = launcher.start_sidecar("--log-level", "warning", *extra_args, timeout=timeout_s)
+        except launcher.SidecarStartError as exc:
+            raise RuntimeError(f"the sidecar did not start: {exc}") from None
+        super().__init__(up.proc, up.fields, up.log_path, up.sockdir, up.stdout_lines, up.command)
 
-    def log(self) -> str:
+    def stop(self, timeout: float = 15.0) -> int | None:
         try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+            return super().stop(timeout)
+        finally:
+            self.close()
 
 
 # ---------------------------------------------------------------------------- measurements

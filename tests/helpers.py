@@ -4,7 +4,8 @@ Used by several test modules; keep the API small and stable:
 
 - ``start_sidecar(tmpdir, *extra_args) -> SidecarProcess`` launches
   ``python -m enginetime sidecar`` on a fresh Unix socket and a free gRPC port
-  and returns once it printed its ready line.
+  (the package's ``enginetime.sidecar.launcher``) and returns once it printed its
+  ready line; its log stays in ``tmpdir``.
 - ``frame``/``hello``/``arrived``/``event``/``step``/``heartbeat`` build
   length-delimited IngestFrames with the generated protobuf classes (an encoder
   independent of the sidecar's hand-written decoder).
@@ -13,47 +14,30 @@ Used by several test modules; keep the API small and stable:
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION, parse_address
+from enginetime.sidecar import launcher
 from enginetime.v1 import ingest_pb2
 
 T = TypeVar("T")
 
-READY_PREFIX = "enginetime sidecar ready "
 
-
-class SidecarProcess:
-    """A running sidecar subprocess. ``stderr_text()`` reads its log so far."""
-
-    def __init__(
-        self, proc: subprocess.Popen, grpc_target: str, ingest: str, stderr_path: Path, sockdir: str
-    ):
-        self.proc = proc
-        self.grpc_target = grpc_target
-        self.ingest = ingest
-        self.stderr_path = stderr_path
-        self.sockdir = sockdir
-        self.stdout_lines: list[str] = []
+class SidecarProcess(launcher.SidecarProcess):
+    """The package's launcher with the test-suite's strictness: a sidecar that ignores SIGTERM
+    fails the test, and ``wait_for_log`` waits on its stderr."""
 
     @property
-    def socket_path(self) -> str | None:
-        family, target = parse_address(self.ingest)
-        return target if family == "unix" else None  # type: ignore[return-value]
+    def stderr_path(self) -> Path:
+        return self.log_path
 
     def stderr_text(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
+        return self.log()
 
     def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
         """Wait until the sidecar's stderr contains ``text``; return the log."""
@@ -69,37 +53,13 @@ class SidecarProcess:
         )
 
     def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(
-                    f"sidecar ignored SIGTERM for {timeout}s; log:\n{self.stderr_text()[-4000:]}"
-                ) from None
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def close(self) -> None:
-        self.kill()
-        shutil.rmtree(self.sockdir, ignore_errors=True)
-
-    def __enter__(self) -> SidecarProcess:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.stop()
-        finally:
-            self.close()
+        """SIGTERM and wait; returns the exit code. AssertionError (with the log) if it ignored SIGTERM."""
+        code = super().stop(timeout)
+        if code is None:
+            raise AssertionError(
+                f"sidecar ignored SIGTERM for {timeout}s; log:\n{self.stderr_text()[-4000:]}"
+            )
+        return code
 
 
 def short_socket_dir() -> str:
@@ -114,64 +74,18 @@ def start_sidecar(
     env: dict[str, str] | None = None,
     ingest: str | None = None,
 ) -> SidecarProcess:
-    """Launch ``python -m enginetime sidecar`` and wait (event-driven) for its ready line.
+    """``enginetime.sidecar.launcher.start_sidecar`` with its log in ``tmpdir`` (kept for the report).
 
-    The ingest socket lives in a short /tmp directory removed by ``close()``;
-    stderr goes to ``tmpdir/sidecar-<n>.log`` (never a pipe that could fill).
-    Raises AssertionError with the sidecar's stderr when it exits or is not
-    ready within ``timeout`` seconds.
+    Raises AssertionError with the sidecar's stderr when it exits or is not ready
+    within ``timeout`` seconds.
     """
-    tmpdir = Path(tmpdir)
-    tmpdir.mkdir(parents=True, exist_ok=True)
-    sockdir = short_socket_dir()
-    if ingest is None:
-        ingest = f"unix:{sockdir}/ingest.sock"
-    stderr_path = tmpdir / f"sidecar-{os.getpid()}-{time.monotonic_ns()}.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "enginetime",
-        "sidecar",
-        "--ingest",
-        ingest,
-        "--listen",
-        "127.0.0.1:0",
-        *extra_args,
-    ]
-    with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env={**os.environ, **(env or {})},
+    try:
+        sp = launcher.start_sidecar(
+            *extra_args, ingest=ingest, log_dir=tmpdir, env=env, timeout=timeout, process_class=SidecarProcess
         )
-    ready = threading.Event()
-    lines: list[str] = []
-
-    def read_stdout() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if line.startswith(READY_PREFIX):
-                ready.set()
-        ready.set()  # EOF: the process is gone
-
-    threading.Thread(target=read_stdout, name="sidecar-stdout", daemon=True).start()
-    ready.wait(timeout)
-    ready_line = next((ln for ln in lines if ln.startswith(READY_PREFIX)), None)
-    if ready_line is None:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(sockdir, ignore_errors=True)
-        raise AssertionError(
-            f"sidecar not ready within {timeout}s (exit code {proc.returncode}); command: {' '.join(cmd)}\n"
-            f"stdout: {lines}\nstderr:\n{stderr_path.read_text(errors='replace')[-4000:]}"
-        )
-    fields = dict(part.split("=", 1) for part in ready_line[len(READY_PREFIX) :].split())
-    sp = SidecarProcess(proc, fields["grpc"], fields["ingest"], stderr_path, sockdir)
-    sp.stdout_lines = lines
+    except launcher.SidecarStartError as exc:
+        raise AssertionError(str(exc)) from None
+    assert isinstance(sp, SidecarProcess)
     return sp
 
 

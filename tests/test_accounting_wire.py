@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_attribution import Sim, warm_model
+from simulator import Sim, warm_model
 
 from enginetime.engine_hooks.constants import Coupling, EventKind
 from enginetime.sidecar.api import convert

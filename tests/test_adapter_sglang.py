@@ -72,6 +72,7 @@ def shim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ---------------------------------------------------------------------------- real objects, 0.5.23
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("engine", [NEW])
 def test_plugin_loads_through_sglang_and_records_real_batches(engine: str, sglang_env, shim_dir) -> None:
     sockdir = tempfile.mkdtemp(dir="/tmp", prefix="et-sg-")
@@ -143,6 +144,7 @@ def test_plugin_loads_through_sglang_and_records_real_batches(engine: str, sglan
     assert preempted_at < position[id(steps[4])], "preempted, then re-prefilled"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("engine", [NEW])
 def test_launcher_install_direct_patches_real_classes(engine: str, sglang_env, shim_dir) -> None:
     """What the launcher runs in each spawned scheduler process, on 0.5.23's classes."""
@@ -284,6 +286,7 @@ def _missing_reads(index: SourceIndex, reads: dict[str, tuple[str, ...]]) -> lis
     return missing
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("engine", [NEW])
 def test_every_attribute_read_exists_in_0_5_23(engine: str, sglang_env) -> None:
     index = _index(sglang_env.source_root)
@@ -293,6 +296,7 @@ def test_every_attribute_read_exists_in_0_5_23(engine: str, sglang_env) -> None:
     assert missing == [], f"{engine}: ParallelContext fields the adapter reads: {missing}"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("engine", [OLD])
 def test_every_attribute_read_exists_in_0_5_4(engine: str, sglang_old_src) -> None:
     index = _index(sglang_old_src.source_root)
@@ -302,6 +306,7 @@ def test_every_attribute_read_exists_in_0_5_4(engine: str, sglang_old_src) -> No
     assert "sglang.srt.runtime_context" not in index.modules, f"{engine} predates get_parallel()"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("engine", [OLD])
 def test_launcher_targets_exist_in_0_5_4(engine: str, sglang_old_src) -> None:
     """0.5.4 has no plugins: the launcher redirects its spawn targets and patches classes."""

@@ -166,6 +166,7 @@ def _check_run(result: dict, frames: list, *, expect_preemption: bool) -> None:
         assert position[id(ev)] > last_step, (tag, rid)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("engine", [ENGINE])
 def test_real_scheduler_sync_records_what_it_scheduled(engine: str, vllm_env, shim_dir) -> None:
     result, frames = _run(vllm_env, shim_dir, "--preempt", "--blocks", "20")
@@ -177,6 +178,7 @@ def test_real_scheduler_sync_records_what_it_scheduled(engine: str, vllm_env, sh
     _check_run(result, frames, expect_preemption=True)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("engine", [ENGINE])
 def test_real_async_scheduler_pairs_outputs_not_order(engine: str, vllm_env, shim_dir) -> None:
     result, frames = _run(vllm_env, shim_dir, "--async", "--preempt", "--blocks", "20")

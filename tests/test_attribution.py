@@ -11,195 +11,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from simulator import BETA, MS, T0, Entry, Sim, assert_identity, charged_ns, true_cost, warm_model
 
-from enginetime.engine_hooks.constants import PROTOCOL_VERSION, Coupling, EventKind, StepKind
-from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
-from enginetime.sidecar.ledger.ledger import Ledger, LedgerConfig
+from enginetime.engine_hooks.constants import PROTOCOL_VERSION, Coupling, EventKind
+from enginetime.sidecar.ingest.records import Beat, Event, Hello
+from enginetime.sidecar.ledger.ledger import LedgerConfig
 from enginetime.sidecar.ledger.views import InterferencePhase, RequestQuery, RequestState, RequestView
 
-T0 = 1_700_000_000_000_000_000
-MS = 1_000_000
 
-# Known cost of a batch (ns): β0 + β1Σp + β2Σp(c+p/2) + β3·n_decode + β4Σ_decode c.
-BETA = (3.0 * MS, 10_000.0, 2.0, 50_000.0, 1.0)
-
-Entry = tuple[int, int, int, int]  # handle, prefill tokens, decode tokens, context tokens
-
-
-def true_cost(entries: list[Entry]) -> float:
-    b0, b1, b2, b3, b4 = BETA
-    cost = b0
-    for _, p, q, c in entries:
-        if p > 0:
-            cost += b1 * p + b2 * p * (c + p / 2)
-        else:
-            cost += (b3 + b4 * c) * q
-    return cost
-
-
-class Sim:
-    """A synthetic engine feeding a Ledger with a controllable clock."""
-
-    def __init__(
-        self,
-        shards: int = 1,
-        coupling: Coupling = Coupling.INDEPENDENT,
-        config: LedgerConfig | None = None,
-        engine: str = "eng",
-        num_shards: int | None = None,
-    ) -> None:
-        self.now = T0
-        self.ledger = Ledger(config or LedgerConfig(), clock=lambda: self.now)
-        self.engine = engine
-        self.shards = shards  # shards that connect (the engine may declare more: num_shards)
-        self.keys = [
-            self.ledger.connect(
-                Hello(PROTOCOL_VERSION, engine, k, num_shards or shards, int(coupling), recorder_epoch=1)
-            )
-            for k in range(shards)
-        ]
-        self.seq = [0] * shards
-        self.gs = 0
-        self.fed_ns = 0  # Σ device time of every step fed
-
-    def arrive(self, shard: int, handle: int, rid: str, t: int | None = None, **kw) -> None:
-        self.ledger.on_event(
-            self.keys[shard],
-            Event(
-                handle=handle,
-                kind=EventKind.ARRIVED,
-                time_ns=self.now if t is None else t,
-                request_id=rid,
-                **kw,
-            ),
-        )
-
-    def event(self, shard: int, handle: int, kind: EventKind, t: int | None = None, **kw) -> None:
-        self.ledger.on_event(
-            self.keys[shard], Event(handle=handle, kind=kind, time_ns=self.now if t is None else t, **kw)
-        )
-
-    def make_step(
-        self,
-        shard: int,
-        entries: list[Entry],
-        d: int,
-        start: int,
-        gs: int | None,
-        peer_tokens: list[int] | None = None,
-    ) -> Step:
-        arr = np.array(entries, dtype=np.uint32).reshape(-1, 4)
-        if not entries:
-            kind = StepKind.IDLE
-        elif (arr[:, 1] > 0).all():
-            kind = StepKind.PREFILL
-        elif (arr[:, 1] > 0).any():
-            kind = StepKind.MIXED
-        else:
-            kind = StepKind.DECODE
-        st = Step(
-            seq=self.seq[shard],
-            start_time_ns=start,
-            end_time_ns=start + d,
-            device_time_ns=d,
-            kind=int(kind),
-            global_step=gs,
-            handles=arr[:, 0].copy(),
-            prefill_tokens=arr[:, 1].copy(),
-            decode_tokens=arr[:, 2].copy(),
-            context_tokens=arr[:, 3].copy(),
-            peer_tokens=np.array(peer_tokens or [], dtype=np.uint32),
-        )
-        self.seq[shard] += 1
-        return st
-
-    def feed(self, shard: int, st: Step) -> None:
-        self.fed_ns += st.device_time_ns
-        self.ledger.on_step(self.keys[shard], st)
-
-    def step(self, shard: int, entries: list[Entry], d: int | None = None, gap: int = 0) -> Step:
-        """One INDEPENDENT step starting now; the clock moves to its end (+ gap)."""
-        d = int(true_cost(entries)) if d is None else d
-        st = self.make_step(shard, entries, d, self.now, None)
-        self.now += d
-        self.feed(shard, st)
-        self.now += gap
-        return st
-
-    def group(
-        self,
-        batches: dict[int, list[Entry]],
-        d: int | None = None,
-        gap: int = 0,
-        skip: tuple[int, ...] = (),
-        peer_tokens: list[int] | None = None,
-    ) -> int:
-        """One LOCKSTEP group: every shard's step lasts as long as the slowest one's."""
-        if d is None:
-            d = int(max(true_cost(e) for e in batches.values()))
-        start = self.now
-        self.now += d
-        for k in range(self.shards):
-            if k in skip:
-                continue
-            self.feed(k, self.make_step(k, batches.get(k, []), d, start, self.gs, peer_tokens))
-        self.gs += 1
-        self.now += gap
-        return d
-
-    def view(self, rid: str) -> RequestView:
-        v = self.ledger.get(rid)
-        assert v is not None, rid
-        return v
-
-
-def charged_ns(ledger: Ledger) -> float:
-    """Σ gpu_time over every request slot + unattributed + imbalance device time (white-box, exact floats)."""
-    return float(ledger._cols.gpu.sum()) + sum(
-        sh.unattributed_ns + sh.imbalance_ns for sh in ledger._shard_table
-    )
-
-
-def assert_identity(v: RequestView) -> None:
-    assert v.wall_ns == v.queue_time_ns + v.engine_time_ns + v.interference_ns + v.other_ns, v
-    for term in (v.queue_time_ns, v.engine_time_ns, v.interference_ns, v.other_ns, v.gpu_time_ns):
-        assert term >= 0, v
-
-
-def warm_model(sim: Sim, groups: int = 160, seed: int = 0) -> None:
-    """Feed varied batches (decode sizes, contexts, prefill chunks) so the engine's model fits.
-
-    Handles 1000+ on every shard; those requests finish at the end.
-    """
-    rng = np.random.default_rng(seed)
-    for k in range(sim.shards):
-        for h in range(24):
-            sim.arrive(k, 1000 + h, f"warm{k}-{h}")
-    for _ in range(groups):
-        batches = {}
-        for k in range(sim.shards):
-            n = int(rng.integers(2, 24))
-            entries = [(1000 + h, 0, 1, int(rng.integers(100, 8000))) for h in range(n)]
-            if rng.random() < 0.3:
-                entries[0] = (1000 + n, int(rng.integers(16, 1024)), 0, int(rng.integers(0, 30000)))
-            batches[k] = entries
-        if sim.shards == 1 and not isinstance(sim, Sim):  # pragma: no cover - type guard
-            raise AssertionError
-        d = int(max(true_cost(e) for e in batches.values()) * (1 + 0.01 * abs(rng.standard_normal())))
-        if sim.ledger._engines[sim.engine].lockstep:
-            sim.group(batches, d)
-        else:
-            for k, entries in batches.items():
-                sim.step(k, entries, int(true_cost(entries) * (1 + 0.01 * abs(rng.standard_normal()))))
-    for k in range(sim.shards):
-        for h in range(24):
-            sim.event(k, 1000 + h, EventKind.FINISHED)
-    sim.ledger.take_interference()
-
-
-# ======================================================================================
-# conservation and the identity
-# ======================================================================================
 @dataclass
 class _Req:
     rid: str
@@ -781,3 +600,61 @@ def test_a_finish_that_overtakes_its_last_lockstep_step_waits_for_it() -> None:
     assert victim.steps == chunks
     assert_identity(storm)
     assert_identity(victim)
+
+
+# ======================================================================================
+# the rules the docs state: preemption lands in `other`; excluded steps only after a first step
+# ======================================================================================
+
+
+def test_preempted_time_lands_in_other_not_interference_or_excluded_steps():
+    """docs/ARCHITECTURE.md: "Preempted time lands in other (a preempted request is not an
+    excluded-step victim)". The shard steps on without A while A is preempted: none of it is A's
+    interference, none of those steps are A's excluded steps, all of it is A's ``other``."""
+    sim = Sim()
+    sim.arrive(0, 1, "A")
+    sim.arrive(0, 2, "B")
+    sim.step(0, [(1, 16, 0, 0), (2, 16, 0, 0)], 4 * MS)
+    for _ in range(2):
+        sim.step(0, [(1, 0, 1, 16), (2, 0, 1, 16)], 3 * MS)
+    before = sim.view("A")
+    assert before.steps == 3 and before.excluded_steps == 0
+    sim.event(0, 1, EventKind.PREEMPTED)
+    assert sim.view("A").state is RequestState.PREEMPTED
+    preempted_ns = 0
+    for _ in range(5):
+        preempted_ns += sim.step(0, [(2, 0, 1, 20)], 3 * MS).device_time_ns
+    during = sim.view("A")
+    assert during.excluded_steps == before.excluded_steps
+    assert during.interference_ns == before.interference_ns
+    sim.event(0, 1, EventKind.RESUMED)
+    sim.step(0, [(1, 18, 0, 0), (2, 0, 1, 25)], 4 * MS)  # A recomputes its context
+    sim.event(0, 1, EventKind.FINISHED, output_tokens=2)
+    a = sim.view("A")
+    assert a.preemptions == 1 and a.steps == 4
+    assert a.excluded_steps == 0
+    assert a.interference_ns == before.interference_ns
+    assert a.other_ns - before.other_ns == preempted_ns == 15 * MS
+    assert_identity(a)
+
+
+def test_excluded_steps_count_only_after_the_requests_first_step():
+    """docs/ARCHITECTURE.md: before its first step a request's waiting is queue time; a step that
+    leaves it out is an excluded step (interference) only once it has had a step of its own."""
+    sim = Sim()
+    sim.arrive(0, 1, "A")
+    sim.arrive(0, 2, "B")
+    sim.step(0, [(2, 16, 0, 0)], 4 * MS)
+    sim.event(0, 1, EventKind.SCHEDULED)  # scheduled, but no step of its own yet
+    for _ in range(3):
+        sim.step(0, [(2, 0, 1, 20)], 3 * MS)
+    a = sim.view("A")
+    assert a.excluded_steps == 0 and a.interference_ns == 0
+    assert a.queue_time_ns == 13 * MS  # everything so far is queue time
+    sim.step(0, [(1, 16, 0, 0), (2, 0, 1, 21)], 4 * MS)  # A's first step
+    sim.step(0, [(2, 0, 1, 22)], 3 * MS)  # leaves A out: now an excluded step
+    a = sim.view("A")
+    assert a.excluded_steps == 1 and a.steps == 1
+    assert a.interference_ns >= 3 * MS
+    assert a.queue_time_ns == 13 * MS
+    assert_identity(a)

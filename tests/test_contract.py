@@ -18,6 +18,7 @@ STUB_DIR = ROOT / "proto" / "enginetime" / "v1"
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.e2e
 def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:
     """Regenerate with the pinned grpcio-tools and compare byte for byte: a .proto edit
     without `make proto` (or a hand edit of a stub) fails here."""
@@ -38,6 +39,7 @@ def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.e2e
 def test_buf_lint_standard() -> None:
     """buf STANDARD style (package layout, naming, enum zero values, RPC message names)."""
     buf = BIN / "buf"

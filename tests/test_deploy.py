@@ -258,6 +258,7 @@ def _dashboard_metrics(dashboard: dict) -> set[str]:
     return names
 
 
+@pytest.mark.e2e
 def test_dashboard_queries_metrics_the_sidecar_exposes(tmp_path: Path) -> None:
     dashboard = json.loads((DEPLOY / "grafana/dashboards/enginetime.json").read_text())
     # The Kubernetes ConfigMap is the same dashboard.

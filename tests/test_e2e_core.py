@@ -36,6 +36,8 @@ from enginetime.clients import (
     RequestState,
 )
 
+pytestmark = pytest.mark.e2e  # every test here starts processes (see conftest.py)
+
 VICTIMS = ("decode-0", "decode-1", "decode-2")
 STORM = "storm-0"
 ENGINE = "e2e"

@@ -13,7 +13,7 @@ import asyncio
 import time
 
 import pytest
-from test_attribution import Sim
+from simulator import Sim
 
 from enginetime.engine_hooks.constants import EventKind
 from enginetime.sidecar.api import convert

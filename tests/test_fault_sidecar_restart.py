@@ -12,10 +12,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from helpers import short_socket_dir, start_sidecar, wait_until
 
 from enginetime.clients import AccountingClient, RequestAccounting, RequestNotFound, RequestState
 from enginetime.engine_hooks import Recorder, StepKind
+
+pytestmark = pytest.mark.e2e  # every test here starts processes (see conftest.py)
 
 
 def _work() -> None:

@@ -89,11 +89,8 @@ def settled(client: AccountingClient, rid: str, timeout: float = 10.0):
 
 
 @pytest.fixture(scope="module")
-def sidecar(tmp_path_factory):
-    sc = start_sidecar(tmp_path_factory.mktemp("guard-sidecar"))
-    yield sc
-    sc.stop()
-    sc.close()
+def sidecar(module_sidecar):
+    return module_sidecar
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +121,7 @@ def acct(sidecar):
 # ---------------------------------------------------------------------------- the incident
 
 
+@pytest.mark.e2e
 def test_storm_victims_survive_the_guard_but_not_a_wall_clock_timeout(sidecar, engine, acct):
     eng, srv = engine
     victim_tokens = 200
@@ -218,6 +216,7 @@ def _await_gone(eng: Engine, rid: str, timeout: float = 5.0) -> None:
     assert eng.wait_until(lambda: eng.get(rid) is None, timeout), f"{rid} still running on the engine"
 
 
+@pytest.mark.e2e
 def test_runaway_request_is_killed_with_its_accounting_and_its_call_cut(sidecar, engine, acct):
     eng, srv = engine
     budget = EngineBudget(engine_time=0.5, liveness=30, wall=60)
@@ -236,6 +235,10 @@ def test_runaway_request_is_killed_with_its_accounting_and_its_call_cut(sidecar,
     a = err.accounting
     assert a is not None and a.request_id == "runaway-sync" and a.engine_id == "guard-tb"
     assert a.engine_time >= 0.5 and err.engine_time == a.engine_time and err.observed == a.engine_time
+    # From above: the request's engine time cannot exceed the wall time since the watch began
+    # (a guard misreading units or the limit would). A tighter bound is a clock race on two busy
+    # cores (the stream can take seconds to open there); test_guard_core pins "at the limit".
+    assert err.observed <= err.elapsed, (err.observed, err.elapsed)
     assert a.tokens.decoded > 0 and a.state is RequestState.RUNNING
     assert err.queue_time is not None and err.interference is not None
     assert "engine-time budget of 0.5 s" in str(err)
@@ -248,6 +251,7 @@ def test_runaway_request_is_killed_with_its_accounting_and_its_call_cut(sidecar,
     assert final.state is RequestState.ABORTED and final.tokens.decoded < 20000
 
 
+@pytest.mark.e2e
 def test_guard_aborts_on_the_engine_when_the_call_cannot_be_cut(sidecar, engine, acct):
     eng, srv = engine
     budget = EngineBudget(engine_time=0.4, liveness=30, wall=60)
@@ -262,11 +266,13 @@ def test_guard_aborts_on_the_engine_when_the_call_cannot_be_cut(sidecar, engine,
     # The engine ended the request (SGLang answers 200 with finish_reason abort), then the block raised.
     assert r.status_code == 200 and r.json()["meta_info"]["finish_reason"]["type"] == "abort"
     assert info.value.reason is BudgetReason.ENGINE_TIME and info.value.aborted
+    assert 0.4 <= info.value.observed <= info.value.elapsed, (info.value.observed, info.value.elapsed)
     assert info.value.__cause__ is None
     final = settled(acct, "runaway-abort")
     assert final.state is RequestState.ABORTED and final.tokens.decoded < 20000
 
 
+@pytest.mark.e2e
 def test_async_guard_cancels_the_call_and_keeps_others_running(sidecar, engine, acct):
     eng, srv = engine
 
@@ -300,6 +306,7 @@ def test_async_guard_cancels_the_call_and_keeps_others_running(sidecar, engine, 
     err, returned = runaway
     assert isinstance(err, EngineBudgetExceeded) and err.reason is BudgetReason.ENGINE_TIME
     assert err.accounting is not None and err.accounting.engine_time >= 0.4
+    assert 0.4 <= err.observed <= err.elapsed, (err.observed, err.elapsed)  # seen at 2.0 s under load
     assert isinstance(err.__cause__, asyncio.CancelledError)
     assert returned - err.elapsed < 0.5, "the task was cancelled right away"
     for r, _ in (ok0, ok1):
@@ -309,6 +316,7 @@ def test_async_guard_cancels_the_call_and_keeps_others_running(sidecar, engine, 
     assert settled(acct, "async-runaway").state is RequestState.ABORTED
 
 
+@pytest.mark.e2e
 def test_follow_ids_streams_only_the_watched_requests(sidecar, engine, acct):
     """follow="ids": the stream names the watched ids and is reopened as new ones arrive."""
     eng, srv = engine
@@ -359,6 +367,7 @@ def test_follow_ids_streams_only_the_watched_requests(sidecar, engine, acct):
         assert results["ids-0:acct"] is not None and results["ids-0:acct"].request_id == "ids-0"
 
 
+@pytest.mark.e2e
 def test_sidecar_never_reachable_only_the_wall_backstop_fires(engine, caplog):
     eng, srv = engine
     caplog.set_level(logging.WARNING, "enginetime.clients.guard")
@@ -394,6 +403,7 @@ def test_budget_validation():
 # ---------------------------------------------------------------------------- the sidecar dies
 
 
+@pytest.mark.e2e
 def test_sidecar_killed_mid_request_falls_back_then_resumes(tmp_path, caplog):
     caplog.set_level(logging.INFO, "enginetime.clients.guard")
     sc = start_sidecar(tmp_path)
@@ -539,6 +549,7 @@ def frozen_engine(tmp_path):
         sc.close()
 
 
+@pytest.mark.e2e
 def test_liveness_fires_on_a_frozen_engine_and_not_on_a_short_pause(frozen_engine):
     sc, proc, url = frozen_engine
     budget = EngineBudget(engine_time=60, liveness=1.5, wall=60)
@@ -581,7 +592,10 @@ def test_liveness_fires_on_a_frozen_engine_and_not_on_a_short_pause(frozen_engin
         t.join(30)
         err = box["resp"]
         assert isinstance(err, EngineBudgetExceeded), err
-        assert err.reason is BudgetReason.LIVENESS and err.limit == 1.5 and err.observed >= 1.5
+        assert err.reason is BudgetReason.LIVENESS and err.limit == 1.5
+        # Stale for at least the limit, and no staler than the time since the engine stopped
+        # stepping (the stop, plus the last step's age then: at most one 0.5 s stream interval).
+        assert 1.5 <= err.observed <= box["done"] - stopped + 0.5 + 0.5, (err.observed, box["done"] - stopped)
         # The last update seen came at most ~2 stream intervals before the stop.
         assert 1.2 <= box["done"] - stopped < 4.5, box["done"] - stopped
         assert err.accounting is not None and err.accounting.engine_id == "frozen"
@@ -644,6 +658,7 @@ class _BigBacklogServer(EngineHTTPServer):
     request_queue_size = 2048  # 1,000 clients connect at once
 
 
+@pytest.mark.e2e
 def test_a_thousand_concurrent_requests_use_one_stream():
     sc = _InProcessSidecar()
     eng = Engine(
@@ -664,14 +679,18 @@ def test_a_thousand_concurrent_requests_use_one_stream():
     async def main():
         nonlocal max_live
         async with (
+            # No wall or liveness limit for the 995 ordinary requests: on two shared cores a
+            # thousand connections can wait minutes to be read by the HTTP server (a baseline run
+            # under a load average of ~50 saw dozens killed by a 120 s wall backstop before their
+            # request line was even read). This test is about one stream and engine_time.
             AsyncGuard(
-                sc.sidecar.grpc_address, EngineBudget(engine_time=60, liveness=30, wall=120), abort=srv.url
+                sc.sidecar.grpc_address, EngineBudget(engine_time=60, liveness=None, wall=None), abort=srv.url
             ) as guard,
             httpx.AsyncClient(
                 base_url=srv.url, timeout=None, limits=httpx.Limits(max_connections=n + 10)
             ) as http,
         ):
-            tight = EngineBudget(engine_time=0.3, liveness=30, wall=120)
+            tight = EngineBudget(engine_time=0.3, liveness=None, wall=None)
 
             async def one(k: int):
                 rid = f"k-{k}"
@@ -702,8 +721,13 @@ def test_a_thousand_concurrent_requests_use_one_stream():
         srv.stop()
         eng.close()
     try:
-        killed = {rid for rid, r in results if isinstance(r, EngineBudgetExceeded)}
-        assert killed == {f"k-{k}" for k in range(runaways)}
+        killed = {rid: r for rid, r in results if isinstance(r, EngineBudgetExceeded)}
+        assert set(killed) == {f"k-{k}" for k in range(runaways)}, {
+            rid: (e.reason, round(e.elapsed, 1)) for rid, e in killed.items()
+        }
+        for e in killed.values():
+            assert e.reason == BudgetReason.ENGINE_TIME
+            assert 0.3 <= e.observed <= e.elapsed, (e.observed, e.elapsed)
         assert all(r == 24 for rid, r in results if rid not in killed)
         assert opened == 1
         assert len(sc.subscriptions) == 1, "the sidecar served one StreamUpdates subscription for all"

@@ -27,6 +27,8 @@ import pytest
 
 from enginetime.testbed.demo import STORM_RID, DemoConfig, render, run_demo
 
+pytestmark = pytest.mark.e2e  # every test here starts processes (see conftest.py)
+
 # The incident run uses the demo's defaults; the two comparison runs a 24-chunk storm (faster).
 SCENARIOS = {
     "lockstep": DemoConfig(coupling="lockstep", policy="prefill-first"),

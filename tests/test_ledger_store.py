@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from simulator import MS, T0, Clock, S, connect, new_ledger
 
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION, Coupling, EventKind, StepKind
 from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
@@ -11,24 +12,11 @@ from enginetime.sidecar.ledger.ledger import Ledger, LedgerConfig
 from enginetime.sidecar.ledger.store import EMPTY, SlotColumns
 from enginetime.sidecar.ledger.views import RequestQuery, RequestState
 
-T0 = 1_700_000_000_000_000_000
-MS = 1_000_000
-S = 1_000_000_000
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> int:
-        return self.now
-
 
 def make_ledger(**cfg) -> tuple[Ledger, Clock, list]:
     clock = Clock()
-    led = Ledger(LedgerConfig(**cfg), clock=clock)
-    keys = [led.connect(Hello(PROTOCOL_VERSION, "eng", k, 2, int(Coupling.INDEPENDENT))) for k in range(2)]
-    return led, clock, keys
+    led = new_ledger(clock=clock, **cfg)
+    return led, clock, connect(led, "eng", 2, Coupling.INDEPENDENT, recorder_epoch=0)
 
 
 def arrive(led: Ledger, key, handle: int, rid: str, t: int, **kw) -> None:

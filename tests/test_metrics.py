@@ -24,6 +24,8 @@ from otel_helpers import metrics_address, scrape
 from enginetime.clients import AccountingClient, InterferencePhase, RequestState
 from enginetime.sidecar.telemetry.metrics import SECONDS_BUCKETS
 
+pytestmark = pytest.mark.e2e  # every test here starts processes (see conftest.py)
+
 ENGINE = "metrics-engine"
 MS = 1_000_000
 HISTOGRAMS = {

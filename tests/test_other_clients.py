@@ -27,6 +27,9 @@ from helpers import IngestConnection, arrived, finished, hello, start_sidecar, s
 
 from enginetime.clients import AccountingClient
 
+# Every test here starts processes (a real sidecar, clients, a browser).
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parent.parent
 MS = 1_000_000
 VICTIM, AGGRESSOR = "other-victim", "other-storm"

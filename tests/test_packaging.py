@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # every test here starts processes (see conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 SUBPACKAGES = (
     "enginetime",

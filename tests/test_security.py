@@ -39,6 +39,9 @@ from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
 from enginetime.v1 import ingest_pb2
 
+# Every test here starts processes (a real sidecar, clients, a browser).
+pytestmark = pytest.mark.e2e
+
 NOBODY = 65534
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
 

@@ -17,7 +17,7 @@ import pytest
 from helpers import frame, varint
 
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION
-from enginetime.sidecar.ingest.frames import FrameDecoder, FrameError, decode_frame
+from enginetime.sidecar.ingest.frames import FrameDecoder, FrameError, decode_frame, encode_varint
 from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
 from enginetime.v1 import ingest_pb2 as pb
 
@@ -351,7 +351,7 @@ def _error(*chunks: bytes, finish: bool = False, **decoder_kw) -> FrameError:
         (_tag(3, 2) + varint(50) + b"short", "declares 50 bytes"),
         (b"\xff\xff", "varint runs past"),
         (_len_field(2, _len_field(2, b"\xff\xfe")), "not valid UTF-8"),
-        (_len_field(3, _len_field(8, b"\x01\x02\x03")), "not a multiple of 4"),
+        (_len_field(3, _len_field(8, b"\x01\x02\x03")), "is 3 bytes, not a multiple of 4"),
         (_tag(0, 0) + b"\x01", "number 0"),
     ],
 )
@@ -514,3 +514,185 @@ def test_hello_token_is_decoded_but_never_shown() -> None:
     )
     (hello,) = FrameDecoder().feed(frame(msg))
     assert hello.token == "s3cret" and "s3cret" not in repr(hello)
+
+
+# ----------------------------------------------------------------------------- boundaries
+
+
+def _cols(n: int = 1) -> bytes:
+    """Packed handles/prefill/decode columns of ``n`` entries (context comes last, per case)."""
+    body = b""
+    for number, value in ((8, 7), (9, 0), (10, 1)):
+        body += _len_field(number, np.full(n, value, "<u4").tobytes())
+    return body
+
+
+# (variant, message body whose LAST field is of the named wire type, check on the decoded record)
+_LAST_FIELD_CASES = {
+    "varint": (2, _len_field(2, b"r-1") + _tag(4, 0) + varint(2**40 + 5), lambda r: r.time_ns == 2**40 + 5),
+    "one-byte varint": (2, _len_field(2, b"r-1") + _tag(5, 0) + varint(9), lambda r: r.prompt_tokens == 9),
+    "fixed32": (
+        3,
+        _tag(1, 0) + varint(3) + _cols() + _tag(11, 5) + (123456).to_bytes(4, "little"),
+        lambda r: r.seq == 3 and list(r.context_tokens) == [123456],
+    ),
+    "fixed64": (
+        4,
+        _tag(1, 0) + varint(77) + _tag(50, 1) + (2**63 + 1).to_bytes(8, "little"),
+        lambda r: r.time_ns == 77,
+    ),
+    "length-delimited": (
+        2,
+        _tag(1, 0) + varint(4) + _len_field(2, b"last-id"),
+        lambda r: r.request_id == "last-id",
+    ),
+    "packed column": (
+        3,
+        _tag(1, 0) + varint(5) + _cols(2) + _len_field(11, np.array([10, 20], "<u4").tobytes()),
+        lambda r: list(r.context_tokens) == [10, 20],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_LAST_FIELD_CASES))
+def test_every_field_type_decodes_at_the_very_end_of_a_message(case: str) -> None:
+    variant, body, check = _LAST_FIELD_CASES[case]
+    wire = _len_field(variant, body)
+    pb.IngestFrame.FromString(wire)  # protobuf agrees the message is valid
+    record = decode_frame(wire)
+    assert record is not None and check(record), record
+    # The same through the stream decoder, the frame arriving one byte short first.
+    decoder = FrameDecoder()
+    stream = _hello_frame() + frame(wire)
+    assert len(decoder.feed(stream[:-1])) == 1 and decoder.buffered > 0
+    (late,) = decoder.feed(stream[-1:])
+    assert check(late)
+
+
+@pytest.mark.parametrize("case", sorted(_LAST_FIELD_CASES))
+def test_a_last_field_one_byte_short_is_malformed(case: str) -> None:
+    variant, body, _ = _LAST_FIELD_CASES[case]
+    wire = _len_field(variant, body[:-1])  # the message now ends inside its last field
+    with pytest.raises(FrameError) as info:
+        decode_frame(wire)
+    assert info.value.reason == "malformed"
+    assert "end" in info.value.message  # says the field runs past the end of its message
+
+
+def test_a_frame_of_exactly_the_maximum_size_is_accepted_and_one_more_byte_is_not() -> None:
+    limit = 2048
+    hello = _hello_frame()
+
+    def step_frame(size: int) -> bytes:
+        body = _tag(1, 0) + varint(1) + _cols()
+        body += _len_field(11, (1).to_bytes(4, "little"))
+        # frame tag (1 byte) + 2-byte length, then an unknown field 99: 2-byte tag + 2-byte length + pad
+        pad = size - len(body) - 7
+        body += _tag(99, 2) + varint(pad) + b"p" * pad
+        wire = _len_field(3, body)
+        assert len(wire) == size, len(wire)
+        return frame(wire)
+
+    decoder = FrameDecoder(max_frame_bytes=limit)
+    assert len(decoder.feed(hello + step_frame(limit))) == 2
+    with pytest.raises(FrameError) as info:
+        decoder.feed(step_frame(limit + 1))
+    assert info.value.reason == "oversized"
+
+
+# ----------------------------------------------------------------------------- what mutation testing found
+
+
+def test_a_known_field_number_with_another_wire_type_is_skipped_as_protobuf_does() -> None:
+    """A newer recorder may change a field's type; the old number with a new wire type is an
+    unknown field to protobuf, and to this decoder, in every message kind."""
+    i32 = (7).to_bytes(4, "little")
+    i64 = (9).to_bytes(8, "little")
+    # Each wrong-typed field comes after the real one, so a decoder that took it would show it.
+    clock = _len_field(4, b"cpu") + _tag(1, 0) + varint(5) + _tag(4, 5) + i32  # device_name as fixed32
+    hello_body = (
+        _tag(1, 0)
+        + varint(PROTOCOL_VERSION)
+        + _len_field(2, b"eng")
+        + _tag(3, 0)
+        + varint(1)
+        + _tag(4, 0)
+        + varint(2)
+        + _len_field(9, clock)
+        + _len_field(1, b"v")
+        + _len_field(3, b"xx")
+        + _tag(2, 5)
+        + i32  # version, shard, engine_id
+    )
+    event_body = (
+        _tag(1, 0)
+        + varint(4)
+        + _len_field(2, b"rid")
+        + _tag(4, 0)
+        + varint(8)
+        + _len_field(10, b"stop")
+        + _len_field(1, b"zz")
+        + _tag(2, 5)
+        + i32
+        + _tag(2, 0)
+        + varint(6)
+        + _len_field(4, b"t")
+        + _tag(10, 1)
+        + i64
+    )
+    step_body = (
+        _tag(1, 0)
+        + varint(6)
+        + _tag(7, 0)
+        + varint(2)
+        + _cols()
+        + _len_field(11, (2).to_bytes(4, "little"))
+        + _len_field(1, b"s")
+        + _tag(3, 5)
+        + i32
+        + _len_field(7, b"k")
+        + _tag(11, 0)
+        + varint(5)
+    )
+    beat_body = _tag(1, 0) + varint(11) + _len_field(1, b"b") + _tag(2, 5) + i32
+    for variant, body in ((1, hello_body), (2, event_body), (3, step_body), (4, beat_body)):
+        wire = _len_field(variant, body)
+        expected = pb.IngestFrame.FromString(wire)
+        assert_same(decode_frame(wire), expected)
+
+
+def test_a_group_holding_every_wire_type_is_skipped() -> None:
+    group = (
+        _tag(50, 3)
+        + _tag(1, 0)
+        + varint(300)
+        + _tag(2, 1)
+        + bytes(8)
+        + _len_field(3, b"abc")
+        + _tag(4, 5)
+        + bytes(4)
+        + _tag(5, 3)
+        + _tag(5, 4)
+        + _tag(50, 4)
+    )
+    wire = _len_field(4, group + _tag(1, 0) + varint(42))
+    assert decode_frame(wire).time_ns == 42
+
+
+@pytest.mark.parametrize("longer", ["prefill_tokens", "decode_tokens", "context_tokens"])
+def test_a_column_longer_than_the_handles_is_a_mismatch(longer: str) -> None:
+    cols = {8: [1], 9: [0], 10: [1], 11: [5]}
+    cols[{"prefill_tokens": 9, "decode_tokens": 10, "context_tokens": 11}[longer]] += [6]
+    body = (
+        _tag(1, 0)
+        + varint(1)
+        + b"".join(_len_field(n, np.array(v, "<u4").tobytes()) for n, v in cols.items())
+    )
+    err = _error(_hello_frame() + frame(_len_field(3, body)))
+    assert err.reason == "column_mismatch" and f"{longer}=2" in err.message
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 2**14, 2**32 - 1, 2**63, 2**64 - 1])
+def test_encode_varint_is_the_protobuf_varint(value: int) -> None:
+    assert encode_varint(value) == varint(value)
+    assert pb.Heartbeat.FromString(_tag(2, 0) + encode_varint(value)).dropped_frames == value

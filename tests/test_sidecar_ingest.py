@@ -40,9 +40,8 @@ from enginetime.v1 import ingest_pb2
 
 
 @pytest.fixture(scope="module")
-def sidecar(tmp_path_factory):
-    with start_sidecar(tmp_path_factory.mktemp("ingest")) as sp:
-        yield sp
+def sidecar(module_sidecar):
+    return module_sidecar
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +115,7 @@ _KNOWS_ENGINE = {"malformed", "truncated", "oversized", "duplicate_hello", "colu
         ]
     ),
 )
+@pytest.mark.e2e
 def test_a_broken_stream_closes_only_its_own_connection(sidecar, stub, reason: str) -> None:
     good_id, bad_id = f"good-{reason}", f"bad-{reason}"
     with IngestConnection(sidecar.ingest) as good, IngestConnection(sidecar.ingest) as bad:
@@ -141,6 +141,7 @@ def test_a_broken_stream_closes_only_its_own_connection(sidecar, stub, reason: s
         assert stub.GetRequest(pb.GetRequestRequest(request_id=f"{good_id}-r1"), timeout=5).request.steps == 5
 
 
+@pytest.mark.e2e
 def test_disconnect_is_seen_and_a_reconnect_resumes(sidecar, stub) -> None:
     engine = "reconnecting"
     with IngestConnection(sidecar.ingest) as conn:
@@ -152,6 +153,7 @@ def test_disconnect_is_seen_and_a_reconnect_resumes(sidecar, stub) -> None:
         wait_steps(stub, engine, 0, 2)
 
 
+@pytest.mark.e2e
 def test_ingest_socket_is_private(sidecar) -> None:
     path = sidecar.socket_path
     assert path is not None
@@ -160,6 +162,7 @@ def test_ingest_socket_is_private(sidecar) -> None:
     assert stat.S_IMODE(mode) == 0o600
 
 
+@pytest.mark.e2e
 def test_lifecycle_new_dir_stale_socket_live_refusal_and_sigterm(tmp_path) -> None:
     base = short_socket_dir()
     path = f"{base}/new/dir/ingest.sock"
@@ -211,6 +214,7 @@ def test_lifecycle_new_dir_stale_socket_live_refusal_and_sigterm(tmp_path) -> No
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.e2e
 def test_refuses_a_path_that_is_not_a_socket(tmp_path) -> None:
     base = short_socket_dir()
     path = f"{base}/ingest.sock"
@@ -238,15 +242,16 @@ def test_refuses_a_path_that_is_not_a_socket(tmp_path) -> None:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def test_tcp_ingest(tmp_path) -> None:
-    with start_sidecar(tmp_path, "--allow-insecure-ingest", ingest="tcp:127.0.0.1:0") as sp:
-        assert sp.ingest.startswith("tcp:127.0.0.1:") and not sp.ingest.endswith(":0")
-        with grpc.insecure_channel(sp.grpc_target) as channel:
-            stub = pb_grpc.AccountingServiceStub(channel)
-            with IngestConnection(sp.ingest) as conn:
-                conn.send(hello("over-tcp"), arrived(1, "tcp-1"), step(1, [1]))
-                wait_steps(stub, "over-tcp", 0, 1)
-            assert "tcp:127.0.0.1:" in sp.stderr_text()  # the peer is named by address
+@pytest.mark.e2e
+def test_tcp_ingest(sidecar_factory) -> None:
+    sp = sidecar_factory("--allow-insecure-ingest", ingest="tcp:127.0.0.1:0")  # stopped by the fixture
+    assert sp.ingest.startswith("tcp:127.0.0.1:") and not sp.ingest.endswith(":0")
+    with grpc.insecure_channel(sp.grpc_target) as channel:
+        stub = pb_grpc.AccountingServiceStub(channel)
+        with IngestConnection(sp.ingest) as conn:
+            conn.send(hello("over-tcp"), arrived(1, "tcp-1"), step(1, [1]))
+            wait_steps(stub, "over-tcp", 0, 1)
+        assert "tcp:127.0.0.1:" in sp.stderr_text()  # the peer is named by address
 
 
 def test_in_process_counters() -> None:
@@ -287,6 +292,7 @@ def test_in_process_counters() -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.e2e
 def test_help_explains_every_flag() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "enginetime", "sidecar", "--help"], capture_output=True, text=True, timeout=60
@@ -322,6 +328,7 @@ def test_help_explains_every_flag() -> None:
         (["--max-frame-bytes", "10"], "must be >= 1024"),
     ],
 )
+@pytest.mark.e2e
 def test_bad_flag_values_are_argparse_errors(args: list[str], complaint: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "enginetime", "sidecar", *args], capture_output=True, text=True, timeout=60

@@ -28,6 +28,8 @@ from enginetime.testbed.engine import Engine, EngineConfig, InvalidRequest
 from enginetime.testbed.model import ForwardItem, ModelConfig, TinyTransformer
 from enginetime.v1 import ingest_pb2
 
+pytestmark = pytest.mark.e2e  # every test here runs the testbed engine (see conftest.py)
+
 SMALL = ModelConfig(
     vocab_size=512, d_model=128, n_layers=2, n_heads=4, head_dim=16, d_ff=256, max_context=8192, seed=3
 )

@@ -22,6 +22,8 @@ from enginetime.testbed.http_api import EngineHTTPServer
 from enginetime.testbed.model import ModelConfig
 from enginetime.testbed.sessions import SessionDriver
 
+pytestmark = pytest.mark.e2e  # every test here starts processes (see conftest.py)
+
 SMALL = ModelConfig(
     vocab_size=512, d_model=128, n_layers=2, n_heads=4, head_dim=16, d_ff=256, max_context=8192, seed=1
 )
@@ -54,7 +56,9 @@ def generate(client: httpx.Client, **body) -> httpx.Response:
 
 
 def test_generate_returns_sglang_shape(client):
-    r = generate(client, rid="g-1", input_ids=ids(300, 1), sampling_params={"max_new_tokens": 12})
+    # Seed 1001: a prompt no other test of this module shares a prefix with (the engine and its
+    # prefix cache are shared, tests run in random order; ids(20, 1) is ids(300, 1)'s start).
+    r = generate(client, rid="g-1", input_ids=ids(300, 1001), sampling_params={"max_new_tokens": 12})
     assert r.status_code == 200, r.text
     out = r.json()
     assert len(out["output_ids"]) == 12 and all(isinstance(t, int) for t in out["output_ids"])
@@ -70,7 +74,7 @@ def test_generate_returns_sglang_shape(client):
     again = generate(
         client,
         rid="g-2",
-        input_ids=ids(300, 1),
+        input_ids=ids(300, 1001),
         sampling_params={"max_new_tokens": 12},
         routed_dp_rank=meta["dp_rank"],
     ).json()
@@ -200,7 +204,10 @@ def test_duplicate_live_rid_is_rejected(server, client):
 
 @pytest.mark.parametrize("routing", ["sticky", "round-robin"])
 def test_tito_sessions_sticky_reuse_prefix_round_robin_migrates(server, routing):
-    with SessionDriver(server.url, routing=routing, seed=7) as driver:
+    # One seed per routing: the module's engine (and its prefix cache) is shared, and tests run in
+    # random order; the same prompts from the other variant would be cache hits here.
+    seed = {"sticky": 7, "round-robin": 8}[routing]
+    with SessionDriver(server.url, routing=routing, seed=seed) as driver:
         assert driver.num_shards == 2 and driver.vocab_size == 512
         sessions = driver.run(2, 3, prompt_tokens=400, turn_tokens=30, max_new_tokens=5)
     for s in sessions:

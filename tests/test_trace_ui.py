@@ -28,6 +28,9 @@ from phoenix_helpers import Phoenix
 from enginetime.sidecar.telemetry.tracing import REQUEST_SPAN_NAME
 from enginetime.testbed.demo import STORM_RID, DemoConfig, run_demo
 
+# Every test here starts processes (a real sidecar, clients, a browser).
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parent.parent
 PROJECT = "enginetime-demo"
 CHROMIUM_FLAGS = (

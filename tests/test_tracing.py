@@ -190,6 +190,7 @@ def _expected_attributes(a: RequestAccounting) -> dict[str, object]:
     return want
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_incident_spans_link_victims_to_the_storm(tmp_path: Path) -> None:
     parents = {rid: _traceparent() for rid in (STORM, PREEMPTED, *VICTIMS)}  # LONG has none
@@ -342,6 +343,7 @@ def _one_request(conn: IngestConnection, handle: int, rid: str, t0: int, **kw) -
     )
 
 
+@pytest.mark.e2e
 def test_http_protobuf_export_configured_by_the_standard_environment(tmp_path: Path) -> None:
     """No flag: OTEL_EXPORTER_OTLP_ENDPOINT + OTEL_EXPORTER_OTLP_PROTOCOL; /v1/traces is the exporter's."""
     with OtlpHttpReceiver() as receiver:
@@ -364,6 +366,7 @@ def test_http_protobuf_export_configured_by_the_standard_environment(tmp_path: P
         assert [k.name for k in _children(spans, root)] == ["queue", "prefill", "decode"]
 
 
+@pytest.mark.e2e
 def test_endpoint_down_sidecar_keeps_serving_and_counts_dropped_spans(tmp_path: Path) -> None:
     """Nothing listens at the OTLP endpoint: ingest and gRPC carry on, every span is counted as dropped."""
     probe = socket.socket()
@@ -422,14 +425,12 @@ def test_endpoint_down_sidecar_keeps_serving_and_counts_dropped_spans(tmp_path: 
 
 def _ledger_with(schedule, *, max_requests: int = 1000):
     """A real Ledger fed decoded frames: ``schedule`` yields ("event", Event) / ("step", Step)."""
-    from enginetime.engine_hooks.constants import PROTOCOL_VERSION, Coupling
-    from enginetime.sidecar.ingest.records import Hello
-    from enginetime.sidecar.ledger.ledger import Ledger, LedgerConfig
+    from simulator import connect, new_ledger
 
-    ledger = Ledger(LedgerConfig(max_requests=max_requests))
+    ledger = new_ledger(max_requests=max_requests)
     keys: list[int] = []
     ledger.add_terminal_listener(keys.append)
-    key = ledger.connect(Hello(PROTOCOL_VERSION, "unit", 0, 1, int(Coupling.INDEPENDENT), recorder_epoch=1))
+    (key,) = connect(ledger, "unit")
     for kind, record in schedule:
         (ledger.on_event if kind == "event" else ledger.on_step)(key, record)
     return ledger, keys
@@ -541,6 +542,7 @@ def test_finished_record_carries_what_get_returns() -> None:
     assert pickle.loads(pickle.dumps(record)) == record
 
 
+@pytest.mark.e2e
 def test_killed_span_process_counts_exporter_down_and_the_sidecar_carries_on(tmp_path: Path) -> None:
     """The export process dies (OOM killer, a crash): spans are counted as dropped, nothing else changes."""
     with OtlpGrpcReceiver() as receiver, start_sidecar(
@@ -652,6 +654,7 @@ def test_tracer_counts_a_full_export_queue_and_never_blocks_submit() -> None:
 # (its venv is built once and cached: tests/phoenix_helpers.py).
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(300)  # includes building Phoenix's venv on a cold cache (~1 min)
 def test_spans_can_be_queried_back_from_arize_phoenix(tmp_path: Path) -> None:
     with Phoenix(tmp_path) as phoenix:

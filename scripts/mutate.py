@@ -1,0 +1,507 @@
+"""Mutation testing (cosmic-ray) over the modules that decide what users see.
+
+Each module is mutated one small change at a time (a ``>=`` made ``>``, a ``+`` made ``-``,
+a number off by one, a condition negated, ...) and its fast, relevant tests are run against
+each mutant: a mutant the tests do not notice ("survived") is a change in behaviour nobody
+would catch. Prints, per module, the mutants run, killed and survived, the score, and each
+survivor as a diff.
+
+The working tree is never touched: the tracked and untracked-but-not-ignored files are
+copied to a temporary directory and the copy is mutated; ``enginetime`` is imported from
+the copy through a shim package of symlinks on PYTHONPATH (ahead of the editable install).
+
+Equivalent mutants (a change that cannot alter behaviour) are marked in the source with
+``# pragma: no mutate`` and a reason; cosmic-ray's pragma filter skips them.
+
+Run: ``make mutate`` or ``.venv/bin/python scripts/mutate.py [--module guard_core ...] [--keep DIR]``.
+It is CPU-heavy (each mutant is a pytest run: about one to two seconds on a free core) and
+is not part of ``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Target:
+    path: str
+    tests: tuple[str, ...]
+
+
+#: The modules that decide what a user sees, each with the tests that pin it (no processes:
+#: the fast lane's tests, so a mutant costs a pytest start and a fraction of a second).
+TARGETS: dict[str, Target] = {
+    "guard_core": Target("clients/_guard_core.py", ("tests/test_guard_core.py",)),
+    "frames": Target("sidecar/ingest/frames.py", ("tests/test_sidecar_frames.py",)),
+    "attribution": Target("sidecar/ledger/attribution.py", ("tests/test_attribution.py",)),
+    "costmodel": Target("sidecar/ledger/costmodel.py", ("tests/test_costmodel.py",)),
+    "fanout": Target("sidecar/api/fanout.py", ("tests/test_fanout.py",)),
+}
+DEFAULT = ("guard_core", "frames", "attribution", "costmodel")
+
+#: Binary-operator swaps kept (the rest — to ``**``, ``%``, ``^``, ... — are killed by any test
+#: that runs the line and only multiply the run time).
+_BINARY_KEPT = {
+    ("Add", "Sub"),
+    ("Sub", "Add"),
+    ("Mul", "Div"),
+    ("Div", "Mul"),
+    ("FloorDiv", "Div"),
+    ("Mod", "FloorDiv"),
+    ("LShift", "RShift"),
+    ("RShift", "LShift"),
+    ("BitAnd", "BitOr"),
+    ("BitOr", "BitAnd"),
+    ("BitXor", "BitOr"),
+}
+_COMPARISONS = {"Eq", "NotEq", "Lt", "LtE", "Gt", "GtE"}
+
+
+#: Surviving mutants that cannot change behaviour, as (module, original line fragment, mutated line
+#: fragment, why). A survivor matching one is reported as equivalent and left out of the score.
+EQUIVALENT: list[tuple[str, str, str, str]] = [
+    # clients/_guard_core.py
+    (
+        "clients/_guard_core.py",
+        "_WALL, _LIVENESS, _QUEUE, _UNKNOWN = 0, 1, 2, 3",
+        "",
+        "heap item kinds are labels compared only with each other; any four distinct values do",
+    ),
+    ("clients/_guard_core.py", "elif kind == _LIVENESS:", "", "the elif chain already took _WALL (0)"),
+    ("clients/_guard_core.py", "elif kind == _QUEUE:", "", "the elif chain already took _WALL and _LIVENESS"),
+    (
+        "clients/_guard_core.py",
+        "elif kind == _UNKNOWN:",
+        "",
+        "the elif chain already took every smaller kind",
+    ),
+    ("clients/_guard_core.py", "if kind == _WALL:", "<=", "kinds are >= 0: <= _WALL is == _WALL"),
+    (
+        "clients/_guard_core.py",
+        "if state == _QUEUED:",
+        "<=",
+        "state 0 was skipped above: <= QUEUED is == QUEUED",
+    ),
+    (
+        "clients/_guard_core.py",
+        "if state >= _FINISHED or state == 0:",
+        "<= 0",
+        "states are protobuf enum numbers >= 0: <= 0 is == 0",
+    ),
+    (
+        "clients/_guard_core.py",
+        "progress: int = -1",
+        "- 2",
+        "progress is a count >= 0: -2 is as unseen as -1",
+    ),
+    ("clients/_guard_core.py", "progress: int = -1", "~1", "~1 == -2: as unseen as -1"),
+    (
+        "clients/_guard_core.py",
+        "state: int = 0",
+        "",
+        "read only with e.msg set (a message sets it) or as 'not admitted', true of 0, 1 and -1 alike",
+    ),
+    (
+        "clients/_guard_core.py",
+        "received: float = 0.0",
+        "",
+        "read only with e.msg set, and every message sets it",
+    ),
+    (
+        "clients/_guard_core.py",
+        "progress_at: float = 0.0",
+        "",
+        "every deadline takes max(progress_at, up_since) or sets progress_at first; 0 vs +-1 s "
+        "before any update is below any monotonic clock the guard runs on",
+    ),
+    (
+        "clients/_guard_core.py",
+        "for e in self.entries.values():",
+        "for e in []",
+        "redundant: every liveness deadline is max(progress_at, up_since) + limit",
+    ),
+    (
+        "clients/_guard_core.py",
+        "max(0.0, b.queue - queued)",
+        "",
+        "a negative remainder is already overdue: it fires on the next due() either way",
+    ),
+    (
+        "clients/_guard_core.py",
+        "deadline = e.received + max(0.0, b.queue - reported)",
+        "",
+        "a deadline in the past fires now either way",
+    ),
+    (
+        "clients/_guard_core.py",
+        "or e.state != _QUEUED or e.msg is None:",
+        "e.state > _QUEUED",
+        "state 0 never reaches a queue item (it is skipped before arming)",
+    ),
+    (
+        "clients/_guard_core.py",
+        "@dataclass(eq=False, slots=True)",
+        "eq=True",
+        "entries are never compared or hashed: request ids are unique per tracker",
+    ),
+    ("clients/_guard_core.py", "@dataclass(", "slots=", "slots change memory layout, not behaviour"),
+    (
+        "clients/_guard_core.py",
+        "self.up_since = 0.0",
+        "",
+        "read only once the stream is up, and on_up() sets it first",
+    ),
+    (
+        "clients/_guard_core.py",
+        "self._push(max(e.progress_at, self.up_since) + b.liveness, _LIVENESS, e)",
+        "- b.liveness",
+        "an early liveness item costs one pop: due() recomputes the deadline from progress and re-arms",
+    ),
+    (
+        "clients/_guard_core.py",
+        "self._push(max(e.progress_at + limit, now + min(limit, 1.0)), _LIVENESS, e)",
+        "e.progress_at - limit",
+        "an early re-check costs one pop: due() recomputes the deadline from progress_at and re-arms",
+    ),
+    (
+        "clients/_guard_core.py",
+        "def error(self, now: float, *, aborted: bool)",
+        "/",
+        "callers pass aborted= by keyword, which both signatures accept",
+    ),
+    (
+        "clients/_guard_core.py",
+        "def __init__(self, budget: EngineBudget, *, unknown_after",
+        "/",
+        "callers pass unknown_after= by keyword, which both signatures accept",
+    ),
+    # sidecar/ingest/frames.py
+    (
+        "sidecar/ingest/frames.py",
+        "b = buf[pos] if pos < end else 0x80",
+        "pos != end",
+        "pos never passes end here: != is <",
+    ),
+    (
+        "sidecar/ingest/frames.py",
+        "if b < 0x80 and pos < end:",
+        "b < 0x80 and",
+        "a fast-path guard: when it is off, the general varint path reads the same value",
+    ),
+    (
+        "sidecar/ingest/frames.py",
+        "if n < 0x80 and pos < end:",
+        "n < 0x80 and",
+        "a fast-path guard: when it is off, the general varint path reads the same length",
+    ),
+    (
+        "sidecar/ingest/frames.py",
+        "if n < 0x80:",
+        "n < 127",
+        "0x7f then takes the general prefix path, which reads the same length",
+    ),
+    ("sidecar/ingest/frames.py", "while pos < size:", "pos != size", "pos never passes size: != is <"),
+    (
+        "sidecar/ingest/frames.py",
+        "self._need = 0",
+        "",
+        "set before it is read: finish() reads it only with bytes buffered, which feed() set it for",
+    ),
+    ("sidecar/ingest/frames.py", "self._prefix = 0", "", "set together with _need before it is read"),
+    (
+        "sidecar/ingest/frames.py",
+        "return _PARSERS[variant](buf, spans[0][0], spans[0][1])",
+        "-1",
+        "there is one span here: [-1] is [0]",
+    ),
+    ("sidecar/ingest/frames.py", "if len(spans) == 1:", "<= 1", "a known variant has at least one span"),
+    (
+        "sidecar/ingest/frames.py",
+        "if len(parts) == 1 and type(parts[0]) is tuple:",
+        "<= 1",
+        "a column has at least one part",
+    ),
+    ("sidecar/ingest/frames.py", "wt == 0", "wt <= 0", "a wire type is tag & 7, never negative"),
+    (
+        "sidecar/ingest/frames.py",
+        "elif number == 2:",
+        "number <= 2",
+        "the chain took number 1 just before, and a field number is never 0 (rejected)",
+    ),
+]
+
+
+def _changed_lines(diff: str) -> tuple[str, str]:
+    minus = [ln[1:] for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
+    plus = [ln[1:] for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    return (minus[0] if minus else ""), (plus[0] if plus else "")
+
+
+def equivalent_reason(module: str, diff: str) -> str | None:
+    """Why a surviving mutant cannot change behaviour, or None when it is a real gap in the tests."""
+    old, new = _changed_lines(diff)
+    # Every module here starts with `from __future__ import annotations`: annotations are strings.
+    annotation = (
+        "def " in old
+        or "->" in old
+        or re.match(r"\s*[\w.]+: [^=]*\|", old)  # an annotated name
+        or re.match(r"\s*(self, )?\w+: [\w.\[\]]+, \w+: [\w.\[\]]+ \| None, ", old)  # a wrapped signature
+    )
+    only_bars = len(old) == len(new) and all(
+        a == b or (a, b) == ("|", "&") for a, b in zip(old, new, strict=True)
+    )
+    if annotation and only_bars:
+        return "annotations are never evaluated (from __future__ import annotations)"
+    for path, fragment, mutated, why in EQUIVALENT:
+        if path == module and fragment in old and mutated in new:
+            return why
+    return None
+
+
+def excluded_operators(python: str) -> list[str]:
+    names = subprocess.run(
+        [python, "-m", "cosmic_ray.cli", "operators"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    out = []
+    for name in names:
+        op = name.removeprefix("core/")
+        if op.startswith("ReplaceBinaryOperator_"):
+            _, a, b = op.split("_")
+            if (a, b) not in _BINARY_KEPT:
+                out.append(f"^{name}$")
+        elif op.startswith("ReplaceComparisonOperator_"):
+            _, a, b = op.split("_")
+            if a not in _COMPARISONS or b not in _COMPARISONS:
+                out.append(f"^{name}$")
+        elif op in ("VariableInserter", "VariableReplacer", "RemoveDecorator"):
+            out.append(f"^{name}$")
+    return out
+
+
+def copy_tree(dest: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for raw in files:
+        if not raw:
+            continue
+        rel = raw.decode()
+        src = ROOT / rel
+        if not src.is_file():
+            continue  # deleted in the working tree
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel)
+
+
+def make_shim(tree: Path, shim: Path) -> None:
+    """``shim/enginetime``: the root package's files plus links to the copy's subpackages."""
+    pkg = shim / "enginetime"
+    pkg.mkdir(parents=True)
+    for f in (tree / "enginetime").iterdir():
+        os.symlink(f, pkg / f.name)
+    for name, rel in {
+        "clients": "clients",
+        "sidecar": "sidecar",
+        "engine_hooks": "engine_hooks",
+        "testbed": "testbed",
+        "v1": "proto/enginetime/v1",
+    }.items():
+        os.symlink(tree / rel, pkg / name)
+
+
+def run_target(name: str, target: Target, tree: Path, env: dict[str, str], python: str) -> dict:
+    work = tree / ".mutate"
+    work.mkdir(exist_ok=True)
+    config, session = work / f"{name}.toml", work / f"{name}.sqlite"
+    tests = " ".join(target.tests)
+    excluded = excluded_operators(python)
+    config.write_text(
+        "[cosmic-ray]\n"
+        f'module-path = "{target.path}"\n'
+        "timeout = 60.0\n"
+        "excluded-modules = []\n"
+        f'test-command = "{python} -m pytest -x -q -p no:randomly -p no:cacheprovider {tests}"\n'
+        "[cosmic-ray.distributor]\n"
+        'name = "local"\n'
+        "[cosmic-ray.filters.operators-filter]\n"
+        f"exclude-operators = {json.dumps(excluded)}\n"
+    )
+    # The unmutated copy must pass, or every mutant would count as killed.
+    base = subprocess.run(
+        [python, "-m", "pytest", "-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", *target.tests],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if base.returncode != 0:
+        raise SystemExit(f"{' '.join(target.tests)} fail without any mutation:\n{base.stdout[-3000:]}")
+    cr = [python, "-m", "cosmic_ray.cli"]
+    subprocess.run([*cr, "init", str(config), str(session)], cwd=tree, env=env, check=True)
+    for tool in ("cosmic_ray.tools.filters.operators_filter", "cosmic_ray.tools.filters.pragma_no_mutate"):
+        extra = [str(config)] if tool.endswith("operators_filter") else []
+        subprocess.run([python, "-m", tool, str(session), *extra], cwd=tree, env=env, check=True)
+    t0 = time.monotonic()
+    subprocess.run([*cr, "exec", str(config), str(session)], cwd=tree, env=env, check=True)
+    elapsed = time.monotonic() - t0
+    return summarize(name, target, tree, session, elapsed)
+
+
+def recheck_target(name: str, target: Target, tree: Path, env: dict[str, str], python: str) -> dict:
+    """Forget the survivors' results and let cosmic-ray run them (only them) again."""
+    work = tree / ".mutate"
+    config, session = work / f"{name}.toml", work / f"{name}.sqlite"
+    db = sqlite3.connect(session)
+    # Mutants an interrupted run never reached stay pending for a later full run: parked as
+    # skipped (marked) while the survivors run again, then released.
+    parked = "not run yet (parked during --recheck)"
+    db.execute(
+        "INSERT INTO work_results (job_id, worker_outcome, output) SELECT job_id, 'SKIPPED', ? "
+        "FROM work_items WHERE job_id NOT IN (SELECT job_id FROM work_results)",
+        (parked,),
+    )
+    db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+    db.commit()
+    t0 = time.monotonic()
+    cmd = [python, "-m", "cosmic_ray.cli", "exec", str(config), str(session)]
+    try:
+        subprocess.run(cmd, cwd=tree, env=env, check=True)
+    finally:
+        db.execute("DELETE FROM work_results WHERE output = ?", (parked,))
+        db.commit()
+        db.close()
+    return summarize(name, target, tree, session, time.monotonic() - t0)
+
+
+def summarize(name: str, target: Target, tree: Path, session: Path, elapsed: float) -> dict:
+    db = sqlite3.connect(session)
+    rows = [
+        (str(w).lower(), str(t).lower(), d)
+        for w, t, d in db.execute("SELECT worker_outcome, test_outcome, diff FROM work_results")
+    ]
+    db.close()
+    ran = [r for r in rows if r[0] == "normal"]
+    killed = [r for r in ran if r[1] == "killed"]
+    survived = [r for r in ran if r[1] == "survived"]
+    timeouts = [r for r in rows if r[0] == "timeout"]  # an infinite loop: the tests noticed
+    skipped = [r for r in rows if r[0] == "skipped"]
+    db = sqlite3.connect(session)
+    pending = db.execute(
+        "SELECT COUNT(*) FROM work_items WHERE job_id NOT IN (SELECT job_id FROM work_results)"
+    ).fetchone()[0]
+    db.close()
+    errors = [r for r in rows if r[0] not in ("normal", "timeout", "skipped")]
+    equivalent = [(r[2], why) for r in survived if (why := equivalent_reason(target.path, r[2] or ""))]
+    real = [r for r in survived if not equivalent_reason(target.path, r[2] or "")]
+    total = len(ran) + len(timeouts) - len(equivalent)
+    score = (len(killed) + len(timeouts)) / total if total else 0.0
+    return {
+        "module": target.path,
+        "tests": list(target.tests),
+        "mutants": total,
+        "killed": len(killed) + len(timeouts),
+        "survived": len(real),
+        "equivalent": len(equivalent),
+        "skipped": len(skipped),
+        "not_run": pending,
+        "errors": len(errors),
+        "score": score,
+        "seconds": round(elapsed),
+        "survivors": [r[2] for r in real],
+        "equivalents": equivalent,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--module", action="append", choices=sorted(TARGETS), help=f"default: {', '.join(DEFAULT)}"
+    )
+    ap.add_argument("--keep", type=Path, help="work in this directory and keep it (sessions, configs)")
+    ap.add_argument("--json", type=Path, help="also write the summary here")
+    ap.add_argument("--show-equivalent", action="store_true", help="also list the equivalent mutants")
+    ap.add_argument(
+        "--recheck",
+        action="store_true",
+        help="with --keep DIR of an earlier run: refresh the tests in the copy and re-run only its "
+        "survivors (the mutated modules must be unchanged since)",
+    )
+    args = ap.parse_args()
+    python = sys.executable
+    names = args.module or list(DEFAULT)
+    base = args.keep or Path(tempfile.mkdtemp(prefix="et-mutate-"))
+    tree, shim = base / "tree", base / "shim"
+    if args.recheck:
+        if args.keep is None or not (tree / ".mutate").is_dir():
+            raise SystemExit("--recheck needs --keep DIR of an earlier run")
+        for name in names:
+            path = TARGETS[name].path
+            if (ROOT / path).read_bytes() != (tree / path).read_bytes():
+                raise SystemExit(f"{path} changed since that run: mutant positions moved; run afresh")
+        copy_tree(tree)  # new tests; the modules are byte-identical
+    else:
+        shutil.rmtree(tree, ignore_errors=True)
+        shutil.rmtree(shim, ignore_errors=True)
+        tree.mkdir(parents=True)
+        copy_tree(tree)
+        make_shim(tree, shim)
+    # PYTHONSAFEPATH: the copy's own enginetime/ (the root package alone) must not shadow the shim
+    # from the working directory, or the subpackages would resolve to the editable install.
+    env = {**os.environ, "PYTHONPATH": str(shim), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONSAFEPATH": "1"}
+    results = []
+    try:
+        for name in names:
+            if args.recheck:
+                r = recheck_target(name, TARGETS[name], tree, env, python)
+            else:
+                r = run_target(name, TARGETS[name], tree, env, python)
+            results.append(r)
+            print(f"\n== {name}: {r['module']} against {' '.join(r['tests'])}", flush=True)
+            print(
+                f"   {r['mutants']} mutants, {r['killed']} killed, {r['survived']} survived, "
+                f"{r['equivalent']} equivalent (listed with --show-equivalent), "
+                f"{r['skipped']} skipped (operator filter), {r['errors']} errors, "
+                f"{r['not_run']} not run (an interrupted run); "
+                f"score {100 * r['score']:.1f} % in {r['seconds']} s"
+            )
+            for diff in r["survivors"]:
+                print("   -- survivor:\n" + "\n".join("      " + ln for ln in diff.splitlines()))
+            if args.show_equivalent:
+                for diff, why in r["equivalents"]:
+                    old, new = _changed_lines(diff)
+                    print(f"   -- equivalent ({why}):\n      - {old.strip()}\n      + {new.strip()}")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(base, ignore_errors=True)
+    print("\nmodule                          mutants  killed  survived  score")
+    for r in results:
+        score = f"{100 * r['score']:5.1f} %"
+        print(f"{r['module']:<32}{r['mutants']:>7}{r['killed']:>8}{r['survived']:>10}  {score}")
+    total = sum(r["mutants"] for r in results)
+    killed = sum(r["killed"] for r in results)
+    if total:
+        print(f"{'all':<32}{total:>7}{killed:>8}{total - killed:>10}  {100 * killed / total:5.1f} %")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
