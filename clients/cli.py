@@ -304,7 +304,8 @@ _REQUEST_FIELDS = (
     "a RequestAccounting object: request_id, session_id, engine_id, shard, state, arrival(_ns), "
     "queue_time(_ns), engine_time(_ns), gpu_time(_ns), interference(_ns), wall(_ns), other(_ns), "
     "tokens {prompt, cached, prefilled, decoded}, steps, excluded_steps, preemptions, "
-    "top_blame [{request_id, engine_id, shard, seconds(_ns), same_shard}], partial, last_step_time(_ns), "
+    "top_blame [{request_id, engine_id, shard, seconds(_ns), same_shard, arrival_time(_ns)}], partial, "
+    "last_step_time(_ns), "
     "migrated, finish_time(_ns), finish_reason, routed_shard, traceparent"
 )
 JSON_HELP = {
@@ -320,7 +321,8 @@ JSON_HELP = {
     "coupling, decode_tokens_per_second, prefill_tokens_per_second, busy_fraction, active_requests, "
     "queued_requests, current_storm {request_id, shard, prefill_tokens, prompt_tokens, chunks, "
     "start_time(_ns), stall(_ns): summed over victims} or null, last_step_time(_ns), steps, connected, "
-    "dropped_frames, engine_kind, device_name, timer_source], running [RequestAccounting as `get --json`]",
+    "dropped_frames, engine_kind, device_name, timer_source, unattributed(_ns), imbalance(_ns), slowdown], "
+    "running [RequestAccounting as `get --json`]",
 }
 
 
