@@ -32,7 +32,6 @@ import socket
 import ssl
 import threading
 import time
-from array import array
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -47,8 +46,11 @@ STEP = 0
 EVENT = 1
 MARK = 2
 
-# Step item: (STEP, seq, global_step, start_wall_ns, end_wall_ns, cpu_ns, device_handle,
-#             kind, handles, prefill_tokens, decode_tokens, context_tokens, peer_tokens)
+# Step item: (STEP, seq, device_handle, payload, cpu_ns). The engine thread encodes the step
+#   itself (wire.encode_step): with device_handle None, payload is the finished frame; with a
+#   CUDA event pair, it is the StepRecord's fields without the device time, which this thread
+#   adds (wire.wrap_step) once the pair has resolved. Either way one ``bytes``, which the
+#   garbage collector does not track, and this thread's work per step is a few list operations.
 # Event item: (EVENT, LiveRequest, kind, time_ns, cached_tokens|None, finish_reason, output_tokens)
 # Mark item: (MARK, FlushMarker)
 
@@ -69,33 +71,18 @@ _MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 
-def _column_size(column: Any) -> int:
-    return len(column) if type(column) is bytes else 40 * len(column)
+#: Memory a step item holds beside its payload (tuple, ints, deque slot).
+STEP_OVERHEAD = 200
 
 
 def item_bytes(item: tuple) -> int:
-    """Approximate memory a ring item holds (the ring is bounded by it as well as by count).
-
-    Step columns are ``bytes`` of uint32s (recorder._own); a list (values out of range,
-    about to be dropped by the encoder) is counted at ~40 bytes an entry.
-    """
+    """Approximate memory a ring item holds (the ring is bounded by it as well as by count)."""
     code = item[0]
     if code == STEP:
-        peers = item[12]
-        size = 400 + _column_size(item[8]) + _column_size(item[9]) + _column_size(item[10])
-        return size + _column_size(item[11]) + (_column_size(peers) if peers is not None else 0)
+        return STEP_OVERHEAD + len(item[3])
     if code == EVENT:
         return 300 + len(item[5] or "")
     return 200
-
-
-def _as_array(column: Any) -> Any:
-    """A ring column (native-order uint32 ``bytes``) as the ``array`` the encoder takes whole."""
-    if type(column) is not bytes:
-        return column
-    arr = array(wire.U32)
-    arr.frombytes(column)
-    return arr
 
 
 class LiveRequest:
@@ -228,7 +215,9 @@ class Shipper:
         self._timer = timer
         self._errors = errors
         self.capacity = max(1, int(capacity))
-        self._backlog_bytes_cap = max(1, int(backlog_bytes))
+        # ``backlog_bytes`` bounds the ring and the backlog together, half each: the engine
+        # process's memory for records in flight stays under it even while the sidecar is away.
+        self._backlog_bytes_cap = max(1, int(backlog_bytes) // 2)
         self._heartbeat_interval = max(0.01, float(heartbeat_interval_s))
         self._connect_timeout = connect_timeout_s
         self._stall_timeout = stall_timeout_s
@@ -236,10 +225,10 @@ class Shipper:
         #: Producers append here (engine thread, request threads). Unbounded deque with
         #: an explicit check so a drop can be counted by kind and its CUDA pair reused.
         self.ring: deque[tuple] = deque()
-        #: Approximate memory the ring holds (item_bytes of each item), bounded by backlog_bytes
+        #: Approximate memory the ring holds (item_bytes of each item), bounded by half of backlog_bytes
         #: like the backlog: many big steps must not grow the engine process without bound.
         self.ring_bytes = 0
-        self.ring_bytes_cap = self._backlog_bytes_cap
+        self.ring_bytes_cap = max(1, int(backlog_bytes) - self._backlog_bytes_cap)
         self._bytes_lock = threading.Lock()
         self._tls = tls  # ssl.SSLContext for tcp: ingest over TLS
         self._drop_lock = threading.Lock()
@@ -310,7 +299,7 @@ class Shipper:
         code = item[0]
         if code == STEP:
             self.count_dropped(steps=1)
-            dev = item[6]
+            dev = item[2]
             if dev is not None:
                 try:
                     self._timer.release(dev)
@@ -438,8 +427,12 @@ class Shipper:
                 self.add_ring_bytes(-item_bytes(item))
             code = item[0]
             if code == STEP:
-                dev = item[6]
-                if dev is not None and not force:
+                dev = item[2]
+                if dev is None:  # encoded whole on the engine thread
+                    self._held = None
+                    self._append(STEP, item[3], None)
+                    continue
+                if not force:
                     try:
                         ready = self._timer.ready(dev)
                     except Exception as exc:
@@ -458,61 +451,26 @@ class Shipper:
                 self._append(MARK, b"", item[1])
 
     def _step_to_backlog(self, item: tuple) -> None:
-        (
-            _,
-            seq,
-            global_step,
-            start_ns,
-            end_ns,
-            cpu_ns,
-            dev,
-            kind,
-            handles,
-            prefill,
-            decode,
-            context,
-            peer,
-        ) = item
+        """Finish a step timed with CUDA events: its device time (or the CPU fallback) goes last."""
+        _, _seq, dev, body, cpu_ns = item
         duration = cpu_ns
         source = TimerSource.MONOTONIC
-        if dev is not None:
-            ns = None
-            try:
-                ns = self._timer.resolve(dev)
-            except Exception as exc:
-                self._errors.report("CUDA event elapsed_time", exc)
-            try:
-                self._timer.release(dev)
-            except Exception as exc:
-                self._errors.report("release CUDA event pair", exc)
-            if ns is None:
-                self.resolve_fallbacks += 1
-            else:
-                duration = ns
-                source = TimerSource.CUDA_EVENT
+        ns = None
         try:
-            handles, prefill, decode, context = (
-                _as_array(handles),
-                _as_array(prefill),
-                _as_array(decode),
-                _as_array(context),
-            )
-            if peer is not None:
-                peer = _as_array(peer)
-            frame = wire.frame_step(
-                seq=seq,
-                start_time_ns=start_ns,
-                end_time_ns=end_ns,
-                device_time_ns=duration,
-                timer_source=source,
-                kind=kind,
-                handles=handles,
-                prefill_tokens=prefill,
-                decode_tokens=decode,
-                context_tokens=context,
-                peer_tokens=peer,
-                global_step=global_step,
-            )
+            ns = self._timer.resolve(dev)
+        except Exception as exc:
+            self._errors.report("CUDA event elapsed_time", exc)
+        try:
+            self._timer.release(dev)
+        except Exception as exc:
+            self._errors.report("release CUDA event pair", exc)
+        if ns is None:
+            self.resolve_fallbacks += 1
+        else:
+            duration = ns
+            source = TimerSource.CUDA_EVENT
+        try:
+            frame = wire.wrap_step(body, wire.step_device_fields(duration, source))
         except Exception as exc:
             self.count_dropped(steps=1)
             self._errors.report("invalid step record dropped", exc)
