@@ -4,12 +4,11 @@ One Recorder per shard (scheduler loop). Request events may come from any thread
 (HTTP handlers, the scheduler); steps come from the engine thread. Every public
 method is cheap and catches everything: a bug or bad argument is counted in
 ``stats().errors`` and logged once per kind, never raised into the engine. The
-engine thread's part of a step is two clock reads, maybe a CUDA event record, the
-step's encoding (its columns copied into one ``bytes``) and a deque append. The
-shipper thread only moves finished frames to the socket (and, with CUDA timing, adds
-each step's device time once its events have resolved): a thread of ours in the
-engine's process takes the GIL from the engine thread whenever it runs Python, so it
-is given as little Python to run as possible.
+engine thread's part of a step is two clock reads, maybe a CUDA event record, its
+columns encoded into one ``bytes`` (the copy it must make anyway), a tuple and a
+deque append. The shipper thread adds the few scalar fields, batches and writes: a
+thread of ours in the engine's process takes the GIL from the engine thread whenever
+it runs Python, so it is given as little Python to run as possible.
 
 Typical use in an adapter::
 
@@ -46,7 +45,6 @@ from .constants import (
     Coupling,
     EventKind,
     StepKind,
-    TimerSource,
     ingest_address,
     parse_address,
 )
@@ -332,14 +330,7 @@ class Recorder:
                 return
             u32 = wire.u32_column
             try:
-                payload = wire.encode_step(
-                    seq,
-                    global_step,
-                    start_wall,
-                    wall,
-                    None if dev is not None else perf - start_perf,
-                    TimerSource.MONOTONIC,
-                    kind,
+                columns = wire.step_columns(
                     u32(handles),
                     u32(prefill_tokens),
                     u32(decode_tokens),
@@ -349,10 +340,10 @@ class Recorder:
             except (ValueError, TypeError, OverflowError) as exc:
                 self._lost_step(dev, "invalid step record dropped", exc)
                 return
-            item = (STEP, seq, dev, payload, perf - start_perf)
+            item = (STEP, seq, dev, columns, perf - start_perf, global_step, start_wall, wall, kind)
             ring = self._ring
             sh = self._shipper
-            size = STEP_OVERHEAD + len(payload)
+            size = STEP_OVERHEAD + len(columns)
             while ring and (len(ring) >= self._cap or sh.ring_bytes + size > self._cap_bytes):
                 sh.overflow()
             sh.add_ring_bytes(size)

@@ -46,11 +46,10 @@ STEP = 0
 EVENT = 1
 MARK = 2
 
-# Step item: (STEP, seq, device_handle, payload, cpu_ns). The engine thread encodes the step
-#   itself (wire.encode_step): with device_handle None, payload is the finished frame; with a
-#   CUDA event pair, it is the StepRecord's fields without the device time, which this thread
-#   adds (wire.wrap_step) once the pair has resolved. Either way one ``bytes``, which the
-#   garbage collector does not track, and this thread's work per step is a few list operations.
+# Step item: (STEP, seq, device_handle, columns, cpu_ns, global_step, start_wall_ns, end_wall_ns,
+#             kind). The engine thread encodes the columns itself (wire.step_columns: one
+#   ``bytes``, which the garbage collector does not track, and the bulk of the frame); this
+#   thread adds the scalar fields (wire.frame_step_columns), a few µs per step.
 # Event item: (EVENT, LiveRequest, kind, time_ns, cached_tokens|None, finish_reason, output_tokens)
 # Mark item: (MARK, FlushMarker)
 
@@ -66,6 +65,8 @@ _MAX_REPLAYS_PER_BATCH = 256
 # that hands the GIL back.
 _SLICE_NS = 250_000
 _YIELD_S = 0.0001
+_CADENCE_S = 0.02  # steps reach the sidecar within this (flush() wakes the thread at once)
+_RETRY_S = 0.01  # a CUDA event not yet reached by the GPU, a full socket
 _STABLE_CONNECTION_S = 1.0
 _MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
@@ -231,6 +232,9 @@ class Shipper:
         self.ring_bytes_cap = max(1, int(backlog_bytes) - self._backlog_bytes_cap)
         self._bytes_lock = threading.Lock()
         self._tls = tls  # ssl.SSLContext for tcp: ingest over TLS
+        # A write to a Unix socket whose peer has gone fails at once (EPIPE); a TCP write
+        # vanishes silently, so only TCP peeks for the peer's close before each batch.
+        self._tcp = target is not None and target[0] == "tcp"
         self._drop_lock = threading.Lock()
         self.dropped_steps = 0
         self.dropped_events = 0
@@ -385,12 +389,13 @@ class Shipper:
 
     def _sleep_time(self, waiting_on_gpu: bool) -> float:
         """How long to idle: short while the GPU or the socket owes us, longer when quiet."""
-        if waiting_on_gpu:  # steps take milliseconds; polling faster only costs the engine GIL time
-            return 0.001
-        if self._out is not None:  # the socket was full: retry the write soon
-            return 0.002
+        # Every wake-up takes the GIL at least once, and when the engine thread is running
+        # Python then, it waits for the next switch interval and then for this thread: so
+        # this thread wakes at a steady cadence and does everything in one go, never polls.
+        if waiting_on_gpu or self._out is not None:  # the GPU or the socket owes us: come back soon
+            return _RETRY_S
         now = time.monotonic()
-        timeout = 0.005 if (self.ring or self._backlog) else 0.02
+        timeout = _CADENCE_S
         if self._sock is not None:
             timeout = min(timeout, self._next_heartbeat - now)
         elif self._target is not None:
@@ -428,11 +433,7 @@ class Shipper:
             code = item[0]
             if code == STEP:
                 dev = item[2]
-                if dev is None:  # encoded whole on the engine thread
-                    self._held = None
-                    self._append(STEP, item[3], None)
-                    continue
-                if not force:
+                if dev is not None and not force:
                     try:
                         ready = self._timer.ready(dev)
                     except Exception as exc:
@@ -451,26 +452,35 @@ class Shipper:
                 self._append(MARK, b"", item[1])
 
     def _step_to_backlog(self, item: tuple) -> None:
-        """Finish a step timed with CUDA events: its device time (or the CPU fallback) goes last."""
-        _, _seq, dev, body, cpu_ns = item
+        _, seq, dev, columns, cpu_ns, global_step, start_ns, end_ns, kind = item
         duration = cpu_ns
         source = TimerSource.MONOTONIC
-        ns = None
+        if dev is not None:
+            ns = None
+            try:
+                ns = self._timer.resolve(dev)
+            except Exception as exc:
+                self._errors.report("CUDA event elapsed_time", exc)
+            try:
+                self._timer.release(dev)
+            except Exception as exc:
+                self._errors.report("release CUDA event pair", exc)
+            if ns is None:
+                self.resolve_fallbacks += 1
+            else:
+                duration = ns
+                source = TimerSource.CUDA_EVENT
         try:
-            ns = self._timer.resolve(dev)
-        except Exception as exc:
-            self._errors.report("CUDA event elapsed_time", exc)
-        try:
-            self._timer.release(dev)
-        except Exception as exc:
-            self._errors.report("release CUDA event pair", exc)
-        if ns is None:
-            self.resolve_fallbacks += 1
-        else:
-            duration = ns
-            source = TimerSource.CUDA_EVENT
-        try:
-            frame = wire.wrap_step(body, wire.step_device_fields(duration, source))
+            frame = wire.frame_step_columns(
+                columns,
+                seq=seq,
+                start_time_ns=start_ns,
+                end_time_ns=end_ns,
+                device_time_ns=duration,
+                timer_source=source,
+                kind=kind,
+                global_step=global_step,
+            )
         except Exception as exc:
             self.count_dropped(steps=1)
             self._errors.report("invalid step record dropped", exc)
@@ -702,7 +712,7 @@ class Shipper:
                 or now >= self._next_heartbeat
             ):
                 return False  # nothing to write: no syscall either
-            if self._peer_closed():
+            if self._tcp and self._peer_closed():
                 self._disconnect(now, "the sidecar closed the connection")
                 return False
             self._build_batch(now)

@@ -420,35 +420,6 @@ def frame_heartbeat(
 
 
 _STEP_TAG = _FRAME_TAGS[FRAME_STEP]
-_HIGH_VARINTS: dict[int, bytes] = {}
-
-
-def _time_varint(value: int) -> bytes:
-    """``encode_varint`` for a non-negative int64, fast for nanosecond clock readings.
-
-    A clock reading's bits above 2**28 change every 0.27 s, so their varint bytes are
-    cached and only the low four 7-bit groups are computed per call (half the time of
-    the generic loop, on the engine thread twice a step).
-    """
-    if value < 0x10000000:
-        return encode_varint(value)
-    high = value >> 28
-    tail = _HIGH_VARINTS.get(high)
-    if tail is None:
-        if len(_HIGH_VARINTS) > 64:
-            _HIGH_VARINTS.clear()
-        tail = _HIGH_VARINTS[high] = encode_varint(high)
-    return (
-        bytes(
-            (
-                (value & 0x7F) | 0x80,
-                ((value >> 7) & 0x7F) | 0x80,
-                ((value >> 14) & 0x7F) | 0x80,
-                ((value >> 21) & 0x7F) | 0x80,
-            )
-        )
-        + tail
-    )
 
 
 def u32_column(column: object) -> array:
@@ -475,47 +446,58 @@ def u32_column(column: object) -> array:
     return arr
 
 
-def step_device_fields(device_time_ns: int, timer_source: int) -> bytes:
-    """StepRecord's device_time_ns and timer_source fields (appended to a pending step's body)."""
-    parts: list[bytes] = []
-    _put_varint(parts, _ST_DEVICE, _i64("device_time_ns", device_time_ns))
-    _put_varint(parts, _ST_SOURCE, _enum("timer_source", timer_source))
-    return b"".join(parts)
+_COLUMN_TAGS: dict[int, tuple[bytes, bytes, bytes, bytes]] = {}
 
 
-def wrap_step(body: bytes, tail: bytes = b"") -> bytes:
-    """One framed StepRecord from its encoded fields (``tail`` goes after ``body``).
-
-    Protobuf readers accept fields in any order, so a step whose device time is only
-    known later (CUDA events) is encoded on the engine thread without it and finished
-    here with ``step_device_fields`` at the end.
-    """
-    inner = len(body) + len(tail)
-    tag_and_len = _STEP_TAG + encode_varint(inner)
-    return b"".join((encode_varint(len(tag_and_len) + inner), tag_and_len, body, tail))
-
-
-def encode_step(
-    seq: int,
-    global_step: int | None,
-    start_time_ns: int,
-    end_time_ns: int,
-    device_time_ns: int | None,
-    timer_source: int,
-    kind: int,
+def step_columns(
     handles: array,
     prefill_tokens: array,
     decode_tokens: array,
     context_tokens: array,
     peer_tokens: array | None,
 ) -> bytes:
-    """A step encoded on the engine thread: the whole frame, or its body when the device time is pending.
+    """StepRecord's column fields (8-12), encoded on the engine thread: one ``bytes``.
 
-    Columns come from ``u32_column`` and must have equal lengths (the caller checks).
-    With ``device_time_ns`` given, the fields are in canonical order and the result is
-    a complete frame (as ``frame_step`` writes it); with None, the result is the
-    StepRecord's fields without device_time_ns/timer_source, for ``wrap_step`` once the
-    device time is known. One ``bytes``: nothing the garbage collector tracks.
+    This is the step's bulk and the one copy the engine thread must make anyway (the
+    caller may reuse its lists); the few scalar fields are left to the shipper thread
+    (``frame_step_columns``). Columns come from ``u32_column``; the caller checks that
+    the four per-entry columns are equally long. ``bytes`` is not tracked by the
+    garbage collector, however many steps a ring holds.
+    """
+    n = len(handles)
+    parts: list = []
+    if n:
+        tags = _COLUMN_TAGS.get(n)
+        if tags is None:
+            if len(_COLUMN_TAGS) > 4096:
+                _COLUMN_TAGS.clear()
+            size = encode_varint(4 * n)  # the four per-entry columns share one length
+            tags = _COLUMN_TAGS[n] = (
+                _ST_HANDLES + size,
+                _ST_PREFILL + size,
+                _ST_DECODE + size,
+                _ST_CONTEXT + size,
+            )
+        parts = [tags[0], handles, tags[1], prefill_tokens, tags[2], decode_tokens, tags[3], context_tokens]
+    if peer_tokens is not None and len(peer_tokens):
+        parts += (_ST_PEER + encode_varint(4 * len(peer_tokens)), peer_tokens)
+    return b"".join(parts)
+
+
+def frame_step_columns(
+    columns: bytes,
+    *,
+    seq: int,
+    start_time_ns: int,
+    end_time_ns: int,
+    device_time_ns: int,
+    timer_source: int,
+    kind: int,
+    global_step: int | None = None,
+) -> bytes:
+    """One framed StepRecord from its scalar fields and ``step_columns`` (the shipper's part).
+
+    The same bytes as ``frame_step`` given the columns themselves (canonical order).
     """
     if not (type(seq) is int and 0 <= seq <= _U64_MAX):
         seq = _u64("seq", seq)
@@ -523,49 +505,25 @@ def encode_step(
         start_time_ns = _i64("start_time_ns", start_time_ns)
     if not (type(end_time_ns) is int and 0 <= end_time_ns <= _I64_MAX):
         end_time_ns = _i64("end_time_ns", end_time_ns)
-    if not (type(kind) is int and 0 <= kind < 128):
-        kind = _enum("kind", kind)
+    if not (type(device_time_ns) is int and 0 <= device_time_ns <= _I64_MAX):
+        device_time_ns = _i64("device_time_ns", device_time_ns)
+    timer_source = _enum("timer_source", timer_source)
+    kind = _enum("kind", kind)
     varint = encode_varint
-    parts: list = []
-    if seq:
-        parts += (_ST_SEQ, varint(seq))
+    head: list[bytes] = [_ST_SEQ, varint(seq)] if seq else []
     if global_step is not None:  # optional: present even when 0
-        parts += (_ST_GLOBAL, varint(_u64("global_step", global_step)))
+        head += (_ST_GLOBAL, varint(_u64("global_step", global_step)))
     if start_time_ns:
-        parts += (_ST_START, _time_varint(start_time_ns))
+        head += (_ST_START, varint(start_time_ns))
     if end_time_ns:
-        parts += (_ST_END, _time_varint(end_time_ns))
-    if device_time_ns is not None:
-        if not (type(device_time_ns) is int and 0 <= device_time_ns <= _I64_MAX):
-            device_time_ns = _i64("device_time_ns", device_time_ns)
-        if device_time_ns:
-            parts += (_ST_DEVICE, varint(device_time_ns))
-        if timer_source:
-            parts += (_ST_SOURCE, varint(_enum("timer_source", timer_source)))
+        head += (_ST_END, varint(end_time_ns))
+    if device_time_ns:
+        head += (_ST_DEVICE, varint(device_time_ns))
+    if timer_source:
+        head += (_ST_SOURCE, varint(timer_source))
     if kind:
-        parts += (_ST_KIND, varint(kind))
-    n = len(handles)
-    if n:
-        size = varint(4 * n)  # the four per-entry columns share one length
-        parts += (
-            _ST_HANDLES,
-            size,
-            handles,
-            _ST_PREFILL,
-            size,
-            prefill_tokens,
-            _ST_DECODE,
-            size,
-            decode_tokens,
-            _ST_CONTEXT,
-            size,
-            context_tokens,
-        )
-    if peer_tokens is not None and len(peer_tokens):
-        parts += (_ST_PEER, varint(4 * len(peer_tokens)), peer_tokens)
-    body = b"".join(parts)
-    if device_time_ns is None:
-        return body
-    inner = len(body)
+        head += (_ST_KIND, varint(kind))
+    header = b"".join(head)
+    inner = len(header) + len(columns)
     tag_and_len = _STEP_TAG + varint(inner)
-    return b"".join((varint(len(tag_and_len) + inner), tag_and_len, body))
+    return b"".join((varint(len(tag_and_len) + inner), tag_and_len, header, columns))

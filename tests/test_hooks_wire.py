@@ -389,3 +389,40 @@ def test_defaults_name_this_protocol_and_hooks_version():
     hello = decode(wire.frame_hello(engine_id="e", shard=0, num_shards=1, coupling=1)).hello
     assert hello.protocol_version == PROTOCOL_VERSION
     assert hello.hooks_version == HOOKS_VERSION
+
+
+def test_columns_encoded_apart_make_the_same_frame_as_frame_step():
+    """The engine thread encodes a step's columns, the shipper its scalars: byte for byte frame_step."""
+    rng = random.Random(15)
+    for trial in range(300):
+        n = rng.choice([0, 1, 3, 256])
+        cols = [[rng.getrandbits(32) for _ in range(n)] for _ in range(4)]
+        peer = rng.choice([None, [], [rng.getrandbits(32) for _ in range(rng.randint(1, 5))]])
+        scalars = dict(
+            seq=rng.getrandbits(rng.randint(1, 64)) if trial % 3 else 0,
+            global_step=rng.choice([None, 0, rng.getrandbits(40)]),
+            start_time_ns=rng.getrandbits(62),
+            end_time_ns=rng.getrandbits(62),
+            device_time_ns=rng.choice([0, rng.getrandbits(40)]),
+            timer_source=rng.choice([0, 1, 2]),
+            kind=rng.choice([0, 1, 2, 3, 4]),
+        )
+        as_arrays = [wire.u32_column(c) for c in cols]
+        columns = wire.step_columns(*as_arrays, None if peer is None else wire.u32_column(peer))
+        assert type(columns) is bytes
+        expected = wire.frame_step(
+            handles=cols[0],
+            prefill_tokens=cols[1],
+            decode_tokens=cols[2],
+            context_tokens=cols[3],
+            peer_tokens=peer,
+            **scalars,
+        )
+        assert wire.frame_step_columns(columns, **scalars) == expected
+
+
+def test_u32_column_refuses_values_outside_uint32():
+    for bad in ([1, -1], [1 << 32], ["a"], [1.5]):
+        with pytest.raises(ValueError):
+            wire.u32_column(bad)
+    assert list(wire.u32_column((1, 2, 3))) == [1, 2, 3]
