@@ -447,6 +447,34 @@ def u32_column(column: object) -> array:
 
 
 _COLUMN_TAGS: dict[int, tuple[bytes, bytes, bytes, bytes]] = {}
+_SOURCE_FIELDS = {k: (_ST_SOURCE + encode_varint(k) if k else b"") for k in range(8)}
+_KIND_FIELDS = {k: (_ST_KIND + encode_varint(k) if k else b"") for k in range(8)}
+_HIGH_VARINTS: dict[int, bytes] = {}
+
+
+def _time_varint(value: int) -> bytes:
+    """``encode_varint`` of a non-negative int64, fast for nanosecond clock readings.
+
+    A clock reading's bits above 2**28 change every 0.27 s, so their varint bytes are
+    cached and only the low four 7-bit groups are computed per call.
+    """
+    if value < 0x10000000:
+        return encode_varint(value)
+    high = value >> 28
+    tail = _HIGH_VARINTS.get(high)
+    if tail is None:
+        if len(_HIGH_VARINTS) > 64:
+            _HIGH_VARINTS.clear()
+        tail = _HIGH_VARINTS[high] = encode_varint(high)
+    low = bytes(
+        (
+            (value & 0x7F) | 0x80,
+            ((value >> 7) & 0x7F) | 0x80,
+            ((value >> 14) & 0x7F) | 0x80,
+            ((value >> 21) & 0x7F) | 0x80,
+        )
+    )
+    return low + tail
 
 
 def step_columns(
@@ -507,22 +535,29 @@ def frame_step_columns(
         end_time_ns = _i64("end_time_ns", end_time_ns)
     if not (type(device_time_ns) is int and 0 <= device_time_ns <= _I64_MAX):
         device_time_ns = _i64("device_time_ns", device_time_ns)
-    timer_source = _enum("timer_source", timer_source)
-    kind = _enum("kind", kind)
+    # Small enums: their fields precomputed (an IntEnum member is turned into its int
+    # first: its hash is its name's, so it would miss the table).
+    source_field = _SOURCE_FIELDS.get(
+        timer_source if type(timer_source) is int else _enum("timer_source", timer_source)
+    )
+    if source_field is None:
+        source_field = _ST_SOURCE + encode_varint(_enum("timer_source", timer_source))
+    kind_field = _KIND_FIELDS.get(kind if type(kind) is int else _enum("kind", kind))
+    if kind_field is None:
+        kind_field = _ST_KIND + encode_varint(_enum("kind", kind))
     varint = encode_varint
     head: list[bytes] = [_ST_SEQ, varint(seq)] if seq else []
     if global_step is not None:  # optional: present even when 0
-        head += (_ST_GLOBAL, varint(_u64("global_step", global_step)))
+        if not (type(global_step) is int and 0 <= global_step <= _U64_MAX):
+            global_step = _u64("global_step", global_step)
+        head += (_ST_GLOBAL, varint(global_step))
     if start_time_ns:
-        head += (_ST_START, varint(start_time_ns))
+        head += (_ST_START, _time_varint(start_time_ns))
     if end_time_ns:
-        head += (_ST_END, varint(end_time_ns))
+        head += (_ST_END, _time_varint(end_time_ns))
     if device_time_ns:
         head += (_ST_DEVICE, varint(device_time_ns))
-    if timer_source:
-        head += (_ST_SOURCE, varint(timer_source))
-    if kind:
-        head += (_ST_KIND, varint(kind))
+    head += (source_field, kind_field)
     header = b"".join(head)
     inner = len(header) + len(columns)
     tag_and_len = _STEP_TAG + varint(inner)
