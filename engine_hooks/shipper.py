@@ -63,7 +63,7 @@ _MAX_REPLAYS_PER_BATCH = 256
 # here would keep the engine thread waiting (up to the 5 ms switch interval per op).
 # Work therefore comes in slices of at most _SLICE_NS, with a real sleep in between
 # that hands the GIL back.
-_SLICE_NS = 250_000
+_SLICE_NS = 50_000
 _YIELD_S = 0.0001
 _CADENCE_S = 0.02  # steps reach the sidecar within this (flush() wakes the thread at once)
 _RETRY_S = 0.01  # a CUDA event not yet reached by the GPU, a full socket
