@@ -4,11 +4,12 @@ One Recorder per shard (scheduler loop). Request events may come from any thread
 (HTTP handlers, the scheduler); steps come from the engine thread. Every public
 method is cheap and catches everything: a bug or bad argument is counted in
 ``stats().errors`` and logged once per kind, never raised into the engine. The
-engine thread's part of a step is two clock reads, maybe a CUDA event record, its
-columns encoded into one ``bytes`` (the copy it must make anyway), a tuple and a
-deque append. The shipper thread adds the few scalar fields, batches and writes: a
-thread of ours in the engine's process takes the GIL from the engine thread whenever
-it runs Python, so it is given as little Python to run as possible.
+engine thread's part of a step is two clock reads, maybe a CUDA event record, the
+step encoded into one ``bytes`` (its columns copied once: the copy it must make
+anyway), a tuple and a deque append. The shipper thread only batches and writes
+frames (and appends a CUDA step's device time once its events resolve): a thread of
+ours in the engine's process takes the GIL from the engine thread whenever it runs
+Python, so it is given as little Python to run as possible.
 
 Typical use in an adapter::
 
@@ -45,6 +46,7 @@ from .constants import (
     Coupling,
     EventKind,
     StepKind,
+    TimerSource,
     ingest_address,
     parse_address,
 )
@@ -58,6 +60,7 @@ _I64_MIN = -(1 << 63)
 _I64_MAX = (1 << 63) - 1
 _LIVE_WARN = 100_000
 
+_MONOTONIC = int(TimerSource.MONOTONIC)
 _perf_ns = time.perf_counter_ns
 _wall_ns = time.time_ns
 
@@ -330,7 +333,14 @@ class Recorder:
                 return
             u32 = wire.u32_column
             try:
-                columns = wire.step_columns(
+                payload = wire.encode_step(
+                    seq,
+                    global_step,
+                    start_wall,
+                    wall,
+                    None if dev is not None else perf - start_perf,
+                    _MONOTONIC,
+                    kind,
                     u32(handles),
                     u32(prefill_tokens),
                     u32(decode_tokens),
@@ -340,10 +350,10 @@ class Recorder:
             except (ValueError, TypeError, OverflowError) as exc:
                 self._lost_step(dev, "invalid step record dropped", exc)
                 return
-            item = (STEP, seq, dev, columns, perf - start_perf, global_step, start_wall, wall, kind)
+            item = (STEP, seq, dev, payload, perf - start_perf)
             ring = self._ring
             sh = self._shipper
-            size = STEP_OVERHEAD + len(columns)
+            size = STEP_OVERHEAD + len(payload)
             while ring and (len(ring) >= self._cap or sh.ring_bytes + size > self._cap_bytes):
                 sh.overflow()
             sh.add_ring_bytes(size)

@@ -46,10 +46,11 @@ STEP = 0
 EVENT = 1
 MARK = 2
 
-# Step item: (STEP, seq, device_handle, columns, cpu_ns, global_step, start_wall_ns, end_wall_ns,
-#             kind). The engine thread encodes the columns itself (wire.step_columns: one
-#   ``bytes``, which the garbage collector does not track, and the bulk of the frame); this
-#   thread adds the scalar fields (wire.frame_step_columns), a few µs per step.
+# Step item: (STEP, seq, device_handle, payload, cpu_ns). The engine thread encodes the step
+#   itself (wire.encode_step): with device_handle None, payload is the finished frame; with a
+#   CUDA event pair, the StepRecord's fields without the device time, which this thread
+#   appends (wire.wrap_step) once the pair has resolved. Either way one ``bytes``, which the
+#   garbage collector does not track, and this thread's Python per step is a few list operations.
 # Event item: (EVENT, LiveRequest, kind, time_ns, cached_tokens|None, finish_reason, output_tokens)
 # Mark item: (MARK, FlushMarker)
 
@@ -433,7 +434,11 @@ class Shipper:
             code = item[0]
             if code == STEP:
                 dev = item[2]
-                if dev is not None and not force:
+                if dev is None:  # encoded whole on the engine thread
+                    self._held = None
+                    self._append(STEP, item[3], None)
+                    continue
+                if not force:
                     try:
                         ready = self._timer.ready(dev)
                     except Exception as exc:
@@ -452,35 +457,26 @@ class Shipper:
                 self._append(MARK, b"", item[1])
 
     def _step_to_backlog(self, item: tuple) -> None:
-        _, seq, dev, columns, cpu_ns, global_step, start_ns, end_ns, kind = item
+        """Finish a step timed with CUDA events: its device time (or the CPU fallback) goes last."""
+        _, _seq, dev, body, cpu_ns = item
         duration = cpu_ns
         source = TimerSource.MONOTONIC
-        if dev is not None:
-            ns = None
-            try:
-                ns = self._timer.resolve(dev)
-            except Exception as exc:
-                self._errors.report("CUDA event elapsed_time", exc)
-            try:
-                self._timer.release(dev)
-            except Exception as exc:
-                self._errors.report("release CUDA event pair", exc)
-            if ns is None:
-                self.resolve_fallbacks += 1
-            else:
-                duration = ns
-                source = TimerSource.CUDA_EVENT
+        ns = None
         try:
-            frame = wire.frame_step_columns(
-                columns,
-                seq=seq,
-                start_time_ns=start_ns,
-                end_time_ns=end_ns,
-                device_time_ns=duration,
-                timer_source=source,
-                kind=kind,
-                global_step=global_step,
-            )
+            ns = self._timer.resolve(dev)
+        except Exception as exc:
+            self._errors.report("CUDA event elapsed_time", exc)
+        try:
+            self._timer.release(dev)
+        except Exception as exc:
+            self._errors.report("release CUDA event pair", exc)
+        if ns is None:
+            self.resolve_fallbacks += 1
+        else:
+            duration = ns
+            source = TimerSource.CUDA_EVENT
+        try:
+            frame = wire.wrap_step(body, wire.step_device_fields(duration, source))
         except Exception as exc:
             self.count_dropped(steps=1)
             self._errors.report("invalid step record dropped", exc)

@@ -449,7 +449,19 @@ def u32_column(column: object) -> array:
 _COLUMN_TAGS: dict[int, tuple[bytes, bytes, bytes, bytes]] = {}
 _SOURCE_FIELDS = {k: (_ST_SOURCE + encode_varint(k) if k else b"") for k in range(8)}
 _KIND_FIELDS = {k: (_ST_KIND + encode_varint(k) if k else b"") for k in range(8)}
+_MONOTONIC_FIELD = _SOURCE_FIELDS[1]
 _HIGH_VARINTS: dict[int, bytes] = {}
+
+
+def _short_varint(value: int) -> bytes:
+    """``encode_varint`` with the one- to three-byte cases (seq, sizes, step times) written out."""
+    if value < 0x80:
+        return _SMALL_VARINTS[value] if value >= 0 else encode_varint(value)
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
+    if value < 0x200000:
+        return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
+    return encode_varint(value)
 
 
 def _time_varint(value: int) -> bytes:
@@ -477,55 +489,54 @@ def _time_varint(value: int) -> bytes:
     return low + tail
 
 
-def step_columns(
+def step_device_fields(device_time_ns: int, timer_source: int) -> bytes:
+    """StepRecord's device_time_ns and timer_source fields, for ``wrap_step``."""
+    if not (type(device_time_ns) is int and 0 <= device_time_ns <= _I64_MAX):
+        device_time_ns = _i64("device_time_ns", device_time_ns)
+    source = _SOURCE_FIELDS.get(
+        timer_source if type(timer_source) is int else _enum("timer_source", timer_source)
+    )
+    if source is None:
+        source = _ST_SOURCE + encode_varint(_enum("timer_source", timer_source))
+    if device_time_ns:
+        return _ST_DEVICE + encode_varint(device_time_ns) + source
+    return source
+
+
+def wrap_step(body: bytes, tail: bytes) -> bytes:
+    """One framed StepRecord from ``encode_step``'s body (device time pending) and ``tail``.
+
+    Protobuf readers accept fields in any order, so a step timed with CUDA events is
+    encoded on the engine thread without its device time, and the shipper appends
+    ``step_device_fields`` here once the events have resolved.
+    """
+    inner = len(body) + len(tail)
+    tag_and_len = _STEP_TAG + encode_varint(inner)
+    return b"".join((encode_varint(len(tag_and_len) + inner), tag_and_len, body, tail))
+
+
+def encode_step(
+    seq: int,
+    global_step: int | None,
+    start_time_ns: int,
+    end_time_ns: int,
+    device_time_ns: int | None,
+    timer_source: int,
+    kind: int,
     handles: array,
     prefill_tokens: array,
     decode_tokens: array,
     context_tokens: array,
     peer_tokens: array | None,
 ) -> bytes:
-    """StepRecord's column fields (8-12), encoded on the engine thread: one ``bytes``.
+    """A step encoded on the engine thread, as one ``bytes`` (the columns copied once).
 
-    This is the step's bulk and the one copy the engine thread must make anyway (the
-    caller may reuse its lists); the few scalar fields are left to the shipper thread
-    (``frame_step_columns``). Columns come from ``u32_column``; the caller checks that
-    the four per-entry columns are equally long. ``bytes`` is not tracked by the
-    garbage collector, however many steps a ring holds.
-    """
-    n = len(handles)
-    parts: list = []
-    if n:
-        tags = _COLUMN_TAGS.get(n)
-        if tags is None:
-            if len(_COLUMN_TAGS) > 4096:
-                _COLUMN_TAGS.clear()
-            size = encode_varint(4 * n)  # the four per-entry columns share one length
-            tags = _COLUMN_TAGS[n] = (
-                _ST_HANDLES + size,
-                _ST_PREFILL + size,
-                _ST_DECODE + size,
-                _ST_CONTEXT + size,
-            )
-        parts = [tags[0], handles, tags[1], prefill_tokens, tags[2], decode_tokens, tags[3], context_tokens]
-    if peer_tokens is not None and len(peer_tokens):
-        parts += (_ST_PEER + encode_varint(4 * len(peer_tokens)), peer_tokens)
-    return b"".join(parts)
-
-
-def frame_step_columns(
-    columns: bytes,
-    *,
-    seq: int,
-    start_time_ns: int,
-    end_time_ns: int,
-    device_time_ns: int,
-    timer_source: int,
-    kind: int,
-    global_step: int | None = None,
-) -> bytes:
-    """One framed StepRecord from its scalar fields and ``step_columns`` (the shipper's part).
-
-    The same bytes as ``frame_step`` given the columns themselves (canonical order).
+    With ``device_time_ns`` given: the complete frame, byte for byte what ``frame_step``
+    writes. With None (a CUDA step whose events have not resolved yet): the StepRecord's
+    fields without device_time_ns and timer_source, for ``wrap_step``. Columns come from
+    ``u32_column``; the caller checks that the four per-entry columns are equally long.
+    Written flat: the engine thread pays for every line. Raises ValueError for values
+    out of range.
     """
     if not (type(seq) is int and 0 <= seq <= _U64_MAX):
         seq = _u64("seq", seq)
@@ -533,19 +544,10 @@ def frame_step_columns(
         start_time_ns = _i64("start_time_ns", start_time_ns)
     if not (type(end_time_ns) is int and 0 <= end_time_ns <= _I64_MAX):
         end_time_ns = _i64("end_time_ns", end_time_ns)
-    if not (type(device_time_ns) is int and 0 <= device_time_ns <= _I64_MAX):
-        device_time_ns = _i64("device_time_ns", device_time_ns)
-    # Small enums: their fields precomputed (an IntEnum member is turned into its int
-    # first: its hash is its name's, so it would miss the table).
-    source_field = _SOURCE_FIELDS.get(
-        timer_source if type(timer_source) is int else _enum("timer_source", timer_source)
-    )
-    if source_field is None:
-        source_field = _ST_SOURCE + encode_varint(_enum("timer_source", timer_source))
-    kind_field = _KIND_FIELDS.get(kind if type(kind) is int else _enum("kind", kind))
+    kind_field = _KIND_FIELDS.get(kind)  # precomputed; an IntEnum member hashes as its int
     if kind_field is None:
         kind_field = _ST_KIND + encode_varint(_enum("kind", kind))
-    varint = encode_varint
+    varint = _short_varint
     head: list[bytes] = [_ST_SEQ, varint(seq)] if seq else []
     if global_step is not None:  # optional: present even when 0
         if not (type(global_step) is int and 0 <= global_step <= _U64_MAX):
@@ -555,10 +557,35 @@ def frame_step_columns(
         head += (_ST_START, _time_varint(start_time_ns))
     if end_time_ns:
         head += (_ST_END, _time_varint(end_time_ns))
-    if device_time_ns:
-        head += (_ST_DEVICE, varint(device_time_ns))
-    head += (source_field, kind_field)
+    if device_time_ns is not None:
+        if timer_source == 1 and type(device_time_ns) is int and 0 < device_time_ns <= _I64_MAX:
+            head += (_ST_DEVICE, varint(device_time_ns), _MONOTONIC_FIELD)  # the CPU timer's steps
+        else:
+            head.append(step_device_fields(device_time_ns, timer_source))
+    head.append(kind_field)
     header = b"".join(head)
-    inner = len(header) + len(columns)
-    tag_and_len = _STEP_TAG + varint(inner)
-    return b"".join((varint(len(tag_and_len) + inner), tag_and_len, header, columns))
+    size = len(header)
+    parts: list = [b"", header]
+    n = len(handles)
+    if n:
+        tags = _COLUMN_TAGS.get(n)
+        if tags is None:
+            if len(_COLUMN_TAGS) > 4096:
+                _COLUMN_TAGS.clear()
+            col_len = varint(4 * n)  # the four per-entry columns share one length
+            tags = _COLUMN_TAGS[n] = (
+                _ST_HANDLES + col_len,
+                _ST_PREFILL + col_len,
+                _ST_DECODE + col_len,
+                _ST_CONTEXT + col_len,
+            )
+        parts += (tags[0], handles, tags[1], prefill_tokens, tags[2], decode_tokens, tags[3], context_tokens)
+        size += 4 * (len(tags[0]) + 4 * n)
+    if peer_tokens is not None and len(peer_tokens):
+        peer_field = _ST_PEER + varint(4 * len(peer_tokens))
+        parts += (peer_field, peer_tokens)
+        size += len(peer_field) + 4 * len(peer_tokens)
+    if device_time_ns is not None:
+        tag_and_len = _STEP_TAG + varint(size)
+        parts[0] = varint(len(tag_and_len) + size) + tag_and_len
+    return b"".join(parts)

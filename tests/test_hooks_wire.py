@@ -391,34 +391,40 @@ def test_defaults_name_this_protocol_and_hooks_version():
     assert hello.hooks_version == HOOKS_VERSION
 
 
-def test_columns_encoded_apart_make_the_same_frame_as_frame_step():
-    """The engine thread encodes a step's columns, the shipper its scalars: byte for byte frame_step."""
+def test_steps_encoded_on_the_engine_thread_match_frame_step():
+    """encode_step writes frame_step's bytes; a CUDA step's body + wrap_step parses to the same record."""
     rng = random.Random(15)
     for trial in range(300):
         n = rng.choice([0, 1, 3, 256])
         cols = [[rng.getrandbits(32) for _ in range(n)] for _ in range(4)]
         peer = rng.choice([None, [], [rng.getrandbits(32) for _ in range(rng.randint(1, 5))]])
-        scalars = dict(
-            seq=rng.getrandbits(rng.randint(1, 64)) if trial % 3 else 0,
-            global_step=rng.choice([None, 0, rng.getrandbits(40)]),
-            start_time_ns=rng.getrandbits(62),
-            end_time_ns=rng.getrandbits(62),
-            device_time_ns=rng.choice([0, rng.getrandbits(40)]),
-            timer_source=rng.choice([0, 1, 2]),
-            kind=rng.choice([0, 1, 2, 3, 4]),
-        )
-        as_arrays = [wire.u32_column(c) for c in cols]
-        columns = wire.step_columns(*as_arrays, None if peer is None else wire.u32_column(peer))
-        assert type(columns) is bytes
+        seq = rng.getrandbits(rng.randint(1, 64)) if trial % 3 else 0
+        global_step = rng.choice([None, 0, rng.getrandbits(40)])
+        start, end = rng.getrandbits(62), rng.getrandbits(62)
+        device = rng.choice([0, rng.getrandbits(40)])
+        source = rng.choice([0, 1, 2])
+        kind = rng.choice([0, 1, 2, 3, 4, 9, 200])
+        arrays = [wire.u32_column(c) for c in cols]
+        peer_array = None if peer is None else wire.u32_column(peer)
         expected = wire.frame_step(
+            seq=seq,
+            global_step=global_step,
+            start_time_ns=start,
+            end_time_ns=end,
+            device_time_ns=device,
+            timer_source=source,
+            kind=kind,
             handles=cols[0],
             prefill_tokens=cols[1],
             decode_tokens=cols[2],
             context_tokens=cols[3],
             peer_tokens=peer,
-            **scalars,
         )
-        assert wire.frame_step_columns(columns, **scalars) == expected
+        whole = wire.encode_step(seq, global_step, start, end, device, source, kind, *arrays, peer_array)
+        assert type(whole) is bytes and whole == expected
+        body = wire.encode_step(seq, global_step, start, end, None, source, kind, *arrays, peer_array)
+        late = wire.wrap_step(body, wire.step_device_fields(device, source))
+        assert decode(late) == decode(expected)
 
 
 def test_u32_column_refuses_values_outside_uint32():
