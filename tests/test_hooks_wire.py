@@ -432,3 +432,14 @@ def test_u32_column_refuses_values_outside_uint32():
         with pytest.raises(ValueError):
             wire.u32_column(bad)
     assert list(wire.u32_column((1, 2, 3))) == [1, 2, 3]
+
+
+def test_the_sidecar_reads_a_cuda_step_whose_device_time_comes_last():
+    """A CUDA step is encoded without its device time, which the shipper appends after the columns."""
+    frames = pytest.importorskip("enginetime.sidecar.ingest.frames")  # the sidecar extra (numpy)
+    cols = [wire.u32_column([7, 8, 9]) for _ in range(4)]
+    body = wire.encode_step(41, 40, 1_000, 3_000_000, None, 2, 2, *cols, None)
+    step = frames.decode_frame(payload(wire.wrap_step(body, wire.step_device_fields(1_234_567, 2))))
+    assert (step.seq, step.global_step, step.device_time_ns, step.timer_source) == (41, 40, 1_234_567, 2)
+    assert (step.start_time_ns, step.end_time_ns, step.kind) == (1_000, 3_000_000, 2)
+    assert list(step.handles) == [7, 8, 9] and list(step.context_tokens) == [7, 8, 9]
