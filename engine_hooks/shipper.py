@@ -1,21 +1,26 @@
 """The shipper: a daemon thread that owns the ingest socket.
 
-The engine thread only appends tuples to ``Shipper.ring`` (a bounded deque: when it
-is full the producer drops the OLDEST item and counts it). Everything else happens
-here, off the engine thread:
+The engine thread encodes each step itself and appends a tuple holding it to
+``Shipper.ring`` (a bounded deque: when it is full the producer drops the OLDEST item
+and counts it). Everything else happens here, off the engine thread — but not off its
+GIL: whenever this thread runs Python, an engine thread returning from a kernel launch
+or a collective waits for it. So it is given as little Python as possible per step,
+wakes on a steady cadence rather than polling, and works in short slices:
 
 1. drain the ring in order; a step timed with CUDA events waits until its end event
    has completed (``query()``, never ``synchronize()``; the GPU runs a stream in
    order, so waiting on the head is enough), then its device time is read and the
    event pair goes back to the pool;
-2. encode each item into a frame (``wire``) and append it to the backlog, which is
+2. append each frame to the backlog (a CUDA step gets its device time appended first;
+   request events are encoded here, they are rare), which is
    bounded by count and by bytes (oldest dropped and counted when the sidecar is
    gone, so an outage costs bounded memory, never engine time);
 3. connect (``unix:PATH`` / ``tcp:HOST:PORT``) with exponential backoff, 50 ms
    doubling to 2 s; on every (re)connection write EngineHello first, then re-announce
    every live request (ARRIVED, ``replayed=True``) so a restarted sidecar can name
    them, then a Heartbeat carrying the drop counts, then the backlog;
-4. write the backlog as one batch per wake-up on a non-blocking socket; a batch the
+4. write the backlog as one batch per wake-up (every 20 ms, or at once for ``flush``)
+   on a non-blocking socket; a batch the
    kernel cannot take at once is continued on the next wake-up (never a half frame
    followed by another frame), a sidecar that reads slowly only makes the buffers
    fill, and one that reads nothing for ``stall_timeout_s`` (the write timeout) is
