@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=20.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.blocks < 4:
+        parser.error("--blocks must be at least 4 (two with hooks, two without, for the noise figure)")
     if args.tight_child:
         print(json.dumps(run_tight_loop(args.tight_child, args.batch, args.seconds)))
         return 0
@@ -384,12 +386,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['hooks_p99_us']:>10.2f} {r['shipper_us']:>20.2f} {r['bytes_per_step']:>11.0f} "
                 f"{r['dropped']:>8}"
             )
-    sidecar, address = start_sidecar(tmp)
+    try:
+        sidecar, address = start_sidecar(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         loops = [
             run_engine_loop(address, b, args.blocks, args.block_steps, args.work_ms / 1e3) for b in batches
         ]
         tight_live = _tight_in_child(address, 256, args.tight_seconds)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
         sidecar.terminate()
         try:
