@@ -4,8 +4,12 @@ One Recorder per shard (scheduler loop). Request events may come from any thread
 (HTTP handlers, the scheduler); steps come from the engine thread. Every public
 method is cheap and catches everything: a bug or bad argument is counted in
 ``stats().errors`` and logged once per kind, never raised into the engine. The
-engine thread's part of a step is two clock reads, maybe a CUDA event record, a
-tuple and a deque append; encoding and socket I/O happen on the shipper thread.
+engine thread's part of a step is two clock reads, maybe a CUDA event record, the
+step encoded into one ``bytes`` (its columns copied once: the copy it must make
+anyway), a tuple and a deque append. The shipper thread only batches and writes
+frames (and appends a CUDA step's device time once its events resolve): a thread of
+ours in the engine's process takes the GIL from the engine thread whenever it runs
+Python, so it is given as little Python to run as possible.
 
 Typical use in an adapter::
 
@@ -17,8 +21,8 @@ Typical use in an adapter::
                  decode_tokens=[...], context_tokens=[...], global_step=forward_ct)
     rec.request_finished(h, reason="stop", output_tokens=n)
 
-Columns passed to ``step_end`` are copied when they are lists or arrays (cheap), so
-the caller may reuse its buffers; other iterables are materialised as a list.
+Columns passed to ``step_end`` are encoded before it returns (lists and
+``array('I')`` are fastest), so the caller may reuse its buffers.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ import os
 import threading
 import time
 import weakref
-from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +46,11 @@ from .constants import (
     Coupling,
     EventKind,
     StepKind,
+    TimerSource,
     ingest_address,
     parse_address,
 )
-from .shipper import EVENT, STEP, ErrorLog, LiveRequest, Shipper, item_bytes
+from .shipper import EVENT, STEP, STEP_OVERHEAD, ErrorLog, LiveRequest, Shipper
 from .timers import CpuTimer, CudaEventTimer, make_timer
 
 log = logging.getLogger("enginetime.engine_hooks")
@@ -56,6 +60,7 @@ _I64_MIN = -(1 << 63)
 _I64_MAX = (1 << 63) - 1
 _LIVE_WARN = 100_000
 
+_MONOTONIC = int(TimerSource.MONOTONIC)
 _perf_ns = time.perf_counter_ns
 _wall_ns = time.time_ns
 
@@ -79,24 +84,6 @@ class RecorderStats:
     address: str = ""
 
 
-def _own(column: Any) -> Any:
-    """A copy the caller cannot mutate behind our back: the column's uint32s as ``bytes``.
-
-    ``bytes`` is the one container the garbage collector does not track (a list copy
-    is a tracked container holding int objects, and even ``array`` is tracked): with
-    the ring full of lists (the sidecar away or slow), the engine process's collector
-    had hundreds of thousands more objects to walk and one full collection stalled the
-    engine thread for 300 ms. Values outside uint32 stay a list, for the encoder to
-    report (counted).
-    """
-    try:
-        if type(column) is array and column.typecode == wire.U32:
-            return column.tobytes()
-        return array(wire.U32, column).tobytes()
-    except (OverflowError, TypeError, ValueError):
-        return list(column)
-
-
 class Recorder:
     """Records one shard's request events and steps and ships them to the sidecar.
 
@@ -108,9 +95,9 @@ class Recorder:
     ``unix:/tmp/enginetime-<uid>/ingest.sock``. ``timer``: "auto" (CUDA events when torch
     sees a GPU, else the CPU clock; an engine whose forward runs on the CPU in a
     process that can see a GPU must say "cpu"), "cpu", "cuda", or a timer object.
-    ``buffer_size`` (items) and ``buffer_bytes`` (memory, default 64 MiB) bound both
-    the ring the engine thread appends to and the shipper's backlog of encoded frames;
-    beyond them the oldest records are dropped and counted. ``token`` (TCP ingest's
+    ``buffer_size`` (items, each) and ``buffer_bytes`` (memory, default 64 MiB, half
+    each) bound the ring the engine thread appends to and the shipper's backlog of
+    frames; beyond them the oldest records are dropped and counted. ``token`` (TCP ingest's
     shared secret) defaults to the contents of $ENGINETIME_TOKEN_FILE, else
     $ENGINETIME_TOKEN; ``tls_ca`` (a CA bundle: TCP ingest over TLS) to
     $ENGINETIME_TLS_CA. ``seq`` starts at 0 and every ``step_end`` call takes one, so a
@@ -344,24 +331,29 @@ class Recorder:
                     ),
                 )
                 return
-            item = (
-                STEP,
-                seq,
-                global_step,
-                start_wall,
-                wall,
-                perf - start_perf,
-                dev,
-                kind,
-                _own(handles),
-                _own(prefill_tokens),
-                _own(decode_tokens),
-                _own(context_tokens),
-                None if peer_tokens is None else _own(peer_tokens),
-            )
+            u32 = wire.u32_column
+            try:
+                payload = wire.encode_step(
+                    seq,
+                    global_step,
+                    start_wall,
+                    wall,
+                    None if dev is not None else perf - start_perf,
+                    _MONOTONIC,
+                    kind,
+                    u32(handles),
+                    u32(prefill_tokens),
+                    u32(decode_tokens),
+                    u32(context_tokens),
+                    None if peer_tokens is None else u32(peer_tokens),
+                )
+            except (ValueError, TypeError, OverflowError) as exc:
+                self._lost_step(dev, "invalid step record dropped", exc)
+                return
+            item = (STEP, seq, dev, payload, perf - start_perf)
             ring = self._ring
             sh = self._shipper
-            size = item_bytes(item)
+            size = STEP_OVERHEAD + len(payload)
             while ring and (len(ring) >= self._cap or sh.ring_bytes + size > self._cap_bytes):
                 sh.overflow()
             sh.add_ring_bytes(size)

@@ -1,21 +1,26 @@
 """The shipper: a daemon thread that owns the ingest socket.
 
-The engine thread only appends tuples to ``Shipper.ring`` (a bounded deque: when it
-is full the producer drops the OLDEST item and counts it). Everything else happens
-here, off the engine thread:
+The engine thread encodes each step itself and appends a tuple holding it to
+``Shipper.ring`` (a bounded deque: when it is full the producer drops the OLDEST item
+and counts it). Everything else happens here, off the engine thread — but not off its
+GIL: whenever this thread runs Python, an engine thread returning from a kernel launch
+or a collective waits for it. So it is given as little Python as possible per step,
+wakes on a steady cadence rather than polling, and works in short slices:
 
 1. drain the ring in order; a step timed with CUDA events waits until its end event
    has completed (``query()``, never ``synchronize()``; the GPU runs a stream in
    order, so waiting on the head is enough), then its device time is read and the
    event pair goes back to the pool;
-2. encode each item into a frame (``wire``) and append it to the backlog, which is
+2. append each frame to the backlog (a CUDA step gets its device time appended first;
+   request events are encoded here, they are rare), which is
    bounded by count and by bytes (oldest dropped and counted when the sidecar is
    gone, so an outage costs bounded memory, never engine time);
 3. connect (``unix:PATH`` / ``tcp:HOST:PORT``) with exponential backoff, 50 ms
    doubling to 2 s; on every (re)connection write EngineHello first, then re-announce
    every live request (ARRIVED, ``replayed=True``) so a restarted sidecar can name
    them, then a Heartbeat carrying the drop counts, then the backlog;
-4. write the backlog as one batch per wake-up on a non-blocking socket; a batch the
+4. write the backlog as one batch per wake-up (every 20 ms, or at once for ``flush``)
+   on a non-blocking socket; a batch the
    kernel cannot take at once is continued on the next wake-up (never a half frame
    followed by another frame), a sidecar that reads slowly only makes the buffers
    fill, and one that reads nothing for ``stall_timeout_s`` (the write timeout) is
@@ -32,7 +37,6 @@ import socket
 import ssl
 import threading
 import time
-from array import array
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -47,8 +51,11 @@ STEP = 0
 EVENT = 1
 MARK = 2
 
-# Step item: (STEP, seq, global_step, start_wall_ns, end_wall_ns, cpu_ns, device_handle,
-#             kind, handles, prefill_tokens, decode_tokens, context_tokens, peer_tokens)
+# Step item: (STEP, seq, device_handle, payload, cpu_ns). The engine thread encodes the step
+#   itself (wire.encode_step): with device_handle None, payload is the finished frame; with a
+#   CUDA event pair, the StepRecord's fields without the device time, which this thread
+#   appends (wire.wrap_step) once the pair has resolved. Either way one ``bytes``, which the
+#   garbage collector does not track, and this thread's Python per step is a few list operations.
 # Event item: (EVENT, LiveRequest, kind, time_ns, cached_tokens|None, finish_reason, output_tokens)
 # Mark item: (MARK, FlushMarker)
 
@@ -62,40 +69,27 @@ _MAX_REPLAYS_PER_BATCH = 256
 # here would keep the engine thread waiting (up to the 5 ms switch interval per op).
 # Work therefore comes in slices of at most _SLICE_NS, with a real sleep in between
 # that hands the GIL back.
-_SLICE_NS = 250_000
+_SLICE_NS = 50_000
 _YIELD_S = 0.0001
+_CADENCE_S = 0.02  # steps reach the sidecar within this (flush() wakes the thread at once)
+_RETRY_S = 0.01  # a CUDA event not yet reached by the GPU, a full socket
 _STABLE_CONNECTION_S = 1.0
 _MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 
-def _column_size(column: Any) -> int:
-    return len(column) if type(column) is bytes else 40 * len(column)
+#: Memory a step item holds beside its payload (tuple, ints, deque slot).
+STEP_OVERHEAD = 200
 
 
 def item_bytes(item: tuple) -> int:
-    """Approximate memory a ring item holds (the ring is bounded by it as well as by count).
-
-    Step columns are ``bytes`` of uint32s (recorder._own); a list (values out of range,
-    about to be dropped by the encoder) is counted at ~40 bytes an entry.
-    """
+    """Approximate memory a ring item holds (the ring is bounded by it as well as by count)."""
     code = item[0]
     if code == STEP:
-        peers = item[12]
-        size = 400 + _column_size(item[8]) + _column_size(item[9]) + _column_size(item[10])
-        return size + _column_size(item[11]) + (_column_size(peers) if peers is not None else 0)
+        return STEP_OVERHEAD + len(item[3])
     if code == EVENT:
         return 300 + len(item[5] or "")
     return 200
-
-
-def _as_array(column: Any) -> Any:
-    """A ring column (native-order uint32 ``bytes``) as the ``array`` the encoder takes whole."""
-    if type(column) is not bytes:
-        return column
-    arr = array(wire.U32)
-    arr.frombytes(column)
-    return arr
 
 
 class LiveRequest:
@@ -228,7 +222,9 @@ class Shipper:
         self._timer = timer
         self._errors = errors
         self.capacity = max(1, int(capacity))
-        self._backlog_bytes_cap = max(1, int(backlog_bytes))
+        # ``backlog_bytes`` bounds the ring and the backlog together, half each: the engine
+        # process's memory for records in flight stays under it even while the sidecar is away.
+        self._backlog_bytes_cap = max(1, int(backlog_bytes) // 2)
         self._heartbeat_interval = max(0.01, float(heartbeat_interval_s))
         self._connect_timeout = connect_timeout_s
         self._stall_timeout = stall_timeout_s
@@ -236,12 +232,15 @@ class Shipper:
         #: Producers append here (engine thread, request threads). Unbounded deque with
         #: an explicit check so a drop can be counted by kind and its CUDA pair reused.
         self.ring: deque[tuple] = deque()
-        #: Approximate memory the ring holds (item_bytes of each item), bounded by backlog_bytes
+        #: Approximate memory the ring holds (item_bytes of each item), bounded by half of backlog_bytes
         #: like the backlog: many big steps must not grow the engine process without bound.
         self.ring_bytes = 0
-        self.ring_bytes_cap = self._backlog_bytes_cap
+        self.ring_bytes_cap = max(1, int(backlog_bytes) - self._backlog_bytes_cap)
         self._bytes_lock = threading.Lock()
         self._tls = tls  # ssl.SSLContext for tcp: ingest over TLS
+        # A write to a Unix socket whose peer has gone fails at once (EPIPE); a TCP write
+        # vanishes silently, so only TCP peeks for the peer's close before each batch.
+        self._tcp = target is not None and target[0] == "tcp"
         self._drop_lock = threading.Lock()
         self.dropped_steps = 0
         self.dropped_events = 0
@@ -310,7 +309,7 @@ class Shipper:
         code = item[0]
         if code == STEP:
             self.count_dropped(steps=1)
-            dev = item[6]
+            dev = item[2]
             if dev is not None:
                 try:
                     self._timer.release(dev)
@@ -396,12 +395,13 @@ class Shipper:
 
     def _sleep_time(self, waiting_on_gpu: bool) -> float:
         """How long to idle: short while the GPU or the socket owes us, longer when quiet."""
-        if waiting_on_gpu:  # steps take milliseconds; polling faster only costs the engine GIL time
-            return 0.001
-        if self._out is not None:  # the socket was full: retry the write soon
-            return 0.002
+        # Every wake-up takes the GIL at least once, and when the engine thread is running
+        # Python then, it waits for the next switch interval and then for this thread: so
+        # this thread wakes at a steady cadence and does everything in one go, never polls.
+        if waiting_on_gpu or self._out is not None:  # the GPU or the socket owes us: come back soon
+            return _RETRY_S
         now = time.monotonic()
-        timeout = 0.005 if (self.ring or self._backlog) else 0.02
+        timeout = _CADENCE_S
         if self._sock is not None:
             timeout = min(timeout, self._next_heartbeat - now)
         elif self._target is not None:
@@ -438,8 +438,12 @@ class Shipper:
                 self.add_ring_bytes(-item_bytes(item))
             code = item[0]
             if code == STEP:
-                dev = item[6]
-                if dev is not None and not force:
+                dev = item[2]
+                if dev is None:  # encoded whole on the engine thread
+                    self._held = None
+                    self._append(STEP, item[3], None)
+                    continue
+                if not force:
                     try:
                         ready = self._timer.ready(dev)
                     except Exception as exc:
@@ -458,61 +462,26 @@ class Shipper:
                 self._append(MARK, b"", item[1])
 
     def _step_to_backlog(self, item: tuple) -> None:
-        (
-            _,
-            seq,
-            global_step,
-            start_ns,
-            end_ns,
-            cpu_ns,
-            dev,
-            kind,
-            handles,
-            prefill,
-            decode,
-            context,
-            peer,
-        ) = item
+        """Finish a step timed with CUDA events: its device time (or the CPU fallback) goes last."""
+        _, _seq, dev, body, cpu_ns = item
         duration = cpu_ns
         source = TimerSource.MONOTONIC
-        if dev is not None:
-            ns = None
-            try:
-                ns = self._timer.resolve(dev)
-            except Exception as exc:
-                self._errors.report("CUDA event elapsed_time", exc)
-            try:
-                self._timer.release(dev)
-            except Exception as exc:
-                self._errors.report("release CUDA event pair", exc)
-            if ns is None:
-                self.resolve_fallbacks += 1
-            else:
-                duration = ns
-                source = TimerSource.CUDA_EVENT
+        ns = None
         try:
-            handles, prefill, decode, context = (
-                _as_array(handles),
-                _as_array(prefill),
-                _as_array(decode),
-                _as_array(context),
-            )
-            if peer is not None:
-                peer = _as_array(peer)
-            frame = wire.frame_step(
-                seq=seq,
-                start_time_ns=start_ns,
-                end_time_ns=end_ns,
-                device_time_ns=duration,
-                timer_source=source,
-                kind=kind,
-                handles=handles,
-                prefill_tokens=prefill,
-                decode_tokens=decode,
-                context_tokens=context,
-                peer_tokens=peer,
-                global_step=global_step,
-            )
+            ns = self._timer.resolve(dev)
+        except Exception as exc:
+            self._errors.report("CUDA event elapsed_time", exc)
+        try:
+            self._timer.release(dev)
+        except Exception as exc:
+            self._errors.report("release CUDA event pair", exc)
+        if ns is None:
+            self.resolve_fallbacks += 1
+        else:
+            duration = ns
+            source = TimerSource.CUDA_EVENT
+        try:
+            frame = wire.wrap_step(body, wire.step_device_fields(duration, source))
         except Exception as exc:
             self.count_dropped(steps=1)
             self._errors.report("invalid step record dropped", exc)
@@ -744,7 +713,7 @@ class Shipper:
                 or now >= self._next_heartbeat
             ):
                 return False  # nothing to write: no syscall either
-            if self._peer_closed():
+            if self._tcp and self._peer_closed():
                 self._disconnect(now, "the sidecar closed the connection")
                 return False
             self._build_batch(now)

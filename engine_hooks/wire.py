@@ -417,3 +417,175 @@ def frame_heartbeat(
     _put_varint(parts, _HB_SENT, _u64("sent_frames", sent_frames))
     _put_varint(parts, _HB_RECONNECTS, _u64("reconnects", reconnects))
     return _wrap(FRAME_HEARTBEAT, b"".join(parts))
+
+
+_STEP_TAG = _FRAME_TAGS[FRAME_STEP]
+
+
+def u32_column(column: object) -> array:
+    """A step column as the ``array`` whose bytes are its packed fixed32 field.
+
+    An ``array(U32)`` is used as it is (on little-endian hosts; the bytes are copied
+    into the frame at once, so the caller may reuse it); anything else is converted.
+    Raises ValueError naming the problem for values outside uint32 or non-ints.
+    """
+    if type(column) is array and column.typecode == U32 and not _BIG_ENDIAN:
+        return column
+    try:
+        if type(column) is list:
+            arr = array(U32)
+            arr.fromlist(column)
+        else:
+            arr = array(U32, column)  # type: ignore[call-overload]
+    except OverflowError:
+        raise ValueError(f"a step column has a value outside uint32 (0..{_U32_MAX})") from None
+    except TypeError as exc:
+        raise ValueError(f"step columns must hold ints: {exc}") from None
+    if _BIG_ENDIAN:
+        arr.byteswap()
+    return arr
+
+
+_COLUMN_TAGS: dict[int, tuple[bytes, bytes, bytes, bytes]] = {}
+_SOURCE_FIELDS = {k: (_ST_SOURCE + encode_varint(k) if k else b"") for k in range(8)}
+_KIND_FIELDS = {k: (_ST_KIND + encode_varint(k) if k else b"") for k in range(8)}
+_MONOTONIC_FIELD = _SOURCE_FIELDS[1]
+_HIGH_VARINTS: dict[int, bytes] = {}
+
+
+def _short_varint(value: int) -> bytes:
+    """``encode_varint`` with the one- to three-byte cases (seq, sizes, step times) written out."""
+    if value < 0x80:
+        return _SMALL_VARINTS[value] if value >= 0 else encode_varint(value)
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
+    if value < 0x200000:
+        return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
+    return encode_varint(value)
+
+
+def _time_varint(value: int) -> bytes:
+    """``encode_varint`` of a non-negative int64, fast for nanosecond clock readings.
+
+    A clock reading's bits above 2**28 change every 0.27 s, so their varint bytes are
+    cached and only the low four 7-bit groups are computed per call.
+    """
+    if value < 0x10000000:
+        return encode_varint(value)
+    high = value >> 28
+    tail = _HIGH_VARINTS.get(high)
+    if tail is None:
+        if len(_HIGH_VARINTS) > 64:
+            _HIGH_VARINTS.clear()
+        tail = _HIGH_VARINTS[high] = encode_varint(high)
+    low = bytes(
+        (
+            (value & 0x7F) | 0x80,
+            ((value >> 7) & 0x7F) | 0x80,
+            ((value >> 14) & 0x7F) | 0x80,
+            ((value >> 21) & 0x7F) | 0x80,
+        )
+    )
+    return low + tail
+
+
+def step_device_fields(device_time_ns: int, timer_source: int) -> bytes:
+    """StepRecord's device_time_ns and timer_source fields, for ``wrap_step``."""
+    if not (type(device_time_ns) is int and 0 <= device_time_ns <= _I64_MAX):
+        device_time_ns = _i64("device_time_ns", device_time_ns)
+    source = _SOURCE_FIELDS.get(
+        timer_source if type(timer_source) is int else _enum("timer_source", timer_source)
+    )
+    if source is None:
+        source = _ST_SOURCE + encode_varint(_enum("timer_source", timer_source))
+    if device_time_ns:
+        return _ST_DEVICE + encode_varint(device_time_ns) + source
+    return source
+
+
+def wrap_step(body: bytes, tail: bytes) -> bytes:
+    """One framed StepRecord from ``encode_step``'s body (device time pending) and ``tail``.
+
+    Protobuf readers accept fields in any order, so a step timed with CUDA events is
+    encoded on the engine thread without its device time, and the shipper appends
+    ``step_device_fields`` here once the events have resolved.
+    """
+    inner = len(body) + len(tail)
+    tag_and_len = _STEP_TAG + encode_varint(inner)
+    return b"".join((encode_varint(len(tag_and_len) + inner), tag_and_len, body, tail))
+
+
+def encode_step(
+    seq: int,
+    global_step: int | None,
+    start_time_ns: int,
+    end_time_ns: int,
+    device_time_ns: int | None,
+    timer_source: int,
+    kind: int,
+    handles: array,
+    prefill_tokens: array,
+    decode_tokens: array,
+    context_tokens: array,
+    peer_tokens: array | None,
+) -> bytes:
+    """A step encoded on the engine thread, as one ``bytes`` (the columns copied once).
+
+    With ``device_time_ns`` given: the complete frame, byte for byte what ``frame_step``
+    writes. With None (a CUDA step whose events have not resolved yet): the StepRecord's
+    fields without device_time_ns and timer_source, for ``wrap_step``. Columns come from
+    ``u32_column``; the caller checks that the four per-entry columns are equally long.
+    Written flat: the engine thread pays for every line. Raises ValueError for values
+    out of range.
+    """
+    if not (type(seq) is int and 0 <= seq <= _U64_MAX):
+        seq = _u64("seq", seq)
+    if not (type(start_time_ns) is int and 0 <= start_time_ns <= _I64_MAX):
+        start_time_ns = _i64("start_time_ns", start_time_ns)
+    if not (type(end_time_ns) is int and 0 <= end_time_ns <= _I64_MAX):
+        end_time_ns = _i64("end_time_ns", end_time_ns)
+    kind_field = _KIND_FIELDS.get(kind)  # precomputed; an IntEnum member hashes as its int
+    if kind_field is None:
+        kind_field = _ST_KIND + encode_varint(_enum("kind", kind))
+    varint = _short_varint
+    head: list[bytes] = [_ST_SEQ, varint(seq)] if seq else []
+    if global_step is not None:  # optional: present even when 0
+        if not (type(global_step) is int and 0 <= global_step <= _U64_MAX):
+            global_step = _u64("global_step", global_step)
+        head += (_ST_GLOBAL, varint(global_step))
+    if start_time_ns:
+        head += (_ST_START, _time_varint(start_time_ns))
+    if end_time_ns:
+        head += (_ST_END, _time_varint(end_time_ns))
+    if device_time_ns is not None:
+        if timer_source == 1 and type(device_time_ns) is int and 0 < device_time_ns <= _I64_MAX:
+            head += (_ST_DEVICE, varint(device_time_ns), _MONOTONIC_FIELD)  # the CPU timer's steps
+        else:
+            head.append(step_device_fields(device_time_ns, timer_source))
+    head.append(kind_field)
+    header = b"".join(head)
+    size = len(header)
+    parts: list = [b"", header]
+    n = len(handles)
+    if n:
+        tags = _COLUMN_TAGS.get(n)
+        if tags is None:
+            if len(_COLUMN_TAGS) > 4096:
+                _COLUMN_TAGS.clear()
+            col_len = varint(4 * n)  # the four per-entry columns share one length
+            tags = _COLUMN_TAGS[n] = (
+                _ST_HANDLES + col_len,
+                _ST_PREFILL + col_len,
+                _ST_DECODE + col_len,
+                _ST_CONTEXT + col_len,
+            )
+        parts += (tags[0], handles, tags[1], prefill_tokens, tags[2], decode_tokens, tags[3], context_tokens)
+        size += 4 * (len(tags[0]) + 4 * n)
+    if peer_tokens is not None and len(peer_tokens):
+        peer_field = _ST_PEER + varint(4 * len(peer_tokens))
+        parts += (peer_field, peer_tokens)
+        size += len(peer_field) + 4 * len(peer_tokens)
+    if device_time_ns is not None:
+        tag_and_len = _STEP_TAG + varint(size)
+        parts[0] = varint(len(tag_and_len) + size) + tag_and_len
+    return b"".join(parts)

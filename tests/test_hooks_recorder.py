@@ -634,8 +634,8 @@ def test_close_without_start_and_stats_shape(sockdir):
 
 
 def test_the_ring_is_bounded_by_bytes_and_holds_no_gc_tracked_columns(sockdir):
-    """Big steps with nobody reading: memory stays under buffer_bytes, and the ring's columns are
-    arrays the garbage collector never walks (a ring of lists made full collections stall the engine)."""
+    """Big steps with nobody reading: memory stays under buffer_bytes, and the ring's steps are
+    bytes the garbage collector never walks (a ring of lists made full collections stall the engine)."""
     import gc
 
     rec = Recorder(
@@ -664,8 +664,9 @@ def test_the_ring_is_bounded_by_bytes_and_holds_no_gc_tracked_columns(sockdir):
         assert rec._shipper.ring_bytes <= 1 << 20
         assert 0 < len(ring) < 200
         assert rec.stats().dropped_steps == 200 - len(ring)  # the oldest went, counted
-        actual = sum(sum(len(col) for col in item[8:12]) for item in ring)  # uint32 bytes
-        assert actual <= 1 << 20  # the estimate does not undercount the columns
-        assert not any(gc.is_tracked(col) for item in ring for col in item[8:12])
+        actual = sum(len(item[3]) for item in ring)  # each step encoded on the engine thread
+        assert actual >= 16 * entries * len(ring)  # the four uint32 columns are in it
+        assert actual <= 1 << 20  # the estimate does not undercount the encoded steps
+        assert not any(gc.is_tracked(item[3]) for item in ring)
     finally:
         rec.close()

@@ -389,3 +389,57 @@ def test_defaults_name_this_protocol_and_hooks_version():
     hello = decode(wire.frame_hello(engine_id="e", shard=0, num_shards=1, coupling=1)).hello
     assert hello.protocol_version == PROTOCOL_VERSION
     assert hello.hooks_version == HOOKS_VERSION
+
+
+def test_steps_encoded_on_the_engine_thread_match_frame_step():
+    """encode_step writes frame_step's bytes; a CUDA step's body + wrap_step parses to the same record."""
+    rng = random.Random(15)
+    for trial in range(300):
+        n = rng.choice([0, 1, 3, 256])
+        cols = [[rng.getrandbits(32) for _ in range(n)] for _ in range(4)]
+        peer = rng.choice([None, [], [rng.getrandbits(32) for _ in range(rng.randint(1, 5))]])
+        seq = rng.getrandbits(rng.randint(1, 64)) if trial % 3 else 0
+        global_step = rng.choice([None, 0, rng.getrandbits(40)])
+        start, end = rng.getrandbits(62), rng.getrandbits(62)
+        device = rng.choice([0, rng.getrandbits(40)])
+        source = rng.choice([0, 1, 2])
+        kind = rng.choice([0, 1, 2, 3, 4, 9, 200])
+        arrays = [wire.u32_column(c) for c in cols]
+        peer_array = None if peer is None else wire.u32_column(peer)
+        expected = wire.frame_step(
+            seq=seq,
+            global_step=global_step,
+            start_time_ns=start,
+            end_time_ns=end,
+            device_time_ns=device,
+            timer_source=source,
+            kind=kind,
+            handles=cols[0],
+            prefill_tokens=cols[1],
+            decode_tokens=cols[2],
+            context_tokens=cols[3],
+            peer_tokens=peer,
+        )
+        whole = wire.encode_step(seq, global_step, start, end, device, source, kind, *arrays, peer_array)
+        assert type(whole) is bytes and whole == expected
+        body = wire.encode_step(seq, global_step, start, end, None, source, kind, *arrays, peer_array)
+        late = wire.wrap_step(body, wire.step_device_fields(device, source))
+        assert decode(late) == decode(expected)
+
+
+def test_u32_column_refuses_values_outside_uint32():
+    for bad in ([1, -1], [1 << 32], ["a"], [1.5]):
+        with pytest.raises(ValueError):
+            wire.u32_column(bad)
+    assert list(wire.u32_column((1, 2, 3))) == [1, 2, 3]
+
+
+def test_the_sidecar_reads_a_cuda_step_whose_device_time_comes_last():
+    """A CUDA step is encoded without its device time, which the shipper appends after the columns."""
+    frames = pytest.importorskip("enginetime.sidecar.ingest.frames")  # the sidecar extra (numpy)
+    cols = [wire.u32_column([7, 8, 9]) for _ in range(4)]
+    body = wire.encode_step(41, 40, 1_000, 3_000_000, None, 2, 2, *cols, None)
+    step = frames.decode_frame(payload(wire.wrap_step(body, wire.step_device_fields(1_234_567, 2))))
+    assert (step.seq, step.global_step, step.device_time_ns, step.timer_source) == (41, 40, 1_234_567, 2)
+    assert (step.start_time_ns, step.end_time_ns, step.kind) == (1_000, 3_000_000, 2)
+    assert list(step.handles) == [7, 8, 9] and list(step.context_tokens) == [7, 8, 9]
