@@ -29,7 +29,7 @@ from truth_sim import (
 
 from enginetime.clients import AccountingClient, AmbiguousRequest, AsyncAccountingClient
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.e2e]  # every test replays into a real sidecar
 
 
 @pytest.fixture(scope="module")
