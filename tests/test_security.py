@@ -58,8 +58,8 @@ def _stub(sp, credentials=None):
     return channel, pb_grpc.AccountingServiceStub(channel)
 
 
-def _get(stub, rid: str, **kw):
-    return stub.GetRequest(pb.GetRequestRequest(request_id=rid), timeout=5, **kw).request
+def _get(stub, rid: str, engine_id: str = "", **kw):
+    return stub.GetRequest(pb.GetRequestRequest(request_id=rid, engine_id=engine_id), timeout=5, **kw).request
 
 
 def _wait_request(stub, rid: str, steps: int, **kw):
@@ -251,6 +251,61 @@ def test_a_second_connection_cannot_take_over_a_shard_or_its_requests(tmp_path) 
                     message="the reconnected recorder's FINISHED never arrived",
                 )
                 assert r.steps == 3 and r.gpu_time_ns == 15_000_000 and r.tokens.decoded >= 0
+
+
+def test_a_forged_engine_with_its_own_id_cannot_answer_for_the_victims_request(tmp_path) -> None:
+    """Finding 1 with another engine id: the forger may announce the same request id on its own
+    engine, but a bare lookup is then ambiguous (never a silent pick of the forgery), the victim's
+    engine still answers with its own figures, and a guard following the bare id does not kill."""
+    from enginetime.clients import AmbiguousRequest, EngineBudget, Guard
+
+    with start_sidecar(tmp_path) as sp:
+        channel, stub = _stub(sp)
+        with (
+            channel,
+            AccountingClient(sp.grpc_target) as client,
+            IngestConnection(sp.ingest) as victim,
+            IngestConnection(sp.ingest) as forger,
+        ):
+            _victim(victim)
+            _wait_request(stub, "r-1", 1)
+            guard = Guard(client, EngineBudget(engine_time=30.0, liveness=None), interval=0.05)
+            try:
+                watch = guard.watch("r-1")
+                watch.__enter__()
+                wait_until(lambda: watch.accounting is not None, 10.0, message="the guard never saw r-1")
+                forger.send(
+                    hello("intruder", recorder_epoch=7)
+                    + arrived(1, "r-1")
+                    + step(0, [1], prefill=[16], device_time_ns=3_000_000_000_000)
+                )
+                wait_until(lambda: _known(stub, "intruder"), message="the forged request never arrived")
+                with pytest.raises(grpc.RpcError) as err:
+                    _get(stub, "r-1")
+                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "victim" in err.value.details() and "intruder" in err.value.details()
+                mine = _get(stub, "r-1", engine_id="victim")
+                assert mine.engine_id == "victim" and mine.gpu_time_ns == 5_000_000
+                with pytest.raises(AmbiguousRequest):
+                    client.get_request("r-1")
+                # The guard saw the second engine's claim and holds its fire: a 30 s budget, an
+                # hour of forged device time, and nothing is killed.
+                wait_until(
+                    lambda: guard.stats.ambiguous >= 1, 10.0, message="the guard never saw the forgery"
+                )
+                time.sleep(0.5)  # several stream intervals with the forged figures on the wire
+                assert not watch.fired, watch.error
+                watch.__exit__(None, None, None)
+            finally:
+                guard.close()
+
+
+def _known(stub, engine: str) -> bool:
+    try:
+        _get(stub, "r-1", engine_id=engine)
+    except grpc.RpcError:
+        return False
+    return True
 
 
 def test_a_shard_of_the_same_engine_with_another_layout_is_refused(tmp_path) -> None:
