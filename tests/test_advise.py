@@ -241,3 +241,18 @@ def test_advise_rejects_an_empty_engine_over_the_wire(module_sidecar) -> None:
             stub.Advise(pb.AdviseRequest(prompt_tokens=10), timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "engine_id is empty" in (err.value.details() or "")
+
+
+def test_scalar_prefill_cost_is_entry_costs_rule(lockstep: Sim) -> None:
+    """Advise's array-free pricing agrees with what attribution charges a prefill entry."""
+    import numpy as np
+
+    from enginetime.sidecar.ledger.costmodel import CostModel
+
+    fitted = lockstep.ledger.model(("eng", 0))
+    rate_only = CostModel(64)
+    rate_only.observe(np.array([1.0, 100.0, 0.0, 0.0, 0.0]), 2e6)
+    for model in (fitted, rate_only, CostModel(64)):
+        for p, c in ((512, 0), (4096, 8000), (1, 30000)):
+            pf, _, _ = model.entry_costs(np.array([float(p)]), np.array([0.0]), np.array([float(c)]))
+            assert model.prefill_cost(p, c) == pytest.approx(float(pf[0]), rel=1e-12)

@@ -38,8 +38,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from enginetime.sidecar.ledger.costmodel import CostModel
 
 #: Default half-life of a cached-prefix estimate (seconds).
@@ -97,10 +95,7 @@ def cached_estimate(turns: list[Turn], shard: int, now_ns: int, half_life_s: flo
 
 def prefill_ns(model: CostModel, tokens: int, context: int, slowdown: float = 1.0) -> float:
     """Predicted prefill time (ns) of ``tokens`` new tokens after ``context`` cached ones."""
-    if tokens <= 0:
-        return 0.0
-    pf, _, _ = model.entry_costs(np.array([float(tokens)]), np.array([0.0]), np.array([float(context)]))
-    return float(pf[0]) * max(slowdown, 1.0)
+    return model.prefill_cost(float(tokens), float(context)) * max(slowdown, 1.0)
 
 
 def advise(

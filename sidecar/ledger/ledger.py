@@ -1431,11 +1431,10 @@ class Ledger:
             done = int(cols.cached[slot]) + int(cols.prefilled[slot])
             prefix = (min(prompt, done) if prompt else done) + max(int(cols.decoded[slot]), req.output_tokens)
             turns.append(advice.Turn(sh.shard, prefix, last, sh.connected and last > sh.restart_ns))
-        state = cols.state
         loads = [
             advice.ShardLoad(
                 no,
-                sum(1 for slot in sh.live if int(state[slot]) == RUNNING),
+                len(sh.running),
                 eng.model if eng.coupling == Coupling.LOCKSTEP else sh.model,
             )
             for no, sh in eng.shards.items()
