@@ -232,6 +232,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--otlp-endpoint", default=None, help="passed to the sidecar (--otlp-endpoint)")
     demo.add_argument("--no-baseline", action="store_true", help="skip the run without the storm")
+    demo.add_argument(
+        "--routing",
+        choices=("round-robin", "advised"),
+        default="round-robin",
+        help="round-robin: the session's turn migrates and storms (default); advised: also run the turn "
+        "routed by the sidecar's Advise and show both side by side",
+    )
     demo.set_defaults(func=_demo)
 
 

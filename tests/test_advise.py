@@ -321,3 +321,23 @@ def test_advised_routing_keeps_the_turn_where_its_prefix_is(sidecar_factory) -> 
         server.stop()
         engine.close()
     assert prefilled["advised"][1] < prefilled["round-robin"][1] / 5, prefilled
+
+
+@pytest.mark.e2e
+def test_demo_advised_routing_avoids_the_storm() -> None:
+    """``enginetime demo --routing advised`` (8K-token session, no session-server comparison to keep
+    it short): the turn routed by Advise prefills at most 20 % of its prompt, where the migrated
+    (round-robin) turn prefilled all of it, and the victims' wall drops."""
+    from enginetime.testbed.demo import ADVISED_RID, DemoConfig, render, run_demo
+
+    report = run_demo(DemoConfig(routing="advised", storm_tokens=8192, compare_policies=False))
+    adv = report["advised"]
+    t, rr = adv["turn"], adv["round_robin"]
+    assert rr["prefilled_tokens"] == rr["prompt_tokens"] >= 8000
+    assert t["prefilled_tokens"] <= 0.2 * t["prompt_tokens"], adv
+    # The prefix is where the session's last turn ran (the sticky turn after the storm).
+    assert t["shard"] == report["session"]["turns"][-1]["shard"] == adv["advice"]["recommended_shard"]
+    assert t["migrated"] is False
+    assert adv["victims_mean_wall_s"] < rr["victims_mean_wall_s"], adv
+    text = render(report)
+    assert f"advised ({ADVISED_RID})" in text and "Advise said: shard" in text
