@@ -341,3 +341,19 @@ def test_demo_advised_routing_avoids_the_storm() -> None:
     assert adv["victims_mean_wall_s"] < rr["victims_mean_wall_s"], adv
     text = render(report)
     assert f"advised ({ADVISED_RID})" in text and "Advise said: shard" in text
+
+
+def test_storm_in_progress_is_reported_and_a_live_turn_counts_what_it_prefilled(lockstep: Sim) -> None:
+    """Mid-prefill of another session's 16K turn on shard 1 (a storm: 9 decoders on the other
+    shards wait for every chunk): Advise says a storm is active, and that turn's own session is
+    credited on shard 1 with the tokens prefilled so far."""
+    sim = lockstep
+    decoders = {k: [(10 + h, 0, 1, 500) for h in range(3)] for k in range(SHARDS)}
+    sim.arrive(1, 60, "big", prompt_tokens=16384, session_id="s2")
+    for i in range(6):
+        sim.group({**decoders, 1: [*decoders[1], (60, CHUNK, 0, i * CHUNK)]})
+    adv = sim.ledger.advise("eng", "s2", 16384 + 100)
+    assert adv.storm_active, [s.current_storm for s in sim.ledger.shards("eng")]
+    by = {a.shard: a for a in adv.shards}
+    assert by[1].cached_tokens == 6 * CHUNK
+    assert adv.recommended_shard == 1
