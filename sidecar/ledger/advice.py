@@ -19,8 +19,11 @@ Per shard ``k``:
   longer holds (past ``--retention``) count as no history.
 * **predicted_prefill**: the cost model's prefill cost of the uncached rest
   ``p = prompt − cached`` with context ``c = cached``: ``p·(β1 + β2·(c + p/2))`` (the
-  same marginal cost attribution charges a prefill entry), scaled by the engine's
-  measured slowdown.
+  same marginal cost attribution charges a prefill entry), at the model's normal speed.
+  Not scaled by the engine's measured slowdown: that factor tracks the pace of recent
+  (mostly decode) steps, and on the testbed it made the figure 1.2–2.4× the measured
+  prefill where the model alone was 0.82–0.86× of it (the rest is the per-chunk fixed
+  cost and the decode entries riding along). It is engine-wide, so the ranking is the same.
 * **predicted_stall**: on a LOCKSTEP engine every other shard's step waits for the
   prefill, so each request running on another shard loses about that much:
   ``predicted_prefill × (running requests on the other shards)``, summed over victims
@@ -93,9 +96,9 @@ def cached_estimate(turns: list[Turn], shard: int, now_ns: int, half_life_s: flo
     return newest.prefix_tokens * 0.5 ** (age_s / half_life_s) if half_life_s > 0 else 0.0
 
 
-def prefill_ns(model: CostModel, tokens: int, context: int, slowdown: float = 1.0) -> float:
+def prefill_ns(model: CostModel, tokens: int, context: int) -> float:
     """Predicted prefill time (ns) of ``tokens`` new tokens after ``context`` cached ones."""
-    return model.prefill_cost(float(tokens), float(context)) * max(slowdown, 1.0)
+    return model.prefill_cost(float(tokens), float(context))
 
 
 def advise(
@@ -104,7 +107,6 @@ def advise(
     turns: list[Turn],
     loads: list[ShardLoad],
     lockstep: bool,
-    slowdown: float,
     storm_active: bool,
     now_ns: int,
     half_life_s: float = DEFAULT_HALF_LIFE_S,
@@ -116,7 +118,7 @@ def advise(
     out = []
     for load in sorted(loads, key=lambda s: s.shard):
         cached = min(prompt_tokens, int(cached_estimate(turns, load.shard, now_ns, half_life_s)))
-        pf = prefill_ns(load.model, prompt_tokens - cached, cached, slowdown)
+        pf = prefill_ns(load.model, prompt_tokens - cached, cached)
         stall = pf * (total_running - load.running) if lockstep else 0.0
         out.append(ShardAdviceView(load.shard, cached, round(pf), round(stall), load.running))
     best = min(out, key=lambda a: (a.predicted_prefill_ns, a.active_requests, a.shard))

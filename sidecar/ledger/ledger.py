@@ -1445,7 +1445,6 @@ class Ledger:
             turns=turns,
             loads=loads,
             lockstep=eng.lockstep,
-            slowdown=eng.slowdown.factor if eng.lockstep else 1.0,
             storm_active=any(self._storms.current(sh) is not None for sh in eng.shards.values()),
             now_ns=now,
         )
