@@ -34,6 +34,7 @@ BENCHES: dict[str, tuple[str, tuple[str, ...]]] = {
         ("--subscribers", "10", "--requests", "1000", "--seconds", "3", "--mode", "both"),
     ),
     "getrequest": ("bench_getrequest.py", ("--rate", "100000", "--seconds", "3")),
+    "advise": ("bench_advise.py", ("--rate", "100000", "--seconds", "3")),
     "tracing_overhead": ("bench_tracing_overhead.py", ("--groups", "500", "--rounds", "1")),
     "testbed_overhead": (
         "bench_testbed_overhead.py",

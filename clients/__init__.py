@@ -30,6 +30,7 @@ from .errors import (
 from .guard import AsyncGuard, AsyncWatch, Guard, Watch, sglang_abort
 from .sync_client import AccountingClient, Stream
 from .types import (
+    Advice,
     Blame,
     Coupling,
     InterferenceEvent,
@@ -39,6 +40,7 @@ from .types import (
     RequestFilter,
     RequestPage,
     RequestState,
+    ShardAdvice,
     ShardStatus,
     Storm,
     TimerSource,
@@ -47,6 +49,8 @@ from .types import (
 )
 
 __all__ = [
+    "Advice",
+    "ShardAdvice",
     "DEFAULT_TARGET",
     "AccountingClient",
     "AsyncAccountingClient",

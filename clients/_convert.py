@@ -18,6 +18,7 @@ from enginetime.engine_hooks.constants import DEFAULT_GRPC_ADDRESS
 from enginetime.v1 import accounting_pb2 as pb
 
 from .types import (
+    Advice,
     Blame,
     Coupling,
     InterferenceEvent,
@@ -27,6 +28,7 @@ from .types import (
     RequestFilter,
     RequestPage,
     RequestState,
+    ShardAdvice,
     ShardStatus,
     States,
     Storm,
@@ -207,6 +209,24 @@ def shard_from_pb(m: pb.ShardStatus) -> ShardStatus:
         imbalance_ns=_dur_ns(m.imbalance),
         slowdown=m.slowdown or 1.0,
     )
+
+
+def advice_from_pb(m: pb.Advice) -> Advice:
+    shards = []
+    for a in m.shards:
+        pf, st = _dur_ns(a.predicted_prefill), _dur_ns(a.predicted_stall)
+        shards.append(ShardAdvice(a.shard, a.cached_tokens, pf / 1e9, pf, st / 1e9, st, a.active_requests))
+    return Advice(m.recommended_shard, m.reason, tuple(shards), m.storm_active, m.calibrated)
+
+
+def advise_request(engine_id: str, session_id: str, prompt_tokens: int) -> pb.AdviseRequest:
+    if not engine_id:
+        raise ValueError("engine_id is empty: name the engine the turn is for (get_shards() lists them)")
+    if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or prompt_tokens <= 0:
+        raise ValueError(
+            f"prompt_tokens must be a positive int (the turn's whole prompt), got {prompt_tokens!r}"
+        )
+    return pb.AdviseRequest(engine_id=engine_id, session_id=session_id, prompt_tokens=prompt_tokens)
 
 
 def interference_from_pb(m: pb.InterferenceEvent) -> InterferenceEvent:

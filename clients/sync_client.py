@@ -22,6 +22,7 @@ from . import _convert as cv
 from ._base import BaseClient
 from .errors import map_rpc_error
 from .types import (
+    Advice,
     InterferenceEvent,
     RequestAccounting,
     RequestFilter,
@@ -193,6 +194,17 @@ class AccountingClient(BaseClient):
         """Every shard the sidecar knows (of one engine when engine_id is given)."""
         resp = self._unary("GetShards", pb.GetShardsRequest(engine_id=engine_id), timeout)
         return [cv.shard_from_pb(s) for s in resp.shards]
+
+    def advise(
+        self, *, engine_id: str, session_id: str = "", prompt_tokens: int, timeout: float | None = None
+    ) -> Advice:
+        """Where to send ``session_id``'s next turn of ``prompt_tokens`` on ``engine_id``, and why.
+
+        Send the turn to ``advice.recommended_shard`` (SGLang: ``routed_dp_rank``).
+        """
+        req = cv.advise_request(engine_id, session_id, prompt_tokens)
+        resp = self._unary("Advise", req, timeout)
+        return cv.advice_from_pb(resp.advice)
 
     # --- streams --------------------------------------------------------------------
 

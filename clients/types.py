@@ -257,6 +257,42 @@ class ShardStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class ShardAdvice:
+    """One shard as a place for a session's next turn (``Advice.shards``)."""
+
+    shard: int
+    #: The session's estimated cached prefix there (tokens; decays with age).
+    cached_tokens: int
+    #: Predicted prefill seconds of the uncached rest of the prompt.
+    predicted_prefill: float
+    predicted_prefill_ns: int
+    #: Seconds the other lockstep shards' running requests would lose, summed over them.
+    predicted_stall: float
+    predicted_stall_ns: int
+    active_requests: int
+
+
+@dataclass(frozen=True, slots=True)
+class Advice:
+    """Where to send a session's next turn, and why (``advise``)."""
+
+    recommended_shard: int
+    reason: str
+    shards: tuple[ShardAdvice, ...]
+    #: A storm runs on some shard of the engine now.
+    storm_active: bool
+    #: The sidecar's cost model is calibrated (predictions are real time, not token guesses).
+    calibrated: bool
+
+    def shard(self, number: int) -> ShardAdvice:
+        """The entry of shard ``number`` (KeyError when that shard is not connected)."""
+        for a in self.shards:
+            if a.shard == number:
+                return a
+        raise KeyError(number)
+
+
+@dataclass(frozen=True, slots=True)
 class InterferenceVictims:
     shards: tuple[int, ...]
     request_count: int

@@ -8,7 +8,7 @@ Modules (import them directly; this package imports nothing, so ``enginetime
 * ``engine`` — ``Engine``: N DP shards, INDEPENDENT or LOCKSTEP, the step loop
 * ``adapter`` — the engine_hooks adapter (one Recorder per shard)
 * ``http_api`` — SGLang-compatible ``/generate``, ``/abort_request``, ``/health``
-* ``sessions`` — TITO multi-turn session driver (sticky or round-robin routing)
+* ``sessions`` — TITO multi-turn session driver (sticky, round-robin or advised routing)
 * ``demo`` — ``enginetime demo``: the cross-shard prefill incident, with its accounting
 * ``cli`` — ``enginetime testbed serve|sessions`` and ``enginetime demo``
 """

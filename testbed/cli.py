@@ -220,7 +220,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "prefill_s, wall_s, engine_time_s, gpu_time_s, ...}, victims and neighbour [{request_id, shard, "
         "wall_s, queue_s, engine_time_s, gpu_time_s, interference_s, other_s, blame [...]}], baseline "
         "(the same without the storm), timeouts, policies (the two session servers), summary, timeline "
-        "(decode tok/s per shard over time), elapsed_s. Seconds are floats",
+        "(decode tok/s per shard over time), advised (with --routing advised: turn, advice, victims, "
+        "victims_mean_wall_s, round_robin, no_storm_victims_mean_wall_s), elapsed_s. Seconds are floats",
     )
     demo.add_argument(
         "--plot",
@@ -232,6 +233,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--otlp-endpoint", default=None, help="passed to the sidecar (--otlp-endpoint)")
     demo.add_argument("--no-baseline", action="store_true", help="skip the run without the storm")
+    demo.add_argument(
+        "--routing",
+        choices=("round-robin", "advised"),
+        default="round-robin",
+        help="round-robin: the session's turn migrates and storms (default); advised: also run the turn "
+        "routed by the sidecar's Advise and show both side by side",
+    )
     demo.set_defaults(func=_demo)
 
 

@@ -13,6 +13,11 @@ What happens (default: 4 DP shards, LOCKSTEP, prefill-first, 512-token chunks):
    chunks — the storm. The victims' shards step in lockstep with it.
 5. The session's following turn stays on the last shard (sticky) and prefills only
    its new tokens.
+6. With ``--routing advised``: the same victims once more, and the session's next turn
+   is routed by the session driver asking the sidecar's ``Advise`` instead of pinned to
+   another shard: it lands where its prefix is and prefills only its new tokens. The
+   report puts that turn's prefilled tokens and the victims' wall beside the round-robin
+   (migrating) turn of step 4.
 
 The report: per-shard decode tok/s before / during / after the storm (from the engine's
 own step log), each victim's wall, queue, engine_time, interference and top blame (from
@@ -43,6 +48,8 @@ from .scheduler import Request
 from .sessions import SessionDriver
 
 STORM_RID = "session-long-turn-1"
+ADVISED_RID = "session-long-turn-advised"
+ROUTINGS = ("round-robin", "advised")
 
 
 @dataclass
@@ -72,8 +79,12 @@ class DemoConfig:
     budget_factor: float = 3.0
     #: Run the same storm through two session servers (wall-clock timeout vs engine-time guard).
     compare_policies: bool = True
+    #: round-robin: the storm turn migrates (the incident); advised: also run the turn routed by Advise.
+    routing: str = "round-robin"
 
     def __post_init__(self) -> None:
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"unknown --routing {self.routing!r}: use one of {', '.join(ROUTINGS)}")
         if self.shards < 2:
             raise ValueError("the demo needs --shards ≥ 2: victims on shards 0..N-2, the storm on the last")
         if self.storm_tokens < 2 * self.chunk:
@@ -113,6 +124,7 @@ class DemoConfig:
             intra_op_threads=args.intra_op_threads,
             max_running_requests=args.max_running_requests,
             prefix_cache_tokens=args.prefix_cache_tokens,
+            routing=getattr(args, "routing", "round-robin"),
         )
 
 
@@ -549,8 +561,105 @@ class Scenario:
         report["summary"] = _summary(report, self.storm_shard)
         if cfg.compare_policies and report.get("timeouts"):
             report["policies"] = self.compare_policies(session, report["timeouts"]["budget_s"], max_new)
+        if cfg.routing == "advised":
+            report["advised"] = self.advised(session, max_new, storm_row, victims, base_rows)
         report["elapsed_s"] = _r(time.perf_counter() - t_start, 2)
         return report
+
+    # ------------------------------------------------------------------ advised routing
+
+    def advised(
+        self,
+        session,
+        max_new: int,
+        storm_row: dict,
+        storm_victims: list[dict | None],
+        base_victims: list[dict | None],
+    ) -> dict:
+        """The storm phase again, with the session's turn routed by the sidecar's ``Advise``.
+
+        The session driver asks ``Advise`` (``sessions.advisor_for``) and sends
+        ``routed_dp_rank`` accordingly; the figures to compare are the turn's prefilled
+        tokens and the victims' wall against the migrated (round-robin) turn's run.
+        """
+        from .sessions import SessionDriver, advisor_for
+
+        cfg, eng = self.cfg, self.engine
+        engine_id = eng.config.engine_id
+        eng.flush_hooks(10)  # the sidecar has seen every earlier turn before the router asks
+        driver = SessionDriver(
+            self.url,
+            num_shards=cfg.shards,
+            routing="advised",
+            seed=cfg.seed + 2,
+            vocab_size=cfg.model.vocab_size,
+            client=self.client,
+            advisor=advisor_for(self.acct, engine_id),
+        )
+        box: dict = {}
+
+        def turn() -> None:
+            prompt = len(session.history) + cfg.turn_tokens
+            box["advice"] = self.acct.advise(
+                engine_id=engine_id, session_id=session.session_id, prompt_tokens=prompt
+            )
+            box["turn"] = driver.run_turn(session, cfg.turn_tokens, max_new_tokens=8, rid=ADVISED_RID)
+
+        self.say("advised: the same victims; session-long's next turn is routed by the sidecar's Advise")
+        run = self.run_victims("advised-", max_new, turn)
+        eng.flush_hooks(10)
+        deadline = time.monotonic() + 20
+        rows: list[dict | None] = []
+        neighbour = None
+        for rid, shard in run["specs"]:
+            row = self.victim_row(rid, shard, run["reqs"][rid], None, deadline)
+            if rid.endswith("neighbour"):
+                neighbour = row
+            else:
+                rows.append(row)
+        t, adv = box["turn"], box["advice"]
+        steps = sum(1 for s in eng.step_log(t.shard) if ADVISED_RID in s.rids)
+        acct, _ = self.accounting(ADVISED_RID, steps, deadline)
+
+        def mean_wall(vs: list[dict | None]) -> float | None:
+            return _r(_mean([v["wall_s"] for v in vs if v and v.get("wall_s") is not None]))
+
+        return {
+            "turn": {
+                "request_id": ADVISED_RID,
+                "shard": t.shard,
+                "prompt_tokens": t.prompt_tokens,
+                "cached_tokens": t.cached_tokens,
+                "prefilled_tokens": t.prefilled_tokens,
+                "wall_s": _r(t.wall_s),
+                "migrated": bool(acct.migrated) if acct else None,
+            },
+            "advice": {
+                "recommended_shard": adv.recommended_shard,
+                "reason": adv.reason,
+                "storm_active": adv.storm_active,
+                "shards": [
+                    {
+                        "shard": a.shard,
+                        "cached_tokens": a.cached_tokens,
+                        "predicted_prefill_s": _r(a.predicted_prefill),
+                        "predicted_stall_s": _r(a.predicted_stall),
+                    }
+                    for a in adv.shards
+                ],
+            },
+            "victims": rows,
+            "neighbour": neighbour,
+            "victims_mean_wall_s": mean_wall(rows),
+            "round_robin": {
+                "request_id": storm_row["request_id"],
+                "shard": storm_row["shard"],
+                "prompt_tokens": storm_row["prompt_tokens"],
+                "prefilled_tokens": storm_row["prefill_tokens"],
+                "victims_mean_wall_s": mean_wall(storm_victims),
+            },
+            "no_storm_victims_mean_wall_s": mean_wall(base_victims),
+        }
 
     # ------------------------------------------------------------------ two session servers
 
@@ -893,6 +1002,8 @@ def render(report: dict) -> str:
     pol = report.get("policies")
     if pol and "skipped" not in pol:
         lines += _render_policies(pol)
+    if report.get("advised"):
+        lines += _render_advised(report["advised"])
     s = report["summary"]
     if s.get("victim_shards_during_over_before") is not None:
         lines.append(
@@ -901,6 +1012,21 @@ def render(report: dict) -> str:
             f"{s['victims_blaming_storm_first']} victims."
         )
     return "\n".join(lines)
+
+
+def _render_advised(adv: dict) -> list[str]:
+    """The turn routed by Advise beside the migrated one: what it prefilled, what the victims paid."""
+    t, rr = adv["turn"], adv["round_robin"]
+    return [
+        "",
+        "routing the session's turn          shard  prefilled / prompt   victims' mean wall",
+        f"  round-robin ({rr['request_id']})  {rr['shard']:>5}  {rr['prefilled_tokens']:>9} / "
+        f"{rr['prompt_tokens']:<6}   {_fmt(rr['victims_mean_wall_s'], ' s')}",
+        f"  advised ({t['request_id']})  {t['shard']:>2}  {t['prefilled_tokens']:>9} / "
+        f"{t['prompt_tokens']:<6}   {_fmt(adv['victims_mean_wall_s'], ' s')}",
+        f"  (no storm: victims' mean wall {_fmt(adv['no_storm_victims_mean_wall_s'], ' s')})",
+        f"  Advise said: {adv['advice']['reason']}",
+    ]
 
 
 def _render_policies(pol: dict) -> list[str]:
@@ -1008,4 +1134,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DemoConfig", "SidecarProcess", "render", "run_demo"]
+__all__ = ["ADVISED_RID", "DemoConfig", "SidecarProcess", "render", "run_demo"]

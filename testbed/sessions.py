@@ -8,6 +8,9 @@ is the routing policy's choice:
   turn, which holds its prefix in cache: the turn prefills only its new tokens.
 * ``round-robin`` — turn t of session s goes to shard (s + t) mod N: turns migrate,
   and a migrated turn prefills its whole history from scratch (the incident).
+* ``advised`` — each turn goes where the sidecar's ``Advise`` says (``advisor``: a
+  callable of session id and prompt length returning a shard, e.g.
+  ``advisor_for(client, engine_id)``): the shard it estimates holds the session's prefix.
 
 Works against the testbed or a real SGLang server (``routed_dp_rank`` pins the shard).
 """
@@ -17,11 +20,26 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
 
-ROUTINGS = ("round-robin", "sticky")
+ROUTINGS = ("round-robin", "sticky", "advised")
+
+#: (session id, prompt tokens) -> shard: where ``advised`` routing sends a turn.
+Advisor = Callable[[str, int], int]
+
+
+def advisor_for(client, engine_id: str) -> Advisor:
+    """An ``Advisor`` asking a sidecar (an ``AccountingClient``) about ``engine_id``."""
+
+    def advise(session_id: str, prompt_tokens: int) -> int:
+        return client.advise(
+            engine_id=engine_id, session_id=session_id, prompt_tokens=prompt_tokens
+        ).recommended_shard
+
+    return advise
 
 
 @dataclass(frozen=True)
@@ -68,9 +86,15 @@ class SessionDriver:
         seed: int = 0,
         vocab_size: int | None = None,
         client: httpx.Client | None = None,
+        advisor: Advisor | None = None,
     ) -> None:
         if routing not in ROUTINGS:
             raise ValueError(f"unknown routing {routing!r}: use one of {', '.join(ROUTINGS)}")
+        if routing == "advised" and advisor is None:
+            raise ValueError(
+                "routing='advised' needs advisor= (e.g. advisor_for(AccountingClient(...), engine_id))"
+            )
+        self.advisor = advisor
         self.base_url = base_url.rstrip("/")
         self.routing = routing
         self._own_client = client is None
@@ -116,8 +140,10 @@ class SessionDriver:
         first = self.random_tokens(prompt) if isinstance(prompt, int) else list(prompt)
         return Session(sid, index, pending=first)
 
-    def route(self, session: Session) -> int:
+    def route(self, session: Session, prompt_tokens: int = 0) -> int:
         turn = len(session.turns)
+        if self.routing == "advised" and self.advisor is not None and prompt_tokens > 0:
+            return self.advisor(session.session_id, prompt_tokens)
         if self.routing == "sticky" and session.last_shard is not None:
             return session.last_shard
         return (session.index + turn) % self.num_shards
@@ -135,7 +161,7 @@ class SessionDriver:
         new = self.random_tokens(new_tokens) if isinstance(new_tokens, int) else list(new_tokens)
         ids = session.history + session.pending + new
         turn = len(session.turns)
-        target = self.route(session) if shard is None else shard
+        target = self.route(session, len(ids)) if shard is None else shard
         rid = rid or f"{session.session_id}-turn-{turn}"
         body = {
             "rid": rid,

@@ -73,6 +73,7 @@ def test_every_rpc_of_the_design_is_in_the_service() -> None:
         "StreamUpdates",
         "GetShards",
         "StreamInterference",
+        "Advise",
     }
     streaming = {m.name for m in service.methods if m.server_streaming}
     assert streaming == {"WatchRequest", "StreamUpdates", "StreamInterference"}

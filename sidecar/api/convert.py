@@ -11,6 +11,7 @@ from __future__ import annotations
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from enginetime.sidecar.ledger.advice import AdviceView
 from enginetime.sidecar.ledger.views import (
     InterferenceView,
     RequestQuery,
@@ -158,6 +159,26 @@ def interference_to_proto(v: InterferenceView) -> pb.InterferenceEvent:
         msg.start_time.CopyFrom(timestamp(v.start_time_ns))
     if v.end_time_ns:
         msg.end_time.CopyFrom(timestamp(v.end_time_ns))
+    return msg
+
+
+def advice_to_proto(v: AdviceView) -> pb.Advice:
+    msg = pb.Advice(
+        recommended_shard=v.recommended_shard,
+        reason=v.reason,
+        storm_active=v.storm_active,
+        calibrated=v.calibrated,
+    )
+    msg.shards.extend(
+        pb.ShardAdvice(
+            shard=a.shard,
+            cached_tokens=a.cached_tokens,
+            predicted_prefill=duration(a.predicted_prefill_ns),
+            predicted_stall=duration(a.predicted_stall_ns),
+            active_requests=a.active_requests,
+        )
+        for a in v.shards
+    )
     return msg
 
 

@@ -137,6 +137,37 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
         resp.shards.extend(convert.shard_to_proto(v) for v in self.ledger.shards(request.engine_id))
         return resp
 
+    async def Advise(self, request: pb.AdviseRequest, context) -> pb.AdviseResponse:
+        engine_id = clip_text(request.engine_id, self.max_text_bytes)
+        if not engine_id:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "engine_id is empty: name the engine the turn is for (the engine id its hooks report; "
+                "GetShards lists them)",
+            )
+        if request.prompt_tokens <= 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "prompt_tokens is 0: pass the turn's whole prompt length in tokens (history included)",
+            )
+        try:
+            view = self.ledger.advise(
+                engine_id, clip_text(request.session_id, self.max_text_bytes), request.prompt_tokens
+            )
+        except KeyError:
+            await _abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"engine {quote(engine_id)} is not known to this sidecar: no recorder with that engine id "
+                "has connected; check the id (GetShards lists the engines) and the engine's "
+                "ENGINETIME_INGEST",
+            )
+        except ValueError as exc:
+            await _abort(
+                context, grpc.StatusCode.FAILED_PRECONDITION, f"{exc}; wait for its recorders to reconnect"
+            )
+        return pb.AdviseResponse(advice=convert.advice_to_proto(view))
+
     # -- streams ----------------------------------------------------------------------------
 
     async def WatchRequest(self, request: pb.WatchRequestRequest, context) -> None:

@@ -375,6 +375,17 @@ class CostModel:
         dc = np.where(is_pf, 0.0, q * r)
         return pf, dc, 0.0
 
+    def prefill_cost(self, p: float, c: float) -> float:
+        """``entry_costs``' prefill part for one entry of ``p`` new tokens after ``c`` cached ones, as a
+        float: the same rule without building arrays (Advise prices every shard on each call)."""
+        if p <= 0.0:
+            return 0.0
+        beta = self.beta if self.beta is not None else self.cold_beta
+        if beta is not None:
+            return p * (float(beta[1]) + float(beta[2]) * (c + 0.5 * p))
+        rate = self.rate
+        return p * (1.0 if rate is None else rate)
+
     def predict(self, x: np.ndarray) -> float:
         """Predicted duration (ns) of a batch with features x; NaN while uncalibrated."""
         beta = self.beta if self.beta is not None else self.cold_beta

@@ -80,6 +80,7 @@ import numpy as np
 from enginetime.engine_hooks.constants import Coupling, EventKind, StepKind
 from enginetime.sidecar.config import LedgerConfig
 from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
+from enginetime.sidecar.ledger import advice
 from enginetime.sidecar.ledger.accounting_wire import encode as encode_accounting
 from enginetime.sidecar.ledger.attribution import Batch, Division, Prediction, divide, predict, step_scalars
 from enginetime.sidecar.ledger.costmodel import CostModel, step_features
@@ -314,6 +315,7 @@ class Ledger:
     def _restart(self, shard: ShardState, time_ns: int) -> None:
         """New recorder epoch: the engine process restarted; its live requests are gone."""
         self.counters.engine_restarts += 1
+        shard.restart_ns = time_ns
         self._release_held(shard, everything=True)
         for req in list(shard.live.values()):
             self._mark_partial(req)
@@ -1406,6 +1408,46 @@ class Ledger:
                 )
             )
         return out
+
+    def advise(self, engine_id: str, session_id: str, prompt_tokens: int) -> advice.AdviceView:
+        """Where ``session_id``'s next turn of ``prompt_tokens`` should run on ``engine_id`` (``advice``).
+
+        KeyError when the engine is unknown; ValueError when it has no connected shard.
+        """
+        eng = self._engines.get(engine_id)
+        if eng is None:
+            raise KeyError(engine_id)
+        now = self._clock()
+        cols = self._cols
+        turns = []
+        for req in self._sessions.get(session_id, {}).values() if session_id else ():
+            sh = req.shard
+            slot = req.slot
+            if sh.engine is not eng or slot < 0:
+                continue
+            terminal = int(cols.state[slot]) in _TERMINAL
+            last = req.finish_ns if terminal else now
+            prompt = req.prompt_tokens or int(cols.prompt[slot])
+            done = int(cols.cached[slot]) + int(cols.prefilled[slot])
+            prefix = (min(prompt, done) if prompt else done) + max(int(cols.decoded[slot]), req.output_tokens)
+            turns.append(advice.Turn(sh.shard, prefix, last, sh.connected and last > sh.restart_ns))
+        loads = [
+            advice.ShardLoad(
+                no,
+                len(sh.running),
+                eng.model if eng.coupling == Coupling.LOCKSTEP else sh.model,
+            )
+            for no, sh in eng.shards.items()
+            if sh.connected
+        ]
+        return advice.advise(
+            prompt_tokens=int(prompt_tokens),
+            turns=turns,
+            loads=loads,
+            lockstep=eng.lockstep,
+            storm_active=any(self._storms.current(sh) is not None for sh in eng.shards.values()),
+            now_ns=now,
+        )
 
     def model(self, key: ShardKey) -> CostModel:
         """The cost model attributing ``key``'s steps (the engine's one when LOCKSTEP)."""

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
+    from enginetime.sidecar.ledger.advice import AdviceView
     from enginetime.sidecar.ledger.ledger import LedgerCounters, ShardKey
     from enginetime.sidecar.ledger.store import Request
     from enginetime.sidecar.ledger.views import InterferenceView, RequestQuery, RequestView, ShardView
@@ -65,6 +66,10 @@ class AccountingReader(Protocol):
     def count(self, q: RequestQuery) -> int: ...
 
     def shards(self, engine_id: str = "") -> list[ShardView]: ...
+
+    def advise(self, engine_id: str, session_id: str, prompt_tokens: int) -> AdviceView:
+        """Where a session's next turn should run; KeyError for an unknown engine."""
+        ...
 
 
 class ChangeFeed(Protocol):

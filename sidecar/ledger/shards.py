@@ -98,6 +98,7 @@ class ShardState:
         "imbalance_ns",
         "model",
         "runs",
+        "restart_ns",
     )
 
     def __init__(self, engine: EngineState, shard: int, index: int, model: CostModel) -> None:
@@ -137,6 +138,7 @@ class ShardState:
         self.imbalance_ns = 0.0  # wait charged to no request: decode imbalance and tied-shard jitter
         self.model = model  # used when INDEPENDENT (one model per shard)
         self.runs: dict = {}  # slot -> PrefillRun (ledger_storms)
+        self.restart_ns = 0  # when its recorder last came back with a new epoch (its KV cache is gone)
 
     # ---- handle map --------------------------------------------------------------------
     def map_handle(self, handle: int, slot: int) -> None:

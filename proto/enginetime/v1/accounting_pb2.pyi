@@ -334,3 +334,47 @@ class StreamInterferenceResponse(_message.Message):
     EVENT_FIELD_NUMBER: _ClassVar[int]
     event: InterferenceEvent
     def __init__(self, event: _Optional[_Union[InterferenceEvent, _Mapping]] = ...) -> None: ...
+
+class AdviseRequest(_message.Message):
+    __slots__ = ("engine_id", "session_id", "prompt_tokens")
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    engine_id: str
+    session_id: str
+    prompt_tokens: int
+    def __init__(self, engine_id: _Optional[str] = ..., session_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class ShardAdvice(_message.Message):
+    __slots__ = ("shard", "cached_tokens", "predicted_prefill", "predicted_stall", "active_requests")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_STALL_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    cached_tokens: int
+    predicted_prefill: _duration_pb2.Duration
+    predicted_stall: _duration_pb2.Duration
+    active_requests: int
+    def __init__(self, shard: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., predicted_prefill: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., predicted_stall: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., active_requests: _Optional[int] = ...) -> None: ...
+
+class Advice(_message.Message):
+    __slots__ = ("recommended_shard", "reason", "shards", "storm_active", "calibrated")
+    RECOMMENDED_SHARD_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    STORM_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    recommended_shard: int
+    reason: str
+    shards: _containers.RepeatedCompositeFieldContainer[ShardAdvice]
+    storm_active: bool
+    calibrated: bool
+    def __init__(self, recommended_shard: _Optional[int] = ..., reason: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardAdvice, _Mapping]]] = ..., storm_active: bool = ..., calibrated: bool = ...) -> None: ...
+
+class AdviseResponse(_message.Message):
+    __slots__ = ("advice",)
+    ADVICE_FIELD_NUMBER: _ClassVar[int]
+    advice: Advice
+    def __init__(self, advice: _Optional[_Union[Advice, _Mapping]] = ...) -> None: ...

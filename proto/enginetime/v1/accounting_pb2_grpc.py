@@ -65,6 +65,11 @@ class AccountingServiceStub(object):
                 request_serializer=enginetime_dot_v1_dot_accounting__pb2.StreamInterferenceRequest.SerializeToString,
                 response_deserializer=enginetime_dot_v1_dot_accounting__pb2.StreamInterferenceResponse.FromString,
                 _registered_method=True)
+        self.Advise = channel.unary_unary(
+                '/enginetime.v1.AccountingService/Advise',
+                request_serializer=enginetime_dot_v1_dot_accounting__pb2.AdviseRequest.SerializeToString,
+                response_deserializer=enginetime_dot_v1_dot_accounting__pb2.AdviseResponse.FromString,
+                _registered_method=True)
 
 
 class AccountingServiceServicer(object):
@@ -114,6 +119,16 @@ class AccountingServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Advise(self, request, context):
+        """Where to send a session's next turn, and why: per shard, how much of the session's
+        prefix is estimated to be cached there, what prefilling the rest would cost and how
+        long the other lockstep shards' running requests would wait for it. NOT_FOUND when
+        the engine is unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +161,11 @@ def add_AccountingServiceServicer_to_server(servicer, server):
                     servicer.StreamInterference,
                     request_deserializer=enginetime_dot_v1_dot_accounting__pb2.StreamInterferenceRequest.FromString,
                     response_serializer=enginetime_dot_v1_dot_accounting__pb2.StreamInterferenceResponse.SerializeToString,
+            ),
+            'Advise': grpc.unary_unary_rpc_method_handler(
+                    servicer.Advise,
+                    request_deserializer=enginetime_dot_v1_dot_accounting__pb2.AdviseRequest.FromString,
+                    response_serializer=enginetime_dot_v1_dot_accounting__pb2.AdviseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +331,33 @@ class AccountingService(object):
             '/enginetime.v1.AccountingService/StreamInterference',
             enginetime_dot_v1_dot_accounting__pb2.StreamInterferenceRequest.SerializeToString,
             enginetime_dot_v1_dot_accounting__pb2.StreamInterferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Advise(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/enginetime.v1.AccountingService/Advise',
+            enginetime_dot_v1_dot_accounting__pb2.AdviseRequest.SerializeToString,
+            enginetime_dot_v1_dot_accounting__pb2.AdviseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,110 @@
+"""Advise latency on loopback while the sidecar ingests a LOCKSTEP engine.
+
+Advise is meant to be called before every turn of a session, so its latency under
+ingest load is what a session server adds to each turn. A real ``enginetime sidecar``
+process; a second process pushes pre-encoded frames of 8 shards x batch 256 (the
+bench_ingest workload, storms included, every request with a session id) paced at
+``--rate`` entries/s; this process calls Advise for random sessions of that engine
+over gRPC through the blocking client, first with ingest idle, then while it runs,
+and prints p50/p90/p99/max of each beside GetRequest's (the cheapest unary call) in
+the same run. Goal: Advise p99 < 2 ms under load.
+
+Run: ``.venv/bin/python bench/bench_advise.py [--rate 300000] [--seconds 8]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_getrequest import BATCH, SHARDS, paced_pusher, percentiles  # noqa: E402
+
+from enginetime.clients import AccountingClient  # noqa: E402
+from enginetime.sidecar import launcher  # noqa: E402
+
+
+def measure(call: Callable[[random.Random], object], until: Callable[[], bool], minimum: int) -> list[float]:
+    """Latencies of ``call`` until ``until()`` (and at least ``minimum`` calls)."""
+    rng = random.Random(1)
+    out = []
+    while len(out) < minimum or not until():
+        t = time.perf_counter()
+        call(rng)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--rate", type=float, default=300_000, help="ingest entries/s to push (default 300000)"
+    )
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of the loaded phase")
+    args = parser.parse_args()
+
+    groups = int(args.rate * args.seconds / (SHARDS * BATCH))
+    sidecar = launcher.start_sidecar("--log-level", "warning")
+    ctx = mp.get_context("spawn")
+    ready, go = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=paced_pusher, args=(sidecar.socket_path, groups, args.rate, ready, go))
+    child.start()
+
+    def advise(rng: random.Random) -> object:
+        k, h = rng.randrange(SHARDS), rng.randrange(1, BATCH + 1)
+        adv = client.advise(engine_id="bench", session_id=f"sess-{k}-{h}", prompt_tokens=8192)
+        assert len(adv.shards) == SHARDS
+        return adv
+
+    def get(rng: random.Random) -> object:
+        return client.get_request(f"b{rng.randrange(SHARDS)}-{rng.randrange(1, BATCH + 1)}")
+
+    try:
+        with AccountingClient(sidecar.grpc_target, timeout=10) as client:
+            if not ready.wait(120):
+                raise SystemExit("the pusher did not get ready")
+            deadline = time.monotonic() + 30
+            while sum(1 for s in client.get_shards("bench") if s.connected) < SHARDS:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the engine's shards never all connected")
+                time.sleep(0.01)
+            client.get_request(f"b{SHARDS - 1}-{BATCH}")  # all arrived
+            idle_until = time.monotonic() + 1.5
+            idle_adv = measure(advise, lambda: time.monotonic() > idle_until, 500)
+            idle_until = time.monotonic() + 1.5
+            idle_get = measure(get, lambda: time.monotonic() > idle_until, 500)
+            go.set()
+            done = threading.Event()
+            threading.Thread(target=lambda: (child.join(), done.set()), daemon=True).start()
+            half = time.monotonic() + args.seconds / 2
+            loaded_adv = measure(advise, lambda: time.monotonic() > half or done.is_set(), 300)
+            loaded_get = measure(get, done.is_set, 300)
+            steps = sum(s.steps for s in client.get_shards("bench"))
+    finally:
+        if child.is_alive():
+            child.kill()
+        sidecar.stop(30)
+        sidecar.close()
+
+    p99 = sorted(loaded_adv)[min(len(loaded_adv) - 1, int(0.99 * len(loaded_adv)))] * 1e3
+    print(f"bench_advise: {SHARDS} shards x batch {BATCH} LOCKSTEP, loopback gRPC, blocking client")
+    print(f"  Advise     ingest idle     {percentiles(idle_adv)}")
+    print(f"  GetRequest ingest idle     {percentiles(idle_get)}")
+    print(f"  Advise     ingest running  {percentiles(loaded_adv)}")
+    print(f"  GetRequest ingest running  {percentiles(loaded_get)}")
+    print(
+        f"  ingest: {groups} groups pushed at {args.rate:,.0f} entries/s; {steps:,} steps attributed so far"
+    )
+    print(f"  goal Advise p99 < 2 ms under load: {'met' if p99 < 2.0 else 'MISSED'} ({p99:.2f} ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
