@@ -329,6 +329,16 @@ class Scenario:
 
     # ------------------------------------------------------------------ accounting
 
+    def engine_slowdown(self, engine_id: str) -> float:
+        """The sidecar's slowdown factor for the engine (the largest over its shards; 1.0 if unknown)."""
+        from enginetime.clients import EnginetimeError
+
+        try:
+            shards = self.acct.get_shards(engine_id)
+        except EnginetimeError:
+            return 1.0
+        return round(max((s.slowdown for s in shards), default=1.0), 3)
+
     def accounting(self, rid: str, steps: int, deadline: float):
         """The sidecar's figures for rid once it has all of them (terminal, every step seen)."""
         from enginetime.clients import EnginetimeError
@@ -515,6 +525,9 @@ class Scenario:
             "interference_s": _r(sa.interference) if sa else None,
             "migrated": bool(sa.migrated) if sa else None,
             "partial": bool(spartial or (sa and sa.partial)),
+            # How much slower than its calibrated model the engine ran (1.0: at its reference
+            # speed); time beyond the reference is slowdown, not any request's engine_time.
+            "engine_slowdown": self.engine_slowdown(eng.config.engine_id),
         }
         session_row = {
             "session_id": "session-long",
