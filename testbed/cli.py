@@ -217,7 +217,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="print one JSON object instead of the report: config, shards [{shard, role, decode_tok_s "
         "{before, during, after}}], storm {request_id, shard, prompt/prefill/cached tokens, chunks, "
-        "prefill_s, wall_s, engine_time_s, gpu_time_s, engine_slowdown (the engine's speed against its calibrated model), ...}, victims and neighbour [{request_id, shard, "
+        "prefill_s, wall_s, engine_time_s, gpu_time_s, engine_slowdown (the engine's speed against its "
+        "calibrated model), ...}, victims and neighbour [{request_id, shard, "
         "wall_s, queue_s, engine_time_s, gpu_time_s, interference_s, other_s, blame [...]}], baseline "
         "(the same without the storm), timeouts, policies (the two session servers), summary, timeline "
         "(decode tok/s per shard over time), advised (with --routing advised: turn, advice, victims, "
