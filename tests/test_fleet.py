@@ -10,8 +10,11 @@ whichever sidecar reports it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -282,3 +285,62 @@ def test_a_guard_follows_the_addresses_a_name_resolves_to_as_they_change():
         assert guard.targets == ["127.0.0.3:50151", "127.0.0.4:50151"]
     finally:
         guard.close()
+
+
+# ---------------------------------------------------------------------------- the CLI over a fleet
+
+
+def et(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "enginetime", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.e2e
+def test_cli_covers_several_sidecars(sidecar_factory):
+    sidecars = [sidecar_factory() for _ in range(2)]
+    engines = [HandEngine(sc.ingest, f"cli-fleet-{i}") for i, sc in enumerate(sidecars)]
+    try:
+        for i, eng in enumerate(engines):
+            assert eng.submit(f"cli-fleet-req-{i}", 5).wait(10)
+        a, b = (sc.grpc_target for sc in sidecars)
+
+        def listed(*extra: str) -> dict[str, str]:
+            out = et("requests", "--sidecar", f"{a},{b}", "--json", *extra)
+            assert out.returncode == 0, out.stderr
+            return {r["request_id"]: r["engine_id"] for r in json.loads(out.stdout)}
+
+        def both() -> dict[str, str] | None:
+            rows = listed()
+            return rows if len(rows) >= 2 else None
+
+        rows = wait_until(both, 10, message="the two sidecars' requests were never both listed")
+        assert rows == {"cli-fleet-req-0": "cli-fleet-0", "cli-fleet-req-1": "cli-fleet-1"}
+
+        got = et("get", "cli-fleet-req-1", "--sidecar", f"{a},{b}", "--json")
+        assert got.returncode == 0, got.stderr
+        assert json.loads(got.stdout)["engine_id"] == "cli-fleet-1"
+        missing = et("get", "no-such", "--sidecar", f"{a},{b}")
+        assert missing.returncode == 4 and "no-such" in missing.stderr
+
+        top = et("top", "--sidecar", f"{a},{b}", "--json")
+        assert top.returncode == 0, top.stderr
+        shards = {(s["engine_id"], s["shard"]) for s in json.loads(top.stdout)["shards"]}
+        assert shards == {("cli-fleet-0", 0), ("cli-fleet-1", 0)}
+
+        # A sidecar of the list that does not answer is named on stderr; the others are still listed.
+        partial = et("requests", "--sidecar", f"{a},127.0.0.1:1", "--json")
+        assert partial.returncode == 0, partial.stderr
+        assert [r["request_id"] for r in json.loads(partial.stdout)] == ["cli-fleet-req-0"]
+        assert "127.0.0.1:1" in partial.stderr
+        # None answers: exit 3 as with one sidecar.
+        assert et("requests", "--sidecar", "127.0.0.1:1,127.0.0.1:2").returncode == 3
+
+        # dns:/// through the system resolver: localhost is 127.0.0.1 (and ::1, skipped if not served).
+        port = a.rsplit(":", 1)[1]
+        via_dns = et("requests", "--sidecar", f"dns:///localhost:{port}", "--json")
+        assert via_dns.returncode == 0, via_dns.stderr
+        assert [r["request_id"] for r in json.loads(via_dns.stdout)] == ["cli-fleet-req-0"]
+    finally:
+        for e in engines:
+            e.close()
