@@ -434,7 +434,8 @@ _REQUEST_FIELDS = (
     "a RequestAccounting object: request_id, session_id, engine_id, shard, state, arrival(_ns), "
     "queue_time(_ns), engine_time(_ns), gpu_time(_ns), interference(_ns), wall(_ns), other(_ns), "
     "tokens {prompt, cached, prefilled, decoded}, steps, excluded_steps, preemptions, "
-    "top_blame [{request_id, engine_id, shard, seconds(_ns), same_shard}], partial, last_step_time(_ns), "
+    "top_blame [{request_id, engine_id, shard, seconds(_ns), same_shard, arrival_time(_ns)}], partial, "
+    "last_step_time(_ns), "
     "migrated, finish_time(_ns), finish_reason, routed_shard, traceparent"
 )
 JSON_HELP = {
