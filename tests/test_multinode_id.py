@@ -12,11 +12,13 @@ from __future__ import annotations
 import types
 
 import pytest
+from helpers import IngestConnection, hello
 
 from enginetime.engine_hooks.adapter_common import AdapterSettings
 from enginetime.engine_hooks.recorder import Recorder
 from enginetime.engine_hooks.sglang import hooks as sg_hooks
 from enginetime.engine_hooks.vllm import recording as vrec
+from enginetime.sidecar.ingest.server import group_summary
 
 UNREACHABLE = "unix:/nonexistent/enginetime-test.sock"  # recorders never wait on the sidecar
 
@@ -94,3 +96,29 @@ def test_an_explicit_engine_id_wins(monkeypatch):
     dp = dict(data_parallel_master_ip="10.2.0.3", data_parallel_rpc_port=13345)
     assert _vllm_id(2, 4, 2, **dp) == "prod-moe"
     assert AdapterSettings.from_env("vllm", {}).for_group(None).engine_id.startswith("vllm-")
+
+
+def test_group_summary_names_nodes_and_missing_shards():
+    peers = {0: "tcp:10.0.0.1:40001", 1: "tcp:10.0.0.1:40002", 4: "tcp:10.0.0.2:40001", 5: "tcp:10.0.0.2:7"}
+    line = group_summary("moe", 8, peers)
+    assert line == (
+        "engine 'moe': 4/8 shards joined from 2 nodes: 10.0.0.1 shards 0-1; 10.0.0.2 shards 4-5; "
+        "waiting for shards 2-3,6-7"
+    )
+    assert group_summary("moe", 2, {0: "pid 1 (uid 0) on unix:/s", 1: "unix:/s"}).endswith(
+        "from 1 node: local shards 0-1; all joined"
+    )
+
+
+@pytest.mark.e2e
+def test_the_sidecar_logs_which_shards_and_nodes_have_joined(sidecar_factory):
+    sc = sidecar_factory()
+    with IngestConnection(sc.ingest) as a, IngestConnection(sc.ingest) as b:
+        a.send(hello("joined", shard=0, num_shards=4, coupling=2))
+        sc.wait_for_log(
+            "engine 'joined': 1/4 shards joined from 1 node: local shards 0; waiting for shards 1-3"
+        )
+        b.send(hello("joined", shard=2, num_shards=4, coupling=2))
+        sc.wait_for_log(
+            "engine 'joined': 2/4 shards joined from 1 node: local shards 0,2; waiting for shards 1,3"
+        )
