@@ -23,6 +23,11 @@ subscribes to the watched ids only and restarts the stream (at most every
 ``restart_interval``) when new ones are added: the right choice when many session
 servers share one engine and each should receive only its own requests.
 
+**A fleet.** ``Guard(["a:50151", "b:50151"], ...)`` or ``Guard("dns:///name:50151", ...)``
+follows several sidecars (one engine each): one stream per sidecar, a request followed
+on whichever reports it, ``abort={engine_id: url}`` to abort on the engine that ran it.
+A sidecar that dies costs only its own requests their telemetry.
+
 **Resolution and cost.** The stream sends each watched request's figures at most every
 ``interval`` seconds (default 0.5 s): engine_time is checked that often, which is plenty
 for budgets of minutes. The sidecar's cost grows with the number of requests changing per
