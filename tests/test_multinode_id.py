@@ -122,3 +122,35 @@ def test_the_sidecar_logs_which_shards_and_nodes_have_joined(sidecar_factory):
         sc.wait_for_log(
             "engine 'joined': 2/4 shards joined from 1 node: local shards 0,2; waiting for shards 1,3"
         )
+
+
+def test_k8s_multinode_layout_ships_every_node_to_one_sidecar_with_the_token():
+    """deploy/k8s/multinode.yaml: the nodes' hooks reach the sidecar's ingest Service with the token."""
+    from pathlib import Path
+
+    import yaml
+
+    from enginetime.cli import build_parser
+
+    path = Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "multinode.yaml"
+    objs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(path.read_text()) if d}
+    sts = objs[("StatefulSet", "enginetime-moe")]["spec"]["template"]["spec"]
+    (engine,) = sts["containers"]
+    env = {e["name"]: e["value"] for e in engine["env"]}
+    assert "ENGINETIME_ENGINE_ID" not in env  # derived from --dist-init-addr on every node
+    assert "--nnodes 2" in engine["args"][0] and "--dist-init-addr" in engine["args"][0]
+    host, port = env["ENGINETIME_INGEST"].removeprefix("tcp:").rsplit(":", 1)
+    svc = objs[("Service", "enginetime-moe-sidecar")]
+    assert host.split(".")[0] == "enginetime-moe-sidecar"
+    (ingest_port,) = [p for p in svc["spec"]["ports"] if p["name"] == "ingest"]
+    assert ingest_port["port"] == int(port)
+    side_pod = objs[("Deployment", "enginetime-moe-sidecar")]["spec"]["template"]["spec"]
+    (sidecar,) = side_pod["containers"]
+    args = build_parser().parse_args(["sidecar", *sidecar["args"]])
+    assert args.ingest == f"tcp:0.0.0.0:{port}" and args.ingest_token_file
+    token_dir = str(Path(env["ENGINETIME_TOKEN_FILE"]).parent)
+    assert token_dir == str(Path(args.ingest_token_file).parent)
+    for pod, c in ((sts, engine), (side_pod, sidecar)):
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        vols = {v["name"]: v for v in pod["volumes"]}
+        assert vols[mounts[token_dir]]["secret"]["secretName"] == "enginetime-ingest-token"
