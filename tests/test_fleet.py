@@ -344,3 +344,46 @@ def test_cli_covers_several_sidecars(sidecar_factory):
     finally:
         for e in engines:
             e.close()
+
+
+@pytest.mark.e2e
+def test_guard_follows_a_dns_name_over_several_loopback_sidecars_as_they_come_and_go(sidecar_factory, caplog):
+    """A stub resolver (no /etc/hosts, no root) answers a name with 127.0.0.2 and 127.0.0.3, as a
+    headless Service answers with its pods; real sidecars listen there on one port. Covers the
+    guard's re-resolution, streams opened for new addresses and dropped for gone ones; the system
+    resolver's path (getaddrinfo) is covered by the CLI test's dns:///localhost."""
+    caplog.set_level(logging.INFO, "enginetime.clients.guard")
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        port = s.getsockname()[1]
+    sidecars = [sidecar_factory("--listen", f"127.0.0.{k}:{port}") for k in (2, 3)]
+    engines = [HandEngine(sc.ingest, f"dns-{k}") for k, sc in zip((2, 3), sidecars, strict=True)]
+    answer = ["127.0.0.2"]
+    guard = Guard(
+        f"dns:///sidecars.fleet.test:{port}",
+        EngineBudget(engine_time=5, wall=60),
+        resolver=lambda host, p: list(answer) if host == "sidecars.fleet.test" else [],
+        resolve_interval=0.1,
+        interval=0.05,
+        abort={e.engine_id: e.abort for e in engines},
+    )
+    try:
+        out: dict = {}
+        for t in in_threads((guard, engines[0], "dns-ok", 10, guard.budget, out)):
+            t.join(30)
+        assert out["dns-ok"].accounting.engine_id == "dns-2"
+        answer.append("127.0.0.3")  # a pod joins
+        wait_until(lambda: len(guard.targets) == 2, 10, message="the guard never followed the new address")
+        runaway = EngineBudget(engine_time=0.3, wall=60)
+        for t in in_threads((guard, engines[1], "dns-runaway", 10_000, runaway, out)):
+            t.join(30)
+        err = out["dns-runaway"]
+        assert isinstance(err, EngineBudgetExceeded) and err.reason is BudgetReason.ENGINE_TIME, err
+        assert engines[1].aborted == ["dns-runaway"]
+        answer.remove("127.0.0.2")  # a pod leaves
+        wait_until(lambda: guard.targets == [f"127.0.0.3:{port}"], 10, message="the gone address was kept")
+        assert any("left the fleet" in r.getMessage() for r in caplog.records)
+    finally:
+        guard.close()
+        for e in engines:
+            e.close()
