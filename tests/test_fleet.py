@@ -220,6 +220,11 @@ def test_async_guard_follows_two_sidecars(sidecar_factory):
                 one(engines[1], "a-runaway", 10_000, EngineBudget(engine_time=0.3, wall=60)),
                 one(engines[0], "a-ok", 30),
             )
+            # The abort runs as a task of the guard: let it reach the engine before closing.
+            for _ in range(500):
+                if guard.aborts_sent or guard.aborts_failed:
+                    break
+                await asyncio.sleep(0.01)
         return out
 
     try:
