@@ -78,6 +78,8 @@ class Entry:
     engine_named: bool = False
     #: Another engine reported the same id and the watch named none: never fire on figures.
     ambiguous: bool = False
+    #: The sidecar whose stream last reported it ("" with one sidecar, or before any did).
+    source: str = ""
 
     def accounting(self) -> RequestAccounting | None:
         return None if self.msg is None else cv.request_from_pb(self.msg)
@@ -142,12 +144,13 @@ class Tracker:
         self.entries: dict[str, Entry] = {}
         self._heap: list[tuple[float, int, int, Entry]] = []
         self._seq = itertools.count()
-        #: The stream is delivering; None before the first attempt finished.
-        self.telemetry_up: bool | None = None
-        #: Monotonic time the stream last came back after an outage (liveness counts from here).
+        #: Per sidecar ("" with one): its stream is delivering; absent before its first attempt finished.
+        self._up: dict[str, bool] = {}
+        #: Monotonic time a stream last came back after an outage (liveness counts from here).
         self.up_since = 0.0
         #: Sidecar clock minus local clock, ns (max of recent samples: latency only lowers a sample).
         self._skew_samples: deque[int] = deque(maxlen=32)
+        self._skews: dict[str, deque[int]] = {"": self._skew_samples}
         self.stats = TrackerStats()
 
     # -- watching -----------------------------------------------------------------------------
@@ -188,37 +191,70 @@ class Tracker:
 
     # -- telemetry ----------------------------------------------------------------------------
 
-    def on_down(self, now: float) -> bool:
-        """The stream failed. Returns True on the transition (the guard logs it once)."""
-        was = self.telemetry_up
-        self.telemetry_up = False
+    @property
+    def telemetry_up(self) -> bool | None:
+        """Some sidecar's stream is delivering; None before any attempt finished."""
+        if not self._up:
+            return None
+        return any(self._up.values())
+
+    def source_up(self, source: str) -> bool:
+        """The stream of this sidecar ("" with one) is delivering."""
+        return self._up.get(source, False)
+
+    def _entry_up(self, e: Entry) -> bool:
+        """The telemetry for this entry flows: its sidecar (or, before any reported it, some) is up."""
+        return self._up.get(e.source, False) if e.source else bool(self.telemetry_up)
+
+    def on_down(self, now: float, source: str = "") -> bool:
+        """A sidecar's stream failed (or the sidecar was removed). True on the transition (logged once).
+
+        Only the requests that sidecar reported lose their telemetry: their liveness and
+        queue limits wait, the wall backstop stays; other sidecars' requests are unaffected.
+        """
+        was = self._up.get(source)
+        self._up[source] = False
         return was is not False
 
-    def on_up(self, now: float) -> bool:
+    def forget_source(self, source: str) -> None:
+        """A sidecar left the fleet for good (DNS no longer lists it): drop its state."""
+        self._up.pop(source, None)
+        if source:
+            self._skews.pop(source, None)
+
+    def on_up(self, now: float, source: str = "") -> bool:
         """A (re)opened stream delivered its first batch. True when this ends an outage.
 
-        After an outage every liveness clock restarts: no progress could be seen while
-        the sidecar was away, and that must never count against a request.
+        After an outage the liveness clocks of that sidecar's requests (and of the ones no
+        sidecar reported yet) restart: no progress could be seen while it was away, and
+        that must never count against a request.
         """
-        was = self.telemetry_up
-        self.telemetry_up = True
-        if was is False or was is None:
+        was = self._up.get(source)
+        self._up[source] = True
+        if was is not True:
             self.up_since = now
             for e in self.entries.values():
-                e.progress_at = max(e.progress_at, now)
+                if e.source == source or not e.source:
+                    e.progress_at = max(e.progress_at, now)
         return was is False
 
-    def skew_ns(self) -> int:
-        return max(self._skew_samples) if self._skew_samples else 0
+    def skew_ns(self, source: str = "") -> int:
+        samples = self._skews.get(source)
+        return max(samples) if samples else 0
 
     # -- updates ------------------------------------------------------------------------------
 
-    def on_batch(self, updates: Iterable, batch_time_ns: int, now: float, wall_ns: int) -> list[Fire]:
-        """Apply one StreamUpdates batch (raw messages). Returns the engine-time fires."""
+    def on_batch(
+        self, updates: Iterable, batch_time_ns: int, now: float, wall_ns: int, source: str = ""
+    ) -> list[Fire]:
+        """Apply one StreamUpdates batch (raw messages) from sidecar ``source``; return the fires."""
         st = self.stats
         st.batches += 1
         if batch_time_ns:
-            self._skew_samples.append(batch_time_ns - wall_ns)
+            samples = self._skews.get(source)
+            if samples is None:
+                samples = self._skews[source] = deque(maxlen=32)
+            samples.append(batch_time_ns - wall_ns)
         fires: list[Fire] = []
         get = self.entries.get
         n = foreign = 0
@@ -246,6 +282,7 @@ class Tracker:
                 continue
             e.msg = m
             e.received = now
+            e.source = source
             state = e.state = m.state
             if state >= _FINISHED or state == _UNSPECIFIED:
                 continue  # terminal: the HTTP call is returning on its own
@@ -291,11 +328,11 @@ class Tracker:
             if kind == _WALL:
                 assert b.wall is not None
                 e.fired = True
-                out.fires.append(Fire(e, BudgetReason.WALL, b.wall, now - e.started, bool(self.telemetry_up)))
+                out.fires.append(Fire(e, BudgetReason.WALL, b.wall, now - e.started, self._entry_up(e)))
             elif kind == _LIVENESS:
                 assert b.liveness is not None
                 e.live_armed = False
-                if not self.telemetry_up or e.state not in _ADMITTED or e.ambiguous:
+                if not self._entry_up(e) or e.state not in _ADMITTED or e.ambiguous:
                     continue  # re-armed by the next update that shows it admitted
                 deadline = max(e.progress_at, self.up_since) + b.liveness
                 if deadline > now:
@@ -307,7 +344,7 @@ class Tracker:
             elif kind == _QUEUE:
                 assert b.queue is not None
                 e.queue_armed = False
-                if not self.telemetry_up or e.state != _QUEUED or e.msg is None or e.ambiguous:
+                if not self._entry_up(e) or e.state != _QUEUED or e.msg is None or e.ambiguous:
                     continue
                 m = e.msg
                 reported = (m.queue_time_ns or cv._dur_ns(m.queue_time)) / NS
@@ -352,7 +389,7 @@ class Tracker:
             if shard.last_step_time_ns is None:
                 stale = now - e.started  # never stepped since it started: as old as the watch
             else:
-                stale = max(0.0, (wall_ns + self.skew_ns() - shard.last_step_time_ns) / NS)
+                stale = max(0.0, (wall_ns + self.skew_ns(e.source) - shard.last_step_time_ns) / NS)
             if stale >= limit:
                 e.fired = True
                 return Fire(e, BudgetReason.LIVENESS, limit, stale, True), ""
@@ -373,6 +410,14 @@ def group_by_engine(entries: Iterable[Entry]) -> dict[str, list[Entry]]:
     out: dict[str, list[Entry]] = {}
     for e in entries:
         out.setdefault("" if e.msg is None else e.msg.engine_id, []).append(e)
+    return out
+
+
+def group_by_source(entries: Iterable[Entry]) -> dict[tuple[str, str], list[Entry]]:
+    """Suspects by (sidecar, engine): in a fleet, GetShards goes to the sidecar that reported them."""
+    out: dict[tuple[str, str], list[Entry]] = {}
+    for e in entries:
+        out.setdefault((e.source, "" if e.msg is None else e.msg.engine_id), []).append(e)
     return out
 
 

@@ -152,9 +152,68 @@ def _client(args):
     return AccountingClient(args.sidecar, timeout=args.timeout, credentials=credentials)
 
 
+def _fleet_targets(args) -> list[str]:
+    """--sidecar as addresses: ``A,B,C`` and ``dns:///name:port`` (every address behind the name)."""
+    from . import _fleet
+
+    addrs, errors = _fleet.expand(_fleet.split_targets(args.sidecar))
+    for err in errors:
+        print(f"enginetime: cannot resolve {err}", file=sys.stderr)
+    if not addrs:
+        raise SidecarUnavailable(args.sidecar, "no address to reach")
+    return addrs
+
+
+def _fleet_clients(args) -> list:
+    """One client per sidecar of --sidecar (one with a plain address)."""
+    clients = []
+    for target in _fleet_targets(args):
+        one = argparse.Namespace(**vars(args))
+        one.sidecar = target
+        clients.append(_client(one))
+    return clients
+
+
+def _each(clients: list, call: Callable):
+    """``call(client)`` on every sidecar; a sidecar that does not answer is reported and skipped.
+
+    With one sidecar its error is raised as before; with several, only when none answered.
+    """
+    results = []
+    down: list[SidecarUnavailable] = []
+    for client in clients:
+        try:
+            results.append(call(client))
+        except SidecarUnavailable as exc:
+            if len(clients) == 1:
+                raise
+            down.append(exc)
+            print(f"enginetime: skipping the sidecar at {client.target}: it did not answer", file=sys.stderr)
+    if down and not results:
+        raise down[0]
+    return results
+
+
 def cmd_get(args) -> int:
-    with _client(args) as client:
-        r = client.get_request(args.request_id)
+    clients = _fleet_clients(args)
+    try:
+        r = None
+        for client in clients:
+            try:
+                found = _each([client], lambda c: c.get_request(args.request_id))
+            except (RequestNotFound, SidecarUnavailable):
+                if len(clients) == 1:
+                    raise
+                continue
+            r = found[0]
+            break
+        if r is None:
+            raise RequestNotFound(
+                args.request_id, f"none of the sidecars {','.join(c.target for c in clients)}"
+            )
+    finally:
+        for c in clients:
+            c.close()
     print(_dump(r) if args.json else format_request(r))
     return 0
 
@@ -168,6 +227,9 @@ def cmd_watch(args) -> int:
 
 
 def cmd_events(args) -> int:
+    targets = _fleet_targets(args)
+    if len(targets) > 1:
+        return _fleet_events(args, targets)
     deadline = None if args.duration is None else time.monotonic() + args.duration
     seen = 0
     with _client(args) as client:
@@ -189,19 +251,79 @@ def cmd_events(args) -> int:
     return 0
 
 
+def _fleet_events(args, targets: list[str]) -> int:
+    """``events`` over several sidecars: one stream per sidecar, printed as they come."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue()
+    clients = []
+    for target in targets:
+        one = argparse.Namespace(**vars(args))
+        one.sidecar = target
+        clients.append(_client(one))
+
+    def follow(client) -> None:
+        try:
+            for ev in client.stream_interference(
+                engine_id=args.engine_id, shard=args.shard, min_stall=args.min_stall, timeout=args.duration
+            ):
+                q.put(ev)
+        except EnginetimeError as exc:
+            if not (exc.code is not None and exc.code.name == "DEADLINE_EXCEEDED"):
+                print(f"enginetime events: the sidecar at {client.target}: {exc}", file=sys.stderr)
+        q.put(None)
+
+    threads = [threading.Thread(target=follow, args=(c,), daemon=True) for c in clients]
+    for t in threads:
+        t.start()
+    deadline = None if args.duration is None else time.monotonic() + args.duration
+    seen = ended = 0
+    try:
+        while ended < len(clients):
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                ev = q.get(timeout=wait)
+            except queue.Empty:
+                break
+            if ev is None:
+                ended += 1
+                continue
+            print(_dump(ev) if args.json else format_event(ev), flush=True)
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                break
+    finally:
+        for c in clients:
+            c.close()
+    return 0
+
+
 def cmd_requests(args) -> int:
     rows: list[RequestAccounting] = []
-    with _client(args) as client:
-        for r in client.iter_requests(
-            states=args.state or (),
-            shard=args.shard,
-            session_id=args.session or "",
-            engine_id=args.engine_id,
-            page_size=min(max(args.limit, 1), 1000),
-        ):
-            rows.append(r)
-            if len(rows) >= args.limit:
-                break
+    clients = _fleet_clients(args)
+    try:
+
+        def listed(client) -> list[RequestAccounting]:
+            got: list[RequestAccounting] = []
+            for r in client.iter_requests(
+                states=args.state or (),
+                shard=args.shard,
+                session_id=args.session or "",
+                engine_id=args.engine_id,
+                page_size=min(max(args.limit, 1), 1000),
+            ):
+                got.append(r)
+                if len(got) >= args.limit:
+                    break
+            return got
+
+        for got in _each(clients, listed):
+            rows.extend(got)
+        rows = rows[: args.limit]
+    finally:
+        for c in clients:
+            c.close()
     if args.json:
         print(json.dumps([to_jsonable(r) for r in rows]))
     else:
@@ -212,10 +334,16 @@ def cmd_requests(args) -> int:
 def cmd_top(args) -> int:
     from . import top
 
-    client = _client(args)
+    clients = _fleet_clients(args)
+    client = clients[0]
     try:
-        client.get_shards(args.engine_id)  # fail fast, before taking over the terminal
-        feed = top.Feed(client, args.engine_id)
+        # fail fast, before taking over the terminal
+        _each(clients, lambda c: c.get_shards(args.engine_id))
+        feed: top.Feed | top.FleetFeed = (
+            top.Feed(client, args.engine_id)
+            if len(clients) == 1
+            else top.FleetFeed([top.Feed(c, args.engine_id) for c in clients])
+        )
         if args.once or args.json or not sys.stdout.isatty():
             if args.json:
                 snap = feed.snapshot()
@@ -239,7 +367,8 @@ def cmd_top(args) -> int:
             feed.close()
         return 0
     finally:
-        client.close()
+        for c in clients:
+            c.close()
 
 
 # ---------------------------------------------------------------------------- wiring
@@ -291,7 +420,8 @@ def _common() -> argparse.ArgumentParser:
         "--sidecar",
         metavar="HOST:PORT",
         default=os.environ.get(SIDECAR_ENV) or DEFAULT_TARGET,
-        help=f"the sidecar's gRPC address. Default: ${SIDECAR_ENV} if set, else {DEFAULT_TARGET}",
+        help="the sidecar's gRPC address; several, comma-separated (A,B,C), or dns:///NAME:PORT (every "
+        f"address behind the name) cover a fleet. Default: ${SIDECAR_ENV} if set, else {DEFAULT_TARGET}",
     )
     g.add_argument("--timeout", type=_positive, default=5.0, help="seconds per call (default 5)")
     return p

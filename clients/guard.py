@@ -23,6 +23,11 @@ subscribes to the watched ids only and restarts the stream (at most every
 ``restart_interval``) when new ones are added: the right choice when many session
 servers share one engine and each should receive only its own requests.
 
+**A fleet.** ``Guard(["a:50151", "b:50151"], ...)`` or ``Guard("dns:///name:50151", ...)``
+follows several sidecars (one engine each): one stream per sidecar, a request followed
+on whichever reports it, ``abort={engine_id: url}`` to abort on the engine that ran it.
+A sidecar that dies costs only its own requests their telemetry.
+
 **Resolution and cost.** The stream sends each watched request's figures at most every
 ``interval`` seconds (default 0.5 s): engine_time is checked that often, which is plenty
 for budgets of minutes. The sidecar's cost grows with the number of requests changing per
@@ -65,13 +70,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal
 
 import grpc
 
 from . import _convert as cv
-from ._guard_core import Due, Entry, Fire, Tracker, TrackerStats, group_by_engine, shard_lookup
+from . import _fleet
+from ._guard_core import Due, Entry, Fire, Tracker, TrackerStats, group_by_source, shard_lookup
 from .async_client import AsyncAccountingClient, AsyncStream
 from .budget import EngineBudget, EngineBudgetExceeded
 from .errors import EnginetimeError
@@ -81,7 +87,8 @@ from .types import RequestAccounting, RequestFilter
 log = logging.getLogger("enginetime.clients.guard")
 
 Follow = Literal["all", "ids"]
-AbortSpec = str | Callable[[str], object] | None
+AbortFn = Callable[[str], object]
+AbortSpec = str | AbortFn | Mapping[str, str | AbortFn] | None
 
 _local = threading.local()
 
@@ -123,13 +130,38 @@ def sglang_abort(base_url: str, timeout: float = 5.0) -> Callable[[str], bool]:
 _BACK = "enginetime guard: the sidecar at %s is back; engine-time budgets apply again"
 
 
-def _abort_fn(abort: AbortSpec, timeout: float):
+def _abort_fn(abort, timeout: float):
     if abort is None or callable(abort):
         return abort
     if isinstance(abort, str):
         return sglang_abort(abort, timeout)
     raise TypeError(
-        f"abort= must be the engine's base URL, a callable taking the request id, or None; got {abort!r}"
+        "abort= must be the engine's base URL, a callable taking the request id, a mapping from engine "
+        f"id to either, or None; got {abort!r}"
+    )
+
+
+def _abort_map(abort, timeout: float) -> dict[str, Callable] | None:
+    """``{engine_id: URL or callable}`` as callables; None when abort= is not a mapping."""
+    if not isinstance(abort, Mapping):
+        return None
+    out = {}
+    for engine_id, spec in abort.items():
+        if not isinstance(engine_id, str) or spec is None:
+            raise TypeError(
+                "abort= as a mapping wants engine id -> engine base URL (or callable), "
+                f"got {engine_id!r}: {spec!r}"
+            )
+        out[engine_id] = _abort_fn(spec, timeout)
+    return out
+
+
+def _targets(sidecar, client_class: type) -> list[str]:
+    if isinstance(sidecar, str) or (isinstance(sidecar, Sequence) and not isinstance(sidecar, bytes)):
+        return _fleet.split_targets(sidecar)
+    raise TypeError(
+        "sidecar= must be an address like '127.0.0.1:50151', a list of addresses (or 'dns:///name:port' "
+        f"names), or a {client_class.__name__}; got {sidecar!r}"
     )
 
 
@@ -184,7 +216,8 @@ class _GuardBase:
         self.reconnect = reconnect
         self.restart_interval = restart_interval
         self.shard_timeout = shard_timeout
-        self._abort = _abort_fn(abort, abort_timeout)
+        self._abort_by_engine = _abort_map(abort, abort_timeout)
+        self._abort = None if self._abort_by_engine is not None else _abort_fn(abort, abort_timeout)
         self._tracker = Tracker(self.budget, unknown_after=unknown_after)
         self._once = _Once()
         self._closed = False
@@ -192,6 +225,23 @@ class _GuardBase:
         self.streams_opened = 0
         self.aborts_sent = 0
         self.aborts_failed = 0
+
+    #: What the guard was given: addresses and dns:/// names (set by the subclass).
+    _specs: list[str]
+    _resolver: _fleet.Resolver | None
+    resolve_interval: float
+
+    def _resolve(self) -> list[str]:
+        addrs, errors = _fleet.expand(self._specs, self._resolver)
+        for err in errors:
+            self._once(
+                f"resolve:{err}",
+                logging.WARNING,
+                "enginetime guard: cannot resolve %s; retried every %.0f s (logged once)",
+                err,
+                self.resolve_interval,
+            )
+        return addrs
 
     @property
     def stats(self) -> TrackerStats:
@@ -254,8 +304,24 @@ class _GuardBase:
                 )
         return fires
 
-    def _make_error(self, fire: Fire) -> EngineBudgetExceeded:
-        err = fire.error(time.monotonic(), aborted=self._abort is not None)
+    def _abort_for(self, entry: Entry):
+        """The abort callable for this request: the guard's, or its engine's from the mapping."""
+        if self._abort_by_engine is None:
+            return self._abort
+        fn = self._abort_by_engine.get(entry.engine_id)
+        if fn is None:
+            self._once(
+                f"noabort:{entry.engine_id}",
+                logging.WARNING,
+                "enginetime guard: request %r crossed its budget on engine %r, which abort= does not map to "
+                "an engine URL: only its HTTP call is cut. Add the engine id to the abort= mapping.",
+                entry.request_id,
+                entry.engine_id,
+            )
+        return fn
+
+    def _make_error(self, fire: Fire, aborted: bool) -> EngineBudgetExceeded:
+        err = fire.error(time.monotonic(), aborted=aborted)
         self._tracker.stats.fires[fire.reason.value] += 1
         log.info("enginetime guard: %s", err)
         return err
@@ -358,16 +424,22 @@ class Watch:
 class Guard(_GuardBase):
     """The engine-time guard for threaded session servers; see the module doc.
 
-    ``sidecar`` is the sidecar's gRPC address or an ``AccountingClient`` to share;
-    with an address, ``token`` (default $ENGINETIME_API_TOKEN) and ``credentials``
-    (TLS) are passed to the client it opens.
-    Two daemon threads (stream reader, timer) start with the first watch; ``close()``
-    stops them. Thread-safe: watch from any number of threads.
+    ``sidecar`` is the sidecar's gRPC address, a list of addresses (a fleet: one
+    stream per sidecar, a request is followed on whichever sidecar reports it),
+    ``dns:///name:port`` names among them (resolved to every address behind the name
+    and re-resolved every ``resolve_interval`` seconds; ``resolver`` replaces the
+    system's), or an ``AccountingClient`` to share. With addresses, ``token``
+    (default $ENGINETIME_API_TOKEN) and ``credentials`` (TLS) are passed to the
+    clients it opens. A sidecar that dies costs only the requests it reported their
+    telemetry: they keep the wall backstop; the other sidecars' requests stay enforced.
+    Daemon threads (one stream reader per sidecar, a timer, a resolver with dns
+    names) start with the first watch; ``close()`` stops them. Thread-safe: watch
+    from any number of threads.
     """
 
     def __init__(
         self,
-        sidecar: str | AccountingClient = cv.DEFAULT_TARGET,
+        sidecar: str | Sequence[str] | AccountingClient = cv.DEFAULT_TARGET,
         budget: EngineBudget | None = None,
         *,
         abort: AbortSpec = None,
@@ -381,6 +453,8 @@ class Guard(_GuardBase):
         shard_timeout: float = 2.0,
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        resolve_interval: float = 30.0,
+        resolver: _fleet.Resolver | None = None,
     ) -> None:
         super().__init__(
             budget,
@@ -394,24 +468,34 @@ class Guard(_GuardBase):
             abort_timeout=abort_timeout,
             shard_timeout=shard_timeout,
         )
+        self._token, self._credentials = token, credentials
+        self._clients: dict[str, AccountingClient] = {}
+        self._owned: set[str] = set()
         if isinstance(sidecar, AccountingClient):
-            self.client, self._owns_client = sidecar, False
-        elif isinstance(sidecar, str):
-            self.client, self._owns_client = (
-                AccountingClient(sidecar, timeout=shard_timeout, token=token, credentials=credentials),
-                True,
-            )
+            self._specs = [sidecar.target]
+            self._clients[sidecar.target] = sidecar
         else:
-            raise TypeError(
-                f"sidecar= must be an address like '127.0.0.1:50151' or an AccountingClient, got {sidecar!r}"
-            )
-        self.target = self.client.target
+            self._specs = _targets(sidecar, AccountingClient)
+        self.resolve_interval = resolve_interval
+        self._resolver = resolver
         self._cond = threading.Condition()
-        self._stream: Stream | None = None
+        self._streams: dict[str, Stream] = {}
         self._restart_at: float | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._aborts: concurrent.futures.ThreadPoolExecutor | None = None
+        if not self._clients:
+            self._set_targets(self._resolve())
+        #: The first sidecar's client (with one sidecar: its client).
+        self.client = next(iter(self._clients.values())) if self._clients else None
+        self.target = self._specs[0] if len(self._specs) == 1 else ",".join(self._specs)
+        self._owns_client = bool(self._owned)
+
+    @property
+    def targets(self) -> list[str]:
+        """The sidecar addresses followed now (dns names resolved)."""
+        with self._cond:
+            return list(self._clients)
 
     def watch(self, request_id: str, budget: EngineBudget | None = None, *, engine_id: str = "") -> Watch:
         """A context manager following ``request_id``; ``budget`` overrides the guard's for this request.
@@ -424,6 +508,47 @@ class Guard(_GuardBase):
         watch.engine_id = engine_id or self.engine_id
         return watch
 
+    # -- the fleet ------------------------------------------------------------------------------
+
+    def _set_targets(self, addrs: list[str]) -> None:
+        """Follow exactly ``addrs``: open clients (and readers, once running) for new ones, drop the rest."""
+        with self._cond:
+            if self._closed:
+                return
+            for a in addrs:
+                if a not in self._clients:
+                    self._clients[a] = AccountingClient(
+                        a, timeout=self.shard_timeout, token=self._token, credentials=self._credentials
+                    )
+                    self._owned.add(a)
+                    if self._threads:
+                        log.info("enginetime guard: following the sidecar at %s", a)
+                        self._start_reader(a)
+            gone = [a for a in self._clients if a not in addrs and a in self._owned]
+            for a in gone:
+                log.warning(
+                    "enginetime guard: the sidecar at %s left the fleet; its requests keep only the "
+                    "wall-clock backstop",
+                    a,
+                )
+                self._tracker.on_down(time.monotonic(), a)
+                self._tracker.forget_source(a)
+                client = self._clients.pop(a)
+                self._owned.discard(a)
+                stream = self._streams.pop(a, None)
+                if stream is not None:
+                    stream._guard_restart = True  # type: ignore[attr-defined]
+                    stream.close()
+                client.close()
+            self._cond.notify_all()
+
+    def _resolve_loop(self) -> None:
+        while not self._stop.wait(self.resolve_interval):
+            try:
+                self._set_targets(self._resolve())
+            except Exception:
+                log.exception("enginetime guard: re-resolving the sidecars failed")
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -433,16 +558,17 @@ class Guard(_GuardBase):
                 return
             self._closed = True
             self._stop.set()
-            stream = self._stream
+            streams = list(self._streams.values())
             self._cond.notify_all()
-        if stream is not None:
+        for stream in streams:
             stream.close()
         for t in self._threads:
             t.join(5)
         if self._aborts is not None:
             self._aborts.shutdown(wait=False, cancel_futures=True)
-        if self._owns_client:
-            self.client.close()
+        for a, client in self._clients.items():
+            if a in self._owned:
+                client.close()
 
     def __enter__(self) -> Guard:
         return self
@@ -461,8 +587,8 @@ class Guard(_GuardBase):
             if not self._threads:
                 self._start_threads()
             if self.follow == "ids" and self._restart_at is None:
-                # Let the current stream run a little (batching new ids), then reopen with them.
-                self._restart_at = now if self._stream is None else now + self.restart_interval
+                # Let the current streams run a little (batching new ids), then reopen them with them.
+                self._restart_at = now if not self._streams else now + self.restart_interval
             self._cond.notify_all()
         return entry
 
@@ -471,34 +597,45 @@ class Guard(_GuardBase):
             self._tracker.remove(entry)
 
     def _start_threads(self) -> None:
-        if self._abort is not None:
+        if self._abort is not None or self._abort_by_engine:
             self._aborts = concurrent.futures.ThreadPoolExecutor(
                 4, thread_name_prefix="enginetime-guard-abort"
             )
-        for name, target in (("reader", self._read_loop), ("timer", self._timer_loop)):
-            t = threading.Thread(target=target, name=f"enginetime-guard-{name}", daemon=True)
-            self._threads.append(t)
-            t.start()
+        self._start_thread("timer", self._timer_loop)
+        for a in self._clients:
+            self._start_reader(a)
+        if _fleet.has_dns(self._specs):
+            self._start_thread("resolver", self._resolve_loop)
 
-    # -- the stream -----------------------------------------------------------------------------
+    def _start_thread(self, name: str, target: Callable[..., None], *args: object) -> None:
+        t = threading.Thread(target=target, args=args, name=f"enginetime-guard-{name}", daemon=True)
+        self._threads.append(t)
+        t.start()
 
-    def _read_loop(self) -> None:
+    def _start_reader(self, source: str) -> None:
+        self._start_thread(f"reader-{source}", self._read_loop, source)
+
+    # -- the streams ----------------------------------------------------------------------------
+
+    def _read_loop(self, source: str) -> None:
+        """Follow one sidecar's StreamUpdates until the guard closes or the sidecar leaves the fleet."""
         backoff = self.reconnect[0]
-        client = self.client
         while not self._stop.is_set():
             with self._cond:
                 while self.follow == "ids" and not self._tracker.entries and not self._closed:
                     self._cond.wait()
-                if self._closed:
+                client = self._clients.get(source)
+                if self._closed or client is None:
                     return
                 ids = self._tracker.ids()
                 self._restart_at = None
                 try:
-                    stream = self._stream = client._stream(
+                    stream = self._streams[source] = client._stream(
                         "StreamUpdates", self._stream_request(ids), None, _raw
                     )
                 except (EnginetimeError, ValueError) as exc:  # client closed, or a bad argument
-                    log.error("enginetime guard: cannot open the update stream: %s", exc)
+                    if source in self._clients:
+                        log.error("enginetime guard: cannot open the update stream to %s: %s", source, exc)
                     return
                 self.streams_opened += 1
             try:
@@ -506,35 +643,29 @@ class Guard(_GuardBase):
                 for batch in stream:
                     now, wall_ns = time.monotonic(), time.time_ns()
                     with self._cond:
-                        if first and self._tracker.on_up(now):
-                            log.warning(
-                                _BACK,
-                                self.target,
-                            )
+                        if first and self._tracker.on_up(now, source):
+                            log.warning(_BACK, source)
                         first = False
-                        fires = self._tracker.on_batch(batch.updates, cv._ts_ns(batch.time), now, wall_ns)
+                        fires = self._tracker.on_batch(
+                            batch.updates, cv._ts_ns(batch.time), now, wall_ns, source
+                        )
                         self._cond.notify_all()
                     backoff = self.reconnect[0]
                     for fire in fires:
                         self._execute(fire)
                 if self._stop.is_set() or getattr(stream, "_guard_restart", False):
-                    continue  # closed by us (restart or close): reopen or leave
+                    continue  # closed by us (restart, removal or close): reopen or leave
                 raise EnginetimeError("the sidecar ended the update stream")
-            except EnginetimeError as exc:
+            except (EnginetimeError, grpc.RpcError) as exc:
+                # RpcError is not mapped by the client (should not happen): same as an outage.
                 with self._cond:
-                    if self._closed:
+                    if self._closed or source not in self._clients:
                         return
-                    if self._tracker.on_down(time.monotonic()):
-                        self._log_down(self.target, exc)
+                    if self._tracker.on_down(time.monotonic(), source):
+                        self._log_down(source, exc)
                 if self._stop.wait(backoff):
                     return
                 backoff = min(backoff * 2, self.reconnect[1])
-            except grpc.RpcError as exc:  # not mapped by the client (should not happen): same as an outage
-                with self._cond:
-                    if self._tracker.on_down(time.monotonic()):
-                        self._log_down(self.target, exc)
-                if self._stop.wait(backoff):
-                    return
             finally:
                 stream.close()
 
@@ -554,13 +685,13 @@ class Guard(_GuardBase):
                     return
                 now = time.monotonic()
                 due = tracker.due(now)
-                restart = None
+                restart: list[Stream] = []
                 if self._restart_at is not None and self._restart_at <= now:
                     self._restart_at = None
-                    restart = self._stream
-            if restart is not None:
-                restart._guard_restart = True  # type: ignore[attr-defined]
-                restart.close()  # the reader reopens the stream with the new ids
+                    restart = list(self._streams.values())
+            for stream in restart:
+                stream._guard_restart = True  # type: ignore[attr-defined]
+                stream.close()  # the reader reopens the stream with the new ids
             try:
                 self._handle(due)
             except Exception:  # never let a bug stop the timer: the wall backstop depends on it
@@ -568,11 +699,15 @@ class Guard(_GuardBase):
 
     def _handle(self, due: Due) -> None:
         for e in due.unknown:
-            self._log_unknown(e, self.target)
+            self._log_unknown(e, e.source or self.target)
         fires = list(due.fires)
-        for engine_id, entries in group_by_engine(due.suspects).items():
+        for (source, engine_id), entries in group_by_source(due.suspects).items():
+            with self._cond:
+                client = self._clients.get(source)
             try:
-                lookup = shard_lookup(self.client.get_shards(engine_id, timeout=self.shard_timeout))
+                if client is None:
+                    raise EnginetimeError(f"the sidecar at {source} left the fleet")
+                lookup = shard_lookup(client.get_shards(engine_id, timeout=self.shard_timeout))
             except EnginetimeError as exc:
                 log.info("enginetime guard: liveness check skipped, GetShards failed: %s", exc)
                 lookup = None
@@ -583,11 +718,12 @@ class Guard(_GuardBase):
             self._execute(fire)
 
     def _execute(self, fire: Fire) -> None:
-        err = self._make_error(fire)
+        abort = self._abort_for(fire.entry)
+        err = self._make_error(fire, abort is not None)
         watch: Watch = fire.entry.owner  # type: ignore[assignment]
         interrupted = watch._fire(err)
-        if self._abort is not None and self._aborts is not None:
-            self._aborts.submit(self._do_abort, fire.entry.request_id)
+        if abort is not None and self._aborts is not None:
+            self._aborts.submit(self._do_abort, abort, fire.entry.request_id)
         elif not interrupted:
             self._once(
                 "uninterruptible",
@@ -599,9 +735,9 @@ class Guard(_GuardBase):
                 fire.entry.request_id,
             )
 
-    def _do_abort(self, request_id: str) -> None:
+    def _do_abort(self, abort: Callable[[str], object], request_id: str) -> None:
         try:
-            self._abort(request_id)
+            abort(request_id)
             self.aborts_sent += 1
         except Exception as exc:
             self.aborts_failed += 1
@@ -680,13 +816,15 @@ class AsyncWatch:
 class AsyncGuard(_GuardBase):
     """The engine-time guard for asyncio session servers; same arguments as ``Guard``.
 
-    ``sidecar`` is an address or an ``AsyncAccountingClient``. Runs two tasks on the
-    loop of the first watch; ``await guard.aclose()`` stops them.
+    ``sidecar`` is an address, a list of addresses and ``dns:///name:port`` names (a
+    fleet, as in ``Guard``), or an ``AsyncAccountingClient``. Runs one reader task per
+    sidecar, a timer (and a resolver with dns names) on the loop of the first watch;
+    ``await guard.aclose()`` stops them.
     """
 
     def __init__(
         self,
-        sidecar: str | AsyncAccountingClient = cv.DEFAULT_TARGET,
+        sidecar: str | Sequence[str] | AsyncAccountingClient = cv.DEFAULT_TARGET,
         budget: EngineBudget | None = None,
         *,
         abort: AbortSpec | Callable[[str], Awaitable[object]] = None,
@@ -700,6 +838,8 @@ class AsyncGuard(_GuardBase):
         shard_timeout: float = 2.0,
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        resolve_interval: float = 30.0,
+        resolver: _fleet.Resolver | None = None,
     ) -> None:
         super().__init__(
             budget,
@@ -713,26 +853,35 @@ class AsyncGuard(_GuardBase):
             abort_timeout=abort_timeout,
             shard_timeout=shard_timeout,
         )
+        self._token, self._credentials = token, credentials
+        self._clients: dict[str, AsyncAccountingClient] = {}
+        self._owned: set[str] = set()
         if isinstance(sidecar, AsyncAccountingClient):
-            self.client, self._owns_client = sidecar, False
-        elif isinstance(sidecar, str):
-            self.client, self._owns_client = (
-                AsyncAccountingClient(sidecar, timeout=shard_timeout, token=token, credentials=credentials),
-                True,
-            )
+            self._specs = [sidecar.target]
+            self._clients[sidecar.target] = sidecar
         else:
-            raise TypeError(
-                "sidecar= must be an address like '127.0.0.1:50151' or an AsyncAccountingClient, "
-                f"got {sidecar!r}"
-            )
-        self.target = self.client.target
-        self._stream: AsyncStream | None = None
+            self._specs = _targets(sidecar, AsyncAccountingClient)
+        self.resolve_interval = resolve_interval
+        self._resolver = resolver
+        self._streams: dict[str, AsyncStream] = {}
+        self._readers: dict[str, asyncio.Task] = {}
         self._restart_at: float | None = None
         self._tasks: list[asyncio.Task] = []
         self._side_tasks: set[asyncio.Task] = set()
         self._wake: asyncio.Event | None = None
         self._have_entries: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        if not self._clients:
+            self._set_targets(self._resolve())
+        #: The first sidecar's client (with one sidecar: its client).
+        self.client = next(iter(self._clients.values())) if self._clients else None
+        self.target = self._specs[0] if len(self._specs) == 1 else ",".join(self._specs)
+        self._owns_client = bool(self._owned)
+
+    @property
+    def targets(self) -> list[str]:
+        """The sidecar addresses followed now (dns names resolved)."""
+        return list(self._clients)
 
     def watch(
         self, request_id: str, budget: EngineBudget | None = None, *, engine_id: str = ""
@@ -745,19 +894,66 @@ class AsyncGuard(_GuardBase):
         watch.engine_id = engine_id or self.engine_id
         return watch
 
+    # -- the fleet ------------------------------------------------------------------------------
+
+    def _set_targets(self, addrs: list[str]) -> list[AsyncAccountingClient]:
+        """Follow exactly ``addrs``. Returns the clients dropped (the caller closes them)."""
+        dropped: list[AsyncAccountingClient] = []
+        if self._closed:
+            return dropped
+        for a in addrs:
+            if a not in self._clients:
+                self._clients[a] = AsyncAccountingClient(
+                    a, timeout=self.shard_timeout, token=self._token, credentials=self._credentials
+                )
+                self._owned.add(a)
+                if self._loop is not None:
+                    log.info("enginetime guard: following the sidecar at %s", a)
+                    self._start_reader(a)
+        for a in [a for a in self._clients if a not in addrs and a in self._owned]:
+            log.warning(
+                "enginetime guard: the sidecar at %s left the fleet; its requests keep only the "
+                "wall-clock backstop",
+                a,
+            )
+            self._tracker.on_down(time.monotonic(), a)
+            self._tracker.forget_source(a)
+            dropped.append(self._clients.pop(a))
+            self._owned.discard(a)
+            stream = self._streams.pop(a, None)
+            if stream is not None:
+                stream._guard_restart = True  # type: ignore[attr-defined]
+                stream.cancel()
+            task = self._readers.pop(a, None)
+            if task is not None:
+                task.cancel()
+        return dropped
+
+    async def _resolve_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.resolve_interval)
+            try:
+                addrs = await asyncio.to_thread(self._resolve)
+                for client in self._set_targets(addrs):
+                    await client.close()
+            except Exception:
+                log.exception("enginetime guard: re-resolving the sidecars failed")
+
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._stream is not None:
-            self._stream.cancel()
-        for t in (*self._tasks, *self._side_tasks):
+        for stream in self._streams.values():
+            stream.cancel()
+        tasks = (*self._tasks, *self._readers.values(), *self._side_tasks)
+        for t in tasks:
             t.cancel()
-        for t in (*self._tasks, *self._side_tasks):
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        if self._owns_client:
-            await self.client.close()
+        for a, client in self._clients.items():
+            if a in self._owned:
+                await client.close()
 
     close = aclose
 
@@ -777,39 +973,48 @@ class AsyncGuard(_GuardBase):
             self._loop = loop
             self._wake = asyncio.Event()
             self._have_entries = asyncio.Event()
-            self._tasks = [
-                loop.create_task(self._read_loop(), name="enginetime-guard-reader"),
-                loop.create_task(self._timer_loop(), name="enginetime-guard-timer"),
-            ]
+            self._tasks = [loop.create_task(self._timer_loop(), name="enginetime-guard-timer")]
+            for a in self._clients:
+                self._start_reader(a)
+            if _fleet.has_dns(self._specs):
+                self._tasks.append(loop.create_task(self._resolve_loop(), name="enginetime-guard-resolver"))
         elif loop is not self._loop:
             raise RuntimeError("an AsyncGuard serves one event loop: create one guard per loop")
         now = time.monotonic()
         entry = self._tracker.add(watch.request_id, now, watch.budget, watch, engine_id=watch.engine_id)
         if self.follow == "ids" and self._restart_at is None:
-            self._restart_at = now if self._stream is None else now + self.restart_interval
+            self._restart_at = now if not self._streams else now + self.restart_interval
         assert self._have_entries is not None and self._wake is not None  # made with the loop, above
         self._have_entries.set()
         self._wake.set()
         return entry
+
+    def _start_reader(self, source: str) -> None:
+        assert self._loop is not None
+        self._readers[source] = self._loop.create_task(
+            self._read_loop(source), name=f"enginetime-guard-reader-{source}"
+        )
 
     def _unregister(self, entry: Entry) -> None:
         self._tracker.remove(entry)
         if not self._tracker.entries and self._have_entries is not None:
             self._have_entries.clear()
 
-    # -- the stream -----------------------------------------------------------------------------
+    # -- the streams ----------------------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, source: str) -> None:
         backoff = self.reconnect[0]
-        client = self.client
         tracker = self._tracker
         wake, have_entries = self._wake, self._have_entries
         assert wake is not None and have_entries is not None  # made before this task (_register)
         while not self._closed:
             if self.follow == "ids":
                 await have_entries.wait()
+            client = self._clients.get(source)
+            if client is None:
+                return
             self._restart_at = None
-            stream = self._stream = client._stream(
+            stream = self._streams[source] = client._stream(
                 "StreamUpdates", self._stream_request(tracker.ids()), None, _raw
             )
             self.streams_opened += 1
@@ -817,13 +1022,10 @@ class AsyncGuard(_GuardBase):
                 first = True
                 async for batch in stream:
                     now, wall_ns = time.monotonic(), time.time_ns()
-                    if first and tracker.on_up(now):
-                        log.warning(
-                            _BACK,
-                            self.target,
-                        )
+                    if first and tracker.on_up(now, source):
+                        log.warning(_BACK, source)
                     first = False
-                    fires = tracker.on_batch(batch.updates, cv._ts_ns(batch.time), now, wall_ns)
+                    fires = tracker.on_batch(batch.updates, cv._ts_ns(batch.time), now, wall_ns, source)
                     wake.set()
                     backoff = self.reconnect[0]
                     for fire in fires:
@@ -832,10 +1034,10 @@ class AsyncGuard(_GuardBase):
                     continue
                 raise EnginetimeError("the sidecar ended the update stream")
             except EnginetimeError as exc:
-                if self._closed:
+                if self._closed or source not in self._clients:
                     return
-                if tracker.on_down(time.monotonic()):
-                    self._log_down(self.target, exc)
+                if tracker.on_down(time.monotonic(), source):
+                    self._log_down(source, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.reconnect[1])
             finally:
@@ -861,9 +1063,9 @@ class AsyncGuard(_GuardBase):
             due = tracker.due(now)
             if self._restart_at is not None and self._restart_at <= now:
                 self._restart_at = None
-                if self._stream is not None:
-                    self._stream._guard_restart = True  # type: ignore[attr-defined]
-                    self._stream.cancel()
+                for stream in self._streams.values():
+                    stream._guard_restart = True  # type: ignore[attr-defined]
+                    stream.cancel()
             try:
                 await self._handle(due)
             except Exception:
@@ -871,11 +1073,14 @@ class AsyncGuard(_GuardBase):
 
     async def _handle(self, due: Due) -> None:
         for e in due.unknown:
-            self._log_unknown(e, self.target)
+            self._log_unknown(e, e.source or self.target)
         fires = list(due.fires)
-        for engine_id, entries in group_by_engine(due.suspects).items():
+        for (source, engine_id), entries in group_by_source(due.suspects).items():
+            client = self._clients.get(source)
             try:
-                lookup = shard_lookup(await self.client.get_shards(engine_id, timeout=self.shard_timeout))
+                if client is None:
+                    raise EnginetimeError(f"the sidecar at {source} left the fleet")
+                lookup = shard_lookup(await client.get_shards(engine_id, timeout=self.shard_timeout))
             except EnginetimeError as exc:
                 log.info("enginetime guard: liveness check skipped, GetShards failed: %s", exc)
                 lookup = None
@@ -884,20 +1089,21 @@ class AsyncGuard(_GuardBase):
             self._execute(fire)
 
     def _execute(self, fire: Fire) -> None:
-        err = self._make_error(fire)
+        abort = self._abort_for(fire.entry)
+        err = self._make_error(fire, abort is not None)
         watch: AsyncWatch = fire.entry.owner  # type: ignore[assignment]
         watch._fire(err)
-        if self._abort is not None:
-            task = asyncio.get_running_loop().create_task(self._do_abort(fire.entry.request_id))
+        if abort is not None:
+            task = asyncio.get_running_loop().create_task(self._do_abort(abort, fire.entry.request_id))
             self._side_tasks.add(task)
             task.add_done_callback(self._side_tasks.discard)
 
-    async def _do_abort(self, request_id: str) -> None:
+    async def _do_abort(self, abort: Callable, request_id: str) -> None:
         try:
-            if inspect.iscoroutinefunction(self._abort):
-                await self._abort(request_id)
+            if inspect.iscoroutinefunction(abort):
+                await abort(request_id)
             else:
-                result = await asyncio.to_thread(self._abort, request_id)
+                result = await asyncio.to_thread(abort, request_id)
                 if inspect.isawaitable(result):
                     await result
             self.aborts_sent += 1

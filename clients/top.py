@@ -308,7 +308,34 @@ class Feed:
             self._stream.close()
 
 
-def run_curses(feed: Feed, interval: float) -> None:
+class FleetFeed:
+    """Several sidecars' feeds as one: shards and running requests of every engine, one row each."""
+
+    def __init__(self, feeds: Sequence[Feed]) -> None:
+        self.feeds = list(feeds)
+
+    def start(self) -> FleetFeed:
+        for f in self.feeds:
+            f.start()
+        return self
+
+    def snapshot(self) -> Snapshot:
+        snaps = [f.snapshot() for f in self.feeds]
+        merged = Snapshot(",".join(s.target for s in snaps), time.time())
+        for s in snaps:
+            merged.shards += s.shards
+            merged.running += s.running
+            merged.events += s.events
+        merged.events.sort(key=lambda ev: ev.start_time_ns)
+        merged.error = "; ".join(f"{s.target}: {s.error}" for s in snaps if s.error)
+        return merged
+
+    def close(self) -> None:
+        for f in self.feeds:
+            f.close()
+
+
+def run_curses(feed: Feed | FleetFeed, interval: float) -> None:
     """The live view: redraw every ``interval`` s until q / Q / Ctrl-C."""
     import curses
 
@@ -336,9 +363,9 @@ def run_curses(feed: Feed, interval: float) -> None:
         pass
 
 
-def print_once(feed: Feed, width: int, out) -> None:
+def print_once(feed: Feed | FleetFeed, width: int, out) -> None:
     for line in render(feed.snapshot(), width):
         print(line, file=out)
 
 
-__all__: Sequence[str] = ["Feed", "Snapshot", "render", "run_curses", "print_once"]
+__all__: Sequence[str] = ["Feed", "FleetFeed", "Snapshot", "render", "run_curses", "print_once"]

@@ -14,8 +14,10 @@ variable is the one thing every engine process inherits.
                            (default ``unix:/tmp/enginetime-<uid>/ingest.sock``)
 ``ENGINETIME_ENGINE_ID``   engine id shown by the sidecar (default
                            ``<engine>-<hostname>:<server port>``, unique per
-                           engine instance on a host; set it on multi-node
-                           engines so every node reports the same engine)
+                           engine instance on a host; a multi-node engine
+                           defaults to ``<engine>-<rendezvous address>``,
+                           the same on every node: SGLang's
+                           ``--dist-init-addr``, vLLM's DP address and port)
 ``ENGINETIME_TIMER``       ``auto`` (CUDA events when a GPU is visible), ``cpu``,
                            ``cuda``
 ``ENGINETIME_COUPLING``    ``independent`` / ``lockstep``: overrides what the
@@ -70,6 +72,19 @@ class AdapterSettings:
         if self.engine_id_given or instance in (None, ""):
             return self
         return dataclasses.replace(self, engine_id=f"{self.engine_id}:{instance}")
+
+    def for_group(self, rendezvous: str | None) -> AdapterSettings:
+        """Settings whose default engine id names a multi-node engine by its rendezvous address.
+
+        Every node of one engine is started with the same rendezvous address (SGLang's
+        ``--dist-init-addr``, vLLM's ``--data-parallel-address``/``--data-parallel-rpc-port``),
+        and no two running engines share one, so ``<engine>-<address>`` names the engine
+        identically on all its nodes without configuration. An explicit id is kept.
+        """
+        if self.engine_id_given or not rendezvous:
+            return self
+        kind = self.engine_id.split("-", 1)[0]
+        return dataclasses.replace(self, engine_id=f"{kind}-{rendezvous}")
 
     @classmethod
     def from_env(cls, engine_kind: str, env: Mapping[str, str] | None = None) -> AdapterSettings:

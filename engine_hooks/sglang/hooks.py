@@ -110,6 +110,16 @@ class _Pending:
         self.global_step = global_step
 
 
+def multinode_rendezvous(server_args: Any) -> str | None:
+    """``--dist-init-addr`` of an SGLang engine spanning several nodes (``--nnodes`` > 1), else None."""
+    try:
+        nnodes = int(getattr(server_args, "nnodes", 1) or 1)
+    except (TypeError, ValueError):
+        return None
+    addr = getattr(server_args, "dist_init_addr", None)
+    return str(addr) if nnodes > 1 and isinstance(addr, str) and addr else None
+
+
 class SGLangAdapter:
     """Recording for one SGLang scheduler (one DP rank)."""
 
@@ -117,10 +127,11 @@ class SGLangAdapter:
         self, scheduler: Any, *, settings: AdapterSettings | None = None, recorder: Recorder | None = None
     ) -> None:
         args = getattr(scheduler, "server_args", None)
-        # Default engine id: host plus the server's port, unique per SGLang instance on a host.
-        self.settings = (settings or AdapterSettings.from_env("sglang")).for_instance(
-            getattr(args, "port", None)
-        )
+        # Default engine id: host plus the server's port, unique per SGLang instance on a host;
+        # a multi-node engine: its --dist-init-addr, the same on every node.
+        base = settings or AdapterSettings.from_env("sglang")
+        group = multinode_rendezvous(args)
+        self.settings = base.for_group(group) if group else base.for_instance(getattr(args, "port", None))
         self.guard = Guard()
         shard, num, coupling, reports, suffix = shard_layout(scheduler)
         self.shard, self.num_shards, self.reports = shard, num, reports

@@ -104,6 +104,26 @@ def _status_name(req: Any) -> str:
     return getattr(status, "name", str(status))
 
 
+def multinode_rendezvous(pc: Any) -> str | None:
+    """``<DP address>:<DP RPC port>`` of a vLLM engine whose DP ranks span nodes, else None.
+
+    Multi-node: fewer DP ranks on this node (``--data-parallel-size-local``) than in the
+    engine (``--data-parallel-size``). Every node is started with the same
+    ``--data-parallel-address`` and ``--data-parallel-rpc-port`` (the master port when no
+    RPC port is set).
+    """
+    try:
+        size = int(getattr(pc, "data_parallel_size", 1) or 1)
+        local = int(getattr(pc, "data_parallel_size_local", size) or size)
+    except (TypeError, ValueError):
+        return None
+    ip = getattr(pc, "data_parallel_master_ip", None)
+    port = getattr(pc, "data_parallel_rpc_port", None) or getattr(pc, "data_parallel_master_port", None)
+    if local >= size or not isinstance(ip, str) or not ip or not isinstance(port, int | str) or not port:
+        return None
+    return f"{ip}:{port}"
+
+
 class VllmRecording:
     """Step and request recording for one vLLM v1 scheduler (one DP rank)."""
 
@@ -115,8 +135,13 @@ class VllmRecording:
         # Default engine id: host plus an id every DP rank of this instance shares
         # (VllmConfig.instance_id, random per instance; else the DP master port).
         instance = getattr(cfg, "instance_id", None) or getattr(pc, "data_parallel_master_port", None)
-        self.settings = (settings or AdapterSettings.from_env("vllm")).for_instance(
-            instance if isinstance(instance, int | str) else None
+        # A multi-node engine: its DP address and port, the same on every node.
+        base = settings or AdapterSettings.from_env("vllm")
+        group = multinode_rendezvous(pc)
+        self.settings = (
+            base.for_group(group)
+            if group
+            else base.for_instance(instance if isinstance(instance, int | str) else None)
         )
         self.guard = Guard()
         self.scheduler_ref = weakref.ref(scheduler)

@@ -121,6 +121,43 @@ def _describe_peer(
     return f"{family}:{address}"
 
 
+def _node_of(peer: str) -> str:
+    """The node a recorder connects from: the host of a TCP peer; this host for a Unix socket."""
+    if peer.startswith("tcp:"):
+        return peer[4:].rsplit(":", 1)[0]
+    return "local"
+
+
+def group_summary(engine_id: str, num_shards: int, peers: dict[int, str]) -> str:
+    """Which nodes and shards of one engine have joined, e.g. ``12/16 shards from 2 nodes: ...``.
+
+    A multi-node engine ships every node's shards to one sidecar: this line, logged on
+    each join, tells the operator which node is still missing.
+    """
+    nodes: dict[str, list[int]] = {}
+    for shard, peer in sorted(peers.items()):
+        nodes.setdefault(_node_of(peer), []).append(shard)
+    where = "; ".join(f"{node} shards {_ranges(shards)}" for node, shards in nodes.items())
+    missing = sorted(set(range(num_shards)) - set(peers))
+    tail = f"; waiting for shards {_ranges(missing)}" if missing else "; all joined"
+    return (
+        f"engine {quote(engine_id)}: {len(peers)}/{num_shards} shards joined from "
+        f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}: {where}{tail}"
+    )
+
+
+def _ranges(values: list[int]) -> str:
+    out: list[str] = []
+    for v in values:
+        if out and out[-1].endswith(f"-{v - 1}"):
+            out[-1] = out[-1].rsplit("-", 1)[0] + f"-{v}"
+        elif out and out[-1] == str(v - 1):
+            out[-1] = f"{v - 1}-{v}"
+        else:
+            out.append(str(v))
+    return ",".join(out)
+
+
 class _Connection(asyncio.Protocol):
     """One recorder's stream: decode, validate, feed the ledger."""
 
@@ -291,6 +328,8 @@ class _Connection(asyncio.Protocol):
                         frame.device_name or "?",
                         self.peer,
                     )
+                    if frame.num_shards > 1:
+                        log.info("%s", srv.group_summary(frame.engine_id, frame.num_shards))
             except Exception as exc:  # the ledger refused this frame
                 if isinstance(exc, ValueError):
                     message = f"the ledger refused a {t.__name__}: {exc}"
@@ -453,6 +492,11 @@ class IngestServer:
 
     def claim(self, key: tuple[str, int], conn: _Connection) -> None:
         self._owners[key] = conn
+
+    def group_summary(self, engine_id: str, num_shards: int) -> str:
+        """The joined shards of ``engine_id`` and the nodes they connect from (see ``group_summary``)."""
+        peers = {shard: c.peer for (eid, shard), c in self._owners.items() if eid == engine_id}
+        return group_summary(engine_id, num_shards, peers)
 
     def release(self, key: tuple[str, int], conn: _Connection) -> None:
         if self._owners.get(key) is conn:
