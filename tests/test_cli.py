@@ -191,8 +191,11 @@ def test_requests_lists_with_filters(world):
     assert all(r["state"] == "running" for r in running) and {VICTIM, STORM}.isdisjoint(
         r["request_id"] for r in running
     )
-    table = et("requests", "--sidecar", t, "--limit", "5")
+    # The table lists the newest arrivals first: other tests' requests may come after VICTIM's.
+    table = et("requests", "--sidecar", t, "--limit", str(len(rows) + 20))
     assert table.returncode == 0 and "REQUEST" in table.stdout and VICTIM in table.stdout
+    newest = et("requests", "--sidecar", t, "--limit", "1")
+    assert newest.returncode == 0 and len(newest.stdout.strip().splitlines()) == 2, newest.stdout
 
 
 def test_top_once_and_json(world):
