@@ -89,6 +89,13 @@ def start_sidecar(
     return sp
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a server the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_until(
     predicate: Callable[[], T | None],
     timeout: float = 10.0,

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import free_port, wait_until
 
 
 def phoenix_executable() -> Path:
@@ -30,12 +29,6 @@ def phoenix_executable() -> Path:
         return engine_envs.ensure("phoenix").path / "bin" / "phoenix"
     except engine_envs.EngineEnvError as exc:
         pytest.fail(f"cannot build the Arize Phoenix environment: {exc}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str):

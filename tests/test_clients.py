@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
-import socket
 import threading
 import time
 
@@ -20,6 +19,7 @@ import grpc
 import grpc.aio
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
+from helpers import free_port
 
 from enginetime.clients import (
     AccountingClient,
@@ -461,12 +461,6 @@ def _wait(event: threading.Event, what: str, timeout: float = 5.0) -> None:
     assert event.wait(timeout), f"timed out after {timeout}s waiting for: {what}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- sync client --------------------------------------------------------------------
 
 
@@ -571,7 +565,7 @@ def test_sync_errors_are_typed(server: ServerThread) -> None:
 
 
 def test_unavailable_fails_fast_and_names_the_target() -> None:
-    target = f"127.0.0.1:{_free_port()}"
+    target = f"127.0.0.1:{free_port()}"
     with AccountingClient(target, timeout=10) as client:
         start = time.monotonic()
         with pytest.raises(SidecarUnavailable) as exc:
