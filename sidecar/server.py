@@ -85,8 +85,9 @@ class Sidecar:
         self.api_guard: ApiGuard | None = None
         counters = self.ingest.counters
         self.fanout.ingest_busy_s = lambda: counters.busy_s
-        self.service = AccountingService(self.ledger, self.fanout, config.ledger)
-        self.service.max_text_bytes = config.ingest_limits.max_text_bytes
+        self.service = AccountingService(
+            self.ledger, self.fanout, config.ledger, max_text_bytes=config.ingest_limits.max_text_bytes
+        )
         self.health = HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.grpc_address = ""

@@ -82,6 +82,8 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
         ledger: AccountingReader,
         fanout: FanOut,
         config: LedgerConfig | None = None,
+        *,
+        max_text_bytes: int = MAX_TEXT_BYTES,
     ) -> None:
         self.ledger = ledger
         self.fanout = fanout
@@ -89,7 +91,7 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
         self.config = config = config or LedgerConfig()
         self.storm_threshold_ns = int(config.storm_threshold_s * 1e9)
         #: Ids longer than this were stored clipped (ingest's --max-text-bytes); look them up alike.
-        self.max_text_bytes = MAX_TEXT_BYTES
+        self.max_text_bytes = max_text_bytes
 
     # -- unary ------------------------------------------------------------------------------
 
