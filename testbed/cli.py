@@ -97,16 +97,7 @@ def engine_config(args: argparse.Namespace, *, hooks: bool, ingest: str | None, 
     from .engine import EngineConfig
     from .model import ModelConfig
 
-    model = ModelConfig(
-        vocab_size=args.vocab,
-        d_model=args.d_model,
-        n_layers=args.layers,
-        n_heads=args.heads,
-        head_dim=args.head_dim,
-        d_ff=args.d_ff,
-        max_context=args.max_context,
-        seed=args.seed,
-    )
+    model = ModelConfig.from_args(args)
     return EngineConfig(
         num_shards=args.shards,
         coupling=args.coupling,

@@ -99,16 +99,7 @@ class DemoConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DemoConfig:
-        model = ModelConfig(
-            vocab_size=args.vocab,
-            d_model=args.d_model,
-            n_layers=args.layers,
-            n_heads=args.heads,
-            head_dim=args.head_dim,
-            d_ff=args.d_ff,
-            max_context=args.max_context,
-            seed=args.seed,
-        )
+        model = ModelConfig.from_args(args)
         return cls(
             shards=args.shards,
             coupling=args.coupling,

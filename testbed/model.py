@@ -17,6 +17,7 @@ attends to exactly what it would unchunked.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import asdict, dataclass
 
@@ -49,6 +50,20 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_context"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model {name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ModelConfig:
+        """The model the command line's size flags describe (``testbed serve`` and ``demo`` share them)."""
+        return cls(
+            vocab_size=args.vocab,
+            d_model=args.d_model,
+            n_layers=args.layers,
+            n_heads=args.heads,
+            head_dim=args.head_dim,
+            d_ff=args.d_ff,
+            max_context=args.max_context,
+            seed=args.seed,
+        )
 
     @property
     def attn_dim(self) -> int:
