@@ -60,11 +60,6 @@ def context(report: dict) -> str:
     return json.dumps({k: report[k] for k in ("shards", "storm", "summary")}, indent=1)
 
 
-def reference_prefill_s(storm: dict) -> float:
-    """The storm's prefill time at the engine's calibrated speed (its wall time / slowdown)."""
-    return storm["prefill_s"] / max(1.0, storm.get("engine_slowdown") or 1.0)
-
-
 def test_lockstep_storm_starves_decode_on_every_other_shard(run):
     report = run("lockstep")
     rates = victim_shard_rates(report)
@@ -77,10 +72,11 @@ def test_lockstep_storm_starves_decode_on_every_other_shard(run):
     assert storm["cached_tokens"] == 0 and storm["prefill_tokens"] == storm["prompt_tokens"] >= 16000
     assert storm["chunks"] == math.ceil(storm["prompt_tokens"] / 512) >= 24
     assert storm["migrated"] is True, "the sidecar flags the turn that left its session's shard"
-    # Its own accounting: hardly anyone stalls the storm, so its engine time is its prefill time
-    # at the engine's reference speed (on a loaded host the testbed runs slower than its
-    # calibrated model, and that excess is slowdown, not the storm's work).
-    assert storm["engine_time_s"] >= 0.8 * reference_prefill_s(storm), context(report)
+    # Its own accounting: hardly anyone stalls the storm, so its prefill time is its own work at
+    # the engine's reference speed plus, when the host ran the testbed slower than its calibrated
+    # model (a busy machine), slowdown, which is interference with no request to blame.
+    assert storm["engine_time_s"] + storm["interference_s"] >= 0.8 * storm["prefill_s"], context(report)
+    assert storm["engine_time_s"] >= 0.5 * storm["prefill_s"], context(report)
 
 
 def test_independent_shards_keep_decoding_through_the_storm(run):
@@ -120,7 +116,9 @@ def test_every_victims_top_blame_names_the_storm_and_its_shard(run):
         top = v["blame"][0]
         assert top["request_id"] == STORM_RID and top["shard"] == storm["shard"], v
         assert top["same_shard"] is (v["shard"] == storm["shard"]), v
-        assert top["seconds"] >= 0.8 * reference_prefill_s(storm), (v, storm)
+        # The storm is blamed for its work at reference speed (its engine_time); time the whole
+        # engine ran slower than its model is slowdown, not the storm's.
+        assert top["seconds"] >= 0.8 * storm["engine_time_s"], (v, storm)
 
 
 def test_mixed_policy_shortens_the_same_shard_stall(run):
