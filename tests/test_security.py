@@ -447,6 +447,14 @@ def test_giant_ids_are_clipped_and_never_echoed_whole(tmp_path) -> None:
             r = _wait_request(stub, giant, 1)
             assert len(r.request_id.encode()) <= 512 and r.request_id.startswith("g" * 100)
             assert len(r.session_id.encode()) <= 512
+            # Filters and subscriptions take the same rule: the full id finds the request.
+            flt = pb.RequestFilter(request_ids=[giant], session_id="s" * 100_000)
+            listed = stub.ListRequests(pb.ListRequestsRequest(filter=flt), timeout=5).requests
+            assert [x.request_id for x in listed] == [r.request_id]
+            stream = stub.StreamUpdates(pb.StreamUpdatesRequest(filter=flt), timeout=10)
+            first = next(iter(stream))
+            assert [u.request_id for u in first.updates] == [r.request_id]
+            stream.cancel()
             with pytest.raises(grpc.RpcError) as err:
                 _get(stub, "x" * (1 << 14))
             assert err.value.code() == grpc.StatusCode.NOT_FOUND  # not RESOURCE_EXHAUSTED

@@ -11,6 +11,7 @@ from __future__ import annotations
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from enginetime.sidecar.ingest.limits import MAX_TEXT_BYTES, clip_text
 from enginetime.sidecar.ledger.advice import AdviceView
 from enginetime.sidecar.ledger.views import (
     InterferenceView,
@@ -182,8 +183,13 @@ def advice_to_proto(v: AdviceView) -> pb.Advice:
     return msg
 
 
-def query_from_proto(f: pb.RequestFilter) -> RequestQuery:
-    """A RequestFilter as a ledger query; ValueError (with the fix) on values no request can have."""
+def query_from_proto(f: pb.RequestFilter, max_text_bytes: int = MAX_TEXT_BYTES) -> RequestQuery:
+    """A RequestFilter as a ledger query; ValueError (with the fix) on values no request can have.
+
+    Ids, session and engine ids go through the clip rule ingest stored them by, so a filter
+    that names a giant id finds the request, and a subscription holds at most
+    ``max_text_bytes`` per id however long the ids a peer sends.
+    """
     bad = [s for s in f.states if s not in _STATE_NUMBERS]
     if bad:
         raise ValueError(
@@ -194,7 +200,7 @@ def query_from_proto(f: pb.RequestFilter) -> RequestQuery:
     return RequestQuery(
         states=frozenset(RequestState(s) for s in f.states),
         shard=f.shard if f.HasField("shard") else None,
-        session_id=f.session_id,
-        engine_id=f.engine_id,
-        request_ids=frozenset(f.request_ids),
+        session_id=clip_text(f.session_id, max_text_bytes),
+        engine_id=clip_text(f.engine_id, max_text_bytes),
+        request_ids=frozenset(clip_text(rid, max_text_bytes) for rid in f.request_ids),
     )

@@ -113,7 +113,7 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
 
     async def ListRequests(self, request: pb.ListRequestsRequest, context) -> pb.ListRequestsResponse:
         try:
-            query = convert.query_from_proto(request.filter)
+            query = convert.query_from_proto(request.filter, self.max_text_bytes)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
@@ -229,7 +229,7 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
 
     async def StreamUpdates(self, request: pb.StreamUpdatesRequest, context) -> None:
         try:
-            query = convert.query_from_proto(request.filter)
+            query = convert.query_from_proto(request.filter, self.max_text_bytes)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         interval = await self._interval(context, request, "interval")
