@@ -216,6 +216,8 @@ class _GuardBase:
         self.reconnect = reconnect
         self.restart_interval = restart_interval
         self.shard_timeout = shard_timeout
+        #: How long close() lets aborts already sent finish (each is bounded by this too).
+        self.abort_timeout = abort_timeout
         self._abort_by_engine = _abort_map(abort, abort_timeout)
         self._abort = None if self._abort_by_engine is not None else _abort_fn(abort, abort_timeout)
         self._tracker = Tracker(self.budget, unknown_after=unknown_after)
@@ -484,6 +486,7 @@ class Guard(_GuardBase):
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._aborts: concurrent.futures.ThreadPoolExecutor | None = None
+        self._abort_futures: set[concurrent.futures.Future] = set()
         if not self._clients:
             self._set_targets(self._resolve())
         #: The first sidecar's client (with one sidecar: its client).
@@ -565,6 +568,9 @@ class Guard(_GuardBase):
         for t in self._threads:
             t.join(5)
         if self._aborts is not None:
+            # A kill decided just before close() still reaches its engine: aborts in flight get
+            # their own timeout to finish (an abort lost here leaves the engine running the request).
+            concurrent.futures.wait(list(self._abort_futures), timeout=self.abort_timeout)
             self._aborts.shutdown(wait=False, cancel_futures=True)
         for a, client in self._clients.items():
             if a in self._owned:
@@ -723,7 +729,9 @@ class Guard(_GuardBase):
         watch: Watch = fire.entry.owner  # type: ignore[assignment]
         interrupted = watch._fire(err)
         if abort is not None and self._aborts is not None:
-            self._aborts.submit(self._do_abort, abort, fire.entry.request_id)
+            future = self._aborts.submit(self._do_abort, abort, fire.entry.request_id)
+            self._abort_futures.add(future)
+            future.add_done_callback(self._abort_futures.discard)
         elif not interrupted:
             self._once(
                 "uninterruptible",
@@ -945,6 +953,10 @@ class AsyncGuard(_GuardBase):
         self._closed = True
         for stream in self._streams.values():
             stream.cancel()
+        if self._side_tasks:
+            # Aborts already sent get their own timeout to finish: a kill decided just before
+            # aclose() must still reach its engine.
+            await asyncio.wait(set(self._side_tasks), timeout=self.abort_timeout)
         tasks = (*self._tasks, *self._readers.values(), *self._side_tasks)
         for t in tasks:
             t.cancel()
