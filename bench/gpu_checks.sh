@@ -41,8 +41,4 @@ check() {
 check cuda_timer 120 python3 "$root/bench/cuda_timer_check.py"
 check adapters_cuda 120 python3 "$root/bench/adapters_cuda_check.py"
 check testbed_cuda 240 python3 "$root/bench/testbed_cuda.py" --out "$out/testbed_cuda.json"
-if [ "${ENGINETIME_GPU_HOOKS_BENCH:-1}" = 1 ]; then
-    # The hooks' cost on this machine's quiet cores (CPU timer; a live sidecar).
-    check bench_hooks 180 python3 "$root/bench/bench_hooks.py" --tight-seconds 10
-fi
 exit $status
