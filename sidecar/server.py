@@ -38,6 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from enginetime.sidecar.api import orca
 from enginetime.sidecar.api.auth import ApiGuard, CredentialsError, read_secret_file, server_credentials
 from enginetime.sidecar.api.fanout import PUBLISH_PERIOD_S, FanOut
 from enginetime.sidecar.api.service import AccountingService, add_to_server
@@ -88,6 +89,7 @@ class Sidecar:
         self.service = AccountingService(
             self.ledger, self.fanout, config.ledger, max_text_bytes=config.ingest_limits.max_text_bytes
         )
+        self.orca = orca.OrcaService(self.ledger, max_text_bytes=config.ingest_limits.max_text_bytes)
         self.health = HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.grpc_address = ""
@@ -156,10 +158,12 @@ class Sidecar:
         # so_reuseport off: a second sidecar on the same port must fail, not share it silently.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[self.api_guard])
         add_to_server(self.service, server)
+        orca.add_to_server(self.orca, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
+                orca.SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -311,6 +315,7 @@ class Sidecar:
         self.fanout.close(
             "the sidecar is shutting down; reconnect when it is back (the guard falls back meanwhile)"
         )
+        self.orca.close()
         if self.grpc_server is not None:
             # Streams see the close above, send what they hold and end; unary calls get the grace period.
             await self.grpc_server.stop(self.config.shutdown_grace_s)
