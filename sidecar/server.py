@@ -82,6 +82,7 @@ class Sidecar:
             limits=config.ingest_limits,
             allow_uids=config.ingest_allow_uids,
             allow_insecure=config.allow_insecure_ingest,
+            slice_s=config.ingest_slice_s,
         )
         self.api_guard: ApiGuard | None = None
         counters = self.ingest.counters

@@ -209,7 +209,9 @@ def test_orca_stream_cost_report_and_storm_warning(sidecar) -> None:
         gaps = [b[0] - a[0] for a, b in zip(fast, fast[1:], strict=False)]
         assert min(gaps) >= 0.08, gaps
 
-        body = urllib.request.urlopen(f"http://{sidecar.fields['metrics']}/metrics", timeout=10).read().decode()
+        body = (
+            urllib.request.urlopen(f"http://{sidecar.fields['metrics']}/metrics", timeout=10).read().decode()
+        )
         assert "enginetime_storms_predicted_total 1.0" in body
     finally:
         channel.close()

@@ -23,13 +23,16 @@ import ssl
 import stat
 import struct
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, cast
 
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES
 from enginetime.sidecar.cli import parse_ingest_address
 from enginetime.sidecar.ingest.frames import FrameDecoder, FrameError
-from enginetime.sidecar.ingest.limits import IngestLimits, RateLimitedLog, quote
+from enginetime.sidecar.ingest.limits import DISPATCH_SLICE_S, IngestLimits, RateLimitedLog, quote
 from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
 from enginetime.sidecar.ledger.protocols import IngestSink
 
@@ -62,6 +65,13 @@ SERVER_REASONS: tuple[str, ...] = (
     TOO_MANY_ENGINES,
     TOO_MANY_LIVE,
 )
+
+
+#: Decoded bytes queued for the ledger beyond which connections stop being read (the
+#: kernel buffers, then the recorders' own bounded buffers, hold the rest), and below
+#: which reading resumes.
+QUEUE_HIGH_BYTES = 8 * 1024 * 1024
+QUEUE_LOW_BYTES = 2 * 1024 * 1024
 
 
 class IngestAddressError(RuntimeError):
@@ -169,7 +179,8 @@ class _Connection(asyncio.Protocol):
         self.pid: int | None = None
         self.key: ShardKey | None = None
         self.epoch = 0
-        self.closed = False
+        self.closed = False  # we closed it (or it was lost and its last frames were fed)
+        self.failed = False  # nothing more is read from it (bad frame, EOF error, lost)
         self._buffered = 0  # this connection's share of counters.buffered_bytes
         self._hello_timer: asyncio.TimerHandle | None = None
 
@@ -215,7 +226,7 @@ class _Connection(asyncio.Protocol):
             )
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self.failed:
             return
         srv = self.server
         counters = srv.counters
@@ -225,11 +236,12 @@ class _Connection(asyncio.Protocol):
         try:
             frames = decoder.feed(data)
         except FrameError as exc:
-            self._dispatch(exc.frames)
-            self._reject(exc.reason, exc.message)
+            # The frames before the bad one count; then the connection is closed (in order).
+            self.failed = True
+            srv.enqueue(self, exc.frames, len(data), partial(self._reject, exc.reason, exc.message))
         else:
             if frames:
-                self._dispatch(frames)
+                srv.enqueue(self, frames, len(data))
             buffered = decoder.buffered
             if buffered != self._buffered:
                 counters.buffered_bytes += buffered - self._buffered
@@ -246,29 +258,38 @@ class _Connection(asyncio.Protocol):
         counters.busy_s += time.perf_counter() - started
 
     def eof_received(self) -> bool:
-        try:
-            self.decoder.finish()
-        except FrameError as exc:
-            self._reject(exc.reason, exc.message)
+        if not (self.closed or self.failed):
+            try:
+                self.decoder.finish()
+            except FrameError as exc:
+                self.failed = True
+                self.server.enqueue(self, [], 0, partial(self._reject, exc.reason, exc.message))
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed:
+        if not (self.closed or self.failed):
             try:
                 self.decoder.finish()
             except FrameError as err:
                 # Reset mid-frame (no EOF): still a truncated stream.
                 self._count_reject(err.reason, err.message)
-            self.closed = True
+        self.failed = True  # nothing more comes; what it sent before still reaches the ledger
         srv = self.server
         srv.counters.active_connections -= 1
         srv.counters.buffered_bytes -= self._buffered
         self._buffered = 0
         srv._connections.discard(self)
+        srv._paused.discard(self)
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
+        # The disconnect waits behind the frames this connection (and others) sent before it.
+        srv.enqueue(self, [], 0, self._disconnected)
+
+    def _disconnected(self) -> None:
+        self.closed = True
         if self.key is not None:
+            srv = self.server
             key, self.key = self.key, None
             srv.release(key, self)
             try:
@@ -279,15 +300,23 @@ class _Connection(asyncio.Protocol):
 
     # -- work --------------------------------------------------------------------------
 
-    def _dispatch(self, frames: list) -> None:
+    def _dispatch(self, frames: list, pos: int, deadline: float) -> int:
+        """Feed ``frames[pos:]`` to the ledger until ``deadline`` (perf_counter) passes; return the
+        position of the first frame not fed (``len(frames)`` when all were, or the connection closed)."""
         srv = self.server
         ledger = srv.ledger
         counters = srv.counters
+        clock = time.perf_counter
+        n = len(frames)
         # Not None once records arrive: the decoder lets nothing through before the hello.
         key = cast("ShardKey", self.key)
-        for frame in frames:
+        while pos < n:
             if self.closed:
-                return
+                return n
+            if clock() >= deadline:
+                return pos
+            frame = frames[pos]
+            pos += 1
             t = type(frame)
             try:
                 if t is Step:
@@ -296,13 +325,13 @@ class _Connection(asyncio.Protocol):
                     counters.entries += len(frame.handles)
                     if ledger.live_requests(key) > srv.limits.max_live_per_shard:
                         self._too_many_live()
-                        return
+                        return n
                 elif t is Event:
                     ledger.on_event(key, frame)
                     counters.events += 1
                     if frame.kind == 1 and ledger.live_requests(key) > srv.limits.max_live_per_shard:
                         self._too_many_live()
-                        return
+                        return n
                 elif t is Beat:
                     ledger.on_heartbeat(key, frame)
                     counters.heartbeats += 1
@@ -310,7 +339,7 @@ class _Connection(asyncio.Protocol):
                     refusal = srv.admit(self, frame)
                     if refusal is not None:
                         self._reject(*refusal)
-                        return
+                        return n
                     key = self.key = ledger.connect(frame)
                     self.epoch = frame.recorder_epoch
                     srv.claim(key, self)
@@ -339,8 +368,9 @@ class _Connection(asyncio.Protocol):
                         f"the ledger failed on a {t.__name__}: {type(exc).__name__}: {exc} (a sidecar bug)"
                     )
                 self._reject(LEDGER_ERROR, message)
-                return
+                return n
             counters.frames += 1
+        return n
 
     def _too_many_live(self) -> None:
         self._reject(
@@ -388,6 +418,21 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+class _Work:
+    """Decoded frames of one read, waiting for the ledger, and what to do after them."""
+
+    __slots__ = ("conn", "frames", "pos", "nbytes", "after")
+
+    def __init__(
+        self, conn: _Connection, frames: list, nbytes: int, after: Callable[[], None] | None
+    ) -> None:
+        self.conn = conn
+        self.frames = frames
+        self.pos = 0
+        self.nbytes = nbytes
+        self.after = after
+
+
 class IngestServer:
     """Listens on ``unix:PATH`` or ``tcp:HOST:PORT`` and feeds the ledger.
 
@@ -409,6 +454,7 @@ class IngestServer:
         ssl_context: ssl.SSLContext | None = None,
         allow_uids: tuple[int, ...] = (),
         allow_insecure: bool = False,
+        slice_s: float = DISPATCH_SLICE_S,
     ) -> None:
         self.family, self.target = parse_ingest_address(address)
         self.ledger = ledger
@@ -428,6 +474,78 @@ class IngestServer:
         self._connections: set[_Connection] = set()
         self._owners: dict[tuple[str, int], _Connection] = {}
         self._socket_id: tuple[int, int] | None = None
+        #: Decoded frames of every connection, in arrival order, waiting for the ledger.
+        self._queue: deque[_Work] = deque()
+        self._queued_bytes = 0
+        self._pump_handle: asyncio.Handle | None = None
+        self._paused: set[_Connection] = set()  # reading paused while the queue is over QUEUE_HIGH_BYTES
+        #: Longest stretch of ledger work per loop callback (``DISPATCH_SLICE_S``); 0: feed each
+        #: read whole in its own callback, as it arrives.
+        self.slice_s = slice_s
+
+    # -- feeding the ledger in bounded slices ----------------------------------------------
+
+    def enqueue(
+        self, conn: _Connection, frames: list, nbytes: int, after: Callable[[], None] | None = None
+    ) -> None:
+        """Queue ``conn``'s decoded ``frames`` (then ``after()``) for the ledger, in arrival order."""
+        self._queue.append(_Work(conn, frames, nbytes, after))
+        self._queued_bytes += nbytes
+        if self.slice_s <= 0:
+            started = time.perf_counter()
+            self._feed(float("inf"))
+            self.counters.busy_s += time.perf_counter() - started
+            return
+        if self._queued_bytes > QUEUE_HIGH_BYTES and not conn.failed and conn.transport is not None:
+            conn.transport.pause_reading()
+            self._paused.add(conn)
+        if self._pump_handle is None:
+            self._pump_handle = asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Feed queued frames for at most ``slice_s``, then let the loop serve others (gRPC calls)."""
+        self._pump_handle = None
+        started = time.perf_counter()
+        self._feed(started + self.slice_s)
+        self.counters.busy_s += time.perf_counter() - started
+        if self._queue:
+            self._pump_handle = asyncio.get_running_loop().call_soon(self._pump)
+
+    def _feed(self, deadline: float) -> None:
+        queue = self._queue
+        while queue:
+            work = queue[0]
+            n = len(work.frames)
+            if work.pos < n:
+                work.pos = work.conn._dispatch(work.frames, work.pos, deadline)
+                if work.pos < n:
+                    return
+            queue.popleft()
+            self._queued_bytes -= work.nbytes
+            if work.after is not None:
+                try:
+                    work.after()
+                except Exception:
+                    log.exception("ingest follow-up failed for %s", work.conn._who())
+            if self._paused and self._queued_bytes < QUEUE_LOW_BYTES:
+                self._resume_reading()
+            if time.perf_counter() >= deadline:
+                return
+
+    def _resume_reading(self) -> None:
+        for conn in self._paused:
+            if not (conn.closed or conn.failed) and conn.transport is not None:
+                conn.transport.resume_reading()
+        self._paused.clear()
+
+    def drain(self) -> None:
+        """Feed everything queued now, however long it takes (shutdown, tests)."""
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
+            self._pump_handle = None
+        started = time.perf_counter()
+        self._feed(float("inf"))
+        self.counters.busy_s += time.perf_counter() - started
 
     # -- ownership of (engine, shard) ----------------------------------------------------
 
@@ -565,8 +683,10 @@ class IngestServer:
             self._server.close()
 
     async def close(self) -> None:
-        """Stop accepting, close every connection (the ledger sees disconnects), remove the socket."""
+        """Stop accepting, feed what was received, close every connection (the ledger sees
+        disconnects), remove the socket."""
         self.stop_accepting()
+        self.drain()
         for conn in list(self._connections):
             conn.closed = True  # our doing: a frame cut short now is not the recorder's fault
             if conn.transport is not None:
@@ -576,6 +696,7 @@ class IngestServer:
             if not self._connections:
                 break
             await asyncio.sleep(0)
+        self.drain()  # the disconnects queued by connection_lost
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), timeout=2.0)
