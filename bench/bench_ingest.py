@@ -165,6 +165,24 @@ def pusher(path: str, shards: int, batch: int, groups: int, ready, go, info) -> 
         s.close()
 
 
+async def probe(lags: list[tuple[float, float]]) -> None:
+    """Every 2 ms, a callback made ready and the time until it runs: what a gRPC call arriving
+    then would wait for the loop. Wall time, and the loop thread's CPU time in that wait (the
+    work in its way, without the time the OS ran other processes)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(0.002)
+        ran = loop.create_future()
+        t, c = time.perf_counter(), time.thread_time()
+        loop.call_soon(ran.set_result, None)
+        await ran
+        lags.append((time.perf_counter() - t, time.thread_time() - c))
+
+
+def _q(values: list[float], p: float) -> float:
+    return values[min(len(values) - 1, int(p * len(values)))] * 1e3 if values else float("nan")
+
+
 async def run(args) -> dict:
     from enginetime.sidecar.ledger.ledger import LedgerConfig
     from enginetime.sidecar.server import Sidecar, SidecarConfig
@@ -194,6 +212,8 @@ async def run(args) -> dict:
             await asyncio.sleep(0.005)
         steps0 = ledger.counters.steps
         want = steps0 + args.shards * args.groups
+        lags: list[tuple[float, float]] = []
+        probing = asyncio.create_task(probe(lags))
         cpu0, wall0 = time.process_time(), time.perf_counter()
         go.set()
         deadline = time.monotonic() + 120
@@ -207,6 +227,7 @@ async def run(args) -> dict:
         ledger.flush()
         wall = time.perf_counter() - wall0
         cpu = time.process_time() - cpu0
+        probing.cancel()
         c = ledger.counters
         result = {
             "entries": entries,
@@ -220,6 +241,8 @@ async def run(args) -> dict:
             "lockstep_timeouts": c.lockstep_timeouts,
             "storms": c.storms,
             "rejected": dict(sidecar.ingest.counters.rejected),
+            "lag_wall": sorted(w for w, _ in lags),
+            "lag_cpu": sorted(c for _, c in lags),
         }
     finally:
         child.join(60)
@@ -249,6 +272,9 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    from enginetime.sidecar.server import tune_gc
+
+    tune_gc()  # as `enginetime sidecar` does: without it, full collections stop the loop for 20-40 ms
     slices = [float(x) for x in args.slices.split(",")]
     results: dict[float, list[dict]] = {sl: [] for sl in slices}
     for _ in range(args.repeat):
@@ -276,6 +302,12 @@ def main() -> int:
             f"  steps            {r['steps']:,} attributed ({r['steps'] / r['wall_s']:,.0f} steps/s), "
             f"{r['mb_per_s']:.1f} MB/s of frames"
         )
+        for what in ("wall", "cpu"):
+            v = r[f"lag_{what}"]
+            print(
+                f"  loop wait ({what:<4}) p50 {_q(v, 0.5):.2f} ms  p99 {_q(v, 0.99):.2f} ms  "
+                f"max {_q(v, 1.0):.2f} ms  (a ready callback's wait, n={len(v)})"
+            )
         print(
             f"  lockstep groups  {r['lockstep_groups']:,} ({r['lockstep_timeouts']} timed out), "
             f"rejected {r['rejected'] or 'none'}"

@@ -32,6 +32,7 @@ import logging
 import signal
 import ssl
 import sys
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -380,7 +381,10 @@ class Sidecar:
                 delay = 0
             await asyncio.sleep(delay)
             try:
-                self.ledger.tick()
+                # Time is only as late as the oldest record still queued in ingest: a lockstep
+                # group's wait must not run out while its stragglers sit in that queue.
+                fed_until = self.ingest.fed_until_ns()
+                self.ledger.tick(None if fed_until is None else min(fed_until, time.time_ns()))
                 if self.finished is not None:
                     self.finished.pump()
                 self.fanout.publish()

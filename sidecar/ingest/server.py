@@ -67,11 +67,14 @@ SERVER_REASONS: tuple[str, ...] = (
 )
 
 
-#: Decoded bytes queued for the ledger beyond which connections stop being read (the
-#: kernel buffers, then the recorders' own bounded buffers, hold the rest), and below
-#: which reading resumes.
-QUEUE_HIGH_BYTES = 8 * 1024 * 1024
-QUEUE_LOW_BYTES = 2 * 1024 * 1024
+#: Received bytes queued for decoding and the ledger beyond which connections stop being
+#: read (the kernel buffers, then the recorders' own bounded buffers, hold the rest), and
+#: below which reading resumes.
+#: 1 MiB is ~30 ms of ledger work at 1.4 M entries/s: far under the lockstep wait (0.2 s).
+QUEUE_HIGH_BYTES = 1024 * 1024
+QUEUE_LOW_BYTES = 256 * 1024
+#: Bytes decoded at a time (a read may bring 256 KiB: decoding it whole took ~2.5 ms).
+DECODE_BYTES = 32 * 1024
 
 
 class IngestAddressError(RuntimeError):
@@ -179,8 +182,10 @@ class _Connection(asyncio.Protocol):
         self.pid: int | None = None
         self.key: ShardKey | None = None
         self.epoch = 0
-        self.closed = False  # we closed it (or it was lost and its last frames were fed)
-        self.failed = False  # nothing more is read from it (bad frame, EOF error, lost)
+        self.closed = False  # we closed it, or it was lost and what it sent was fed
+        self.failed = False  # a wire error: nothing after it is decoded (the rejection follows)
+        self.pending_reject: tuple[str, str] | None = None
+        self._ended = False  # the decoder was told the stream ended
         self._buffered = 0  # this connection's share of counters.buffered_bytes
         self._hello_timer: asyncio.TimerHandle | None = None
 
@@ -228,68 +233,45 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or self.failed:
             return
-        srv = self.server
-        counters = srv.counters
-        started = time.perf_counter()
-        counters.bytes += len(data)
-        decoder = self.decoder
-        try:
-            frames = decoder.feed(data)
-        except FrameError as exc:
-            # The frames before the bad one count; then the connection is closed (in order).
-            self.failed = True
-            srv.enqueue(self, exc.frames, len(data), partial(self._reject, exc.reason, exc.message))
-        else:
-            if frames:
-                srv.enqueue(self, frames, len(data))
-            buffered = decoder.buffered
-            if buffered != self._buffered:
-                counters.buffered_bytes += buffered - self._buffered
-                self._buffered = buffered
-                if buffered and counters.buffered_bytes > srv.limits.max_buffered_bytes:
-                    self._reject(
-                        BUFFER_LIMIT,
-                        f"half-received frames hold {counters.buffered_bytes} bytes over all connections, "
-                        f"more than --max-ingest-buffer {srv.limits.max_buffered_bytes}",
-                    )
-        if decoder.clipped:
-            counters.clipped_fields += decoder.clipped
-            decoder.clipped = 0
-        counters.busy_s += time.perf_counter() - started
+        self.server.counters.bytes += len(data)
+        # Decoded and fed to the ledger later, in bounded slices and in arrival order (IngestServer._pump).
+        self.server.enqueue(self, data)
 
     def eof_received(self) -> bool:
-        if not (self.closed or self.failed):
-            try:
-                self.decoder.finish()
-            except FrameError as exc:
-                self.failed = True
-                self.server.enqueue(self, [], 0, partial(self._reject, exc.reason, exc.message))
+        self.server.enqueue(self, b"", partial(self._finish, False))
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not (self.closed or self.failed):
-            try:
-                self.decoder.finish()
-            except FrameError as err:
-                # Reset mid-frame (no EOF): still a truncated stream.
-                self._count_reject(err.reason, err.message)
-        self.failed = True  # nothing more comes; what it sent before still reaches the ledger
         srv = self.server
         srv.counters.active_connections -= 1
-        srv.counters.buffered_bytes -= self._buffered
-        self._buffered = 0
         srv._connections.discard(self)
         srv._paused.discard(self)
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
-        # The disconnect waits behind the frames this connection (and others) sent before it.
-        srv.enqueue(self, [], 0, self._disconnected)
+        # The disconnect waits behind what this connection (and others) sent before it.
+        srv.enqueue(self, b"", self._lost)
 
-    def _disconnected(self) -> None:
+    def _finish(self, reset: bool) -> None:
+        """The stream ended: a frame cut short is a wire error (counted; closed unless already gone)."""
+        if self.closed or self.failed or self._ended:
+            return
+        self._ended = True
+        try:
+            self.decoder.finish()
+        except FrameError as exc:
+            if reset:  # reset mid-frame (no EOF): still a truncated stream
+                self._count_reject(exc.reason, exc.message)
+            else:
+                self._reject(exc.reason, exc.message)
+
+    def _lost(self) -> None:
+        self._finish(True)
         self.closed = True
+        srv = self.server
+        srv.counters.buffered_bytes -= self._buffered
+        self._buffered = 0
         if self.key is not None:
-            srv = self.server
             key, self.key = self.key, None
             srv.release(key, self)
             try:
@@ -297,6 +279,35 @@ class _Connection(asyncio.Protocol):
             except Exception:
                 log.exception("ledger.disconnect failed for %s", self._who())
             log.info("%s disconnected (%s)", self._who(), self.peer)
+
+    def _decode(self, data: bytes | memoryview) -> list:
+        """Frames completed by ``data``; a wire error marks the connection failed and leaves the
+        frames before it to be fed, then the rejection (``pending_reject``)."""
+        srv = self.server
+        counters = srv.counters
+        decoder = self.decoder
+        try:
+            frames = decoder.feed(data)
+        except FrameError as exc:
+            self.failed = True
+            self.pending_reject = (exc.reason, exc.message)
+            frames = exc.frames
+        else:
+            buffered = decoder.buffered
+            if buffered != self._buffered:
+                counters.buffered_bytes += buffered - self._buffered
+                self._buffered = buffered
+                if buffered and counters.buffered_bytes > srv.limits.max_buffered_bytes:
+                    self.failed = True
+                    self.pending_reject = (
+                        BUFFER_LIMIT,
+                        f"half-received frames hold {counters.buffered_bytes} bytes over all connections, "
+                        f"more than --max-ingest-buffer {srv.limits.max_buffered_bytes}",
+                    )
+        if decoder.clipped:
+            counters.clipped_fields += decoder.clipped
+            decoder.clipped = 0
+        return frames
 
     # -- work --------------------------------------------------------------------------
 
@@ -419,17 +430,17 @@ class _Connection(asyncio.Protocol):
 
 
 class _Work:
-    """Decoded frames of one read, waiting for the ledger, and what to do after them."""
+    """Bytes one read brought, decoded and fed piece by piece, then what to do after them."""
 
-    __slots__ = ("conn", "frames", "pos", "nbytes", "after")
+    __slots__ = ("conn", "data", "off", "frames", "pos", "after", "arrived_ns")
 
-    def __init__(
-        self, conn: _Connection, frames: list, nbytes: int, after: Callable[[], None] | None
-    ) -> None:
+    def __init__(self, conn: _Connection, data: bytes, after: Callable[[], None] | None) -> None:
+        self.arrived_ns = time.time_ns()
         self.conn = conn
-        self.frames = frames
-        self.pos = 0
-        self.nbytes = nbytes
+        self.data = memoryview(data)
+        self.off = 0  # bytes decoded so far
+        self.frames: list = []  # decoded, not yet all fed
+        self.pos = 0  # frames fed so far
         self.after = after
 
 
@@ -485,25 +496,33 @@ class IngestServer:
 
     # -- feeding the ledger in bounded slices ----------------------------------------------
 
-    def enqueue(
-        self, conn: _Connection, frames: list, nbytes: int, after: Callable[[], None] | None = None
-    ) -> None:
-        """Queue ``conn``'s decoded ``frames`` (then ``after()``) for the ledger, in arrival order."""
-        self._queue.append(_Work(conn, frames, nbytes, after))
-        self._queued_bytes += nbytes
-        if self.slice_s <= 0:
-            started = time.perf_counter()
-            self._feed(float("inf"))
-            self.counters.busy_s += time.perf_counter() - started
-            return
-        if self._queued_bytes > QUEUE_HIGH_BYTES and not conn.failed and conn.transport is not None:
-            conn.transport.pause_reading()
-            self._paused.add(conn)
-        if self._pump_handle is None:
+    def enqueue(self, conn: _Connection, data: bytes, after: Callable[[], None] | None = None) -> None:
+        """Queue bytes ``conn`` sent (then ``after()``) for decoding and the ledger, in arrival order."""
+        self._queue.append(_Work(conn, data, after))
+        self._queued_bytes += len(data)
+        if self._queued_bytes > QUEUE_HIGH_BYTES:
+            # Every connection waits (in the kernel's buffers) until the ledger caught up: a
+            # lockstep group's first step fed while its peers' steps sit queued here would
+            # start the group's bounded wait (--lockstep-wait) without them.
+            for other in self._connections:
+                if other not in self._paused and not other.closed and other.transport is not None:
+                    other.transport.pause_reading()
+                    self._paused.add(other)
+        if self.slice_s <= 0:  # no slicing: all of it now, in this callback
+            self.drain()
+        elif self._pump_handle is None:
             self._pump_handle = asyncio.get_running_loop().call_soon(self._pump)
 
+    def fed_until_ns(self) -> int | None:
+        """When the oldest bytes still queued for the ledger arrived (None: nothing queued).
+
+        The ledger's timers (a lockstep group's bounded wait for its stragglers) must not
+        count time whose records are still in this queue: the stragglers may be among them.
+        """
+        return self._queue[0].arrived_ns if self._queue else None
+
     def _pump(self) -> None:
-        """Feed queued frames for at most ``slice_s``, then let the loop serve others (gRPC calls)."""
+        """Decode and feed queued bytes for about ``slice_s``, then let the loop serve others."""
         self._pump_handle = None
         started = time.perf_counter()
         self._feed(started + self.slice_s)
@@ -513,23 +532,38 @@ class IngestServer:
 
     def _feed(self, deadline: float) -> None:
         queue = self._queue
+        clock = time.perf_counter
         while queue:
             work = queue[0]
-            n = len(work.frames)
-            if work.pos < n:
-                work.pos = work.conn._dispatch(work.frames, work.pos, deadline)
-                if work.pos < n:
+            conn = work.conn
+            while True:
+                if work.pos < len(work.frames):
+                    work.pos = conn._dispatch(work.frames, work.pos, deadline)
+                    if work.pos < len(work.frames):
+                        return  # out of time: the rest in the next slice
+                if conn.pending_reject is not None:
+                    reason, message = conn.pending_reject
+                    conn.pending_reject = None
+                    conn._reject(reason, message)
+                if work.off >= len(work.data) or conn.closed or conn.failed:
+                    break
+                if clock() >= deadline:
                     return
+                piece = work.data[work.off : work.off + DECODE_BYTES]
+                work.off += len(piece)
+                self._queued_bytes -= len(piece)
+                work.frames = conn._decode(piece)
+                work.pos = 0
             queue.popleft()
-            self._queued_bytes -= work.nbytes
+            self._queued_bytes -= len(work.data) - work.off
             if work.after is not None:
                 try:
                     work.after()
                 except Exception:
-                    log.exception("ingest follow-up failed for %s", work.conn._who())
+                    log.exception("ingest follow-up failed for %s", conn._who())
             if self._paused and self._queued_bytes < QUEUE_LOW_BYTES:
                 self._resume_reading()
-            if time.perf_counter() >= deadline:
+            if clock() >= deadline:
                 return
 
     def _resume_reading(self) -> None:
