@@ -1,7 +1,8 @@
 """The sidecar process: ingest + ledger + gRPC in one asyncio loop.
 
 Everything runs on one event loop, so the ledger needs no locks: ingest feeds
-it synchronously as frames arrive, a ticker calls ``ledger.tick()`` and then
+it in bounded slices (``--ingest-slice``) in the order frames arrived, a ticker
+calls ``ledger.tick()`` (up to the oldest record still queued in ingest) and then
 the fan-out's ``publish()`` every 25 ms, and gRPC handlers read it between
 those callbacks. The loop is the sidecar's single core of work; anything that
 could wait (a client not reading) waits in its own handler coroutine.

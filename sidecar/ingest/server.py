@@ -1,7 +1,9 @@
 """The ingest server: engine recorders connect here and stream frames.
 
-One asyncio protocol per connection decodes frames (sidecar.frames) and feeds
-the ledger synchronously, in the order they arrived. Nothing here waits on a
+One asyncio protocol per connection queues what it reads; a pump decodes it
+(sidecar.ingest.frames) and feeds the ledger in the order it arrived, in slices
+of at most ``slice_s`` per loop callback so gRPC calls are served between them
+(``DISPATCH_SLICE_S`` says why). Nothing here waits on a
 gRPC client: subscribers are served by the fan-out from ledger snapshots, so
 a slow or stuck reader cannot back-pressure an engine.
 
