@@ -32,3 +32,9 @@ find "$tmp" -name '*_pb2*' -exec sed -i \
 mkdir -p "$out/enginetime/v1" "$out/enginetime/orca"
 cp "$tmp"/enginetime/v1/*_pb2* "$out/enginetime/v1/"
 cp "$tmp"/xds/data/orca/v3/*_pb2.py* "$tmp"/xds/service/orca/v3/*_pb2* "$out/enginetime/orca/"
+# The wheel's copy of ORCA's .proto files (accounting.proto imports one): an include root for
+# them is site-packages/enginetime/orca/proto (docs/CLIENTS.md).
+for f in xds/data/orca/v3/orca_load_report.proto xds/service/orca/v3/orca.proto; do
+  mkdir -p "$out/enginetime/orca/proto/$(dirname "$f")"
+  cp "$root/proto/$f" "$out/enginetime/orca/proto/$f"
+done

@@ -30,7 +30,7 @@ def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:
     )
     for sub in ("v1", "orca"):
         committed_dir = ROOT / "proto" / "enginetime" / sub
-        generated = sorted(p.name for p in (tmp_path / "enginetime" / sub).iterdir())
+        generated = sorted(p.name for p in (tmp_path / "enginetime" / sub).glob("*_pb2*"))
         assert generated, f"gen_proto.sh produced nothing in enginetime/{sub}"
         committed = sorted(p.name for p in committed_dir.glob("*_pb2*"))
         assert generated == committed
@@ -40,6 +40,10 @@ def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:
         assert not mismatch and not errors, (
             f"stubs drifted from the .proto files: {mismatch + errors}; run `make proto`"
         )
+    # The wheel's copies of ORCA's .proto files are the repository's.
+    for f in ("xds/data/orca/v3/orca_load_report.proto", "xds/service/orca/v3/orca.proto"):
+        copy = ROOT / "proto" / "enginetime" / "orca" / "proto" / f
+        assert copy.read_bytes() == (ROOT / "proto" / f).read_bytes(), f"{copy} is stale; run `make proto`"
 
 
 def test_orca_protos_are_the_published_definitions() -> None:
