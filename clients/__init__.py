@@ -28,6 +28,7 @@ from .errors import (
     map_rpc_error,
 )
 from .guard import AsyncGuard, AsyncWatch, Guard, Watch, sglang_abort
+from .orca import OrcaLoadReport, orca_trailer
 from .sync_client import AccountingClient, Stream
 from .types import (
     Advice,
@@ -50,6 +51,8 @@ from .types import (
 
 __all__ = [
     "Advice",
+    "OrcaLoadReport",
+    "orca_trailer",
     "ShardAdvice",
     "DEFAULT_TARGET",
     "AccountingClient",

@@ -352,6 +352,10 @@ def get_request_request(request_id: str, engine_id: str = "") -> pb.GetRequestRe
     return pb.GetRequestRequest(request_id=_request_id(request_id), engine_id=engine_id)
 
 
+def get_request_cost_request(request_id: str, engine_id: str = "") -> pb.GetRequestCostRequest:
+    return pb.GetRequestCostRequest(request_id=_request_id(request_id), engine_id=engine_id)
+
+
 def _request_id(request_id: str) -> str:
     if not isinstance(request_id, str) or not request_id:
         raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")

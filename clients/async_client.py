@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 import grpc.aio
 
+from enginetime.orca.orca_load_report_pb2 import OrcaLoadReport
 from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
 
@@ -197,6 +198,19 @@ class AsyncAccountingClient(BaseClient):
         """Every shard the sidecar knows (of one engine when engine_id is given)."""
         resp = await self._unary("GetShards", pb.GetShardsRequest(engine_id=engine_id), timeout)
         return [cv.shard_from_pb(s) for s in resp.shards]
+
+    async def request_cost(
+        self, request_id: str, *, engine_id: str = "", timeout: float | None = None
+    ) -> OrcaLoadReport:
+        """The request's cost and its engine's load as an ORCA ``OrcaLoadReport`` (docs/ORCA.md).
+
+        ``request_cost`` holds engine_time, gpu_time, interference and queue_time in seconds.
+        A proxy attaches it to the request's response with ``orca_trailer(report)``.
+        Raises RequestNotFound / AmbiguousRequest like ``get_request``.
+        """
+        req = cv.get_request_cost_request(request_id, engine_id)
+        resp = await self._unary("GetRequestCost", req, timeout, request_id=request_id)
+        return resp.report
 
     async def advise(
         self, *, engine_id: str, session_id: str = "", prompt_tokens: int, timeout: float | None = None

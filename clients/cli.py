@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from ._convert import DEFAULT_TARGET
 from .errors import EnginetimeError, RequestNotFound, SidecarUnavailable
-from .types import InterferenceEvent, RequestAccounting, RequestState
+from .types import InterferenceEvent, InterferencePhase, RequestAccounting, RequestState
 
 SIDECAR_ENV = "ENGINETIME_SIDECAR"
 
@@ -107,6 +107,14 @@ def format_update(r: RequestAccounting) -> str:
 
 def format_event(ev: InterferenceEvent) -> str:
     victims = ",".join(str(k) for k in ev.victims.shards) or "-"
+    if ev.phase == InterferencePhase.PREDICTED:
+        return (
+            f"{_clock(ev.start_time)}  {ev.phase.name:<8} storm {ev.aggressor_request_id}"
+            + (f" (session {ev.aggressor_session_id})" if ev.aggressor_session_id else "")
+            + f" admitted on {ev.engine_id} shard {ev.aggressor_shard}: "
+            f"{ev.prefill_tokens} tokens to prefill; {ev.victims.request_count} requests on shards "
+            f"{victims} would lose ~{ev.victims.seconds:.3f} s in total (cost model)"
+        )
     return (
         f"{_clock(ev.end_time or ev.start_time)}  {ev.phase.name:<8} storm {ev.aggressor_request_id}"
         + (f" (session {ev.aggressor_session_id})" if ev.aggressor_session_id else "")
@@ -443,8 +451,9 @@ JSON_HELP = {
     "watch": "print one JSON object per line (JSON Lines) per update, each the same RequestAccounting "
     "object as `get --json`",
     "requests": "print one JSON array of RequestAccounting objects (as `get --json`), newest arrival first",
-    "events": "print one JSON object per line (JSON Lines) per event: phase (started|ongoing|ended), "
-    "engine_id, aggressor_request_id, aggressor_shard, aggressor_session_id, prefill_tokens, chunks, "
+    "events": "print one JSON object per line (JSON Lines) per event: phase (predicted|started|ongoing|"
+    "ended; predicted: a warning at admission, its figures the cost model's), engine_id, "
+    "aggressor_request_id, aggressor_shard, aggressor_session_id, prefill_tokens, chunks, "
     "victims {shards, request_count, seconds(_ns): the victims' lost time summed}, start_time(_ns), "
     "end_time(_ns) (null until ended), cross_shard",
     "top": "print one JSON object and exit: target, time (epoch s), shards [ShardStatus: engine_id, shard, "

@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import EnginetimeError
 from .sync_client import AccountingClient, Stream
-from .types import InterferenceEvent, RequestAccounting, RequestState, ShardStatus
+from .types import InterferenceEvent, InterferencePhase, RequestAccounting, RequestState, ShardStatus
 
 #: Storm events kept for the "recent storms" panel.
 RECENT_EVENTS = 8
@@ -218,6 +218,14 @@ def render(snap: Snapshot, width: int = 120, height: int | None = None) -> list[
     recent_rows: list[str] = []
     for ev in past[:RECENT_EVENTS]:
         victims = ",".join(str(k) for k in ev.victims.shards) or "-"
+        if ev.phase == InterferencePhase.PREDICTED:  # a warning no storm followed (yet)
+            recent_rows += _wrap(
+                f"  {_clock(ev.start_time)} PREDICTED {ev.aggressor_request_id} (shard {ev.aggressor_shard}, "
+                f"{ev.prefill_tokens} tokens to prefill): {ev.victims.request_count} requests on shards "
+                f"{victims} would lose ~{ev.victims.seconds:.1f} s in total",
+                width,
+            )
+            continue
         recent_rows.append(
             "\n".join(
                 _wrap(

@@ -72,6 +72,7 @@ class InterferencePhase(enum.IntEnum):
     STARTED = 1
     ONGOING = 2
     ENDED = 3
+    PREDICTED = 4  # a warning at admission: the figures are the cost model's prediction
 
 
 #: Request states as the filters accept them: members, names or numbers, one or several.

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from enginetime.engine_hooks.constants import DEFAULT_GRPC_ADDRESS, MAX_FRAME_BYTES, ingest_address
-from enginetime.sidecar.ingest.limits import IngestLimits
+from enginetime.sidecar.ingest.limits import DISPATCH_SLICE_S, IngestLimits
 
 #: Where gRPC is served unless told otherwise (loopback only).
 DEFAULT_LISTEN = DEFAULT_GRPC_ADDRESS
@@ -122,6 +122,9 @@ class SidecarConfig:
     #: Concurrent server streams in total and per peer host (RESOURCE_EXHAUSTED beyond).
     max_streams: int = 1024
     max_streams_per_peer: int = 64
+    #: Longest stretch of ingest work (feeding frames to the ledger) per event-loop callback,
+    #: so gRPC calls are served between stretches; 0: feed each read whole as it arrives.
+    ingest_slice_s: float = DISPATCH_SLICE_S
 
     def fanout_limits(self) -> FanOutLimits:
         """The fan-out's bounds these settings ask for."""

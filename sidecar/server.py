@@ -1,7 +1,8 @@
 """The sidecar process: ingest + ledger + gRPC in one asyncio loop.
 
 Everything runs on one event loop, so the ledger needs no locks: ingest feeds
-it synchronously as frames arrive, a ticker calls ``ledger.tick()`` and then
+it in bounded slices (``--ingest-slice``) in the order frames arrived, a ticker
+calls ``ledger.tick()`` (up to the oldest record still queued in ingest) and then
 the fan-out's ``publish()`` every 25 ms, and gRPC handlers read it between
 those callbacks. The loop is the sidecar's single core of work; anything that
 could wait (a client not reading) waits in its own handler coroutine.
@@ -32,12 +33,14 @@ import logging
 import signal
 import ssl
 import sys
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from enginetime.sidecar.api import orca
 from enginetime.sidecar.api.auth import ApiGuard, CredentialsError, read_secret_file, server_credentials
 from enginetime.sidecar.api.fanout import PUBLISH_PERIOD_S, FanOut
 from enginetime.sidecar.api.service import AccountingService, add_to_server
@@ -81,6 +84,7 @@ class Sidecar:
             limits=config.ingest_limits,
             allow_uids=config.ingest_allow_uids,
             allow_insecure=config.allow_insecure_ingest,
+            slice_s=config.ingest_slice_s,
         )
         self.api_guard: ApiGuard | None = None
         counters = self.ingest.counters
@@ -88,6 +92,7 @@ class Sidecar:
         self.service = AccountingService(
             self.ledger, self.fanout, config.ledger, max_text_bytes=config.ingest_limits.max_text_bytes
         )
+        self.orca = orca.OrcaService(self.ledger, max_text_bytes=config.ingest_limits.max_text_bytes)
         self.health = HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.grpc_address = ""
@@ -156,10 +161,12 @@ class Sidecar:
         # so_reuseport off: a second sidecar on the same port must fail, not share it silently.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[self.api_guard])
         add_to_server(self.service, server)
+        orca.add_to_server(self.orca, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
+                orca.SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -311,6 +318,7 @@ class Sidecar:
         self.fanout.close(
             "the sidecar is shutting down; reconnect when it is back (the guard falls back meanwhile)"
         )
+        self.orca.close()
         if self.grpc_server is not None:
             # Streams see the close above, send what they hold and end; unary calls get the grace period.
             await self.grpc_server.stop(self.config.shutdown_grace_s)
@@ -374,7 +382,10 @@ class Sidecar:
                 delay = 0
             await asyncio.sleep(delay)
             try:
-                self.ledger.tick()
+                # Time is only as late as the oldest record still queued in ingest: a lockstep
+                # group's wait must not run out while its stragglers sit in that queue.
+                fed_until = self.ingest.fed_until_ns()
+                self.ledger.tick(None if fed_until is None else min(fed_until, time.time_ns()))
                 if self.finished is not None:
                     self.finished.pump()
                 self.fanout.publish()

@@ -294,7 +294,10 @@ def test_core_end_to_end_across_processes(tmp_path: Path) -> None:
         # --- StreamInterference: the prefill was a cross-shard storm with shard 1 as victim
         mine = [e for e in events if e.aggressor_request_id == STORM]
         assert mine, f"no interference event for {STORM}: {events}"
-        assert mine[0].phase is InterferencePhase.STARTED
+        # A warning at admission first (the victims were running on shard 1), then the storm itself.
+        assert [e.phase for e in mine[:2]] == [InterferencePhase.PREDICTED, InterferencePhase.STARTED], mine
+        assert mine[0].victims.shards == (1,) and mine[0].chunks == 0
+        assert mine[-1].phase is InterferencePhase.ENDED
         assert all(e.aggressor_shard == 0 and e.cross_shard for e in mine)
         assert 1 in mine[-1].victims.shards and mine[-1].victims.request_count == len(VICTIMS)
         assert mine[-1].victims.seconds_ns >= 0.5 * len(VICTIMS) * storm_ns

@@ -56,6 +56,10 @@ def test_wheel_holds_every_subpackage_and_the_protos(wheel: Path) -> None:
     for pkg in SUBPACKAGES:
         assert f"{pkg.replace('.', '/')}/__init__.py" in names, f"{pkg} missing from the wheel"
     assert "enginetime/v1/accounting.proto" in names
+    assert "enginetime/orca/orca_pb2.py" in names  # ORCA stubs (the clients import them)
+    assert (
+        "enginetime/orca/proto/xds/data/orca/v3/orca_load_report.proto" in names
+    )  # accounting.proto's import
     # No generic top-level import names (sidecar, clients are taken on PyPI).
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"enginetime"}
 

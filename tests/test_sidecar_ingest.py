@@ -22,6 +22,7 @@ import pytest
 from helpers import (
     IngestConnection,
     arrived,
+    finished,
     frame,
     hello,
     short_socket_dir,
@@ -34,6 +35,7 @@ from helpers import (
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, PROTOCOL_VERSION
 from enginetime.sidecar.ingest.server import IngestServer
 from enginetime.sidecar.ledger.ledger import Ledger, LedgerConfig
+from enginetime.sidecar.ledger.views import RequestQuery, RequestState
 from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
 from enginetime.v1 import ingest_pb2
@@ -335,3 +337,86 @@ def test_bad_flag_values_are_argparse_errors(args: list[str], complaint: str) ->
     )
     assert result.returncode == 2
     assert complaint in result.stderr and args[0] in result.stderr
+
+
+GROUPS = 200
+
+
+def _lockstep_burst(shards: int, groups: int, batch: int) -> list[tuple[bytes, bytes]]:
+    """Per shard: (hello + arrivals, ``groups`` lockstep decode steps + finishes)."""
+    t0 = time.time_ns() - 10 * 10**9
+    out = []
+    for k in range(shards):
+        setup = [hello("sliced", k, shards, coupling=2)]
+        setup += [arrived(h, f"s{k}-{h}", 100, time_ns=t0) for h in range(1, batch + 1)]
+        steps = []
+        for g in range(groups):
+            d = 2_000_000 + 1000 * ((g * 7 + k) % 13)
+            start = t0 + g * 3_000_000
+            steps.append(
+                step(g, list(range(1, batch + 1)), device_time_ns=d, start_time_ns=start, global_step=g)
+            )
+        steps += [finished(h, groups, time_ns=t0 + groups * 3_000_000) for h in range(1, batch + 1)]
+        out.append((b"".join(setup), b"".join(steps)))
+    return out
+
+
+def test_sliced_ingest_attributes_exactly_what_unsliced_ingest_does() -> None:
+    """Feeding the ledger in slices of a few microseconds (the loop serves others between them)
+    changes nothing in the accounting: the same groups, no lockstep timeout although ticks run
+    between slices while peers' steps still wait in the queue, and the same figures per request.
+    Each connection closes right after its last frame: its disconnect comes after them."""
+
+    async def scenario(slice_s: float) -> tuple[dict, dict]:
+        ledger = Ledger(LedgerConfig(lockstep_wait_s=0.02))  # a wait that queued peers would outlast
+        sockdir = short_socket_dir()
+        server = IngestServer(ledger, f"unix:{sockdir}/i.sock", slice_s=slice_s)
+        await server.start()
+        stop = asyncio.Event()
+
+        async def ticker() -> None:  # as the sidecar's: time only as late as the oldest queued record
+            while not stop.is_set():
+                fed = server.fed_until_ns()
+                ledger.tick(None if fed is None else min(fed, time.time_ns()))
+                await asyncio.sleep(0.0005)
+
+        ticking = asyncio.create_task(ticker())
+        try:
+            burst = _lockstep_burst(shards=4, groups=GROUPS, batch=16)
+            writers = []
+            for setup, _ in burst:
+                _, w = await asyncio.open_unix_connection(f"{sockdir}/i.sock")
+                w.write(setup)
+                writers.append(w)
+            deadline = time.monotonic() + 30
+            while ledger.counters.events < 4 * 16 and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            # Every shard connected: now each group waits for all four shards' steps.
+            for w, (_, steps) in zip(writers, burst, strict=True):
+                w.write(steps)
+            for w in writers:
+                await w.drain()
+                w.close()
+            deadline = time.monotonic() + 30
+            while (server.counters.active_connections or server._queue) and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            ledger.flush()
+        finally:
+            stop.set()
+            await ticking
+            await server.close()
+            shutil.rmtree(sockdir, ignore_errors=True)
+        c = ledger.counters
+        figures = {
+            v.request_id: (v.state, v.engine_time_ns, v.gpu_time_ns, v.interference_ns, v.steps)
+            for v in ledger.query(RequestQuery())
+        }
+        return {"groups": c.lockstep_groups, "timeouts": c.lockstep_timeouts, "steps": c.steps}, figures
+
+    whole, whole_figures = asyncio.run(scenario(0.0))
+    sliced, sliced_figures = asyncio.run(scenario(0.000_005))
+    assert whole == {"groups": GROUPS, "timeouts": 0, "steps": 4 * GROUPS}, whole
+    assert sliced == whole
+    assert len(sliced_figures) == 64
+    assert all(f[0] == RequestState.FINISHED and f[4] == GROUPS for f in sliced_figures.values())
+    assert sliced_figures == whole_figures

@@ -204,7 +204,8 @@ class InterferenceSubscriber(_Subscriber):
                 self._following.discard(key)
             return True
         if v.victim_ns >= f.min_stall_ns:
-            if v.phase != InterferencePhase.ENDED:
+            # A warning (PREDICTED) is not followed: a STARTED after it passes on its own figures.
+            if v.phase != InterferencePhase.ENDED and v.phase != InterferencePhase.PREDICTED:
                 self._following.add(key)
             return True
         return False

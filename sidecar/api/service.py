@@ -32,7 +32,7 @@ from typing import NoReturn
 
 import grpc
 
-from enginetime.sidecar.api import convert
+from enginetime.sidecar.api import convert, orca
 from enginetime.sidecar.api.fanout import FanOut, InterferenceFilter, RequestSubscriber
 from enginetime.sidecar.config import LedgerConfig
 from enginetime.sidecar.ingest.limits import MAX_TEXT_BYTES, clip_text, quote
@@ -110,6 +110,25 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
         if view is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(rid, request.engine_id))
         return pb.GetRequestResponse(request=convert.request_to_proto(view))
+
+    async def GetRequestCost(self, request: pb.GetRequestCostRequest, context) -> pb.GetRequestCostResponse:
+        """GetRequest's lookup, answered as an ORCA report (``sidecar.api.orca``)."""
+        rid = clip_text(request.request_id, self.max_text_bytes)
+        if not rid:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "request_id is empty: pass the id the engine knows the request by "
+                "(SGLang rid, vLLM request_id)",
+            )
+        try:
+            view = self.ledger.get(rid, request.engine_id)
+        except AmbiguousRequestError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        if view is None:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(rid, request.engine_id))
+        return pb.GetRequestCostResponse(
+            report=orca.request_cost_report(view, self.ledger.shards(view.engine_id))
+        )
 
     async def ListRequests(self, request: pb.ListRequestsRequest, context) -> pb.ListRequestsResponse:
         try:

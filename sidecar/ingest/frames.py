@@ -447,7 +447,7 @@ class FrameDecoder:
         """Bytes received but not yet decoded (part of an incomplete frame)."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | memoryview) -> list[Frame]:
         """Decode every complete frame in the stream so far.
 
         Raises FrameError (with ``.frames`` = the good frames before the bad

@@ -1,7 +1,9 @@
 """The ingest server: engine recorders connect here and stream frames.
 
-One asyncio protocol per connection decodes frames (sidecar.frames) and feeds
-the ledger synchronously, in the order they arrived. Nothing here waits on a
+One asyncio protocol per connection queues what it reads; a pump decodes it
+(sidecar.ingest.frames) and feeds the ledger in the order it arrived, in slices
+of at most ``slice_s`` per loop callback so gRPC calls are served between them
+(``DISPATCH_SLICE_S`` says why). Nothing here waits on a
 gRPC client: subscribers are served by the fan-out from ledger snapshots, so
 a slow or stuck reader cannot back-pressure an engine.
 
@@ -23,13 +25,16 @@ import ssl
 import stat
 import struct
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, cast
 
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES
 from enginetime.sidecar.cli import parse_ingest_address
 from enginetime.sidecar.ingest.frames import FrameDecoder, FrameError
-from enginetime.sidecar.ingest.limits import IngestLimits, RateLimitedLog, quote
+from enginetime.sidecar.ingest.limits import DISPATCH_SLICE_S, IngestLimits, RateLimitedLog, quote
 from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
 from enginetime.sidecar.ledger.protocols import IngestSink
 
@@ -62,6 +67,16 @@ SERVER_REASONS: tuple[str, ...] = (
     TOO_MANY_ENGINES,
     TOO_MANY_LIVE,
 )
+
+
+#: Received bytes queued for decoding and the ledger beyond which connections stop being
+#: read (the kernel buffers, then the recorders' own bounded buffers, hold the rest), and
+#: below which reading resumes.
+#: 1 MiB is ~30 ms of ledger work at 1.4 M entries/s: far under the lockstep wait (0.2 s).
+QUEUE_HIGH_BYTES = 1024 * 1024
+QUEUE_LOW_BYTES = 256 * 1024
+#: Bytes decoded at a time (a read may bring 256 KiB: decoding it whole took ~2.5 ms).
+DECODE_BYTES = 32 * 1024
 
 
 class IngestAddressError(RuntimeError):
@@ -169,7 +184,10 @@ class _Connection(asyncio.Protocol):
         self.pid: int | None = None
         self.key: ShardKey | None = None
         self.epoch = 0
-        self.closed = False
+        self.closed = False  # we closed it, or it was lost and what it sent was fed
+        self.failed = False  # a wire error: nothing after it is decoded (the rejection follows)
+        self.pending_reject: tuple[str, str] | None = None
+        self._ended = False  # the decoder was told the stream ended
         self._buffered = 0  # this connection's share of counters.buffered_bytes
         self._hello_timer: asyncio.TimerHandle | None = None
 
@@ -215,59 +233,46 @@ class _Connection(asyncio.Protocol):
             )
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self.failed:
             return
-        srv = self.server
-        counters = srv.counters
-        started = time.perf_counter()
-        counters.bytes += len(data)
-        decoder = self.decoder
-        try:
-            frames = decoder.feed(data)
-        except FrameError as exc:
-            self._dispatch(exc.frames)
-            self._reject(exc.reason, exc.message)
-        else:
-            if frames:
-                self._dispatch(frames)
-            buffered = decoder.buffered
-            if buffered != self._buffered:
-                counters.buffered_bytes += buffered - self._buffered
-                self._buffered = buffered
-                if buffered and counters.buffered_bytes > srv.limits.max_buffered_bytes:
-                    self._reject(
-                        BUFFER_LIMIT,
-                        f"half-received frames hold {counters.buffered_bytes} bytes over all connections, "
-                        f"more than --max-ingest-buffer {srv.limits.max_buffered_bytes}",
-                    )
-        if decoder.clipped:
-            counters.clipped_fields += decoder.clipped
-            decoder.clipped = 0
-        counters.busy_s += time.perf_counter() - started
+        self.server.counters.bytes += len(data)
+        # Decoded and fed to the ledger later, in bounded slices and in arrival order (IngestServer._pump).
+        self.server.enqueue(self, data)
 
     def eof_received(self) -> bool:
-        try:
-            self.decoder.finish()
-        except FrameError as exc:
-            self._reject(exc.reason, exc.message)
+        self.server.enqueue(self, b"", partial(self._finish, False))
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed:
-            try:
-                self.decoder.finish()
-            except FrameError as err:
-                # Reset mid-frame (no EOF): still a truncated stream.
-                self._count_reject(err.reason, err.message)
-            self.closed = True
         srv = self.server
         srv.counters.active_connections -= 1
-        srv.counters.buffered_bytes -= self._buffered
-        self._buffered = 0
         srv._connections.discard(self)
+        srv._paused.discard(self)
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
+        # The disconnect waits behind what this connection (and others) sent before it.
+        srv.enqueue(self, b"", self._lost)
+
+    def _finish(self, reset: bool) -> None:
+        """The stream ended: a frame cut short is a wire error (counted; closed unless already gone)."""
+        if self.closed or self.failed or self._ended:
+            return
+        self._ended = True
+        try:
+            self.decoder.finish()
+        except FrameError as exc:
+            if reset:  # reset mid-frame (no EOF): still a truncated stream
+                self._count_reject(exc.reason, exc.message)
+            else:
+                self._reject(exc.reason, exc.message)
+
+    def _lost(self) -> None:
+        self._finish(True)
+        self.closed = True
+        srv = self.server
+        srv.counters.buffered_bytes -= self._buffered
+        self._buffered = 0
         if self.key is not None:
             key, self.key = self.key, None
             srv.release(key, self)
@@ -277,17 +282,54 @@ class _Connection(asyncio.Protocol):
                 log.exception("ledger.disconnect failed for %s", self._who())
             log.info("%s disconnected (%s)", self._who(), self.peer)
 
+    def _decode(self, data: bytes | memoryview) -> list:
+        """Frames completed by ``data``; a wire error marks the connection failed and leaves the
+        frames before it to be fed, then the rejection (``pending_reject``)."""
+        srv = self.server
+        counters = srv.counters
+        decoder = self.decoder
+        try:
+            frames = decoder.feed(data)
+        except FrameError as exc:
+            self.failed = True
+            self.pending_reject = (exc.reason, exc.message)
+            frames = exc.frames
+        else:
+            buffered = decoder.buffered
+            if buffered != self._buffered:
+                counters.buffered_bytes += buffered - self._buffered
+                self._buffered = buffered
+                if buffered and counters.buffered_bytes > srv.limits.max_buffered_bytes:
+                    self.failed = True
+                    self.pending_reject = (
+                        BUFFER_LIMIT,
+                        f"half-received frames hold {counters.buffered_bytes} bytes over all connections, "
+                        f"more than --max-ingest-buffer {srv.limits.max_buffered_bytes}",
+                    )
+        if decoder.clipped:
+            counters.clipped_fields += decoder.clipped
+            decoder.clipped = 0
+        return frames
+
     # -- work --------------------------------------------------------------------------
 
-    def _dispatch(self, frames: list) -> None:
+    def _dispatch(self, frames: list, pos: int, deadline: float) -> int:
+        """Feed ``frames[pos:]`` to the ledger until ``deadline`` (perf_counter) passes; return the
+        position of the first frame not fed (``len(frames)`` when all were, or the connection closed)."""
         srv = self.server
         ledger = srv.ledger
         counters = srv.counters
+        clock = time.perf_counter
+        n = len(frames)
         # Not None once records arrive: the decoder lets nothing through before the hello.
         key = cast("ShardKey", self.key)
-        for frame in frames:
+        while pos < n:
             if self.closed:
-                return
+                return n
+            if clock() >= deadline:
+                return pos
+            frame = frames[pos]
+            pos += 1
             t = type(frame)
             try:
                 if t is Step:
@@ -296,13 +338,13 @@ class _Connection(asyncio.Protocol):
                     counters.entries += len(frame.handles)
                     if ledger.live_requests(key) > srv.limits.max_live_per_shard:
                         self._too_many_live()
-                        return
+                        return n
                 elif t is Event:
                     ledger.on_event(key, frame)
                     counters.events += 1
                     if frame.kind == 1 and ledger.live_requests(key) > srv.limits.max_live_per_shard:
                         self._too_many_live()
-                        return
+                        return n
                 elif t is Beat:
                     ledger.on_heartbeat(key, frame)
                     counters.heartbeats += 1
@@ -310,7 +352,7 @@ class _Connection(asyncio.Protocol):
                     refusal = srv.admit(self, frame)
                     if refusal is not None:
                         self._reject(*refusal)
-                        return
+                        return n
                     key = self.key = ledger.connect(frame)
                     self.epoch = frame.recorder_epoch
                     srv.claim(key, self)
@@ -339,8 +381,9 @@ class _Connection(asyncio.Protocol):
                         f"the ledger failed on a {t.__name__}: {type(exc).__name__}: {exc} (a sidecar bug)"
                     )
                 self._reject(LEDGER_ERROR, message)
-                return
+                return n
             counters.frames += 1
+        return n
 
     def _too_many_live(self) -> None:
         self._reject(
@@ -388,6 +431,21 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+class _Work:
+    """Bytes one read brought, decoded and fed piece by piece, then what to do after them."""
+
+    __slots__ = ("conn", "data", "off", "frames", "pos", "after", "arrived_ns")
+
+    def __init__(self, conn: _Connection, data: bytes, after: Callable[[], None] | None) -> None:
+        self.arrived_ns = time.time_ns()
+        self.conn = conn
+        self.data = memoryview(data)
+        self.off = 0  # bytes decoded so far
+        self.frames: list = []  # decoded, not yet all fed
+        self.pos = 0  # frames fed so far
+        self.after = after
+
+
 class IngestServer:
     """Listens on ``unix:PATH`` or ``tcp:HOST:PORT`` and feeds the ledger.
 
@@ -409,6 +467,7 @@ class IngestServer:
         ssl_context: ssl.SSLContext | None = None,
         allow_uids: tuple[int, ...] = (),
         allow_insecure: bool = False,
+        slice_s: float = DISPATCH_SLICE_S,
     ) -> None:
         self.family, self.target = parse_ingest_address(address)
         self.ledger = ledger
@@ -428,6 +487,101 @@ class IngestServer:
         self._connections: set[_Connection] = set()
         self._owners: dict[tuple[str, int], _Connection] = {}
         self._socket_id: tuple[int, int] | None = None
+        #: Decoded frames of every connection, in arrival order, waiting for the ledger.
+        self._queue: deque[_Work] = deque()
+        self._queued_bytes = 0
+        self._pump_handle: asyncio.Handle | None = None
+        self._paused: set[_Connection] = set()  # reading paused while the queue is over QUEUE_HIGH_BYTES
+        #: Longest stretch of ledger work per loop callback (``DISPATCH_SLICE_S``); 0: feed each
+        #: read whole in its own callback, as it arrives.
+        self.slice_s = slice_s
+
+    # -- feeding the ledger in bounded slices ----------------------------------------------
+
+    def enqueue(self, conn: _Connection, data: bytes, after: Callable[[], None] | None = None) -> None:
+        """Queue bytes ``conn`` sent (then ``after()``) for decoding and the ledger, in arrival order."""
+        self._queue.append(_Work(conn, data, after))
+        self._queued_bytes += len(data)
+        if self._queued_bytes > QUEUE_HIGH_BYTES:
+            # Every connection waits (in the kernel's buffers) until the ledger caught up: a
+            # lockstep group's first step fed while its peers' steps sit queued here would
+            # start the group's bounded wait (--lockstep-wait) without them.
+            for other in self._connections:
+                if other not in self._paused and not other.closed and other.transport is not None:
+                    other.transport.pause_reading()
+                    self._paused.add(other)
+        if self.slice_s <= 0:  # no slicing: all of it now, in this callback
+            self.drain()
+        elif self._pump_handle is None:
+            self._pump_handle = asyncio.get_running_loop().call_soon(self._pump)
+
+    def fed_until_ns(self) -> int | None:
+        """When the oldest bytes still queued for the ledger arrived (None: nothing queued).
+
+        The ledger's timers (a lockstep group's bounded wait for its stragglers) must not
+        count time whose records are still in this queue: the stragglers may be among them.
+        """
+        return self._queue[0].arrived_ns if self._queue else None
+
+    def _pump(self) -> None:
+        """Decode and feed queued bytes for about ``slice_s``, then let the loop serve others."""
+        self._pump_handle = None
+        started = time.perf_counter()
+        self._feed(started + self.slice_s)
+        self.counters.busy_s += time.perf_counter() - started
+        if self._queue:
+            self._pump_handle = asyncio.get_running_loop().call_soon(self._pump)
+
+    def _feed(self, deadline: float) -> None:
+        queue = self._queue
+        clock = time.perf_counter
+        while queue:
+            work = queue[0]
+            conn = work.conn
+            while True:
+                if work.pos < len(work.frames):
+                    work.pos = conn._dispatch(work.frames, work.pos, deadline)
+                    if work.pos < len(work.frames):
+                        return  # out of time: the rest in the next slice
+                if conn.pending_reject is not None:
+                    reason, message = conn.pending_reject
+                    conn.pending_reject = None
+                    conn._reject(reason, message)
+                if work.off >= len(work.data) or conn.closed or conn.failed:
+                    break
+                if clock() >= deadline:
+                    return
+                piece = work.data[work.off : work.off + DECODE_BYTES]
+                work.off += len(piece)
+                self._queued_bytes -= len(piece)
+                work.frames = conn._decode(piece)
+                work.pos = 0
+            queue.popleft()
+            self._queued_bytes -= len(work.data) - work.off
+            if work.after is not None:
+                try:
+                    work.after()
+                except Exception:
+                    log.exception("ingest follow-up failed for %s", conn._who())
+            if self._paused and self._queued_bytes < QUEUE_LOW_BYTES:
+                self._resume_reading()
+            if clock() >= deadline:
+                return
+
+    def _resume_reading(self) -> None:
+        for conn in self._paused:
+            if not (conn.closed or conn.failed) and conn.transport is not None:
+                conn.transport.resume_reading()
+        self._paused.clear()
+
+    def drain(self) -> None:
+        """Feed everything queued now, however long it takes (shutdown, tests)."""
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
+            self._pump_handle = None
+        started = time.perf_counter()
+        self._feed(float("inf"))
+        self.counters.busy_s += time.perf_counter() - started
 
     # -- ownership of (engine, shard) ----------------------------------------------------
 
@@ -565,8 +719,10 @@ class IngestServer:
             self._server.close()
 
     async def close(self) -> None:
-        """Stop accepting, close every connection (the ledger sees disconnects), remove the socket."""
+        """Stop accepting, feed what was received, close every connection (the ledger sees
+        disconnects), remove the socket."""
         self.stop_accepting()
+        self.drain()
         for conn in list(self._connections):
             conn.closed = True  # our doing: a frame cut short now is not the recorder's fault
             if conn.transport is not None:
@@ -576,6 +732,7 @@ class IngestServer:
             if not self._connections:
                 break
             await asyncio.sleep(0)
+        self.drain()  # the disconnects queued by connection_lost
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), timeout=2.0)

@@ -165,6 +165,7 @@ class LedgerCounters:
     handle_reuses: int = 0  # ARRIVED on a handle whose request never ended (its end was lost)
     engine_restarts: int = 0  # a shard reconnected with a new recorder epoch
     storms: int = 0  # storms started
+    storms_predicted: int = 0  # admissions whose predicted prefill stall crossed the storm threshold
     model_fits: int = 0  # cost-model refits
     unattributed_ns: int = 0  # device time no request could be charged with
 
@@ -425,6 +426,8 @@ class Ledger:
             cols.state[slot] = RUNNING
             if cols.first_start[slot] >= 0:
                 self._set_running(req, True)
+            elif state == QUEUED and shard.engine.lockstep:
+                self._predict_storm(shard, req, int(ev.time_ns))
         elif kind == EventKind.PREEMPTED:
             if state != PREEMPTED:
                 req.preemptions += 1
@@ -444,6 +447,47 @@ class Ledger:
             self.counters.unknown_events += 1
         self._touch(slot)
         self._enforce_bound()
+
+    def _pending_prefill(self, req: Request) -> tuple[int, int]:
+        """(tokens still to prefill, tokens already in its context) of a live request (0, x: none)."""
+        cols = self._cols
+        slot = req.slot
+        prompt = req.prompt_tokens or int(cols.prompt[slot])
+        done = int(cols.cached[slot]) + int(cols.prefilled[slot])
+        return max(0, prompt - done), done
+
+    def _predicted_stall(self, shard: ShardState, req: Request, running_total: int) -> tuple[float, float]:
+        """(predicted prefill ns, predicted stall ns on the other lockstep shards) of ``req``'s
+        remaining prefill: the Advise rule (``advice``), prefill × requests running elsewhere."""
+        eng = shard.engine
+        if not eng.lockstep or not eng.model.calibrated:
+            return 0.0, 0.0
+        todo, done = self._pending_prefill(req)
+        if todo <= 0:
+            return 0.0, 0.0
+        pf = eng.model.prefill_cost(float(todo), float(done))
+        return pf, pf * (running_total - len(shard.running))
+
+    def _predict_storm(self, shard: ShardState, req: Request, time_ns: int) -> None:
+        """A request is admitted on a LOCKSTEP engine: warn (PREDICTED) when its prefill is
+        predicted to stall the other shards' running requests past the storm threshold."""
+        eng = shard.engine
+        others = [sh for sh in eng.shards.values() if sh is not shard and sh.connected and sh.running]
+        running_total = len(shard.running) + sum(len(sh.running) for sh in others)
+        pf, stall = self._predicted_stall(shard, req, running_total)
+        if stall < self._storms.threshold_ns:
+            return
+        todo, _ = self._pending_prefill(req)
+        self.counters.storms_predicted += 1
+        self._storms.predicted(
+            req,
+            shard,
+            prefill_tokens=todo,
+            stall_ns=round(stall),
+            victims=running_total - len(shard.running),
+            victim_shards=tuple(sorted(sh.shard for sh in others)),
+            time_ns=time_ns,
+        )
 
     def _arrived(self, shard: ShardState, ev: Event) -> None:
         handle = int(ev.handle)
@@ -1363,6 +1407,11 @@ class Ledger:
         now = self._clock()
         out = []
         state = self._cols.state
+        first_start = self._cols.first_start
+        running_total: dict[str, int] = {}  # engine -> requests running on its connected shards
+        for sh in self._shard_table:
+            if sh.connected:
+                running_total[sh.engine_id] = running_total.get(sh.engine_id, 0) + len(sh.running)
         for sh in self._shard_table:
             if not sh.ever_connected or (engine_id and sh.engine_id != engine_id):
                 continue
@@ -1378,12 +1427,21 @@ class Ledger:
                 span_ns = max(now - sh.first_step_ns, 1)
             span_s = span_ns / 1e9
             active = queued = 0
+            oldest = now
+            predicted = 0.0
             for slot in sh.live:
                 s = int(state[slot])
                 if s == RUNNING:
                     active += 1
+                    if sh.connected and sh.engine.lockstep:  # its prefill still to come, if any
+                        req = self._reqs[slot]
+                        if req is not None:
+                            predicted += self._predicted_stall(sh, req, running_total[sh.engine_id])[1]
                 elif s == QUEUED or s == PREEMPTED:
                     queued += 1
+                    req = self._reqs[slot]
+                    if s == QUEUED and req is not None and first_start[slot] < 0:
+                        oldest = min(oldest, req.arrival_ns)
             out.append(
                 ShardView(
                     engine_id=sh.engine_id,
@@ -1405,6 +1463,8 @@ class Ledger:
                     unattributed_ns=round(sh.unattributed_ns),
                     imbalance_ns=round(sh.imbalance_ns),
                     slowdown=sh.engine.slowdown.factor if sh.engine.lockstep else 1.0,
+                    predicted_stall_ns=round(predicted),
+                    oldest_queued_ns=max(0, now - oldest),
                 )
             )
         return out

@@ -8,6 +8,13 @@ threshold it becomes a storm: the shard's ``current_storm`` and an
 step time); ENDED when the request stops prefilling — a step includes it without
 prefill, it finishes, or its shard runs two steps without its prefill.
 
+A warning comes before all this: when a request is admitted on a LOCKSTEP engine and the
+cost model predicts its prefill will stall the other shards' running requests past the
+threshold (``Ledger._predict_storm``), a PREDICTED event carries the predicted figures
+(prefill tokens still to compute, victims running elsewhere now, their summed predicted
+stall), before its first chunk runs. No run state is kept for it: if the storm happens,
+STARTED follows as usual.
+
 Victim counts are distinct requests since the run began, tracked with a per-slot mark
 (``SlotColumns.victim_mark``); two storms sharing victims at the same time may count
 a victim twice, which is acceptable for a visibility figure.
@@ -161,6 +168,36 @@ class StormTracker:
     def end_shard(self, shard: ShardState, end_ns: int) -> None:
         for slot in list(shard.runs):
             self.end(slot, end_ns)
+
+    def predicted(
+        self,
+        req: Request,
+        shard: ShardState,
+        *,
+        prefill_tokens: int,
+        stall_ns: int,
+        victims: int,
+        victim_shards: tuple[int, ...],
+        time_ns: int,
+    ) -> None:
+        """A storm warning at admission (PREDICTED): the figures are the cost model's, not measured."""
+        self.events.append(
+            InterferenceView(
+                phase=InterferencePhase.PREDICTED,
+                engine_id=shard.engine_id,
+                aggressor_request_id=req.request_id,
+                aggressor_shard=shard.shard,
+                aggressor_session_id=req.session_id,
+                prefill_tokens=prefill_tokens,
+                chunks=0,
+                victim_shards=victim_shards,
+                victim_requests=victims,
+                victim_ns=stall_ns,
+                start_time_ns=time_ns,
+                end_time_ns=0,
+                cross_shard=bool(victim_shards),
+            )
+        )
 
     # ---- views -------------------------------------------------------------------------
     def current(self, shard: ShardState) -> StormView | None:

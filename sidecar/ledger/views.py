@@ -102,6 +102,11 @@ class ShardView:
     unattributed_ns: int = 0
     imbalance_ns: int = 0  # lockstep wait charged to no request (decode imbalance, tied-shard jitter)
     slowdown: float = 1.0  # the engine's pace against its calibrated model (costmodel.Slowdown)
+    #: Victim time the rest of the prefills of requests running here is predicted to cause on
+    #: the other lockstep shards (cost model: what PREDICTED events warn of, less what ran).
+    predicted_stall_ns: int = 0
+    #: How long the oldest request still queued for its first step has waited (0: none).
+    oldest_queued_ns: int = 0
 
 
 class InterferencePhase(IntEnum):
@@ -109,6 +114,7 @@ class InterferencePhase(IntEnum):
     STARTED = 1
     ONGOING = 2
     ENDED = 3
+    PREDICTED = 4  # admitted; its predicted prefill will stall others past the threshold
 
 
 @dataclass(frozen=True, slots=True)

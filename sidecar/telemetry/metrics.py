@@ -172,6 +172,12 @@ class _StateCollector(Collector):
             led.storms,
         )
         yield counter(
+            "enginetime_storms_predicted",
+            "Storm warnings at admission (PREDICTED): a request admitted on a lockstep engine whose "
+            "predicted prefill would stall the other shards' running requests past --storm-threshold.",
+            led.storms_predicted,
+        )
+        yield counter(
             "enginetime_partial_requests",
             "Requests marked partial: the sidecar missed records "
             "for them (drops, sequence gaps, lost events).",
@@ -314,6 +320,14 @@ class _StateCollector(Collector):
                                        "Stall the shard's current storm has caused so far, summed over its "
                                        "victims (0: none).",
                                        labels=labels),
+            "predicted": GaugeMetricFamily(
+                "enginetime_shard_predicted_stall_seconds",
+                "Stall the rest of the prefills running on the shard is predicted to cause on the other "
+                "lockstep shards' running requests, summed over them (cost model; 0: none).", labels=labels),
+            "queue_age": GaugeMetricFamily(
+                "enginetime_shard_oldest_queued_seconds",
+                "How long the oldest request waiting for its first step has waited (0: none waits).",
+                labels=labels),
             "steps": CounterMetricFamily("enginetime_shard_steps", "Steps attributed for the shard.",
                                          labels=labels),
             "unattributed": CounterMetricFamily(
@@ -337,6 +351,8 @@ class _StateCollector(Collector):
             fams["connected"].add_metric(lv, 1 if s.connected else 0)
             fams["storm"].add_metric(lv, 1 if s.current_storm is not None else 0)
             fams["stall"].add_metric(lv, s.current_storm.stall_ns / 1e9 if s.current_storm else 0.0)
+            fams["predicted"].add_metric(lv, s.predicted_stall_ns / 1e9)
+            fams["queue_age"].add_metric(lv, s.oldest_queued_ns / 1e9)
             fams["steps"].add_metric(lv, s.steps)
             fams["unattributed"].add_metric(lv, s.unattributed_ns / 1e9)
             fams["imbalance"].add_metric(lv, s.imbalance_ns / 1e9)

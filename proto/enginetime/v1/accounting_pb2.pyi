@@ -3,6 +3,7 @@ import datetime
 from enginetime.v1 import ingest_pb2 as _ingest_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from enginetime.orca import orca_load_report_pb2 as _orca_load_report_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -140,6 +141,20 @@ class GetRequestRequest(_message.Message):
     request_id: str
     engine_id: str
     def __init__(self, request_id: _Optional[str] = ..., engine_id: _Optional[str] = ...) -> None: ...
+
+class GetRequestCostRequest(_message.Message):
+    __slots__ = ("request_id", "engine_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    engine_id: str
+    def __init__(self, request_id: _Optional[str] = ..., engine_id: _Optional[str] = ...) -> None: ...
+
+class GetRequestCostResponse(_message.Message):
+    __slots__ = ("report",)
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    report: _orca_load_report_pb2.OrcaLoadReport
+    def __init__(self, report: _Optional[_Union[_orca_load_report_pb2.OrcaLoadReport, _Mapping]] = ...) -> None: ...
 
 class GetRequestResponse(_message.Message):
     __slots__ = ("request",)
@@ -291,10 +306,12 @@ class InterferenceEvent(_message.Message):
         PHASE_STARTED: _ClassVar[InterferenceEvent.Phase]
         PHASE_ONGOING: _ClassVar[InterferenceEvent.Phase]
         PHASE_ENDED: _ClassVar[InterferenceEvent.Phase]
+        PHASE_PREDICTED: _ClassVar[InterferenceEvent.Phase]
     PHASE_UNSPECIFIED: InterferenceEvent.Phase
     PHASE_STARTED: InterferenceEvent.Phase
     PHASE_ONGOING: InterferenceEvent.Phase
     PHASE_ENDED: InterferenceEvent.Phase
+    PHASE_PREDICTED: InterferenceEvent.Phase
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     AGGRESSOR_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -70,6 +70,11 @@ class AccountingServiceStub(object):
                 request_serializer=enginetime_dot_v1_dot_accounting__pb2.AdviseRequest.SerializeToString,
                 response_deserializer=enginetime_dot_v1_dot_accounting__pb2.AdviseResponse.FromString,
                 _registered_method=True)
+        self.GetRequestCost = channel.unary_unary(
+                '/enginetime.v1.AccountingService/GetRequestCost',
+                request_serializer=enginetime_dot_v1_dot_accounting__pb2.GetRequestCostRequest.SerializeToString,
+                response_deserializer=enginetime_dot_v1_dot_accounting__pb2.GetRequestCostResponse.FromString,
+                _registered_method=True)
 
 
 class AccountingServiceServicer(object):
@@ -129,6 +134,16 @@ class AccountingServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRequestCost(self, request, context):
+        """One request's cost and its engine's load as an ORCA load report, for a proxy to attach
+        to the request's response (the `endpoint-load-metrics-bin` trailer): request_cost holds
+        engine_time, gpu_time, interference and queue_time in seconds (docs/ORCA.md).
+        NOT_FOUND and FAILED_PRECONDITION as GetRequest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +181,11 @@ def add_AccountingServiceServicer_to_server(servicer, server):
                     servicer.Advise,
                     request_deserializer=enginetime_dot_v1_dot_accounting__pb2.AdviseRequest.FromString,
                     response_serializer=enginetime_dot_v1_dot_accounting__pb2.AdviseResponse.SerializeToString,
+            ),
+            'GetRequestCost': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRequestCost,
+                    request_deserializer=enginetime_dot_v1_dot_accounting__pb2.GetRequestCostRequest.FromString,
+                    response_serializer=enginetime_dot_v1_dot_accounting__pb2.GetRequestCostResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -358,6 +378,33 @@ class AccountingService(object):
             '/enginetime.v1.AccountingService/Advise',
             enginetime_dot_v1_dot_accounting__pb2.AdviseRequest.SerializeToString,
             enginetime_dot_v1_dot_accounting__pb2.AdviseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRequestCost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/enginetime.v1.AccountingService/GetRequestCost',
+            enginetime_dot_v1_dot_accounting__pb2.GetRequestCostRequest.SerializeToString,
+            enginetime_dot_v1_dot_accounting__pb2.GetRequestCostResponse.FromString,
             options,
             channel_credentials,
             insecure,
