@@ -391,7 +391,7 @@ def run_guard(args) -> bool:
         n, r = last
         met = r["cpu_frac"] < 1.0 and r["lag_p99"] <= 2.0
         print(
-            f"  goal             {n} sidecars x {args.requests:,}: guard CPU < 1 core and lag <= 2 intervals: "
+            f"  goal             {n} sidecars x {args.requests:,}: guard CPU < 1 core, lag <= 2 intervals: "
             f"{'met' if met else 'NOT met'} (CPU {r['cpu_frac']:.0%}, lag p99 {r['lag_p99']:.2f})"
         )
     finally:
