@@ -22,13 +22,14 @@ import pickle
 import subprocess
 import sys
 import time
+import urllib.request
 from array import array
 from pathlib import Path
 
 import pytest
 from helpers import wait_until
 
-from enginetime.clients import AccountingClient, RequestNotFound, RequestState
+from enginetime.clients import AccountingClient, RequestAccounting, RequestNotFound, RequestState
 from enginetime.engine_hooks import wire
 from enginetime.engine_hooks.constants import Coupling, EventKind, StepKind, TimerSource
 
@@ -68,16 +69,22 @@ print("sent", flush=True)
 """
 
 
-def schedule(engine_id: str) -> list[tuple[bytes, list[bytes]]]:
-    """Each shard's (hello + arrivals, [frames of step g]) for the whole run."""
+def schedule(
+    engine_id: str, num_shards: int = SHARDS, peers: bool = False
+) -> list[tuple[bytes, list[bytes]]]:
+    """Each shard's (hello + arrivals, [frames of step g]) for the whole run.
+
+    ``peers``: every step carries ``peer_tokens``, each shard's tokens in that step, as
+    a DP-attention engine learns them from its all-gather.
+    """
     t0 = time.time_ns() - 60 * 10**9  # in the past, well inside the retention window
     out = []
-    for k in range(SHARDS):
+    for k in range(num_shards):
         setup = [
             wire.frame_hello(
                 engine_id=engine_id,
                 shard=k,
-                num_shards=SHARDS,
+                num_shards=num_shards,
                 coupling=int(Coupling.LOCKSTEP),
                 engine_kind="test",
                 timer_source=int(TimerSource.MONOTONIC),
@@ -101,6 +108,9 @@ def schedule(engine_id: str) -> list[tuple[bytes, list[bytes]]]:
             handles = list(range(1, VICTIMS + 1))
             prefill, decode = [0] * VICTIMS, [1] * VICTIMS
             context = [64 + g] * VICTIMS
+            peer_tokens = [VICTIMS] * num_shards
+            if storming:
+                peer_tokens[STORM_SHARD] += CHUNK
             parts = []
             if k == STORM_SHARD and storming:
                 if g == STORM_STEPS[0]:
@@ -130,6 +140,7 @@ def schedule(engine_id: str) -> list[tuple[bytes, list[bytes]]]:
                     prefill_tokens=array(wire.U32, prefill),
                     decode_tokens=array(wire.U32, decode),
                     context_tokens=array(wire.U32, context),
+                    peer_tokens=array(wire.U32, peer_tokens) if peers else (),
                 )
             )
             if k == STORM_SHARD and g == STORM_STEPS[-1]:
@@ -151,7 +162,7 @@ def schedule(engine_id: str) -> list[tuple[bytes, list[bytes]]]:
     return out
 
 
-def ship(sidecar, tmp_path: Path, shards, nodes: int, delays: list[float]) -> None:
+def ship(sidecar, tmp_path: Path, shards, nodes: int, delays: list[float], engine: str = ENGINE) -> None:
     """Start ``nodes`` processes, each shipping its slice of ``shards``; wait until all have sent.
 
     Every node connects its shards (hello + arrivals) before any sends a step, as a real
@@ -164,7 +175,7 @@ def ship(sidecar, tmp_path: Path, shards, nodes: int, delays: list[float]) -> No
     per = len(shards) // nodes
     procs = []
     for n in range(nodes):
-        blob = tmp_path / f"node-{n}-{nodes}.pickle"
+        blob = tmp_path / f"node-{n}-{nodes}-{engine}-{sidecar.proc.pid}.pickle"
         blob.write_bytes(pickle.dumps(shards[n * per : (n + 1) * per]))
         procs.append(
             subprocess.Popen(
@@ -179,7 +190,7 @@ def ship(sidecar, tmp_path: Path, shards, nodes: int, delays: list[float]) -> No
         assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.communicate(timeout=10)
     with AccountingClient(sidecar.grpc_target) as client:  # the sidecar has read every hello
         wait_until(
-            lambda: sum(s.connected for s in client.get_shards(ENGINE)) == len(shards),
+            lambda: sum(s.connected for s in client.get_shards(engine)) == len(shards),
             timeout=20,
             message="not every shard joined",
         )
@@ -188,9 +199,11 @@ def ship(sidecar, tmp_path: Path, shards, nodes: int, delays: list[float]) -> No
         assert p.returncode == 0 and "sent" in out, f"node process failed: {err}"
 
 
-def finished_victims(client: AccountingClient, engine_id: str) -> dict[str, object]:
-    """Every request of the run once all are terminal (victims and the storm)."""
-    ids = [f"v{k}-{h}" for k in range(SHARDS) for h in range(1, VICTIMS + 1)] + ["storm"]
+def finished_victims(
+    client: AccountingClient, engine_id: str, shards: range = range(SHARDS), storm: bool = True
+) -> dict[str, RequestAccounting]:
+    """Every request of the run on ``shards`` once all are terminal (victims, and the storm)."""
+    ids = [f"v{k}-{h}" for k in shards for h in range(1, VICTIMS + 1)] + (["storm"] if storm else [])
 
     def all_done():
         got = {}
@@ -249,3 +262,59 @@ def test_32_shards_from_four_nodes_match_one_node(sidecar_factory, tmp_path) -> 
         assert not top.same_shard
     storm = got["storm"]
     assert storm.shard == STORM_SHARD and storm.engine_time_ns >= 0.5 * storm_cost
+
+
+def test_one_sidecar_per_node_attributes_its_own_shards_and_says_its_view_is_partial(
+    sidecar_factory, tmp_path
+) -> None:
+    """A 16-shard engine, two nodes, one sidecar each (the layout a user may still run).
+
+    The storm runs on node 0. Node 1's sidecar never sees the storm's shard: its shards'
+    peer_tokens (each step's all-gathered token counts) name shard 5 as the one that set
+    the pace, so its victims' slowdown is interference blamed on shard 5 — the request is
+    on the other sidecar — not their engine time. The shards it never saw are not waited
+    for (no lockstep group times out). Both sidecars say in GetShards that they see 8 of
+    the engine's 16 shards. Reference: one sidecar fed all 16 shards.
+    """
+    token_file = tmp_path / "ingest-token"
+    token_file.write_text(TOKEN)
+    os.chmod(token_file, 0o600)
+    args = ("--ingest-token-file", str(token_file), "--lockstep-wait", "2", "--metrics-port", "0")
+    engine, num, per = "dp16", 16, 8
+    shards = schedule(engine, num, peers=True)
+    whole = sidecar_factory(*args, ingest="tcp:127.0.0.1:0")
+    node = [sidecar_factory(*args, ingest="tcp:127.0.0.1:0") for _ in range(2)]
+    ship(whole, tmp_path, shards, 1, delays=[0.0], engine=engine)
+    for n in range(2):
+        ship(node[n], tmp_path, shards[n * per : (n + 1) * per], 1, delays=[0.0], engine=engine)
+
+    with AccountingClient(whole.grpc_target) as c:
+        want = finished_victims(c, engine, range(num))
+    storm_cost = len(STORM_STEPS) * STORM_EXTRA_NS
+    for n in range(2):
+        own = range(n * per, (n + 1) * per)
+        with AccountingClient(node[n].grpc_target) as c:
+            got = finished_victims(c, engine, own, storm=n == 0)
+            status = c.get_shards(engine)
+        assert sorted(s.shard for s in status) == list(own)
+        assert all((s.num_shards, s.shards_seen, s.partial_view) == (num, per, True) for s in status), status
+        metrics = urllib.request.urlopen(f"http://{node[n].fields['metrics']}/metrics", timeout=10).read()
+        assert b"enginetime_lockstep_timeouts_total 0.0" in metrics, "a shard it never saw was waited for"
+        for rid, r in got.items():
+            ref = want[rid]
+            # Each step's split (own work vs waiting for the pace-setter) is the same whichever
+            # sidecar makes it; the cost model behind "own work" learns from the shards it sees,
+            # hence a tolerance of 2 % of the request's wall rather than rounding only.
+            tol = 0.02 * ref.wall_ns
+            for field in ("engine_time_ns", "interference_ns"):
+                assert abs(getattr(r, field) - getattr(ref, field)) <= tol, (
+                    f"sidecar of node {n}, {rid} {field}: {getattr(r, field)} ns vs {getattr(ref, field)} ns "
+                    "from one sidecar for the whole engine"
+                )
+            if rid == "storm" or int(rid[1:].split("-")[0]) == STORM_SHARD:
+                continue
+            assert r.interference_ns >= 0.5 * storm_cost, f"{rid}: {r}"
+            top = r.top_blame[0]
+            assert top.shard == STORM_SHARD and not top.same_shard, r.top_blame
+            # Node 0's sidecar saw the storm and names it; node 1's can only name its shard.
+            assert top.request_id == ("storm" if n == 0 else ""), r.top_blame

@@ -1363,6 +1363,10 @@ class Ledger:
         now = self._clock()
         out = []
         state = self._cols.state
+        seen: dict[str, int] = {}
+        for sh in self._shard_table:
+            if sh.ever_connected:
+                seen[sh.engine_id] = seen.get(sh.engine_id, 0) + 1
         for sh in self._shard_table:
             if not sh.ever_connected or (engine_id and sh.engine_id != engine_id):
                 continue
@@ -1405,6 +1409,9 @@ class Ledger:
                     unattributed_ns=round(sh.unattributed_ns),
                     imbalance_ns=round(sh.imbalance_ns),
                     slowdown=sh.engine.slowdown.factor if sh.engine.lockstep else 1.0,
+                    num_shards=sh.engine.num_shards,
+                    shards_seen=seen[sh.engine_id],
+                    partial_view=seen[sh.engine_id] < sh.engine.num_shards,
                 )
             )
         return out

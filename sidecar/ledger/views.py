@@ -102,6 +102,10 @@ class ShardView:
     unattributed_ns: int = 0
     imbalance_ns: int = 0  # lockstep wait charged to no request (decode imbalance, tied-shard jitter)
     slowdown: float = 1.0  # the engine's pace against its calibrated model (costmodel.Slowdown)
+    num_shards: int = 1  # the shards the engine announced in its hello
+    shards_seen: int = 1  # shards of the engine that ever connected to this sidecar
+    #: shards_seen < num_shards: the rest report elsewhere (one sidecar per node) or never joined.
+    partial_view: bool = False
 
 
 class InterferencePhase(IntEnum):
