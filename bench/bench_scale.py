@@ -52,8 +52,13 @@ FEED_PERIOD = 0.25
 # ------------------------------------------------------------------------------------------ ingest
 
 
-def node_pusher(host: str, port: int, token: str, shards: int, owned: range, batch: int, groups: int, q, go):
-    """One "node": encodes its shards' frames, opens one TCP connection per shard, ships on ``go``."""
+def node_pusher(
+    host: str, port: int, token: str, shards: int, owned: range, batch: int, groups: int, pace: float, q, go
+):
+    """One "node": encodes its shards' frames, opens one TCP connection per shard, ships on ``go``.
+
+    ``pace`` > 0: one lockstep step every 1/pace s (the engine's rate), else as fast as it can.
+    """
     from bench_ingest import encode
 
     setup, units, entries = encode(shards, batch, groups, owned=owned, token=token)
@@ -67,6 +72,15 @@ def node_pusher(host: str, port: int, token: str, shards: int, owned: range, bat
         conns[k] = s
     q.put((entries, nbytes, [(setup[k], b"".join(units[k])) for k in owned]))
     go.wait()
+    if pace > 0:
+        start = time.monotonic()
+        for g in range(groups):
+            time.sleep(max(0.0, start + g / pace - time.monotonic()))
+            for k, s in conns.items():
+                s.sendall(units[k][g])
+        for s in conns.values():
+            s.close()
+        return
     per = 8  # lockstep shards advance together: a few steps of each shard in turn
     for g in range(0, groups, per):
         for k, s in conns.items():
@@ -94,7 +108,7 @@ def decode_only_s(blobs: list[tuple[bytes, bytes]], max_frame: int) -> float:
     return spent
 
 
-async def ingest_point(shards: int, batch: int, groups: int, nodes: int) -> dict:
+async def ingest_point(shards: int, batch: int, groups: int, nodes: int, pace: float = 0.0) -> dict:
     from enginetime.sidecar.ledger.ledger import LedgerConfig
     from enginetime.sidecar.server import Sidecar, SidecarConfig
 
@@ -120,7 +134,18 @@ async def ingest_point(shards: int, batch: int, groups: int, nodes: int) -> dict
     children = [
         ctx.Process(
             target=node_pusher,
-            args=(host, port, token, shards, range(n * per_node, (n + 1) * per_node), batch, groups, q, go),
+            args=(
+                host,
+                port,
+                token,
+                shards,
+                range(n * per_node, (n + 1) * per_node),
+                batch,
+                groups,
+                pace,
+                q,
+                go,
+            ),
         )
         for n in range(nodes)
     ]
@@ -210,6 +235,17 @@ def run_ingest(args) -> bool:
         "alone, measured apart, and the rest = ledger + attribution + event loop + socket reads + ticker; "
         "steps/s: lockstep steps)"
     )
+    if args.pace:
+        shards = max(args.shards)
+        groups = int(args.pace * args.pace_seconds)
+        r = asyncio.run(ingest_point(shards, args.batch, groups, args.nodes, pace=args.pace))
+        ok = r["timeouts"] == 0
+        print(
+            f"  paced            {shards} x {args.batch} at {args.pace:g} steps/s for {r['wall_s']:.1f} s "
+            f"({r['entries'] / r['wall_s']:,.0f} entries/s): sidecar CPU {r['cpu_s'] / r['wall_s']:.0%} "
+            f"of one core, {r['timeouts']} of {r['groups']} lockstep groups timed out"
+        )
+        ok_all = ok_all and ok
     if top is not None and top[0] == 64:
         met = top[2] >= INGEST_GOAL
         print(
@@ -412,6 +448,8 @@ def main() -> int:
     ap.add_argument("--nodes", type=int, default=4, help="node processes shipping the shards")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--entries", type=int, default=4_000_000, help="entries per ingest point (about)")
+    ap.add_argument("--pace", type=float, default=50.0, help="then the most shards at this rate (0: skip)")
+    ap.add_argument("--pace-seconds", type=float, default=5.0)
     ap.add_argument("--sidecars", default="4,8,16,32", help="comma-separated fleet sizes")
     ap.add_argument("--requests", type=int, default=1000, help="running requests per sidecar")
     ap.add_argument("--seconds", type=float, default=10.0, help="guard measuring window per point")
