@@ -8,6 +8,8 @@ attribution, ticker, fan-out, gRPC on one asyncio loop in this process). Frames 
 pre-encoded with the engine-side encoder (``engine_hooks.wire``) before the clock
 starts; the clock runs from the first step byte until the ledger has attributed
 every step. Goal: 64 shards x 256 at 50 steps/s = 819,200 entries/s on one core.
+Then the most shards again, paced at the engine's rate (``--pace`` steps/s): the
+sidecar's CPU share at that rate and whether any lockstep group timed out.
 Also printed: where the sidecar's CPU goes (decoding the same frames alone, the
 ingest handler's busy time = decode + ledger + attribution, and the rest = event
 loop, socket reads, ticker).
@@ -26,7 +28,7 @@ On a machine shared with other work the figures are a floor on what one free cor
 does; the curve (how each cost grows with shards / sidecars) is the point.
 
 Run: ``.venv/bin/python bench/bench_scale.py [--part ingest|guard|both] [--shards 8,16,32,64]
-[--nodes 4] [--entries 4000000] [--sidecars 4,8,16,32] [--requests 1000] [--seconds 10]``.
+[--nodes 4] [--entries 4000000] [--pace 50] [--sidecars 4,8,16,32] [--requests 1000] [--seconds 10]``.
 """
 
 from __future__ import annotations
