@@ -194,8 +194,12 @@ def ship(sidecar, tmp_path: Path, shards, nodes: int, delays: list[float], engin
             timeout=20,
             message="not every shard joined",
         )
+    for p in procs:  # every node goes at once
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
     for p in procs:
-        out, err = p.communicate("go\n", timeout=60)
+        out, err = p.communicate(timeout=60)
         assert p.returncode == 0 and "sent" in out, f"node process failed: {err}"
 
 
