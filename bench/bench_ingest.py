@@ -41,12 +41,17 @@ def step_cost_ns(prefill: int, decodes: int, context: int) -> int:
     )
 
 
-def encode(shards: int, batch: int, groups: int) -> tuple[list[bytes], list[list[bytes]], int]:
+def encode(
+    shards: int, batch: int, groups: int, *, owned: range | None = None, token: str = ""
+) -> tuple[list[bytes], list[list[bytes]], int]:
     """(per-shard setup bytes, per-shard bytes of each lockstep step, entries) — pre-encoded.
 
     ``units[k][g]`` is everything shard k sends for global step g: the step, and a
-    storm's ARRIVED before its first chunk / FINISHED after its last.
+    storm's ARRIVED before its first chunk / FINISHED after its last. ``owned`` (default:
+    all) limits the work to the shards one process ships (the others' lists stay empty and
+    their entries uncounted); ``token`` goes in each hello (TCP ingest).
     """
+    owned = range(shards) if owned is None else owned
     from array import array
 
     from synthetic_engine import hello_and_arrivals
@@ -66,7 +71,10 @@ def encode(shards: int, batch: int, groups: int) -> tuple[list[bytes], list[list
             request_id=lambda h, k=k: f"b{k}-{h}",
             prompt_tokens=200,
             session_id=lambda h, k=k: f"sess-{k}-{h}",
+            token=token,
         )
+        if k in owned
+        else b""
         for k in range(shards)
     ]
 
@@ -83,11 +91,11 @@ def encode(shards: int, batch: int, groups: int) -> tuple[list[bytes], list[list
         storming = chunk < STORM_CHUNKS
         cost = step_cost_ns(CHUNK if storming else 0, batch, chunk * CHUNK)  # the slowest shard sets the pace
         context = array(wire.U32, [500 + g % 1000] * batch)
-        for k in range(shards):
+        for k in owned:
             parts = []
             if storming and k == storm_shard:
                 if chunk == 0:
-                    storm_handle += 1
+                    storm_handle = 100_001 + g // STORM_EVERY  # the same in every process
                     parts.append(
                         wire.frame_event(
                             handle=storm_handle,

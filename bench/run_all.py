@@ -27,6 +27,11 @@ BENCHES: dict[str, tuple[str, tuple[str, ...]]] = {
     "hooks": ("bench_hooks.py", ("--steps", "3000", "--batches", "1,256", "--loop-steps", "500")),
     "ledger": ("bench_ledger.py", ("--groups", "300", "--requests", "20000")),
     "ingest": ("bench_ingest.py", ("--groups", "300")),
+    "scale": (
+        "bench_scale.py",
+        ("--shards", "16,32,64", "--entries", "1000000", "--pace-seconds", "2", "--sidecars", "4,8,16")
+        + ("--seconds", "3"),
+    ),
     "accounting_encode": ("bench_accounting_encode.py", ("--requests", "2000", "--reps", "3")),
     "guard": ("bench_guard.py", ("--watched", "2000", "--batches", "10")),
     "fanout": (

@@ -18,12 +18,13 @@ def hello_and_arrivals(
     time_ns: int,
     request_id: Callable[[int], str],
     session_id: Callable[[int], str] | None = None,
+    token: str = "",
     **event_fields,
 ) -> bytes:
     """What a shard sends first: its hello, then ARRIVED for each handle.
 
     ``request_id(handle)`` and ``session_id(handle)`` name each request; ``event_fields``
-    (prompt_tokens, ...) are the same for all.
+    (prompt_tokens, ...) are the same for all. ``token`` goes in the hello (TCP ingest).
     """
     parts = [
         wire.frame_hello(
@@ -36,6 +37,7 @@ def hello_and_arrivals(
             device_name="cpu",
             recorder_epoch=1,
             wall_time_ns=time_ns,
+            token=token,
         )
     ]
     parts += [

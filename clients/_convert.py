@@ -208,6 +208,9 @@ def shard_from_pb(m: pb.ShardStatus) -> ShardStatus:
         imbalance=_dur_ns(m.imbalance) / 1e9,
         imbalance_ns=_dur_ns(m.imbalance),
         slowdown=m.slowdown or 1.0,
+        num_shards=m.num_shards or 1,
+        shards_seen=m.shards_seen or 1,
+        partial_view=m.partial_view,
     )
 
 

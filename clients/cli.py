@@ -460,7 +460,8 @@ JSON_HELP = {
     "coupling, decode_tokens_per_second, prefill_tokens_per_second, busy_fraction, active_requests, "
     "queued_requests, current_storm {request_id, shard, prefill_tokens, prompt_tokens, chunks, "
     "start_time(_ns), stall(_ns): summed over victims} or null, last_step_time(_ns), steps, connected, "
-    "dropped_frames, engine_kind, device_name, timer_source, unattributed(_ns), imbalance(_ns), slowdown], "
+    "dropped_frames, engine_kind, device_name, timer_source, unattributed(_ns), imbalance(_ns), slowdown, "
+    "num_shards, shards_seen, partial_view], "
     "running [RequestAccounting as `get --json`]",
 }
 

@@ -167,6 +167,25 @@ def _request_columns(rows: Sequence[RequestAccounting]) -> list[Column]:
     ]
 
 
+def _partial_lines(shards: Sequence[ShardStatus], width: int) -> list[str]:
+    """A note per engine of which the sidecar(s) shown see only some shards (one sidecar per node)."""
+    seen: dict[str, set[int]] = {}
+    announced: dict[str, int] = {}
+    for s in shards:
+        seen.setdefault(s.engine_id, set()).add(s.shard)
+        announced[s.engine_id] = max(announced.get(s.engine_id, 0), s.num_shards)
+    lines = []
+    for eng, got in seen.items():
+        if len(got) < announced[eng]:
+            lines += _wrap(
+                f"  engine {eng}: partial view, {len(got)} of its {announced[eng]} shards report here; "
+                "the others report to another sidecar (one per node: follow them all with --sidecar A,B) "
+                "or have not joined",
+                width,
+            )
+    return lines
+
+
 def _storm_key(engine_id: str, request_id: str, shard: int) -> tuple[str, str, int]:
     return (engine_id, request_id, shard)
 
@@ -189,6 +208,7 @@ def render(snap: Snapshot, width: int = 120, height: int | None = None) -> list[
     head += _table(_shard_columns(shards, now), shards, width)
     if not shards:
         head += _wrap("  (no engine has reported to this sidecar yet: point ENGINETIME_INGEST at it)", width)
+    head += _partial_lines(shards, width)
 
     latest: dict[tuple[str, str, int], InterferenceEvent] = {}
     for ev in snap.events:  # one entry per storm: its latest event (STARTED -> ONGOING -> ENDED)

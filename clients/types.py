@@ -255,6 +255,14 @@ class ShardStatus:
     #: The engine's steps against its calibrated model (1.0: normal; 1.3: 30 % slower).
     #: LOCKSTEP: the same for every shard (timing tells the group is slow, not which shard).
     slowdown: float = 1.0
+    #: The shards the engine announced (its DP size), and how many of them this sidecar
+    #: has seen. ``partial_view``: it sees only some — the rest report to another sidecar
+    #: (one sidecar per node) or never joined. Its figures for the shards it sees are
+    #: right (a missing lockstep peer is accounted by the peer_tokens the seen shards
+    #: report); requests on the unseen shards are on the other sidecar.
+    num_shards: int = 1
+    shards_seen: int = 1
+    partial_view: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -472,3 +472,29 @@ def test_a_lockstep_shard_stepping_idle_is_not_busy(world):
         eng.abort("cli-busy")
     assert shards[0].busy_fraction > 0.2 and shards[0].decode_tokens_per_second > 0, shards[0]
     assert shards[1].busy_fraction == 0.0 and shards[1].steps > 0, shards[1]
+
+
+def test_top_says_when_the_sidecar_sees_part_of_an_engine():
+    """One sidecar per node: `top` names the engine whose shards it sees only some of."""
+    from enginetime.clients import _convert as cv
+    from enginetime.clients.top import Snapshot, render
+    from enginetime.v1 import accounting_pb2 as pb
+    from enginetime.v1 import ingest_pb2
+
+    def shard(engine: str, k: int, num: int, seen: int):
+        m = pb.ShardStatus(
+            engine_id=engine, shard=k, coupling=ingest_pb2.COUPLING_LOCKSTEP, connected=True,
+            num_shards=num, shards_seen=seen, partial_view=seen < num,
+        )  # fmt: skip
+        return cv.shard_from_pb(m)
+
+    node1 = [shard("dp16", k, 16, 8) for k in range(8, 16)]
+    whole = [shard("dp8", k, 8, 8) for k in range(8)]
+    assert node1[0].partial_view and (node1[0].num_shards, node1[0].shards_seen) == (16, 8)
+    text = "\n".join(render(Snapshot("node-1:50151", 1_760_000_000.0, shards=node1 + whole), 120))
+    assert "engine dp16: partial view, 8 of its 16 shards report here" in text, text
+    assert "engine dp8" not in text
+    # Following both nodes' sidecars (a fleet), top sees the whole engine: no note.
+    node0 = [shard("dp16", k, 16, 8) for k in range(8)]
+    text = "\n".join(render(Snapshot("a,b", 1_760_000_000.0, shards=node0 + node1), 120))
+    assert "partial view" not in text, text

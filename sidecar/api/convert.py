@@ -132,6 +132,9 @@ def shard_to_proto(v: ShardView) -> pb.ShardStatus:
         unattributed=duration(v.unattributed_ns),
         imbalance=duration(v.imbalance_ns),
         slowdown=float(v.slowdown),
+        num_shards=v.num_shards,
+        shards_seen=v.shards_seen,
+        partial_view=v.partial_view,
     )
     if v.current_storm is not None:
         msg.current_storm.CopyFrom(storm_to_proto(v.current_storm))

@@ -1412,6 +1412,10 @@ class Ledger:
         for sh in self._shard_table:
             if sh.connected:
                 running_total[sh.engine_id] = running_total.get(sh.engine_id, 0) + len(sh.running)
+        seen: dict[str, int] = {}
+        for sh in self._shard_table:
+            if sh.ever_connected:
+                seen[sh.engine_id] = seen.get(sh.engine_id, 0) + 1
         for sh in self._shard_table:
             if not sh.ever_connected or (engine_id and sh.engine_id != engine_id):
                 continue
@@ -1465,6 +1469,9 @@ class Ledger:
                     slowdown=sh.engine.slowdown.factor if sh.engine.lockstep else 1.0,
                     predicted_stall_ns=round(predicted),
                     oldest_queued_ns=max(0, now - oldest),
+                    num_shards=sh.engine.num_shards,
+                    shards_seen=seen[sh.engine_id],
+                    partial_view=seen[sh.engine_id] < sh.engine.num_shards,
                 )
             )
         return out

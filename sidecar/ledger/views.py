@@ -107,6 +107,10 @@ class ShardView:
     predicted_stall_ns: int = 0
     #: How long the oldest request still queued for its first step has waited (0: none).
     oldest_queued_ns: int = 0
+    num_shards: int = 1  # the shards the engine announced in its hello
+    shards_seen: int = 1  # shards of the engine that ever connected to this sidecar
+    #: shards_seen < num_shards: the rest report elsewhere (one sidecar per node) or never joined.
+    partial_view: bool = False
 
 
 class InterferencePhase(IntEnum):

@@ -241,7 +241,7 @@ class Storm(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., shard: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stall: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("engine_id", "shard", "coupling", "decode_tokens_per_second", "prefill_tokens_per_second", "busy_fraction", "active_requests", "queued_requests", "current_storm", "last_step_time", "steps", "connected", "dropped_frames", "engine_kind", "device_name", "timer_source", "unattributed", "imbalance", "slowdown")
+    __slots__ = ("engine_id", "shard", "coupling", "decode_tokens_per_second", "prefill_tokens_per_second", "busy_fraction", "active_requests", "queued_requests", "current_storm", "last_step_time", "steps", "connected", "dropped_frames", "engine_kind", "device_name", "timer_source", "unattributed", "imbalance", "slowdown", "num_shards", "shards_seen", "partial_view")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     COUPLING_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +261,9 @@ class ShardStatus(_message.Message):
     UNATTRIBUTED_FIELD_NUMBER: _ClassVar[int]
     IMBALANCE_FIELD_NUMBER: _ClassVar[int]
     SLOWDOWN_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_SEEN_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_VIEW_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     shard: int
     coupling: _ingest_pb2.Coupling
@@ -280,7 +283,10 @@ class ShardStatus(_message.Message):
     unattributed: _duration_pb2.Duration
     imbalance: _duration_pb2.Duration
     slowdown: float
-    def __init__(self, engine_id: _Optional[str] = ..., shard: _Optional[int] = ..., coupling: _Optional[_Union[_ingest_pb2.Coupling, str]] = ..., decode_tokens_per_second: _Optional[float] = ..., prefill_tokens_per_second: _Optional[float] = ..., busy_fraction: _Optional[float] = ..., active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., current_storm: _Optional[_Union[Storm, _Mapping]] = ..., last_step_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., steps: _Optional[int] = ..., connected: bool = ..., dropped_frames: _Optional[int] = ..., engine_kind: _Optional[str] = ..., device_name: _Optional[str] = ..., timer_source: _Optional[_Union[_ingest_pb2.TimerSource, str]] = ..., unattributed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., imbalance: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., slowdown: _Optional[float] = ...) -> None: ...
+    num_shards: int
+    shards_seen: int
+    partial_view: bool
+    def __init__(self, engine_id: _Optional[str] = ..., shard: _Optional[int] = ..., coupling: _Optional[_Union[_ingest_pb2.Coupling, str]] = ..., decode_tokens_per_second: _Optional[float] = ..., prefill_tokens_per_second: _Optional[float] = ..., busy_fraction: _Optional[float] = ..., active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., current_storm: _Optional[_Union[Storm, _Mapping]] = ..., last_step_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., steps: _Optional[int] = ..., connected: bool = ..., dropped_frames: _Optional[int] = ..., engine_kind: _Optional[str] = ..., device_name: _Optional[str] = ..., timer_source: _Optional[_Union[_ingest_pb2.TimerSource, str]] = ..., unattributed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., imbalance: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., slowdown: _Optional[float] = ..., num_shards: _Optional[int] = ..., shards_seen: _Optional[int] = ..., partial_view: bool = ...) -> None: ...
 
 class GetShardsResponse(_message.Message):
     __slots__ = ("shards",)
