@@ -28,9 +28,9 @@ Columns passed to ``step_end`` are encoded before it returns (lists and
 from __future__ import annotations
 
 import atexit
-import struct
 import logging
 import os
+import struct
 import threading
 import time
 import weakref
@@ -339,10 +339,20 @@ class Recorder:
                 )
                 return
             try:
-                if type(handles) is list and type(prefill_tokens) is list and type(decode_tokens) is list \
-                        and type(context_tokens) is list and not _BIG_ENDIAN:
+                if (
+                    type(handles) is list
+                    and type(prefill_tokens) is list
+                    and type(decode_tokens) is list
+                    and type(context_tokens) is list
+                    and not _BIG_ENDIAN
+                ):
                     # The common case in C: one array of all four columns, no per-request Python.
-                    cols: Any = array(_U32, handles + prefill_tokens + decode_tokens + context_tokens)
+                    cols: Any = array(_U32)
+                    put = cols.fromlist
+                    put(handles)
+                    put(prefill_tokens)
+                    put(decode_tokens)
+                    put(context_tokens)
                 else:
                     u32 = wire.u32_column
                     cols = b"".join(

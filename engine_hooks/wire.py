@@ -726,7 +726,9 @@ def unpack_step(body: bytes | memoryview) -> dict:
     if version != PACKED_VERSION:
         raise ValueError(f"packed step layout version {version}, this reader knows {PACKED_VERSION}")
     if size != PACKED_HEADER.size + 16 * n + 4 * n_peer:
-        raise ValueError(f"packed step is {size} bytes, its header says {PACKED_HEADER.size + 16 * n + 4 * n_peer}")
+        raise ValueError(
+            f"packed step is {size} bytes, its header says {PACKED_HEADER.size + 16 * n + 4 * n_peer}"
+        )
     cols = array(U32)
     cols.frombytes(bytes(body[PACKED_HEADER.size :]))
     if _BIG_ENDIAN:

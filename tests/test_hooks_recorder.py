@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 
 import pytest
+from helpers import read_ingest_frame
 
 from enginetime.engine_hooks import Coupling, EventKind, Recorder, StepKind
 from enginetime.engine_hooks.wire import split_frames
-from helpers import read_ingest_frame
 from enginetime.v1 import ingest_pb2
 
 pytestmark = pytest.mark.timeout(60)

@@ -540,9 +540,20 @@ def test_the_recorder_sends_packed_steps_byte_for_byte(tmp_path):
 
 
 def test_unpack_step_refuses_bodies_that_disagree_with_their_header():
-    good = decode(wire.frame_packed_step(seq=1, start_time_ns=1, end_time_ns=2, device_time_ns=1,
-                                         timer_source=1, kind=2, handles=[1], prefill_tokens=[0],
-                                         decode_tokens=[1], context_tokens=[5])).packed_step
+    good = decode(
+        wire.frame_packed_step(
+            seq=1,
+            start_time_ns=1,
+            end_time_ns=2,
+            device_time_ns=1,
+            timer_source=1,
+            kind=2,
+            handles=[1],
+            prefill_tokens=[0],
+            decode_tokens=[1],
+            context_tokens=[5],
+        )
+    ).packed_step
     for bad in (good[:59], good[:-1], good + b"\0\0\0\0", b"\x02" + good[1:]):
         with pytest.raises(ValueError):
             wire.unpack_step(bad)

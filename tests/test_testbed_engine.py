@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from helpers import read_ingest_frame
 
 from enginetime.engine_hooks import StepKind
-from helpers import read_ingest_frame
 from enginetime.testbed.engine import Engine, EngineConfig, InvalidRequest
 from enginetime.testbed.model import ForwardItem, ModelConfig, TinyTransformer
 from enginetime.v1 import ingest_pb2

@@ -624,7 +624,11 @@ class FrameDecoder:
                 f"shard {hello.shard}); "
                 "a recorder that restarts must open a new connection",
             )
-        if not min(MIN_PROTOCOL_VERSION, self.expected_version) <= hello.protocol_version <= self.expected_version:
+        if (
+            not min(MIN_PROTOCOL_VERSION, self.expected_version)
+            <= hello.protocol_version
+            <= self.expected_version
+        ):
             newer = hello.protocol_version > self.expected_version
             raise FrameError(
                 BAD_VERSION,
