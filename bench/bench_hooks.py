@@ -261,7 +261,9 @@ def run_engine_loop(address: str, batch: int, blocks: int, block_steps: int, wor
         rec.close()
 
 
-def run_breakdown(addresses: dict[str, str], batch: int, rounds: int, block_steps: int, work_s: float) -> dict:
+def run_breakdown(
+    addresses: dict[str, str], batch: int, rounds: int, block_steps: int, work_s: float
+) -> dict:
     """Where the engine-shaped loop's extra time goes, one variant per block, rotated in one run.
 
     ``plain``: the work alone. ``columns``: plus the adapter building the four lists.
