@@ -277,6 +277,9 @@ def run_breakdown(
     """Where the engine-shaped loop's extra time goes, one variant per block, rotated in one run.
 
     ``plain``: the work alone. ``columns``: plus the adapter building the four lists.
+    ``hooks, no thread``: plus step_begin/step_end with no shipper thread at all (the
+    bench empties the ring between steps, untimed): the append alone, the floor any
+    design that takes the shipping out of the engine's process can reach.
     ``hooks, no reader``: plus step_begin/step_end, the recorder's sidecar absent (its
     shipper thread only wakes to find no one and drops). ``hooks, drain process``: the
     shipper writes every frame to a process that only reads them. ``hooks, sidecar``: a
@@ -285,15 +288,17 @@ def run_breakdown(
     perf = time.perf_counter_ns
     sleep = time.sleep
     recs: dict[str, tuple[Recorder, list[Req]]] = {}
+    addresses = {"hooks, no thread": addresses["hooks, no reader"], **addresses}
     for name, address in addresses.items():
-        rec = Recorder(f"bench-{name}", address=address, timer="cpu", engine_kind="bench")
+        threaded = name != "hooks, no thread"
+        rec = Recorder(f"bench-{name}", address=address, timer="cpu", engine_kind="bench", start=threaded)
         handles = [rec.request_arrived(f"bd{batch}-{i}", prompt_tokens=100) for i in range(batch)]
         recs[name] = (rec, [Req(h, 1, 1000 + i) for i, h in enumerate(handles)])
     variants = ["plain", "columns", *addresses]
     times: dict[str, list[int]] = {v: [] for v in variants}
     try:
         for name, (rec, _) in recs.items():
-            if "no reader" not in name and not rec.flush(10):
+            if "no " not in name and not rec.flush(10):
                 raise SystemExit(f"bench: could not reach {addresses[name]}")
         for _ in range(rounds):
             for v in variants:
@@ -327,6 +332,9 @@ def run_breakdown(
                         )
                     if step >= 10:
                         out.append(perf() - t0)
+                    if v == "hooks, no thread":
+                        rec._ring.clear()  # untimed: what a reader in another process would take
+                        rec._shipper.ring_bytes = 0
     finally:
         for rec, _ in recs.values():
             rec.close(0.5)
@@ -566,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, b in breakdown.items():
             print(f"{name:>22} {b['mean_us']:>9.1f} {b['mean_ratio']:>11.4f} {b['p99_ratio']:>10.4f}")
         print(
-            "(no reader: the shipper finds no sidecar and drops; drain process: it writes every frame to a "
+            "(no thread: the append alone, no thread of ours in the process; no reader: the shipper finds "
+            "no sidecar and drops; drain process: it writes every frame to a "
             "process that only reads; sidecar: a real one decodes and accounts them; nice 19: the same at "
             "the lowest CPU priority)"
         )
