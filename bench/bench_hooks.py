@@ -12,6 +12,10 @@
    GIL-releasing work (as kernel launches and collective waits are) plus the hooks;
    blocks with and without hooks alternate (ABAB) in one run; mean and p99 step-time
    ratios per batch size, with the noise of plain blocks against each other.
+   Then, at batch 256, where that loop's extra time goes: variants rotated in one run
+   (the adapter's lists alone; hooks with no thread of ours, the append alone; hooks whose
+   sidecar is absent; hooks writing to a process that only reads; a real sidecar, also
+   at nice 19). ``--sidecar-nice`` runs the main table against a reniced sidecar.
 3. Tight loop (steps back to back, far faster than any sidecar takes them) in a fresh
    process, sidecar live and absent: the engine process's RSS growth and the worst
    single hook call (an engine-thread stall).

@@ -11,6 +11,10 @@ write the few ingest messages by hand. The encoder follows proto3 wire rules:
   (little-endian on the wire; swapped on big-endian hosts);
 * fields are written in field-number order (canonical encoding).
 
+Recorders send steps as ``IngestFrame.packed_step`` (a fixed layout, documented at
+``frame_packed_step`` below), which the engine thread writes with one ``struct.pack``;
+``frame_step`` (a protobuf StepRecord) is what protocol v1 recorders sent.
+
 Every ``frame_*`` function returns one length-delimited frame: the base-128 varint
 byte length of an ``IngestFrame`` message, then the message. Out-of-range values
 raise ValueError naming the field: the recorder sanitises user input before it gets
