@@ -28,28 +28,22 @@ import time
 
 from enginetime.engine_hooks import Recorder, StepKind, TimerSource
 from enginetime.engine_hooks.timers import CudaEventTimer, cuda_available
-from enginetime.engine_hooks.wire import decode_varint, split_frames
+from enginetime.engine_hooks.wire import decode_varint, split_frames, unpack_step
 
 
 def _steps_from_payload(payload: bytes) -> dict | None:
-    """StepRecord fields from one IngestFrame (with ingest_pb2, else a minimal wire walk)."""
-    try:
-        from enginetime.v1 import ingest_pb2
-
-        frame = ingest_pb2.IngestFrame.FromString(payload)
-        if frame.WhichOneof("frame") != "step":
-            return None
-        s = frame.step
-        return {
-            "seq": s.seq,
-            "start": s.start_time_ns,
-            "end": s.end_time_ns,
-            "device": s.device_time_ns,
-            "source": s.timer_source,
-        }
-    except ImportError:
-        pass
+    """Step fields from one IngestFrame: a packed step (what recorders send) or a StepRecord."""
     key, pos = decode_varint(payload, 0)
+    if key == (5 << 3 | 2):  # IngestFrame.packed_step
+        size, pos = decode_varint(payload, pos)
+        f = unpack_step(payload[pos : pos + size])
+        return {
+            "seq": f["seq"],
+            "start": f["start_time_ns"],
+            "end": f["end_time_ns"],
+            "device": f["device_time_ns"],
+            "source": f["timer_source"],
+        }
     if key != (3 << 3 | 2):
         return None
     size, pos = decode_varint(payload, pos)
@@ -113,10 +107,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    try:  # import now: an import on the sink thread mid-measurement would hold the GIL
-        from enginetime.v1 import ingest_pb2  # noqa: F401
-    except ImportError:
-        pass
     failures: list[str] = []
 
     def check(ok: bool, what: str) -> None:

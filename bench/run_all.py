@@ -24,7 +24,21 @@ HERE = Path(__file__).resolve().parent
 
 #: name -> (script, quick arguments). Quick sizes keep each under about half a minute on two cores.
 BENCHES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "hooks": ("bench_hooks.py", ("--steps", "3000", "--batches", "1,256", "--loop-steps", "500")),
+    "hooks": (
+        "bench_hooks.py",
+        (
+            "--steps",
+            "3000",
+            "--batches",
+            "1,256",
+            "--blocks",
+            "6",
+            "--tight-seconds",
+            "5",
+            "--breakdown-rounds",
+            "2",
+        ),
+    ),
     "ledger": ("bench_ledger.py", ("--groups", "300", "--requests", "20000")),
     "ingest": ("bench_ingest.py", ("--groups", "300")),
     "scale": (

@@ -48,6 +48,7 @@ from collections import defaultdict
 
 import torch
 
+from enginetime.engine_hooks import wire
 from enginetime.engine_hooks.constants import parse_address
 from enginetime.testbed.demo import DemoConfig, SidecarProcess, render, run_demo
 from enginetime.testbed.model import ModelConfig
@@ -142,9 +143,23 @@ class FrameTap:
                 elif which == "step":
                     with self.lock:
                         self.steps.append((shard, frame.step))
+                elif which == "packed_step":  # what recorders send (protocol v2)
+                    record = _packed_to_record(frame.packed_step)
+                    with self.lock:
+                        self.steps.append((shard, record))
         conn.close()
         if up is not None:
             up.close()
+
+
+def _packed_to_record(body: bytes) -> ingest_pb2.StepRecord:
+    """A packed step as the StepRecord it stands for."""
+    fields = wire.unpack_step(body)
+    global_step = fields.pop("global_step")
+    record = ingest_pb2.StepRecord(**fields)
+    if global_step is not None:
+        record.global_step = global_step
+    return record
 
 
 def step_table(tap: FrameTap, storm_shard: int) -> list[dict]:

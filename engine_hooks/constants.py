@@ -9,7 +9,10 @@ from __future__ import annotations
 import enum
 import os
 
-PROTOCOL_VERSION = 1
+#: v2: steps travel as IngestFrame.packed_step. A sidecar accepts every version from
+#: MIN_PROTOCOL_VERSION to its own (v1 recorders send StepRecord frames, still read).
+PROTOCOL_VERSION = 2
+MIN_PROTOCOL_VERSION = 1
 HOOKS_VERSION = "0.1.0"
 
 #: Where hooks send frames and the sidecar listens when nothing else is said: a

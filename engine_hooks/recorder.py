@@ -30,9 +30,11 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import struct
 import threading
 import time
 import weakref
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +65,11 @@ _LIVE_WARN = 100_000
 _MONOTONIC = int(TimerSource.MONOTONIC)
 _perf_ns = time.perf_counter_ns
 _wall_ns = time.time_ns
+_U32 = wire.U32
+_BIG_ENDIAN = wire.BIG_ENDIAN
+_pack_header = wire.PACKED_HEADER.pack
+_HEADER_SIZE = wire.PACKED_HEADER.size
+_PREFIXES = wire._PACKED_PREFIXES
 
 
 @dataclass(slots=True)
@@ -331,23 +338,53 @@ class Recorder:
                     ),
                 )
                 return
-            u32 = wire.u32_column
             try:
-                payload = wire.encode_step(
+                if (
+                    type(handles) is list
+                    and type(prefill_tokens) is list
+                    and type(decode_tokens) is list
+                    and type(context_tokens) is list
+                    and not _BIG_ENDIAN
+                ):
+                    # The common case in C: one array of all four columns, no per-request Python.
+                    cols: Any = array(_U32)
+                    put = cols.fromlist
+                    put(handles)
+                    put(prefill_tokens)
+                    put(decode_tokens)
+                    put(context_tokens)
+                else:
+                    u32 = wire.u32_column
+                    cols = b"".join(
+                        (u32(handles), u32(prefill_tokens), u32(decode_tokens), u32(context_tokens))
+                    )
+                if peer_tokens is None:
+                    n_peer = 0
+                    peer: Any = b""
+                else:
+                    peer = wire.u32_column(peer_tokens)
+                    n_peer = len(peer)
+                head = _pack_header(
+                    1,
+                    0 if global_step is None else 1,
+                    0,
+                    kind,
+                    n,
+                    n_peer,
                     seq,
-                    global_step,
+                    0 if global_step is None else global_step,
                     start_wall,
                     wall,
-                    None if dev is not None else perf - start_perf,
-                    _MONOTONIC,
-                    kind,
-                    u32(handles),
-                    u32(prefill_tokens),
-                    u32(decode_tokens),
-                    u32(context_tokens),
-                    None if peer_tokens is None else u32(peer_tokens),
+                    0 if dev is not None else perf - start_perf,
+                    0 if dev is not None else _MONOTONIC,
                 )
-            except (ValueError, TypeError, OverflowError) as exc:
+                size = _HEADER_SIZE + 16 * n + 4 * n_peer
+                if dev is None:
+                    prefix = _PREFIXES.get(size) or wire.packed_prefix(size)
+                    payload = b"".join((prefix, head, cols, peer))
+                else:  # the shipper fills in the device time once the CUDA events resolve
+                    payload = b"".join((head, cols, peer))
+            except (ValueError, TypeError, OverflowError, struct.error) as exc:
                 self._lost_step(dev, "invalid step record dropped", exc)
                 return
             item = (STEP, seq, dev, payload, perf - start_perf)

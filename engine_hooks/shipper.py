@@ -52,9 +52,10 @@ EVENT = 1
 MARK = 2
 
 # Step item: (STEP, seq, device_handle, payload, cpu_ns). The engine thread encodes the step
-#   itself (wire.encode_step): with device_handle None, payload is the finished frame; with a
-#   CUDA event pair, the StepRecord's fields without the device time, which this thread
-#   appends (wire.wrap_step) once the pair has resolved. Either way one ``bytes``, which the
+#   itself as a packed step (wire.py's fixed layout, one struct.pack and one array): with
+#   device_handle None, payload is the finished frame; with a CUDA event pair, the packed body
+#   with its device time pending, which this thread fills in and frames (wire.wrap_packed)
+#   once the pair has resolved. Either way one ``bytes``, which the
 #   garbage collector does not track, and this thread's Python per step is a few list operations.
 # Event item: (EVENT, LiveRequest, kind, time_ns, cached_tokens|None, finish_reason, output_tokens)
 # Mark item: (MARK, FlushMarker)
@@ -481,7 +482,7 @@ class Shipper:
             duration = ns
             source = TimerSource.CUDA_EVENT
         try:
-            frame = wire.wrap_step(body, wire.step_device_fields(duration, source))
+            frame = wire.wrap_packed(body, duration, source)
         except Exception as exc:
             self.count_dropped(steps=1)
             self._errors.report("invalid step record dropped", exc)

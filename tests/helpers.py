@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from enginetime.engine_hooks import wire
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION, parse_address
 from enginetime.sidecar import launcher
 from enginetime.v1 import ingest_pb2
@@ -183,8 +184,10 @@ def step(
     kind: int | None = None,
     global_step: int | None = None,
     peer_tokens: Sequence[int] = (),
+    packed: bool = False,
 ) -> bytes:
-    """One StepRecord; defaults: decode one token per entry, context 100, 5 ms."""
+    """One StepRecord (``packed``: as IngestFrame.packed_step, as recorders send it);
+    defaults: decode one token per entry, context 100, 5 ms."""
     n = len(handles)
     prefill = list(prefill) if prefill is not None else [0] * n
     decode = list(decode) if decode is not None else [0 if p else 1 for p in prefill]
@@ -193,6 +196,21 @@ def step(
         has_p, has_d = any(prefill), any(decode)
         kind = 3 if has_p and has_d else 1 if has_p else 2 if has_d else 4
     start = time.time_ns() - device_time_ns if start_time_ns is None else start_time_ns
+    if packed:
+        return wire.frame_packed_step(
+            seq=seq,
+            global_step=global_step,
+            start_time_ns=start,
+            end_time_ns=start + device_time_ns,
+            device_time_ns=device_time_ns,
+            timer_source=1,
+            kind=kind,
+            handles=list(handles),
+            prefill_tokens=prefill,
+            decode_tokens=decode,
+            context_tokens=context,
+            peer_tokens=list(peer_tokens),
+        )
     msg = ingest_pb2.StepRecord(
         seq=seq,
         start_time_ns=start,
@@ -253,3 +271,19 @@ class IngestConnection:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def read_ingest_frame(payload: bytes) -> ingest_pb2.IngestFrame:
+    """Parse one IngestFrame as a fake sidecar does; a packed step reads as the StepRecord it carries.
+
+    Recorders send steps as ``packed_step`` (a fixed layout, engine_hooks/wire.py); the
+    tests that check what a recorder sent look at them as ``frame.step``.
+    """
+    msg = ingest_pb2.IngestFrame.FromString(payload)
+    if msg.WhichOneof("frame") == "packed_step":
+        fields = wire.unpack_step(msg.packed_step)
+        global_step = fields.pop("global_step")
+        msg = ingest_pb2.IngestFrame(step=ingest_pb2.StepRecord(**fields))
+        if global_step is not None:
+            msg.step.global_step = global_step
+    return msg

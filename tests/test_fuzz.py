@@ -21,6 +21,7 @@ from helpers import arrived, event, heartbeat, hello, step
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from enginetime.engine_hooks import wire
 from enginetime.sidecar.api.convert import request_to_proto
 from enginetime.sidecar.ingest.frames import FrameDecoder, FrameError
 from enginetime.sidecar.ingest.limits import MAX_DURATION_NS, TIME_MAX_NS
@@ -79,6 +80,7 @@ def step_frames(draw) -> bytes:
         start_time_ns=min(draw(times), 2**63 - 1 - MAX_DURATION_NS),  # end = start + device
         global_step=draw(st.none() | st.integers(0, 12)),
         peer_tokens=draw(st.lists(st.integers(0, 2**32 - 1), max_size=3)),
+        packed=draw(st.booleans()),  # recorders send IngestFrame.packed_step; v1 ones StepRecord
     )
 
 
@@ -158,6 +160,33 @@ def test_mutated_valid_streams_only_ever_raise_frame_error(
 
 
 # ----------------------------------------------------------------------------- ledger
+
+
+@given(
+    st.integers(0, 255),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+    st.binary(max_size=200),
+    st.integers(-70, 70),
+)
+def test_packed_steps_with_lying_headers_only_ever_raise_frame_error(
+    version: int, n: int, n_peer: int, tail: bytes, cut: int
+) -> None:
+    """A packed step's header claims any counts; its body is any length: frames or FrameError only."""
+    head = wire.PACKED_HEADER.pack(version, 1, 0, 2, n, n_peer, 7, 7, 10, 20, 10, 1)
+    body = head + tail
+    if cut < 0:
+        body = body[: max(0, len(body) + cut)]
+    data = hello("a") + wire.packed_prefix(len(body)) + body
+    decoder = FrameDecoder(MAX_FRAME)
+    try:
+        frames = decoder.feed(data)
+    except FrameError:
+        return
+    for f in frames:
+        if isinstance(f, Step):  # accepted only when the counts match the bytes exactly
+            assert version == wire.PACKED_VERSION and len(body) == 60 + 16 * n + 4 * n_peer
+            assert len(f.handles) == n and len(f.peer_tokens) == n_peer
 
 
 @given(connections(), st.integers(2, 8))

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from helpers import read_ingest_frame
 
 from enginetime.engine_hooks import Coupling, EventKind, Recorder, StepKind
 from enginetime.engine_hooks.wire import split_frames
@@ -102,7 +103,7 @@ class FrameServer:
             payloads, used = split_frames(buf)
             buf = buf[used:]
             if payloads:
-                decoded = [ingest_pb2.IngestFrame.FromString(p) for p in payloads]
+                decoded = [read_ingest_frame(p) for p in payloads]
                 with self._cond:
                     self.frames += [(number, f) for f in decoded]
                     self._cond.notify_all()

@@ -443,3 +443,117 @@ def test_the_sidecar_reads_a_cuda_step_whose_device_time_comes_last():
     assert (step.seq, step.global_step, step.device_time_ns, step.timer_source) == (41, 40, 1_234_567, 2)
     assert (step.start_time_ns, step.end_time_ns, step.kind) == (1_000, 3_000_000, 2)
     assert list(step.handles) == [7, 8, 9] and list(step.context_tokens) == [7, 8, 9]
+
+
+def test_packed_steps_read_as_the_step_records_they_stand_for():
+    """A packed step (what recorders send) decodes in the sidecar to what frame_step's record does,
+    and a CUDA step's body with its device time filled in late (wrap_packed) to the same."""
+    frames = pytest.importorskip("enginetime.sidecar.ingest.frames")  # the sidecar extra (numpy)
+    rng = random.Random(1515)
+    for trial in range(300):
+        n = rng.choice([0, 1, 3, 256])
+        cols = [[rng.getrandbits(32) for _ in range(n)] for _ in range(4)]
+        peer = rng.choice([[], [rng.getrandbits(32) for _ in range(rng.randint(1, 5))]])
+        fields = {
+            "seq": rng.getrandbits(rng.randint(1, 64)) if trial % 3 else 0,
+            "global_step": rng.choice([None, 0, rng.getrandbits(40)]),
+            "start_time_ns": rng.getrandbits(62),
+            "end_time_ns": rng.getrandbits(62),
+            "device_time_ns": rng.choice([0, rng.getrandbits(40)]),
+            "timer_source": rng.choice([0, 1, 2]),
+            "kind": rng.choice([0, 1, 2, 3, 4, 9, 200]),
+            "handles": cols[0],
+            "prefill_tokens": cols[1],
+            "decode_tokens": cols[2],
+            "context_tokens": cols[3],
+            "peer_tokens": peer,
+        }
+        expected = frames.decode_frame(payload(wire.frame_step(**fields)))
+        packed = wire.frame_packed_step(**fields)
+        assert decode(packed).WhichOneof("frame") == "packed_step"
+        got = frames.decode_frame(payload(packed))
+        for name in ("seq", "global_step", "start_time_ns", "end_time_ns", "device_time_ns", "timer_source"):
+            assert getattr(got, name) == getattr(expected, name), name
+        assert got.kind == expected.kind
+        for name in ("handles", "prefill_tokens", "decode_tokens", "context_tokens", "peer_tokens"):
+            assert list(getattr(got, name)) == list(getattr(expected, name)), name
+        assert wire.unpack_step(decode(packed).packed_step) == fields
+        pending = wire.frame_packed_step(**{**fields, "device_time_ns": 0, "timer_source": 0})
+        body = decode(pending).packed_step
+        late = wire.wrap_packed(body, fields["device_time_ns"], fields["timer_source"])
+        assert late == packed
+
+
+def test_the_recorder_sends_packed_steps_byte_for_byte(tmp_path):
+    """step_end's inlined encoder writes frame_packed_step's bytes (lists and arrays alike)."""
+    import socket as _socket
+
+    from enginetime.engine_hooks import Recorder
+
+    path = str(tmp_path / "s.sock")
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    rec = Recorder("eng-packed", address="unix:" + path, timer="cpu", start=False)
+    try:
+        h = rec.request_arrived("r", prompt_tokens=3)
+        cases = [
+            ([h, h], [0, 4], [1, 0], [9, 10], None, 7),
+            (array(wire.U32, [h]), (5,), [0], array("q", [11]), [1, 2, 3], None),
+            ([], [], [], [], [], 0),
+        ]
+        for handles, prefill, dec, ctx, peer, gstep in cases:
+            tok = rec.step_begin()
+            rec.step_end(
+                tok,
+                kind=2,
+                handles=handles,
+                prefill_tokens=prefill,
+                decode_tokens=dec,
+                context_tokens=ctx,
+                peer_tokens=peer,
+                global_step=gstep,
+            )
+        items = [item for item in rec._ring if item[0] == 0]  # the shipper is not started: read its ring
+        assert len(items) == 3
+        for (handles, prefill, dec, ctx, peer, gstep), item in zip(cases, items, strict=True):
+            got = wire.unpack_step(decode(item[3]).packed_step)
+            want = wire.frame_packed_step(
+                seq=got["seq"],
+                global_step=gstep,
+                start_time_ns=got["start_time_ns"],
+                end_time_ns=got["end_time_ns"],
+                device_time_ns=got["device_time_ns"],
+                timer_source=1,
+                kind=2,
+                handles=list(handles),
+                prefill_tokens=list(prefill),
+                decode_tokens=list(dec),
+                context_tokens=list(ctx),
+                peer_tokens=peer,
+            )
+            assert item[3] == want
+            assert got["end_time_ns"] >= got["start_time_ns"] and got["device_time_ns"] >= 0
+    finally:
+        rec.close(0)
+        listener.close()
+
+
+def test_unpack_step_refuses_bodies_that_disagree_with_their_header():
+    good = decode(
+        wire.frame_packed_step(
+            seq=1,
+            start_time_ns=1,
+            end_time_ns=2,
+            device_time_ns=1,
+            timer_source=1,
+            kind=2,
+            handles=[1],
+            prefill_tokens=[0],
+            decode_tokens=[1],
+            context_tokens=[5],
+        )
+    ).packed_step
+    for bad in (good[:59], good[:-1], good + b"\0\0\0\0", b"\x02" + good[1:]):
+        with pytest.raises(ValueError):
+            wire.unpack_step(bad)

@@ -14,8 +14,9 @@ import string
 
 import numpy as np
 import pytest
-from helpers import frame, varint
+from helpers import frame, hello, step, varint
 
+from enginetime.engine_hooks import wire
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION
 from enginetime.sidecar.ingest.frames import FrameDecoder, FrameError, decode_frame, encode_varint
 from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
@@ -696,3 +697,42 @@ def test_a_column_longer_than_the_handles_is_a_mismatch(longer: str) -> None:
 def test_encode_varint_is_the_protobuf_varint(value: int) -> None:
     assert encode_varint(value) == varint(value)
     assert pb.Heartbeat.FromString(_tag(2, 0) + encode_varint(value)).dropped_frames == value
+
+
+def _packed_body(n: int = 2, n_peer: int = 1, version: int = 1, claim: int | None = None) -> bytes:
+    """A packed step body with ``n`` entries; ``claim``: the entry count its header states."""
+    stated = n if claim is None else claim
+    head = wire.PACKED_HEADER.pack(version, 1, 0, 2, stated, n_peer, 9, 8, 1_000, 2_000, 1_000, 1)
+    return head + bytes(4 * (4 * n + n_peer))
+
+
+def _packed_stream(body: bytes, version: int = PROTOCOL_VERSION) -> bytes:
+    return hello("eng", protocol_version=version) + wire.packed_prefix(len(body)) + body
+
+
+def test_packed_steps_decode_and_v1_recorders_are_still_accepted():
+    """Recorders send packed steps (protocol v2); a v1 recorder's hello and StepRecords still work."""
+    frames = FrameDecoder().feed(_packed_stream(_packed_body()))
+    st = frames[-1]
+    assert type(st) is Step and (st.seq, st.global_step, st.kind, st.device_time_ns) == (9, 8, 2, 1_000)
+    assert len(st.handles) == 2 and len(st.peer_tokens) == 1
+    v1 = FrameDecoder()
+    got = v1.feed(hello("old", protocol_version=1) + step(3, [1, 2]))
+    assert v1.hello is not None and v1.hello.protocol_version == 1
+    assert [type(f) for f in got] == [Hello, Step] and list(got[1].handles) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (_packed_body()[:59], "malformed"),  # shorter than the header
+        (_packed_body(version=2), "malformed"),  # a layout this sidecar does not know
+        (_packed_body()[:-4], "column_mismatch"),  # fewer bytes than the counts say
+        (_packed_body() + b"\0\0\0\0", "column_mismatch"),  # more
+        (_packed_body(n=1, claim=2**32 - 1), "column_mismatch"),  # a hostile count
+    ],
+)
+def test_packed_steps_whose_bytes_disagree_with_their_header_are_refused(body: bytes, reason: str):
+    with pytest.raises(FrameError) as err:
+        FrameDecoder().feed(_packed_stream(body))
+    assert err.value.reason == reason

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from helpers import read_ingest_frame
 
 from enginetime.engine_hooks import StepKind
 from enginetime.testbed.engine import Engine, EngineConfig, InvalidRequest
@@ -103,7 +104,7 @@ class FrameSink:
                 if head is None or head[1] + head[0] > len(buf):
                     break
                 size, start = head
-                frame = ingest_pb2.IngestFrame.FromString(bytes(buf[start : start + size]))
+                frame = read_ingest_frame(bytes(buf[start : start + size]))
                 del buf[: start + size]
                 with self.lock:
                     which = frame.WhichOneof("frame")

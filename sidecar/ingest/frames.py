@@ -18,11 +18,12 @@ Every violation raises :class:`FrameError` with a short machine ``reason``
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 
 import numpy as np
 
-from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, PROTOCOL_VERSION
+from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 from enginetime.sidecar.ingest.limits import (
     MAX_DURATION_NS,
     MAX_TEXT_BYTES,
@@ -373,11 +374,59 @@ def _parse_beat(buf: bytes, start: int, end: int) -> Beat:
     return beat
 
 
+#: IngestFrame.packed_step's fixed header (engine_hooks/wire.py documents the layout).
+_PACKED = struct.Struct("<BBHiIIQQqqqi")
+_PACKED_VERSION = 1
+
+
+def _parse_packed_step(buf: bytes, start: int, end: int) -> Step:
+    """A packed step: a fixed header, then the columns as little-endian uint32 arrays.
+
+    The body's length must be exactly what its header's counts say, so a hostile count
+    can never make a column read past the frame.
+    """
+    size = end - start
+    if size < _PACKED.size:
+        raise _malformed(f"a packed step is {size} bytes, shorter than its {_PACKED.size}-byte header")
+    version, flags, _, kind, n, n_peer, seq, gstep, t0, t1, dev, source = _PACKED.unpack_from(buf, start)
+    if version != _PACKED_VERSION:
+        raise _malformed(
+            f"a packed step has layout version {version}; this sidecar reads version {_PACKED_VERSION}"
+        )
+    want = _PACKED.size + 16 * n + 4 * n_peer
+    if size != want:
+        raise FrameError(
+            COLUMN_MISMATCH,
+            f"packed step seq={seq} is {size} bytes but its header ({n} entries, {n_peer} peer counts) "
+            f"needs {want}; this is a bug in the recorder that sent it",
+        )
+    step = Step(
+        seq=seq,
+        start_time_ns=t0,
+        end_time_ns=t1,
+        device_time_ns=dev,
+        kind=kind,
+        timer_source=source,
+        global_step=gstep if flags & 1 else None,
+    )
+    pos = start + _PACKED.size
+    if n:
+        cols = np.frombuffer(buf, dtype=_U32, count=4 * n, offset=pos)
+        step.handles = cols[:n]
+        step.prefill_tokens = cols[n : 2 * n]
+        step.decode_tokens = cols[2 * n : 3 * n]
+        step.context_tokens = cols[3 * n :]
+    if n_peer:
+        step.peer_tokens = np.frombuffer(buf, dtype=_U32, count=n_peer, offset=pos + 16 * n)
+    return step
+
+
 _PARSERS: dict[int, Callable[[bytes, int, int], Frame]] = {
     1: _parse_hello,
     2: _parse_event,
     3: _parse_step,
     4: _parse_beat,
+    5: _parse_packed_step,
 }
 
 
@@ -400,6 +449,9 @@ def decode_frame(buf: bytes, start: int = 0, end: int | None = None) -> Frame | 
                 spans.append(value)
     if not variant:
         return None
+    if len(spans) == 1 or variant == 5:  # packed_step is bytes, not a message: the last one wins
+        span = spans[-1]
+        return _PARSERS[variant](buf, span[0], span[1])
     if len(spans) == 1:
         return _PARSERS[variant](buf, spans[0][0], spans[0][1])
     merged = b"".join(buf[a:b] for a, b in spans)
@@ -572,7 +624,11 @@ class FrameDecoder:
                 f"shard {hello.shard}); "
                 "a recorder that restarts must open a new connection",
             )
-        if hello.protocol_version != self.expected_version:
+        if (
+            not min(MIN_PROTOCOL_VERSION, self.expected_version)
+            <= hello.protocol_version
+            <= self.expected_version
+        ):
             newer = hello.protocol_version > self.expected_version
             raise FrameError(
                 BAD_VERSION,

@@ -166,13 +166,15 @@ class Heartbeat(_message.Message):
     def __init__(self, time_ns: _Optional[int] = ..., dropped_frames: _Optional[int] = ..., dropped_steps: _Optional[int] = ..., dropped_events: _Optional[int] = ..., sent_frames: _Optional[int] = ..., reconnects: _Optional[int] = ...) -> None: ...
 
 class IngestFrame(_message.Message):
-    __slots__ = ("hello", "request_event", "step", "heartbeat")
+    __slots__ = ("hello", "request_event", "step", "heartbeat", "packed_step")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     REQUEST_EVENT_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    PACKED_STEP_FIELD_NUMBER: _ClassVar[int]
     hello: EngineHello
     request_event: RequestEvent
     step: StepRecord
     heartbeat: Heartbeat
-    def __init__(self, hello: _Optional[_Union[EngineHello, _Mapping]] = ..., request_event: _Optional[_Union[RequestEvent, _Mapping]] = ..., step: _Optional[_Union[StepRecord, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    packed_step: bytes
+    def __init__(self, hello: _Optional[_Union[EngineHello, _Mapping]] = ..., request_event: _Optional[_Union[RequestEvent, _Mapping]] = ..., step: _Optional[_Union[StepRecord, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., packed_step: _Optional[bytes] = ...) -> None: ...
