@@ -289,7 +289,10 @@ def test_core_end_to_end_across_processes(tmp_path: Path) -> None:
             # victim's whole interference.
             assert top.seconds_ns >= 0.5 * storm_ns, (top, storm_ns)
             assert top.seconds_ns >= 0.5 * v.interference_ns, v
-            assert v.interference_ns > v.engine_time_ns, v
+            # None of the storm's time is the victim's own: its engine_time leaves at least half
+            # of the storm out of its wall. (Not "interference > engine_time": on loaded cores the
+            # victims' own decode steps slow down too, and that ratio is the machine's, not ours.)
+            assert v.engine_time_ns <= v.wall_ns - 0.5 * storm_ns, (v, storm_ns)
 
         # --- StreamInterference: the prefill was a cross-shard storm with shard 1 as victim
         mine = [e for e in events if e.aggressor_request_id == STORM]
