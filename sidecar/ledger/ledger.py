@@ -82,7 +82,15 @@ from enginetime.sidecar.config import LedgerConfig
 from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
 from enginetime.sidecar.ledger import advice
 from enginetime.sidecar.ledger.accounting_wire import encode as encode_accounting
-from enginetime.sidecar.ledger.attribution import Batch, Division, Prediction, divide, predict, step_scalars
+from enginetime.sidecar.ledger.attribution import (
+    Batch,
+    Division,
+    Prediction,
+    divide,
+    predict,
+    reprice_prefill,
+    step_scalars,
+)
 from enginetime.sidecar.ledger.costmodel import CostModel, step_features
 from enginetime.sidecar.ledger.join import Group
 from enginetime.sidecar.ledger.modelstate import ModelStateFile, dump_model, model_key
@@ -774,6 +782,8 @@ class Ledger:
         model = eng.model if lockstep else parts[0][0].model
         batch, base = self._gather(parts)
         pred = predict(batch, model)
+        if lockstep and complete:
+            pred = reprice_prefill(batch, pred, eng.slowdown.factor)
         critical = pred.critical
         crit_shard = parts[critical][0] if critical >= 0 else None
         if lockstep and not complete and batch.m < eng.num_shards:
