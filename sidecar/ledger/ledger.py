@@ -15,6 +15,11 @@ and entries ``i`` whose predicted marginal costs are ``e_i`` (``costmodel``), wi
   (``ledger_attribution.CRITICAL_BAND``) of the critical one, which did not wait for
   it and also get ``w = d``. ``wait = d − w`` is time spent waiting for the critical
   shard. A step without entries (IDLE) has ``w = 0``: all of it is wait.
+  A decode-only critical shard whose complete group measured over
+  ``attribution.UNDERPRICED`` times its prediction while another shard prefilled means
+  the model underpriced that prefill (an extrapolation): ``reprice_prefill`` scales it
+  up to the measured step, so the prefilling shard is critical and its step is the one
+  fitted (docs/ARCHITECTURE.md item 21).
 * **layered wait split**: shard j's wait is caused by every shard predicted heavier
   than j; ``by[j, k]`` is k's part, the Shapley value of the max (each layer between
   consecutive predicted durations is shared equally by the shards at or above it;
