@@ -119,12 +119,12 @@ def reprice_prefill(batch: Batch, pred: Prediction, pace: float) -> Prediction:
     k = pred.critical
     if not pred.calibrated or k < 0 or batch.m < 2:
         return pred
+    top = float(batch.d.max()) / max(pace, 1.0)
+    if not top > UNDERPRICED * float(pred.big_p[k]):
+        return pred  # the common case: two scalar operations per group
     is_pf = pred.p > 0.0
     tokens = np.bincount(batch.seg, weights=pred.p, minlength=batch.m)
     if tokens[k] > 0.0 or not is_pf.any():
-        return pred
-    top = float(batch.d.max()) / max(pace, 1.0)
-    if not top > UNDERPRICED * float(pred.big_p[k]):
         return pred
     # Each prefill entry's weight: its predicted cost, or its tokens where the model prices
     # the shard's prefill at nothing at all (β1 = β2 = 0 after cheap-looking short prompts).
