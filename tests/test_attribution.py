@@ -658,3 +658,81 @@ def test_excluded_steps_count_only_after_the_requests_first_step():
     assert a.interference_ns >= 3 * MS
     assert a.queue_time_ns == 13 * MS
     assert_identity(a)
+
+
+def _storm_after_short_prompts(prompt_ms: float) -> tuple[RequestView, RequestView, float, float, Sim]:
+    """The guard e2e test's incident on a fake clock, with its calibration's prompts as cheap as
+    a CPU-starved testbed measured them.
+
+    Lockstep, 2 shards. Two calibration requests on shard 0 (a 64-token prompt at empty
+    context measured ``prompt_ms``, then 199 decode steps of ~1.5 ms); four victims on
+    shard 0 (same prompts), decoding in 6 ms steps of 4; then a 12,288-token storm on shard 1
+    in 24 chunks of 512 whose steps (60 → 405 ms) the victims wait for. With prompts that
+    measured below a decode step the model prices prefill at nothing (β1 = β2 = 0): only
+    prompts of one size at one context were ever seen. Returns (victim, storm, the victim's
+    true own work, the storm's prefill wall, sim).
+    """
+    sim = Sim(2, Coupling.LOCKSTEP)
+    rng = np.random.default_rng(1)
+    dec_ms = 1.5
+    h = 1
+    for k in range(2):
+        sim.arrive(0, h, f"calib-{k}")
+        sim.group({0: [(h, 64, 0, 0)], 1: []}, d=int(prompt_ms * MS))
+        for i in range(199):
+            d = int(dec_ms * MS * (1 + 0.05 * rng.standard_normal()))
+            sim.group({0: [(h, 0, 1, 64 + i)], 1: []}, d=d)
+        sim.event(0, h, EventKind.FINISHED)
+        h += 1
+    victims = list(range(h, h + 4))
+    for v in victims:
+        sim.arrive(0, v, f"v{v - h}")
+        sim.group({0: [(v, 64, 0, 0)], 1: []}, d=int(prompt_ms * MS))
+    ctx = 64
+    own = prompt_ms * MS
+    decode_step = int(4 * dec_ms * MS)
+
+    def decodes() -> list[Entry]:
+        return [(v, 0, 1, ctx) for v in victims]
+
+    for _ in range(10):
+        sim.group({0: decodes(), 1: []}, d=decode_step)
+        ctx, own = ctx + 1, own + decode_step
+    sim.arrive(1, 99, "storm")
+    storm_ns = 0
+    for i in range(24):
+        d = (60 + 15 * i) * MS
+        sim.group({0: decodes(), 1: [(99, 512, 0, 512 * i)]}, d=d)
+        ctx, own, storm_ns = ctx + 1, own + decode_step, storm_ns + d
+    sim.event(1, 99, EventKind.FINISHED)
+    for _ in range(30):
+        sim.group({0: decodes(), 1: []}, d=decode_step)
+        ctx, own = ctx + 1, own + decode_step
+    for v in victims:
+        sim.event(0, v, EventKind.FINISHED)
+    return sim.view("v0"), sim.view("storm"), own, storm_ns, sim
+
+
+@pytest.mark.parametrize("prompt_ms", [0.3, 2.0])
+def test_a_prefill_the_model_prices_at_nothing_is_still_the_critical_shard(prompt_ms):
+    """A storm chunk the model underprices is repriced from the group's step, not read as slowdown.
+
+    Before the fix, with 0.3 ms prompts: the decode shard was picked as critical for the
+    first storm chunks, the excess read as engine slowdown (factor ~19), and the victim got
+    engine_time 1.08 s (truth 0.38 s), 0.73 s of blame on its own shard's pseudo-aggressor,
+    and the storm engine_time 0.22 s of a 5.6 s prefill — the e2e flake's
+    ``Blame('', shard=0, same_shard=True)`` at the top. 2.0 ms prompts (priced right) are
+    the control: the same figures with or without the repricing.
+    """
+    victim, storm, own, storm_ns, _ = _storm_after_short_prompts(prompt_ms)
+    top = victim.top_blame[0]
+    assert (top.request_id, top.shard, top.same_shard) == ("storm", 1, False), victim.top_blame
+    assert top.seconds_ns >= 0.95 * storm_ns, (top.seconds_ns, storm_ns)
+    own_shard = sum(b.seconds_ns for b in victim.top_blame if b.request_id == "" and b.shard == 0)
+    assert own_shard < 0.02 * storm_ns, victim.top_blame
+    # 20 %: the model's fit of 4-entry decode steps from 1-entry ones reads ~1.1x slowdown here.
+    assert abs(victim.engine_time_ns - own) <= 0.2 * own, (victim.engine_time_ns, own)
+    # The storm's chunks were the group's pace: its own work, not someone else's slowdown.
+    assert storm.engine_time_ns >= 0.5 * storm_ns, (storm.engine_time_ns, storm_ns)
+    assert_identity(victim)
+    assert_identity(storm)

@@ -93,6 +93,67 @@ def predict(batch: Batch, model: CostModel) -> Prediction:
     return Prediction(p, q, c, pf, e + beta0 / n[seg], big_p, pf_sum, calibrated, critical)
 
 
+#: A complete lockstep group whose predicted-critical shard ran only decode, yet measured more
+#: than this times that shard's prediction (at the engine's pace) while another shard prefilled,
+#: is read as an underpriced prefill (``reprice_prefill``), not as a slow engine.
+UNDERPRICED = 2.0
+
+
+def reprice_prefill(batch: Batch, pred: Prediction, pace: float) -> Prediction:
+    """The prediction with the group's prefill repriced to what the group measured, when needed.
+
+    The model prices a prefill chunk by extrapolation from the prefills it has seen: after
+    a few short prompts at empty context (and noisy timing) it can price a 512-token chunk
+    at 12k context below a shard's four decode entries. The decode shard is then picked as
+    critical, so (a) the victims' whole wait for the prefill is billed as their own work or,
+    once the engine looks slowed, as slowdown blamed on their own shard, and (b) the model
+    is fed the decode shard's step, never the prefill's, so it never learns the chunk's
+    price and the mistake holds for the whole storm. Decode costs are what the model sees
+    most; a prefill far outside what it has seen is the likelier error. So when the
+    critical shard ran only decode and the group measured more than ``UNDERPRICED`` times
+    its prediction (``pace``: the engine's slowdown factor), every prefill entry of the
+    group is scaled by the least factor that makes the heaviest prefilling shard's
+    prediction reach the measured step; that shard becomes critical and the model is fed
+    its step. Returns ``pred`` itself when nothing changes.
+    """
+    k = pred.critical
+    if not pred.calibrated or k < 0 or batch.m < 2:
+        return pred
+    top = float(batch.d.max()) / max(pace, 1.0)
+    if not top > UNDERPRICED * float(pred.big_p[k]):
+        return pred  # the common case: two scalar operations per group
+    is_pf = pred.p > 0.0
+    tokens = np.bincount(batch.seg, weights=pred.p, minlength=batch.m)
+    if tokens[k] > 0.0 or not is_pf.any():
+        return pred
+    # Each prefill entry's weight: its predicted cost, or its tokens where the model prices
+    # the shard's prefill at nothing at all (β1 = β2 = 0 after cheap-looking short prompts).
+    priced = pred.pf_sum[batch.seg] > 0.0
+    u = np.where(is_pf, np.where(priced, pred.pf, pred.p), 0.0)
+    u_sum = np.bincount(batch.seg, weights=u, minlength=batch.m)
+    base = pred.big_p - pred.pf_sum
+    need = np.divide(top - base, u_sum, out=np.full(batch.m, np.inf), where=u_sum > 0.0)
+    scale = float(need.min())
+    if not np.isfinite(scale) or scale <= 0.0:
+        return pred
+    pf = np.where(is_pf, np.maximum(pred.pf, u * scale), pred.pf)
+    pf_sum = np.bincount(batch.seg, weights=pf, minlength=batch.m)
+    big_p = base + pf_sum
+    nonempty = batch.counts > 0
+    critical = int(np.argmax(np.where(nonempty, big_p, -1.0)))
+    return Prediction(
+        pred.p,
+        pred.q,
+        pred.c,
+        pf,
+        pred.unit + (pf - pred.pf),
+        big_p,
+        pf_sum,
+        pred.calibrated,
+        critical,
+    )
+
+
 @dataclass(slots=True)
 class Division:
     """How each shard's ``d`` divides (per shard position) and what each entry gets."""

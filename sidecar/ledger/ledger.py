@@ -15,6 +15,11 @@ and entries ``i`` whose predicted marginal costs are ``e_i`` (``costmodel``), wi
   (``ledger_attribution.CRITICAL_BAND``) of the critical one, which did not wait for
   it and also get ``w = d``. ``wait = d − w`` is time spent waiting for the critical
   shard. A step without entries (IDLE) has ``w = 0``: all of it is wait.
+  A decode-only critical shard whose complete group measured over
+  ``attribution.UNDERPRICED`` times its prediction while another shard prefilled means
+  the model underpriced that prefill (an extrapolation): ``reprice_prefill`` scales it
+  up to the measured step, so the prefilling shard is critical and its step is the one
+  fitted (docs/ARCHITECTURE.md item 21).
 * **layered wait split**: shard j's wait is caused by every shard predicted heavier
   than j; ``by[j, k]`` is k's part, the Shapley value of the max (each layer between
   consecutive predicted durations is shared equally by the shards at or above it;
@@ -82,7 +87,15 @@ from enginetime.sidecar.config import LedgerConfig
 from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
 from enginetime.sidecar.ledger import advice
 from enginetime.sidecar.ledger.accounting_wire import encode as encode_accounting
-from enginetime.sidecar.ledger.attribution import Batch, Division, Prediction, divide, predict, step_scalars
+from enginetime.sidecar.ledger.attribution import (
+    Batch,
+    Division,
+    Prediction,
+    divide,
+    predict,
+    reprice_prefill,
+    step_scalars,
+)
 from enginetime.sidecar.ledger.costmodel import CostModel, step_features
 from enginetime.sidecar.ledger.join import Group
 from enginetime.sidecar.ledger.modelstate import ModelStateFile, dump_model, model_key
@@ -818,6 +831,8 @@ class Ledger:
         model = eng.model if lockstep else parts[0][0].model
         batch, base = self._gather(parts)
         pred = predict(batch, model)
+        if lockstep and complete:
+            pred = reprice_prefill(batch, pred, eng.slowdown.factor)
         critical = pred.critical
         crit_shard = parts[critical][0] if critical >= 0 else None
         if lockstep and not complete and batch.m < eng.num_shards:
