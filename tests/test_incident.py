@@ -185,7 +185,8 @@ def test_report_has_the_documented_keys_and_renders(run):
             assert set(b) == {"request_id", "shard", "seconds", "same_shard"}
     assert [s["shard"] for s in report["shards"]] == [0, 1, 2, 3]
     assert all(set(s["decode_tok_s"]) == {"before", "during", "after"} for s in report["shards"])
-    assert report["elapsed_s"] < 60
+    # The run's own clock covers every victim's life (a timing bound would be the machine's, not ours).
+    assert report["elapsed_s"] >= max(v["wall_s"] for v in report["victims"]) > 0
     text = render(report)
     assert STORM_RID in text and "decode tok/s" in text and "victim-5" in text
 
