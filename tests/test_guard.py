@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -142,6 +143,15 @@ def test_storm_victims_survive_the_guard_but_not_a_wall_clock_timeout(sidecar, e
             assert r.status_code == 200
             walls.append(time.monotonic() - t0)
         budget = max(3 * max(walls), 0.4)
+        # And the prefill rate, so the storm outlasts the budget however fast these cores run
+        # right now (a fixed 12K-token storm was too short once the calibration ran during a
+        # burst of other work): at least 12K tokens, enough for 2.5 budgets at the measured
+        # rate (prefill grows faster than linearly, so this errs long), within the context.
+        t0 = time.monotonic()
+        r = http.post("/generate", json=body("calib-prefill", 2048, 1, 1))
+        assert r.status_code == 200
+        per_token = (time.monotonic() - t0) / 2048
+        storm_tokens = min(max(12288, 512 * math.ceil(2.5 * budget / per_token / 512)), 30720)
 
         results: dict[str, object] = {}
 
@@ -161,7 +171,7 @@ def test_storm_victims_survive_the_guard_but_not_a_wall_clock_timeout(sidecar, e
             except EngineBudgetExceeded as exc:
                 results[rid] = exc
 
-        storm_body = json.dumps(body("storm", 12288, 1, 1)).encode()  # ready before the victims start
+        storm_body = json.dumps(body("storm", storm_tokens, 1, 1)).encode()  # ready before the victims start
         rids = {
             "wall-0": wall_clock_victim,
             "wall-1": wall_clock_victim,
