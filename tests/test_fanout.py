@@ -347,6 +347,7 @@ def test_a_stream_sleeps_until_something_changes_and_wakes_at_once_when_it_must_
         fan.publish()
         await asyncio.wait_for(waiting, 1)
         await asyncio.wait_for(waiting_mine, 1)
+        await asyncio.wait_for(mine.wait(), 1)  # not taken yet: a handler asking again goes on at once
         assert len(_updates(fan.take(every))) == 4
         # A subscriber cut off (or closed) returns from wait() and pause() at once, however long
         # the stream's interval: its handler must end the stream now.
@@ -362,6 +363,9 @@ def test_a_stream_sleeps_until_something_changes_and_wakes_at_once_when_it_must_
         await asyncio.wait_for(pausing, 1)
         assert resting.closed == "shutting down"
         await asyncio.wait_for(resting.wait(), 1)
+        late = fan.subscribe_requests(RequestQuery())  # a stream opened during shutdown ends at once
+        await asyncio.wait_for(late.pause(3600), 1)
+        await asyncio.wait_for(late.wait(), 1)
 
     run(main())
 
@@ -488,13 +492,19 @@ def test_a_first_batch_waits_for_the_loop_time_budget():
     run(main())
 
 
-def test_a_subscriber_is_cut_off_only_when_it_missed_a_change_not_at_the_edge_of_the_log():
+@pytest.mark.parametrize("after_a_departure", [False, True])
+def test_a_subscriber_is_cut_off_only_when_it_missed_a_change_not_at_the_edge_of_the_log(
+    after_a_departure: bool,
+):
     async def main() -> None:
         sim = _engine()  # 20 requests: every publish logs 20 ids
         fan = FanOut(sim.ledger, FanOutLimits(max_log_entries=40))
-        gone = fan.subscribe_requests(RequestQuery())
-        fan.publish()
-        fan.unsubscribe(gone)  # the log starts over
+        if after_a_departure:
+            gone = fan.subscribe_requests(RequestQuery())
+            fan.publish()
+            fan.unsubscribe(gone)  # the log starts over
+        else:
+            fan.publish()  # the arrivals, before anyone subscribed
         slow = fan.subscribe_requests(RequestQuery())
         edge = fan.subscribe_requests(RequestQuery())
         for _ in range(2):
@@ -597,6 +607,8 @@ def test_interference_streams_get_the_storms_their_filter_asks_for():
             "stall 1 s": InterferenceFilter(min_stall_ns=1_000_000_000),
             "stall 0.2 s": InterferenceFilter(min_stall_ns=200 * MS),
             "stall 100 s": InterferenceFilter(min_stall_ns=100_000_000_000),
+            # Only the storm's total (14 s) reaches 13 s: the stream sees its end alone.
+            "stall 13 s": InterferenceFilter(min_stall_ns=13_000_000_000),
         }
         streams = {name: fan.subscribe_interference(f) for name, f in subs.items()}
         _storm(fan, sim)
@@ -610,6 +622,7 @@ def test_interference_streams_get_the_storms_their_filter_asks_for():
         assert got["engine"] == whole and got["shard 1"] == whole and got["stall 0.2 s"] == whole
         assert got["engine before"] == got["engine after"] == got["shard 0"] == got["stall 100 s"] == []
         assert got["stall 1 s"] == whole[1:]
+        assert got["stall 13 s"] == whole[2:]
         assert not any(sub._following for sub in streams.values())  # an ended storm is forgotten
 
     run(main())
