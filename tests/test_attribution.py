@@ -20,107 +20,6 @@ from enginetime.sidecar.ledger.ledger import LedgerConfig
 from enginetime.sidecar.ledger.views import InterferencePhase, RequestQuery, RequestState, RequestView
 
 
-@dataclass
-class _Req:
-    rid: str
-    handle: int
-    prompt: int
-    done: int = 0
-    ctx: int = 0
-    out: int = field(default=0)
-
-
-def _random_run(sim: Sim, steps: int, rng: np.random.Generator, lockstep: bool) -> int:
-    """Random traffic; returns how many times conservation was checked (quiescent points)."""
-    live: list[dict[int, _Req]] = [{} for _ in range(sim.shards)]
-    next_handle = [0] * sim.shards
-    checks = 0
-    n_rounds = steps // sim.shards if lockstep else steps
-    for i in range(n_rounds):
-        batches: dict[int, list[Entry]] = {}
-        shards = range(sim.shards) if lockstep else [int(rng.integers(sim.shards))]
-        for k in shards:
-            for _ in range(int(rng.poisson(0.6))):
-                h = next_handle[k]
-                next_handle[k] += 1
-                r = _Req(f"{sim.engine}-{k}-{h}", h, int(rng.integers(1, 2000)))
-                live[k][h] = r
-                sim.arrive(k, h, r.rid, prompt_tokens=r.prompt)
-            entries: list[Entry] = []
-            for r in list(live[k].values()):
-                if rng.random() < 0.15:
-                    continue  # not scheduled this step: an excluded-step victim if running
-                if r.done < r.prompt:
-                    p = min(r.prompt - r.done, int(rng.integers(1, 700)))
-                    entries.append((r.handle, p, 0, r.ctx))
-                    r.done += p
-                    r.ctx += p
-                else:
-                    entries.append((r.handle, 0, 1, r.ctx))
-                    r.ctx += 1
-                    r.out += 1
-            if rng.random() < 0.03:
-                entries = []  # IDLE step
-            batches[k] = entries
-        d = int(rng.integers(1, 60) * MS // 3 + rng.integers(0, 1000))
-        if lockstep:
-            skip = (int(rng.integers(sim.shards)),) if rng.random() < 0.03 else ()
-            peers = (
-                [sum(e[1] + e[2] for e in batches[k]) for k in range(sim.shards)]
-                if rng.random() < 0.5
-                else None
-            )
-            sim.group(batches, d, gap=int(rng.integers(0, MS)), skip=skip, peer_tokens=peers)
-            if skip and rng.random() < 0.5:
-                sim.now += 300 * MS
-                sim.ledger.tick()
-        else:
-            ((k, entries),) = batches.items()
-            sim.step(k, entries, d, gap=int(rng.integers(0, MS)))
-        for k in shards:
-            for h, r in list(live[k].items()):
-                if r.out >= 1 and rng.random() < 0.05:
-                    sim.event(k, h, EventKind.FINISHED if rng.random() < 0.9 else EventKind.ABORTED)
-                    del live[k][h]
-                elif rng.random() < 0.005:
-                    sim.event(k, h, EventKind.PREEMPTED)
-                    sim.event(k, h, EventKind.RESUMED, t=sim.now + 1)
-        eng = sim.ledger._engines[sim.engine]
-        if not eng.join.pending:
-            checks += 1
-            assert charged_ns(sim.ledger) == pytest.approx(sim.fed_ns, rel=1e-3, abs=1.0)
-        if i % 250 == 0:
-            for v in sim.ledger.query(
-                RequestQuery(states=frozenset({RequestState.RUNNING, RequestState.QUEUED}))
-            ):
-                assert_identity(v)
-    sim.ledger.flush()
-    return checks
-
-
-@pytest.mark.parametrize("coupling", [Coupling.INDEPENDENT, Coupling.LOCKSTEP])
-def test_shares_of_every_step_sum_to_its_device_time(coupling):
-    rng = np.random.default_rng(42 if coupling == Coupling.LOCKSTEP else 7)
-    sim = Sim(
-        shards=4 if coupling == Coupling.LOCKSTEP else 2,
-        coupling=coupling,
-        config=LedgerConfig(refit_every=16),
-    )
-    checks = _random_run(sim, 5000, rng, lockstep=coupling == Coupling.LOCKSTEP)
-    assert checks > 500
-    led = sim.ledger
-    assert led.counters.steps == pytest.approx(5000, abs=60)  # LOCKSTEP skips a few steps on purpose
-    # Public figures agree: Σ gpu_time + unattributed + imbalance = Σ device time (≤ 0.1 %).
-    views = led.query(RequestQuery())
-    total = sum(v.gpu_time_ns for v in views) + sum(s.unattributed_ns + s.imbalance_ns for s in led.shards())
-    assert abs(total - sim.fed_ns) <= 1e-3 * sim.fed_ns
-    assert led.counters.model_fits > 0
-    for v in views:
-        assert_identity(v)
-    if coupling == Coupling.LOCKSTEP:
-        assert led.counters.lockstep_groups > 1000
-
-
 def test_wall_identity_other_is_exactly_the_gaps():
     """queue, engine_time, interference and other add up to wall, and other is what no step explains."""
     sim = Sim()
@@ -750,3 +649,107 @@ def test_a_straggler_shard_is_slowdown_not_the_victims_engine_time(factor: float
     led, views, _ = _replayed(eng)
     _check_against_truth(eng, led, views, tol)
     assert all(s.slowdown > 1.1 for s in led.shards(eng.engine_id))
+
+
+# ======================================================================================
+# conservation over random traffic (last: the slowest tests of the module)
+# ======================================================================================
+@dataclass
+class _Req:
+    rid: str
+    handle: int
+    prompt: int
+    done: int = 0
+    ctx: int = 0
+    out: int = field(default=0)
+
+
+def _random_run(sim: Sim, steps: int, rng: np.random.Generator, lockstep: bool) -> int:
+    """Random traffic; returns how many times conservation was checked (quiescent points)."""
+    live: list[dict[int, _Req]] = [{} for _ in range(sim.shards)]
+    next_handle = [0] * sim.shards
+    checks = 0
+    n_rounds = steps // sim.shards if lockstep else steps
+    for i in range(n_rounds):
+        batches: dict[int, list[Entry]] = {}
+        shards = range(sim.shards) if lockstep else [int(rng.integers(sim.shards))]
+        for k in shards:
+            for _ in range(int(rng.poisson(0.6))):
+                h = next_handle[k]
+                next_handle[k] += 1
+                r = _Req(f"{sim.engine}-{k}-{h}", h, int(rng.integers(1, 2000)))
+                live[k][h] = r
+                sim.arrive(k, h, r.rid, prompt_tokens=r.prompt)
+            entries: list[Entry] = []
+            for r in list(live[k].values()):
+                if rng.random() < 0.15:
+                    continue  # not scheduled this step: an excluded-step victim if running
+                if r.done < r.prompt:
+                    p = min(r.prompt - r.done, int(rng.integers(1, 700)))
+                    entries.append((r.handle, p, 0, r.ctx))
+                    r.done += p
+                    r.ctx += p
+                else:
+                    entries.append((r.handle, 0, 1, r.ctx))
+                    r.ctx += 1
+                    r.out += 1
+            if rng.random() < 0.03:
+                entries = []  # IDLE step
+            batches[k] = entries
+        d = int(rng.integers(1, 60) * MS // 3 + rng.integers(0, 1000))
+        if lockstep:
+            skip = (int(rng.integers(sim.shards)),) if rng.random() < 0.03 else ()
+            peers = (
+                [sum(e[1] + e[2] for e in batches[k]) for k in range(sim.shards)]
+                if rng.random() < 0.5
+                else None
+            )
+            sim.group(batches, d, gap=int(rng.integers(0, MS)), skip=skip, peer_tokens=peers)
+            if skip and rng.random() < 0.5:
+                sim.now += 300 * MS
+                sim.ledger.tick()
+        else:
+            ((k, entries),) = batches.items()
+            sim.step(k, entries, d, gap=int(rng.integers(0, MS)))
+        for k in shards:
+            for h, r in list(live[k].items()):
+                if r.out >= 1 and rng.random() < 0.05:
+                    sim.event(k, h, EventKind.FINISHED if rng.random() < 0.9 else EventKind.ABORTED)
+                    del live[k][h]
+                elif rng.random() < 0.005:
+                    sim.event(k, h, EventKind.PREEMPTED)
+                    sim.event(k, h, EventKind.RESUMED, t=sim.now + 1)
+        eng = sim.ledger._engines[sim.engine]
+        if not eng.join.pending:
+            checks += 1
+            assert charged_ns(sim.ledger) == pytest.approx(sim.fed_ns, rel=1e-3, abs=1.0)
+        if i % 250 == 0:
+            for v in sim.ledger.query(
+                RequestQuery(states=frozenset({RequestState.RUNNING, RequestState.QUEUED}))
+            ):
+                assert_identity(v)
+    sim.ledger.flush()
+    return checks
+
+
+@pytest.mark.parametrize("coupling", [Coupling.INDEPENDENT, Coupling.LOCKSTEP])
+def test_shares_of_every_step_sum_to_its_device_time(coupling):
+    rng = np.random.default_rng(42 if coupling == Coupling.LOCKSTEP else 7)
+    sim = Sim(
+        shards=4 if coupling == Coupling.LOCKSTEP else 2,
+        coupling=coupling,
+        config=LedgerConfig(refit_every=16),
+    )
+    checks = _random_run(sim, 5000, rng, lockstep=coupling == Coupling.LOCKSTEP)
+    assert checks > 500
+    led = sim.ledger
+    assert led.counters.steps == pytest.approx(5000, abs=60)  # LOCKSTEP skips a few steps on purpose
+    # Public figures agree: Σ gpu_time + unattributed + imbalance = Σ device time (≤ 0.1 %).
+    views = led.query(RequestQuery())
+    total = sum(v.gpu_time_ns for v in views) + sum(s.unattributed_ns + s.imbalance_ns for s in led.shards())
+    assert abs(total - sim.fed_ns) <= 1e-3 * sim.fed_ns
+    assert led.counters.model_fits > 0
+    for v in views:
+        assert_identity(v)
+    if coupling == Coupling.LOCKSTEP:
+        assert led.counters.lockstep_groups > 1000
