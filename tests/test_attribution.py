@@ -20,6 +20,20 @@ from enginetime.sidecar.ledger.ledger import LedgerConfig
 from enginetime.sidecar.ledger.views import InterferencePhase, RequestQuery, RequestState, RequestView
 
 
+def test_an_engines_first_steps_are_billed_in_full_before_any_model_exists():
+    """Before the model has seen a step its costs are bare token counts (one decode token weighs
+    1): the step's device time is still every request's gpu_time, none of it lost."""
+    sim = Sim()
+    sim.arrive(0, 1, "A")
+    sim.step(0, [(1, 0, 1, 0)], 5 * MS)
+    a = sim.view("A")
+    assert a.gpu_time_ns == a.engine_time_ns == 5 * MS
+    sim.arrive(0, 2, "B")
+    sim.step(0, [(1, 0, 1, 1), (2, 1, 0, 0)], 4 * MS)
+    assert sim.view("A").gpu_time_ns + sim.view("B").gpu_time_ns == 9 * MS
+    assert sim.ledger.shards()[0].unattributed_ns == 0
+
+
 def test_wall_identity_other_is_exactly_the_gaps():
     """queue, engine_time, interference and other add up to wall, and other is what no step explains."""
     sim = Sim()
