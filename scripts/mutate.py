@@ -14,10 +14,11 @@ Equivalent mutants (a change that cannot alter behaviour) are marked in the sour
 ``# pragma: no mutate`` and a reason; cosmic-ray's pragma filter skips them.
 
 Run: ``make mutate`` or ``.venv/bin/python scripts/mutate.py [--module guard_core ...] [--keep DIR]``.
-It is CPU-heavy (each mutant is a pytest run: about one to two seconds on a free core, up to ten
-for attribution's tests on busy cores) and is not part of ``make test``. ``--sample N [--seed S]``
-runs a uniform random sample of N mutants per module (the same mutants for the same seed and an unchanged module)
-and prints the score with its 95 % binomial (Wilson) interval; without it every mutant runs.
+It is CPU-heavy (each mutant is a pytest run: about one to two seconds on a free core, up to
+fifteen for attribution's tests on busy cores) and is not part of ``make test``.
+``--sample N [--seed S]`` runs a uniform random sample of N mutants per module (the same mutants
+for the same seed and an unchanged module) and prints the score with its 95 % binomial (Wilson)
+interval; without it every mutant runs.
 """
 
 from __future__ import annotations
