@@ -283,6 +283,24 @@ def test_dead_lockstep_shard_does_not_stall_its_peers():
         assert_identity(sim.view(f"r{k}"))
 
 
+def test_a_lone_step_whose_silent_peer_was_critical_blames_that_peer():
+    """Two lockstep shards, one goes silent with a big batch: the other's step, attributed alone
+    after the wait, is not its requests' engine time beyond their own work; the wait names shard 1."""
+    sim = Sim(shards=2, coupling=Coupling.LOCKSTEP, config=LedgerConfig(lockstep_wait_s=0.2))
+    led = sim.ledger
+    for k in range(2):
+        sim.arrive(k, 0, f"r{k}")
+    batch = {k: [(0, 0, 1, 100)] for k in range(2)}
+    sim.group(batch, 5 * MS)
+    sim.group(batch, 50 * MS, skip=(1,), peer_tokens=[1, 4096])
+    led.tick(sim.now + 250 * MS)
+    r0 = sim.view("r0")
+    assert r0.steps == 2 and led.counters.lockstep_timeouts == 1
+    assert (r0.top_blame[0].request_id, r0.top_blame[0].shard) == ("", 1)
+    assert r0.top_blame[0].seconds_ns > 0
+    assert_identity(r0)
+
+
 def test_lockstep_model_fits_when_a_declared_shard_never_connects():
     sim = Sim(shards=3, coupling=Coupling.LOCKSTEP, num_shards=4)
     warm_model(sim, groups=80)
