@@ -262,6 +262,49 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
         "m <= 1",
         "a step or group has at least one shard",
     ),
+    (
+        "sidecar/ledger/attribution.py",
+        "if wait_total > 0.0:",
+        "wait_total >= 0.0",
+        "wait = d - w with w <= d: never negative; at 0 every term the branch adds is 0",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "if wait_total > 0.0:",
+        "wait_total != 0.0",
+        "wait = d - w with w <= d: never negative; at 0 every term the branch adds is 0",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "if wait_total > 0.0:",
+        "wait_total > -1.0",
+        "wait = d - w with w <= d: never negative; at 0 every term the branch adds is 0",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "critical < 0 and wait_total > 0.0,",
+        "wait_total >= 0.0",
+        "wait = d - w with w <= d: never negative; at 0 every term the branch adds is 0",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "critical < 0 and wait_total > 0.0,",
+        "wait_total != 0.0",
+        "wait = d - w with w <= d: never negative; at 0 every term the branch adds is 0",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "critical < 0 and wait_total > 0.0,",
+        "wait_total > -1.0",
+        "wait = d - w with w <= d: never negative; at 0 every term the branch adds is 0",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "n = np.maximum(batch.counts, 1).astype(np.float64)",
+        "",
+        "n is read only at seg (an entry's shard), never at an empty shard: 0 there only makes numpy "
+        "warn about the unused w / n of empty shards",
+    ),
     # sidecar/api/fanout.py
     (
         "sidecar/api/fanout.py",

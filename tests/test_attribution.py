@@ -16,6 +16,8 @@ from truth_sim import TruthEngine, rel, replay_into_ledger, straggler_engine, wa
 
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION, Coupling, EventKind
 from enginetime.sidecar.ingest.records import Beat, Event, Hello
+from enginetime.sidecar.ledger.attribution import Batch, Division, Prediction, divide, predict
+from enginetime.sidecar.ledger.costmodel import CostModel
 from enginetime.sidecar.ledger.ledger import LedgerConfig
 from enginetime.sidecar.ledger.views import InterferencePhase, RequestQuery, RequestState, RequestView
 
@@ -32,6 +34,62 @@ def test_an_engines_first_steps_are_billed_in_full_before_any_model_exists():
     sim.step(0, [(1, 0, 1, 1), (2, 1, 0, 0)], 4 * MS)
     assert sim.view("A").gpu_time_ns + sim.view("B").gpu_time_ns == 9 * MS
     assert sim.ledger.shards()[0].unattributed_ns == 0
+
+
+def test_zero_cost_entries_split_their_step_evenly():
+    """Entries the model prices at nothing (no tokens on a cold engine) still share their step."""
+    sim = Sim()
+    sim.arrive(0, 1, "A")
+    sim.arrive(0, 2, "B")
+    sim.step(0, [(1, 0, 0, 5), (2, 0, 0, 7)], 4 * MS)
+    assert sim.view("A").gpu_time_ns == sim.view("B").gpu_time_ns == 2 * MS
+
+
+def _divided(scale: float) -> tuple[Batch, Prediction, Division]:
+    """A lockstep group of four shards (a storm, decodes, a one-token prefill, an empty one)
+    divided with every time (the model's costs, the measured steps) in units of ``1 / scale`` ns."""
+    model = CostModel(64)
+    model.beta = np.array([2e6, 2e4, 1.0, 1.5e5, 20.0]) * scale  # ns: 2 ms fixed, 20 us/token, ...
+    shards = [
+        [(4096, 0, 0), (0, 1, 300), (0, 1, 900)],  # the storm's shard: a 4,096-token chunk
+        [(0, 1, 100), (0, 1, 2000), (0, 1, 50)],
+        [(0, 1, 400), (1, 0, 10)],  # a one-token prefill: well under a millisecond
+        [],  # nothing scheduled this step
+    ]
+    entries = [e for sh in shards for e in sh]
+    counts = np.array([len(sh) for sh in shards], dtype=np.int64)
+    u32 = np.uint32
+    top = 1.03 * (2e6 + 4096 * (2e4 + 0.5 * 4096) + 2 * 1.5e5 + 20 * 1200)  # the storm's step, 3 % slow
+    batch = Batch(
+        slots=np.arange(len(entries), dtype=np.int64),
+        p_raw=np.array([e[0] for e in entries], dtype=u32),
+        q_raw=np.array([e[1] for e in entries], dtype=u32),
+        c_raw=np.array([e[2] for e in entries], dtype=u32),
+        seg=np.repeat(np.arange(4), counts),
+        counts=counts,
+        d=np.full(4, top * scale),  # lockstep: every shard's step ends with the slowest
+        starts=np.zeros(4, dtype=np.int64),
+        ends=np.zeros(4, dtype=np.int64),
+    )
+    pred = predict(batch, model)
+    return batch, pred, divide(batch, pred, pred.critical)
+
+
+def test_division_is_the_same_in_any_time_unit():
+    """Attribution is arithmetic on durations: the same group measured in seconds instead of
+    nanoseconds divides the same way (no threshold hides in a unit), and conserves time."""
+    batch, pred, ns = _divided(1.0)
+    _, pred_s, sec = _divided(1e-9)
+    assert pred.critical == pred_s.critical == 0
+    for name in ("w", "wait", "engine", "interference", "gpu", "noise", "imbalance", "by"):
+        np.testing.assert_allclose(
+            getattr(sec, name), getattr(ns, name) * 1e-9, rtol=1e-9, atol=1e-12
+        )  # 1 ps
+    np.testing.assert_allclose(sec.pf_weight, ns.pf_weight, rtol=1e-12)
+    assert ns.pf_weight[-1] == 1.0  # the one-token prefill takes all of its shard's charged wait
+    # Every shard's step is its requests' gpu time plus the wait charged to nobody.
+    assert ns.gpu.sum() + ns.imbalance.sum() == pytest.approx(batch.d.sum(), rel=1e-9)
+    assert ns.engine[0] == pytest.approx(batch.d[0], rel=1e-9)  # the storm waited for nobody
 
 
 def test_wall_identity_other_is_exactly_the_gaps():
