@@ -305,6 +305,18 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
         "n is read only at seg (an entry's shard), never at an empty shard: 0 there only makes numpy "
         "warn about the unused w / n of empty shards",
     ),
+    (
+        "sidecar/ledger/attribution.py",
+        "if critical >= 0 and m == 1:",
+        "critical == 0",
+        "with one shard the critical position is 0 or -1",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "where=pred.pf_sum[seg] > 0.0)",
+        "!= 0.0",
+        "predicted costs are never negative (the fit is non-negative, token counts too)",
+    ),
     # sidecar/api/fanout.py
     (
         "sidecar/api/fanout.py",

@@ -42,14 +42,19 @@ def test_zero_cost_entries_split_their_step_evenly():
     sim.arrive(0, 1, "A")
     sim.arrive(0, 2, "B")
     sim.step(0, [(1, 0, 0, 5), (2, 0, 0, 7)], 4 * MS)
-    assert sim.view("A").gpu_time_ns == sim.view("B").gpu_time_ns == 2 * MS
+    a, b = sim.view("A"), sim.view("B")
+    assert a.gpu_time_ns == b.gpu_time_ns == 2 * MS
+    assert a.engine_time_ns == b.engine_time_ns == 4 * MS  # nobody else's work in it: all engine time
+    assert_identity(a)
 
 
-def _divided(scale: float) -> tuple[Batch, Prediction, Division]:
+def _divided(scale: float, calibrated: bool = True) -> tuple[Batch, Prediction, Division]:
     """A lockstep group of four shards (a storm, decodes, a one-token prefill, an empty one)
-    divided with every time (the model's costs, the measured steps) in units of ``1 / scale`` ns."""
+    divided with every time (the model's costs, the measured steps) in units of ``1 / scale`` ns;
+    ``calibrated=False``: before the model saw any step (costs are bare token counts)."""
     model = CostModel(64)
-    model.beta = np.array([2e6, 2e4, 1.0, 1.5e5, 20.0]) * scale  # ns: 2 ms fixed, 20 us/token, ...
+    if calibrated:
+        model.beta = np.array([2e6, 2e4, 1.0, 1.5e5, 20.0]) * scale  # ns: 2 ms fixed, 20 us/token, ...
     shards = [
         [(4096, 0, 0), (0, 1, 300), (0, 1, 900)],  # the storm's shard: a 4,096-token chunk
         [(0, 1, 100), (0, 1, 2000), (0, 1, 50)],
@@ -75,11 +80,12 @@ def _divided(scale: float) -> tuple[Batch, Prediction, Division]:
     return batch, pred, divide(batch, pred, pred.critical)
 
 
-def test_division_is_the_same_in_any_time_unit():
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_division_is_the_same_in_any_time_unit(calibrated: bool):
     """Attribution is arithmetic on durations: the same group measured in seconds instead of
     nanoseconds divides the same way (no threshold hides in a unit), and conserves time."""
-    batch, pred, ns = _divided(1.0)
-    _, pred_s, sec = _divided(1e-9)
+    batch, pred, ns = _divided(1.0, calibrated)
+    _, pred_s, sec = _divided(1e-9, calibrated)
     assert pred.critical == pred_s.critical == 0
     for name in ("w", "wait", "engine", "interference", "gpu", "noise", "imbalance", "by"):
         np.testing.assert_allclose(
@@ -87,6 +93,7 @@ def test_division_is_the_same_in_any_time_unit():
         )  # 1 ps
     np.testing.assert_allclose(sec.pf_weight, ns.pf_weight, rtol=1e-12)
     assert ns.pf_weight[-1] == 1.0  # the one-token prefill takes all of its shard's charged wait
+    assert np.isfinite(ns.engine).all() and np.isfinite(ns.gpu).all()
     # Every shard's step is its requests' gpu time plus the wait charged to nobody.
     assert ns.gpu.sum() + ns.imbalance.sum() == pytest.approx(batch.d.sum(), rel=1e-9)
     assert ns.engine[0] == pytest.approx(batch.d[0], rel=1e-9)  # the storm waited for nobody
