@@ -53,8 +53,17 @@ TARGETS: dict[str, Target] = {
     "guard_core": Target("clients/_guard_core.py", ("tests/test_guard_core.py",)),
     "frames": Target("sidecar/ingest/frames.py", ("tests/test_sidecar_frames.py",)),
     "attribution": Target("sidecar/ledger/attribution.py", ("tests/test_attribution.py",)),
+    # The cost model's own tests, then what users read from it: attribution against truth_sim's
+    # known costs (storms, step jitter, a straggler), in-process.
     "costmodel": Target(
-        "sidecar/ledger/costmodel.py", ("tests/test_costmodel.py", "tests/test_attribution.py")
+        "sidecar/ledger/costmodel.py",
+        (
+            "tests/test_costmodel.py",
+            "tests/test_attribution.py::test_lockstep_storms_engine_time_and_blame_match_the_truth",
+            "tests/test_attribution.py::test_independent_storm_engine_time_and_blame_match_the_truth",
+            "tests/test_attribution.py::test_step_jitter_on_tied_lockstep_shards_is_billed_to_nobody",
+            "tests/test_attribution.py::test_a_straggler_shard_is_slowdown_not_the_victims_engine_time",
+        ),
     ),
     "fanout": Target("sidecar/api/fanout.py", ("tests/test_fanout.py",)),
 }
