@@ -326,6 +326,12 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
         "!= 0.0",
         "predicted costs are never negative (the fit is non-negative, token counts too)",
     ),
+    (
+        "sidecar/ledger/attribution.py",
+        "nonempty = batch.counts > 0",
+        "!= 0",
+        "entry counts are never negative",
+    ),
     # sidecar/api/fanout.py
     (
         "sidecar/api/fanout.py",
