@@ -332,6 +332,56 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
         "!= 0",
         "entry counts are never negative",
     ),
+    (
+        "sidecar/ledger/attribution.py",
+        "if critical >= 0 and m == 1:",
+        "m < 1",
+        "for one step with a critical shard the layered branch computes the same (no peer: by = 0, "
+        "noise = imbalance = wait); with none, neither branch runs either way",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "by = np.zeros((1, 1))",
+        "",
+        "a lone step with a critical shard is its own top (w = d): it waits for nobody, and a wait of "
+        "0 leaves by unread",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "explained = np.where(top_set, 0.0,",
+        "np.where(top_set, 1.0,",
+        "shards in the top set have gap 0, where the divide's where= drops their explained wait",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "explained = np.where(top_set, 0.0,",
+        "np.where(top_set, -1.0,",
+        "shards in the top set have gap 0, where the divide's where= drops their explained wait",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "explained = np.where(top_set, 0.0,",
+        "np.where(top_set, - 1.0,",
+        "shards in the top set have gap 0, where the divide's where= drops their explained wait",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "explained = np.where(top_set, 0.0,",
+        "np.where(top_set, +1.0,",
+        "shards in the top set have gap 0, where the divide's where= drops their explained wait",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "explained = np.where(top_set, 0.0,",
+        "np.where(top_set,  1.0,",
+        "shards in the top set have gap 0, where the divide's where= drops their explained wait",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "where=big_p > 0.0)",
+        "!= 0.0",
+        "predicted durations are never negative",
+    ),
     # sidecar/api/fanout.py
     (
         "sidecar/api/fanout.py",
