@@ -382,6 +382,20 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
         "!= 0.0",
         "predicted durations are never negative",
     ),
+    (
+        "sidecar/ledger/attribution.py",
+        "if critical >= 0 and m == 1:",
+        "critical >= 1",
+        "with one shard the critical position is 0 or -1; 0 then takes the layered branch, which "
+        "computes the same for a lone step",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "    critical = -1",
+        "",
+        "'no critical shard' is read only as critical < 0: any negative value does",
+    ),
+    ("sidecar/ledger/attribution.py", "@dataclass(slots=True)", "slots=False", "memory layout only"),
     # sidecar/api/fanout.py
     (
         "sidecar/api/fanout.py",

@@ -99,6 +99,27 @@ def test_division_is_the_same_in_any_time_unit(calibrated: bool):
     assert ns.engine[0] == pytest.approx(batch.d[0], rel=1e-9)  # the storm waited for nobody
 
 
+def test_the_critical_shard_is_the_one_predicted_slowest_not_the_one_with_most_tokens():
+    """Forty decodes over 100k-token contexts outweigh a 200-token prefill on a warm model (the
+    other shard waited for them, not for the prefill); a cold model can only go by tokens."""
+    u32 = np.uint32
+    batch = Batch(
+        slots=np.arange(41, dtype=np.int64),
+        p_raw=np.array([0] * 40 + [200], dtype=u32),
+        q_raw=np.array([1] * 40 + [0], dtype=u32),
+        c_raw=np.array([100_000] * 40 + [0], dtype=u32),
+        seg=np.array([0] * 40 + [1]),
+        counts=np.array([40, 1], dtype=np.int64),
+        d=np.full(2, 100e6),
+        starts=np.zeros(2, dtype=np.int64),
+        ends=np.zeros(2, dtype=np.int64),
+    )
+    warm = CostModel(64)
+    warm.beta = np.array([2e6, 2e4, 1.0, 1.5e5, 20.0])
+    assert predict(batch, warm).critical == 0
+    assert predict(batch, CostModel(64)).critical == 1
+
+
 def test_wall_identity_other_is_exactly_the_gaps():
     """queue, engine_time, interference and other add up to wall, and other is what no step explains."""
     sim = Sim()
