@@ -667,7 +667,7 @@ def run_target(
 
 
 def recheck_target(name: str, target: Target, tree: Path, env: dict[str, str], python: str) -> dict:
-    """Forget the survivors' results and let cosmic-ray run them (only them) again."""
+    """Forget the results of the survivors not explained as equivalent and run them (only them) again."""
     work = tree / ".mutate"
     config, session = work / f"{name}.toml", work / f"{name}.sqlite"
     db = sqlite3.connect(session)
@@ -679,7 +679,13 @@ def recheck_target(name: str, target: Target, tree: Path, env: dict[str, str], p
         "FROM work_items WHERE job_id NOT IN (SELECT job_id FROM work_results)",
         (parked,),
     )
-    db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+    # Survivors explained as equivalent stay as they are: only the others can have been killed since.
+    real = [
+        (job,)
+        for job, diff in db.execute("SELECT job_id, diff FROM work_results WHERE test_outcome = 'SURVIVED'")
+        if not equivalent_reason(target.path, diff or "")
+    ]
+    db.executemany("DELETE FROM work_results WHERE job_id = ?", real)
     db.commit()
     t0 = time.monotonic()
     cmd = [python, "-m", "cosmic_ray.cli", "exec", str(config), str(session)]
@@ -749,7 +755,7 @@ def main() -> int:
         "--recheck",
         action="store_true",
         help="with --keep DIR of an earlier run: refresh the tests in the copy and re-run only its "
-        "survivors (the mutated modules must be unchanged since)",
+        "survivors not explained as equivalent (the mutated modules must be unchanged since)",
     )
     ap.add_argument(
         "--sample",
