@@ -396,6 +396,49 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
         "'no critical shard' is read only as critical < 0: any negative value does",
     ),
     ("sidecar/ledger/attribution.py", "@dataclass(slots=True)", "slots=False", "memory layout only"),
+    # sidecar/ledger/costmodel.py
+    (
+        "sidecar/ledger/costmodel.py",
+        "if len(r) >= SLOWDOWN_WINDOW // 2:",
+        "SLOWDOWN_WINDOW / 2",
+        "16 // 2 == 16 / 2",
+    ),
+    (
+        "sidecar/ledger/costmodel.py",
+        "alpha = float(np.min(ratios)) if ratios.size else 0.0",
+        "",
+        "ratios is never empty here: this branch runs only when some free s is <= 0 (blocking)",
+    ),
+    (
+        "sidecar/ledger/costmodel.py",
+        "cdf = np.cumsum(phi) * dx",
+        "/ dx",
+        "a constant factor on the cdf only scales the pdf, which is normalised on the next lines",
+    ),
+    (
+        "sidecar/ledger/costmodel.py",
+        "dec = np.where(p > 0.0, 0.0, q)",
+        "p != 0.0",
+        "token counts are never negative",
+    ),
+    (
+        "sidecar/ledger/costmodel.py",
+        "while iters < limit:",
+        "iters != limit",
+        "iters grows by one and only while below limit: it never passes it",
+    ),
+    (
+        "sidecar/ledger/costmodel.py",
+        "if beta[1] <= 0.0:",
+        "beta[1] == 0.0",
+        "the fit is non-negative: <= 0 is == 0",
+    ),
+    (
+        "sidecar/ledger/costmodel.py",
+        "if beta[3] <= 0.0:",
+        "beta[3] == 0.0",
+        "the fit is non-negative: <= 0 is == 0",
+    ),
     # sidecar/api/fanout.py
     (
         "sidecar/api/fanout.py",

@@ -179,3 +179,75 @@ def test_model_window_is_a_ring_and_tracks_a_drift():
 def test_model_rejects_tiny_window():
     with pytest.raises(ValueError, match="window"):
         CostModel(window=4)
+
+
+def test_nnls_matches_brute_force_when_features_are_correlated():
+    """Correlated features (as Σp and Σp·c are) make a newly freed variable push another below zero:
+    the solver must step back to the boundary and still find the exact constrained minimum."""
+    rng = np.random.default_rng(8)
+    stepped_back = 0
+    for _ in range(200):
+        base = rng.standard_normal((30, 2))
+        m = base @ rng.standard_normal((2, 5)) + 0.3 * rng.standard_normal((30, 5))
+        y = rng.standard_normal(30) * 3
+        a = m.T @ m + 1e-6 * np.eye(5)
+        b = m.T @ y
+        got = nnls_normal(a, b)
+        np.testing.assert_allclose(got, brute_force_nnls(a, b), rtol=1e-6, atol=1e-9)
+        free = np.flatnonzero(got > 0)
+        unconstrained = np.linalg.solve(a, b)
+        stepped_back += bool((unconstrained < 0).any() and free.size > 1)
+    assert stepped_back > 20  # the problems do exercise the constrained path
+
+
+def _decode_steps(model: CostModel, sizes: list[int], ctx: float = 100.0) -> None:
+    for n in sizes:
+        x = step_features(np.zeros(n), np.ones(n), np.full(n, ctx))
+        model.observe(x, float(TRUE_BETA @ x))
+
+
+def test_a_cold_model_learns_the_fixed_cost_from_decode_steps_and_prices_unseen_prefill_like_decode():
+    """Before the full fit, decode-only steps of different sizes teach the fixed per-step cost
+    (victims' small steps are not predicted too cheap), and a prefill never seen costs what a
+    decode token costs, never nothing and not the blended rate."""
+    model = CostModel(window=256, refit_every=32)
+    _decode_steps(model, [8, 8, 8])  # one size only: nothing to learn a fixed cost from yet
+    assert model.cold_beta is None
+    _decode_steps(model, [16, 4, 12])
+    assert not model.fitted and model.cold_beta is not None
+    per_decode = TRUE_BETA[3] + TRUE_BETA[4] * 100.0
+    assert model.cold_beta[0] == pytest.approx(TRUE_BETA[0], rel=1e-3)
+    assert model.cold_beta[3] == pytest.approx(per_decode, rel=1e-3)
+    assert model.prefill_cost(512.0, 0.0) == pytest.approx(512 * per_decode, rel=1e-3)
+    # A prefill step seen: its per-token cost is learnt, not borrowed from decode.
+    for n, p in ((4, 256), (8, 512), (2, 128)):
+        x = step_features(np.r_[np.zeros(n), [p]], np.r_[np.ones(n), [0]], np.r_[np.full(n, 100.0), [0]])
+        model.observe(x, float(TRUE_BETA[[0, 1, 3, 4]] @ x[[0, 1, 3, 4]]))
+    assert not model.fitted
+    assert model.prefill_cost(512.0, 0.0) == pytest.approx(512 * TRUE_BETA[1], rel=0.02)
+
+
+def test_the_model_refits_once_per_refit_period():
+    """Fitting costs CPU on the ledger's path: once per ``refit_every`` observations, not more."""
+    rng = np.random.default_rng(6)
+    model = CostModel(window=512, refit_every=32)
+    for _ in range(320):
+        xx = step_features(*random_batch(rng))
+        model.observe(xx, float(TRUE_BETA @ xx))
+    assert model.fitted and model.fits == 10
+
+
+def test_a_few_wild_observations_do_not_move_the_fit():
+    """A handful of mis-attributed steps (a small batch paired with another shard's long step)
+    are left out of the fit instead of dragging it: predictions stay within 2 %."""
+    rng = np.random.default_rng(9)
+    xs = np.array([step_features(*random_batch(rng)) for _ in range(400)])
+    ys = xs @ TRUE_BETA
+    wild = rng.choice(400, 12, replace=False)
+    ys[wild] *= 8.0
+    model = CostModel(window=512, refit_every=400)
+    for x, y in zip(xs, ys, strict=True):
+        model.observe(x, float(y))
+    assert model.refit()  # on the whole window
+    held_out = np.array([step_features(*random_batch(rng)) for _ in range(100)])
+    np.testing.assert_allclose([model.predict(x) for x in held_out], held_out @ TRUE_BETA, rtol=0.02)
