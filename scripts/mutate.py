@@ -439,6 +439,49 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
         "beta[3] == 0.0",
         "the fit is non-negative: <= 0 is == 0",
     ),
+    (
+        "sidecar/ledger/costmodel.py",
+        "limit = max_iter if max_iter is not None else 6 * n + 10",
+        "",
+        "a safety cap: Lawson-Hanson on 5 variables converges in a handful of iterations, far below 40",
+    ),
+    (
+        "sidecar/ledger/costmodel.py",
+        "while iters < limit:",
+        "iters <= limit",
+        "a safety cap: Lawson-Hanson on 5 variables converges in a handful of iterations, far below 40",
+    ),
+    (
+        "sidecar/ledger/costmodel.py",
+        "a[~live, ~live] = 1.0",
+        "",
+        "a dead column's row is pinned with b = 0: any positive diagonal gives x = 0",
+    ),
+    (
+        "sidecar/ledger/costmodel.py",
+        "self.refit_every = max(1, int(refit_every))",
+        "max( 0,",
+        "since_fit and since_cold are incremented before they are compared: >= 0 and >= 1 agree",
+    ),
+    (
+        "sidecar/ledger/costmodel.py",
+        "COLD_MIN_OBSERVATIONS = 2",
+        "= 1",
+        "one observation has no spread: _cold_fit returns before fitting",
+    ),
+    (
+        "sidecar/ledger/costmodel.py",
+        "phi = np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)",
+        "* np.sqrt",
+        "a constant factor on phi scales the pdf, which is normalised right after",
+    ),
+    (
+        "sidecar/ledger/costmodel.py",
+        "y_scale = float(np.sqrt(np.mean(y * y))) or 1.0",
+        "or 0.0",
+        "only when y is all zero: y / 0 is NaN, NaN > tol is False, so the solver leaves beta = 0 as "
+        "with a scale of 1 (test_all_zero_durations_fit_zero_costs)",
+    ),
     # sidecar/api/fanout.py
     (
         "sidecar/api/fanout.py",

@@ -251,3 +251,55 @@ def test_a_few_wild_observations_do_not_move_the_fit():
     assert model.refit()  # on the whole window
     held_out = np.array([step_features(*random_batch(rng)) for _ in range(100)])
     np.testing.assert_allclose([model.predict(x) for x in held_out], held_out @ TRUE_BETA, rtol=0.02)
+
+
+def test_scalar_prefill_cost_is_the_entry_costs_prefill_part():
+    """Advise prices a prefill with ``prefill_cost``: the same figure the ledger's entry costs give."""
+    rng = np.random.default_rng(10)
+    model = CostModel(window=256, refit_every=16)
+    for _ in range(64):
+        xx = step_features(*random_batch(rng))
+        model.observe(xx, float(TRUE_BETA @ xx))
+    assert model.fitted
+    for p, c in ((512.0, 0.0), (100.0, 3000.0), (2048.0, 10000.0)):
+        pf, _, _ = model.entry_costs(np.array([p]), np.array([0.0]), np.array([c]))
+        assert model.prefill_cost(p, c) == pytest.approx(float(pf[0]), rel=1e-12)
+        assert model.prefill_cost(p, c) == pytest.approx(
+            p * TRUE_BETA[1] + p * (c + p / 2) * TRUE_BETA[2], rel=0.02
+        )
+
+
+def test_the_token_rate_is_over_the_window_once_it_wraps():
+    """The fallback rate is Σ duration / Σ tokens of the observations the window holds."""
+    model = CostModel(window=16, refit_every=1000)
+    sizes = [(n % 7) + 1 for n in range(40)]
+    ds = []
+    for i, n in enumerate(sizes):
+        x = step_features(np.r_[np.zeros(n), [8.0 * (i % 3)]], np.r_[np.ones(n), [0.0]], np.zeros(n + 1))
+        d = 1e6 + 5e4 * n + 7e3 * x[1]
+        ds.append((d, x[1] + x[3]))
+        model.observe(x, d)
+        assert model.observations == min(i + 1, 16)
+    held = ds[-16:]
+    assert model.rate == pytest.approx(sum(d for d, _ in held) / sum(t for _, t in held), rel=1e-12)
+
+
+def test_the_model_fits_once_batch_sizes_differ_in_prefill_alone():
+    """Every step decodes eight requests; only the prefill beside them varies: that is spread
+    enough to fit (the per-token costs differ by step)."""
+    model = CostModel(window=256, refit_every=8)
+    for i in range(40):
+        p = 64.0 * (i % 5)
+        x = step_features(
+            np.r_[np.zeros(8), [p]], np.r_[np.ones(8), [0.0]], np.r_[np.full(8, 200.0 + i), [0.0]]
+        )
+        model.observe(x, float(TRUE_BETA @ x))
+        if i == 2:
+            assert model.cold_beta is not None  # the reduced fit, from the third step on
+    assert model.fitted
+
+
+def test_all_zero_durations_fit_zero_costs():
+    xs = np.array([step_features(*random_batch(np.random.default_rng(i))) for i in range(40)])
+    beta = fit_nnls_ridge(xs, np.zeros(40))
+    assert np.isfinite(beta).all() and (beta == 0.0).all()
