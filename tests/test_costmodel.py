@@ -219,11 +219,13 @@ def test_a_cold_model_learns_the_fixed_cost_from_decode_steps_and_prices_unseen_
     assert model.cold_beta[0] == pytest.approx(TRUE_BETA[0], rel=1e-3)
     assert model.cold_beta[3] == pytest.approx(per_decode, rel=1e-3)
     assert model.prefill_cost(512.0, 0.0) == pytest.approx(512 * per_decode, rel=1e-3)
+    # However many decode-only steps of whatever sizes: no full fit without prefill to price.
+    _decode_steps(model, [(i % 9) + 1 for i in range(40)])
+    assert not model.fitted and model.cold_beta is not None
     # A prefill step seen: its per-token cost is learnt, not borrowed from decode.
     for n, p in ((4, 256), (8, 512), (2, 128)):
         x = step_features(np.r_[np.zeros(n), [p]], np.r_[np.ones(n), [0]], np.r_[np.full(n, 100.0), [0]])
         model.observe(x, float(TRUE_BETA[[0, 1, 3, 4]] @ x[[0, 1, 3, 4]]))
-    assert not model.fitted
     assert model.prefill_cost(512.0, 0.0) == pytest.approx(512 * TRUE_BETA[1], rel=0.02)
 
 
@@ -267,6 +269,10 @@ def test_scalar_prefill_cost_is_the_entry_costs_prefill_part():
         assert model.prefill_cost(p, c) == pytest.approx(
             p * TRUE_BETA[1] + p * (c + p / 2) * TRUE_BETA[2], rel=0.02
         )
+    assert model.prefill_cost(0.0, 500.0) == 0.0  # nothing to prefill costs nothing
+    # A one-token prefill (a chunk's remainder) is a prefill entry: no decode part.
+    pf, dc, _ = model.entry_costs(np.array([1.0]), np.array([1.0]), np.array([4000.0]))
+    assert dc[0] == 0.0 and pf[0] == pytest.approx(model.prefill_cost(1.0, 4000.0), rel=1e-12)
 
 
 def test_the_token_rate_is_over_the_window_once_it_wraps():
