@@ -696,3 +696,33 @@ def test_a_column_longer_than_the_handles_is_a_mismatch(longer: str) -> None:
 def test_encode_varint_is_the_protobuf_varint(value: int) -> None:
     assert encode_varint(value) == varint(value)
     assert pb.Heartbeat.FromString(_tag(2, 0) + encode_varint(value)).dropped_frames == value
+
+
+def test_decode_frame_parses_any_int32_as_protobuf_does() -> None:
+    """Enum and int32 fields keep their sign (a negative kind from a broken peer is seen as
+    negative and rejected as such, not as a 4-billion kind)."""
+    for value in (-1, -(2**31), 2**31 - 1, 7):
+        ev = pb.IngestFrame(request_event=pb.RequestEvent(handle=1, kind=value, time_ns=1, request_id="r"))
+        assert decode_frame(ev.SerializeToString()).kind == value
+        st = pb.IngestFrame(step=pb.StepRecord(seq=1, kind=value, timer_source=value))
+        got = decode_frame(st.SerializeToString())
+        assert (got.kind, got.timer_source) == (value, value)
+
+
+def test_a_text_field_over_the_limit_is_clipped_whichever_it_is() -> None:
+    from enginetime.sidecar.ingest.limits import clip_text
+
+    for name in ("request_id", "session_id", "traceparent", "finish_reason"):
+        decoder = FrameDecoder(max_text_bytes=256)
+        fields = {"request_id": "r", name: "x" * 300}
+        [_, ev] = decoder.feed(
+            _hello_frame() + frame(pb.IngestFrame(request_event=pb.RequestEvent(handle=1, kind=1, **fields)))
+        )
+        assert getattr(ev, name) == clip_text("x" * 300, 256), name
+        assert decoder.clipped == 1, name
+
+
+def test_an_error_with_no_good_frame_before_it_carries_an_empty_list() -> None:
+    """The ingest server ingests ``err.frames`` before closing: a list, empty when nothing was good."""
+    assert _error(_step_frame()).frames == []
+    assert _error(_hello_frame(), _step_frame(n=5)[:-2], finish=True).frames == []
