@@ -258,6 +258,27 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
         "number <= 2",
         "the chain took number 1 just before, and a field number is never 0 (rejected)",
     ),
+    ("sidecar/ingest/frames.py", "if number == 1:", "number <= 1", "a field number is never 0 (rejected)"),
+    (
+        "sidecar/ingest/frames.py",
+        "if pos < end else 0x80",
+        "else 127",
+        "at pos == end the fast path's own pos < end guard fails too: the general path reads (and "
+        "rejects) the missing byte either way",
+    ),
+    (
+        "sidecar/ingest/frames.py",
+        "if pos < end else 0x80",
+        "else 129",
+        "at pos == end the fast path's own pos < end guard fails too",
+    ),
+    (
+        "sidecar/ingest/frames.py",
+        "> quarter",
+        "!= quarter",
+        "a pre-check before clip_text, which leaves a value within the limit as it is: checking more "
+        "values changes nothing",
+    ),
     # sidecar/ledger/attribution.py
     (
         "sidecar/ledger/attribution.py",
