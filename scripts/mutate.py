@@ -279,6 +279,18 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
         "a pre-check before clip_text, which leaves a value within the limit as it is: checking more "
         "values changes nothing",
     ),
+    (
+        "sidecar/ingest/frames.py",
+        "        elif wt == 1:\n            pos += 8\n        elif wt == 2:",
+        "wt <= 2",
+        "in _skip_group: wire types 0 and 1 were taken just before",
+    ),
+    (
+        "sidecar/ingest/frames.py",
+        "if len(parts) == 1 and type(parts[0]) is tuple:",
+        "len(parts) == 0",
+        "a fast path: with it off, the general loop assembles the one packed span into the same array",
+    ),
     # sidecar/ledger/attribution.py
     (
         "sidecar/ledger/attribution.py",
@@ -626,7 +638,14 @@ def equivalent_reason(module: str, diff: str) -> str | None:
     for path, fragment, mutated, why in EQUIVALENT:
         # A fragment starting with "^" is the whole original line, indentation included (for a line
         # that occurs more than once with different meanings).
-        hit = old == fragment[1:] if fragment.startswith("^") else fragment in old
+        # With a newline, the fragment is the original lines up to and including the changed one (for
+        # a line whose meaning depends on the lines before it).
+        if "\n" in fragment:
+            lines = diff.splitlines()
+            orig = "\n".join(ln[1:] for ln in lines if ln[:1] in (" ", "-") and not ln.startswith("---"))
+            hit = fragment in orig and fragment.splitlines()[-1].strip() == old.strip()
+        else:
+            hit = old == fragment[1:] if fragment.startswith("^") else fragment in old
         if path == module and hit and mutated in new:
             return why
     return None
