@@ -229,14 +229,31 @@ def test_a_cold_model_learns_the_fixed_cost_from_decode_steps_and_prices_unseen_
     assert model.prefill_cost(512.0, 0.0) == pytest.approx(512 * TRUE_BETA[1], rel=0.02)
 
 
+def test_a_cold_model_prices_decode_from_steps_where_decode_is_visible_beside_prefill():
+    """Three steps, two of them mixed (a prefill beside enough decodes for them to show): the
+    reduced fit already tells a decode entry's cost from a prefill token's."""
+    model = CostModel(window=256, refit_every=32)
+    truth = TRUE_BETA[[0, 1, 3, 4]]
+    for n, p in ((4, 0.0), (4, 100.0), (8, 200.0)):
+        x = step_features(np.r_[np.zeros(n), [p]], np.r_[np.ones(n), [0.0]], np.r_[np.full(n, 100.0), [0.0]])
+        model.observe(x, float(truth @ x[[0, 1, 3, 4]]))
+    assert not model.fitted and model.cold_beta is not None
+    pf, dc, b0 = model.entry_costs(np.array([0.0, 64.0]), np.array([1.0, 0.0]), np.array([100.0, 0.0]))
+    assert dc[0] == pytest.approx(TRUE_BETA[3] + 100 * TRUE_BETA[4], rel=1e-3)
+    assert pf[1] == pytest.approx(64 * TRUE_BETA[1], rel=1e-3)
+    assert b0 == pytest.approx(TRUE_BETA[0], rel=1e-3)
+
+
 def test_the_model_refits_once_per_refit_period():
     """Fitting costs CPU on the ledger's path: once per ``refit_every`` observations, not more."""
     rng = np.random.default_rng(6)
     model = CostModel(window=512, refit_every=32)
-    for _ in range(320):
+    refits = 0
+    for _ in range(640):
         xx = step_features(*random_batch(rng))
-        model.observe(xx, float(TRUE_BETA @ xx))
-    assert model.fitted and model.fits == 10
+        refits += model.observe(xx, float(TRUE_BETA @ xx))  # True: this observation refitted
+    # The first fit as soon as 16 observations allow one, then every 32.
+    assert model.fitted and model.fits == refits == 1 + (640 - 16) // 32
 
 
 def test_a_few_wild_observations_do_not_move_the_fit():
@@ -288,6 +305,12 @@ def test_the_token_rate_is_over_the_window_once_it_wraps():
         assert model.observations == min(i + 1, 16)
     held = ds[-16:]
     assert model.rate == pytest.approx(sum(d for d, _ in held) / sum(t for _, t in held), rel=1e-12)
+    # Before any fit, entries cost the rate per token, prefill or decode.
+    first = CostModel(window=16)
+    first.observe(step_features(np.array([0.0, 30.0]), np.array([1.0, 0.0]), np.zeros(2)), 3.1e6)
+    pf, dc, b0 = first.entry_costs(np.array([40.0, 0.0]), np.array([0.0, 2.0]), np.zeros(2))
+    np.testing.assert_allclose(pf + dc, [40 * 1e5, 2 * 1e5])
+    assert b0 == 0.0
 
 
 def test_the_model_fits_once_batch_sizes_differ_in_prefill_alone():
