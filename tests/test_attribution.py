@@ -120,6 +120,27 @@ def test_the_critical_shard_is_the_one_predicted_slowest_not_the_one_with_most_t
     assert predict(batch, CostModel(64)).critical == 1
 
 
+def test_an_empty_shard_is_never_the_critical_one():
+    """Even when the other shard's entries weigh nothing yet (a cold model, no tokens), the shard
+    the group waited for is one that ran something, and the group's time is all accounted."""
+    u32 = np.uint32
+    batch = Batch(
+        slots=np.arange(2, dtype=np.int64),
+        p_raw=np.zeros(2, dtype=u32),
+        q_raw=np.zeros(2, dtype=u32),
+        c_raw=np.array([10, 20], dtype=u32),
+        seg=np.array([1, 1]),
+        counts=np.array([0, 2], dtype=np.int64),
+        d=np.full(2, 4e6),
+        starts=np.zeros(2, dtype=np.int64),
+        ends=np.zeros(2, dtype=np.int64),
+    )
+    pred = predict(batch, CostModel(64))
+    assert pred.critical == 1
+    div = divide(batch, pred, pred.critical)
+    assert div.gpu.sum() + div.imbalance.sum() == pytest.approx(batch.d.sum())
+
+
 def test_wall_identity_other_is_exactly_the_gaps():
     """queue, engine_time, interference and other add up to wall, and other is what no step explains."""
     sim = Sim()
