@@ -545,6 +545,24 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
         "!=",
         "max >= min: > and != agree",
     ),
+    (
+        "sidecar/ledger/attribution.py",
+        "if critical >= 0 and m == 1:",
+        "m == 0",
+        "a step or group has at least one shard: the layered branch then computes the same for a lone step",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "share = np.where(big_p[seg] > 0.0,",
+        "big_p[seg] != 0.0",
+        "predicted durations are never negative",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "np.clip(np.minimum(wait, gap), 0.0, None)",
+        "np.clip(np.minimum(wait, gap), -1.0, None)",
+        "wait >= 0, so min(wait, gap) < 0 only where gap < 0, and the divide's where= drops those",
+    ),
     # sidecar/api/fanout.py
     (
         "sidecar/api/fanout.py",
