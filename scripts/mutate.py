@@ -563,6 +563,42 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
         "np.clip(np.minimum(wait, gap), -1.0, None)",
         "wait >= 0, so min(wait, gap) < 0 only where gap < 0, and the divide's where= drops those",
     ),
+    (
+        "sidecar/ledger/attribution.py",
+        "where=gap > 0.0)[:, None]",
+        "gap != 0.0",
+        "where gap < 0 the explained wait is clipped to 0, and 0 / gap is the default 0",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "    critical = -1",
+        "critical = ~1",
+        "'no critical shard' is read only as critical < 0: any negative value does",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "np.where(nonempty, key, -1.0)",
+        "key, - 2.0",
+        "predicted durations and token counts are >= 0: any negative key keeps empty shards last",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "has_pf = pred.pf_sum > 0.0",
+        "!= 0.0",
+        "predicted costs are never negative",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "max(int(st.device_time_ns), 0)",
+        "max(int(st.device_time_ns), -1)",
+        "the ingest decoder rejects a negative device time (bad_value) before any step reaches here",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "big_p = np.where(nonempty, np.bincount(seg, weights=e, minlength=m) + beta0, 0.0)",
+        "beta0, 1.0)",
+        "an empty shard's big_p is never read: w, the top set and every entry-level figure mask it out",
+    ),
     # sidecar/api/fanout.py
     (
         "sidecar/api/fanout.py",

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 from simulator import BETA, MS, T0, Entry, Sim, assert_identity, charged_ns, new_ledger, true_cost, warm_model
-from truth_sim import TruthEngine, rel, replay_into_ledger, straggler_engine, warm_engine
+from truth_sim import TruthEngine, layered_wait_shares, rel, replay_into_ledger, straggler_engine, warm_engine
 
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION, Coupling, EventKind
 from enginetime.sidecar.ingest.records import Beat, Event, Hello
-from enginetime.sidecar.ledger.attribution import Batch, Division, Prediction, divide, predict
+from enginetime.sidecar.ledger.attribution import Batch, Division, Prediction, divide, layered_shares, predict
 from enginetime.sidecar.ledger.costmodel import CostModel
 from enginetime.sidecar.ledger.ledger import LedgerConfig
 from enginetime.sidecar.ledger.views import InterferencePhase, RequestQuery, RequestState, RequestView
@@ -49,7 +49,7 @@ def test_zero_cost_entries_split_their_step_evenly():
 
 
 def _divided(scale: float, calibrated: bool = True) -> tuple[Batch, Prediction, Division]:
-    """A lockstep group of four shards (a storm, decodes, a one-token prefill, an empty one)
+    """A lockstep group of five shards (a storm, decodes, a one-token prefill, an empty one, a lone decode)
     divided with every time (the model's costs, the measured steps) in units of ``1 / scale`` ns;
     ``calibrated=False``: before the model saw any step (costs are bare token counts)."""
     model = CostModel(64)
@@ -60,9 +60,11 @@ def _divided(scale: float, calibrated: bool = True) -> tuple[Batch, Prediction, 
         [(0, 1, 100), (0, 1, 2000), (0, 1, 50)],
         [(0, 1, 400), (1, 0, 10)],  # a one-token prefill: well under a millisecond
         [],  # nothing scheduled this step
+        [(0, 1, 50)],  # a lone decode: it carries the whole fixed cost of its step
     ]
     entries = [e for sh in shards for e in sh]
     counts = np.array([len(sh) for sh in shards], dtype=np.int64)
+    m = len(shards)
     u32 = np.uint32
     top = 1.03 * (2e6 + 4096 * (2e4 + 0.5 * 4096) + 2 * 1.5e5 + 20 * 1200)  # the storm's step, 3 % slow
     batch = Batch(
@@ -70,11 +72,11 @@ def _divided(scale: float, calibrated: bool = True) -> tuple[Batch, Prediction, 
         p_raw=np.array([e[0] for e in entries], dtype=u32),
         q_raw=np.array([e[1] for e in entries], dtype=u32),
         c_raw=np.array([e[2] for e in entries], dtype=u32),
-        seg=np.repeat(np.arange(4), counts),
+        seg=np.repeat(np.arange(m), counts),
         counts=counts,
-        d=np.full(4, top * scale),  # lockstep: every shard's step ends with the slowest
-        starts=np.zeros(4, dtype=np.int64),
-        ends=np.zeros(4, dtype=np.int64),
+        d=np.full(m, top * scale),  # lockstep: every shard's step ends with the slowest
+        starts=np.zeros(m, dtype=np.int64),
+        ends=np.zeros(m, dtype=np.int64),
     )
     pred = predict(batch, model)
     return batch, pred, divide(batch, pred, pred.critical)
@@ -92,7 +94,7 @@ def test_division_is_the_same_in_any_time_unit(calibrated: bool):
             getattr(sec, name), getattr(ns, name) * 1e-9, rtol=1e-9, atol=1e-12
         )  # 1 ps
     np.testing.assert_allclose(sec.pf_weight, ns.pf_weight, rtol=1e-12)
-    assert ns.pf_weight[-1] == 1.0  # the one-token prefill takes all of its shard's charged wait
+    assert ns.pf_weight[7] == 1.0  # the one-token prefill takes all of its shard's charged wait
     assert np.isfinite(ns.engine).all() and np.isfinite(ns.gpu).all()
     # Every shard's step is its requests' gpu time plus the wait charged to nobody.
     assert ns.gpu.sum() + ns.imbalance.sum() == pytest.approx(batch.d.sum(), rel=1e-9)
@@ -139,6 +141,20 @@ def test_an_empty_shard_is_never_the_critical_one():
     assert pred.critical == 1
     div = divide(batch, pred, pred.critical)
     assert div.gpu.sum() + div.imbalance.sum() == pytest.approx(batch.d.sum())
+
+
+def test_layered_wait_shares_are_the_shapley_value_of_the_max():
+    """The vectorised split of lockstep waits against truth_sim's plain reference: every layer
+    between consecutive levels goes in equal parts to the shards at or above it, nothing to
+    shards below (a wait is never blamed on a lighter shard)."""
+    rng = np.random.default_rng(21)
+    for m in (2, 3, 5, 8):
+        for _ in range(20):
+            levels = rng.integers(0, 6, m).astype(np.float64) * 1e6  # ties included
+            got = layered_shares(levels)
+            np.testing.assert_allclose(got, layered_wait_shares(levels, levels.max()), atol=1e-6)
+            assert (got >= 0).all()
+            np.testing.assert_allclose(got.sum(axis=1), levels.max() - levels, atol=1e-6)
 
 
 def test_wall_identity_other_is_exactly_the_gaps():
