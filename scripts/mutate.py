@@ -599,6 +599,19 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
         "beta0, 1.0)",
         "an empty shard's big_p is never read: w, the top set and every entry-level figure mask it out",
     ),
+    (
+        "sidecar/ledger/attribution.py",
+        "engine = np.maximum(w[seg] - scale_e * (pred.pf_sum[seg] - pred.pf), 0.0)",
+        "-1.0)",
+        "a clamp against rounding only: the other entries' prefill on a shard is at most its predicted "
+        "duration, so w - scale * (pf_sum - pf) >= 0",
+    ),
+    (
+        "sidecar/ledger/attribution.py",
+        "big_p = np.where(nonempty, np.bincount(seg, weights=e, minlength=m) + beta0, 0.0)",
+        "beta0, -1.0)",
+        "an empty shard's big_p is never read: w, the top set and every entry-level figure mask it out",
+    ),
     # sidecar/api/fanout.py
     (
         "sidecar/api/fanout.py",

@@ -120,6 +120,19 @@ def test_the_critical_shard_is_the_one_predicted_slowest_not_the_one_with_most_t
     warm.beta = np.array([2e6, 2e4, 1.0, 1.5e5, 20.0])
     assert predict(batch, warm).critical == 0
     assert predict(batch, CostModel(64)).critical == 1
+    # Cold, by tokens: 300 decode tokens outweigh a 100-token prefill.
+    cold = Batch(
+        slots=np.arange(301, dtype=np.int64),
+        p_raw=np.array([0] * 300 + [100], dtype=u32),
+        q_raw=np.array([1] * 300 + [0], dtype=u32),
+        c_raw=np.zeros(301, dtype=u32),
+        seg=np.array([0] * 300 + [1]),
+        counts=np.array([300, 1], dtype=np.int64),
+        d=np.full(2, 10e6),
+        starts=np.zeros(2, dtype=np.int64),
+        ends=np.zeros(2, dtype=np.int64),
+    )
+    assert predict(cold, CostModel(64)).critical == 0
 
 
 def test_an_empty_shard_is_never_the_critical_one():
