@@ -612,6 +612,13 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
         "beta0, -1.0)",
         "an empty shard's big_p is never read: w, the top set and every entry-level figure mask it out",
     ),
+    (
+        "sidecar/ledger/attribution.py",
+        "if critical >= 0 and m == 1:",
+        "critical > 0",
+        "with one shard the critical position is 0 or -1; 0 then takes the layered branch, which "
+        "computes the same for a lone step",
+    ),
     # sidecar/api/fanout.py
     (
         "sidecar/api/fanout.py",
