@@ -46,6 +46,8 @@ def test_zero_cost_entries_split_their_step_evenly():
     assert a.gpu_time_ns == b.gpu_time_ns == 2 * MS
     assert a.engine_time_ns == b.engine_time_ns == 4 * MS  # nobody else's work in it: all engine time
     assert_identity(a)
+    sim.step(0, [(1, 0, 0, 5)], 3 * MS)  # alone: the whole step
+    assert sim.view("A").gpu_time_ns == 5 * MS
 
 
 def _divided(scale: float, calibrated: bool = True) -> tuple[Batch, Prediction, Division]:
