@@ -736,3 +736,78 @@ def test_packed_steps_whose_bytes_disagree_with_their_header_are_refused(body: b
     with pytest.raises(FrameError) as err:
         FrameDecoder().feed(_packed_stream(body))
     assert err.value.reason == reason
+
+
+def test_decode_frame_parses_any_int32_as_protobuf_does() -> None:
+    """Enum and int32 fields keep their sign (a negative kind from a broken peer is seen as
+    negative and rejected as such, not as a 4-billion kind)."""
+    for value in (-1, -(2**31), 2**31 - 1, 7):
+        ev = pb.IngestFrame(request_event=pb.RequestEvent(handle=1, kind=value, time_ns=1, request_id="r"))
+        assert decode_frame(ev.SerializeToString()).kind == value
+        st = pb.IngestFrame(step=pb.StepRecord(seq=1, kind=value, timer_source=value))
+        got = decode_frame(st.SerializeToString())
+        assert (got.kind, got.timer_source) == (value, value)
+
+
+def test_a_text_field_over_the_limit_is_clipped_whichever_it_is() -> None:
+    from enginetime.sidecar.ingest.limits import clip_text
+
+    for name in ("request_id", "session_id", "traceparent", "finish_reason"):
+        decoder = FrameDecoder(max_text_bytes=256)
+        fields = {"request_id": "r", name: "x" * 300}
+        [_, ev] = decoder.feed(
+            _hello_frame() + frame(pb.IngestFrame(request_event=pb.RequestEvent(handle=1, kind=1, **fields)))
+        )
+        assert getattr(ev, name) == clip_text("x" * 300, 256), name
+        assert decoder.clipped == 1, name
+
+
+def test_an_error_with_no_good_frame_before_it_carries_an_empty_list() -> None:
+    """The ingest server ingests ``err.frames`` before closing: a list, empty when nothing was good."""
+    assert _error(_step_frame()).frames == []
+    assert _error(_hello_frame(), _step_frame(n=5)[:-2], finish=True).frames == []
+
+
+def test_unknown_fields_numbered_above_the_known_ones_leave_them_as_they_were() -> None:
+    """A newer recorder adds fields 12, 20, ...: they are skipped, never read as field 10."""
+    hello_body = (
+        _tag(1, 0)
+        + varint(PROTOCOL_VERSION)
+        + _len_field(2, b"eng")
+        + _tag(4, 0)
+        + varint(1)
+        + _tag(10, 0)
+        + varint(77)
+        + _tag(12, 0)
+        + varint(5)
+        + _tag(20, 0)
+        + varint(6)
+    )
+    event_body = (
+        _tag(1, 0) + varint(4) + _len_field(10, b"stop") + _len_field(12, b"x") + _len_field(30, b"y")
+    )
+    for variant, body in ((1, hello_body), (2, event_body)):
+        wire = _len_field(variant, body)
+        assert_same(decode_frame(wire), pb.IngestFrame.FromString(wire))
+
+
+def test_a_frame_variant_number_with_another_wire_type_is_skipped_as_protobuf_does() -> None:
+    hello = _len_field(
+        1, _tag(1, 0) + varint(PROTOCOL_VERSION) + _len_field(2, b"eng") + _tag(4, 0) + varint(1)
+    )
+    for odd in (_tag(1, 5) + (7).to_bytes(4, "little"), _tag(3, 0) + varint(9), _tag(2, 1) + bytes(8)):
+        wire = hello + odd
+        assert_same(decode_frame(wire), pb.IngestFrame.FromString(wire))
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 6, 7, 9])
+def test_a_packed_column_whose_length_is_not_whole_values_is_malformed(size: int) -> None:
+    err = _error(_hello_frame(), frame(_len_field(3, _len_field(8, bytes(size)))))
+    assert err.reason == "malformed" and f"is {size} bytes, not a multiple of 4" in err.message
+
+
+def test_truncated_after_whole_frames_in_the_same_chunk_names_the_cut_frame() -> None:
+    whole = _step_frame(n=50)
+    err = _error(_hello_frame() + _step_frame(seq=7) + whole[:-10], finish=True)
+    assert err.reason == "truncated"
+    assert f"{len(whole) - 10 - 2} bytes into a {len(whole) - 2}-byte frame" in err.message
