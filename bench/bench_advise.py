@@ -33,14 +33,26 @@ from enginetime.clients import AccountingClient  # noqa: E402
 from enginetime.sidecar import launcher  # noqa: E402
 
 
-def measure(call: Callable[[random.Random], object], until: Callable[[], bool], minimum: int) -> list[float]:
-    """Latencies of ``call`` until ``until()`` (and at least ``minimum`` calls)."""
+def measure(
+    call: Callable[[random.Random], object], until: Callable[[], bool], minimum: int, rate: float = 0.0
+) -> list[float]:
+    """Latencies of ``call`` until ``until()`` (and at least ``minimum`` calls).
+
+    ``rate`` > 0 paces the calls (calls/s), as a session server asks once per turn; 0 calls
+    back to back, which on a 2-core machine also makes the client a third busy process.
+    """
     rng = random.Random(1)
     out = []
+    period = 1.0 / rate if rate > 0 else 0.0
+    next_at = time.perf_counter()
     while len(out) < minimum or not until():
+        if period:
+            next_at += period
         t = time.perf_counter()
         call(rng)
         out.append(time.perf_counter() - t)
+        if period:
+            time.sleep(max(0.0, next_at - time.perf_counter()))
     return out
 
 
@@ -80,8 +92,10 @@ def run(args, slice_s: float) -> dict[str, list[float] | int]:
             done = threading.Event()
             threading.Thread(target=lambda: (child.join(), done.set()), daemon=True).start()
             half = time.monotonic() + args.seconds / 2
-            loaded_adv = measure(advise, lambda: time.monotonic() > half or done.is_set(), 300)
-            loaded_get = measure(get, done.is_set, 300)
+            loaded_adv = measure(
+                advise, lambda: time.monotonic() > half or done.is_set(), 300, args.call_rate
+            )
+            loaded_get = measure(get, done.is_set, 300, args.call_rate)
             steps = sum(s.steps for s in client.get_shards("bench"))
     finally:
         if child.is_alive():
@@ -116,6 +130,13 @@ def main() -> int:
         "the behaviour before slicing), e.g. 0,0.0005",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each slice, alternated")
+    parser.add_argument(
+        "--call-rate",
+        type=float,
+        default=200.0,
+        help="Advise/GetRequest calls per second under load (a session server asks once per turn); "
+        "0: back to back (default 200)",
+    )
     args = parser.parse_args()
 
     slices = [float(x) for x in args.slices.split(",")]
@@ -123,7 +144,8 @@ def main() -> int:
     for _ in range(args.repeat):
         for sl in slices:
             runs[sl].append(run(args, sl))
-    print(f"bench_advise: {SHARDS} shards x batch {BATCH} LOCKSTEP, loopback gRPC, blocking client")
+    pace = f"{args.call_rate:g} calls/s under load" if args.call_rate > 0 else "calls back to back"
+    print(f"bench_advise: {SHARDS} shards x batch {BATCH} LOCKSTEP, loopback gRPC, blocking client, {pace}")
     ok = True
     for sl in slices:
         for i, r in enumerate(runs[sl]):
