@@ -26,7 +26,7 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 
 from .constants import HOOKS_VERSION, PROTOCOL_VERSION
 
@@ -324,6 +324,17 @@ _ST_CONTEXT = _tag(11, _LEN)
 _ST_PEER = _tag(12, _LEN)
 
 
+def _column_length(handles: Sized, prefill_tokens: Sized, decode_tokens: Sized, context_tokens: Sized) -> int:
+    """The entries of a step's four columns; ValueError naming each length when they differ."""
+    n = len(handles)
+    if len(prefill_tokens) != n or len(decode_tokens) != n or len(context_tokens) != n:
+        raise ValueError(
+            f"step columns differ in length: handles={n} prefill_tokens={len(prefill_tokens)} "
+            f"decode_tokens={len(decode_tokens)} context_tokens={len(context_tokens)}"
+        )
+    return n
+
+
 def frame_step(
     *,
     seq: int,
@@ -340,12 +351,7 @@ def frame_step(
     global_step: int | None = None,
 ) -> bytes:
     """One framed StepRecord. Columns must have equal lengths (peer_tokens excepted)."""
-    n = len(handles)
-    if len(prefill_tokens) != n or len(decode_tokens) != n or len(context_tokens) != n:
-        raise ValueError(
-            f"step columns differ in length: handles={n} prefill_tokens={len(prefill_tokens)} "
-            f"decode_tokens={len(decode_tokens)} context_tokens={len(context_tokens)}"
-        )
+    n = _column_length(handles, prefill_tokens, decode_tokens, context_tokens)
     # This runs once per step on the shipper thread (which shares the GIL with the
     # engine), so the common case is written out flat: plain ints in range.
     if not (type(seq) is int and 0 <= seq <= _U64_MAX):
@@ -681,12 +687,7 @@ def frame_packed_step(
     global_step: int | None = None,
 ) -> bytes:
     """One framed packed step: the reference encoder (the recorder inlines the same steps)."""
-    n = len(handles)
-    if len(prefill_tokens) != n or len(decode_tokens) != n or len(context_tokens) != n:
-        raise ValueError(
-            f"step columns differ in length: handles={n} prefill_tokens={len(prefill_tokens)} "
-            f"decode_tokens={len(decode_tokens)} context_tokens={len(context_tokens)}"
-        )
+    n = _column_length(handles, prefill_tokens, decode_tokens, context_tokens)
     peer = b"" if not peer_tokens else column_bytes("peer_tokens", peer_tokens)
     try:
         head = PACKED_HEADER.pack(

@@ -37,7 +37,7 @@ from enginetime.sidecar.api.fanout import FanOut, InterferenceFilter, RequestSub
 from enginetime.sidecar.config import LedgerConfig
 from enginetime.sidecar.ingest.limits import MAX_TEXT_BYTES, clip_text, quote
 from enginetime.sidecar.ledger.protocols import AccountingReader
-from enginetime.sidecar.ledger.views import AmbiguousRequestError, RequestQuery, RequestState
+from enginetime.sidecar.ledger.views import AmbiguousRequestError, RequestQuery, RequestState, RequestView
 from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
 
@@ -95,8 +95,9 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
 
     # -- unary ------------------------------------------------------------------------------
 
-    async def GetRequest(self, request: pb.GetRequestRequest, context) -> pb.GetRequestResponse:
-        rid = clip_text(request.request_id, self.max_text_bytes)  # the rule ingest stored it by
+    async def _find(self, request_id: str, engine_id: str, context) -> RequestView:
+        """The request a unary lookup names, or the call aborted with what to do instead."""
+        rid = clip_text(request_id, self.max_text_bytes)  # the rule ingest stored it by
         if not rid:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -104,28 +105,20 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
                 "(SGLang rid, vLLM request_id)",
             )
         try:
-            view = self.ledger.get(rid, request.engine_id)
+            view = self.ledger.get(rid, engine_id)
         except AmbiguousRequestError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         if view is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(rid, request.engine_id))
+            await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(rid, engine_id))
+        return view
+
+    async def GetRequest(self, request: pb.GetRequestRequest, context) -> pb.GetRequestResponse:
+        view = await self._find(request.request_id, request.engine_id, context)
         return pb.GetRequestResponse(request=convert.request_to_proto(view))
 
     async def GetRequestCost(self, request: pb.GetRequestCostRequest, context) -> pb.GetRequestCostResponse:
         """GetRequest's lookup, answered as an ORCA report (``sidecar.api.orca``)."""
-        rid = clip_text(request.request_id, self.max_text_bytes)
-        if not rid:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "request_id is empty: pass the id the engine knows the request by "
-                "(SGLang rid, vLLM request_id)",
-            )
-        try:
-            view = self.ledger.get(rid, request.engine_id)
-        except AmbiguousRequestError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        if view is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(rid, request.engine_id))
+        view = await self._find(request.request_id, request.engine_id, context)
         return pb.GetRequestCostResponse(
             report=orca.request_cost_report(view, self.ledger.shards(view.engine_id))
         )
