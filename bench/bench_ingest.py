@@ -191,6 +191,20 @@ def _q(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(p * len(values)))] * 1e3 if values else float("nan")
 
 
+async def wait_attributed(sidecar, steps0: int, want: int, timeout_s: float) -> None:
+    """Wait until the in-process sidecar's ledger has attributed ``want`` steps, then flush it."""
+    ledger = sidecar.ledger
+    deadline = time.monotonic() + timeout_s
+    while ledger.counters.steps < want:
+        await asyncio.sleep(0.002)
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {ledger.counters.steps - steps0} of {want - steps0} steps attributed after "
+                f"{timeout_s:g} s; ingest counters: {sidecar.ingest.counters.summary()}"
+            )
+    ledger.flush()
+
+
 async def run(args) -> dict:
     from enginetime.sidecar.ledger.ledger import LedgerConfig
     from enginetime.sidecar.server import Sidecar, SidecarConfig
@@ -224,15 +238,7 @@ async def run(args) -> dict:
         probing = asyncio.create_task(probe(lags))
         cpu0, wall0 = time.process_time(), time.perf_counter()
         go.set()
-        deadline = time.monotonic() + 120
-        while ledger.counters.steps < want:
-            await asyncio.sleep(0.002)
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"only {ledger.counters.steps - steps0} of {want - steps0} steps attributed after 120 s; "
-                    f"ingest counters: {sidecar.ingest.counters.summary()}"
-                )
-        ledger.flush()
+        await wait_attributed(sidecar, steps0, want, 120)
         wall = time.perf_counter() - wall0
         cpu = time.process_time() - cpu0
         probing.cancel()

@@ -111,6 +111,8 @@ def decode_only_s(blobs: list[tuple[bytes, bytes]], max_frame: int) -> float:
 
 
 async def ingest_point(shards: int, batch: int, groups: int, nodes: int, pace: float = 0.0) -> dict:
+    from bench_ingest import wait_attributed
+
     from enginetime.sidecar.ledger.ledger import LedgerConfig
     from enginetime.sidecar.server import Sidecar, SidecarConfig
 
@@ -164,15 +166,7 @@ async def ingest_point(shards: int, batch: int, groups: int, nodes: int, pace: f
         want = steps0 + shards * groups
         cpu0, wall0 = time.process_time(), time.perf_counter()
         go.set()
-        deadline = time.monotonic() + 300
-        while ledger.counters.steps < want:
-            await asyncio.sleep(0.002)
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"only {ledger.counters.steps - steps0} of {want - steps0} steps after 300 s; "
-                    f"ingest: {sidecar.ingest.counters.summary()}"
-                )
-        ledger.flush()
+        await wait_attributed(sidecar, steps0, want, 300)
         wall = time.perf_counter() - wall0
         cpu = time.process_time() - cpu0
         c = ledger.counters
