@@ -420,3 +420,81 @@ def test_sliced_ingest_attributes_exactly_what_unsliced_ingest_does() -> None:
     assert len(sliced_figures) == 64
     assert all(f[0] == RequestState.FINISHED and f[4] == GROUPS for f in sliced_figures.values())
     assert sliced_figures == whole_figures
+
+
+async def _queued_burst(server: IngestServer, ledger: Ledger, sockdir: str, groups: int) -> list:
+    """Connect 4 lockstep shards, then send ``groups`` steps each; return once ingest has a backlog."""
+    burst = _lockstep_burst(shards=4, groups=groups, batch=64)
+    writers = []
+    for setup, _ in burst:
+        _, w = await asyncio.open_unix_connection(f"{sockdir}/i.sock")
+        w.write(setup)
+        writers.append(w)
+    deadline = time.monotonic() + 30
+    while ledger.counters.events < 4 * 64 and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    for w, (_, steps) in zip(writers, burst, strict=True):
+        w.write(steps)
+    while not server._queue and time.monotonic() < deadline:
+        await asyncio.sleep(0)
+    assert server._queue, "the burst never queued up in ingest"
+    return writers
+
+
+def test_a_callers_chain_of_loop_steps_runs_between_two_ingest_slices() -> None:
+    """A unary gRPC call crosses the event loop several times (each await is a new callback).
+    With ingest backlogged, the call's chain must run straight through rather than wait for a
+    slice of ledger work at every step; and a caller that never stops queueing callbacks must
+    not stop ingest: slices still run at least every few slice lengths and the backlog drains."""
+
+    async def scenario() -> tuple[int, int, int, int]:
+        ledger = Ledger(LedgerConfig(lockstep_wait_s=5.0))
+        sockdir = short_socket_dir()
+        server = IngestServer(ledger, f"unix:{sockdir}/i.sock", slice_s=0.000_2)
+        await server.start()
+        loop = asyncio.get_running_loop()
+        try:
+            writers = await _queued_burst(server, ledger, sockdir, groups=300)
+            # A chain of 40 steps, each scheduling the next, as a call's awaits do.
+            done = loop.create_future()
+            before = server.counters.slices
+            left = [40]
+
+            def chain_step() -> None:
+                left[0] -= 1
+                if left[0]:
+                    loop.call_soon(chain_step)
+                else:
+                    done.set_result(server.counters.slices - before)
+
+            loop.call_soon(chain_step)
+            slices_in_chain = await done
+            queued_after_chain = len(server._queue)
+            # A flood: a callback always waiting in the loop, until the backlog is gone.
+            flooding = [True]
+            flood_steps = [0]
+
+            def flood() -> None:
+                flood_steps[0] += 1
+                if flooding[0]:
+                    loop.call_soon(flood)
+
+            loop.call_soon(flood)
+            deadline = time.monotonic() + 60
+            while (server._queue or ledger.counters.steps < 4 * 300) and time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
+            flooding[0] = False
+            for w in writers:
+                w.close()
+            return slices_in_chain, queued_after_chain, ledger.counters.steps, flood_steps[0]
+        finally:
+            await server.close()
+            shutil.rmtree(sockdir, ignore_errors=True)
+
+    slices_in_chain, queued_after_chain, steps, flood_steps = asyncio.run(scenario())
+    assert queued_after_chain > 0  # the chain ran while ingest still had work
+    # Without yielding, a slice runs between every two of the 40 steps; with it, only when a
+    # step waited past the yield bound (a slow moment of this machine), never most of them.
+    assert slices_in_chain <= 8, slices_in_chain
+    assert steps == 4 * 300  # the flood did not stop ingest: every step attributed
+    assert flood_steps > 100  # and the flood itself kept running meanwhile

@@ -35,6 +35,9 @@ PRE_HELLO_FRAME_BYTES = 16 * 1024
 #: loop serves whatever else is ready. One frame is never split (a lockstep group of
 #: 8 x 256 entries is attributed by the frame that completes it, ~1 ms).
 DISPATCH_SLICE_S = 0.0005  # the default of SidecarConfig.ingest_slice_s (--ingest-slice)
+#: A ready slice waits behind other ready loop work (a gRPC call's next step) for at most
+#: this many slices' time, so callers go first without being able to starve ingest.
+INGEST_YIELD_SLICES = 4
 
 
 @dataclass

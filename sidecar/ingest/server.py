@@ -34,7 +34,13 @@ from typing import TYPE_CHECKING, cast
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES
 from enginetime.sidecar.cli import parse_ingest_address
 from enginetime.sidecar.ingest.frames import FrameDecoder, FrameError
-from enginetime.sidecar.ingest.limits import DISPATCH_SLICE_S, IngestLimits, RateLimitedLog, quote
+from enginetime.sidecar.ingest.limits import (
+    DISPATCH_SLICE_S,
+    INGEST_YIELD_SLICES,
+    IngestLimits,
+    RateLimitedLog,
+    quote,
+)
 from enginetime.sidecar.ingest.records import Beat, Event, Hello, Step
 from enginetime.sidecar.ledger.protocols import IngestSink
 
@@ -96,6 +102,8 @@ class IngestCounters:
     heartbeats: int = 0
     entries: int = 0  # step entries (requests x steps)
     busy_s: float = 0.0  # seconds spent decoding and feeding the ledger
+    slices: int = 0  # loop callbacks that fed the ledger (at most --ingest-slice each)
+    yields: int = 0  # times a ready ingest slice let other ready loop work (gRPC calls) go first
     buffered_bytes: int = 0  # bytes of half-received frames, all connections
     clipped_fields: int = 0  # id/text fields longer than --max-text-bytes, kept clipped
     rejected: dict[str, int] = field(default_factory=dict)
@@ -495,6 +503,9 @@ class IngestServer:
         #: Longest stretch of ledger work per loop callback (``DISPATCH_SLICE_S``); 0: feed each
         #: read whole in its own callback, as it arrives.
         self.slice_s = slice_s
+        #: How long a slice may wait behind other ready loop work (``INGEST_YIELD_SLICES``).
+        self.yield_s = slice_s * INGEST_YIELD_SLICES
+        self._wants_since: float | None = None  # when the next slice became ready
 
     # -- feeding the ledger in bounded slices ----------------------------------------------
 
@@ -524,13 +535,32 @@ class IngestServer:
         return self._queue[0].arrived_ns if self._queue else None
 
     def _pump(self) -> None:
-        """Decode and feed queued bytes for about ``slice_s``, then let the loop serve others."""
+        """Decode and feed queued bytes for about ``slice_s``, then let the loop serve others.
+
+        A slice goes after any other callback already waiting in the loop, for up to
+        ``yield_s``. A unary gRPC call crosses the loop five or six times between its arrival
+        and its reply (the completion-queue event, the server's accept task, the handler's
+        task, each await of a message); when a slice ran at every crossing, the call waited
+        for several slices. Deferring to waiting work lets the call's chain run straight
+        through; the bound keeps a flood of calls from starving ingest (a slice at least every
+        ``yield_s``).
+        """
         self._pump_handle = None
+        loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        if self._wants_since is None:
+            self._wants_since = started
+        waiting = getattr(loop, "_ready", None)  # asyncio's run queue (absent in other loops)
+        if waiting and started - self._wants_since < self.yield_s:
+            self.counters.yields += 1
+            self._pump_handle = loop.call_soon(self._pump)
+            return
+        self._wants_since = None
+        self.counters.slices += 1
         self._feed(started + self.slice_s)
         self.counters.busy_s += time.perf_counter() - started
         if self._queue:
-            self._pump_handle = asyncio.get_running_loop().call_soon(self._pump)
+            self._pump_handle = loop.call_soon(self._pump)
 
     def _feed(self, deadline: float) -> None:
         queue = self._queue
