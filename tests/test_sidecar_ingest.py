@@ -361,6 +361,24 @@ def _lockstep_burst(shards: int, groups: int, batch: int) -> list[tuple[bytes, b
     return out
 
 
+async def _send_burst(ledger: Ledger, sockdir: str, groups: int, batch: int) -> list:
+    """Connect 4 lockstep shards and announce their requests; once every arrival is in the
+    ledger (each group then waits for all four shards), write ``groups`` steps on each.
+    Returns the writers, still open."""
+    burst = _lockstep_burst(shards=4, groups=groups, batch=batch)
+    writers = []
+    for setup, _ in burst:
+        _, w = await asyncio.open_unix_connection(f"{sockdir}/i.sock")
+        w.write(setup)
+        writers.append(w)
+    deadline = time.monotonic() + 30
+    while ledger.counters.events < 4 * batch and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    for w, (_, steps) in zip(writers, burst, strict=True):
+        w.write(steps)
+    return writers
+
+
 def test_sliced_ingest_attributes_exactly_what_unsliced_ingest_does() -> None:
     """Feeding the ledger in slices of a few microseconds (the loop serves others between them)
     changes nothing in the accounting: the same groups, no lockstep timeout although ticks run
@@ -382,18 +400,7 @@ def test_sliced_ingest_attributes_exactly_what_unsliced_ingest_does() -> None:
 
         ticking = asyncio.create_task(ticker())
         try:
-            burst = _lockstep_burst(shards=4, groups=GROUPS, batch=16)
-            writers = []
-            for setup, _ in burst:
-                _, w = await asyncio.open_unix_connection(f"{sockdir}/i.sock")
-                w.write(setup)
-                writers.append(w)
-            deadline = time.monotonic() + 30
-            while ledger.counters.events < 4 * 16 and time.monotonic() < deadline:
-                await asyncio.sleep(0.005)
-            # Every shard connected: now each group waits for all four shards' steps.
-            for w, (_, steps) in zip(writers, burst, strict=True):
-                w.write(steps)
+            writers = await _send_burst(ledger, sockdir, groups=GROUPS, batch=16)
             for w in writers:
                 await w.drain()
                 w.close()
@@ -423,18 +430,9 @@ def test_sliced_ingest_attributes_exactly_what_unsliced_ingest_does() -> None:
 
 
 async def _queued_burst(server: IngestServer, ledger: Ledger, sockdir: str, groups: int) -> list:
-    """Connect 4 lockstep shards, then send ``groups`` steps each; return once ingest has a backlog."""
-    burst = _lockstep_burst(shards=4, groups=groups, batch=64)
-    writers = []
-    for setup, _ in burst:
-        _, w = await asyncio.open_unix_connection(f"{sockdir}/i.sock")
-        w.write(setup)
-        writers.append(w)
+    """``_send_burst`` of batch 64; returns once ingest has a backlog."""
+    writers = await _send_burst(ledger, sockdir, groups=groups, batch=64)
     deadline = time.monotonic() + 30
-    while ledger.counters.events < 4 * 64 and time.monotonic() < deadline:
-        await asyncio.sleep(0.005)
-    for w, (_, steps) in zip(writers, burst, strict=True):
-        w.write(steps)
     while not server._queue and time.monotonic() < deadline:
         await asyncio.sleep(0)
     assert server._queue, "the burst never queued up in ingest"
