@@ -59,10 +59,12 @@ def load_report(shards: list[ShardView]) -> orca_pb.OrcaLoadReport:
 
     application_utilization and utilization[busy_fraction]: the mean device-busy fraction of
     the connected shards over the rate window; utilization[enginetime.shard.<engine>/<n>]: each
-    shard's. Named metrics: storm_stall_seconds (victim time the storms running now caused so
-    far, summed), storm_active (1 while one runs), predicted_stall_seconds (victim time the rest
-    of the running prefills is predicted to cause on other lockstep shards), queue_seconds (the
-    oldest first-step wait now), active/queued requests and connected shards (counts).
+    shard's. rps_fractional: requests that ended (finished or aborted) per second over the rate
+    window; eps: those that ended aborted. Named metrics: storm_stall_seconds (victim time the
+    storms running now caused so far, summed), storm_active (1 while one runs),
+    predicted_stall_seconds (victim time the rest of the running prefills is predicted to cause
+    on other lockstep shards), queue_seconds (the oldest first-step wait now), active/queued
+    requests and connected shards (counts).
     """
     live = [s for s in shards if s.connected]
     busy = sum(s.busy_fraction for s in live) / len(live) if live else 0.0
@@ -80,6 +82,10 @@ def load_report(shards: list[ShardView]) -> orca_pb.OrcaLoadReport:
     named[QUEUED] = float(sum(s.queued_requests for s in live))
     named[SHARDS] = float(len(live))
     named[BUSY] = busy
+    # gRPC's and Envoy's weighted round robin weigh an endpoint by rps / (utilization + eps / rps
+    # x penalty) and ignore a report whose rps is 0: without these the report is not used.
+    report.rps_fractional = sum(s.ended_per_second for s in live)
+    report.eps = sum(s.aborted_per_second for s in live)
     return report
 
 

@@ -652,6 +652,10 @@ class Ledger:
         self._active.pop(req.rid, None)
         self._finished.append(req)
         self._n_finished += 1
+        ends = req.shard.ends
+        ends.append((time_ns, state == ABORTED))
+        while ends[0][0] < time_ns - self._rate_ns:
+            ends.popleft()
         if cols.in_run[slot]:
             self._storms.end(slot, time_ns)
         self._touch(slot)
@@ -1445,6 +1449,11 @@ class Ledger:
             if sh.first_step_ns and now - sh.first_step_ns < span_ns:
                 span_ns = max(now - sh.first_step_ns, 1)
             span_s = span_ns / 1e9
+            ended = aborted = 0
+            for end, was_aborted in sh.ends:
+                if end >= horizon:
+                    ended += 1
+                    aborted += was_aborted
             active = queued = 0
             oldest = now
             predicted = 0.0
@@ -1469,6 +1478,8 @@ class Ledger:
                     decode_tokens_per_second=dec / span_s,
                     prefill_tokens_per_second=pre / span_s,
                     busy_fraction=min(1.0, dev / span_ns),
+                    ended_per_second=ended / span_s,
+                    aborted_per_second=aborted / span_s,
                     active_requests=active,
                     queued_requests=queued,
                     current_storm=self._storms.current(sh),

@@ -14,6 +14,9 @@ from enginetime.sidecar.ledger.store import Request
 
 #: Handles below this index a dense numpy map; larger ones (unusual) fall back to a dict.
 DENSE_HANDLE_LIMIT = 1 << 20
+#: Records a shard keeps for its rates (steps, ended requests) within the rate window: 2 s of
+#: 0.1 ms steps fit; beyond, the oldest go and the rate reads low rather than memory growing.
+RATE_RECORDS_KEPT = 1 << 15
 
 
 class EngineState:
@@ -92,6 +95,7 @@ class ShardState:
         "last_step_ns",
         "first_step_ns",
         "rates",
+        "ends",
         "drops_seen",
         "dropped_frames",
         "unattributed_ns",
@@ -131,7 +135,12 @@ class ShardState:
         self.steps = 0
         self.last_step_ns = 0
         self.first_step_ns = 0
-        self.rates: deque[tuple[int, int, int, int]] = deque()  # (end_ns, device_ns, prefill, decode)
+        # Both are pruned to the rate window by the records' own times and capped in length, so a
+        # peer whose clock stands still cannot make them grow without bound.
+        #: (end_ns, device_ns, prefill, decode) of the steps within the rate window.
+        self.rates: deque[tuple[int, int, int, int]] = deque(maxlen=RATE_RECORDS_KEPT)
+        #: Requests that ended within the rate window: (end_ns, ended aborted), for ORCA's rates.
+        self.ends: deque[tuple[int, bool]] = deque(maxlen=RATE_RECORDS_KEPT)
         self.drops_seen = 0
         self.dropped_frames = 0
         self.unattributed_ns = 0.0

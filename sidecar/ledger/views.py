@@ -111,6 +111,9 @@ class ShardView:
     shards_seen: int = 1  # shards of the engine that ever connected to this sidecar
     #: shards_seen < num_shards: the rest report elsewhere (one sidecar per node) or never joined.
     partial_view: bool = False
+    #: Requests that ended (finished or aborted) / ended aborted per second over the rate window.
+    ended_per_second: float = 0.0
+    aborted_per_second: float = 0.0
 
 
 class InterferencePhase(IntEnum):
