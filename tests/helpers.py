@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from enginetime.clients.errors import RequestNotFound
 from enginetime.engine_hooks import wire
 from enginetime.engine_hooks.constants import PROTOCOL_VERSION, parse_address
 from enginetime.sidecar import launcher
@@ -103,14 +104,25 @@ def wait_until(
     interval: float = 0.02,
     message: str | Callable[[], str] = "condition not met",
 ) -> T:
-    """Poll ``predicate`` until it returns something truthy; return it. AssertionError on timeout."""
+    """Poll ``predicate`` until it returns something truthy; return it. AssertionError on timeout.
+
+    A request the sidecar does not know yet (``RequestNotFound``) counts as "not yet": the
+    records a test just wrote to the ingest socket and its API call travel on separate
+    connections, and the sidecar serves a waiting call before ingest it has queued, so a
+    call right after the write can arrive first. On timeout the last such error is named.
+    """
     deadline = time.monotonic() + timeout
+    last: RequestNotFound | None = None
     while True:
-        value = predicate()
+        try:
+            value = predicate()
+        except RequestNotFound as exc:
+            value, last = None, exc
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(message() if callable(message) else f"{message} (after {timeout}s)")
+            text = message() if callable(message) else f"{message} (after {timeout}s)"
+            raise AssertionError(text if last is None else f"{text}; last: {last}")
         time.sleep(interval)
 
 
