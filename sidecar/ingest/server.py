@@ -103,7 +103,6 @@ class IngestCounters:
     entries: int = 0  # step entries (requests x steps)
     busy_s: float = 0.0  # seconds spent decoding and feeding the ledger
     slices: int = 0  # loop callbacks that fed the ledger (at most --ingest-slice each)
-    yields: int = 0  # times a ready ingest slice let other ready loop work (gRPC calls) go first
     buffered_bytes: int = 0  # bytes of half-received frames, all connections
     clipped_fields: int = 0  # id/text fields longer than --max-text-bytes, kept clipped
     rejected: dict[str, int] = field(default_factory=dict)
@@ -552,7 +551,6 @@ class IngestServer:
             self._wants_since = started
         waiting = getattr(loop, "_ready", None)  # asyncio's run queue (absent in other loops)
         if waiting and started - self._wants_since < self.yield_s:
-            self.counters.yields += 1
             self._pump_handle = loop.call_soon(self._pump)
             return
         self._wants_since = None
