@@ -93,9 +93,24 @@ def start_sidecar(
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now (for a server the test starts)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1, for one server that listens on several.
+
+    All ``n`` sockets stay bound until every port is chosen: two ``free_port()`` calls in a
+    row may be handed the same port (the first socket is closed by then), and a server told
+    to listen twice on it serves one protocol where the test expects the other.
+    """
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def wait_until(

@@ -8,6 +8,7 @@ on free loopback ports with a fresh working directory and stops it on exit.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import free_port, wait_until
+from helpers import free_ports, wait_until
 
 
 def phoenix_executable() -> Path:
@@ -40,23 +41,35 @@ class Phoenix:
     """``phoenix serve`` on loopback: ``base`` is its web UI and REST API, ``otlp`` its OTLP/gRPC."""
 
     def __init__(self, workdir: Path) -> None:
-        self.http_port, self.grpc_port = free_port(), free_port()
+        self.workdir = workdir
+        self.log = workdir / "phoenix.log"
+        self._start()
+
+    def _start(self) -> None:
+        self.http_port, self.grpc_port = free_ports(2)
         self.base = f"http://127.0.0.1:{self.http_port}"
         self.otlp = f"http://127.0.0.1:{self.grpc_port}"
-        self.log = workdir / "phoenix.log"
         env = dict(
             os.environ,
-            PHOENIX_WORKING_DIR=str(workdir / "phoenix"),
+            PHOENIX_WORKING_DIR=str(self.workdir / "phoenix"),
             PHOENIX_PORT=str(self.http_port),
             PHOENIX_GRPC_PORT=str(self.grpc_port),
             PHOENIX_HOST="127.0.0.1",
         )
-        with open(self.log, "wb") as out:
+        with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [str(phoenix_executable()), "serve"], stdout=out, stderr=subprocess.STDOUT, env=env
             )
 
     def __enter__(self) -> Phoenix:
+        """Wait for Phoenix's API; start it again on other ports if a stranger answers on its port.
+
+        The ports are free when chosen, but another process may bind one before Phoenix does
+        (a whole suite of servers starts around it): then an HTTP/2 or other non-HTTP/1 server
+        answers, which is a clash of the test's making, not a Phoenix failure.
+        """
+        clash: list[str] = []
+
         def up():
             if self.proc.poll() is not None:
                 raise AssertionError(f"phoenix exited ({self.proc.returncode}):\n{self.tail()}")
@@ -64,13 +77,23 @@ class Phoenix:
                 return get_json(f"{self.base}/v1/projects")
             except OSError:
                 return None
+            except http.client.HTTPException as exc:
+                clash.append(f"port {self.http_port} answered, but not as Phoenix's HTTP API: {exc!r}")
+                return "clash"
 
         try:
-            wait_until(up, timeout=90, interval=0.2, message=lambda: f"phoenix never came up:\n{self.tail()}")
+            for _attempt in range(3):
+                got = wait_until(
+                    up, timeout=90, interval=0.2, message=lambda: f"phoenix never came up:\n{self.tail()}"
+                )
+                if got != "clash":
+                    return self
+                self.stop()
+                self._start()
+            raise AssertionError("; ".join(clash))
         except BaseException:
             self.stop()
             raise
-        return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
