@@ -201,6 +201,32 @@ def test_encoding_beyond_the_time_budget_is_deferred_never_lost():
     run(main())
 
 
+def test_deferral_never_starves_a_request_whose_neighbours_change_every_cycle():
+    # 2,000 requests all step before every publish and the budget covers one chunk a cycle:
+    # every request still reaches the subscriber within ceil(2000 / chunk) cycles (a guard
+    # must see a runaway's engine time, however many others keep changing around it).
+    async def main() -> None:
+        sim = _engine(2000)
+        fan = FanOut(sim.ledger, FanOutLimits(min_share=0.0))
+        sub = fan.subscribe_requests(RequestQuery())
+        fan.publish()  # the arrivals, with the loop idle: all of them
+        assert len(_updates(fan.take(sub))) == 2000
+        fan.ingest_busy_s = lambda: 1e9  # from now on ingest is saturated
+        seen: dict[str, int] = {}
+        cycles = -(-2000 // fanout._BUILD_CHUNK)
+        for _ in range(cycles):
+            _step_all(sim, range(1000))
+            fan._budget_s, fan._row_s = 0.0, 1.0  # only the minimum chunk fits
+            fan.publish()
+            for u in _updates(fan.take(sub)):
+                seen[u.request_id] = u.steps
+        assert fan.encoded == 2000 + cycles * fanout._BUILD_CHUNK  # the arrivals, then one chunk a cycle
+        assert len(seen) == 2000, f"{2000 - len(seen)} requests never sent"
+        assert all(steps >= 1 for steps in seen.values())
+
+    run(main())
+
+
 def test_a_stream_starts_with_every_live_request_or_the_named_ones():
     async def main() -> None:
         sim = _engine(10)

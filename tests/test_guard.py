@@ -734,9 +734,9 @@ def test_a_thousand_concurrent_requests_use_one_stream():
         killed = {rid: r for rid, r in results if isinstance(r, EngineBudgetExceeded)}
         assert set(killed) == {f"k-{k}" for k in range(runaways)}, {
             # Enough to tell which limit fired on an ordinary request, and on what figure.
-            rid: (e.reason, e.limit, round(e.observed, 3), round(e.elapsed, 1), e.budget)
+            rid: (e.request_id, e.reason, e.limit, round(e.observed, 3), round(e.elapsed, 1), e.budget)
             for rid, e in killed.items()
-        }
+        } | {"fan-out deferred": sc.sidecar.fanout.deferred, "guard": stats}
         for e in killed.values():
             assert e.reason == BudgetReason.ENGINE_TIME
             assert 0.3 <= e.observed <= e.elapsed, (e.observed, e.elapsed)

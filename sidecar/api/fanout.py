@@ -273,6 +273,10 @@ class FanOut:
         #: Requests encoded, and requests deferred to a later cycle by the time budget.
         self.encoded = 0
         self.deferred = 0
+        #: First slot of the next cycle's share when the budget does not cover every change:
+        #: each cycle starts where the last one stopped, so a request whose neighbours with
+        #: lower slots change every cycle is still sent within a few cycles, never starved.
+        self._next_slot = 0
         #: Cumulative seconds ingest spent decoding and feeding the ledger (set by the Sidecar).
         self.ingest_busy_s: Callable[[], float] | None = None
         self.share = 1.0
@@ -399,9 +403,19 @@ class FanOut:
                 return
         fits = max(_BUILD_CHUNK, int(self._budget_s / self._row_s))
         if slots.size > fits:
-            ledger.mark_changed(slots[fits:])
+            # Round robin over the slots (ascending from the ledger): start at the first slot
+            # the last deferral left out, wrap around, and hand the rest back for the next cycle.
+            start = int(np.searchsorted(slots, self._next_slot))
+            take = (np.arange(fits) + start) % slots.size
+            rest = np.ones(slots.size, dtype=bool)
+            rest[take] = False
+            ledger.mark_changed(slots[rest])
             self.deferred += int(slots.size - fits)
-            slots, reqs, ids = slots[:fits], reqs[:fits], ids[:fits]
+            self._next_slot = int(slots[take[-1]]) + 1
+            order = take.tolist()
+            slots = slots[take]
+            reqs = [reqs[i] for i in order]
+            ids = [ids[i] for i in order]
         started = time.perf_counter()
         frames = ledger.encode(slots, reqs)
         spent = time.perf_counter() - started
