@@ -268,7 +268,11 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        stop.wait()
+        # Wait in short slices: a signal the kernel hands to another thread (it does when the
+        # main thread is not runnable, e.g. SIGTERM right after SIGCONT) only sets a flag that
+        # the main thread checks between bytecodes; an untimed wait would never see it.
+        while not stop.wait(0.2):
+            pass
     finally:
         server.stop()
         engine.close()

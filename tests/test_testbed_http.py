@@ -9,6 +9,7 @@ The last test runs ``enginetime testbed serve`` as a real process.
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -259,5 +260,48 @@ def test_serve_command_runs_as_a_process():
     finally:
         proc.terminate()
         assert proc.wait(20) == 0
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="tgkill (a signal to one thread) is Linux-only")
+def test_serve_stops_on_sigterm_delivered_to_a_thread_other_than_main():
+    # The kernel hands a process-directed signal to any thread that can take it: SIGTERM sent
+    # right after SIGCONT (the main thread still waking) lands on an engine or HTTP thread.
+    # Sending it to such a thread directly is that case made certain.
+    import ctypes
+    import signal
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "enginetime",
+        "testbed",
+        "serve",
+        "--port",
+        "0",
+        "--shards",
+        "1",
+        "--no-hooks",
+    ]
+    cmd += ["--d-model", "64", "--d-ff", "128", "--vocab", "256", "--layers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("enginetime testbed ready http="), line + proc.stderr.read()
+        threads = sorted(int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid)
+        assert threads, "the testbed runs its shards and HTTP server in threads"
+        libc = ctypes.CDLL(None, use_errno=True)
+        # tgkill's syscall number: x86_64's table and the generic one (aarch64) differ.
+        SYS_tgkill = 131 if os.uname().machine in ("aarch64", "arm64") else 234
+        assert libc.syscall(SYS_tgkill, proc.pid, threads[-1], signal.SIGTERM) == 0, ctypes.get_errno()
+        try:
+            assert proc.wait(20) == 0
+        except subprocess.TimeoutExpired:
+            raise AssertionError("testbed serve ignored a SIGTERM that a non-main thread received") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         proc.stdout.close()
         proc.stderr.close()
