@@ -9,7 +9,8 @@ over gRPC through the blocking client, first with ingest idle, then while it run
 and prints p50/p90/p99/max of each beside GetRequest's (the cheapest unary call) in
 the same run. Goal: Advise p99 < 2 ms under load.
 
-Run: ``.venv/bin/python bench/bench_advise.py [--rate 300000] [--seconds 8]``;
+Run: ``.venv/bin/python bench/bench_advise.py [--rate 300000] [--seconds 8]``
+(``--rate 68000,300000`` runs each rate in turn, alternated with ``--repeat``);
 ``--slices 0,0.0005 --repeat 2`` runs the sidecar with each ``--ingest-slice`` in turn
 (0: each read of ingest fed to the ledger whole, as before slicing) and prints both.
 """
@@ -56,13 +57,13 @@ def measure(
     return out
 
 
-def run(args, slice_s: float) -> dict[str, list[float] | int]:
-    """One sidecar with ``--ingest-slice slice_s``: latencies idle, then under ingest."""
-    groups = int(args.rate * args.seconds / (SHARDS * BATCH))
+def run(args, slice_s: float, rate: float) -> dict[str, list[float] | int]:
+    """One sidecar with ``--ingest-slice slice_s``: latencies idle, then under ingest at ``rate``."""
+    groups = int(rate * args.seconds / (SHARDS * BATCH))
     sidecar = launcher.start_sidecar("--log-level", "warning", "--ingest-slice", f"{slice_s:g}")
     ctx = mp.get_context("spawn")
     ready, go = ctx.Event(), ctx.Event()
-    child = ctx.Process(target=paced_pusher, args=(sidecar.socket_path, groups, args.rate, ready, go))
+    child = ctx.Process(target=paced_pusher, args=(sidecar.socket_path, groups, rate, ready, go))
     child.start()
 
     def advise(rng: random.Random) -> object:
@@ -120,7 +121,10 @@ def p99(samples: list[float]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--rate", type=float, default=300_000, help="ingest entries/s to push (default 300000)"
+        "--rate",
+        default="300000",
+        help="ingest entries/s to push (default 300000); comma-separated rates run alternated in one "
+        "run, e.g. 50000,100000,300000 (a real 8-rank engine at batch 256 and 30 ms steps makes ~68 k/s)",
     )
     parser.add_argument("--seconds", type=float, default=8.0, help="length of the loaded phase")
     parser.add_argument(
@@ -140,28 +144,25 @@ def main() -> int:
     args = parser.parse_args()
 
     slices = [float(x) for x in args.slices.split(",")]
-    runs: dict[float, list[dict]] = {sl: [] for sl in slices}
+    rates = [float(x) for x in args.rate.split(",")]
+    runs: dict[tuple[float, float], list[dict]] = {(rate, sl): [] for rate in rates for sl in slices}
     for _ in range(args.repeat):
-        for sl in slices:
-            runs[sl].append(run(args, sl))
+        for rate in rates:
+            for sl in slices:
+                runs[rate, sl].append(run(args, sl, rate))
     pace = f"{args.call_rate:g} calls/s under load" if args.call_rate > 0 else "calls back to back"
     print(f"bench_advise: {SHARDS} shards x batch {BATCH} LOCKSTEP, loopback gRPC, blocking client, {pace}")
-    ok = True
-    for sl in slices:
-        for i, r in enumerate(runs[sl]):
-            print(f" --ingest-slice {sl:g} (run {i + 1} of {len(runs[sl])})")
+    for (rate, sl), rs in runs.items():
+        for i, r in enumerate(rs):
+            print(f" ingest at {rate:,.0f} entries/s, --ingest-slice {sl:g} (run {i + 1} of {len(rs)})")
             print(f"  Advise     ingest idle     {percentiles(r['idle_adv'])}")
             print(f"  GetRequest ingest idle     {percentiles(r['idle_get'])}")
             print(f"  Advise     ingest running  {percentiles(r['loaded_adv'])}")
             print(f"  GetRequest ingest running  {percentiles(r['loaded_get'])}")
-            print(
-                f"  ingest: {r['groups']} groups pushed at {args.rate:,.0f} entries/s; "
-                f"{r['steps']:,} steps attributed so far"
-            )
-        worst = max(p99(r["loaded_adv"]) for r in runs[sl])  # type: ignore[arg-type]
-        ok = ok and worst < 2.0
+            print(f"  ingest: {r['groups']} groups pushed; {r['steps']:,} steps attributed so far")
+        worst = max(p99(r["loaded_adv"]) for r in rs)  # type: ignore[arg-type]
         print(
-            f"  goal Advise p99 < 2 ms under load, --ingest-slice {sl:g}: "
+            f"  goal Advise p99 < 2 ms under {rate:,.0f} entries/s, --ingest-slice {sl:g}: "
             f"{'met' if worst < 2.0 else 'MISSED'} (worst run {worst:.2f} ms)"
         )
     return 0
