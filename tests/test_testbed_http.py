@@ -224,32 +224,21 @@ def test_tito_sessions_sticky_reuse_prefix_round_robin_migrates(server, routing)
             assert [t.cached_tokens for t in s.turns[1:2]] == [0]
 
 
-def test_serve_command_runs_as_a_process():
-    cmd = [
-        sys.executable,
-        "-m",
-        "enginetime",
-        "testbed",
-        "serve",
-        "--port",
-        "0",
-        "--shards",
-        "2",
-        "--no-hooks",
-        "--d-model",
-        "64",
-        "--d-ff",
-        "128",
-        "--vocab",
-        "256",
-        "--layers",
-        "1",
-    ]
+def _serve(shards: int) -> tuple[subprocess.Popen, str]:
+    """``enginetime testbed serve`` with a tiny model and no hooks, as a process; and its address."""
+    cmd = [sys.executable, "-m", "enginetime", "testbed", "serve", "--port", "0", "--shards", str(shards)]
+    cmd += ["--no-hooks", "--d-model", "64", "--d-ff", "128", "--vocab", "256", "--layers", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("enginetime testbed ready http="):
+        proc.kill()
+        raise AssertionError(line + proc.communicate()[1])
+    return proc, line.split("http=", 1)[1].split()[0]
+
+
+def test_serve_command_runs_as_a_process():
+    proc, addr = _serve(shards=2)
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("enginetime testbed ready http="), line + proc.stderr.read()
-        addr = line.split("http=", 1)[1].split()[0]
         with httpx.Client(base_url=f"http://{addr}", timeout=30) as c:
             assert c.get("/health").status_code == 200
             out = c.post(
@@ -272,23 +261,8 @@ def test_serve_stops_on_sigterm_delivered_to_a_thread_other_than_main():
     import ctypes
     import signal
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "enginetime",
-        "testbed",
-        "serve",
-        "--port",
-        "0",
-        "--shards",
-        "1",
-        "--no-hooks",
-    ]
-    cmd += ["--d-model", "64", "--d-ff", "128", "--vocab", "256", "--layers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, _ = _serve(shards=1)
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("enginetime testbed ready http="), line + proc.stderr.read()
         threads = sorted(int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid)
         assert threads, "the testbed runs its shards and HTTP server in threads"
         libc = ctypes.CDLL(None, use_errno=True)
