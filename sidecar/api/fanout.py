@@ -403,19 +403,16 @@ class FanOut:
                 return
         fits = max(_BUILD_CHUNK, int(self._budget_s / self._row_s))
         if slots.size > fits:
-            # Round robin over the slots (ascending from the ledger): start at the first slot
-            # the last deferral left out, wrap around, and hand the rest back for the next cycle.
+            # Round robin over the slots (ascending from the ledger): rotate them to start at the
+            # first slot the last deferral left out, then hand the tail back for the next cycle.
             start = int(np.searchsorted(slots, self._next_slot))
-            take = (np.arange(fits) + start) % slots.size
-            rest = np.ones(slots.size, dtype=bool)
-            rest[take] = False
-            ledger.mark_changed(slots[rest])
+            if start:
+                slots = np.concatenate((slots[start:], slots[:start]))
+                reqs, ids = reqs[start:] + reqs[:start], ids[start:] + ids[:start]
+            ledger.mark_changed(slots[fits:])
             self.deferred += int(slots.size - fits)
-            self._next_slot = int(slots[take[-1]]) + 1
-            order = take.tolist()
-            slots = slots[take]
-            reqs = [reqs[i] for i in order]
-            ids = [ids[i] for i in order]
+            self._next_slot = int(slots[fits - 1]) + 1
+            slots, reqs, ids = slots[:fits], reqs[:fits], ids[:fits]
         started = time.perf_counter()
         frames = ledger.encode(slots, reqs)
         spent = time.perf_counter() - started
