@@ -37,6 +37,10 @@ def get_json(url: str):
         return json.load(resp)
 
 
+class _PortClash(AssertionError):
+    """Something other than Phoenix's web server answers on the port chosen for it."""
+
+
 class Phoenix:
     """``phoenix serve`` on loopback: ``base`` is its web UI and REST API, ``otlp`` its OTLP/gRPC."""
 
@@ -68,7 +72,6 @@ class Phoenix:
         (a whole suite of servers starts around it): then an HTTP/2 or other non-HTTP/1 server
         answers, which is a clash of the test's making, not a Phoenix failure.
         """
-        clash: list[str] = []
 
         def up():
             if self.proc.poll() is not None:
@@ -78,19 +81,23 @@ class Phoenix:
             except OSError:
                 return None
             except http.client.HTTPException as exc:
-                clash.append(f"port {self.http_port} answered, but not as Phoenix's HTTP API: {exc!r}")
-                return "clash"
+                raise _PortClash(
+                    f"port {self.http_port} answered, but not as Phoenix's HTTP API: {exc!r}"
+                ) from exc
+
+        def wait() -> None:
+            wait_until(up, timeout=90, interval=0.2, message=lambda: f"phoenix never came up:\n{self.tail()}")
 
         try:
-            for _attempt in range(3):
-                got = wait_until(
-                    up, timeout=90, interval=0.2, message=lambda: f"phoenix never came up:\n{self.tail()}"
-                )
-                if got != "clash":
+            for _ in range(2):
+                try:
+                    wait()
                     return self
-                self.stop()
-                self._start()
-            raise AssertionError("; ".join(clash))
+                except _PortClash:
+                    self.stop()
+                    self._start()
+            wait()  # a third clash fails the test, with what answered
+            return self
         except BaseException:
             self.stop()
             raise

@@ -4,7 +4,7 @@ What a session server written against SGLang relies on: /generate's body and
 answer shape, routed_dp_rank pinning, /abort_request on a running request (and a
 disconnecting client aborting its request), clear 400s for bad requests after
 which the engine keeps serving, and the TITO driver's sticky vs migrating turns.
-The last test runs ``enginetime testbed serve`` as a real process.
+The last two tests run ``enginetime testbed serve`` as a real process.
 """
 
 from __future__ import annotations
