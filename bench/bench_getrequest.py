@@ -34,8 +34,21 @@ SHARDS = 8
 BATCH = 256
 
 
-def paced_pusher(path: str, groups: int, rate: float, ready, go) -> None:
-    """Child process: encode, connect, send setup; on go, push ``rate`` entries/s until done."""
+#: How often each recorder's shipper writes what its engine stepped (engine_hooks.shipper).
+SHIPPER_CADENCE_S = 0.02
+
+
+def paced_pusher(
+    path: str, groups: int, rate: float, ready, go, cadence_s: float = SHIPPER_CADENCE_S
+) -> None:
+    """Child process: encode, connect, send setup; on go, push ``rate`` entries/s until done.
+
+    Lockstep step ``g`` is due at ``(g + 1) × step`` (``step`` = batch × shards / rate).
+    ``cadence_s`` > 0 writes as the recorders do: each shard wakes every ``cadence_s``, its
+    wake-ups staggered across the shards, and writes its steps due by then in one write (so
+    a lockstep group completes when its last shard's write lands). 0: every shard writes
+    four steps at once, all shards together, every four steps (burstier than any engine).
+    """
     setup, units, _entries = encode(SHARDS, BATCH, groups)
     conns = []
     for k in range(SHARDS):
@@ -45,15 +58,29 @@ def paced_pusher(path: str, groups: int, rate: float, ready, go) -> None:
         conns.append(s)
     ready.set()
     go.wait()
-    per = 4
-    period = per * SHARDS * BATCH / rate  # seconds per slice of ``per`` lockstep steps
+    step = SHARDS * BATCH / rate
     began = time.perf_counter()
-    for i, g in enumerate(range(0, groups, per)):
-        for k, s in enumerate(conns):
-            s.sendall(b"".join(units[k][g : g + per]))
-        delay = began + (i + 1) * period - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
+    if cadence_s <= 0:
+        per = 4
+        for i, g in enumerate(range(0, groups, per)):
+            for k, s in enumerate(conns):
+                s.sendall(b"".join(units[k][g : g + per]))
+            delay = began + (i + 1) * per * step - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+    else:
+        sent = [0] * SHARDS  # steps each shard has written
+        wake = [began + cadence_s * (k + 1) / SHARDS for k in range(SHARDS)]
+        while min(sent) < groups:
+            k = min(range(SHARDS), key=wake.__getitem__)
+            delay = wake[k] - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            due = min(groups, int((wake[k] - began) / step))
+            if due > sent[k]:
+                conns[k].sendall(b"".join(units[k][sent[k] : due]))
+                sent[k] = due
+            wake[k] += cadence_s
     for s in conns:
         s.close()
 

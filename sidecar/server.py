@@ -85,6 +85,7 @@ class Sidecar:
             allow_uids=config.ingest_allow_uids,
             allow_insecure=config.allow_insecure_ingest,
             slice_s=config.ingest_slice_s,
+            pause_s=config.ingest_pause_s,
         )
         self.api_guard: ApiGuard | None = None
         counters = self.ingest.counters
@@ -158,6 +159,7 @@ class Sidecar:
         except IngestAddressError as exc:
             raise SidecarStartError(str(exc)) from exc
         self.api_guard = ApiGuard(api_token, cfg.max_streams, cfg.max_streams_per_peer)
+        self.ingest.calls_in_flight = self.api_guard.unary_in_flight
         # so_reuseport off: a second sidecar on the same port must fail, not share it silently.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[self.api_guard])
         add_to_server(self.service, server)

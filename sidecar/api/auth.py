@@ -9,13 +9,19 @@ One grpc.aio server interceptor does both:
   server streams in total and per peer host; one more ends at once with
   RESOURCE_EXHAUSTED, so a misbehaving client cannot hold every stream slot.
 
+It also counts the unary calls being served (``unary_in_flight``): ingest holds its next
+slice of ledger work while one is, so a call that started runs to its reply without
+waiting for ledger work at each of its awaits (``IngestServer._pump``).
+
 TLS and mTLS are the server's credentials (``server_credentials``), not an interceptor.
 """
 
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +36,9 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 UNAUTHENTICATED = "unauthenticated"
 TOO_MANY_STREAMS = "too_many_streams"
 BAD_REQUEST = "bad_request"
+#: A unary call still counted in flight after this long lost its done callback (it should
+#: not happen): it stops holding ingest back and is counted in ``ApiGuardCounters.stale_calls``.
+STALE_CALL_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +100,7 @@ class ApiGuardCounters:
         default_factory=lambda: {UNAUTHENTICATED: 0, TOO_MANY_STREAMS: 0, BAD_REQUEST: 0}
     )
     streams: int = 0  # open server streams now
+    stale_calls: int = 0  # unary calls whose end was never reported (see STALE_CALL_S)
 
 
 class ApiGuard(grpc.aio.ServerInterceptor):
@@ -103,6 +113,27 @@ class ApiGuard(grpc.aio.ServerInterceptor):
         self.counters = ApiGuardCounters()
         self._per_peer: dict[str, int] = {}
         self._ratelog = RateLimitedLog(log)
+        #: Unary calls being served: token -> start (perf_counter), oldest first.
+        self._unary: dict[int, float] = {}
+        self._tokens = itertools.count()
+
+    def unary_in_flight(self) -> int:
+        """Unary calls between their handler's start and the end of the RPC (reply sent)."""
+        calls = self._unary
+        if calls:
+            oldest = next(iter(calls))
+            if time.perf_counter() - calls[oldest] > STALE_CALL_S:
+                del calls[oldest]
+                self.counters.stale_calls += 1
+        return len(calls)
+
+    def _unary_started(self, context) -> None:
+        token = next(self._tokens)
+        self._unary[token] = time.perf_counter()
+        try:
+            context.add_done_callback(lambda _ctx: self._unary.pop(token, None))
+        except Exception:  # a context without done callbacks: do not count it
+            self._unary.pop(token, None)
 
     def _authorized(self, metadata) -> bool:
         if not self._token:
@@ -170,6 +201,7 @@ class ApiGuard(grpc.aio.ServerInterceptor):
         guard = self
 
         async def unary(request, context):
+            guard._unary_started(context)
             if type(request) is _BadBody:
                 await guard._refuse_bad_body(request, method, context)
             return await behavior(request, context)

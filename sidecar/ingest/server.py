@@ -36,6 +36,7 @@ from enginetime.sidecar.cli import parse_ingest_address
 from enginetime.sidecar.ingest.frames import FrameDecoder, FrameError
 from enginetime.sidecar.ingest.limits import (
     DISPATCH_SLICE_S,
+    INGEST_PAUSE_S,
     INGEST_YIELD_SLICES,
     IngestLimits,
     RateLimitedLog,
@@ -103,6 +104,7 @@ class IngestCounters:
     entries: int = 0  # step entries (requests x steps)
     busy_s: float = 0.0  # seconds spent decoding and feeding the ledger
     slices: int = 0  # loop callbacks that fed the ledger (at most --ingest-slice each)
+    deferred: int = 0  # times a ready slice waited for a unary gRPC call being served
     buffered_bytes: int = 0  # bytes of half-received frames, all connections
     clipped_fields: int = 0  # id/text fields longer than --max-text-bytes, kept clipped
     rejected: dict[str, int] = field(default_factory=dict)
@@ -453,6 +455,10 @@ class _Work:
         self.after = after
 
 
+#: How often a slice waiting for unary calls in flight looks again.
+CALL_POLL_S = 0.0001
+
+
 class IngestServer:
     """Listens on ``unix:PATH`` or ``tcp:HOST:PORT`` and feeds the ledger.
 
@@ -475,6 +481,8 @@ class IngestServer:
         allow_uids: tuple[int, ...] = (),
         allow_insecure: bool = False,
         slice_s: float = DISPATCH_SLICE_S,
+        pause_s: float = INGEST_PAUSE_S,
+        calls_in_flight: Callable[[], int] | None = None,
     ) -> None:
         self.family, self.target = parse_ingest_address(address)
         self.ledger = ledger
@@ -504,6 +512,11 @@ class IngestServer:
         self.slice_s = slice_s
         #: How long a slice may wait behind other ready loop work (``INGEST_YIELD_SLICES``).
         self.yield_s = slice_s * INGEST_YIELD_SLICES
+        #: Idle time of the loop between two slices of one backlog (``INGEST_PAUSE_S``).
+        self.pause_s = pause_s
+        #: Unary gRPC calls being served now (the API guard's count): a slice waits for them,
+        #: within ``yield_s``, so a call that started is not interrupted between its awaits.
+        self.calls_in_flight = calls_in_flight
         self._wants_since: float | None = None  # when the next slice became ready
 
     # -- feeding the ledger in bounded slices ----------------------------------------------
@@ -536,29 +549,38 @@ class IngestServer:
     def _pump(self) -> None:
         """Decode and feed queued bytes for about ``slice_s``, then let the loop serve others.
 
-        A slice goes after any other callback already waiting in the loop, for up to
-        ``yield_s``. A unary gRPC call crosses the loop five or six times between its arrival
-        and its reply (the completion-queue event, the server's accept task, the handler's
-        task, each await of a message); when a slice ran at every crossing, the call waited
-        for several slices. Deferring to waiting work lets the call's chain run straight
-        through; the bound keeps a flood of calls from starving ingest (a slice at least every
-        ``yield_s``).
+        A slice goes after any other callback already waiting in the loop, and after any
+        unary gRPC call being served, for up to ``yield_s``. A unary call crosses the loop
+        five or six times between its arrival and its reply (the completion-queue event, the
+        server's accept task, the handler's task, each await of a message or of its send);
+        when a slice ran at every crossing, the call waited for several slices. Between
+        crossings the call's next step is in gRPC's threads, not in the loop's run queue, so
+        the guard's count of calls in flight says to wait as well. The bound keeps a flood of
+        calls from starving ingest (a slice at least every ``yield_s``). A slice that leaves
+        work queued is followed by ``pause_s`` of idle loop (``INGEST_PAUSE_S`` says why).
         """
         self._pump_handle = None
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         if self._wants_since is None:
             self._wants_since = started
-        waiting = getattr(loop, "_ready", None)  # asyncio's run queue (absent in other loops)
-        if waiting and started - self._wants_since < self.yield_s:
-            self._pump_handle = loop.call_soon(self._pump)
-            return
+        if started - self._wants_since < self.yield_s:
+            if getattr(loop, "_ready", None):  # asyncio's run queue (absent in other loops)
+                self._pump_handle = loop.call_soon(self._pump)
+                return
+            if self.calls_in_flight is not None and self.calls_in_flight() > 0:
+                self.counters.deferred += 1
+                self._pump_handle = loop.call_later(CALL_POLL_S, self._pump)
+                return
         self._wants_since = None
         self.counters.slices += 1
         self._feed(started + self.slice_s)
         self.counters.busy_s += time.perf_counter() - started
         if self._queue:
-            self._pump_handle = loop.call_soon(self._pump)
+            if self.pause_s > 0:
+                self._pump_handle = loop.call_later(self.pause_s, self._pump)
+            else:
+                self._pump_handle = loop.call_soon(self._pump)
 
     def _feed(self, deadline: float) -> None:
         queue = self._queue

@@ -221,6 +221,22 @@ class _StateCollector(Collector):
             "Bytes of half-received ingest frames, all connections (--max-ingest-buffer).",
             value=ing.buffered_bytes,
         )
+        yield counter(
+            "enginetime_ingest_busy_seconds",
+            "Seconds the sidecar's loop spent decoding ingest and attributing steps.",
+            ing.busy_s,
+        )
+        yield counter(
+            "enginetime_ingest_slices",
+            "Stretches of ingest work on the loop (at most --ingest-slice each; gRPC calls are served "
+            "between them).",
+            ing.slices,
+        )
+        yield counter(
+            "enginetime_ingest_deferred",
+            "Times a ready stretch of ingest work waited for a unary gRPC call being served.",
+            ing.deferred,
+        )
         yield counter("enginetime_ingest_frames", "Ingest frames accepted.", ing.frames)
         yield counter("enginetime_ingest_bytes", "Ingest bytes received.", ing.bytes)
         yield counter("enginetime_ingest_connections", "Ingest connections accepted.", ing.connections)
