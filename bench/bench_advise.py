@@ -18,9 +18,9 @@ engine made since (``--cadence 0``: four steps of every shard at once, burstier)
 
 Run: ``.venv/bin/python bench/bench_advise.py [--rate 300000] [--seconds 8]``
 (``--rate 68000,300000`` runs each rate in turn, alternated with ``--repeat``);
-``--slices 0,0.0005`` and ``--pauses 0,0.0002`` run the sidecar with each
-``--ingest-slice`` / ``--ingest-pause`` in turn (alternated, ``--repeat`` rounds) and print
-each run and all runs of a setting pooled.
+``--slices 0,0.0005 --repeat 2`` runs the sidecar with each ``--ingest-slice`` in turn
+(0: each read of ingest fed to the ledger whole, as before slicing; alternated, ``--repeat``
+rounds) and prints each run and all runs of a setting pooled.
 """
 
 from __future__ import annotations
@@ -113,13 +113,10 @@ def floor_server(port, stop) -> None:
     asyncio.run(main())
 
 
-def run(args, slice_s: float, pause_s: float, rate: float) -> dict[str, list[float] | int]:
-    """One sidecar with ``--ingest-slice slice_s --ingest-pause pause_s``: latencies idle, then
-    under ingest at ``rate``."""
+def run(args, slice_s: float, rate: float) -> dict[str, list[float] | int]:
+    """One sidecar with ``--ingest-slice slice_s``: latencies idle, then under ingest at ``rate``."""
     groups = int(rate * args.seconds / (SHARDS * BATCH))
-    sidecar = launcher.start_sidecar(
-        "--log-level", "warning", "--ingest-slice", f"{slice_s:g}", "--ingest-pause", f"{pause_s:g}"
-    )
+    sidecar = launcher.start_sidecar("--log-level", "warning", "--ingest-slice", f"{slice_s:g}")
     ctx = mp.get_context("spawn")
     ready, go = ctx.Event(), ctx.Event()
     child = ctx.Process(
@@ -224,12 +221,6 @@ def main() -> int:
         help="comma-separated sidecar --ingest-slice values to run side by side (0: each read fed whole, "
         "the behaviour before slicing), e.g. 0,0.0005",
     )
-    parser.add_argument(
-        "--pauses",
-        default=f"{SidecarConfig.ingest_pause_s:g}",
-        help="comma-separated sidecar --ingest-pause values to run side by side (0: ingest stretches "
-        f"back to back, the behaviour before pauses), e.g. 0,{SidecarConfig.ingest_pause_s:g}",
-    )
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every setting, alternated")
     parser.add_argument(
         "--call-rate",
@@ -247,23 +238,21 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    settings = [(float(sl), float(pa)) for sl in args.slices.split(",") for pa in args.pauses.split(",")]
+    slices = [float(x) for x in args.slices.split(",")]
     rates = [float(x) for x in args.rate.split(",")]
-    runs: dict[tuple[float, float, float], list[dict]] = {
-        (rate, sl, pa): [] for rate in rates for sl, pa in settings
-    }
+    runs: dict[tuple[float, float], list[dict]] = {(rate, sl): [] for rate in rates for sl in slices}
     for _ in range(args.repeat):
         for rate in rates:
-            for sl, pa in settings:
-                runs[rate, sl, pa].append(run(args, sl, pa, rate))
+            for sl in slices:
+                runs[rate, sl].append(run(args, sl, rate))
     pace = f"{args.call_rate:g} calls/s under load" if args.call_rate > 0 else "calls back to back"
     how = f"each shard writes every {args.cadence * 1e3:g} ms" if args.cadence > 0 else "bursts of 4 steps"
     print(
         f"bench_advise: {SHARDS} shards x batch {BATCH} LOCKSTEP ({how}), loopback gRPC, blocking client, "
         f"{pace}"
     )
-    for (rate, sl, pa), rs in runs.items():
-        setting = f"--ingest-slice {sl:g} --ingest-pause {pa:g}"
+    for (rate, sl), rs in runs.items():
+        setting = f"--ingest-slice {sl:g}"
         for i, r in enumerate(rs):
             print(f" ingest at {rate:,.0f} entries/s, {setting} (run {i + 1} of {len(rs)})")
             print(f"  Advise     ingest idle     {percentiles(r['idle_adv'])}")

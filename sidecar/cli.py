@@ -412,18 +412,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         ),
     )
     lim.add_argument(
-        "--ingest-pause",
-        metavar="SECONDS",
-        type=_seconds,
-        default=SidecarConfig.ingest_pause_s,
-        help=(
-            "idle time between two stretches of ingest work while frames are queued, so gRPC's threads "
-            "and other processes on the host run during a burst of steps (unary-call tails); ingest then "
-            "uses at most slice / (slice + pause) of a core. 0: stretches back to back. "
-            f"Default: {SidecarConfig.ingest_pause_s:g}."
-        ),
-    )
-    lim.add_argument(
         "--shutdown-grace",
         metavar="SECONDS",
         type=_seconds,
@@ -518,7 +506,6 @@ def build_config(args: argparse.Namespace) -> SidecarConfig:
         lag_limit_s=args.lag_limit,
         shutdown_grace_s=args.shutdown_grace,
         ingest_slice_s=args.ingest_slice,
-        ingest_pause_s=args.ingest_pause,
         otlp_endpoint=args.otlp_endpoint or "",
         otlp_protocol=args.otlp_protocol,
         trace_link_threshold_s=args.trace_link_threshold,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from enginetime.engine_hooks.constants import DEFAULT_GRPC_ADDRESS, MAX_FRAME_BYTES, ingest_address
-from enginetime.sidecar.ingest.limits import DISPATCH_SLICE_S, INGEST_PAUSE_S, IngestLimits
+from enginetime.sidecar.ingest.limits import DISPATCH_SLICE_S, IngestLimits
 
 #: Where gRPC is served unless told otherwise (loopback only).
 DEFAULT_LISTEN = DEFAULT_GRPC_ADDRESS
@@ -125,9 +125,6 @@ class SidecarConfig:
     #: Longest stretch of ingest work (feeding frames to the ledger) per event-loop callback,
     #: so gRPC calls are served between stretches; 0: feed each read whole as it arrives.
     ingest_slice_s: float = DISPATCH_SLICE_S
-    #: Idle loop time between two ingest stretches of one backlog, so gRPC's threads and the
-    #: host's other processes get the GIL and a core during a burst of steps; 0: none.
-    ingest_pause_s: float = INGEST_PAUSE_S
 
     def fanout_limits(self) -> FanOutLimits:
         """The fan-out's bounds these settings ask for."""

@@ -85,7 +85,6 @@ class Sidecar:
             allow_uids=config.ingest_allow_uids,
             allow_insecure=config.allow_insecure_ingest,
             slice_s=config.ingest_slice_s,
-            pause_s=config.ingest_pause_s,
         )
         self.api_guard: ApiGuard | None = None
         counters = self.ingest.counters

@@ -38,14 +38,6 @@ DISPATCH_SLICE_S = 0.0005  # the default of SidecarConfig.ingest_slice_s (--inge
 #: A ready slice waits behind other ready loop work (a gRPC call's next step) for at most
 #: this many slices' time, so callers go first without being able to starve ingest.
 INGEST_YIELD_SLICES = 4
-#: After a slice that leaves frames queued, the loop idles this long before the next one.
-#: Steps arrive in bursts (each recorder writes what its engine stepped every 20 ms, so a
-#: burst holds several lockstep groups of ~1 ms each), and back-to-back slices kept the
-#: sidecar's thread busy for the whole burst: gRPC's own threads and the processes sharing
-#: the host waited for the GIL or a core, and a call arriving mid-burst was not even seen
-#: until the burst ended. The idle gaps cap ingest at slice / (slice + pause) of a core
-#: (still several times the 300 k entries/s goal); measured in docs/ARCHITECTURE.md.
-INGEST_PAUSE_S = 0.0002  # the default of SidecarConfig.ingest_pause_s (--ingest-pause)
 
 
 @dataclass

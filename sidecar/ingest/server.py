@@ -36,7 +36,6 @@ from enginetime.sidecar.cli import parse_ingest_address
 from enginetime.sidecar.ingest.frames import FrameDecoder, FrameError
 from enginetime.sidecar.ingest.limits import (
     DISPATCH_SLICE_S,
-    INGEST_PAUSE_S,
     INGEST_YIELD_SLICES,
     IngestLimits,
     RateLimitedLog,
@@ -481,7 +480,6 @@ class IngestServer:
         allow_uids: tuple[int, ...] = (),
         allow_insecure: bool = False,
         slice_s: float = DISPATCH_SLICE_S,
-        pause_s: float = INGEST_PAUSE_S,
         calls_in_flight: Callable[[], int] | None = None,
     ) -> None:
         self.family, self.target = parse_ingest_address(address)
@@ -512,8 +510,6 @@ class IngestServer:
         self.slice_s = slice_s
         #: How long a slice may wait behind other ready loop work (``INGEST_YIELD_SLICES``).
         self.yield_s = slice_s * INGEST_YIELD_SLICES
-        #: Idle time of the loop between two slices of one backlog (``INGEST_PAUSE_S``).
-        self.pause_s = pause_s
         #: Unary gRPC calls being served now (the API guard's count): a slice waits for them,
         #: within ``yield_s``, so a call that started is not interrupted between its awaits.
         self.calls_in_flight = calls_in_flight
@@ -556,8 +552,8 @@ class IngestServer:
         when a slice ran at every crossing, the call waited for several slices. Between
         crossings the call's next step is in gRPC's threads, not in the loop's run queue, so
         the guard's count of calls in flight says to wait as well. The bound keeps a flood of
-        calls from starving ingest (a slice at least every ``yield_s``). A slice that leaves
-        work queued is followed by ``pause_s`` of idle loop (``INGEST_PAUSE_S`` says why).
+        calls from starving ingest (a slice at least every ``yield_s``); a count that never
+        drops (a lost done callback) expires after ``STALE_CALL_S`` in the guard.
         """
         self._pump_handle = None
         loop = asyncio.get_running_loop()
@@ -577,10 +573,7 @@ class IngestServer:
         self._feed(started + self.slice_s)
         self.counters.busy_s += time.perf_counter() - started
         if self._queue:
-            if self.pause_s > 0:
-                self._pump_handle = loop.call_later(self.pause_s, self._pump)
-            else:
-                self._pump_handle = loop.call_soon(self._pump)
+            self._pump_handle = loop.call_soon(self._pump)
 
     def _feed(self, deadline: float) -> None:
         queue = self._queue
