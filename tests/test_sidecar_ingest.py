@@ -33,6 +33,7 @@ from helpers import (
 )
 
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, PROTOCOL_VERSION
+from enginetime.sidecar.api.auth import ApiGuard
 from enginetime.sidecar.ingest.server import IngestServer
 from enginetime.sidecar.ledger.ledger import Ledger, LedgerConfig
 from enginetime.sidecar.ledger.views import RequestQuery, RequestState
@@ -496,3 +497,66 @@ def test_a_callers_chain_of_loop_steps_runs_between_two_ingest_slices() -> None:
     assert slices_in_chain <= 8, slices_in_chain
     assert steps == 4 * 300  # the flood did not stop ingest: every step attributed
     assert flood_steps > 100  # and the flood itself kept running meanwhile
+
+
+def test_a_unary_call_being_served_holds_ingest_between_its_awaits() -> None:
+    """Between two steps of a call the loop's run queue can be empty (the call waits on gRPC's
+    threads), so yielding to ready callbacks does not protect it: the API guard's count of
+    calls in flight does. A real grpc.aio server with the guard shares the loop with a
+    backlogged ingest; a handler awaits ten waits on another thread. With the count wired in,
+    ingest runs at most once per yield bound during the call; without it, slice after slice
+    whenever the call waits. And the backlog still drains completely either way."""
+
+    gaps = 10
+
+    async def scenario(wired: bool) -> tuple[int, float, float, int]:
+        ledger = Ledger(LedgerConfig(lockstep_wait_s=5.0))
+        sockdir = short_socket_dir()
+        server = IngestServer(ledger, f"unix:{sockdir}/i.sock", slice_s=0.000_2)
+        guard = ApiGuard()
+        if wired:
+            server.calls_in_flight = guard.unary_in_flight
+        await server.start()
+        during: list[int] = []
+
+        async def handler(request: bytes, context) -> bytes:
+            before = server.counters.slices
+            began = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            for _ in range(gaps):  # waits on another thread, as a call's steps wait on gRPC's
+                await loop.run_in_executor(None, time.sleep, 0.000_3)
+            during.append(server.counters.slices - before)
+            return str(time.perf_counter() - began).encode()
+
+        api = grpc.aio.server(interceptors=[guard])
+        api.add_generic_rpc_handlers(
+            [
+                grpc.method_handlers_generic_handler(
+                    "probe.Probe", {"Hold": grpc.unary_unary_rpc_method_handler(handler)}
+                )
+            ]
+        )
+        port = api.add_insecure_port("127.0.0.1:0")
+        await api.start()
+        try:
+            writers = await _queued_burst(server, ledger, sockdir, groups=300)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                elapsed = float(await channel.unary_unary("/probe.Probe/Hold")(b"", timeout=30))
+            deadline = time.monotonic() + 60
+            while (server._queue or ledger.counters.steps < 4 * 300) and time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
+            for w in writers:
+                w.close()
+            return during[0], elapsed, server.yield_s, ledger.counters.steps
+        finally:
+            await api.stop(0)
+            await server.close()
+            shutil.rmtree(sockdir, ignore_errors=True)
+
+    held, elapsed, yield_s, steps = asyncio.run(scenario(wired=True))
+    assert steps == 4 * 300
+    # A slice needs a full yield bound of waiting since the last one: never more than this.
+    assert held <= elapsed / yield_s + 1, (held, elapsed, yield_s)
+    loose, _, _, steps = asyncio.run(scenario(wired=False))
+    assert steps == 4 * 300
+    assert loose >= gaps, loose  # unwired, slices ran during every wait
