@@ -365,8 +365,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=_positive_int,
         default=IngestLimits.max_engines,
         help=(
-            "distinct engine ids the sidecar keeps state for (too_many_engines beyond). "
-            f"Default: {IngestLimits.max_engines}."
+            "distinct engine ids the sidecar keeps state for. When a new id would pass it, the engine "
+            "with no shard connected that left longest ago is forgotten with the requests it still "
+            "holds; only when every engine has a shard connected is the new one refused "
+            f"(too_many_engines). Default: {IngestLimits.max_engines}."
         ),
     )
     lim.add_argument(

@@ -261,6 +261,7 @@ class Sidecar:
                 raise SidecarStartError(str(exc)) from exc
             self.metrics = metrics
             feed.consumers.append(metrics.observe_finished)
+            self.ledger.add_forget_listener(metrics.forget_engine)
             log.info("serving Prometheus metrics on http://%s/metrics", self.metrics_address)
         self.finished = feed
 

@@ -336,3 +336,50 @@ def test_random_abuse_never_raises_and_keeps_the_invariants(seed):
         assert min(v.queue_time_ns, v.engine_time_ns, v.interference_ns, v.other_ns, v.gpu_time_ns) >= 0
         assert len(v.top_blame) <= 2
     assert led.counters.steps > 500 and led.counters.unknown_handles > 0
+
+
+# ---- forgetting an engine that left ----------------------------------------------------
+def test_forgetting_an_idle_engine_drops_it_whole_and_nothing_else():
+    """The engine forgotten is the one that left longest ago, with every request it held
+    (blame on its evicted aggressors included); connected engines, the newcomer's own id and
+    other engines' requests and blame are untouched; its shard-table places are reused."""
+    led, clock, keys = make_ledger()  # engine "eng", 2 shards, connected
+    gone = connect(led, "gone", 1)
+    arrive(led, gone[0], 1, "g-victim", T0)
+    arrive(led, gone[0], 2, "g-aggr", T0)
+    step(led, gone[0], [1], [10], T0)
+    step(led, gone[0], [2], [512], T0 + MS, d=10 * MS)  # the victim waits on g-aggr
+    finish(led, gone[0], 2, T0 + 11 * MS)
+    arrive(led, keys[0], 1, "e-victim", T0)
+    arrive(led, keys[0], 2, "e-aggr", T0)
+    step(led, keys[0], [1], [10], T0)
+    step(led, keys[0], [2], [512], T0 + MS, d=10 * MS)
+
+    def figures(v):  # what does not move with the clock
+        return (v.engine_time_ns, v.gpu_time_ns, v.interference_ns, v.steps, v.top_blame)
+
+    clock.now = T0 + S
+    before = figures(led.get("e-victim"))
+    assert before[4] and before[4][0].request_id == "e-aggr"
+    assert led.forget_idle_engine() is None  # everyone is connected
+    led.disconnect(gone[0])
+    later = connect(led, "later", 1)
+    clock.now = T0 + 2 * S
+    led.disconnect(later[0])
+    assert led.forget_idle_engine(keep="gone") == ("later", 0)  # the newcomer's own id is kept
+    dropped: list[str] = []
+    led.add_forget_listener(dropped.append)
+    assert led.forget_idle_engine() == ("gone", 2)
+    assert dropped == ["gone"]
+    assert led.get("g-victim") is None and led.get("g-aggr") is None
+    assert not led._ghosts  # g-aggr's ghost went with its victim: nobody left could name it
+    assert {s.engine_id for s in led.shards()} == {"eng"}
+    assert figures(led.get("e-victim")) == before  # the other engine's figures and blame, unchanged
+    assert (led.counters.engines_forgotten, led.counters.forgotten_requests) == (2, 2)
+    assert led.forget_idle_engine() is None
+    again = connect(led, "gone", 1)  # comes back: a fresh engine in a reused table place
+    assert led.census("gone", 0)[2:] == (True, True)
+    assert led.shards("gone")[0].steps == 0
+    arrive(led, again[0], 1, "g-victim", T0 + 3 * S)
+    assert led.get("g-victim").engine_time_ns == 0
+    assert len(led._shard_table) == 4  # eng ×2, gone, later: no place added for the newcomer

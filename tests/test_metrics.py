@@ -21,7 +21,7 @@ import pytest
 from helpers import IngestConnection, arrived, finished, heartbeat, hello, start_sidecar, step, wait_until
 from otel_helpers import metrics_address, scrape
 
-from enginetime.clients import AccountingClient, InterferencePhase, RequestState
+from enginetime.clients import AccountingClient, InterferencePhase, RequestNotFound, RequestState
 from enginetime.sidecar.telemetry.metrics import SECONDS_BUCKETS
 
 pytestmark = pytest.mark.e2e  # every test here starts processes (see conftest.py)
@@ -184,3 +184,41 @@ def test_busy_metrics_port_is_a_clear_startup_error(tmp_path: Path) -> None:
     text = str(failure.value)
     assert "exit code 1" in text
     assert f"cannot serve /metrics on 127.0.0.1:{port}" in text and "--metrics-port" in text
+
+
+@pytest.mark.timeout(60)
+def test_a_forgotten_engine_takes_its_series_and_its_requests_with_it(tmp_path: Path) -> None:
+    """--max-engines 1: an engine that finished a request and left is forgotten when another
+    engine id connects; /metrics stops showing its per-shard series and counts the forgetting,
+    and the API no longer knows its request, while the newcomer's are served."""
+    with (
+        start_sidecar(tmp_path, "--metrics-port", "0", "--max-engines", "1") as sidecar,
+        AccountingClient(sidecar.grpc_target) as client,
+    ):
+        address = metrics_address(sidecar.stdout_lines)
+        t = time.time_ns() - 100 * MS
+        with IngestConnection(sidecar.ingest) as first:
+            first.send(hello(engine_id="first"), arrived(1, "first-1", 16, time_ns=t))
+            first.send(step(0, [1], prefill=[16], start_time_ns=t + MS, device_time_ns=2 * MS))
+            first.send(finished(1, 1, time_ns=t + 4 * MS))
+
+            def first_is_counted() -> bool:
+                labels = (("engine_id", "first"), ("shard", "0"), ("state", "finished"))
+                return scrape(address).get(("enginetime_requests_finished_total", labels)) == 1
+
+            wait_until(first_is_counted)
+        wait_until(lambda: not any(s.connected for s in client.get_shards("first")))
+        with IngestConnection(sidecar.ingest) as second:
+            second.send(hello(engine_id="second"), arrived(1, "second-1", 16, time_ns=t))
+            wait_until(lambda: client.get_request("second-1").request_id == "second-1")
+            m = scrape(address)
+            assert m[("enginetime_engines_forgotten_total", ())] == 1
+            assert m[("enginetime_forgotten_requests_total", ())] == 1
+            assert not [k for k in m if ("engine_id", "first") in k[1]], (
+                "the forgotten engine's series remain"
+            )
+            assert [s.engine_id for s in client.get_shards()] == ["second"]
+            assert client.list_requests(engine_id="first").total_size == 0
+            with pytest.raises(RequestNotFound):
+                client.get_request("first-1")
+        assert "forgot engine 'first'" in sidecar.stderr_text()

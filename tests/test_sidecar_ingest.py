@@ -34,6 +34,7 @@ from helpers import (
 
 from enginetime.engine_hooks.constants import MAX_FRAME_BYTES, PROTOCOL_VERSION
 from enginetime.sidecar.api.auth import ApiGuard
+from enginetime.sidecar.ingest.limits import IngestLimits
 from enginetime.sidecar.ingest.server import IngestServer
 from enginetime.sidecar.ledger.ledger import Ledger, LedgerConfig
 from enginetime.sidecar.ledger.views import RequestQuery, RequestState
@@ -560,3 +561,72 @@ def test_a_unary_call_being_served_holds_ingest_between_its_awaits() -> None:
     loose, _, _, steps = asyncio.run(scenario(wired=False))
     assert steps == 4 * 300
     assert loose >= gaps, loose  # unwired, slices ran during every wait
+
+
+def test_an_engine_that_left_makes_room_for_a_new_engine_id() -> None:
+    """At --max-engines a new engine id is admitted by forgetting the engine that left longest
+    ago (no shard connected), with the requests it still held; an engine with a shard
+    connected is never forgotten, and when every engine has one the newcomer is refused
+    (too_many_engines) while the connected engines keep streaming."""
+
+    async def wait(check, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not check():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.005)
+
+    async def scenario() -> dict:
+        ledger = Ledger(LedgerConfig())
+        sockdir = short_socket_dir()
+        server = IngestServer(ledger, f"unix:{sockdir}/i.sock", limits=IngestLimits(max_engines=2))
+        await server.start()
+        path = f"{sockdir}/i.sock"
+        out: dict = {}
+        try:
+            # "old" runs a request to the end and leaves; "older" leaves earlier, with a live one.
+            _, older = await asyncio.open_unix_connection(path)
+            older.write(hello("older") + arrived(1, "older-1") + step(1, [1]))
+            await wait(lambda: ledger.get("older-1") is not None, "older-1")
+            older.close()
+            await wait(lambda: server.counters.active_connections == 0, "older to leave")
+            _, old = await asyncio.open_unix_connection(path)
+            old.write(hello("old") + arrived(1, "old-1") + step(1, [1]) + finished(1, 1))
+            await wait(lambda: (v := ledger.get("old-1")) is not None and v.state.name == "FINISHED", "old-1")
+            old.close()
+            await wait(lambda: server.counters.active_connections == 0, "old to leave")
+            # A new id: "older" (left first) goes, with its request; "old" stays.
+            _, stay = await asyncio.open_unix_connection(path)
+            stay.write(hello("stay") + arrived(1, "stay-1") + step(1, [1]))
+            await wait(lambda: ledger.get("stay-1") is not None, "stay-1")
+            out["after_first"] = sorted(s.engine_id for s in ledger.shards())
+            out["older_1"] = ledger.get("older-1")
+            out["old_1"] = ledger.get("old-1") is not None
+            # Another: "old" goes (the only engine left with no shard connected).
+            _, also = await asyncio.open_unix_connection(path)
+            also.write(hello("also") + arrived(1, "also-1") + step(1, [1]))
+            await wait(lambda: ledger.get("also-1") is not None, "also-1")
+            out["after_second"] = sorted(s.engine_id for s in ledger.shards())
+            # Both held engines are connected now: a third id is refused, and they keep going.
+            refused_r, refused_w = await asyncio.open_unix_connection(path)
+            refused_w.write(hello("refused"))
+            out["refused_eof"] = await asyncio.wait_for(refused_r.read(), 10)
+            stay.write(arrived(2, "stay-2") + step(2, [1, 2]))
+            await wait(lambda: ledger.get("stay-2") is not None, "stay-2 after the refusal")
+            out["rejected"] = dict(server.counters.rejected)
+            out["forgotten"] = (ledger.counters.engines_forgotten, ledger.counters.forgotten_requests)
+            out["final"] = sorted(s.engine_id for s in ledger.shards())
+            for w in (stay, also, refused_w):
+                w.close()
+        finally:
+            await server.close()
+            shutil.rmtree(sockdir, ignore_errors=True)
+        return out
+
+    out = asyncio.run(scenario())
+    assert out["after_first"] == ["old", "stay"]
+    assert out["older_1"] is None and out["old_1"]  # forgotten with its engine; the other kept
+    assert out["after_second"] == ["also", "stay"]
+    assert out["refused_eof"] == b"" and out["rejected"] == {"too_many_engines": 1}
+    assert out["forgotten"] == (2, 2)
+    assert out["final"] == ["also", "stay"]

@@ -677,15 +677,34 @@ class IngestServer:
             return TOO_MANY_ENGINES, (
                 f"num_shards={hello.num_shards} is more than --max-shards {limits.max_shards}"
             )
-        engines, shards, engine_known, shard_known = self.ledger.census(hello.engine_id, int(hello.shard))
-        if not engine_known and engines >= limits.max_engines:
-            return TOO_MANY_ENGINES, (
-                f"the sidecar already holds {engines} engine ids (--max-engines {limits.max_engines}); "
-                "one sidecar serves one engine: are engines starting with a fresh engine id each time?"
+        while True:
+            engines, shards, engine_known, shard_known = self.ledger.census(hello.engine_id, int(hello.shard))
+            full_engines = not engine_known and engines >= limits.max_engines
+            full_shards = not shard_known and shards >= limits.max_shards
+            if not (full_engines or full_shards):
+                return None
+            # Room for a newcomer comes from an engine that left (none of its shards connected).
+            forgotten = self.ledger.forget_idle_engine(keep=hello.engine_id)
+            if forgotten is None:
+                break
+            log.info(
+                "forgot engine %s and the %d requests it still held (no shard connected) to admit "
+                "engine %s: --max-engines %d / --max-shards %d reached",
+                quote(forgotten[0]),
+                forgotten[1],
+                quote(hello.engine_id),
+                limits.max_engines,
+                limits.max_shards,
             )
-        if not shard_known and shards >= limits.max_shards:
-            return TOO_MANY_ENGINES, f"the sidecar already holds {shards} shards (--max-shards)"
-        return None
+        if full_engines:
+            return TOO_MANY_ENGINES, (
+                f"the sidecar already holds {engines} engine ids, each with a shard connected "
+                f"(--max-engines {limits.max_engines}); one sidecar serves one engine: are engines "
+                "starting with a fresh engine id each time, or is one sidecar shared by too many?"
+            )
+        return TOO_MANY_ENGINES, (
+            f"the sidecar already holds {shards} shards of engines with a shard connected (--max-shards)"
+        )
 
     def claim(self, key: tuple[str, int], conn: _Connection) -> None:
         self._owners[key] = conn

@@ -177,10 +177,17 @@ class LedgerCounters:
     unknown_events: int = 0  # terminal events for unknown handles (nothing to account)
     handle_reuses: int = 0  # ARRIVED on a handle whose request never ended (its end was lost)
     engine_restarts: int = 0  # a shard reconnected with a new recorder epoch
+    engines_forgotten: int = 0  # idle engines forgotten to admit a new engine id (forget_idle_engine)
+    forgotten_requests: int = 0  # requests those engines still held, dropped with them
     storms: int = 0  # storms started
     storms_predicted: int = 0  # admissions whose predicted prefill stall crossed the storm threshold
     model_fits: int = 0  # cost-model refits
     unattributed_ns: int = 0  # device time no request could be charged with
+
+
+#: What a forgotten engine's shard leaves in the shard table until a new shard takes its
+#: place: never connected, so listings skip it, and no request or blame names its index.
+_FORGOTTEN = ShardState(EngineState("", int(Coupling.INDEPENDENT), 1, CostModel(), 0), -1, -1, CostModel())
 
 
 class Ledger:
@@ -205,6 +212,8 @@ class Ledger:
         self._engines: dict[str, EngineState] = {}
         self._shards: dict[ShardKey, ShardState] = {}
         self._shard_table: list[ShardState] = []
+        self._free_shard_indices: list[int] = []  # table positions of forgotten engines' shards
+        self._forget_listeners: list[Callable[[str], None]] = []
         # evicted aggressor -> (id, shard idx, arrival ns, traceparent)
         self._ghosts: OrderedDict[int, tuple[str, int, int, str]] = OrderedDict()
         #: Called with a request's key when it reaches FINISHED/ABORTED (see add_terminal_listener).
@@ -251,6 +260,7 @@ class Ledger:
             self._restart(shard, hello.wall_time_ns or self._clock())
         shard.connected = True
         shard.ever_connected = True
+        eng.left_ns = 0
         shard.epoch = hello.recorder_epoch
         shard.coupling = coupling
         shard.engine_kind = hello.engine_kind
@@ -321,6 +331,8 @@ class Ledger:
         shard.connected = False
         eng = shard.engine
         eng.refresh_expected()
+        if not eng.expected():
+            eng.left_ns = max(1, self._clock())
         if eng.join.pending:
             for group, timed_out in eng.join.release_ready():
                 self._attribute_group(eng, group, timed_out)
@@ -347,11 +359,64 @@ class Ledger:
         key = (eng.engine_id, no)
         shard = self._shards.get(key)
         if shard is None:
-            shard = ShardState(eng, no, len(self._shard_table), self._new_model())
+            if self._free_shard_indices:
+                index = self._free_shard_indices.pop()
+                shard = ShardState(eng, no, index, self._new_model())
+                self._shard_table[index] = shard
+            else:
+                shard = ShardState(eng, no, len(self._shard_table), self._new_model())
+                self._shard_table.append(shard)
             self._shards[key] = shard
-            self._shard_table.append(shard)
             eng.shards[no] = shard
         return shard
+
+    def forget_idle_engine(self, keep: str = "") -> tuple[str, int] | None:
+        """Forget one engine none of whose shards is connected, to make room for a new one.
+
+        Picks the engine whose last shard left longest ago and drops it with every request
+        it still holds (finished ones kept for ``--retention`` included; counted in
+        ``forgotten_requests``); its cost models stay in the model-state file. Returns (its
+        id, requests dropped), or None when every engine has a shard connected. Ingest calls
+        it when a new engine id would pass ``--max-engines`` or ``--max-shards``: engines
+        that come and go under fresh ids (short-lived rollout engines on random ports) must
+        not lock later ones out, and an engine that is connected is never forgotten. ``keep``
+        (the newcomer's own engine id, when it reconnects with a new shard) is not forgotten.
+        """
+        idle = [e for e in self._engines.values() if e.left_ns and not e.expected() and e.engine_id != keep]
+        if not idle:
+            return None
+        eng = min(idle, key=lambda e: e.left_ns)
+        now = self._clock()
+        shards = list(eng.shards.values())
+        indices = np.array([sh.index for sh in shards], dtype=np.int32)
+        cols = self._cols
+        used = cols.used
+        held = np.flatnonzero(cols.alive[:used] & np.isin(cols.shard_idx[:used], indices))
+        for slot in held.tolist():
+            req = self._reqs[slot]
+            if req is not None:
+                self._evict(req)
+        gone = set(indices.tolist())
+        for rid in [rid for rid, ghost in self._ghosts.items() if ghost[1] in gone]:
+            del self._ghosts[rid]  # nobody left can name them: their victims were this engine's
+        for key in [key for key in self._session_shard if key[0] == eng.engine_id]:
+            del self._session_shard[key]
+        for sh in shards:
+            self._storms.end_shard(sh, now)
+            del self._shards[(eng.engine_id, sh.shard)]
+            self._shard_table[sh.index] = _FORGOTTEN
+            self._free_shard_indices.append(sh.index)
+        del self._engines[eng.engine_id]
+        self.counters.engines_forgotten += 1
+        self.counters.forgotten_requests += held.size
+        for listener in self._forget_listeners:
+            listener(eng.engine_id)
+        return eng.engine_id, int(held.size)
+
+    def add_forget_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(engine_id)`` when ``forget_idle_engine`` forgets an engine (metrics
+        drop its series). Runs inside ingest's admission: O(1)-ish and must not raise."""
+        self._forget_listeners.append(listener)
 
     def _new_model(self) -> CostModel:
         return CostModel(self.config.model_window, self.config.refit_every)

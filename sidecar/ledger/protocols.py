@@ -49,6 +49,8 @@ class IngestSink(Protocol):
 
     def census(self, engine_id: str = "", shard: int = -1) -> tuple[int, int, bool, bool]: ...
 
+    def forget_idle_engine(self, keep: str = "") -> tuple[str, int] | None: ...
+
 
 class AccountingReader(Protocol):
     """What the unary API reads: immutable views of requests and shards.
@@ -121,6 +123,8 @@ class SidecarLedger(IngestSink, AccountingReader, ChangeFeed, FinishedSource, Pr
     def save_models(self) -> None:
         """Write the cost models to ``--model-state`` (at shutdown; the ticker writes them periodically)."""
         ...
+
+    def add_forget_listener(self, listener: Callable[[str], None]) -> None: ...
 
 
 __all__ = ["AccountingReader", "ChangeFeed", "FinishedSource", "IngestSink", "SidecarLedger"]

@@ -31,6 +31,7 @@ class EngineState:
         "noise",
         "slowdown",
         "join",
+        "left_ns",
         "_expected",
     )
 
@@ -46,6 +47,7 @@ class EngineState:
         self.slowdown = Slowdown()  # LOCKSTEP pace against the model (costmodel.Slowdown)
         self._expected: set[int] = set()
         self.join = LockstepJoin(wait_ns, self.expected)
+        self.left_ns = 0  # when its last connected shard disconnected (0: one is connected, or never was)
 
     @property
     def lockstep(self) -> bool:

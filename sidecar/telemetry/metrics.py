@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -126,6 +127,17 @@ class _RequestHistograms:
         )
         self._children: dict[tuple[str, int, int], tuple] = {}
 
+    def forget_engine(self, engine_id: str) -> None:
+        """Drop a forgotten engine's series (the ledger forgot it to admit a new engine id)."""
+        for key in [key for key in self._children if key[0] == engine_id]:
+            del self._children[key]
+            lv = (key[0], str(key[1]))
+            for metric in (self.engine_time, self.queue_time, self.interference, self.gpu_time, self.wall):
+                with contextlib.suppress(KeyError):
+                    metric.remove(*lv)
+            with contextlib.suppress(KeyError):
+                self.finished.remove(*lv, "aborted" if key[2] == int(RequestState.ABORTED) else "finished")
+
     def observe(self, records: list[tuple]) -> None:
         children = self._children
         aborted = int(RequestState.ABORTED)
@@ -176,6 +188,17 @@ class _StateCollector(Collector):
             "Storm warnings at admission (PREDICTED): a request admitted on a lockstep engine whose "
             "predicted prefill would stall the other shards' running requests past --storm-threshold.",
             led.storms_predicted,
+        )
+        yield counter(
+            "enginetime_engines_forgotten",
+            "Engines with no shard connected forgotten, with the requests they still held, to admit a "
+            "new engine id at --max-engines / --max-shards.",
+            led.engines_forgotten,
+        )
+        yield counter(
+            "enginetime_forgotten_requests",
+            "Requests dropped with a forgotten engine (finished ones still within --retention included).",
+            led.forgotten_requests,
         )
         yield counter(
             "enginetime_partial_requests",
@@ -399,6 +422,10 @@ class SidecarMetrics:
     def observe_finished(self, records: list[tuple]) -> None:
         """FinishedFeed consumer (event loop): ``Ledger.finished_record`` tuples."""
         self.requests.observe(records)
+
+    def forget_engine(self, engine_id: str) -> None:
+        """Ledger forget listener (event loop): the engine's per-shard series go with it."""
+        self.requests.forget_engine(engine_id)
 
     def fresh_snapshot(self) -> StateSnapshot:
         """A snapshot taken on the event loop now; the last one if the loop does not answer in time."""
