@@ -152,12 +152,22 @@ def _renice(target: int) -> None:
     os.nice(max(0, target - os.nice(0)))
 
 
-def start_sidecar(tmp: str, nice: int | None = None, name: str = "ingest") -> tuple[subprocess.Popen, str]:
+def start_sidecar(
+    tmp: str, nice: int | None = None, name: str = "ingest", cpus: set[int] | None = None
+) -> tuple[subprocess.Popen, str]:
     """A real sidecar process (``python -m enginetime sidecar``) on a private Unix socket.
 
     ``nice``: the sidecar's niceness (None: inherited), so that on a host with few free
-    cores the engine thread's wake-ups preempt it.
+    cores the engine thread's wake-ups preempt it. ``cpus``: the CPUs it may run on
+    (``--pin``), as a deployment pins the sidecar away from the engine's scheduler cores.
     """
+
+    def prepare() -> None:
+        if nice is not None:
+            _renice(nice)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
     path = os.path.join(tmp, name + ".sock")
     log = open(os.path.join(tmp, name + ".log"), "wb")
     proc = subprocess.Popen(
@@ -174,7 +184,7 @@ def start_sidecar(tmp: str, nice: int | None = None, name: str = "ingest") -> tu
         stdout=subprocess.DEVNULL,
         stderr=log,
         stdin=subprocess.DEVNULL,
-        preexec_fn=None if nice is None else (lambda: _renice(nice)),
+        preexec_fn=prepare if nice is not None or cpus else None,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -449,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
         "--breakdown-rounds", type=int, default=4, help="rounds of the batch-256 breakdown (0: skip it)"
     )
     parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="run this process (the engine loop and its shipper) on CPU 0 and the sidecars on the "
+        "other CPUs, as a deployment that pins the sidecar away from the engine's cores",
+    )
+    parser.add_argument(
         "--sidecar-nice",
         type=int,
         default=None,
@@ -468,9 +484,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_tight_loop(args.tight_child, args.batch, args.seconds)))
         return 0
     batches = [int(b) for b in args.batches.split(",")]
+    sidecar_cpus: set[int] | None = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            parser.error("--pin needs at least 2 CPUs")
+        os.sched_setaffinity(0, {cpus[0]})  # before any thread starts: they inherit it
+        sidecar_cpus = set(cpus[1:])
     tmp = tempfile.mkdtemp(dir="/tmp", prefix="et-bench-")
     started = time.monotonic()
-    print(f"enginetime hooks bench, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, CPU timer")
+    pinned = f", engine loop on CPU {cpus[0]}, sidecar on {sorted(sidecar_cpus)}" if sidecar_cpus else ""
+    print(
+        f"enginetime hooks bench, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, CPU timer{pinned}"
+    )
     if not args.skip_micro:
         path = os.path.join(tmp, "drain.sock")
         server = DrainServer(path)
@@ -501,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['dropped']:>8}"
             )
     try:
-        sidecar, address = start_sidecar(tmp, args.sidecar_nice)
+        sidecar, address = start_sidecar(tmp, args.sidecar_nice, cpus=sidecar_cpus)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -515,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             drain = subprocess.Popen(
                 [sys.executable, __file__, "--drain-child", drain_path], stdin=subprocess.PIPE
             )
-            niced, niced_address = start_sidecar(tmp, 19, "niced")
+            niced, niced_address = start_sidecar(tmp, 19, "niced", cpus=sidecar_cpus)
             try:
                 deadline = time.monotonic() + 30
                 while not os.path.exists(drain_path) and time.monotonic() < deadline:
