@@ -5,9 +5,11 @@
 1. Engine-thread cost per step: a Recorder against a draining socket server thread (a
    stand-in sidecar that reads and discards), timing on the calling thread
    ``step_begin`` + building the four columns from Python request objects + ``step_end``
-   ("with columns"), and on alternate steps the calls alone with the lists already built
-   ("hooks only"), plus the CPU the hooks spend off the engine thread per step. Steps
-   are back to back with an untimed flush every ``--chunk`` steps.
+   ("with columns"), the same with prefill and decode passed as ints as an adapter passes
+   a decode batch ("decode as ints"), and the calls alone with the lists already built
+   ("hooks only"), steps rotating among the three, plus the CPU the hooks spend off the
+   engine thread per step. Steps are back to back with an untimed flush every ``--chunk``
+   steps.
 2. Engine-shaped loop against a real sidecar process: each step is ``--work-ms`` of
    GIL-releasing work (as kernel launches and collective waits are) plus the hooks;
    blocks with and without hooks alternate (ABAB) in one run; mean and p99 step-time
@@ -92,10 +94,24 @@ def run_batch(address: str, batch: int, steps: int, chunk: int) -> dict:
         perf = time.perf_counter_ns
         costs: list[int] = []  # step_begin + building columns + step_end
         hook_costs: list[int] = []  # step_begin + step_end alone, columns already built
+        int_costs: list[int] = []  # with handles and context built, prefill/decode as ints
         done = 0
         while done < steps:
             for _ in range(min(chunk, steps - done)):
-                if done % 2:
+                if done % 3 == 2:  # a decode batch as the SGLang adapter passes it
+                    t0 = perf()
+                    tok = rec.step_begin()
+                    rec.step_end(
+                        tok,
+                        kind=StepKind.DECODE,
+                        handles=[r.handle for r in reqs],
+                        prefill_tokens=0,
+                        decode_tokens=1,
+                        context_tokens=[r.prefix for r in reqs],
+                        global_step=done,
+                    )
+                    int_costs.append(perf() - t0)
+                elif done % 3 == 1:
                     t0 = perf()
                     tok = rec.step_begin()
                     rec.step_end(
@@ -132,7 +148,10 @@ def run_batch(address: str, batch: int, steps: int, chunk: int) -> dict:
         shipped = st.steps - st.dropped_steps
         costs.sort()
         hook_costs.sort()
+        int_costs.sort()
         return {
+            "ints_median_us": statistics.median(int_costs) / 1e3,
+            "ints_p99_us": int_costs[int(0.99 * (len(int_costs) - 1))] / 1e3,
             "batch": batch,
             "steps": steps,
             "median_us": statistics.median(costs) / 1e3,
@@ -297,7 +316,9 @@ def run_breakdown(
     ``hooks, no reader``: plus step_begin/step_end, the recorder's sidecar absent (its
     shipper thread only wakes to find no one and drops). ``hooks, drain process``: the
     shipper writes every frame to a process that only reads them. ``hooks, sidecar``: a
-    real sidecar decodes and accounts them. The recorders live throughout.
+    real sidecar decodes and accounts them; ``decode as ints``: the same, with prefill and
+    decode passed as ints (a decode batch as the SGLang adapter passes it). The recorders
+    live throughout.
     """
     perf = time.perf_counter_ns
     sleep = time.sleep
@@ -308,7 +329,8 @@ def run_breakdown(
         rec = Recorder(f"bench-{name}", address=address, timer="cpu", engine_kind="bench", start=threaded)
         handles = [rec.request_arrived(f"bd{batch}-{i}", prompt_tokens=100) for i in range(batch)]
         recs[name] = (rec, [Req(h, 1, 1000 + i) for i, h in enumerate(handles)])
-    variants = ["plain", "columns", *addresses]
+    ints = "hooks, sidecar, decode as ints"
+    variants = ["plain", "columns", *addresses] + ([ints] if "hooks, sidecar" in addresses else [])
     times: dict[str, list[int]] = {v: [] for v in variants}
     try:
         for name, (rec, _) in recs.items():
@@ -316,7 +338,7 @@ def run_breakdown(
                 raise SystemExit(f"bench: could not reach {addresses[name]}")
         for _ in range(rounds):
             for v in variants:
-                rec, reqs = recs.get(v) or recs[next(iter(recs))]
+                rec, reqs = recs.get(v) or recs["hooks, sidecar" if v == ints else next(iter(recs))]
                 out = times[v]
                 for step in range(block_steps):
                     t0 = perf()
@@ -328,6 +350,18 @@ def run_breakdown(
                         prefill = [0] * batch
                         decode = [r.extend for r in reqs]
                         context = [r.prefix for r in reqs]
+                    elif v == ints:
+                        tok = rec.step_begin()
+                        sleep(work_s)
+                        rec.step_end(
+                            tok,
+                            kind=StepKind.DECODE,
+                            handles=[r.handle for r in reqs],
+                            prefill_tokens=0,
+                            decode_tokens=1,
+                            context_tokens=[r.prefix for r in reqs],
+                            global_step=step,
+                        )
                     else:
                         tok = rec.step_begin()
                         sleep(work_s)
@@ -515,17 +549,22 @@ def main(argv: list[str] | None = None) -> int:
             f"\nengine-thread cost per step (step_begin + columns from lists + step_end), "
             f"{args.steps} steps per batch, back to back against a draining socket"
         )
-        print(f"{'':>6} {'with columns':>21} {'hooks only':>21}")
+        print(f"{'':>6} {'with columns':>21} {'decode as ints':>21} {'hooks only':>21}")
         print(
             f"{'batch':>6} {'median µs':>10} {'p99 µs':>10} {'median µs':>10} {'p99 µs':>10} "
-            f"{'shipper CPU µs/step':>20} {'bytes/step':>11} {'dropped':>8}"
+            f"{'median µs':>10} {'p99 µs':>10} {'shipper CPU µs/step':>20} {'bytes/step':>11} {'dropped':>8}"
         )
         for r in rows:
             print(
-                f"{r['batch']:>6} {r['median_us']:>10.2f} {r['p99_us']:>10.2f} {r['hooks_median_us']:>10.2f} "
-                f"{r['hooks_p99_us']:>10.2f} {r['shipper_us']:>20.2f} {r['bytes_per_step']:>11.0f} "
-                f"{r['dropped']:>8}"
+                f"{r['batch']:>6} {r['median_us']:>10.2f} {r['p99_us']:>10.2f} {r['ints_median_us']:>10.2f} "
+                f"{r['ints_p99_us']:>10.2f} {r['hooks_median_us']:>10.2f} {r['hooks_p99_us']:>10.2f} "
+                f"{r['shipper_us']:>20.2f} {r['bytes_per_step']:>11.0f} {r['dropped']:>8}"
             )
+        print(
+            "(with columns: the four lists built from request objects; decode as ints: handles and "
+            "context built, prefill_tokens=0 and decode_tokens=1 passed as ints, as the SGLang adapter "
+            "passes a decode batch; hooks only: the lists already built)"
+        )
     try:
         sidecar, address = start_sidecar(tmp, args.sidecar_nice, cpus=sidecar_cpus)
     except BaseException:
@@ -600,9 +639,9 @@ def main(argv: list[str] | None = None) -> int:
             f"\nwhere the extra time goes, batch 256, {args.breakdown_rounds} rounds of one "
             f"{args.block_steps}-step block per variant (rotated):"
         )
-        print(f"{'variant':>22} {'mean µs':>9} {'mean ratio':>11} {'p99 ratio':>10}")
+        print(f"{'variant':>30} {'mean µs':>9} {'mean ratio':>11} {'p99 ratio':>10}")
         for name, b in breakdown.items():
-            print(f"{name:>22} {b['mean_us']:>9.1f} {b['mean_ratio']:>11.4f} {b['p99_ratio']:>10.4f}")
+            print(f"{name:>30} {b['mean_us']:>9.1f} {b['mean_ratio']:>11.4f} {b['p99_ratio']:>10.4f}")
         print(
             "(no thread: the append alone, no thread of ours in the process; no reader: the shipper finds "
             "no sidecar and drops; drain process: it writes every frame to a "

@@ -439,6 +439,41 @@ def test_unequal_columns_are_counted_not_raised(server):
     assert [s.seq for s in server.of("step")] == [1]  # the lost step shows as a gap
 
 
+def test_uniform_columns_as_one_int_send_the_same_step_as_lists(server):
+    """A decode batch may pass prefill_tokens=0 and decode_tokens=1 as ints: the sidecar gets
+    exactly the columns the lists would have sent; a value outside uint32 is a counted lost
+    step, as in a list."""
+    with Recorder("eng-u", address=server.address, timer="cpu") as rec:
+        hs = [rec.request_arrived(f"r{i}") for i in range(3)]
+        ctx = [10, 20, 30]
+        for prefill, decode in ((0, 1), ([0, 0, 0], [1, 1, 1]), (0, [2, 2, 2]), (5, 0)):
+            tok = rec.step_begin()
+            rec.step_end(
+                tok,
+                kind=StepKind.DECODE,
+                handles=hs,
+                prefill_tokens=prefill,
+                decode_tokens=decode,
+                context_tokens=ctx,
+            )
+        tok = rec.step_begin()
+        rec.step_end(
+            tok, kind=StepKind.DECODE, handles=hs, prefill_tokens=-1, decode_tokens=1, context_tokens=ctx
+        )
+        assert delivered(rec, server)
+        st = rec.stats()
+    steps = server.of("step")
+    got = [(list(s.prefill_tokens), list(s.decode_tokens), list(s.context_tokens)) for s in steps]
+    assert got == [
+        ([0, 0, 0], [1, 1, 1], ctx),
+        ([0, 0, 0], [1, 1, 1], ctx),
+        ([0, 0, 0], [2, 2, 2], ctx),
+        ([5, 5, 5], [0, 0, 0], ctx),
+    ]
+    assert [list(s.handles) for s in steps] == [hs] * 4
+    assert st.dropped_steps == 1 and st.errors == 1 and [s.seq for s in steps] == [0, 1, 2, 3]
+
+
 def test_record_step_replays_stamps_and_never_raises(server):
     """The replay entry point: wall stamps as given, device time defaulting to end - start;
     bad stamps are a counted lost step (a seq gap), never an exception."""

@@ -52,8 +52,8 @@ class StepRead:
     kind: StepKind
     mode: str
     reqs: list[Any] = field(default_factory=list)
-    prefill: list[int] = field(default_factory=list)
-    decode: list[int] = field(default_factory=list)
+    prefill: list[int] | int = field(default_factory=list)  # an int: every entry's value
+    decode: list[int] | int = field(default_factory=list)
     context: list[int] = field(default_factory=list)
     peer_tokens: list[int] | None = None
     first_prefix: dict[int, int] = field(default_factory=dict)  # id(req) -> prefix hit, extend steps
@@ -93,11 +93,10 @@ def read_batch(batch: Any) -> StepRead | None:
     reqs = list(getattr(batch, "reqs", None) or ())
     if name in DECODE_MODES:
         per = _draft_tokens(batch) if name == "TARGET_VERIFY" else 1
-        out = StepRead(StepKind.DECODE, name, reqs=reqs, peer_tokens=peer)
-        for req in reqs:
-            out.prefill.append(0)
-            out.decode.append(per)
-            out.context.append(max(0, _known_tokens(req) - 1))
+        # Every entry prefills 0 and decodes ``per``: one int each (Recorder.step_end), so the
+        # engine thread builds one list per step here, not three.
+        out = StepRead(StepKind.DECODE, name, reqs=reqs, prefill=0, decode=per, peer_tokens=peer)
+        out.context = [max(0, _known_tokens(req) - 1) for req in reqs]
         return out if reqs else StepRead(StepKind.IDLE, name, peer_tokens=peer)
     if name not in EXTEND_MODES:
         return None  # PREBUILT, draft passes, modes this adapter does not know
@@ -109,16 +108,18 @@ def read_batch(batch: Any) -> StepRead | None:
             f"prefix_lens={None if prefix is None else len(prefix)}"
         )
     decoding = {id(r) for r in (getattr(batch, "decoding_reqs", None) or ())}
-    out = StepRead(StepKind.PREFILL, name, reqs=reqs, peer_tokens=peer)
+    prefill: list[int] = []
+    decode: list[int] = []
+    out = StepRead(StepKind.PREFILL, name, reqs=reqs, prefill=prefill, decode=decode, peer_tokens=peer)
     n_pre = n_dec = 0
     for req, n, ctx in zip(reqs, extend, prefix, strict=True):
         if id(req) in decoding:
-            out.prefill.append(0)
-            out.decode.append(n)
+            prefill.append(0)
+            decode.append(n)
             n_dec += n
         else:
-            out.prefill.append(n)
-            out.decode.append(0)
+            prefill.append(n)
+            decode.append(0)
             out.first_prefix[id(req)] = ctx
             n_pre += n
         out.context.append(ctx)
