@@ -83,6 +83,19 @@ class Req:
         self.prefix = prefix
 
 
+def end_decode_as_ints(rec: Recorder, token: object, reqs: list[Req], step: int) -> None:
+    """step_end of a decode batch as the SGLang adapter sends it: two lists, prefill/decode as ints."""
+    rec.step_end(
+        token,
+        kind=StepKind.DECODE,
+        handles=[r.handle for r in reqs],
+        prefill_tokens=0,
+        decode_tokens=1,
+        context_tokens=[r.prefix for r in reqs],
+        global_step=step,
+    )
+
+
 def run_batch(address: str, batch: int, steps: int, chunk: int) -> dict:
     rec = Recorder("bench", address=address, timer="cpu", engine_kind="bench")
     try:
@@ -100,16 +113,7 @@ def run_batch(address: str, batch: int, steps: int, chunk: int) -> dict:
             for _ in range(min(chunk, steps - done)):
                 if done % 3 == 2:  # a decode batch as the SGLang adapter passes it
                     t0 = perf()
-                    tok = rec.step_begin()
-                    rec.step_end(
-                        tok,
-                        kind=StepKind.DECODE,
-                        handles=[r.handle for r in reqs],
-                        prefill_tokens=0,
-                        decode_tokens=1,
-                        context_tokens=[r.prefix for r in reqs],
-                        global_step=done,
-                    )
+                    end_decode_as_ints(rec, rec.step_begin(), reqs, done)
                     int_costs.append(perf() - t0)
                 elif done % 3 == 1:
                     t0 = perf()
@@ -353,15 +357,7 @@ def run_breakdown(
                     elif v == ints:
                         tok = rec.step_begin()
                         sleep(work_s)
-                        rec.step_end(
-                            tok,
-                            kind=StepKind.DECODE,
-                            handles=[r.handle for r in reqs],
-                            prefill_tokens=0,
-                            decode_tokens=1,
-                            context_tokens=[r.prefix for r in reqs],
-                            global_step=step,
-                        )
+                        end_decode_as_ints(rec, tok, reqs, step)
                     else:
                         tok = rec.step_begin()
                         sleep(work_s)
