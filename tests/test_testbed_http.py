@@ -248,9 +248,16 @@ def test_serve_command_runs_as_a_process():
             assert out["meta_info"]["dp_rank"] == 1 and len(out["output_ids"]) == 3
     finally:
         proc.terminate()
-        assert proc.wait(20) == 0
-        proc.stdout.close()
-        proc.stderr.close()
+        try:
+            assert proc.wait(20) == 0
+        except subprocess.TimeoutExpired:
+            raise AssertionError("testbed serve did not stop within 20 s of SIGTERM") from None
+        finally:
+            if proc.poll() is None:  # never leave it running for the rest of the suite
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="tgkill (a signal to one thread) is Linux-only")
