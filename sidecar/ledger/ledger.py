@@ -99,7 +99,7 @@ from enginetime.sidecar.ledger.attribution import (
 from enginetime.sidecar.ledger.costmodel import CostModel, step_features
 from enginetime.sidecar.ledger.join import Group
 from enginetime.sidecar.ledger.modelstate import ModelStateFile, dump_model, model_key
-from enginetime.sidecar.ledger.shards import EngineState, ShardState
+from enginetime.sidecar.ledger.shards import EngineState, ShardState, append_in_window
 from enginetime.sidecar.ledger.store import (
     ABORTED,
     EMPTY,
@@ -717,10 +717,7 @@ class Ledger:
         self._active.pop(req.rid, None)
         self._finished.append(req)
         self._n_finished += 1
-        ends = req.shard.ends
-        ends.append((time_ns, state == ABORTED))
-        while ends[0][0] < time_ns - self._rate_ns:
-            ends.popleft()
+        append_in_window(req.shard.ends, (time_ns, state == ABORTED), time_ns - self._rate_ns)
         if cols.in_run[slot]:
             self._storms.end(slot, time_ns)
         self._touch(slot)
@@ -1214,12 +1211,9 @@ class Ledger:
             if not shard.first_step_ns:
                 shard.first_step_ns = int(batch.starts[j])
             shard.last_step_ns = max(shard.last_step_ns, end)
-            rates = shard.rates
             # Busy means steps with work of the shard's own: an IDLE lockstep step only waits for peers.
             busy = int(batch.d[j]) if batch.counts[j] else 0
-            rates.append((end, busy, int(psum[j]), int(qsum[j])))
-            while rates[0][0] < end - window:
-                rates.popleft()
+            append_in_window(shard.rates, (end, busy, int(psum[j]), int(qsum[j])), end - window)
 
     def _missing_critical(
         self, eng: EngineState, parts: list[tuple[ShardState, Step]], crit: ShardState | None

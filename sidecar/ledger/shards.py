@@ -211,3 +211,14 @@ class ShardState:
         if slot in self.running:
             self.running.discard(slot)
             self.running_ver += 1
+
+
+def append_in_window(records: deque, record: tuple, horizon: int) -> None:
+    """Append ``record`` (time first) to a shard's rate records and drop those before ``horizon``.
+
+    The records feed the shard's rates over the last ``--rate-window``; the deque's maxlen
+    bounds them besides.
+    """
+    records.append(record)
+    while records[0][0] < horizon:
+        records.popleft()
