@@ -617,6 +617,17 @@ def _storm(fan: FanOut, sim: Sim) -> None:
     fan.publish()
 
 
+def test_watch_views_skip_an_id_the_ledger_does_not_hold_and_keep_the_ones_after_it():
+    """WatchRequest's views (``current``): an id the ledger no longer holds (evicted, never
+    seen) is skipped, and the ids after it are still answered, in order, with their figures."""
+    sim = _engine()
+    _step_all(sim, range(10))
+    fan = FanOut(sim.ledger)
+    got = fan.current(["r0-1", "never-seen", "r1-2", "r0-3"])
+    assert [v.request_id for v, _ in got] == ["r0-1", "r1-2", "r0-3"]
+    assert [msg for _, msg in got] == [_expected(sim, rid) for rid in ("r0-1", "r1-2", "r0-3")]
+
+
 def test_interference_streams_get_the_storms_their_filter_asks_for():
     async def main() -> None:
         from enginetime.sidecar.ledger.ledger import LedgerConfig
