@@ -282,6 +282,7 @@ class Sidecar:
             spans_exported=tracer.exported if tracer is not None else 0,
             finished_dropped=dict(self.finished.dropped) if self.finished is not None else {},
             subscribers=self.fanout.subscribers,
+            streams_cut_off=self.fanout.cut_off,
         )
 
     def ready_line(self) -> str:

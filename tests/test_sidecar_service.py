@@ -18,7 +18,7 @@ from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import IngestConnection, arrived, event, finished, hello, start_sidecar, step, wait_until
-from otel_helpers import scrape
+from otel_helpers import metrics_address, scrape
 
 from enginetime.v1 import accounting_pb2 as pb
 from enginetime.v1 import accounting_pb2_grpc as pb_grpc
@@ -531,7 +531,7 @@ def test_a_subscriber_that_never_reads_costs_ingest_nothing_and_is_cut_off(tmp_p
     # busy cores (seen in random-order runs), so the cut-off comes later and the rounds have room.
     lag_limit = 8.0
     with (
-        start_sidecar(tmp_path, "--lag-limit", str(lag_limit)) as sp,
+        start_sidecar(tmp_path, "--lag-limit", str(lag_limit), "--metrics-port", "0") as sp,
         grpc.insecure_channel(sp.grpc_target) as ch,
     ):
         stub = pb_grpc.AccountingServiceStub(ch)
@@ -572,6 +572,7 @@ def test_a_subscriber_that_never_reads_costs_ingest_nothing_and_is_cut_off(tmp_p
             assert f"did not read its updates for {lag_limit:.1f} s" in info.value.details()
             assert "--lag-limit" in info.value.details()
             assert received >= 1
+            assert scrape(metrics_address(sp.stdout_lines))[("enginetime_streams_cut_off_total", ())] == 1
 
         # The sidecar is fine: ingest and unary calls go on.
         assert timed_round(stub, hose, 50) < 10

@@ -271,7 +271,7 @@ class FanOut:
         self._cache: dict[tuple[str, str], tuple[RequestView, pb.RequestAccounting]] = {}
         self._closed: str | None = None
         self.cycles = 0
-        self.cut_off = 0  # streams cut off for not reading (service.py counts them)
+        self.cut_off = 0  # streams cut off for not reading (service.py counts, /metrics shows)
         #: Requests encoded, and requests deferred to a later cycle by the time budget.
         self.encoded = 0
         self.deferred = 0

@@ -86,6 +86,7 @@ class StateSnapshot:
     spans_exported: int = 0  # spans the OTLP endpoint accepted
     finished_dropped: dict[str, int] = field(default_factory=dict)
     subscribers: int = 0
+    streams_cut_off: int = 0  # streams ended because their client read nothing for --lag-limit
 
 
 class _RequestHistograms:
@@ -291,6 +292,11 @@ class _StateCollector(Collector):
         yield evicted
         yield GaugeMetricFamily(
             "enginetime_stream_subscribers", "gRPC streams following the ledger.", value=snap.subscribers
+        )
+        yield counter(
+            "enginetime_streams_cut_off",
+            "gRPC streams ended with RESOURCE_EXHAUSTED because their client read nothing for --lag-limit.",
+            snap.streams_cut_off,
         )
         yield from self._span_metrics(snap)
         yield from self._shard_metrics(snap.shards)
