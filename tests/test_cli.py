@@ -22,7 +22,7 @@ import pytest
 from helpers import start_sidecar, wait_until
 from otel_helpers import scrape
 
-from enginetime.clients import AccountingClient, RequestNotFound
+from enginetime.clients import AccountingClient
 from enginetime.testbed.engine import Engine, EngineConfig
 from enginetime.testbed.model import ModelConfig
 
@@ -93,13 +93,8 @@ def world(tmp_path_factory):
         assert events.poll() is None, events.communicate()
         victim = eng.submit(list(range(64)), 400, rid=VICTIM, routed_shard=0)
 
-        def known():
-            try:
-                return client.get_request(VICTIM)
-            except RequestNotFound:
-                return None
-
-        wait_until(known, 10, message="the sidecar never saw the victim")
+        # (wait_until counts RequestNotFound as "not yet")
+        wait_until(lambda: client.get_request(VICTIM), 10, message="the sidecar never saw the victim")
         watch = subprocess.Popen(
             [
                 sys.executable,

@@ -41,7 +41,6 @@ from enginetime.clients import (
     EngineBudget,
     EngineBudgetExceeded,
     Guard,
-    RequestNotFound,
     RequestState,
 )
 from enginetime.testbed.engine import Engine, EngineConfig
@@ -74,16 +73,12 @@ def body(rid: str, n_prompt: int, max_new: int, shard: int | None = None, seed: 
 
 
 def settled(client: AccountingClient, rid: str, timeout: float = 10.0):
-    """The sidecar's accounting once the request is terminal."""
-
-    def check():
-        try:
-            a = client.get_request(rid)
-        except RequestNotFound:
-            return None
-        return a if a.terminal else None
-
-    return wait_until(check, timeout, message=f"the sidecar never saw {rid} end")
+    """The sidecar's accounting once the request is terminal (not yet known counts as not yet)."""
+    return wait_until(
+        lambda: (a := client.get_request(rid)).terminal and a,
+        timeout,
+        message=f"the sidecar never saw {rid} end",
+    )
 
 
 # ---------------------------------------------------------------------------- shared engine
