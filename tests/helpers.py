@@ -14,6 +14,7 @@ Used by several test modules; keep the API small and stable:
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import tempfile
 import time
@@ -139,6 +140,17 @@ def wait_until(
             text = message() if callable(message) else f"{message} (after {timeout}s)"
             raise AssertionError(text if last is None else f"{text}; last: {last}")
         time.sleep(interval)
+
+
+async def poll_async(check: Callable[[], object], timeout: float = 10.0, interval: float = 0.005) -> bool:
+    """``wait_until`` for a test already running on an event loop: True once ``check()`` is
+    truthy (awaiting between tries, so the loop's servers keep running), False on timeout."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(interval)
+    return True
 
 
 # --------------------------------------------------------------------------- frames

@@ -13,21 +13,13 @@ import time
 
 import grpc
 import pytest
+from helpers import poll_async
 
 from enginetime.sidecar.api import auth
 from enginetime.sidecar.api.auth import ApiGuard
 from enginetime.v1 import accounting_pb2 as pb
 
 SERVICE = "probe.Probe"
-
-
-async def _until(check, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.002)
-    return True
 
 
 async def _serve(guard: ApiGuard, release: asyncio.Event) -> tuple[grpc.aio.Server, int]:
@@ -78,12 +70,12 @@ def test_calls_are_counted_while_served_and_not_after() -> None:
                 peek = channel.unary_unary(f"/{SERVICE}/Peek")
                 calls = [asyncio.ensure_future(peek(b"", timeout=10)) for _ in range(3)]
                 seen = [guard.unary_in_flight()]
-                await _until(lambda: guard.unary_in_flight() == 3)
+                await poll_async(lambda: guard.unary_in_flight() == 3, 5.0, 0.002)
                 seen.append(guard.unary_in_flight())
                 release.set()
                 replies = await asyncio.gather(*calls)
                 # Well before STALE_CALL_S: the done callbacks ended them, not the expiry.
-                drained = await _until(lambda: guard.unary_in_flight() == 0, timeout=0.5)
+                drained = await poll_async(lambda: guard.unary_in_flight() == 0, 0.5, 0.002)
                 return seen, drained and guard.counters.stale_calls == 0, replies
         finally:
             await server.stop(0)
@@ -116,7 +108,7 @@ def test_a_call_that_ends_badly_leaves_the_count(method: str, body: bytes, timeo
                 else:
                     got = grpc.StatusCode.OK
                 peak = guard.unary_in_flight()
-                drained = await _until(lambda: guard.unary_in_flight() == 0, timeout=0.5)
+                drained = await poll_async(lambda: guard.unary_in_flight() == 0, 0.5, 0.002)
                 return got, peak, drained and guard.counters.stale_calls == 0
         finally:
             await server.stop(0)

@@ -25,6 +25,7 @@ from helpers import (
     finished,
     frame,
     hello,
+    poll_async,
     short_socket_dir,
     start_sidecar,
     step,
@@ -570,11 +571,7 @@ def test_an_engine_that_left_makes_room_for_a_new_engine_id() -> None:
     (too_many_engines) while the connected engines keep streaming."""
 
     async def wait(check, what: str) -> None:
-        deadline = time.monotonic() + 10
-        while not check():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            await asyncio.sleep(0.005)
+        assert await poll_async(check, 10), f"timed out waiting for {what}"
 
     async def scenario() -> dict:
         ledger = Ledger(LedgerConfig())
