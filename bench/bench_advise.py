@@ -70,6 +70,31 @@ def measure(
     return out
 
 
+def settle(ready: Callable[[], object], deadline: float, what: str) -> None:
+    """Poll ``ready()`` (a request not known yet counts as not ready) until ``deadline``."""
+    while True:
+        try:
+            if ready():
+                return
+        except RequestNotFound:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(what)
+        time.sleep(0.01)
+
+
+def advise_on(client: AccountingClient) -> Callable[[random.Random], object]:
+    """An Advise call for a random session of the bench engine, to ``client``'s server."""
+
+    def advise(rng: random.Random) -> object:
+        k, h = rng.randrange(SHARDS), rng.randrange(1, BATCH + 1)
+        adv = client.advise(engine_id="bench", session_id=f"sess-{k}-{h}", prompt_tokens=8192)
+        assert len(adv.shards) == SHARDS
+        return adv
+
+    return advise
+
+
 def floor_server(port, stop) -> None:
     """Child process: a gRPC server answering Advise with a fixed 8-shard answer and nothing else.
 
@@ -127,12 +152,6 @@ def run(args, slice_s: float, rate: float) -> dict[str, list[float] | int]:
     floor.start()
     child.start()
 
-    def advise(rng: random.Random) -> object:
-        k, h = rng.randrange(SHARDS), rng.randrange(1, BATCH + 1)
-        adv = client.advise(engine_id="bench", session_id=f"sess-{k}-{h}", prompt_tokens=8192)
-        assert len(adv.shards) == SHARDS
-        return adv
-
     def get(rng: random.Random) -> object:
         return client.get_request(f"b{rng.randrange(SHARDS)}-{rng.randrange(1, BATCH + 1)}")
 
@@ -141,27 +160,20 @@ def run(args, slice_s: float, rate: float) -> dict[str, list[float] | int]:
             if not ready.wait(120):
                 raise SystemExit("the pusher did not get ready")
             deadline = time.monotonic() + 30
-            while sum(1 for s in client.get_shards("bench") if s.connected) < SHARDS:
-                if time.monotonic() > deadline:
-                    raise SystemExit("the engine's shards never all connected")
-                time.sleep(0.01)
-            while True:  # every request arrived (ingest may still be feeding the setup)
-                try:
-                    client.get_request(f"b{SHARDS - 1}-{BATCH}")
-                    break
-                except RequestNotFound:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("the engine's requests never all arrived") from None
-                    time.sleep(0.01)
-            while not port.value:
-                if time.monotonic() > deadline:
-                    raise SystemExit("the floor server never started")
-                time.sleep(0.01)
+            settle(
+                lambda: sum(1 for s in client.get_shards("bench") if s.connected) == SHARDS,
+                deadline,
+                "the engine's shards never all connected",
+            )
+            # Every request arrived (ingest may still be feeding the setup).
+            settle(
+                lambda: client.get_request(f"b{SHARDS - 1}-{BATCH}"),
+                deadline,
+                "the engine's requests never all arrived",
+            )
+            settle(lambda: port.value, deadline, "the floor server never started")
             with AccountingClient(f"127.0.0.1:{port.value}", timeout=10) as bare:
-
-                def floor_advise(rng: random.Random) -> object:
-                    k, h = rng.randrange(SHARDS), rng.randrange(1, BATCH + 1)
-                    return bare.advise(engine_id="bench", session_id=f"sess-{k}-{h}", prompt_tokens=8192)
+                advise, floor_advise = advise_on(client), advise_on(bare)
 
                 idle_until = time.monotonic() + 1.5
                 idle_adv, idle_floor = measure(

@@ -150,18 +150,15 @@ def run_batch(address: str, batch: int, steps: int, chunk: int) -> dict:
                 raise SystemExit("bench: the shipper did not drain within 30 s")
         st = rec.stats()
         shipped = st.steps - st.dropped_steps
-        costs.sort()
-        hook_costs.sort()
-        int_costs.sort()
         return {
             "ints_median_us": statistics.median(int_costs) / 1e3,
-            "ints_p99_us": int_costs[int(0.99 * (len(int_costs) - 1))] / 1e3,
+            "ints_p99_us": _p99(int_costs) / 1e3,
             "batch": batch,
             "steps": steps,
             "median_us": statistics.median(costs) / 1e3,
-            "p99_us": costs[int(0.99 * (len(costs) - 1))] / 1e3,
+            "p99_us": _p99(costs) / 1e3,
             "hooks_median_us": statistics.median(hook_costs) / 1e3,
-            "hooks_p99_us": hook_costs[int(0.99 * (len(hook_costs) - 1))] / 1e3,
+            "hooks_p99_us": _p99(hook_costs) / 1e3,
             "shipper_us": (st.shipper_cpu_ns - cpu0) / max(1, shipped) / 1e3,
             "dropped": st.dropped_steps,
             "bytes_per_step": None,
