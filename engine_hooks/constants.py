@@ -29,6 +29,8 @@ TOKEN_FILE_ENV = "ENGINETIME_TOKEN_FILE"
 TOKEN_ENV = "ENGINETIME_TOKEN"
 #: TCP ingest over TLS: the CA bundle (PEM) that signed the sidecar's certificate.
 TLS_CA_ENV = "ENGINETIME_TLS_CA"
+#: "process" (default where the OS allows it), "thread" or "auto": where the shipper runs.
+SHIPPER_ENV = "ENGINETIME_SHIPPER"
 
 
 def default_ingest_address() -> str:

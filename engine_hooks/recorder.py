@@ -35,6 +35,7 @@ import threading
 import time
 import weakref
 from array import array
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ from . import wire
 from .constants import (
     HOOKS_VERSION,
     PROTOCOL_VERSION,
+    SHIPPER_ENV,
     TLS_CA_ENV,
     TOKEN_ENV,
     TOKEN_FILE_ENV,
@@ -52,6 +54,7 @@ from .constants import (
     ingest_address,
     parse_address,
 )
+from .ring_transport import ProcessShipper
 from .shipper import EVENT, STEP, STEP_OVERHEAD, ErrorLog, LiveRequest, Shipper
 from .timers import CpuTimer, CudaEventTimer, make_timer
 
@@ -89,6 +92,9 @@ class RecorderStats:
     steps: int = 0  # step_end calls
     live_requests: int = 0  # arrived, not yet finished/aborted
     address: str = ""
+    shipper: str = "thread"  # where the shipping runs: "process" (its own) or "thread" (the engine's)
+    shipper_pid: int | None = None  # the shipper process, when there is one
+    shipper_restarts: int = 0  # shipper processes started again after one died
 
 
 class Recorder:
@@ -109,6 +115,13 @@ class Recorder:
     $ENGINETIME_TOKEN; ``tls_ca`` (a CA bundle: TCP ingest over TLS) to
     $ENGINETIME_TLS_CA. ``seq`` starts at 0 and every ``step_end`` call takes one, so a
     step that could not be recorded shows to the sidecar as a gap.
+
+    ``shipper`` (default $ENGINETIME_SHIPPER, else "auto"): where the socket work runs.
+    "process" (what "auto" picks where ``os.memfd_create`` exists, i.e. Linux): the engine's
+    threads copy records into a shared-memory ring read by a small shipper process this
+    recorder spawns, so no thread of ours runs in the engine's interpreter; "thread": a
+    daemon thread in the engine process (the only choice elsewhere, and the fallback when
+    the process cannot be started).
     """
 
     def __init__(
@@ -128,6 +141,7 @@ class Recorder:
         start: bool = True,
         token: str | None = None,
         tls_ca: str | None = None,
+        shipper: str | None = None,
     ) -> None:
         # Safe defaults first: whatever fails below, every method still works.
         self._errors = ErrorLog()
@@ -141,6 +155,7 @@ class Recorder:
         self._cuda = False
         self._timer: Any = CpuTimer()
         self._live_warned = False
+        self._ps: ProcessShipper | None = None
         self.engine_id = str(engine_id)
         self.shard = 0
         self.num_shards = 1
@@ -151,6 +166,7 @@ class Recorder:
         self.address = ""
         self._token = ""
         tls = None
+        tls_ca_path = ""
         target = None
         try:
             self.shard = self._u32("shard", shard)
@@ -181,40 +197,99 @@ class Recorder:
                 self._token = self._read_token(token)
                 if target[0] == "tcp":
                     tls = self._tls_context(tls_ca)
+                    if tls is not None:
+                        tls_ca_path = tls_ca if tls_ca is not None else os.environ.get(TLS_CA_ENV, "")
                 self._timer = make_timer(timer)
         except Exception as exc:
             self._errors.report("Recorder setup", exc, level=logging.ERROR)
             target = None
         self._cuda = target is not None and not isinstance(self._timer, CpuTimer)
-        self._shipper = Shipper(
-            address=self.address,
-            target=target,
-            hello=self._hello_frame,
-            live=self._live_snapshot,
-            timer=self._timer,
-            errors=self._errors,
-            capacity=buffer_size,
-            backlog_bytes=buffer_bytes,
-            heartbeat_interval_s=heartbeat_interval_s,
-            tls=tls,
-        )
-        self._ring = self._shipper.ring
-        self._cap = self._shipper.capacity
-        self._cap_bytes = self._shipper.ring_bytes_cap
+        self._target = target
+        self._tls = tls
+        self._buffer_size = buffer_size
+        self._buffer_bytes = buffer_bytes
+        self._heartbeat_s = heartbeat_interval_s
+        if target is not None and self._shipper_mode(shipper) == "process":
+            try:
+                self._ps = ProcessShipper(
+                    address=self.address,
+                    hello_fields=self._hello_fields,
+                    live=self._live_snapshot,
+                    timer=self._timer,
+                    errors=self._errors,
+                    capacity=buffer_size,
+                    backlog_bytes=buffer_bytes,
+                    heartbeat_interval_s=heartbeat_interval_s,
+                    tls_ca=tls_ca_path,
+                )
+            except Exception as exc:
+                self._errors.report(
+                    "cannot set up the shipper process",
+                    f"{exc}; shipping from a thread in this process instead",
+                )
+        thread = None if self._ps is not None else self._thread_shipper()
+        self._shipper: Any = self._ps or thread
+        self._ring: deque[tuple] = deque() if thread is None else thread.ring
+        self._cap = max(1, int(buffer_size)) if thread is None else thread.capacity
+        self._cap_bytes = 0 if thread is None else thread.ring_bytes_cap
         self._enabled = target is not None
         _RECORDERS.add(self)
         if start:
             self.start()
 
+    def _shipper_mode(self, requested: str | None) -> str:
+        mode = (requested if requested is not None else os.environ.get(SHIPPER_ENV, "")).strip().lower()
+        if mode not in ("", "auto", "process", "thread"):
+            self._errors.report(
+                "bad shipper choice",
+                f"shipper={mode!r} (or ${SHIPPER_ENV}): use 'process', 'thread' or 'auto'; using 'auto'",
+                level=logging.ERROR,
+            )
+            mode = "auto"
+        if mode == "thread":
+            return "thread"
+        if hasattr(os, "memfd_create"):
+            return "process"
+        if mode == "process":
+            self._errors.report(
+                "no shipper process here",
+                "this OS has no os.memfd_create (Linux only); shipping from a thread instead",
+            )
+        return "thread"
+
+    def _thread_shipper(self) -> Shipper:
+        return Shipper(
+            address=self.address,
+            target=self._target,
+            hello=self._hello_frame,
+            live=self._live_snapshot,
+            timer=self._timer,
+            errors=self._errors,
+            capacity=self._buffer_size,
+            backlog_bytes=self._buffer_bytes,
+            heartbeat_interval_s=self._heartbeat_s,
+            tls=self._tls,
+        )
+
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Start the shipper thread (done by the constructor unless start=False)."""
+        """Start the shipper process or thread (done by the constructor unless start=False)."""
         try:
             if self._enabled and not self._closed:
                 self._shipper.start()
         except Exception as exc:
-            self._errors.report("start shipper thread", exc, level=logging.ERROR)
+            if self._ps is None:
+                self._errors.report("start shipper thread", exc, level=logging.ERROR)
+                return
+            self._errors.report(
+                "cannot start the shipper process", f"{exc}; shipping from a thread in this process instead"
+            )
+            self._ps = None
+            self._shipper = self._thread_shipper()
+            self._ring = self._shipper.ring
+            self._cap_bytes = self._shipper.ring_bytes_cap
+            self.start()
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait until everything queued so far is written to the socket (tests, shutdown).
@@ -253,7 +328,8 @@ class Recorder:
     def stats(self) -> RecorderStats:
         try:
             sh = self._shipper
-            steps, events = sh.dropped_steps, sh.dropped_events
+            ps = self._ps
+            steps, events = ps.dropped() if ps is not None else (sh.dropped_steps, sh.dropped_events)
             timer = self._timer
             fallbacks = getattr(timer, "fallbacks", 0) + getattr(timer, "capture_skips", 0)
             return RecorderStats(
@@ -270,6 +346,9 @@ class Recorder:
                 steps=self._seq,
                 live_requests=len(self._by_handle),
                 address=self.address,
+                shipper="process" if ps is not None else "thread",
+                shipper_pid=None if ps is None else ps.pid,
+                shipper_restarts=0 if ps is None else ps.restarts,
             )
         except Exception as exc:  # pragma: no cover - defensive
             self._errors.report("stats", exc)
@@ -287,6 +366,9 @@ class Recorder:
         perf = _perf_ns()
         dev = None
         if self._cuda:
+            ps = self._ps
+            if ps is not None and ps._pending:
+                ps.service()  # earlier steps whose CUDA events have completed go out now
             try:
                 dev = self._timer.begin(stream)
             except Exception as exc:
@@ -393,6 +475,10 @@ class Recorder:
                     payload = b"".join((head, cols, peer))
             except (ValueError, TypeError, OverflowError, struct.error) as exc:
                 self._lost_step(dev, "invalid step record dropped", exc)
+                return
+            ps = self._ps
+            if ps is not None:
+                ps.put_step(dev, payload, perf - start_perf, perf)
                 return
             item = (STEP, seq, dev, payload, perf - start_perf)
             ring = self._ring
@@ -733,16 +819,20 @@ class Recorder:
 
     def _hello_frame(self) -> bytes:
         return wire.frame_hello(
+            wall_time_ns=_wall_ns(), monotonic_ns=time.monotonic_ns(), **self._hello_fields()
+        )
+
+    def _hello_fields(self) -> dict[str, Any]:
+        """The hello's fields but its clocks (the shipper stamps those when it connects)."""
+        return dict(
             engine_id=self.engine_id,
             shard=self.shard,
             num_shards=self.num_shards,
-            coupling=self.coupling,
+            coupling=int(self.coupling),
             engine_kind=self.engine_kind,
             engine_version=self.engine_version,
             hooks_version=HOOKS_VERSION,
-            wall_time_ns=_wall_ns(),
-            monotonic_ns=time.monotonic_ns(),
-            timer_source=self._timer.source,
+            timer_source=int(self._timer.source),
             device_name=getattr(self._timer, "device_name", ""),
             recorder_epoch=self.epoch,
             protocol_version=PROTOCOL_VERSION,

@@ -4,6 +4,8 @@
   testbed or engine venv started. A test in this lane that starts a process fails with a
   message saying to mark it ``e2e`` (``subprocess.Popen`` is refused), so the lane stays fast
   by construction, not by convention.
+  The one process it allows is a recorder's own shipper process (``engine_hooks``'s, on
+  the recorder's shared-memory ring): it is part of the hooks under test, not a sidecar.
 * ``pytest`` — everything, including the ``e2e`` tests that talk to real processes over real
   sockets.
 
@@ -27,6 +29,7 @@ import pytest
 from helpers import SidecarProcess, start_sidecar
 from simulator import Clock, Sim, new_ledger
 
+from enginetime.engine_hooks.ring_transport import is_shipper_command
 from enginetime.sidecar.ledger.ledger import Ledger
 
 
@@ -40,8 +43,11 @@ def _fast_lane_starts_no_process(request: pytest.FixtureRequest, monkeypatch: py
     if request.node.get_closest_marker("e2e") is not None:
         return
     name = request.node.nodeid
+    start = subprocess.Popen.__init__
 
     def refuse(self, *args, **kwargs):
+        if is_shipper_command(args[0] if args else kwargs.get("args")):
+            return start(self, *args, **kwargs)
         raise AssertionError(
             f"{name} starts a process ({args[0] if args else kwargs.get('args')!r}) but is not marked e2e: "
             "add @pytest.mark.e2e so `pytest -m 'not e2e'` stays the fast, in-process lane"

@@ -272,10 +272,14 @@ def test_frames_arrive_in_order_with_hello_first(server):
         assert s.timer_source == 1 and 0 < s.device_time_ns <= s.end_time_ns - s.start_time_ns + 1000
 
 
-def test_no_listener_then_listener_starts_later(sockdir, caplog):
+@pytest.mark.parametrize("shipper", ["process", "thread"])
+def test_no_listener_then_listener_starts_later(sockdir, caplog, capfd, shipper):
     caplog.set_level(logging.WARNING, logger="enginetime.engine_hooks")
     srv = FrameServer.unix(sockdir)  # not started: nothing listens on the path
-    rec = Recorder("eng-b", address=srv.address, buffer_size=32, timer="cpu", heartbeat_interval_s=0.2)
+    rec = Recorder(
+        "eng-b", address=srv.address, buffer_size=32, timer="cpu", heartbeat_interval_s=0.2, shipper=shipper
+    )
+    stderr: list[str] = []
     try:
         early = rec.request_arrived(
             "early", prompt_tokens=11, session_id="s-early", routed_shard=3, time_ns=123
@@ -291,7 +295,12 @@ def test_no_listener_then_listener_starts_later(sockdir, caplog):
         assert st.dropped_steps > 400 and st.dropped_events == 3  # ARRIVED x2 + FINISHED of the oldest
 
         def warnings() -> list[str]:
-            return [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
+            if shipper == "thread":
+                return [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
+            stderr.extend(
+                capfd.readouterr().err.splitlines()
+            )  # the shipper process logs to the engine's stderr
+            return [line for line in stderr if "cannot connect" in line]
 
         wait_stats(rec, lambda s: warnings())
         time.sleep(0.4)  # several retries (50, 100, 200 ms backoff)...
@@ -681,6 +690,7 @@ def test_the_ring_is_bounded_by_bytes_and_holds_no_gc_tracked_columns(sockdir):
         buffer_size=1_000_000,
         buffer_bytes=1 << 20,
         start=False,  # no shipper thread: everything stays in the ring
+        shipper="thread",
     )
     try:
         entries = 4096

@@ -151,10 +151,20 @@ def test_pool_reuses_pairs_and_falls_back_at_its_cap():
     assert gpu.streams[:2] == ["stream-a", "stream-a"]  # start and end went to the engine's stream
 
 
-def test_cuda_steps_resolve_later_in_order_without_synchronize(server):
+def engine_thread_passes(rec: Recorder) -> None:
+    """What an engine does next anyway (begin a step; here abandoned, so it takes no seq).
+
+    With the shipper in its own process, device times are read here, on the engine
+    thread, when it passes a hook: CUDA events belong to the process that recorded them.
+    """
+    rec.step_abort(rec.step_begin())
+
+
+@pytest.mark.parametrize("shipper", ["process", "thread"])
+def test_cuda_steps_resolve_later_in_order_without_synchronize(server, shipper):
     gpu = FakeGpu()
     timer = fake_timer(gpu)
-    with Recorder("eng-cuda", address=server.address, timer=timer) as rec:
+    with Recorder("eng-cuda", address=server.address, timer=timer, shipper=shipper) as rec:
         gpu_step(rec, gpu, 3_000_000, stream="engine-stream")
         gpu_step(rec, gpu, 7_000_000)
         gpu_step(rec, gpu, 11_000_000)
@@ -163,8 +173,12 @@ def test_cuda_steps_resolve_later_in_order_without_synchronize(server):
         assert server.of("step") == [] and server.of("hello")
         assert rec.stats().pending >= 3
         gpu.run_until(3_000_000)  # the first step is done on the device
+        if shipper == "process":
+            engine_thread_passes(rec)
         assert server.wait_for(lambda: len(server.of("step")) == 1)
         time.sleep(0.05)
+        if shipper == "process":
+            engine_thread_passes(rec)
         assert len(server.of("step")) == 1  # the others are still running
         gpu.run_all()
         assert delivered(rec, server)
@@ -175,8 +189,10 @@ def test_cuda_steps_resolve_later_in_order_without_synchronize(server):
     assert all(s.timer_source == TimerSource.CUDA_EVENT for s in steps)
     assert st.timer_fallbacks == 0 and st.errors == 0
     assert timer.free == timer.allocated  # every pair went back to the pool
-    # The shipper thread, which reads the events, first bound itself to the engine's device.
-    assert ("enginetime-shipper", 3) in gpu.bound.values() and timer.device_index == 3
+    if (
+        shipper == "thread"
+    ):  # the shipper thread, which reads the events, first bound itself to the engine's device
+        assert ("enginetime-shipper", 3) in gpu.bound.values() and timer.device_index == 3
     hello = server.of("hello")[0]
     assert hello.clock.timer_source == TimerSource.CUDA_EVENT and hello.clock.device_name == "FakeGPU"
     assert gpu.streams[:2] == ["engine-stream", "engine-stream"]
@@ -250,12 +266,17 @@ def test_unreadable_event_time_falls_back_and_is_counted(server):
     assert timer.free == timer.allocated
 
 
-def test_dropped_steps_give_their_event_pairs_back(sockdir):
+@pytest.mark.parametrize("shipper", ["process", "thread"])
+def test_dropped_steps_give_their_event_pairs_back(sockdir, shipper):
     gpu = FakeGpu()
     timer = fake_timer(gpu, pool_cap=64, prealloc=0)
     # Nothing listens, the GPU is stalled, the ring holds 4: the oldest steps are dropped.
     rec = Recorder(
-        "eng-cuda", address="unix:" + os.path.join(sockdir, "nobody.sock"), buffer_size=4, timer=timer
+        "eng-cuda",
+        address="unix:" + os.path.join(sockdir, "nobody.sock"),
+        buffer_size=4,
+        timer=timer,
+        shipper=shipper,
     )
     try:
         for _ in range(200):
@@ -265,6 +286,8 @@ def test_dropped_steps_give_their_event_pairs_back(sockdir):
         assert timer.allocated <= 8
         assert st.dropped_steps >= 195
         gpu.run_all()
+        if shipper == "process":
+            engine_thread_passes(rec)
         wait = time.monotonic() + 5
         while timer.free != timer.allocated and time.monotonic() < wait:
             time.sleep(0.01)

@@ -484,17 +484,18 @@ def test_packed_steps_read_as_the_step_records_they_stand_for():
         assert late == packed
 
 
-def test_the_recorder_sends_packed_steps_byte_for_byte(tmp_path):
+@pytest.mark.parametrize("shipper", ["process", "thread"])
+def test_the_recorder_sends_packed_steps_byte_for_byte(tmp_path, shipper):
     """step_end's inlined encoder writes frame_packed_step's bytes (lists and arrays alike)."""
     import socket as _socket
 
-    from enginetime.engine_hooks import Recorder
+    from enginetime.engine_hooks import Recorder, shm_ring
 
     path = str(tmp_path / "s.sock")
     listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen()
-    rec = Recorder("eng-packed", address="unix:" + path, timer="cpu", start=False)
+    rec = Recorder("eng-packed", address="unix:" + path, timer="cpu", start=False, shipper=shipper)
     try:
         h = rec.request_arrived("r", prompt_tokens=3)
         cases = [
@@ -514,10 +515,14 @@ def test_the_recorder_sends_packed_steps_byte_for_byte(tmp_path):
                 peer_tokens=peer,
                 global_step=gstep,
             )
-        items = [item for item in rec._ring if item[0] == 0]  # the shipper is not started: read its ring
+        # The shipper is not started: read what the engine thread put in its ring.
+        if shipper == "thread":
+            items = [item[3] for item in rec._ring if item[0] == 0]
+        else:
+            items = [p for t, p in shm_ring.RingReader(rec._ps.mm).records() if t == shm_ring.FRAME]
         assert len(items) == 3
         for (handles, prefill, dec, ctx, peer, gstep), item in zip(cases, items, strict=True):
-            got = wire.unpack_step(decode(item[3]).packed_step)
+            got = wire.unpack_step(decode(item).packed_step)
             want = wire.frame_packed_step(
                 seq=got["seq"],
                 global_step=gstep,
@@ -532,7 +537,7 @@ def test_the_recorder_sends_packed_steps_byte_for_byte(tmp_path):
                 context_tokens=list(ctx),
                 peer_tokens=peer,
             )
-            assert item[3] == want
+            assert item == want
             assert got["end_time_ns"] >= got["start_time_ns"] and got["device_time_ns"] >= 0
     finally:
         rec.close(0)
