@@ -12,12 +12,13 @@
    steps.
 2. Engine-shaped loop against a real sidecar process: each step is ``--work-ms`` of
    GIL-releasing work (as kernel launches and collective waits are) plus the hooks;
-   blocks with and without hooks alternate (ABAB) in one run; mean and p99 step-time
-   ratios per batch size, with the noise of plain blocks against each other.
+   blocks with hooks (the shipper in its own process, then a thread, in turn) and without
+   alternate in one run; mean and p99 step-time ratios per batch size and shipper, with
+   the noise of plain blocks against each other.
    Then, at batch 256, where that loop's extra time goes: variants rotated in one run
    (the adapter's lists alone; hooks with no thread of ours, the append alone; hooks whose
    sidecar is absent; hooks writing to a process that only reads; a real sidecar, also
-   at nice 19). ``--sidecar-nice`` runs the main table against a reniced sidecar.
+   at nice 19, also with the shipper thread). ``--sidecar-nice`` runs the main table against a reniced sidecar.
 3. Tight loop (steps back to back, far faster than any sidecar takes them) in a fresh
    process, sidecar live and absent: the engine process's RSS growth and the worst
    single hook call (an engine-thread stall).
@@ -96,8 +97,8 @@ def end_decode_as_ints(rec: Recorder, token: object, reqs: list[Req], step: int)
     )
 
 
-def run_batch(address: str, batch: int, steps: int, chunk: int) -> dict:
-    rec = Recorder("bench", address=address, timer="cpu", engine_kind="bench")
+def run_batch(address: str, batch: int, steps: int, chunk: int, shipper: str = "process") -> dict:
+    rec = Recorder("bench", address=address, timer="cpu", engine_kind="bench", shipper=shipper)
     try:
         handles = [rec.request_arrived(f"r{i}", prompt_tokens=100) for i in range(batch)]
         reqs = [Req(h, 1, 1000 + i) for i, h in enumerate(handles)]
@@ -162,6 +163,7 @@ def run_batch(address: str, batch: int, steps: int, chunk: int) -> dict:
             "shipper_us": (st.shipper_cpu_ns - cpu0) / max(1, shipped) / 1e3,
             "dropped": st.dropped_steps,
             "bytes_per_step": None,
+            "shipper": st.shipper,
         }
     finally:
         rec.close()
@@ -227,6 +229,9 @@ def _p99(values: list[int]) -> float:
     return s[int(0.99 * (len(s) - 1))]
 
 
+SHIPPERS = ("process", "thread")
+
+
 def run_engine_loop(address: str, batch: int, blocks: int, block_steps: int, work_s: float) -> dict:
     """Step times of a loop shaped like an engine's scheduler thread, with and without hooks.
 
@@ -234,27 +239,36 @@ def run_engine_loop(address: str, batch: int, blocks: int, block_steps: int, wor
     on kernel launches and collectives with the GIL released, which is exactly when a
     thread of ours in the engine's process may take the GIL) plus, in hooked blocks,
     step_begin + the columns built from request objects + step_end. Blocks of
-    ``block_steps`` alternate hooked/plain (ABAB) in one process against one live
-    sidecar, the recorder alive throughout; the first 10 steps of every block are not
-    counted (the previous block's shipping tail). "noise" compares the plain blocks of
-    even and odd pairs with each other: ratios closer to 1 than that are not resolved.
+    ``block_steps`` rotate hooked (shipper process) / plain / hooked (shipper thread) /
+    plain in one process against one live sidecar, both recorders alive throughout; the
+    first 10 steps of every block are not counted (the previous block's shipping tail).
+    "noise" compares the plain blocks of even and odd pairs with each other: ratios
+    closer to 1 than that are not resolved.
     """
-    rec = Recorder("bench-loop", address=address, timer="cpu", engine_kind="bench")
+    recs = {
+        mode: Recorder(f"bench-loop-{mode}", address=address, timer="cpu", engine_kind="bench", shipper=mode)
+        for mode in SHIPPERS
+    }
     try:
-        handles = [rec.request_arrived(f"loop{batch}-{i}", prompt_tokens=100) for i in range(batch)]
-        reqs = [Req(h, 1, 1000 + i) for i, h in enumerate(handles)]
-        if not rec.flush(10):
-            raise SystemExit(f"bench: could not reach the sidecar at {address}")
+        reqs_of = {}
+        for mode, rec in recs.items():
+            handles = [rec.request_arrived(f"loop{batch}-{i}", prompt_tokens=100) for i in range(batch)]
+            reqs_of[mode] = [Req(h, 1, 1000 + i) for i, h in enumerate(handles)]
+            if not rec.flush(10):
+                raise SystemExit(f"bench: could not reach the sidecar at {address}")
         perf = time.perf_counter_ns
         sleep = time.sleep
-        hooked: list[int] = []
+        hooked: dict[str, list[int]] = {mode: [] for mode in SHIPPERS}
         plain: list[list[int]] = [[], []]
-        hook_max = 0
-        hook_total = 0
-        end_total = 0
+        hook_max = dict.fromkeys(SHIPPERS, 0)
+        hook_total = dict.fromkeys(SHIPPERS, 0)
+        end_total = dict.fromkeys(SHIPPERS, 0)
+        hook_steps = dict.fromkeys(SHIPPERS, 0)
         for block in range(blocks):
             with_hooks = block % 2 == 0
-            out = hooked if with_hooks else plain[(block // 2) % 2]
+            mode = SHIPPERS[(block // 2) % 2]
+            rec, reqs = recs[mode], reqs_of[mode]
+            out = hooked[mode] if with_hooks else plain[(block // 2) % 2]
             for step in range(block_steps):
                 t0 = perf()
                 if with_hooks:
@@ -276,33 +290,40 @@ def run_engine_loop(address: str, batch: int, blocks: int, block_steps: int, wor
                         global_step=step,
                     )
                     t2 = perf()
-                    hook_max = max(hook_max, t2 - t1)
-                    hook_total += t2 - t1
-                    end_total += t2 - t_cols
+                    hook_max[mode] = max(hook_max[mode], t2 - t1)
+                    hook_total[mode] += t2 - t1
+                    end_total[mode] += t2 - t_cols
+                    hook_steps[mode] += 1
                 else:
                     sleep(work_s)
                     t2 = perf()
                 if step >= 10:
                     out.append(t2 - t0)
-        rec.flush(10)
-        st = rec.stats()
         base = plain[0] + plain[1]
-        return {
-            "batch": batch,
-            "mean_ratio": statistics.fmean(hooked) / statistics.fmean(base),
-            "p99_ratio": _p99(hooked) / _p99(base),
-            "base_mean_us": statistics.fmean(base) / 1e3,
-            "base_p99_us": _p99(base) / 1e3,
-            "noise_mean": statistics.fmean(plain[1]) / statistics.fmean(plain[0]),
-            "noise_p99": _p99(plain[1]) / _p99(plain[0]),
-            "hook_max_us": hook_max / 1e3,
-            "hook_mean_us": hook_total / (blocks - blocks // 2) / block_steps / 1e3,
-            "end_mean_us": end_total / (blocks - blocks // 2) / block_steps / 1e3,
-            "dropped": st.dropped_steps,
-            "steps": len(hooked),
-        }
+        rows = {}
+        for mode, rec in recs.items():
+            rec.flush(10)
+            times = hooked[mode]
+            n = hook_steps[mode]
+            rows[mode] = {
+                "batch": batch,
+                "shipper": mode,
+                "mean_ratio": statistics.fmean(times) / statistics.fmean(base),
+                "p99_ratio": _p99(times) / _p99(base),
+                "base_mean_us": statistics.fmean(base) / 1e3,
+                "base_p99_us": _p99(base) / 1e3,
+                "noise_mean": statistics.fmean(plain[1]) / statistics.fmean(plain[0]),
+                "noise_p99": _p99(plain[1]) / _p99(plain[0]),
+                "hook_max_us": hook_max[mode] / 1e3,
+                "hook_mean_us": hook_total[mode] / max(1, n) / 1e3,
+                "end_mean_us": end_total[mode] / max(1, n) / 1e3,
+                "dropped": rec.stats().dropped_steps,
+                "steps": len(times),
+            }
+        return rows
     finally:
-        rec.close()
+        for rec in recs.values():
+            rec.close()
 
 
 def run_breakdown(
@@ -311,23 +332,36 @@ def run_breakdown(
     """Where the engine-shaped loop's extra time goes, one variant per block, rotated in one run.
 
     ``plain``: the work alone. ``columns``: plus the adapter building the four lists.
-    ``hooks, no thread``: plus step_begin/step_end with no shipper thread at all (the
-    bench empties the ring between steps, untimed): the append alone, the floor any
+    ``hooks, no thread``: plus step_begin/step_end with the thread shipper never started (the
+    bench empties its in-process ring between steps, untimed): the append alone, the floor any
     design that takes the shipping out of the engine's process can reach.
     ``hooks, no reader``: plus step_begin/step_end, the recorder's sidecar absent (its
-    shipper thread only wakes to find no one and drops). ``hooks, drain process``: the
+    shipper process only wakes to find no one and drops). ``hooks, drain process``: the
     shipper writes every frame to a process that only reads them. ``hooks, sidecar``: a
-    real sidecar decodes and accounts them; ``decode as ints``: the same, with prefill and
-    decode passed as ints (a decode batch as the SGLang adapter passes it). The recorders
-    live throughout.
+    real sidecar decodes and accounts them; ``shipper thread``: the same with the shipper a
+    thread in the engine's process (the other choice); ``decode as ints``: the same, with
+    prefill and decode passed as ints (a decode batch as the SGLang adapter passes it). The
+    recorders live throughout; all but the two named "thread" ship from their own process.
     """
     perf = time.perf_counter_ns
     sleep = time.sleep
     recs: dict[str, tuple[Recorder, list[Req]]] = {}
-    addresses = {"hooks, no thread": addresses["hooks, no reader"], **addresses}
+    addresses = {
+        "hooks, no thread": addresses["hooks, no reader"],
+        **addresses,
+        "hooks, sidecar, shipper thread": addresses["hooks, sidecar"],
+    }
     for name, address in addresses.items():
         threaded = name != "hooks, no thread"
-        rec = Recorder(f"bench-{name}", address=address, timer="cpu", engine_kind="bench", start=threaded)
+        shipper = "thread" if name in ("hooks, no thread", "hooks, sidecar, shipper thread") else "process"
+        rec = Recorder(
+            f"bench-{name}",
+            address=address,
+            timer="cpu",
+            engine_kind="bench",
+            start=threaded,
+            shipper=shipper,
+        )
         handles = [rec.request_arrived(f"bd{batch}-{i}", prompt_tokens=100) for i in range(batch)]
         recs[name] = (rec, [Req(h, 1, 1000 + i) for i, h in enumerate(handles)])
     ints = "hooks, sidecar, decode as ints"
@@ -478,7 +512,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=500, help="steps between (untimed) flushes")
     parser.add_argument("--batches", default="1,64,256,512")
     parser.add_argument("--work-ms", type=float, default=2.0, help="GIL-releasing work per engine-loop step")
-    parser.add_argument("--blocks", type=int, default=12, help="engine-loop blocks per batch (ABAB...)")
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=16,
+        help="engine-loop blocks per batch (hooks with the shipper process, plain, hooks with the shipper "
+        "thread, plain, ...)",
+    )
     parser.add_argument("--block-steps", type=int, default=250, help="steps per engine-loop block")
     parser.add_argument("--tight-seconds", type=float, default=20.0, help="length of each tight loop")
     parser.add_argument("--skip-micro", action="store_true", help="skip the engine-thread cost table")
@@ -503,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.blocks < 4:
-        parser.error("--blocks must be at least 4 (two with hooks, two without, for the noise figure)")
+        parser.error("--blocks must be at least 4 (one with each shipper, two without, for the noise figure)")
     if args.drain_child:
         _drain_child(args.drain_child)
         return 0
@@ -530,11 +570,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         try:
             for batch in batches:
-                before = server.bytes
-                row = run_batch("unix:" + path, batch, args.steps, args.chunk)
-                time.sleep(0.05)
-                row["bytes_per_step"] = (server.bytes - before) / args.steps
-                rows.append(row)
+                for mode in SHIPPERS:
+                    before = server.bytes
+                    row = run_batch("unix:" + path, batch, args.steps, args.chunk, mode)
+                    time.sleep(0.05)
+                    row["bytes_per_step"] = (server.bytes - before) / args.steps
+                    rows.append(row)
         finally:
             server.close()
             os.unlink(path)
@@ -542,21 +583,22 @@ def main(argv: list[str] | None = None) -> int:
             f"\nengine-thread cost per step (step_begin + columns from lists + step_end), "
             f"{args.steps} steps per batch, back to back against a draining socket"
         )
-        print(f"{'':>6} {'with columns':>21} {'decode as ints':>21} {'hooks only':>21}")
+        print(f"{'':>6} {'':>8} {'with columns':>21} {'decode as ints':>21} {'hooks only':>21}")
         print(
-            f"{'batch':>6} {'median µs':>10} {'p99 µs':>10} {'median µs':>10} {'p99 µs':>10} "
+            f"{'batch':>6} {'shipper':>8} {'median µs':>10} {'p99 µs':>10} {'median µs':>10} {'p99 µs':>10} "
             f"{'median µs':>10} {'p99 µs':>10} {'shipper CPU µs/step':>20} {'bytes/step':>11} {'dropped':>8}"
         )
         for r in rows:
             print(
-                f"{r['batch']:>6} {r['median_us']:>10.2f} {r['p99_us']:>10.2f} {r['ints_median_us']:>10.2f} "
+                f"{r['batch']:>6} {r['shipper']:>8} {r['median_us']:>10.2f} {r['p99_us']:>10.2f} {r['ints_median_us']:>10.2f} "
                 f"{r['ints_p99_us']:>10.2f} {r['hooks_median_us']:>10.2f} {r['hooks_p99_us']:>10.2f} "
                 f"{r['shipper_us']:>20.2f} {r['bytes_per_step']:>11.0f} {r['dropped']:>8}"
             )
         print(
             "(with columns: the four lists built from request objects; decode as ints: handles and "
             "context built, prefill_tokens=0 and decode_tokens=1 passed as ints, as the SGLang adapter "
-            "passes a decode batch; hooks only: the lists already built)"
+            "passes a decode batch; hooks only: the lists already built; shipper: where the socket work "
+            "runs, its own process or a thread in the engine's)"
         )
     try:
         sidecar, address = start_sidecar(tmp, args.sidecar_nice, cpus=sidecar_cpus)
@@ -565,7 +607,9 @@ def main(argv: list[str] | None = None) -> int:
         raise
     try:
         loops = [
-            run_engine_loop(address, b, args.blocks, args.block_steps, args.work_ms / 1e3) for b in batches
+            row
+            for b in batches
+            for row in run_engine_loop(address, b, args.blocks, args.block_steps, args.work_ms / 1e3).values()
         ]
         breakdown = None
         if args.breakdown_rounds > 0:
@@ -609,16 +653,17 @@ def main(argv: list[str] | None = None) -> int:
     tight_dead = _tight_in_child("unix:" + os.path.join(tmp, "nobody.sock"), 256, args.tight_seconds)
     print(
         f"\nengine-shaped loop: {args.work_ms:g} ms of GIL-releasing work (time.sleep) per step, "
-        f"live sidecar, {args.blocks} blocks of {args.block_steps} steps, with/without hooks (ABAB)"
+        f"live sidecar, {args.blocks} blocks of {args.block_steps} steps, with hooks (each shipper in turn) "
+        "and without, alternating"
     )
     print(
-        f"{'batch':>6} {'base mean µs':>13} {'base p99 µs':>12} {'mean ratio':>11} {'p99 ratio':>10} "
+        f"{'batch':>6} {'shipper':>8} {'base mean µs':>13} {'base p99 µs':>12} {'mean ratio':>11} {'p99 ratio':>10} "
         f"{'noise mean':>11} {'noise p99':>10} {'hook µs':>8} {'step_end µs':>12} {'max hook µs':>12} "
         f"{'dropped':>8}"
     )
     for r in loops:
         print(
-            f"{r['batch']:>6} {r['base_mean_us']:>13.1f} {r['base_p99_us']:>12.1f} {r['mean_ratio']:>11.4f} "
+            f"{r['batch']:>6} {r['shipper']:>8} {r['base_mean_us']:>13.1f} {r['base_p99_us']:>12.1f} {r['mean_ratio']:>11.4f} "
             f"{r['p99_ratio']:>10.4f} {r['noise_mean']:>11.4f} {r['noise_p99']:>10.4f} "
             f"{r['hook_mean_us']:>8.1f} {r['end_mean_us']:>12.1f} {r['hook_max_us']:>12.1f} {r['dropped']:>8}"
         )
@@ -636,10 +681,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, b in breakdown.items():
             print(f"{name:>30} {b['mean_us']:>9.1f} {b['mean_ratio']:>11.4f} {b['p99_ratio']:>10.4f}")
         print(
-            "(no thread: the append alone, no thread of ours in the process; no reader: the shipper finds "
-            "no sidecar and drops; drain process: it writes every frame to a "
+            "(no thread: the append alone to an in-process ring that nothing reads; no reader: the shipper "
+            "process finds no sidecar and drops; drain process: it writes every frame to a "
             "process that only reads; sidecar: a real one decodes and accounts them; nice 19: the same at "
-            "the lowest CPU priority)"
+            "the lowest CPU priority; shipper thread: the same with the shipper a thread in this process)"
         )
     print(f"\ntight loop, batch 256, steps back to back for {args.tight_seconds:g} s, fresh process each:")
     print(f"{'sidecar':>8} {'steps':>9} {'RSS growth MB':>14} {'worst call ms':>14} {'dropped':>9}")

@@ -47,6 +47,7 @@ _HEAD_SIZE = shm_ring.RECORD_HEAD_SIZE
 _READ_POS = shm_ring.READ_POS
 _WRITE_POS = shm_ring.WRITE_POS
 _U64 = struct.Struct("<Q")
+_DATA = shm_ring.HEADER_SIZE
 _CHECK_NS = 1_000_000_000  # how often a hook call looks at whether the shipper process is alive
 _RESPAWN_START_S = 1.0
 _RESPAWN_MAX_S = 30.0
@@ -74,12 +75,14 @@ def is_shipper_command(args: Any) -> bool:
 
 
 def ring_bytes_for(buffer_bytes: int) -> int:
-    """The ring's size for a recorder's ``buffer_bytes``: a quarter, 64 KiB to 16 MiB.
+    """The ring's size for a recorder's ``buffer_bytes``: a quarter, 64 KiB to 4 MiB.
 
     The ring only has to hold what arrives between two passes of the shipper process
-    (20 ms); its backlog holds the rest of ``buffer_bytes`` during an outage.
+    (20 ms: ~170 KB at batch 512 and 1 ms steps), its backlog holds the rest of
+    ``buffer_bytes`` during an outage. Small, because a ring that fits the caches is
+    cheaper to write: 0.66 µs a 4 KB step in a 2 MiB ring, 0.88 µs in 16 MiB.
     """
-    return min(16 << 20, max(shm_ring.MIN_CAPACITY, int(buffer_bytes) // 4))
+    return min(4 << 20, max(shm_ring.MIN_CAPACITY, int(buffer_bytes) // 4))
 
 
 class ProcessShipper:
@@ -255,16 +258,24 @@ class ProcessShipper:
             if self._unannounced:
                 self._announce()
             if not self._pending and dev is None:
+                # RingWriter.write inlined for the common case (no wrap): this is the engine thread.
                 writer = self._writer
-                size = _HEAD_SIZE + len(payload)
-                at = writer.reserve(size)
-                if at < 0:
-                    self._count(steps=1)
-                    return
                 mm = writer.mm
-                _HEAD.pack_into(mm, at, size, _FRAME)
-                mm[at + _HEAD_SIZE : at + size] = payload
-                writer.commit(size)
+                cap = writer.capacity
+                pos = writer.pos
+                size = _HEAD_SIZE + len(payload)
+                off = pos % cap
+                if off + size > cap:
+                    self._write_record(_FRAME, payload)
+                elif pos + size - _U64.unpack_from(mm, _READ_POS)[0] > cap:
+                    self._count(steps=1)
+                else:
+                    at = _DATA + off
+                    _HEAD.pack_into(mm, at, size, _FRAME)
+                    mm[at + _HEAD_SIZE : at + size] = payload
+                    pos += size
+                    writer.pos = pos
+                    _U64.pack_into(mm, _WRITE_POS, pos)
                 return
             self._pend((_READY, _FRAME, payload) if dev is None else (_CUDA, dev, payload, cpu_ns))
 
