@@ -18,7 +18,8 @@
    Then, at batch 256, where that loop's extra time goes: variants rotated in one run
    (the adapter's lists alone; hooks with no thread of ours, the append alone; hooks whose
    sidecar is absent; hooks writing to a process that only reads; a real sidecar, also
-   at nice 19, also with the shipper thread). ``--sidecar-nice`` runs the main table against a reniced sidecar.
+   at nice 19, also with the shipper thread). ``--sidecar-nice`` runs the main table
+   against a reniced sidecar.
 3. Tight loop (steps back to back, far faster than any sidecar takes them) in a fresh
    process, sidecar live and absent: the engine process's RSS growth and the worst
    single hook call (an engine-thread stall).
@@ -590,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         for r in rows:
             print(
-                f"{r['batch']:>6} {r['shipper']:>8} {r['median_us']:>10.2f} {r['p99_us']:>10.2f} {r['ints_median_us']:>10.2f} "
+                f"{r['batch']:>6} {r['shipper']:>8} {r['median_us']:>10.2f} {r['p99_us']:>10.2f} "
+                f"{r['ints_median_us']:>10.2f} "
                 f"{r['ints_p99_us']:>10.2f} {r['hooks_median_us']:>10.2f} {r['hooks_p99_us']:>10.2f} "
                 f"{r['shipper_us']:>20.2f} {r['bytes_per_step']:>11.0f} {r['dropped']:>8}"
             )
@@ -657,13 +659,15 @@ def main(argv: list[str] | None = None) -> int:
         "and without, alternating"
     )
     print(
-        f"{'batch':>6} {'shipper':>8} {'base mean µs':>13} {'base p99 µs':>12} {'mean ratio':>11} {'p99 ratio':>10} "
+        f"{'batch':>6} {'shipper':>8} {'base mean µs':>13} {'base p99 µs':>12} {'mean ratio':>11} "
+        f"{'p99 ratio':>10} "
         f"{'noise mean':>11} {'noise p99':>10} {'hook µs':>8} {'step_end µs':>12} {'max hook µs':>12} "
         f"{'dropped':>8}"
     )
     for r in loops:
         print(
-            f"{r['batch']:>6} {r['shipper']:>8} {r['base_mean_us']:>13.1f} {r['base_p99_us']:>12.1f} {r['mean_ratio']:>11.4f} "
+            f"{r['batch']:>6} {r['shipper']:>8} {r['base_mean_us']:>13.1f} {r['base_p99_us']:>12.1f} "
+            f"{r['mean_ratio']:>11.4f} "
             f"{r['p99_ratio']:>10.4f} {r['noise_mean']:>11.4f} {r['noise_p99']:>10.4f} "
             f"{r['hook_mean_us']:>8.1f} {r['end_mean_us']:>12.1f} {r['hook_max_us']:>12.1f} {r['dropped']:>8}"
         )
