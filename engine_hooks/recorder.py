@@ -848,3 +848,22 @@ _RECORDERS: weakref.WeakSet[Recorder] = weakref.WeakSet()
 def _close_all_at_exit() -> None:
     for rec in list(_RECORDERS):
         rec.close(0.5)
+
+
+def _silence_in_forked_child() -> None:
+    """A process forked from the engine holds copies of its recorders: they must not write.
+
+    The copy shares the parent's shared-memory ring (a second writer would corrupt it)
+    and its shipper process belongs to the parent. The child's copies record nothing and
+    count nothing; a forked worker that records makes its own Recorder.
+    """
+    for rec in list(_RECORDERS):
+        if rec._ps is not None:
+            rec._closed = True
+            rec._enabled = False
+            rec._cuda = False
+            _RECORDERS.discard(rec)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_silence_in_forked_child)

@@ -193,3 +193,26 @@ def test_a_bad_shipper_choice_is_reported_and_the_default_used(server):
         assert delivered(rec, server)
         st = rec.stats()
     assert st.shipper == "process" and st.errors == 1
+
+
+def test_a_forked_child_does_not_write_into_its_parents_ring(server):
+    with Recorder("eng-fork", address=server.address, timer="cpu") as rec:
+        h = rec.request_arrived("parent-req", prompt_tokens=3)
+        add_step(rec, [h], global_step=0)
+        assert delivered(rec, server)
+        pid = os.fork()
+        if pid == 0:  # the child: its copy of the recorder must be inert
+            try:
+                rec.request_arrived("child-req")
+                add_step(rec, [h], global_step=99)
+                time.sleep(0.3)  # long enough for the shipper process to read whatever it wrote
+                rec.close()
+            finally:
+                os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        add_step(rec, [h], global_step=1)
+        assert delivered(rec, server)
+        st = rec.stats()
+    assert [s.global_step for s in server.of("step")] == [0, 1]
+    assert {e.request_id for e in server.of("request_event")} == {"parent-req"}
+    assert st.dropped_frames == 0 and st.connected is True
