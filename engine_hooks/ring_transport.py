@@ -440,11 +440,16 @@ class ProcessShipper:
                 self._wake_w = -1
             proc = self._proc
         if proc is not None:
-            try:
-                proc.wait(max(0.0, timeout_s))
+            try:  # it exits as soon as it has written what it holds, or found no sidecar to take it
+                proc.wait(max(0.2, timeout_s))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        try:
+            os.close(self._fd)  # the mapping stays valid for stats(); the memory goes with it
+        except OSError:
+            pass
+        self._fd = -1
 
     @property
     def connected(self) -> bool:

@@ -145,10 +145,7 @@ class RingShipper(Shipper):
             fields = marshal.loads(payload)
             if not isinstance(fields, dict):
                 raise ValueError("HELLO record is not a dict")
-            first = self._hello_fields is None
-            self._hello_fields = fields
-            if not first and self._sock is not None:  # a new recorder incarnation: start over
-                self._disconnect(time.monotonic(), "the recorder restarted its shipper")
+            self._hello_fields = fields  # one per shipper process: it is written first
         elif rtype == shm_ring.MARK:
             self.push((MARK, RingFlushMarker(self, int.from_bytes(payload, "little"))))
 
