@@ -196,9 +196,8 @@ class Recorder:
             if target is not None:
                 self._token = self._read_token(token)
                 if target[0] == "tcp":
-                    tls = self._tls_context(tls_ca)
-                    if tls is not None:
-                        tls_ca_path = tls_ca if tls_ca is not None else os.environ.get(TLS_CA_ENV, "")
+                    tls_ca_path = tls_ca if tls_ca is not None else os.environ.get(TLS_CA_ENV, "")
+                    tls = self._tls_context(tls_ca_path)
                 self._timer = make_timer(timer)
         except Exception as exc:
             self._errors.report("Recorder setup", exc, level=logging.ERROR)
@@ -227,11 +226,11 @@ class Recorder:
                     "cannot set up the shipper process",
                     f"{exc}; shipping from a thread in this process instead",
                 )
-        thread = None if self._ps is not None else self._thread_shipper()
-        self._shipper: Any = self._ps or thread
-        self._ring: deque[tuple] = deque() if thread is None else thread.ring
-        self._cap = max(1, int(buffer_size)) if thread is None else thread.capacity
-        self._cap_bytes = 0 if thread is None else thread.ring_bytes_cap
+        self._shipper: Any = self._ps
+        self._ring: deque[tuple] = deque()  # the thread shipper's ring; unused with the process
+        self._cap = self._cap_bytes = 0
+        if self._ps is None:
+            self._use_thread_shipper()
         self._enabled = target is not None
         _RECORDERS.add(self)
         if start:
@@ -257,8 +256,10 @@ class Recorder:
             )
         return "thread"
 
-    def _thread_shipper(self) -> Shipper:
-        return Shipper(
+    def _use_thread_shipper(self) -> None:
+        """Ship from a thread in this process: no process shipper here, or it could not start."""
+        self._ps = None
+        self._shipper = sh = Shipper(
             address=self.address,
             target=self._target,
             hello=self._hello_frame,
@@ -270,6 +271,9 @@ class Recorder:
             heartbeat_interval_s=self._heartbeat_s,
             tls=self._tls,
         )
+        self._ring = sh.ring
+        self._cap = sh.capacity
+        self._cap_bytes = sh.ring_bytes_cap
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -285,10 +289,7 @@ class Recorder:
             self._errors.report(
                 "cannot start the shipper process", f"{exc}; shipping from a thread in this process instead"
             )
-            self._ps = None
-            self._shipper = self._thread_shipper()
-            self._ring = self._shipper.ring
-            self._cap_bytes = self._shipper.ring_bytes_cap
+            self._use_thread_shipper()
             self.start()
 
     def flush(self, timeout_s: float = 5.0) -> bool:
@@ -799,9 +800,8 @@ class Recorder:
                 return ""
         return os.environ.get(TOKEN_ENV, "").strip()
 
-    def _tls_context(self, tls_ca: str | None) -> Any:
-        """An ssl context verifying the sidecar against $ENGINETIME_TLS_CA (None: plain TCP)."""
-        path = tls_ca if tls_ca is not None else os.environ.get(TLS_CA_ENV, "")
+    def _tls_context(self, path: str) -> Any:
+        """An ssl context verifying the sidecar against the CA bundle at ``path`` (None: plain TCP)."""
         if not path:
             return None
         import ssl

@@ -107,10 +107,11 @@ class ProcessShipper:
         self._timer = timer
         self._errors = errors
         self.capacity = max(1, int(capacity))
-        self._backlog_bytes = max(1, int(backlog_bytes) - ring_bytes_for(backlog_bytes))
+        ring_bytes = ring_bytes_for(backlog_bytes)
+        self._backlog_bytes = max(1, int(backlog_bytes) - ring_bytes)
         self._heartbeat = heartbeat_interval_s
         self._tls_ca = tls_ca
-        self._fd, self.mm = shm_ring.create(ring_bytes_for(backlog_bytes))
+        self._fd, self.mm = shm_ring.create(ring_bytes)
         self._writer = shm_ring.RingWriter(self.mm)
         self._lock = threading.Lock()
         # In order behind a CUDA step whose events are not done: (_CUDA, dev, body, cpu_ns),
@@ -146,7 +147,6 @@ class ProcessShipper:
         self._next_check = time.perf_counter_ns() + _CHECK_NS
         fields = self._hello_fields()
         rfd, wfd = os.pipe()
-        level = logging.getLevelName(log.getEffectiveLevel())
         args = [
             sys.executable,
             "-I",
@@ -169,7 +169,7 @@ class ProcessShipper:
             "--heartbeat",
             repr(float(self._heartbeat)),
             "--log-level",
-            level if isinstance(level, str) and not level.startswith("Level") else "WARNING",
+            str(log.getEffectiveLevel()),
         ]
         if self._tls_ca:
             args += ["--tls-ca", self._tls_ca]
@@ -219,7 +219,7 @@ class ProcessShipper:
             self._errors.report("cannot restart the shipper process", exc, level=logging.ERROR)
             return
         for info in self._live():
-            self._write_event(info, _ARRIVED, info.time_ns, info.cached_tokens, "", 0, True)
+            self._write_replay(info)
 
     def _wake(self) -> None:
         try:
@@ -316,12 +316,16 @@ class ProcessShipper:
         if not self._write_record(_EVENT, payload) and kind == _ARRIVED:
             self._unannounced.append(info)
 
+    def _write_replay(self, info: LiveRequest) -> None:
+        """The request's ARRIVED again, as first reported, marked replayed."""
+        self._write_event(info, _ARRIVED, info.time_ns, info.cached_tokens, "", 0, True)
+
     def _announce(self) -> None:
         """ARRIVEDs the ring refused, again (replayed) now that something else is being written."""
         waiting, self._unannounced = self._unannounced, []
         for info in waiting:
             if info.live:
-                self._write_event(info, _ARRIVED, info.time_ns, info.cached_tokens, "", 0, True)
+                self._write_replay(info)
 
     # ------------------------------------------------------------------ CUDA steps
 

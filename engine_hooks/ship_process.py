@@ -194,10 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity", type=int, default=65536)
     parser.add_argument("--backlog-bytes", type=int, default=64 << 20)
     parser.add_argument("--heartbeat", type=float, default=1.0)
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", type=int, default=logging.WARNING, help="the engine's, as a number")
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.WARNING),
+        level=args.log_level,
         format=f"%(levelname)s enginetime shipper (pid {os.getpid()}, engine pid {args.parent}): %(message)s",
     )
     from .constants import parse_address
