@@ -169,6 +169,22 @@ def add_step(
     )
 
 
+def add_big_steps(rec: Recorder, entries: int, steps: int) -> None:
+    """``steps`` decode steps of ``entries`` requests each, columns as lists: more than small buffers hold."""
+    handles = list(range(1, entries + 1))
+    zeros = [0] * entries
+    for _ in range(steps):
+        tok = rec.step_begin()
+        rec.step_end(
+            tok,
+            kind=StepKind.DECODE,
+            handles=handles,
+            prefill_tokens=zeros,
+            decode_tokens=[1] * entries,
+            context_tokens=handles,
+        )
+
+
 def delivered(rec: Recorder, srv: FrameServer) -> bool:
     """flush() says the bytes are in the socket; wait until the server has decoded them too."""
     if not rec.flush(5):
@@ -694,18 +710,7 @@ def test_the_ring_is_bounded_by_bytes_and_holds_no_gc_tracked_columns(sockdir):
     )
     try:
         entries = 4096
-        handles = list(range(1, entries + 1))
-        zeros = [0] * entries
-        for _ in range(200):
-            tok = rec.step_begin()
-            rec.step_end(
-                tok,
-                kind=StepKind.DECODE,
-                handles=handles,
-                prefill_tokens=zeros,
-                decode_tokens=[1] * entries,
-                context_tokens=handles,
-            )
+        add_big_steps(rec, entries, 200)
         ring = rec._shipper.ring
         assert rec._shipper.ring_bytes <= 1 << 20
         assert 0 < len(ring) < 200

@@ -20,9 +20,9 @@ import time
 
 import pytest
 import test_hooks_recorder as hooks_recorder
-from test_hooks_recorder import add_step, delivered
+from test_hooks_recorder import add_big_steps, add_step, delivered
 
-from enginetime.engine_hooks import Recorder, StepKind, shm_ring
+from enginetime.engine_hooks import Recorder, shm_ring
 
 # The recorder tests' fixtures: a temporary socket folder, a FrameServer listening in it.
 sockdir = hooks_recorder.sockdir
@@ -98,18 +98,7 @@ def test_the_shared_ring_is_fixed_in_size_and_counts_what_it_refuses(sockdir):
         start=False,  # no shipper process: nothing empties the ring
     )
     try:
-        entries = 4096
-        handles = list(range(1, entries + 1))
-        for _ in range(200):
-            tok = rec.step_begin()
-            rec.step_end(
-                tok,
-                kind=StepKind.DECODE,
-                handles=handles,
-                prefill_tokens=0,
-                decode_tokens=1,
-                context_tokens=handles,
-            )
+        add_big_steps(rec, 4096, 200)
         mm = rec._ps.mm
         held = [t for t, _ in shm_ring.RingReader(mm).records(limit=None)]
         assert len(mm) <= (1 << 20) // 2  # a fixed mapping, a quarter of buffer_bytes plus its header
