@@ -35,7 +35,7 @@ from typing import Any
 
 from . import shm_ring, wire
 from .constants import EventKind, TimerSource
-from .shipper import EVENT, MARK, STEP, ErrorLog, LiveRequest
+from .shipper import EVENT, ErrorLog, LiveRequest
 
 log = logging.getLogger("enginetime.engine_hooks")
 
@@ -490,4 +490,4 @@ class ProcessShipper:
         return None if self._proc is None else self._proc.pid
 
 
-__all__ = ["MARK", "STEP", "ProcessShipper", "is_shipper_command", "ring_bytes_for"]
+__all__ = ["ProcessShipper", "is_shipper_command", "ring_bytes_for"]
