@@ -39,7 +39,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from . import wire
+from . import shm_ring, wire
 from .constants import (
     HOOKS_VERSION,
     PROTOCOL_VERSION,
@@ -55,7 +55,7 @@ from .constants import (
     parse_address,
 )
 from .ring_transport import ProcessShipper
-from .shipper import EVENT, STEP, STEP_OVERHEAD, ErrorLog, LiveRequest, Shipper
+from .shipper import EVENT, REPEAT, STEP, STEP_OVERHEAD, ErrorLog, LiveRequest, Shipper
 from .timers import CpuTimer, CudaEventTimer, make_timer
 
 log = logging.getLogger("enginetime.engine_hooks")
@@ -73,6 +73,8 @@ _BIG_ENDIAN = wire.BIG_ENDIAN
 _pack_header = wire.PACKED_HEADER.pack
 _HEADER_SIZE = wire.PACKED_HEADER.size
 _PREFIXES = wire._PACKED_PREFIXES
+_REPEAT_FLAG = wire.PACKED_REPEAT
+_REPEAT_RECORD = shm_ring.REPEAT
 
 
 @dataclass(slots=True)
@@ -150,6 +152,11 @@ class Recorder:
         self._by_id: dict[str, LiveRequest] = {}
         self._next_handle = 1  # 0 is "no handle" (the proto3 default)
         self._seq = 0
+        # The last step recorded whole, which step_repeat may repeat: its seq, entries, and
+        # the shipper's chain mark when it was written (a step lost since then breaks the chain).
+        self._base_seq = -1
+        self._base_n = 0
+        self._base_mark = -1
         self._closed = False
         self._enabled = False
         self._cuda = False
@@ -478,19 +485,106 @@ class Recorder:
                 self._lost_step(dev, "invalid step record dropped", exc)
                 return
             ps = self._ps
-            if ps is not None:
+            if ps is not None:  # taken before: a refusal of this very step moves it
+                mark = ps.chain_mark()
                 ps.put_step(dev, payload, perf - start_perf, perf)
-                return
-            item = (STEP, seq, dev, payload, perf - start_perf)
-            ring = self._ring
-            sh = self._shipper
-            size = STEP_OVERHEAD + len(payload)
-            while ring and (len(ring) >= self._cap or sh.ring_bytes + size > self._cap_bytes):
-                sh.overflow()
-            sh.add_ring_bytes(size)
-            ring.append(item)
+            else:  # the append drops the oldest items, never this one: the mark is taken after it
+                self._put_thread((STEP, seq, dev, payload, perf - start_perf))
+                mark = self._shipper.chain_breaks
+            self._base_seq = seq
+            self._base_n = n
+            self._base_mark = mark
         except Exception as exc:
             self._lost_step(dev, "bad step_end arguments", exc)
+
+    def _put_thread(self, item: tuple) -> None:
+        """Append a step item to the thread shipper's ring, dropping the oldest when full."""
+        ring = self._ring
+        sh = self._shipper
+        size = STEP_OVERHEAD + len(item[3])
+        while ring and (len(ring) >= self._cap or sh.ring_bytes + size > self._cap_bytes):
+            sh.overflow()
+        sh.add_ring_bytes(size)
+        ring.append(item)
+
+    def step_repeat(
+        self,
+        token: Any,
+        *,
+        decode_tokens: int = 1,
+        kind: StepKind | int = StepKind.DECODE,
+        global_step: int | None = None,
+        peer_tokens: Any = None,
+    ) -> bool:
+        """Record the step begun with ``token`` as its predecessor's batch, decoding again.
+
+        For the steady decode step, where nothing in the batch changed: the same requests
+        in the same order as this recorder's previous step, each prefilling nothing and
+        decoding ``decode_tokens``, each context grown by what the previous step computed.
+        The engine thread then builds no column and writes a fixed-size record; the
+        shipper expands it into the full step before it reaches the sidecar, so what the
+        sidecar sees is exactly what ``step_end`` with the columns would have sent.
+
+        Returns False, having recorded nothing and left ``token`` for ``step_end``, when
+        the previous step was not recorded whole (none yet, dropped, or a shipper that may
+        have lost it): the caller then records the step with ``step_end``. Otherwise True,
+        including when the step itself could not be recorded (counted, as ``step_end``).
+        Never raises.
+        """
+        try:
+            if self._base_seq != self._seq - 1 or not self._enabled:
+                return False
+            ps = self._ps
+            mark = ps.chain_mark() if ps is not None else self._shipper.chain_breaks
+            if mark != self._base_mark or type(decode_tokens) is not int or not 0 <= decode_tokens <= 0xFFFF:
+                return False
+        except Exception:
+            return False
+        perf = _perf_ns()
+        wall = _wall_ns()
+        seq = self._seq
+        self._seq = seq + 1
+        dev = None
+        try:
+            if len(token) == 5:
+                start_wall, start_perf, dev, wall, perf = token
+            else:
+                start_wall, start_perf, dev = token
+                if dev is not None:
+                    self._timer.end(dev)
+            try:
+                if peer_tokens is None:
+                    n_peer = 0
+                    peer: Any = b""
+                else:
+                    peer = wire.u32_column(peer_tokens)
+                    n_peer = len(peer)
+                head = _pack_header(
+                    1,
+                    (0 if global_step is None else 1) | _REPEAT_FLAG,
+                    decode_tokens,
+                    kind,
+                    self._base_n,
+                    n_peer,
+                    seq,
+                    0 if global_step is None else global_step,
+                    start_wall,
+                    wall,
+                    0 if dev is not None else perf - start_perf,
+                    0 if dev is not None else _MONOTONIC,
+                )
+            except (ValueError, TypeError, OverflowError, struct.error) as exc:
+                self._lost_step(dev, "invalid step record dropped", exc)
+                return True
+            body = head + peer if n_peer else head
+            if ps is not None:
+                ps.put_step(dev, body, perf - start_perf, perf, _REPEAT_RECORD)
+            else:
+                self._put_thread((REPEAT, seq, dev, body, perf - start_perf))
+            self._base_seq = seq
+        except Exception as exc:
+            self._lost_step(dev, "bad step_repeat arguments", exc)
+        return True
 
     def record_step(
         self,

@@ -41,6 +41,7 @@ log = logging.getLogger("enginetime.engine_hooks")
 
 _ARRIVED = int(EventKind.ARRIVED)
 _FRAME = shm_ring.FRAME
+_REPEAT = shm_ring.REPEAT
 _EVENT = shm_ring.EVENT
 _HEAD = shm_ring.RECORD_HEAD
 _HEAD_SIZE = shm_ring.RECORD_HEAD_SIZE
@@ -114,7 +115,7 @@ class ProcessShipper:
         self._fd, self.mm = shm_ring.create(ring_bytes)
         self._writer = shm_ring.RingWriter(self.mm)
         self._lock = threading.Lock()
-        # In order behind a CUDA step whose events are not done: (_CUDA, dev, body, cpu_ns),
+        # In order behind a CUDA step whose events are not done: (_CUDA, dev, body, cpu_ns, rtype),
         # (_READY, rtype, payload) for finished records, (_EVENT_ITEM, info, kind, t, cached, reason, output).
         self._pending: deque[tuple] = deque()
         self._max_pending = min(self.capacity, _MAX_PENDING)
@@ -199,7 +200,7 @@ class ProcessShipper:
             return
         lost = self._writer.unread()
         self._writer.discard_unread()
-        steps = sum(1 for t in lost if t == _FRAME)
+        steps = sum(1 for t in lost if t == _FRAME or t == _REPEAT)
         events = sum(1 for t in lost if t == _EVENT)
         self._count(steps, events)
         log.warning(
@@ -244,14 +245,18 @@ class ProcessShipper:
     def _write_record(self, rtype: int, payload: bytes) -> bool:
         if self._writer.write(rtype, payload):
             return True
-        if rtype == _FRAME:
+        if rtype == _FRAME or rtype == _REPEAT:
             self._count(steps=1)
         elif rtype == _EVENT:
             self._count(events=1)
         return False
 
-    def put_step(self, dev: Any, payload: bytes, cpu_ns: int, now_ns: int) -> None:
-        """One step from the engine thread: a finished frame, or a CUDA body waiting for its events."""
+    def put_step(self, dev: Any, payload: bytes, cpu_ns: int, now_ns: int, rtype: int = _FRAME) -> None:
+        """One step from the engine thread: a finished frame, or a CUDA body waiting for its events.
+
+        ``rtype`` REPEAT: a repeat body (framed by the shipper process), device time pending
+        with a CUDA pair as a step's is.
+        """
         with self._lock:
             if now_ns > self._next_check:
                 self._check(now_ns)
@@ -266,18 +271,18 @@ class ProcessShipper:
                 size = _HEAD_SIZE + len(payload)
                 off = pos % cap
                 if off + size > cap:
-                    self._write_record(_FRAME, payload)
+                    self._write_record(rtype, payload)
                 elif pos + size - _U64.unpack_from(mm, _READ_POS)[0] > cap:
                     self._count(steps=1)
                 else:
                     at = _DATA + off
-                    _HEAD.pack_into(mm, at, size, _FRAME)
+                    _HEAD.pack_into(mm, at, size, rtype)
                     mm[at + _HEAD_SIZE : at + size] = payload
                     pos += size
                     writer.pos = pos
                     _U64.pack_into(mm, _WRITE_POS, pos)
                 return
-            self._pend((_READY, _FRAME, payload) if dev is None else (_CUDA, dev, payload, cpu_ns))
+            self._pend((_READY, rtype, payload) if dev is None else (_CUDA, dev, payload, cpu_ns, rtype))
 
     def push(self, item: tuple) -> None:
         """A request event (any thread), as the recorder builds it for ``Shipper.push``."""
@@ -345,7 +350,7 @@ class ProcessShipper:
             self._count(events=1)
             if entry[2] == _ARRIVED and entry[1].live:
                 self._unannounced.append(entry[1])
-        elif entry[1] == _FRAME:
+        elif entry[1] == _FRAME or entry[1] == _REPEAT:
             self._count(steps=1)
 
     def _release(self, dev: Any) -> None:
@@ -382,7 +387,7 @@ class ProcessShipper:
                 except Exception as exc:
                     self._errors.report("CUDA event query", exc)
             pending.popleft()
-            _, _, body, cpu_ns = entry
+            _, _, body, cpu_ns, rtype = entry
             ns = None
             try:
                 ns = self._timer.resolve(dev)
@@ -395,12 +400,15 @@ class ProcessShipper:
             else:
                 duration, source = ns, TimerSource.CUDA_EVENT
             try:
-                frame = wire.wrap_packed(body, duration, source)
+                if rtype == _REPEAT:
+                    frame = wire.fill_device(body, duration, source)
+                else:
+                    frame = wire.wrap_packed(body, duration, source)
             except Exception as exc:
                 self._count(steps=1)
                 self._errors.report("invalid step record dropped", exc)
                 continue
-            self._write_record(_FRAME, frame)
+            self._write_record(rtype, frame)
 
     # ------------------------------------------------------------------ flush, stop, stats
 
@@ -454,6 +462,14 @@ class ProcessShipper:
         except OSError:
             pass
         self._fd = -1
+
+    def chain_mark(self) -> int:
+        """Moves whenever a step may have been lost before its shipper expanded what follows it.
+
+        Steps refused or dropped here, shipper processes started again (a new one has seen no
+        step), and steps the shipper process lost before expanding.
+        """
+        return self.dropped_steps + self.restarts + shm_ring.get(self.mm, shm_ring.CHAIN_BREAKS)
 
     @property
     def connected(self) -> bool:

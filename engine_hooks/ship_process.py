@@ -29,7 +29,7 @@ from typing import Any
 
 from . import shm_ring, wire
 from .constants import EventKind
-from .shipper import EVENT, MARK, STEP, FlushMarker, LiveRequest, Shipper
+from .shipper import EVENT, MARK, REPEAT, STEP, FlushMarker, LiveRequest, Shipper
 from .timers import CpuTimer
 
 log = logging.getLogger("enginetime.engine_hooks")
@@ -121,6 +121,8 @@ class RingShipper(Shipper):
     def _record(self, rtype: int, payload: bytes) -> None:
         if rtype == shm_ring.FRAME:
             self.push((STEP, 0, None, payload, 0))
+        elif rtype == shm_ring.REPEAT:
+            self.push((REPEAT, 0, None, payload, 0))
         elif rtype == shm_ring.EVENT:
             kind, handle, t, rid, prompt, cached, session, trace, routed, reason, output, replayed = (
                 marshal.loads(payload)
@@ -161,6 +163,7 @@ class RingShipper(Shipper):
         put(mm, shm_ring.CONSUMER_DROPPED_STEPS, self.dropped_steps - self._producer_steps)
         put(mm, shm_ring.CONSUMER_DROPPED_EVENTS, self.dropped_events - self._producer_events)
         put(mm, shm_ring.CONSUMER_PASSES, self._passes)
+        put(mm, shm_ring.CHAIN_BREAKS, self.chain_breaks)
 
 
 def _watch(wake_fd: int, shipper: RingShipper, parent: int) -> None:

@@ -50,6 +50,7 @@ log = logging.getLogger("enginetime.engine_hooks")
 STEP = 0
 EVENT = 1
 MARK = 2
+REPEAT = 3
 
 # Step item: (STEP, seq, device_handle, payload, cpu_ns). The engine thread encodes the step
 #   itself as a packed step (wire.py's fixed layout, one struct.pack and one array): with
@@ -57,6 +58,9 @@ MARK = 2
 #   with its device time pending, which this thread fills in and frames (wire.wrap_packed)
 #   once the pair has resolved. Either way one ``bytes``, which the
 #   garbage collector does not track, and this thread's Python per step is a few list operations.
+# Repeat item: (REPEAT, seq, device_handle, body, cpu_ns): a step whose batch is the previous
+#   step's (wire.py, "repeat steps"); body is a packed header (device time pending with a CUDA
+#   pair) and the peer column, expanded here into the full step against the previous one.
 # Event item: (EVENT, LiveRequest, kind, time_ns, cached_tokens|None, finish_reason, output_tokens)
 # Mark item: (MARK, FlushMarker)
 
@@ -86,7 +90,7 @@ STEP_OVERHEAD = 200
 def item_bytes(item: tuple) -> int:
     """Approximate memory a ring item holds (the ring is bounded by it as well as by count)."""
     code = item[0]
-    if code == STEP:
+    if code == STEP or code == REPEAT:
         return STEP_OVERHEAD + len(item[3])
     if code == EVENT:
         return 300 + len(item[5] or "")
@@ -245,8 +249,12 @@ class Shipper:
         self._drop_lock = threading.Lock()
         self.dropped_steps = 0
         self.dropped_events = 0
+        #: Steps lost before they were expanded (a repeat after one cannot be): the recorder
+        #: sends a full step once this moves.
+        self.chain_breaks = 0
 
         # Shipper-thread state.
+        self._base: bytes | None = None  # the last step frame, what a repeat expands against
         self._held: tuple | None = None  # ring head whose CUDA end event has not completed
         self._backlog: deque[tuple[int, bytes, Any]] = deque()  # (code, frame, ref)
         self._backlog_size = 0
@@ -308,7 +316,8 @@ class Shipper:
 
     def _lost_item(self, item: tuple) -> None:
         code = item[0]
-        if code == STEP:
+        if code == STEP or code == REPEAT:
+            self.chain_breaks += 1
             self.count_dropped(steps=1)
             dev = item[2]
             if dev is not None:
@@ -438,11 +447,15 @@ class Shipper:
                     return False, False
                 self.add_ring_bytes(-item_bytes(item))
             code = item[0]
-            if code == STEP:
+            if code == STEP or code == REPEAT:
                 dev = item[2]
                 if dev is None:  # encoded whole on the engine thread
                     self._held = None
-                    self._append(STEP, item[3], None)
+                    if code == STEP:
+                        self._base = item[3]
+                        self._append(STEP, item[3], None)
+                    else:
+                        self._repeat_to_backlog(item[3])
                     continue
                 if not force:
                     try:
@@ -464,7 +477,7 @@ class Shipper:
 
     def _step_to_backlog(self, item: tuple) -> None:
         """Finish a step timed with CUDA events: its device time (or the CPU fallback) goes last."""
-        _, _seq, dev, body, cpu_ns = item
+        code, _seq, dev, body, cpu_ns = item
         duration = cpu_ns
         source = TimerSource.MONOTONIC
         ns = None
@@ -482,11 +495,35 @@ class Shipper:
             duration = ns
             source = TimerSource.CUDA_EVENT
         try:
-            frame = wire.wrap_packed(body, duration, source)
+            if code == REPEAT:
+                body = wire.fill_device(body, duration, source)
+            else:
+                frame = wire.wrap_packed(body, duration, source)
         except Exception as exc:
+            self.chain_breaks += 1
             self.count_dropped(steps=1)
             self._errors.report("invalid step record dropped", exc)
             return
+        if code == REPEAT:
+            self._repeat_to_backlog(body)
+        else:
+            self._base = frame
+            self._append(STEP, frame, None)
+
+    def _repeat_to_backlog(self, body: bytes) -> None:
+        """Expand a repeat against the step before it; without that step it is lost, counted."""
+        base = self._base
+        try:
+            if base is None:
+                raise ValueError(f"repeat step seq {wire.repeat_seq(body)} has no step before it here")
+            frame = wire.expand_repeat(base, body)
+        except Exception as exc:
+            self._base = None
+            self.chain_breaks += 1
+            self.count_dropped(steps=1)
+            self._errors.report("repeat step dropped (the step before it was lost)", exc)
+            return
+        self._base = frame
         self._append(STEP, frame, None)
 
     def _event_to_backlog(self, item: tuple) -> None:

@@ -47,12 +47,14 @@ CONSUMER_DROPPED_STEPS = 104
 CONSUMER_DROPPED_EVENTS = 112
 CONSUMER_PID = 120
 CONSUMER_PASSES = 128  # bumped on every pass of the shipper loop: it is alive
+CHAIN_BREAKS = 136  # steps the shipper process lost before expanding (a repeat after one cannot be)
 
 # Record types.
 FRAME = 1  # a finished ingest frame (a step), forwarded as it is
 EVENT = 2  # a request event: marshal of the recorder's event tuple
 HELLO = 3  # the hello's fields: marshal of a dict (the shipper stamps the clocks at each connect)
 MARK = 4  # a flush marker: u64 id, acknowledged in FLUSH_DONE_ID once written or lost
+REPEAT = 5  # a repeat step's body (wire.py): expanded against the step before it
 
 RECORD_HEAD = struct.Struct("<IB")
 RECORD_HEAD_SIZE = RECORD_HEAD.size

@@ -27,6 +27,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Iterable, Sequence, Sized
+from operator import add as _add
 
 from .constants import HOOKS_VERSION, PROTOCOL_VERSION
 
@@ -634,6 +635,7 @@ PACKED_HEADER = struct.Struct("<BBHiIIQQqqqi")
 PACKED_DEVICE_OFFSET = 48  # device_time_ns, then timer_source: what a CUDA step fills in late
 _PACKED_DEVICE = struct.Struct("<qi")
 _PACKED_TAG = _tag(FRAME_PACKED_STEP, _LEN)
+_SEQ = struct.Struct("<Q")
 _PACKED_PREFIXES: dict[int, bytes] = {}
 BIG_ENDIAN = _BIG_ENDIAN
 
@@ -669,6 +671,111 @@ def wrap_packed(body: bytes, device_time_ns: int, timer_source: int) -> bytes:
             view[off + _PACKED_DEVICE.size :],
         )
     )
+
+
+def fill_device(body: bytes | memoryview, device_time_ns: int, timer_source: int) -> bytes:
+    """A packed body (a step or a repeat) with its device time written in, unframed.
+
+    Raises struct.error when the device time does not fit int64.
+    """
+    off = PACKED_DEVICE_OFFSET
+    view = memoryview(body)
+    return b"".join(
+        (view[:off], _PACKED_DEVICE.pack(device_time_ns, timer_source), view[off + _PACKED_DEVICE.size :])
+    )
+
+
+# --------------------------------------------------------------------------- repeat steps
+#
+# A decode batch that did not change since the previous step (the same requests in the same
+# order, each decoding the same number of tokens) is most steps of a long generation. The
+# engine thread then writes only a packed header with ``flags`` bit 1 (PACKED_REPEAT) set,
+# the tokens each entry decoded in the reserved u16, ``n`` as in the previous step, and the
+# peer column; no entry columns. The shipper (thread or process) expands it into a full
+# packed step against the previous step it shipped: the same handles, prefill 0, decode the
+# u16, context = the previous step's context + prefill + decode. Repeats never reach the
+# sidecar: the wire carries full steps only. A repeat whose previous step (seq - 1) the
+# shipper did not see cannot be expanded and is dropped, counted; the recorder sends a full
+# step next time it learns of such a break.
+
+PACKED_REPEAT = 2  # flags bit 1: a repeat body (recorder -> shipper only)
+_FLAGS_OFFSET = 1
+
+
+def _body_offset(frame: bytes) -> int:
+    """Where the packed body starts in a framed packed step (after its length and tag)."""
+    _, pos = decode_varint(frame, 0)
+    if frame[pos : pos + len(_PACKED_TAG)] != _PACKED_TAG:
+        raise ValueError("not a packed step frame")
+    _, pos = decode_varint(frame, pos + len(_PACKED_TAG))
+    return pos
+
+
+def repeat_seq(body: bytes | memoryview) -> int:
+    """The seq a repeat body (or any packed body) carries."""
+    return int(_SEQ.unpack_from(body, 16)[0])
+
+
+def expand_repeat(base_frame: bytes, body: bytes | memoryview) -> bytes:
+    """The framed full step a repeat body stands for, given the framed step before it.
+
+    Raises ValueError when ``base_frame`` is not the step right before (seq - 1) or holds a
+    different number of entries, or ``body`` is not a well-formed repeat; OverflowError
+    when a context no longer fits u32.
+    """
+    off = _body_offset(base_frame)
+    _, _, _, _, n, base_peer, base_seq = PACKED_HEADER.unpack_from(base_frame, off)[:7]
+    head = PACKED_HEADER.unpack(bytes(body[: PACKED_HEADER.size]))
+    version, flags, per, _kind, n_rep, n_peer, seq = head[:7]
+    if version != PACKED_VERSION or not flags & PACKED_REPEAT:
+        raise ValueError(f"not a repeat body (version {version}, flags {flags})")
+    if len(body) != PACKED_HEADER.size + 4 * n_peer:
+        raise ValueError(
+            f"repeat body is {len(body)} bytes, its header says {PACKED_HEADER.size + 4 * n_peer}"
+        )
+    if seq != base_seq + 1 or n_rep != n:
+        raise ValueError(
+            f"repeat step seq {seq} of {n_rep} entries follows step seq {base_seq} of {n} entries; "
+            "it needs the step right before it"
+        )
+    cols = off + PACKED_HEADER.size
+    width = 4 * n
+    if len(base_frame) != cols + 4 * width + 4 * base_peer:
+        raise ValueError("base step frame is truncated")
+    ctx = array(U32)
+    ctx.frombytes(base_frame[cols + 3 * width : cols + 4 * width])
+    dec = array(U32)
+    dec.frombytes(base_frame[cols + 2 * width : cols + 3 * width])
+    pre = base_frame[cols + width : cols + 2 * width]
+    if _BIG_ENDIAN:  # pragma: no cover - columns are little-endian on the wire
+        ctx.byteswap()
+        dec.byteswap()
+    if pre.count(0) == width:  # a decode batch: the usual case
+        nxt = array(U32, map(_add, ctx, dec))
+    else:
+        pcol = array(U32)
+        pcol.frombytes(pre)
+        if _BIG_ENDIAN:  # pragma: no cover
+            pcol.byteswap()
+        nxt = array(U32, map(_add, map(_add, ctx, pcol), dec))
+    decode = array(U32, (per,)) * n
+    if _BIG_ENDIAN:  # pragma: no cover
+        nxt.byteswap()
+        decode.byteswap()
+    new_head = bytearray(body[: PACKED_HEADER.size])
+    new_head[_FLAGS_OFFSET] = flags & ~PACKED_REPEAT
+    new_head[2:4] = b"\0\0"
+    full = b"".join(
+        (
+            new_head,
+            base_frame[cols : cols + width],
+            bytes(width),
+            decode.tobytes(),
+            nxt.tobytes(),
+            body[PACKED_HEADER.size :],
+        )
+    )
+    return packed_prefix(len(full)) + full
 
 
 def frame_packed_step(
