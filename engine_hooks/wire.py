@@ -27,7 +27,6 @@ import struct
 import sys
 from array import array
 from collections.abc import Iterable, Sequence, Sized
-from operator import add as _add
 
 from .constants import HOOKS_VERSION, PROTOCOL_VERSION
 
@@ -702,6 +701,34 @@ PACKED_REPEAT = 2  # flags bit 1: a repeat body (recorder -> shipper only)
 _FLAGS_OFFSET = 1
 
 
+_U32_BYTES = struct.Struct("<I")
+_LANE_MASKS: dict[int, tuple[int, int]] = {}
+
+
+def _lane_masks(n: int) -> tuple[int, int]:
+    """Big-integer masks of n u32 lanes: the top bit of each, the top two bits of each."""
+    masks = (int.from_bytes(b"\0\0\0\x80" * n, "little"), int.from_bytes(b"\0\0\0\xc0" * n, "little"))
+    if len(_LANE_MASKS) > 1024:
+        _LANE_MASKS.clear()
+    _LANE_MASKS[n] = masks
+    return masks
+
+
+def _lanes_added(*columns: bytes) -> bytes:
+    """Little-endian u32 columns added entry by entry; OverflowError past u32."""
+    arrays = []
+    for col in columns:
+        a = array(U32)
+        a.frombytes(col)
+        if _BIG_ENDIAN:  # pragma: no cover - columns are little-endian on the wire
+            a.byteswap()
+        arrays.append(a)
+    out = array(U32, map(sum, zip(*arrays, strict=True)))
+    if _BIG_ENDIAN:  # pragma: no cover
+        out.byteswap()
+    return out.tobytes()
+
+
 def _body_offset(frame: bytes) -> int:
     """Where the packed body starts in a framed packed step (after its length and tag)."""
     _, pos = decode_varint(frame, 0)
@@ -742,26 +769,22 @@ def expand_repeat(base_frame: bytes, body: bytes | memoryview) -> bytes:
     width = 4 * n
     if len(base_frame) != cols + 4 * width + 4 * base_peer:
         raise ValueError("base step frame is truncated")
-    ctx = array(U32)
-    ctx.frombytes(base_frame[cols + 3 * width : cols + 4 * width])
-    dec = array(U32)
-    dec.frombytes(base_frame[cols + 2 * width : cols + 3 * width])
+    ctx = base_frame[cols + 3 * width : cols + 4 * width]
     pre = base_frame[cols + width : cols + 2 * width]
-    if _BIG_ENDIAN:  # pragma: no cover - columns are little-endian on the wire
-        ctx.byteswap()
-        dec.byteswap()
-    if pre.count(0) == width:  # a decode batch: the usual case
-        nxt = array(U32, map(_add, ctx, dec))
+    dec = base_frame[cols + 2 * width : cols + 3 * width]
+    # Every lane at once: the columns as little-endian big integers, added. Exact while no
+    # lane carries into the next, which the lane masks guarantee (context < 2^31, prefill
+    # and decode < 2^30 a step); anything else takes the per-entry path, which raises on
+    # a real u32 overflow.
+    masks = _LANE_MASKS.get(n) or _lane_masks(n)
+    c = int.from_bytes(ctx, "little")
+    p = int.from_bytes(pre, "little")
+    d = int.from_bytes(dec, "little")
+    if c & masks[0] or (p | d) & masks[1]:
+        nxt = _lanes_added(ctx, pre, dec)
     else:
-        pcol = array(U32)
-        pcol.frombytes(pre)
-        if _BIG_ENDIAN:  # pragma: no cover
-            pcol.byteswap()
-        nxt = array(U32, map(_add, map(_add, ctx, pcol), dec))
-    decode = array(U32, (per,)) * n
-    if _BIG_ENDIAN:  # pragma: no cover
-        nxt.byteswap()
-        decode.byteswap()
+        nxt = (c + p + d).to_bytes(width, "little")
+    decode = _U32_BYTES.pack(per) * n
     new_head = bytearray(body[: PACKED_HEADER.size])
     new_head[_FLAGS_OFFSET] = flags & ~PACKED_REPEAT
     new_head[2:4] = b"\0\0"
@@ -770,8 +793,8 @@ def expand_repeat(base_frame: bytes, body: bytes | memoryview) -> bytes:
             new_head,
             base_frame[cols : cols + width],
             bytes(width),
-            decode.tobytes(),
-            nxt.tobytes(),
+            decode,
+            nxt,
             body[PACKED_HEADER.size :],
         )
     )

@@ -95,6 +95,7 @@ def test_plugin_loads_through_sglang_and_records_real_batches(engine: str, sglan
     assert result["layout"] == [1, 2, "lockstep", True], f"{tag}: DP-attention rank 1 of 2 (ParallelContext)"
     assert result["errors"] == 0 and result["dropped"] == 0 and result["flushed"], (tag, result)
     assert result["pinned_elsewhere"] == 1 and result["guard_errors"] == 1, tag
+    assert result["repeats"] == 2, f"{tag}: steps 3 and 4 (same requests as the step before) sent as repeats"
 
     (frames,) = sink.frames()
     hello = frames[0]
@@ -141,7 +142,7 @@ def test_plugin_loads_through_sglang_and_records_real_batches(engine: str, sglan
     assert [ids[e.handle] for e in by_kind[EventKind.ABORTED]] == result["expected_aborted"], tag
     position = {id(f): i for i, f in enumerate(frames)}
     preempted_at = position[id(by_kind[EventKind.PREEMPTED][0])]
-    assert preempted_at < position[id(steps[4])], "preempted, then re-prefilled"
+    assert preempted_at < position[id(steps[5])], "preempted, then re-prefilled"
 
 
 @pytest.mark.e2e
@@ -384,3 +385,91 @@ def test_hooks_never_raise_and_forget_a_step_whose_forward_raised(monkeypatch) -
     assert not [f for f in frames if isinstance(f, Step)]  # neither step reached the sidecar
     kinds = [f.kind for f in frames if isinstance(f, Event)]
     assert kinds == [EventKind.ARRIVED, EventKind.SCHEDULED, EventKind.ABORTED]
+
+
+def test_an_unchanged_decode_batch_is_a_repeat_and_a_finish_waits_for_it(monkeypatch) -> None:
+    """Steady decode (the same Req objects step after step) is recorded as repeats: the
+    sidecar still gets each step's full columns. A request that finishes while a repeat
+    step holding it waits for its sampling launch is reported after that step; a changed
+    batch is read in full again; a repeat whose forward raised holds nothing."""
+    import types
+
+    sockdir = tempfile.mkdtemp(dir="/tmp", prefix="et-sgr-")
+    sink = engine_envs.IngestSink(sockdir)
+    monkeypatch.setenv("ENGINETIME_INGEST", sink.address)
+    monkeypatch.setenv("ENGINETIME_TIMER", "cpu")
+
+    class Sched:
+        forward_ct = 0
+        enable_overlap = True
+        waiting_queue: list = []
+        server_args = types.SimpleNamespace(tokenizer_worker_num=1, dp_size=1, enable_dp_attention=False)
+
+    class Req:
+        def __init__(self, rid: str, prompt: int) -> None:
+            self.rid, self.origin_input_ids, self.output_ids = rid, [1] * prompt, [9]
+            self.finished_reason = None
+
+        def finished(self) -> bool:
+            return self.finished_reason is not None
+
+    sched = Sched()
+    x, y, z = Req("x", 10), Req("y", 20), Req("z", 5)
+    decode = types.SimpleNamespace(name="DECODE")
+
+    def batch(*reqs: Req) -> types.SimpleNamespace:
+        return types.SimpleNamespace(forward_mode=decode, reqs=list(reqs))
+
+    def step(b, delay: bool = False):
+        def forward(s, _b):
+            s.forward_ct += 1
+            return types.SimpleNamespace(delay_sample_func=(lambda: None) if delay else None)
+
+        out = sg_hooks.around_run_batch(forward, sched, b)
+        for r in b.reqs:
+            r.output_ids.append(9)
+        return out
+
+    step(batch(x, y))  # read in full: contexts 10 and 20
+    step(batch(x, y))  # repeat
+    res = step(batch(x, y), delay=True)  # repeat, recorded when its sampling launches
+    x.finished_reason = types.SimpleNamespace(to_json=lambda: {"type": "stop"})
+    sg_hooks.around_process_batch_result(lambda s, b, r: None, sched, batch(x, y), None)
+    ad = sched.__dict__["_enginetime"]
+    assert "x" in ad.deferred  # the delayed repeat still holds x
+    sg_hooks.around_launch_batch_sample_if_needed(lambda s, r: None, sched, res)
+    step(batch(y, z))  # changed: read in full
+    step(batch(y, z))  # repeat
+
+    def boom(s, b):
+        raise RuntimeError("CUDA error: out of memory")
+
+    with pytest.raises(RuntimeError):
+        sg_hooks.around_run_batch(boom, sched, batch(y, z))
+    z.finished_reason = types.SimpleNamespace(to_json=lambda: {"type": "stop"})
+    sg_hooks.around_process_batch_result(lambda s, b, r: None, sched, batch(y, z), None)
+    assert ad.repeats == 3 and ad.deferred == {} and ad._repeating == []
+    assert ad.recorder.flush(5.0)
+    ad.recorder.close()
+    sink.close()
+    frames = [f for conn in sink.frames() for f in conn]
+    ids = {f.handle: f.request_id for f in frames if isinstance(f, Event) and f.kind == EventKind.ARRIVED}
+    steps = [f for f in frames if isinstance(f, Step)]
+    got = [
+        {
+            ids[h]: (p, d, c)
+            for h, p, d, c in zip(s.handles, s.prefill_tokens, s.decode_tokens, s.context_tokens, strict=True)
+        }
+        for s in steps
+    ]
+    assert got == [
+        {"x": (0, 1, 10), "y": (0, 1, 20)},
+        {"x": (0, 1, 11), "y": (0, 1, 21)},
+        {"x": (0, 1, 12), "y": (0, 1, 22)},
+        {"y": (0, 1, 23), "z": (0, 1, 5)},
+        {"y": (0, 1, 24), "z": (0, 1, 6)},
+    ]
+    position = {id(f): i for i, f in enumerate(frames)}
+    finished = [f for f in frames if isinstance(f, Event) and f.kind == EventKind.FINISHED]
+    assert [ids[f.handle] for f in finished] == ["x", "z"]
+    assert position[id(finished[0])] > position[id(steps[2])]  # after the repeat that held it

@@ -59,6 +59,8 @@ class StepRead:
     first_prefix: dict[int, int] = field(default_factory=dict)  # id(req) -> prefix hit, extend steps
     handles: list[int] = field(default_factory=list)  # filled by the adapter
     rids: list[str] = field(default_factory=list)
+    batch: Any = None  # the adapter's record of these requests (what a repeat of this batch reuses)
+    repeat: bool = False  # the same requests as ``batch``'s last step: nothing read per request
 
 
 def mode_name(batch: Any) -> str:
@@ -67,7 +69,7 @@ def mode_name(batch: Any) -> str:
     return str(name) if name is not None else ""
 
 
-def _known_tokens(req: Any) -> int:
+def known_tokens(req: Any) -> int:
     try:
         return len(req.origin_input_ids) + len(req.output_ids)
     except Exception:
@@ -96,7 +98,7 @@ def read_batch(batch: Any) -> StepRead | None:
         # Every entry prefills 0 and decodes ``per``: one int each (Recorder.step_end), so the
         # engine thread builds one list per step here, not three.
         out = StepRead(StepKind.DECODE, name, reqs=reqs, prefill=0, decode=per, peer_tokens=peer)
-        out.context = [max(0, _known_tokens(req) - 1) for req in reqs]
+        out.context = [max(0, known_tokens(req) - 1) for req in reqs]
         return out if reqs else StepRead(StepKind.IDLE, name, peer_tokens=peer)
     if name not in EXTEND_MODES:
         return None  # PREBUILT, draft passes, modes this adapter does not know

@@ -30,16 +30,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import re
 import threading
 import time
 import weakref
 from typing import Any
 
-from ..adapter_common import AdapterSettings, Guard, as_int, traceparent_of
+from ..adapter_common import AdapterSettings, Guard, as_int, int_list, traceparent_of
 from ..constants import StepKind
 from ..recorder import Recorder
-from .batch import StepRead, read_batch
+from .batch import StepRead, known_tokens, mode_name, read_batch
 
 log = logging.getLogger("enginetime.engine_hooks")
 
@@ -47,6 +48,8 @@ SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 SCHEDULE_BATCH = "sglang.srt.managers.schedule_batch.ScheduleBatch"
 _MAX_PENDING = 8
 _WORKER_PREFIX = re.compile(r"^\d+_(.+)$")
+
+_FINISHED_REASON = operator.attrgetter("finished_reason")  # Req.finished() is "is not None" of it
 
 _guard = Guard()
 _current: weakref.ref[SGLangAdapter] | None = None  # this process's adapter (one scheduler each)
@@ -98,6 +101,28 @@ def shard_layout(scheduler: Any) -> tuple[int, int, str, bool, str]:
     if getattr(args, "enable_dp_attention", False) and dp_size > 1:
         return int(getattr(scheduler, "attn_dp_rank", 0) or 0), dp_size, "lockstep", reports, ""
     return int(getattr(scheduler, "dp_rank", None) or 0), dp_size, "independent", reports, ""
+
+
+class _Batch:
+    """The requests of the last batch read in full, kept so an unchanged decode batch is not read again.
+
+    ``inflight`` counts the repeat steps of it begun and not yet recorded: they hold its
+    requests (a FINISHED waits for them) without a per-request count.
+    """
+
+    __slots__ = ("reqs", "handles", "rids", "inflight", "_rid_set")
+
+    def __init__(self, reqs: list[Any], handles: list[int], rids: list[str]) -> None:
+        self.reqs = reqs
+        self.handles = handles
+        self.rids = rids
+        self.inflight = 0
+        self._rid_set: set[str] | None = None
+
+    def holds(self, rid: str) -> bool:
+        if self._rid_set is None:
+            self._rid_set = set(self.rids)
+        return rid in self._rid_set
 
 
 class _Pending:
@@ -159,6 +184,10 @@ class SGLangAdapter:
         self.deferred: dict[str, tuple[bool, str, int, int]] = {}
         self.pending: dict[int, _Pending] = {}
         self.pinned_elsewhere = 0
+        self._last: _Batch | None = None  # the last batch read in full
+        self._emitted: _Batch | None = None  # the batch of the last step recorded
+        self._repeating: list[_Batch] = []  # batches with repeat steps in flight
+        self.repeats = 0  # steps recorded as repeats (no per-request work on the engine thread)
 
     # ------------------------------------------------------------------ requests
 
@@ -241,10 +270,27 @@ class SGLangAdapter:
         except Exception:
             out_tokens = 0
         event = (aborted, reason, out_tokens, time.time_ns())
-        if self.inflight.get(rid, 0) > 0:
+        if self._held(rid):
             self.deferred[rid] = event  # a step holding it is still to be recorded
         else:
             self._send_terminal(rid, event)
+
+    def _held(self, rid: str) -> bool:
+        """Does a step begun and not yet recorded hold this request?"""
+        if self.inflight.get(rid, 0) > 0:
+            return True
+        return any(b.holds(rid) for b in self._repeating)
+
+    def _release_repeat(self, same: _Batch) -> None:
+        """A repeat step of ``same`` was recorded or aborted: send what waited only for it."""
+        same.inflight -= 1
+        if same.inflight <= 0:
+            same.inflight = 0
+            if same in self._repeating:
+                self._repeating.remove(same)
+        if self.deferred:
+            for rid in [r for r in self.deferred if not self._held(r)]:
+                self._send_terminal(rid, self.deferred.pop(rid))
 
     def _send_terminal(self, rid: str, event: tuple[bool, str, int, int]) -> None:
         handle = self.handles.pop(rid, 0)
@@ -275,9 +321,28 @@ class SGLangAdapter:
         rec = self.recorder
         if rec is None:
             return None
+        last = self._last
+        if last is not None:
+            reqs = getattr(batch, "reqs", None)
+            # The steady decode step: the same requests, in the same order, as the last batch
+            # read in full (compared by identity, in C). Nothing is read per request.
+            if (
+                type(reqs) is list
+                and len(reqs) == len(last.reqs)
+                and reqs == last.reqs
+                and mode_name(batch) == "DECODE"
+            ):
+                same = StepRead(StepKind.DECODE, "DECODE", prefill=0, decode=1, batch=last, repeat=True)
+                same.peer_tokens = int_list(getattr(batch, "global_num_tokens", None))
+                if last.inflight == 0:
+                    self._repeating.append(last)
+                last.inflight += 1
+                stream = getattr(scheduler, "forward_stream", None) if self.overlap else None
+                return same, rec.step_begin(stream)
         read = read_batch(batch)
         if read is None:
             return None
+        reqs_read = read.reqs
         wall = time.time_ns()
         for req in read.reqs:
             rid = req.rid
@@ -295,6 +360,8 @@ class SGLangAdapter:
                     hit = as_int(getattr(req, "cached_tokens", 0))
                 rec.request_scheduled(handle, cached_tokens=hit, time_ns=wall)
         read.reqs = []  # the step holds handles and ids from here on, not the requests
+        if reqs_read:
+            read.batch = self._last = _Batch(reqs_read, read.handles, read.rids)
         stream = getattr(scheduler, "forward_stream", None) if self.overlap else None
         return read, rec.step_begin(stream)
 
@@ -330,6 +397,10 @@ class SGLangAdapter:
         rec = self.recorder
         if rec is None:  # never: a step was begun
             return
+        if read.repeat:
+            self._emit_repeat(rec, read, stopped, global_step)
+            return
+        self._emitted = read.batch
         handles = read.handles
         rec.step_end(
             stopped,
@@ -347,27 +418,56 @@ class SGLangAdapter:
                 self.inflight[rid] = left
                 continue
             self.inflight.pop(rid, None)
-            event = self.deferred.pop(rid, None)
-            if event is not None:
-                self._send_terminal(rid, event)
+            if rid in self.deferred and not self._held(rid):
+                self._send_terminal(rid, self.deferred.pop(rid))
+
+    def _emit_repeat(self, rec: Recorder, read: StepRead, stopped: Any, global_step: int | None) -> None:
+        same = read.batch
+        # The recorder's previous step must be this batch's: steps are recorded in the order
+        # begun, so it is unless a different batch was recorded in between.
+        if self._emitted is same and rec.step_repeat(
+            stopped, decode_tokens=1, global_step=global_step, peer_tokens=read.peer_tokens
+        ):
+            self.repeats += 1
+        else:  # the full step (a rare path): read the requests now
+            self._emitted = same
+            rec.step_end(
+                stopped,
+                kind=StepKind.DECODE,
+                handles=same.handles,
+                prefill_tokens=0,
+                decode_tokens=1,
+                context_tokens=[max(0, known_tokens(req) - 1) for req in same.reqs],
+                global_step=global_step,
+                peer_tokens=read.peer_tokens,
+            )
+        self._release_repeat(same)
 
     def abort(self, pre: tuple[StepRead, Any]) -> None:
         """The forward raised: give the clock back and forget the step (it never ran)."""
         read, token = pre
         if self.recorder is not None:
             self.recorder.step_abort(token)
+        if read.repeat:
+            self._release_repeat(read.batch)
+            return
         for rid in read.rids:
             left = self.inflight.get(rid, 1) - 1
             if left > 0:
                 self.inflight[rid] = left
             else:
                 self.inflight.pop(rid, None)
-                event = self.deferred.pop(rid, None)
-                if event is not None:
-                    self._send_terminal(rid, event)
+                if rid in self.deferred and not self._held(rid):
+                    self._send_terminal(rid, self.deferred.pop(rid))
 
     def after_process(self, batch: Any) -> None:
-        for req in getattr(batch, "reqs", None) or ():
+        reqs = getattr(batch, "reqs", None) or ()
+        try:  # most steps finish nothing: look at every request's finished_reason in C first
+            if type(reqs) is list and list(map(_FINISHED_REASON, reqs)).count(None) == len(reqs):
+                return
+        except AttributeError:
+            pass
+        for req in reqs:
             try:
                 if req.rid in self.handles and req.finished():
                     self.terminal(req)

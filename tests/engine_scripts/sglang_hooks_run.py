@@ -167,7 +167,9 @@ def main() -> int:
     )
     ra.output_ids.append(6)
     rb.output_ids.append(6)
-    # -- step 3: decode, overlap scheduling with delayed sampling: recorded at the sample launch
+    # -- step 3: decode, overlap scheduling with delayed sampling: recorded at the sample launch.
+    # The same requests as step 2: the adapter reads nothing per request and records a repeat
+    # (its shipper expands it: context = step 2's context + what step 2 computed).
     sched.enable_overlap = True
     res3 = run(
         ScheduleBatch(reqs=[ra, rb], forward_mode=ForwardMode.DECODE, global_num_tokens=[2, 2]),
@@ -177,13 +179,20 @@ def main() -> int:
     time.sleep(0.025)  # the previous batch's results are processed meanwhile; then sampling launches
     hooks.around_launch_batch_sample_if_needed(lambda self, r, b=None: None, sched, res3)
     sched.enable_overlap = False
+    # -- step 4: the same requests decode again (a new ScheduleBatch, same Req objects): a repeat
+    ra.output_ids.append(7)
+    rb.output_ids.append(7)
+    run(
+        ScheduleBatch(reqs=[ra, rb], forward_mode=ForwardMode.DECODE, global_num_tokens=[2, 3]),
+        expect={"kind": "DECODE", "entries": {"a": [0, 1, 41], "b": [0, 1, 26]}, "peer": [2, 3]},
+    )
     # -- b is retracted for memory (preempted), then re-prefilled (resumed)
     retract_batch = ScheduleBatch(reqs=[ra, rb], forward_mode=ForwardMode.DECODE)
     hooks.around_retract_decode(lambda self: ([rb], 0.5, []), retract_batch)
-    ra.output_ids.append(7)
+    ra.output_ids.append(8)
     run(
         ScheduleBatch(reqs=[ra], forward_mode=ForwardMode.DECODE, global_num_tokens=[1, 1]),
-        expect={"kind": "DECODE", "entries": {"a": [0, 1, 41]}, "peer": [1, 1]},
+        expect={"kind": "DECODE", "entries": {"a": [0, 1, 42]}, "peer": [1, 1]},
     )
     run(
         ScheduleBatch(
@@ -225,6 +234,7 @@ def main() -> int:
                 "prompts": {"a": 40, "b": 24, "c": 12},
                 "layout": [adapter.shard, adapter.num_shards, adapter.coupling, adapter.reports],
                 "pinned_elsewhere": adapter.pinned_elsewhere,
+                "repeats": adapter.repeats,
                 "errors": stats.errors,
                 "guard_errors": adapter.guard.errors.count,
                 "dropped": stats.dropped_frames,
