@@ -70,6 +70,9 @@ def _check_run(result: dict, frames: list, *, expect_preemption: bool) -> None:
     tag = f"[{ENGINE} {result['scheduler_mro'][0]}]"
     assert result["vllm_version"] == VLLM_VERSION, tag
     assert result["errors"] == 0 and result["dropped"] == 0 and result["unpaired"] == 0, (tag, result)
+    # Steady decode (the same requests as the step before, one token each) went as repeats,
+    # and every step below still carries the scheduler's own contexts.
+    assert result["repeats"] >= 40, (tag, result["repeats"])  # 66-67 of the 84-87 steps
     assert result["flushed"], tag
     hello = frames[0]
     assert isinstance(hello, Hello) and hello.engine_kind == "vllm" and hello.engine_version == VLLM_VERSION

@@ -63,9 +63,34 @@ def active() -> VllmRecording | None:
     return None
 
 
+class _Batch:
+    """The requests of the last schedule read in full, so an unchanged decode batch is not read again.
+
+    ``exact``: every entry of that schedule computed exactly what it was scheduled (no
+    speculative tokens, which may be rejected), so the next context is known without
+    reading it. ``inflight`` counts its repeat steps scheduled and not yet recorded.
+    """
+
+    __slots__ = ("req_ids", "handles", "exact", "inflight", "_rid_set")
+
+    def __init__(self, req_ids: list[str], handles: list[int], exact: bool) -> None:
+        self.req_ids = req_ids
+        self.handles = handles
+        self.exact = exact
+        self.inflight = 0
+        self._rid_set: set[str] | None = None
+
+    def holds(self, rid: str) -> bool:
+        if self._rid_set is None:
+            self._rid_set = set(self.req_ids)
+        return rid in self._rid_set
+
+
 class _Snapshot:
     __slots__ = (
         "output",
+        "batch",
+        "repeat",
         "req_ids",
         "handles",
         "prefill",
@@ -79,6 +104,8 @@ class _Snapshot:
 
     def __init__(self, output: Any, wall: int, perf: int, global_step: int | None) -> None:
         self.output = output  # keeps id(output) unique while we wait for its update
+        self.batch: _Batch | None = None
+        self.repeat = False  # the same requests as ``batch``'s previous step, one decode token each
         self.req_ids: list[str] = []
         self.handles: list[int] = []
         self.prefill: list[int] = []
@@ -174,6 +201,10 @@ class VllmRecording:
         self._inflight: dict[str, int] = {}
         self._deferred: dict[str, tuple[bool, str, int, int]] = {}
         self._last_done_perf = 0
+        self._last: _Batch | None = None  # the last schedule read in full
+        self._emitted: _Batch | None = None  # the batch of the last step recorded
+        self._repeating: list[_Batch] = []  # batches with repeat steps in flight
+        self.repeats = 0  # steps recorded as repeats (nothing read per request)
         self.unpaired = 0  # snapshots evicted without an update (counted, not raised)
         with _ACTIVE_LOCK:
             _ACTIVE[:] = [r for r in _ACTIVE if r() is not None]
@@ -246,10 +277,27 @@ class VllmRecording:
         out_tokens = int(getattr(req, "num_output_tokens", 0) or 0)
         event = (aborted, reason, out_tokens, time.time_ns())
         self._reqs.pop(rid, None)
-        if self._inflight.get(rid, 0) > 0:
+        if self._held(rid):
             self._deferred[rid] = event  # sent when its last in-flight step is recorded
         else:
             self._send_terminal(rid, event)
+
+    def _held(self, rid: str) -> bool:
+        """Does a step scheduled and not yet recorded hold this request?"""
+        if self._inflight.get(rid, 0) > 0:
+            return True
+        return any(b.holds(rid) for b in self._repeating)
+
+    def _release_repeat(self, batch: _Batch) -> None:
+        """A repeat step of ``batch`` was recorded or forgotten: send what waited only for it."""
+        batch.inflight -= 1
+        if batch.inflight <= 0:
+            batch.inflight = 0
+            if batch in self._repeating:
+                self._repeating.remove(batch)
+        if self._deferred:
+            for rid in [r for r in self._deferred if not self._held(r)]:
+                self._send_terminal(rid, self._deferred.pop(rid))
 
     def _send_terminal(self, rid: str, event: tuple[bool, str, int, int]) -> None:
         handle = self._handles.pop(rid, 0)
@@ -292,6 +340,8 @@ class VllmRecording:
         num_scheduled: dict[str, int] = output.num_scheduled_tokens
         if not num_scheduled:
             return  # nothing runs on the device for an empty schedule
+        if self._repeat_snapshot(output, num_scheduled, wall, perf):
+            return
         sched = self.scheduler_ref()
         requests = sched.requests if sched is not None else {}
         before: dict[str, int] = {}
@@ -305,6 +355,7 @@ class VllmRecording:
             before[rid] = int(computed)
         snap = _Snapshot(output, wall, perf, self.global_step())
         n_prefill = n_decode = 0
+        exact = True
         for rid, n in num_scheduled.items():
             req = requests.get(rid)
             handle = self._handles.get(rid)
@@ -322,6 +373,8 @@ class VllmRecording:
             d = n - p
             n_prefill += p
             n_decode += d
+            if d > 1:  # speculative tokens: how many were accepted is known only afterwards
+                exact = False
             snap.req_ids.append(rid)
             snap.handles.append(handle)
             snap.prefill.append(p)
@@ -337,6 +390,38 @@ class VllmRecording:
         snap.kind = (
             StepKind.MIXED if n_prefill and n_decode else StepKind.PREFILL if n_prefill else StepKind.DECODE
         )
+        snap.batch = self._last = _Batch(snap.req_ids, snap.handles, exact)
+        self._keep(snap)
+
+    def _repeat_snapshot(self, output: Any, num_scheduled: dict[str, int], wall: int, perf: int) -> bool:
+        """The steady decode step: the same requests, in the same order, as the last schedule
+        read in full, one token each, nothing new, resumed or preempted. Compared in C; True
+        when it was (a repeat snapshot is kept), False to read the schedule in full."""
+        last = self._last
+        if (
+            last is None
+            or not last.exact
+            or len(num_scheduled) != len(last.req_ids)
+            or sum(num_scheduled.values()) != len(num_scheduled)  # every one 1 token (none has 0)
+            or output.scheduled_new_reqs
+            or getattr(output, "preempted_req_ids", None)
+            or getattr(output.scheduled_cached_reqs, "resumed_req_ids", None)
+            or list(num_scheduled) != last.req_ids
+        ):
+            return False
+        snap = _Snapshot(output, wall, perf, self.global_step())
+        snap.kind = StepKind.DECODE
+        snap.batch = last
+        snap.repeat = True
+        if last.inflight == 0:
+            self._repeating.append(last)
+        last.inflight += 1
+        self._keep(snap)
+        return True
+
+    def _keep(self, snap: _Snapshot) -> None:
+        """Hold a snapshot until its update (by output object; the oldest goes past _MAX_PENDING)."""
+        output = snap.output
         pending = self._pending
         pending[id(output)] = snap
         if len(pending) > _MAX_PENDING:  # an output that never came back: forget it
@@ -361,6 +446,7 @@ class VllmRecording:
     def record_idle(self, token: Any) -> None:
         """Worker hook: a DP dummy batch ran (this rank had no work but its peers did)."""
         try:
+            self._emitted = None  # the recorder's previous step is no longer a batch of ours
             self.recorder.step_end(
                 token,
                 kind=StepKind.IDLE,
@@ -395,6 +481,10 @@ class VllmRecording:
             start_perf = max(snap.perf, min(self._last_done_perf, end_perf))
             token = (snap.wall + (start_perf - snap.perf), start_perf, None, end_wall, end_perf)
         self._last_done_perf = end_perf
+        if snap.repeat:
+            self._record_repeat(snap, token)
+            return
+        self._emitted = snap.batch
         self.recorder.step_end(
             token,
             kind=snap.kind,
@@ -406,37 +496,74 @@ class VllmRecording:
         )
         self._after_step(snap)
 
+    def _record_repeat(self, snap: _Snapshot, token: Any) -> None:
+        batch = snap.batch
+        assert batch is not None  # a repeat snapshot always has its batch
+        rec = self.recorder
+        if self._emitted is batch and rec.step_repeat(token, decode_tokens=1, global_step=snap.global_step):
+            self.repeats += 1
+        else:  # the full step (rare): contexts from the output, as a full snapshot reads them
+            self._emitted = batch
+            cached = snap.output.scheduled_cached_reqs
+            computed = dict(zip(cached.req_ids, cached.num_computed_tokens, strict=False))
+            rec.step_end(
+                token,
+                kind=StepKind.DECODE,
+                handles=batch.handles,
+                prefill_tokens=0,
+                decode_tokens=1,
+                context_tokens=[int(computed.get(rid, 0)) for rid in batch.req_ids],
+                global_step=snap.global_step,
+            )
+        self._release_repeat(batch)
+        self._finished_since()
+
     def _after_step(self, snap: _Snapshot) -> None:
         inflight = self._inflight
+        deferred = self._deferred
         for rid in snap.req_ids:
             left = inflight.get(rid, 1) - 1
             if left > 0:
                 inflight[rid] = left
                 continue
             inflight.pop(rid, None)
-            event = self._deferred.pop(rid, None)
-            if event is not None:
-                self._send_terminal(rid, event)
-                continue
-            req = self._reqs.get(rid)
+            if rid in deferred and not self._held(rid):
+                self._send_terminal(rid, deferred.pop(rid))
+        self._finished_since()
+        # A request that finished while another step of it is still in flight is deferred
+        # by _terminal; it is sent when that step is recorded.
+
+    def _finished_since(self) -> None:
+        """Report the requests update_from_output just finished.
+
+        vLLM adds each request it frees to ``Scheduler.finished_req_ids`` (cleared at the
+        next schedule), so this looks at the few that finished, not at every request of
+        the step; without that set (another vLLM), every live request is asked.
+        """
+        sched = self.scheduler_ref()
+        finished = getattr(sched, "finished_req_ids", None)
+        reqs = self._reqs
+        ids: Iterable[str] = list(finished) if isinstance(finished, set) else list(reqs)
+        for rid in ids:
+            req = reqs.get(rid)
             if req is not None and req.is_finished():
                 self._terminal(rid, req)
-        # A request that finished while another step of it is still in flight was
-        # deferred above; it is sent when that step is recorded.
 
     def _release(self, snap: _Snapshot) -> None:
         dev = self._device.pop(id(snap.output), None)
         if dev is not None:
             self.recorder.step_abort(dev[1])
+        if snap.repeat and snap.batch is not None:
+            self._release_repeat(snap.batch)
+            return
         for rid in snap.req_ids:
             left = self._inflight.get(rid, 1) - 1
             if left > 0:
                 self._inflight[rid] = left
             else:
                 self._inflight.pop(rid, None)
-                event = self._deferred.pop(rid, None)
-                if event is not None:
-                    self._send_terminal(rid, event)
+                if rid in self._deferred and not self._held(rid):
+                    self._send_terminal(rid, self._deferred.pop(rid))
 
     # ------------------------------------------------------------------ lifecycle
 

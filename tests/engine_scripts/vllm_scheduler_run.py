@@ -261,6 +261,7 @@ def main() -> int:
                 "errors": stats.errors,
                 "dropped": stats.dropped_frames,
                 "unpaired": recording.unpaired,
+                "repeats": recording.repeats,
                 "patched": sorted(et_worker.patched),
                 "worker_timing": recording.worker_timing,
                 "external": {internal: getattr(req, "_enginetime_external_id", None)},
