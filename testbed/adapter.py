@@ -49,6 +49,8 @@ class ShardHooks:
             start=start,
         )
         self.shard_thread_ns = 0  # time the shard thread spent in this adapter
+        self.repeats = 0  # decode steps recorded with step_repeat (the batch of the step before)
+        self._prev: list[Request] = []  # the requests of the last step recorded
 
     # requests ---------------------------------------------------------------
 
@@ -97,16 +99,29 @@ class ShardHooks:
     ) -> None:
         t = time.perf_counter_ns()
         entries = plan.entries
-        self.recorder.step_end(
-            token,
-            kind=plan.kind if entries else StepKind.IDLE,
-            handles=[e.req.handle for e in entries],
-            prefill_tokens=[e.prefill_tokens for e in entries],
-            decode_tokens=[e.decode_tokens for e in entries],
-            context_tokens=[e.context_tokens for e in entries],
-            global_step=global_step,
-            peer_tokens=peer_tokens,
-        )
+        reqs = [e.req for e in entries]
+        # A decode step of the same requests as the step before (every entry decodes one
+        # token, and its context is the last one plus what that step computed): a repeat,
+        # as the SGLang and vLLM adapters record their steady decode steps.
+        if (
+            entries
+            and plan.kind == StepKind.DECODE
+            and reqs == self._prev
+            and self.recorder.step_repeat(token, global_step=global_step, peer_tokens=peer_tokens)
+        ):
+            self.repeats += 1
+        else:
+            self.recorder.step_end(
+                token,
+                kind=plan.kind if entries else StepKind.IDLE,
+                handles=[r.handle for r in reqs],
+                prefill_tokens=[e.prefill_tokens for e in entries],
+                decode_tokens=[e.decode_tokens for e in entries],
+                context_tokens=[e.context_tokens for e in entries],
+                global_step=global_step,
+                peer_tokens=peer_tokens,
+            )
+        self._prev = reqs
         self.shard_thread_ns += time.perf_counter_ns() - t
 
     # lifecycle --------------------------------------------------------------

@@ -301,6 +301,38 @@ def test_lockstep_records_global_step_peer_tokens_and_idle_steps(sink):
     assert [s.context_tokens[0] for s in prefill] == [256 * i for i in range(8)]
 
 
+def test_every_step_the_sidecar_gets_is_the_engines_plan_repeats_included(sink, monkeypatch):
+    """Steady decode steps go as repeats (the shipper expands them): the columns of every
+    step record equal the engine's own plan for that step, entry by entry, including the
+    steps after a request joins or leaves the batch and the first decode after a prefill."""
+    from enginetime.testbed.adapter import ShardHooks
+
+    plans: dict[int, list[list[tuple[int, int, int, int]]]] = defaultdict(list)
+    original = ShardHooks.step_end
+
+    def capture(self, token, plan, **kw):
+        plans[self.recorder.shard].append(
+            [(e.req.handle, e.prefill_tokens, e.decode_tokens, e.context_tokens) for e in plan.entries]
+        )
+        original(self, token, plan, **kw)
+
+    monkeypatch.setattr(ShardHooks, "step_end", capture)
+    with make_engine(hooks=True, ingest=sink.address, chunk_size=64) as eng:
+        first = eng.submit(ids(100, 11), 24)
+        time.sleep(0.05)  # joins while the first decodes
+        second = eng.submit(ids(30, 12), 6)
+        assert first.wait(60) and second.wait(60)
+        repeats = eng.shards[0].hooks.repeats
+        assert eng.flush_hooks(10)
+    sink.wait_finished(0, first.rid)
+    got = [
+        list(zip(s.handles, s.prefill_tokens, s.decode_tokens, s.context_tokens, strict=True))
+        for s in sink.steps(0)
+    ]
+    assert got == plans[0]
+    assert repeats >= 10, repeats  # most of the 24 + 6 decode steps
+
+
 def test_independent_shards_record_no_idle_steps_and_no_global_step(sink):
     with make_engine(num_shards=2, coupling="independent", hooks=True, ingest=sink.address) as eng:
         assert eng.generate(ids(600, 8), 4, rid="solo", routed_shard=0, timeout=60).finished
