@@ -60,7 +60,6 @@ class StepRead:
     handles: list[int] = field(default_factory=list)  # filled by the adapter
     rids: list[str] = field(default_factory=list)
     batch: Any = None  # the adapter's record of these requests (what a repeat of this batch reuses)
-    repeat: bool = False  # the same requests as ``batch``'s last step: nothing read per request
 
 
 def mode_name(batch: Any) -> str:

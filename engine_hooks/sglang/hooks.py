@@ -125,10 +125,22 @@ class _Batch:
         return rid in self._rid_set
 
 
+class _RepeatRead:
+    """A repeat step's read (StepRead's fields the repeat path uses; cheaper to make)."""
+
+    __slots__ = ("batch", "peer_tokens")
+
+    def __init__(self, batch: _Batch, peer_tokens: list[int] | None) -> None:
+        self.batch = batch
+        self.peer_tokens = peer_tokens
+
+
 class _Pending:
     __slots__ = ("result", "token", "read", "global_step")
 
-    def __init__(self, result: Any, token: Any, read: StepRead, global_step: int | None) -> None:
+    def __init__(
+        self, result: Any, token: Any, read: StepRead | _RepeatRead, global_step: int | None
+    ) -> None:
         self.result = result
         self.token = token
         self.read = read
@@ -317,7 +329,7 @@ class SGLangAdapter:
 
     # ------------------------------------------------------------------ steps
 
-    def begin(self, scheduler: Any, batch: Any) -> tuple[StepRead, Any] | None:
+    def begin(self, scheduler: Any, batch: Any) -> tuple[StepRead | _RepeatRead, Any] | None:
         rec = self.recorder
         if rec is None:
             return None
@@ -332,8 +344,7 @@ class SGLangAdapter:
                 and reqs == last.reqs
                 and mode_name(batch) == "DECODE"
             ):
-                same = StepRead(StepKind.DECODE, "DECODE", prefill=0, decode=1, batch=last, repeat=True)
-                same.peer_tokens = int_list(getattr(batch, "global_num_tokens", None))
+                same = _RepeatRead(last, int_list(getattr(batch, "global_num_tokens", None)))
                 if last.inflight == 0:
                     self._repeating.append(last)
                 last.inflight += 1
@@ -365,7 +376,9 @@ class SGLangAdapter:
         stream = getattr(scheduler, "forward_stream", None) if self.overlap else None
         return read, rec.step_begin(stream)
 
-    def after_run(self, scheduler: Any, batch: Any, result: Any, pre: tuple[StepRead, Any]) -> None:
+    def after_run(
+        self, scheduler: Any, batch: Any, result: Any, pre: tuple[StepRead | _RepeatRead, Any]
+    ) -> None:
         rec = self.recorder
         if rec is None:  # never: ``pre`` came from begin(), which needs the recorder
             return
@@ -393,11 +406,11 @@ class SGLangAdapter:
         if pending is not None and pending.result is batch_result and rec is not None:
             self._emit(pending.read, rec.step_stop(pending.token), pending.global_step, None)
 
-    def _emit(self, read: StepRead, stopped: Any, global_step: int | None, batch: Any) -> None:
+    def _emit(self, read: StepRead | _RepeatRead, stopped: Any, global_step: int | None, batch: Any) -> None:
         rec = self.recorder
         if rec is None:  # never: a step was begun
             return
-        if read.repeat:
+        if isinstance(read, _RepeatRead):
             self._emit_repeat(rec, read, stopped, global_step)
             return
         self._emitted = read.batch
@@ -421,7 +434,7 @@ class SGLangAdapter:
             if rid in self.deferred and not self._held(rid):
                 self._send_terminal(rid, self.deferred.pop(rid))
 
-    def _emit_repeat(self, rec: Recorder, read: StepRead, stopped: Any, global_step: int | None) -> None:
+    def _emit_repeat(self, rec: Recorder, read: _RepeatRead, stopped: Any, global_step: int | None) -> None:
         same = read.batch
         # The recorder's previous step must be this batch's: steps are recorded in the order
         # begun, so it is unless a different batch was recorded in between.
@@ -443,12 +456,12 @@ class SGLangAdapter:
             )
         self._release_repeat(same)
 
-    def abort(self, pre: tuple[StepRead, Any]) -> None:
+    def abort(self, pre: tuple[StepRead | _RepeatRead, Any]) -> None:
         """The forward raised: give the clock back and forget the step (it never ran)."""
         read, token = pre
         if self.recorder is not None:
             self.recorder.step_abort(token)
-        if read.repeat:
+        if isinstance(read, _RepeatRead):
             self._release_repeat(read.batch)
             return
         for rid in read.rids:
@@ -463,7 +476,7 @@ class SGLangAdapter:
     def after_process(self, batch: Any) -> None:
         reqs = getattr(batch, "reqs", None) or ()
         try:  # most steps finish nothing: look at every request's finished_reason in C first
-            if type(reqs) is list and list(map(_FINISHED_REASON, reqs)).count(None) == len(reqs):
+            if type(reqs) is list and not any(map(_FINISHED_REASON, reqs)):
                 return
         except AttributeError:
             pass
