@@ -96,6 +96,7 @@ def test_plugin_loads_through_sglang_and_records_real_batches(engine: str, sglan
     assert result["errors"] == 0 and result["dropped"] == 0 and result["flushed"], (tag, result)
     assert result["pinned_elsewhere"] == 1 and result["guard_errors"] == 1, tag
     assert result["repeats"] == 2, f"{tag}: steps 3 and 4 (same requests as the step before) sent as repeats"
+    assert result["decode_reads"] == 1, f"{tag}: a's decode after b's retraction, read in C"
 
     (frames,) = sink.frames()
     hello = frames[0]
@@ -438,8 +439,9 @@ def test_an_unchanged_decode_batch_is_a_repeat_and_a_finish_waits_for_it(monkeyp
     ad = sched.__dict__["_enginetime"]
     assert "x" in ad.deferred  # the delayed repeat still holds x
     sg_hooks.around_launch_batch_sample_if_needed(lambda s, r: None, sched, res)
-    step(batch(y, z))  # changed: read in full
+    step(batch(y, z))  # changed, z never scheduled before: the general path (SCHEDULED for z)
     step(batch(y, z))  # repeat
+    step(batch(z, y))  # changed, both known: read in C
 
     def boom(s, b):
         raise RuntimeError("CUDA error: out of memory")
@@ -448,7 +450,7 @@ def test_an_unchanged_decode_batch_is_a_repeat_and_a_finish_waits_for_it(monkeyp
         sg_hooks.around_run_batch(boom, sched, batch(y, z))
     z.finished_reason = types.SimpleNamespace(to_json=lambda: {"type": "stop"})
     sg_hooks.around_process_batch_result(lambda s, b, r: None, sched, batch(y, z), None)
-    assert ad.repeats == 3 and ad.deferred == {} and ad._repeating == []
+    assert ad.repeats == 3 and ad.decode_reads == 2 and ad.deferred == {} and ad._held_batches == []
     assert ad.recorder.flush(5.0)
     ad.recorder.close()
     sink.close()
@@ -468,6 +470,7 @@ def test_an_unchanged_decode_batch_is_a_repeat_and_a_finish_waits_for_it(monkeyp
         {"x": (0, 1, 12), "y": (0, 1, 22)},
         {"y": (0, 1, 23), "z": (0, 1, 5)},
         {"y": (0, 1, 24), "z": (0, 1, 6)},
+        {"z": (0, 1, 7), "y": (0, 1, 25)},
     ]
     position = {id(f): i for i, f in enumerate(frames)}
     finished = [f for f in frames if isinstance(f, Event) and f.kind == EventKind.FINISHED]

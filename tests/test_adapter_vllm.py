@@ -73,6 +73,8 @@ def _check_run(result: dict, frames: list, *, expect_preemption: bool) -> None:
     # Steady decode (the same requests as the step before, one token each) went as repeats,
     # and every step below still carries the scheduler's own contexts.
     assert result["repeats"] >= 40, (tag, result["repeats"])  # 66-67 of the 84-87 steps
+    # Decode schedules that changed (a request finished) were read in C, contexts as below.
+    assert result["decode_reads"] >= 1, (tag, result["decode_reads"])
     assert result["flushed"], tag
     hello = frames[0]
     assert isinstance(hello, Hello) and hello.engine_kind == "vllm" and hello.engine_version == VLLM_VERSION

@@ -60,6 +60,7 @@ class StepRead:
     handles: list[int] = field(default_factory=list)  # filled by the adapter
     rids: list[str] = field(default_factory=list)
     batch: Any = None  # the adapter's record of these requests (what a repeat of this batch reuses)
+    held: bool = False  # its requests are held in flight by ``batch``, not one by one
 
 
 def mode_name(batch: Any) -> str:

@@ -35,6 +35,7 @@ import re
 import threading
 import time
 import weakref
+from itertools import repeat
 from typing import Any
 
 from ..adapter_common import AdapterSettings, Guard, as_int, int_list, traceparent_of
@@ -50,6 +51,11 @@ _MAX_PENDING = 8
 _WORKER_PREFIX = re.compile(r"^\d+_(.+)$")
 
 _FINISHED_REASON = operator.attrgetter("finished_reason")  # Req.finished() is "is not None" of it
+_RID = operator.attrgetter("rid")
+_ORIGIN_IDS = operator.attrgetter("origin_input_ids")
+_OUTPUT_IDS = operator.attrgetter("output_ids")
+_add = operator.add
+_sub = operator.sub
 
 _guard = Guard()
 _current: weakref.ref[SGLangAdapter] | None = None  # this process's adapter (one scheduler each)
@@ -198,8 +204,9 @@ class SGLangAdapter:
         self.pinned_elsewhere = 0
         self._last: _Batch | None = None  # the last batch read in full
         self._emitted: _Batch | None = None  # the batch of the last step recorded
-        self._repeating: list[_Batch] = []  # batches with repeat steps in flight
+        self._held_batches: list[_Batch] = []  # batches with steps in flight that hold them whole
         self.repeats = 0  # steps recorded as repeats (no per-request work on the engine thread)
+        self.decode_reads = 0  # changed decode batches read in C (map over the requests)
 
     # ------------------------------------------------------------------ requests
 
@@ -291,15 +298,15 @@ class SGLangAdapter:
         """Does a step begun and not yet recorded hold this request?"""
         if self.inflight.get(rid, 0) > 0:
             return True
-        return any(b.holds(rid) for b in self._repeating)
+        return any(b.holds(rid) for b in self._held_batches)
 
-    def _release_repeat(self, same: _Batch) -> None:
-        """A repeat step of ``same`` was recorded or aborted: send what waited only for it."""
+    def _release_batch(self, same: _Batch) -> None:
+        """A step holding ``same`` whole was recorded or aborted: send what waited only for it."""
         same.inflight -= 1
         if same.inflight <= 0:
             same.inflight = 0
-            if same in self._repeating:
-                self._repeating.remove(same)
+            if same in self._held_batches:
+                self._held_batches.remove(same)
         if self.deferred:
             for rid in [r for r in self.deferred if not self._held(r)]:
                 self._send_terminal(rid, self.deferred.pop(rid))
@@ -333,23 +340,20 @@ class SGLangAdapter:
         rec = self.recorder
         if rec is None:
             return None
-        last = self._last
-        if last is not None:
-            reqs = getattr(batch, "reqs", None)
+        reqs = getattr(batch, "reqs", None)
+        if type(reqs) is list and reqs and mode_name(batch) == "DECODE":
+            stream = getattr(scheduler, "forward_stream", None) if self.overlap else None
+            last = self._last
+            peer = int_list(getattr(batch, "global_num_tokens", None))
             # The steady decode step: the same requests, in the same order, as the last batch
-            # read in full (compared by identity, in C). Nothing is read per request.
-            if (
-                type(reqs) is list
-                and len(reqs) == len(last.reqs)
-                and reqs == last.reqs
-                and mode_name(batch) == "DECODE"
-            ):
-                same = _RepeatRead(last, int_list(getattr(batch, "global_num_tokens", None)))
-                if last.inflight == 0:
-                    self._repeating.append(last)
-                last.inflight += 1
-                stream = getattr(scheduler, "forward_stream", None) if self.overlap else None
-                return same, rec.step_begin(stream)
+            # read (compared by identity, in C). Nothing is read per request.
+            if last is not None and len(reqs) == len(last.reqs) and reqs == last.reqs:
+                self._hold(last)
+                return _RepeatRead(last, peer), rec.step_begin(stream)
+            # A decode batch that changed (a request joined or left): its columns in C.
+            fast = self._decode_read(reqs, peer)
+            if fast is not None:
+                return fast, rec.step_begin(stream)
         read = read_batch(batch)
         if read is None:
             return None
@@ -375,6 +379,41 @@ class SGLangAdapter:
             read.batch = self._last = _Batch(reqs_read, read.handles, read.rids)
         stream = getattr(scheduler, "forward_stream", None) if self.overlap else None
         return read, rec.step_begin(stream)
+
+    def _hold(self, b: _Batch) -> None:
+        if b.inflight == 0:
+            self._held_batches.append(b)
+        b.inflight += 1
+
+    def _decode_read(self, reqs: list[Any], peer: list[int] | None) -> StepRead | None:
+        """A DECODE batch read with map() over the requests (no Python per request), or None.
+
+        None sends the batch down the general path: a request this adapter has not seen
+        scheduled (it reports SCHEDULED there), an attribute missing or of the wrong type.
+        Its requests are held by the batch, not one by one (a FINISHED waits for the step).
+        """
+        try:
+            rids = list(map(_RID, reqs))
+            got = list(map(self.handles.get, rids))
+            if None in got or not self.seen.issuperset(rids):
+                return None
+            handles: list[int] = got  # type: ignore[assignment]  # no None left
+            known = map(_add, map(len, map(_ORIGIN_IDS, reqs)), map(len, map(_OUTPUT_IDS, reqs)))
+            context = list(map(_sub, known, repeat(1)))  # the KV before the step (batch.py)
+        except (AttributeError, TypeError):
+            return None
+        if min(context) < 0:
+            return None
+        self.reqs.update(zip(rids, reqs, strict=True))
+        b = self._last = _Batch(list(reqs), handles, rids)
+        self._hold(b)
+        read = StepRead(StepKind.DECODE, "DECODE", prefill=0, decode=1, peer_tokens=peer, batch=b)
+        read.context = context
+        read.handles = handles
+        read.rids = rids
+        read.held = True
+        self.decode_reads += 1
+        return read
 
     def after_run(
         self, scheduler: Any, batch: Any, result: Any, pre: tuple[StepRead | _RepeatRead, Any]
@@ -415,6 +454,19 @@ class SGLangAdapter:
             return
         self._emitted = read.batch
         handles = read.handles
+        if read.held:
+            rec.step_end(
+                stopped,
+                kind=StepKind.DECODE,
+                handles=handles,
+                prefill_tokens=0,
+                decode_tokens=1,
+                context_tokens=read.context,
+                global_step=global_step,
+                peer_tokens=read.peer_tokens,
+            )
+            self._release_batch(read.batch)
+            return
         rec.step_end(
             stopped,
             kind=read.kind if handles else StepKind.IDLE,
@@ -454,15 +506,15 @@ class SGLangAdapter:
                 global_step=global_step,
                 peer_tokens=read.peer_tokens,
             )
-        self._release_repeat(same)
+        self._release_batch(same)
 
     def abort(self, pre: tuple[StepRead | _RepeatRead, Any]) -> None:
         """The forward raised: give the clock back and forget the step (it never ran)."""
         read, token = pre
         if self.recorder is not None:
             self.recorder.step_abort(token)
-        if isinstance(read, _RepeatRead):
-            self._release_repeat(read.batch)
+        if isinstance(read, _RepeatRead) or read.held:
+            self._release_batch(read.batch)
             return
         for rid in read.rids:
             left = self.inflight.get(rid, 1) - 1

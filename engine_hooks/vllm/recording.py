@@ -67,8 +67,9 @@ class _Batch:
     """The requests of the last schedule read in full, so an unchanged decode batch is not read again.
 
     ``exact``: every entry of that schedule computed exactly what it was scheduled (no
-    speculative tokens, which may be rejected), so the next context is known without
-    reading it. ``inflight`` counts its repeat steps scheduled and not yet recorded.
+    speculative tokens, which may be rejected) and is past its prompt, so a next step of
+    one token each is a decode whose context is known without reading it. ``inflight``
+    counts its steps scheduled and not yet recorded that hold it whole.
     """
 
     __slots__ = ("req_ids", "handles", "exact", "inflight", "_rid_set")
@@ -91,6 +92,7 @@ class _Snapshot:
         "output",
         "batch",
         "repeat",
+        "held",
         "req_ids",
         "handles",
         "prefill",
@@ -106,6 +108,7 @@ class _Snapshot:
         self.output = output  # keeps id(output) unique while we wait for its update
         self.batch: _Batch | None = None
         self.repeat = False  # the same requests as ``batch``'s previous step, one decode token each
+        self.held = False  # its requests are held in flight by ``batch``, not one by one
         self.req_ids: list[str] = []
         self.handles: list[int] = []
         self.prefill: list[int] = []
@@ -203,8 +206,10 @@ class VllmRecording:
         self._last_done_perf = 0
         self._last: _Batch | None = None  # the last schedule read in full
         self._emitted: _Batch | None = None  # the batch of the last step recorded
-        self._repeating: list[_Batch] = []  # batches with repeat steps in flight
+        self._held_batches: list[_Batch] = []  # batches with steps in flight that hold them whole
+        self._decoding: set[str] = set()  # requests past their prompt: a 1-token step is a decode
         self.repeats = 0  # steps recorded as repeats (nothing read per request)
+        self.decode_reads = 0  # decode schedules read in C (map over the requests)
         self.unpaired = 0  # snapshots evicted without an update (counted, not raised)
         with _ACTIVE_LOCK:
             _ACTIVE[:] = [r for r in _ACTIVE if r() is not None]
@@ -286,15 +291,15 @@ class VllmRecording:
         """Does a step scheduled and not yet recorded hold this request?"""
         if self._inflight.get(rid, 0) > 0:
             return True
-        return any(b.holds(rid) for b in self._repeating)
+        return any(b.holds(rid) for b in self._held_batches)
 
-    def _release_repeat(self, batch: _Batch) -> None:
-        """A repeat step of ``batch`` was recorded or forgotten: send what waited only for it."""
+    def _release_batch(self, batch: _Batch) -> None:
+        """A step holding ``batch`` whole was recorded or forgotten: send what waited only for it."""
         batch.inflight -= 1
         if batch.inflight <= 0:
             batch.inflight = 0
-            if batch in self._repeating:
-                self._repeating.remove(batch)
+            if batch in self._held_batches:
+                self._held_batches.remove(batch)
         if self._deferred:
             for rid in [r for r in self._deferred if not self._held(r)]:
                 self._send_terminal(rid, self._deferred.pop(rid))
@@ -302,6 +307,7 @@ class VllmRecording:
     def _send_terminal(self, rid: str, event: tuple[bool, str, int, int]) -> None:
         handle = self._handles.pop(rid, 0)
         self._preempted.discard(rid)
+        self._decoding.discard(rid)
         if not handle:
             return
         aborted, reason, out_tokens, t = event
@@ -333,6 +339,7 @@ class VllmRecording:
         wall, perf = time.time_ns(), time.perf_counter_ns()
         rec = self.recorder
         for rid in getattr(output, "preempted_req_ids", None) or ():
+            self._decoding.discard(rid)  # recomputed from its prompt when it resumes
             handle = self._handles.get(rid)
             if handle:
                 self._preempted.add(rid)
@@ -340,7 +347,7 @@ class VllmRecording:
         num_scheduled: dict[str, int] = output.num_scheduled_tokens
         if not num_scheduled:
             return  # nothing runs on the device for an empty schedule
-        if self._repeat_snapshot(output, num_scheduled, wall, perf):
+        if self._decode_snapshot(output, num_scheduled, wall, perf):
             return
         sched = self.scheduler_ref()
         requests = sched.requests if sched is not None else {}
@@ -373,6 +380,11 @@ class VllmRecording:
             d = n - p
             n_prefill += p
             n_decode += d
+            if start + n >= prefill_end:
+                self._decoding.add(rid)
+            else:  # more of its prompt to come: its next 1-token step may be prefill
+                self._decoding.discard(rid)
+                exact = False
             if d > 1:  # speculative tokens: how many were accepted is known only afterwards
                 exact = False
             snap.req_ids.append(rid)
@@ -393,31 +405,50 @@ class VllmRecording:
         snap.batch = self._last = _Batch(snap.req_ids, snap.handles, exact)
         self._keep(snap)
 
-    def _repeat_snapshot(self, output: Any, num_scheduled: dict[str, int], wall: int, perf: int) -> bool:
-        """The steady decode step: the same requests, in the same order, as the last schedule
-        read in full, one token each, nothing new, resumed or preempted. Compared in C; True
-        when it was (a repeat snapshot is kept), False to read the schedule in full."""
-        last = self._last
+    def _decode_snapshot(self, output: Any, num_scheduled: dict[str, int], wall: int, perf: int) -> bool:
+        """A decode-only schedule, read in C; True when it was one (its snapshot is kept).
+
+        Every request scheduled one token, all of them past their prompt, nothing new or
+        resumed, the scheduled order the cached requests' order. Then each entry decodes one
+        token from its computed tokens, what the per-request path would find. The same
+        requests in the same order as the last schedule, after a step with no speculative
+        tokens: a repeat, nothing read at all. Otherwise False: the schedule is read in full.
+        """
+        cached = output.scheduled_cached_reqs
         if (
-            last is None
-            or not last.exact
-            or len(num_scheduled) != len(last.req_ids)
-            or sum(num_scheduled.values()) != len(num_scheduled)  # every one 1 token (none has 0)
+            sum(num_scheduled.values()) != len(num_scheduled)  # every one 1 token (none has 0)
             or output.scheduled_new_reqs
-            or getattr(output, "preempted_req_ids", None)
-            or getattr(output.scheduled_cached_reqs, "resumed_req_ids", None)
-            or list(num_scheduled) != last.req_ids
+            or getattr(cached, "resumed_req_ids", None)
         ):
             return False
+        ids = list(num_scheduled)
+        last = self._last
         snap = _Snapshot(output, wall, perf, self.global_step())
         snap.kind = StepKind.DECODE
-        snap.batch = last
-        snap.repeat = True
-        if last.inflight == 0:
-            self._repeating.append(last)
-        last.inflight += 1
+        if last is not None and last.exact and ids == last.req_ids:
+            snap.batch = last
+            snap.repeat = True
+        else:
+            if ids != cached.req_ids or not self._decoding.issuperset(ids):
+                return False
+            got = list(map(self._handles.get, ids))
+            if None in got:
+                return False
+            handles: list[int] = got  # type: ignore[assignment]  # no None left
+            snap.req_ids = ids
+            snap.handles = handles
+            snap.context = list(map(int, cached.num_computed_tokens))
+            snap.batch = self._last = _Batch(ids, handles, True)
+            snap.held = True
+            self.decode_reads += 1
+        self._hold(snap.batch)
         self._keep(snap)
         return True
+
+    def _hold(self, b: _Batch) -> None:
+        if b.inflight == 0:
+            self._held_batches.append(b)
+        b.inflight += 1
 
     def _keep(self, snap: _Snapshot) -> None:
         """Hold a snapshot until its update (by output object; the oldest goes past _MAX_PENDING)."""
@@ -485,6 +516,19 @@ class VllmRecording:
             self._record_repeat(snap, token)
             return
         self._emitted = snap.batch
+        if snap.held and snap.batch is not None:
+            self.recorder.step_end(
+                token,
+                kind=StepKind.DECODE,
+                handles=snap.handles,
+                prefill_tokens=0,
+                decode_tokens=1,
+                context_tokens=snap.context,
+                global_step=snap.global_step,
+            )
+            self._release_batch(snap.batch)
+            self._finished_since()
+            return
         self.recorder.step_end(
             token,
             kind=snap.kind,
@@ -515,7 +559,7 @@ class VllmRecording:
                 context_tokens=[int(computed.get(rid, 0)) for rid in batch.req_ids],
                 global_step=snap.global_step,
             )
-        self._release_repeat(batch)
+        self._release_batch(batch)
         self._finished_since()
 
     def _after_step(self, snap: _Snapshot) -> None:
@@ -553,8 +597,8 @@ class VllmRecording:
         dev = self._device.pop(id(snap.output), None)
         if dev is not None:
             self.recorder.step_abort(dev[1])
-        if snap.repeat and snap.batch is not None:
-            self._release_repeat(snap.batch)
+        if (snap.repeat or snap.held) and snap.batch is not None:
+            self._release_batch(snap.batch)
             return
         for rid in snap.req_ids:
             left = self._inflight.get(rid, 1) - 1

@@ -235,6 +235,7 @@ def main() -> int:
                 "layout": [adapter.shard, adapter.num_shards, adapter.coupling, adapter.reports],
                 "pinned_elsewhere": adapter.pinned_elsewhere,
                 "repeats": adapter.repeats,
+                "decode_reads": adapter.decode_reads,
                 "errors": stats.errors,
                 "guard_errors": adapter.guard.errors.count,
                 "dropped": stats.dropped_frames,

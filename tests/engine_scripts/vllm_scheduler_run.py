@@ -262,6 +262,7 @@ def main() -> int:
                 "dropped": stats.dropped_frames,
                 "unpaired": recording.unpaired,
                 "repeats": recording.repeats,
+                "decode_reads": recording.decode_reads,
                 "patched": sorted(et_worker.patched),
                 "worker_timing": recording.worker_timing,
                 "external": {internal: getattr(req, "_enginetime_external_id", None)},
