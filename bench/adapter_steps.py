@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -70,8 +71,28 @@ class VReq:
         return False
 
 
-def _median_us(values: list[int]) -> float:
-    return statistics.median(values) / 1e3
+def _time_blocks(rec: Recorder, steps: int, step: Callable[[bool, int, int], Callable[[], None]]) -> dict:
+    """Median µs of ``step``'s timed part, blocks of 100 steps unchanged / changed in turn.
+
+    ``step(unchanged, i, n)`` prepares step ``n`` (untimed: what the engine does between
+    hooks) and returns the hooks' calls, which are timed. The first two steps of a block
+    change over from the other kind and are not counted.
+    """
+    out: dict[str, list[int]] = {"unchanged": [], "changed": []}
+    perf = time.perf_counter_ns
+    done = 0
+    while done < steps:
+        for label, times in out.items():
+            for i in range(100):
+                hooks = step(label == "unchanged", i, done)
+                t0 = perf()
+                hooks()
+                t1 = perf()
+                if i >= 2:
+                    times.append(t1 - t0)
+                done += 1
+        rec.flush(10)
+    return {k: statistics.median(v) / 1e3 for k, v in out.items()}
 
 
 def sglang_steps(address: str, batch: int, steps: int) -> dict[str, float]:
@@ -89,24 +110,19 @@ def sglang_steps(address: str, batch: int, steps: int) -> dict[str, float]:
         a = SimpleNamespace(forward_mode=decode, reqs=reqs[:batch], global_num_tokens=None, spec_info=None)
         b = SimpleNamespace(forward_mode=decode, reqs=reqs[1:], global_num_tokens=None, spec_info=None)
         rec.flush(10)
-        out: dict[str, list[int]] = {"unchanged": [], "changed": []}
-        perf = time.perf_counter_ns
-        done = 0
-        while done < steps:
-            for label in out:
-                for i in range(100):
-                    bt = a if label == "unchanged" or i % 2 else b
-                    bt.forward_iter = done
-                    t0 = perf()
-                    pre = ad.begin(sched, bt)
-                    ad.after_run(sched, bt, None, pre)
-                    ad.after_process(bt)
-                    t1 = perf()
-                    if i >= 2:  # the first steps of a block change over from the other kind
-                        out[label].append(t1 - t0)
-                    done += 1
-            rec.flush(10)
-        return {k: _median_us(v) for k, v in out.items()} | {"repeats": ad.repeats}
+
+        def step(unchanged: bool, i: int, n: int) -> Callable[[], None]:
+            bt = a if unchanged or i % 2 else b
+            bt.forward_iter = n
+
+            def hooks() -> None:
+                pre = ad.begin(sched, bt)
+                ad.after_run(sched, bt, None, pre)
+                ad.after_process(bt)
+
+            return hooks
+
+        return _time_blocks(rec, steps, step) | {"repeats": ad.repeats}
     finally:
         rec.close()
 
@@ -126,34 +142,29 @@ def vllm_steps(address: str, batch: int, steps: int) -> dict[str, float]:
         ids = list(requests)
         a_ids, b_ids = ids[:batch], ids[1:]
         rec.flush(10)
-        out: dict[str, list[int]] = {"unchanged": [], "changed": []}
-        perf = time.perf_counter_ns
-        done = 0
-        while done < steps:
-            for label in out:
-                for i in range(100):
-                    run = a_ids if label == "unchanged" or i % 2 else b_ids
-                    for r in requests.values():  # untimed: what the engine computed meanwhile
-                        r.num_computed_tokens += 1
-                        r.num_tokens += 1
-                    output = SimpleNamespace(
-                        num_scheduled_tokens=dict.fromkeys(run, 1),
-                        scheduled_new_reqs=[],
-                        preempted_req_ids=set(),
-                        scheduled_cached_reqs=SimpleNamespace(
-                            req_ids=run,
-                            num_computed_tokens=[requests[r].num_computed_tokens for r in run],
-                            resumed_req_ids=set(),
-                        ),
-                    )
-                    t0 = perf()
-                    vr.on_schedule(output)
-                    vr.on_update(output)
-                    t1 = perf()
-                    if i >= 2:
-                        out[label].append(t1 - t0)
-                    done += 1
-            rec.flush(10)
-        return {k: _median_us(v) for k, v in out.items()} | {"repeats": vr.repeats}
+
+        def step(unchanged: bool, i: int, n: int) -> Callable[[], None]:
+            run = a_ids if unchanged or i % 2 else b_ids
+            for r in requests.values():  # what the engine computed meanwhile
+                r.num_computed_tokens += 1
+                r.num_tokens += 1
+            output = SimpleNamespace(
+                num_scheduled_tokens=dict.fromkeys(run, 1),
+                scheduled_new_reqs=[],
+                preempted_req_ids=set(),
+                scheduled_cached_reqs=SimpleNamespace(
+                    req_ids=run,
+                    num_computed_tokens=[requests[r].num_computed_tokens for r in run],
+                    resumed_req_ids=set(),
+                ),
+            )
+
+            def hooks() -> None:
+                vr.on_schedule(output)
+                vr.on_update(output)
+
+            return hooks
+
+        return _time_blocks(rec, steps, step) | {"repeats": vr.repeats}
     finally:
         rec.close()

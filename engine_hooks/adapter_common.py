@@ -203,3 +203,85 @@ def int_list(values: Any) -> list[int] | None:
         return [int(v) for v in seq]
     except Exception:
         return None
+
+
+class HeldBatch:
+    """A batch an adapter read: its request ids and handles, what a repeat of it reuses.
+
+    ``inflight`` counts its steps begun and not yet recorded that hold its requests as a
+    whole (a repeat; a decode batch read in C) rather than one by one.
+    """
+
+    __slots__ = ("ids", "handles", "inflight", "_id_set")
+
+    def __init__(self, ids: list[str], handles: list[int]) -> None:
+        self.ids = ids
+        self.handles = handles
+        self.inflight = 0
+        self._id_set: set[str] | None = None
+
+    def holds(self, rid: str) -> bool:
+        if self._id_set is None:
+            self._id_set = set(self.ids)
+        return rid in self._id_set
+
+
+class InFlight:
+    """Which requests the steps begun and not yet recorded hold, and the ends waiting for them.
+
+    The sidecar must never see a step of a request that already ended, so a FINISHED or
+    ABORTED for a request a step in flight still holds waits (``end``) until that step is
+    recorded or forgotten. A step holds its requests one by one (``hold_ids``: the general
+    path, per request) or as its whole batch (``hold_batch``: no per-request work).
+    ``send(rid, event)`` reports an end that no longer waits.
+    """
+
+    def __init__(self, send: Callable[[str, Any], None]) -> None:
+        self.counts: dict[str, int] = {}
+        self.batches: list[HeldBatch] = []
+        self.deferred: dict[str, Any] = {}
+        self._send = send
+
+    def held(self, rid: str) -> bool:
+        if self.counts.get(rid, 0) > 0:
+            return True
+        return any(b.holds(rid) for b in self.batches)
+
+    def end(self, rid: str, event: Any) -> None:
+        """A request ended: report it now, or once no step in flight holds it."""
+        if self.held(rid):
+            self.deferred[rid] = event
+        else:
+            self._send(rid, event)
+
+    def hold_id(self, rid: str) -> None:
+        self.counts[rid] = self.counts.get(rid, 0) + 1
+
+    def release_ids(self, rids: Any) -> None:
+        """Steps holding these requests one by one were recorded or forgotten."""
+        counts = self.counts
+        deferred = self.deferred
+        for rid in rids:
+            left = counts.get(rid, 1) - 1
+            if left > 0:
+                counts[rid] = left
+                continue
+            counts.pop(rid, None)
+            if rid in deferred and not self.held(rid):
+                self._send(rid, deferred.pop(rid))
+
+    def hold_batch(self, b: HeldBatch) -> None:
+        if b.inflight == 0:
+            self.batches.append(b)
+        b.inflight += 1
+
+    def release_batch(self, b: HeldBatch) -> None:
+        """A step holding ``b`` whole was recorded or forgotten: report what waited only for it."""
+        b.inflight -= 1
+        if b.inflight <= 0:
+            b.inflight = 0
+            if b in self.batches:
+                self.batches.remove(b)
+        if self.deferred:
+            for rid in [r for r in self.deferred if not self.held(r)]:
+                self._send(rid, self.deferred.pop(rid))

@@ -450,7 +450,7 @@ def test_an_unchanged_decode_batch_is_a_repeat_and_a_finish_waits_for_it(monkeyp
         sg_hooks.around_run_batch(boom, sched, batch(y, z))
     z.finished_reason = types.SimpleNamespace(to_json=lambda: {"type": "stop"})
     sg_hooks.around_process_batch_result(lambda s, b, r: None, sched, batch(y, z), None)
-    assert ad.repeats == 3 and ad.decode_reads == 2 and ad.deferred == {} and ad._held_batches == []
+    assert ad.repeats == 3 and ad.decode_reads == 2 and ad.deferred == {} and ad.in_flight.batches == []
     assert ad.recorder.flush(5.0)
     ad.recorder.close()
     sink.close()

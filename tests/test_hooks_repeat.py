@@ -249,8 +249,9 @@ def test_a_repeat_timed_with_cuda_events_gets_its_device_time(server, shipper):
     assert [(list(s.context_tokens), s.device_time_ns) for s in steps] == [([5], 7_000_000), ([6], 7_000_000)]
 
 
-def test_expand_repeat_refuses_a_repeat_that_is_not_the_next_step():
-    base = wire.frame_packed_step(
+def _step_frame(context: list[int]) -> bytes:
+    """A framed packed decode step (seq 4) of two entries with these contexts."""
+    return wire.frame_packed_step(
         seq=4,
         start_time_ns=1,
         end_time_ns=2,
@@ -260,8 +261,12 @@ def test_expand_repeat_refuses_a_repeat_that_is_not_the_next_step():
         handles=[7, 8],
         prefill_tokens=[0, 0],
         decode_tokens=[1, 1],
-        context_tokens=[10, 20],
+        context_tokens=context,
     )
+
+
+def test_expand_repeat_refuses_a_repeat_that_is_not_the_next_step():
+    base = _step_frame([10, 20])
     head = wire.PACKED_HEADER.pack(1, wire.PACKED_REPEAT, 1, 2, 2, 0, 5, 0, 3, 4, 1, 1)
     full = wire.unpack_step(wire.split_frames(wire.expand_repeat(base, head))[0][0][2:])
     assert full["seq"] == 5 and full["handles"] == [7, 8] and full["context_tokens"] == [11, 21]
@@ -271,17 +276,8 @@ def test_expand_repeat_refuses_a_repeat_that_is_not_the_next_step():
     for body in (wrong_seq, wrong_n, not_repeat, head + b"\0\0"):
         with pytest.raises(ValueError):
             wire.expand_repeat(base, body)
-    huge = wire.frame_packed_step(
-        seq=4,
-        start_time_ns=1,
-        end_time_ns=2,
-        device_time_ns=1,
-        timer_source=1,
-        kind=2,
-        handles=[7, 8],
-        prefill_tokens=[0, 0],
-        decode_tokens=[1, 1],
-        context_tokens=[10, 0xFFFFFFFF],
-    )
-    with pytest.raises(OverflowError):
-        wire.expand_repeat(huge, head)
+    with pytest.raises(OverflowError):  # a context past u32: the entry-by-entry path raises
+        wire.expand_repeat(_step_frame([10, 0xFFFFFFFF]), head)
+    # Contexts past the lane masks (>= 2^31) still add exactly, entry by entry.
+    big = wire.expand_repeat(_step_frame([10, 0x80000000]), head)
+    assert wire.unpack_step(wire.split_frames(big)[0][0][2:])["context_tokens"] == [11, 0x80000001]

@@ -38,7 +38,7 @@ import weakref
 from itertools import repeat
 from typing import Any
 
-from ..adapter_common import AdapterSettings, Guard, as_int, int_list, traceparent_of
+from ..adapter_common import AdapterSettings, Guard, HeldBatch, InFlight, as_int, int_list, traceparent_of
 from ..constants import StepKind
 from ..recorder import Recorder
 from .batch import StepRead, known_tokens, mode_name, read_batch
@@ -109,26 +109,14 @@ def shard_layout(scheduler: Any) -> tuple[int, int, str, bool, str]:
     return int(getattr(scheduler, "dp_rank", None) or 0), dp_size, "independent", reports, ""
 
 
-class _Batch:
-    """The requests of the last batch read in full, kept so an unchanged decode batch is not read again.
+class _Batch(HeldBatch):
+    """The requests of the last batch read, kept so an unchanged decode batch is not read again."""
 
-    ``inflight`` counts the repeat steps of it begun and not yet recorded: they hold its
-    requests (a FINISHED waits for them) without a per-request count.
-    """
-
-    __slots__ = ("reqs", "handles", "rids", "inflight", "_rid_set")
+    __slots__ = ("reqs",)
 
     def __init__(self, reqs: list[Any], handles: list[int], rids: list[str]) -> None:
+        super().__init__(rids, handles)
         self.reqs = reqs
-        self.handles = handles
-        self.rids = rids
-        self.inflight = 0
-        self._rid_set: set[str] | None = None
-
-    def holds(self, rid: str) -> bool:
-        if self._rid_set is None:
-            self._rid_set = set(self.rids)
-        return rid in self._rid_set
 
 
 class _RepeatRead:
@@ -198,13 +186,13 @@ class SGLangAdapter:
         self.reqs: dict[str, Any] = {}
         self.seen: set[str] = set()
         self.preempted: set[str] = set()
-        self.inflight: dict[str, int] = {}
-        self.deferred: dict[str, tuple[bool, str, int, int]] = {}
+        self.in_flight = InFlight(self._send_terminal)  # what steps in flight hold; ends waiting for them
+        self.inflight = self.in_flight.counts  # requests held one by one
+        self.deferred = self.in_flight.deferred  # FINISHED/ABORTED waiting for a step
         self.pending: dict[int, _Pending] = {}
         self.pinned_elsewhere = 0
         self._last: _Batch | None = None  # the last batch read in full
         self._emitted: _Batch | None = None  # the batch of the last step recorded
-        self._held_batches: list[_Batch] = []  # batches with steps in flight that hold them whole
         self.repeats = 0  # steps recorded as repeats (no per-request work on the engine thread)
         self.decode_reads = 0  # changed decode batches read in C (map over the requests)
 
@@ -289,27 +277,7 @@ class SGLangAdapter:
         except Exception:
             out_tokens = 0
         event = (aborted, reason, out_tokens, time.time_ns())
-        if self._held(rid):
-            self.deferred[rid] = event  # a step holding it is still to be recorded
-        else:
-            self._send_terminal(rid, event)
-
-    def _held(self, rid: str) -> bool:
-        """Does a step begun and not yet recorded hold this request?"""
-        if self.inflight.get(rid, 0) > 0:
-            return True
-        return any(b.holds(rid) for b in self._held_batches)
-
-    def _release_batch(self, same: _Batch) -> None:
-        """A step holding ``same`` whole was recorded or aborted: send what waited only for it."""
-        same.inflight -= 1
-        if same.inflight <= 0:
-            same.inflight = 0
-            if same in self._held_batches:
-                self._held_batches.remove(same)
-        if self.deferred:
-            for rid in [r for r in self.deferred if not self._held(r)]:
-                self._send_terminal(rid, self.deferred.pop(rid))
+        self.in_flight.end(rid, event)
 
     def _send_terminal(self, rid: str, event: tuple[bool, str, int, int]) -> None:
         handle = self.handles.pop(rid, 0)
@@ -348,7 +316,7 @@ class SGLangAdapter:
             # The steady decode step: the same requests, in the same order, as the last batch
             # read (compared by identity, in C). Nothing is read per request.
             if last is not None and len(reqs) == len(last.reqs) and reqs == last.reqs:
-                self._hold(last)
+                self.in_flight.hold_batch(last)
                 return _RepeatRead(last, peer), rec.step_begin(stream)
             # A decode batch that changed (a request joined or left): its columns in C.
             fast = self._decode_read(reqs, peer)
@@ -364,7 +332,7 @@ class SGLangAdapter:
             handle = self.handle_of(req)
             read.handles.append(handle)
             read.rids.append(rid)
-            self.inflight[rid] = self.inflight.get(rid, 0) + 1
+            self.in_flight.hold_id(rid)
             if rid in self.preempted and id(req) in read.first_prefix:
                 self.preempted.discard(rid)
                 rec.request_resumed(handle, time_ns=wall)
@@ -379,11 +347,6 @@ class SGLangAdapter:
             read.batch = self._last = _Batch(reqs_read, read.handles, read.rids)
         stream = getattr(scheduler, "forward_stream", None) if self.overlap else None
         return read, rec.step_begin(stream)
-
-    def _hold(self, b: _Batch) -> None:
-        if b.inflight == 0:
-            self._held_batches.append(b)
-        b.inflight += 1
 
     def _decode_read(self, reqs: list[Any], peer: list[int] | None) -> StepRead | None:
         """A DECODE batch read with map() over the requests (no Python per request), or None.
@@ -406,7 +369,7 @@ class SGLangAdapter:
             return None
         self.reqs.update(zip(rids, reqs, strict=True))
         b = self._last = _Batch(list(reqs), handles, rids)
-        self._hold(b)
+        self.in_flight.hold_batch(b)
         read = StepRead(StepKind.DECODE, "DECODE", prefill=0, decode=1, peer_tokens=peer, batch=b)
         read.context = context
         read.handles = handles
@@ -465,7 +428,7 @@ class SGLangAdapter:
                 global_step=global_step,
                 peer_tokens=read.peer_tokens,
             )
-            self._release_batch(read.batch)
+            self.in_flight.release_batch(read.batch)
             return
         rec.step_end(
             stopped,
@@ -477,14 +440,7 @@ class SGLangAdapter:
             global_step=global_step,
             peer_tokens=read.peer_tokens,
         )
-        for rid in read.rids:
-            left = self.inflight.get(rid, 1) - 1
-            if left > 0:
-                self.inflight[rid] = left
-                continue
-            self.inflight.pop(rid, None)
-            if rid in self.deferred and not self._held(rid):
-                self._send_terminal(rid, self.deferred.pop(rid))
+        self.in_flight.release_ids(read.rids)
 
     def _emit_repeat(self, rec: Recorder, read: _RepeatRead, stopped: Any, global_step: int | None) -> None:
         same = read.batch
@@ -506,7 +462,7 @@ class SGLangAdapter:
                 global_step=global_step,
                 peer_tokens=read.peer_tokens,
             )
-        self._release_batch(same)
+        self.in_flight.release_batch(same)
 
     def abort(self, pre: tuple[StepRead | _RepeatRead, Any]) -> None:
         """The forward raised: give the clock back and forget the step (it never ran)."""
@@ -514,16 +470,9 @@ class SGLangAdapter:
         if self.recorder is not None:
             self.recorder.step_abort(token)
         if isinstance(read, _RepeatRead) or read.held:
-            self._release_batch(read.batch)
+            self.in_flight.release_batch(read.batch)
             return
-        for rid in read.rids:
-            left = self.inflight.get(rid, 1) - 1
-            if left > 0:
-                self.inflight[rid] = left
-            else:
-                self.inflight.pop(rid, None)
-                if rid in self.deferred and not self._held(rid):
-                    self._send_terminal(rid, self.deferred.pop(rid))
+        self.in_flight.release_ids(read.rids)
 
     def after_process(self, batch: Any) -> None:
         reqs = getattr(batch, "reqs", None) or ()

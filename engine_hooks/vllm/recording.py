@@ -40,7 +40,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
-from ..adapter_common import AdapterSettings, Guard, traceparent_of
+from ..adapter_common import AdapterSettings, Guard, HeldBatch, InFlight, traceparent_of
 from ..constants import StepKind
 from ..recorder import Recorder
 
@@ -63,28 +63,19 @@ def active() -> VllmRecording | None:
     return None
 
 
-class _Batch:
-    """The requests of the last schedule read in full, so an unchanged decode batch is not read again.
+class _Batch(HeldBatch):
+    """The requests of the last schedule read, so an unchanged decode batch is not read again.
 
     ``exact``: every entry of that schedule computed exactly what it was scheduled (no
     speculative tokens, which may be rejected) and is past its prompt, so a next step of
-    one token each is a decode whose context is known without reading it. ``inflight``
-    counts its steps scheduled and not yet recorded that hold it whole.
+    one token each is a decode whose context is known without reading it.
     """
 
-    __slots__ = ("req_ids", "handles", "exact", "inflight", "_rid_set")
+    __slots__ = ("exact",)
 
     def __init__(self, req_ids: list[str], handles: list[int], exact: bool) -> None:
-        self.req_ids = req_ids
-        self.handles = handles
+        super().__init__(req_ids, handles)
         self.exact = exact
-        self.inflight = 0
-        self._rid_set: set[str] | None = None
-
-    def holds(self, rid: str) -> bool:
-        if self._rid_set is None:
-            self._rid_set = set(self.req_ids)
-        return rid in self._rid_set
 
 
 class _Snapshot:
@@ -201,12 +192,10 @@ class VllmRecording:
         self._preempted: set[str] = set()
         self._pending: dict[int, _Snapshot] = {}
         self._device: dict[int, tuple[Any, Any]] = {}  # id(output) -> (output, stopped token)
-        self._inflight: dict[str, int] = {}
-        self._deferred: dict[str, tuple[bool, str, int, int]] = {}
+        self._in_flight = InFlight(self._send_terminal)  # what steps in flight hold; ends waiting
         self._last_done_perf = 0
         self._last: _Batch | None = None  # the last schedule read in full
         self._emitted: _Batch | None = None  # the batch of the last step recorded
-        self._held_batches: list[_Batch] = []  # batches with steps in flight that hold them whole
         self._decoding: set[str] = set()  # requests past their prompt: a 1-token step is a decode
         self.repeats = 0  # steps recorded as repeats (nothing read per request)
         self.decode_reads = 0  # decode schedules read in C (map over the requests)
@@ -282,27 +271,7 @@ class VllmRecording:
         out_tokens = int(getattr(req, "num_output_tokens", 0) or 0)
         event = (aborted, reason, out_tokens, time.time_ns())
         self._reqs.pop(rid, None)
-        if self._held(rid):
-            self._deferred[rid] = event  # sent when its last in-flight step is recorded
-        else:
-            self._send_terminal(rid, event)
-
-    def _held(self, rid: str) -> bool:
-        """Does a step scheduled and not yet recorded hold this request?"""
-        if self._inflight.get(rid, 0) > 0:
-            return True
-        return any(b.holds(rid) for b in self._held_batches)
-
-    def _release_batch(self, batch: _Batch) -> None:
-        """A step holding ``batch`` whole was recorded or forgotten: send what waited only for it."""
-        batch.inflight -= 1
-        if batch.inflight <= 0:
-            batch.inflight = 0
-            if batch in self._held_batches:
-                self._held_batches.remove(batch)
-        if self._deferred:
-            for rid in [r for r in self._deferred if not self._held(r)]:
-                self._send_terminal(rid, self._deferred.pop(rid))
+        self._in_flight.end(rid, event)  # sent once no step in flight holds it
 
     def _send_terminal(self, rid: str, event: tuple[bool, str, int, int]) -> None:
         handle = self._handles.pop(rid, 0)
@@ -392,7 +361,7 @@ class VllmRecording:
             snap.prefill.append(p)
             snap.decode.append(d)
             snap.context.append(start)
-            self._inflight[rid] = self._inflight.get(rid, 0) + 1
+            self._in_flight.hold_id(rid)
             if handle:
                 if rid in first_time and rid not in self._preempted:
                     rec.request_scheduled(handle, cached_tokens=start, time_ns=wall)
@@ -425,7 +394,7 @@ class VllmRecording:
         last = self._last
         snap = _Snapshot(output, wall, perf, self.global_step())
         snap.kind = StepKind.DECODE
-        if last is not None and last.exact and ids == last.req_ids:
+        if last is not None and last.exact and ids == last.ids:
             snap.batch = last
             snap.repeat = True
         else:
@@ -441,14 +410,9 @@ class VllmRecording:
             snap.batch = self._last = _Batch(ids, handles, True)
             snap.held = True
             self.decode_reads += 1
-        self._hold(snap.batch)
+        self._in_flight.hold_batch(snap.batch)
         self._keep(snap)
         return True
-
-    def _hold(self, b: _Batch) -> None:
-        if b.inflight == 0:
-            self._held_batches.append(b)
-        b.inflight += 1
 
     def _keep(self, snap: _Snapshot) -> None:
         """Hold a snapshot until its update (by output object; the oldest goes past _MAX_PENDING)."""
@@ -526,7 +490,7 @@ class VllmRecording:
                 context_tokens=snap.context,
                 global_step=snap.global_step,
             )
-            self._release_batch(snap.batch)
+            self._in_flight.release_batch(snap.batch)
             self._finished_since()
             return
         self.recorder.step_end(
@@ -556,23 +520,14 @@ class VllmRecording:
                 handles=batch.handles,
                 prefill_tokens=0,
                 decode_tokens=1,
-                context_tokens=[int(computed.get(rid, 0)) for rid in batch.req_ids],
+                context_tokens=[int(computed.get(rid, 0)) for rid in batch.ids],
                 global_step=snap.global_step,
             )
-        self._release_batch(batch)
+        self._in_flight.release_batch(batch)
         self._finished_since()
 
     def _after_step(self, snap: _Snapshot) -> None:
-        inflight = self._inflight
-        deferred = self._deferred
-        for rid in snap.req_ids:
-            left = inflight.get(rid, 1) - 1
-            if left > 0:
-                inflight[rid] = left
-                continue
-            inflight.pop(rid, None)
-            if rid in deferred and not self._held(rid):
-                self._send_terminal(rid, deferred.pop(rid))
+        self._in_flight.release_ids(snap.req_ids)
         self._finished_since()
         # A request that finished while another step of it is still in flight is deferred
         # by _terminal; it is sent when that step is recorded.
@@ -598,16 +553,9 @@ class VllmRecording:
         if dev is not None:
             self.recorder.step_abort(dev[1])
         if (snap.repeat or snap.held) and snap.batch is not None:
-            self._release_batch(snap.batch)
+            self._in_flight.release_batch(snap.batch)
             return
-        for rid in snap.req_ids:
-            left = self._inflight.get(rid, 1) - 1
-            if left > 0:
-                self._inflight[rid] = left
-            else:
-                self._inflight.pop(rid, None)
-                if rid in self._deferred and not self._held(rid):
-                    self._send_terminal(rid, self._deferred.pop(rid))
+        self._in_flight.release_ids(snap.req_ids)
 
     # ------------------------------------------------------------------ lifecycle
 
