@@ -234,6 +234,10 @@ class Recorder:
                     f"{exc}; shipping from a thread in this process instead",
                 )
         self._shipper: Any = self._ps
+        if self._ps is not None and hasattr(self._timer, "on_device"):
+            # The hello's device name is learnt at the first step: the shipper process holds the
+            # hello's fields for its reconnects, so it is told (the thread reads them each time).
+            self._timer.on_device = self._refresh_hello
         self._ring: deque[tuple] = deque()  # the thread shipper's ring; unused with the process
         self._cap = self._cap_bytes = 0
         if self._ps is None:
@@ -915,6 +919,14 @@ class Recorder:
         return wire.frame_hello(
             wall_time_ns=_wall_ns(), monotonic_ns=time.monotonic_ns(), **self._hello_fields()
         )
+
+    def _refresh_hello(self) -> None:
+        try:
+            ps = self._ps
+            if ps is not None:
+                ps.update_hello(self._hello_fields())
+        except Exception as exc:
+            self._errors.report("hello refresh", exc)
 
     def _hello_fields(self) -> dict[str, Any]:
         """The hello's fields but its clocks (the shipper stamps those when it connects)."""

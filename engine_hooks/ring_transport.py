@@ -222,6 +222,14 @@ class ProcessShipper:
         for info in self._live():
             self._write_replay(info)
 
+    def update_hello(self, fields: dict[str, Any]) -> None:
+        """New hello fields (a device name learnt late): the shipper process's next connections use them."""
+        with self._lock:
+            if self._pending:
+                self._pending.append((_READY, shm_ring.HELLO, marshal.dumps(fields)))
+            else:
+                self._write_record(shm_ring.HELLO, marshal.dumps(fields))
+
     def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"\1")

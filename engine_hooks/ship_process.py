@@ -147,7 +147,7 @@ class RingShipper(Shipper):
             fields = marshal.loads(payload)
             if not isinstance(fields, dict):
                 raise ValueError("HELLO record is not a dict")
-            self._hello_fields = fields  # one per shipper process: it is written first
+            self._hello_fields = fields  # written first; again when the recorder learns more (device name)
         elif rtype == shm_ring.MARK:
             self.push((MARK, RingFlushMarker(self, int.from_bytes(payload, "little"))))
 

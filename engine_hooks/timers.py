@@ -127,6 +127,8 @@ class CudaEventTimer:
             self._free.append(self._new_pair())  # torch creates the CUDA event lazily, at record
         self._name_given = device_name is not None
         self.device_name = device_name if device_name is not None else _initialised_device_name()
+        #: Called (on the engine thread, once) when the first begin learns the device's name.
+        self.on_device: Callable[[], None] | None = None
 
     def _new_pair(self) -> EventPair:
         self.allocated += 1
@@ -169,6 +171,8 @@ class CudaEventTimer:
         self.device_index = int(index) if index is not None else int(self._current_device())
         if not self._name_given:
             self.device_name = _cuda_device_name(self.device_index)
+            if self.on_device is not None:
+                self.on_device()
 
     def _bind_thread(self) -> None:
         ident = threading.get_ident()

@@ -21,7 +21,7 @@ import time
 import pytest
 from test_hooks_recorder import FrameServer, delivered
 
-from enginetime.engine_hooks import Recorder, StepKind, TimerSource
+from enginetime.engine_hooks import Recorder, StepKind, TimerSource, timers
 from enginetime.engine_hooks.timers import CpuTimer, CudaEventTimer, cuda_available, make_timer
 
 pytestmark = pytest.mark.timeout(60)
@@ -363,3 +363,38 @@ def test_real_cuda_events_time_real_matmuls(server):
     d = [s.device_time_ns for s in steps]
     assert 0 < d[0] < d[1] < d[2]
     assert 8 < d[2] / d[0] < 32  # 16 matmuls take about 16x one
+
+
+@pytest.mark.parametrize("shipper", ["process", "thread"])
+def test_a_device_name_learnt_at_the_first_step_is_in_every_later_hello(sockdir, monkeypatch, shipper):
+    """The timer learns its device's name at the first step (CUDA initialised late); a
+    reconnect after that says it in the hello, with the shipper in its own process too."""
+    monkeypatch.setattr(timers, "_cuda_device_name", lambda index: f"FakeGPU-{index}")
+    gpu = FakeGpu()
+    gpu.device = 3
+    timer = CudaEventTimer(
+        event_factory=lambda: FakeEvent(gpu),
+        is_capturing=lambda: gpu.capturing,
+        current_device=lambda: gpu.device,
+        set_device=gpu.set_device,
+    )
+    srv = FrameServer.unix(sockdir).start()
+    try:
+        with Recorder("eng-name", address=srv.address, timer=timer, shipper=shipper) as rec:
+            assert srv.wait_for(lambda: srv.of("hello"))
+            gpu_step(rec, gpu, 1_000_000)  # the first begin learns device 3's name
+            gpu.run_all()
+            engine_thread_passes(rec)
+            assert delivered(rec, srv)
+            srv.stop()  # the sidecar goes away and comes back: a new connection, a new hello
+            srv = FrameServer.unix(sockdir).start()
+            deadline = time.monotonic() + 10
+            while not srv.of("hello") and time.monotonic() < deadline:  # its writes find the old one gone
+                gpu_step(rec, gpu, 1_000_000)
+                gpu.run_all()
+                engine_thread_passes(rec)
+                rec.flush(0.2)
+            hello = srv.of("hello")[0]
+    finally:
+        srv.stop()
+    assert hello.clock.device_name == "FakeGPU-3"
