@@ -569,6 +569,11 @@ def test_every_public_method_survives_garbage(server):
         rec.step_end(
             tok, kind=StepKind.DECODE, handles=[g], prefill_tokens=[g], decode_tokens=[g], context_tokens=[g]
         )
+        rec.step_repeat(g, decode_tokens=g, kind=g, global_step=g, peer_tokens=g)
+        add_step(rec, [1])  # a step whole, so a repeat of it is taken and its fields checked
+        rec.step_repeat(rec.step_begin(), decode_tokens=1, kind=g, global_step=g, peer_tokens=g)
+        add_step(rec, [1])
+        rec.step_repeat(g)
         rec.flush(g) if not isinstance(g, int | float) else None
     valid = rec.request_arrived(" valid ", prompt_tokens=3)
     h_ok = rec.request_arrived("ok")
