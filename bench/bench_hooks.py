@@ -1,6 +1,6 @@
 """What the hooks cost the engine: per call, in an engine-shaped loop, and in memory.
 
-    .venv/bin/python bench/bench_hooks.py [--batches 1,64,256,512] [--work-ms 2] [--skip-micro]
+    .venv/bin/python bench/bench_hooks.py [--batches 1,64,256,512] [--work-ms 2] [--work-kind sleep|spin] [--skip-micro]
 
 1. Engine-thread cost per step: a Recorder against a draining socket server thread (a
    stand-in sidecar that reads and discards), timing on the calling thread
@@ -14,7 +14,8 @@
    and vLLM adapters' own code per step (bench/adapter_steps.py), batch unchanged and
    changed every step.
 2. Engine-shaped loop against a real sidecar process: each step is ``--work-ms`` of
-   GIL-releasing work (as kernel launches and collective waits are) plus the hooks;
+   GIL-releasing work (as kernel launches and collective waits are: ``time.sleep``, or with
+   ``--work-kind spin`` SHA-256 over a buffer, a wait that spins) plus the hooks;
    blocks with hooks (columns from lists with the shipper in its own process, the same
    batch as a repeat, columns with the shipper a thread, in turn) and without alternate
    in one run; mean and p99 step-time ratios per batch size and variant, with the noise
@@ -35,6 +36,7 @@ checked on a device by bench/cuda_timer_check.py.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -45,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -263,7 +266,34 @@ LOOP_VARIANTS = {
 }
 
 
-def run_engine_loop(address: str, batch: int, blocks: int, block_steps: int, work_s: float) -> dict:
+def spin_work() -> Callable[[float], None]:
+    """Busy work with the GIL released for about ``seconds``: SHA-256 over a buffer.
+
+    The other model of an engine's wait: CUDA synchronization and NCCL collectives spin on
+    the CPU by default, so the engine's core stays busy (and its caches and clock warm),
+    where ``time.sleep`` lets it idle. Calibrated once; hashlib releases the GIL on
+    buffers over 2 KiB.
+    """
+    buf = memoryview(bytes(32 << 20))
+    hashlib.sha256(buf).digest()  # the buffer's pages, touched once
+    t0 = time.perf_counter()
+    hashlib.sha256(buf[: 8 << 20]).digest()
+    rate = (8 << 20) / (time.perf_counter() - t0)
+
+    def spin(seconds: float) -> None:
+        hashlib.sha256(buf[: min(len(buf), int(seconds * rate))]).digest()
+
+    return spin
+
+
+def run_engine_loop(
+    address: str,
+    batch: int,
+    blocks: int,
+    block_steps: int,
+    work_s: float,
+    work: Callable[[float], None] = time.sleep,
+) -> dict:
     """Step times of a loop shaped like an engine's scheduler thread, with and without hooks.
 
     Each step is ``work_s`` of GIL-releasing work (``time.sleep``: the engine thread waits
@@ -292,7 +322,7 @@ def run_engine_loop(address: str, batch: int, blocks: int, block_steps: int, wor
             if not rec.flush(10):
                 raise SystemExit(f"bench: could not reach the sidecar at {address}")
         perf = time.perf_counter_ns
-        sleep = time.sleep
+        sleep = work
         names = list(LOOP_VARIANTS)
         hooked: dict[str, list[int]] = {v: [] for v in names}
         plain: list[list[int]] = [[], []]
@@ -379,7 +409,12 @@ def run_engine_loop(address: str, batch: int, blocks: int, block_steps: int, wor
 
 
 def run_breakdown(
-    addresses: dict[str, str], batch: int, rounds: int, block_steps: int, work_s: float
+    addresses: dict[str, str],
+    batch: int,
+    rounds: int,
+    block_steps: int,
+    work_s: float,
+    work: Callable[[float], None] = time.sleep,
 ) -> dict:
     """Where the engine-shaped loop's extra time goes, one variant per block, rotated in one run.
 
@@ -398,7 +433,7 @@ def run_breakdown(
     throughout; all but the two named "thread" ship from their own process.
     """
     perf = time.perf_counter_ns
-    sleep = time.sleep
+    sleep = work
     recs: dict[str, tuple[Recorder, list[Req]]] = {}
     repeat = "hooks, sidecar, repeat"
     addresses = {
@@ -575,6 +610,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,64,256,512")
     parser.add_argument("--work-ms", type=float, default=2.0, help="GIL-releasing work per engine-loop step")
     parser.add_argument(
+        "--work-kind",
+        choices=("sleep", "spin"),
+        default="sleep",
+        help="the engine loop's GIL-releasing work: time.sleep (the engine's core idles while it waits), "
+        "or SHA-256 over a buffer (it spins, as CUDA synchronization and NCCL waits do by default)",
+    )
+    parser.add_argument(
         "--blocks",
         type=int,
         default=24,
@@ -616,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_tight_loop(args.tight_child, args.batch, args.seconds)))
         return 0
     batches = [int(b) for b in args.batches.split(",")]
+    work: Callable[[float], None] = time.sleep if args.work_kind == "sleep" else spin_work()
     sidecar_cpus: set[int] | None = None
     if args.pin:
         cpus = sorted(os.sched_getaffinity(0))
@@ -708,7 +751,9 @@ def main(argv: list[str] | None = None) -> int:
         loops = [
             row
             for b in batches
-            for row in run_engine_loop(address, b, args.blocks, args.block_steps, args.work_ms / 1e3).values()
+            for row in run_engine_loop(
+                address, b, args.blocks, args.block_steps, args.work_ms / 1e3, work
+            ).values()
         ]
         breakdown = None
         if args.breakdown_rounds > 0:
@@ -732,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.breakdown_rounds,
                     args.block_steps,
                     args.work_ms / 1e3,
+                    work,
                 )
             finally:
                 assert drain.stdin is not None
@@ -751,7 +797,8 @@ def main(argv: list[str] | None = None) -> int:
             sidecar.kill()
     tight_dead = _tight_in_child("unix:" + os.path.join(tmp, "nobody.sock"), 256, args.tight_seconds)
     print(
-        f"\nengine-shaped loop: {args.work_ms:g} ms of GIL-releasing work (time.sleep) per step, "
+        f"\nengine-shaped loop: {args.work_ms:g} ms of GIL-releasing work "
+        f"({'time.sleep' if args.work_kind == 'sleep' else 'SHA-256, spinning'}) per step, "
         f"live sidecar, {args.blocks} blocks of {args.block_steps} steps, with hooks (each variant in turn) "
         "and without, alternating"
     )
