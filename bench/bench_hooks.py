@@ -1,6 +1,7 @@
 """What the hooks cost the engine: per call, in an engine-shaped loop, and in memory.
 
-    .venv/bin/python bench/bench_hooks.py [--batches 1,64,256,512] [--work-ms 2] [--work-kind sleep|spin] [--skip-micro]
+    .venv/bin/python bench/bench_hooks.py [--batches 1,64,256,512] [--work-ms 2] [--skip-micro]
+        [--work-kind sleep|spin]
 
 1. Engine-thread cost per step: a Recorder against a draining socket server thread (a
    stand-in sidecar that reads and discards), timing on the calling thread
