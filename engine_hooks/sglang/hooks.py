@@ -183,7 +183,6 @@ class SGLangAdapter:
         self.strip_worker_prefix = int(getattr(args, "tokenizer_worker_num", 1) or 1) > 1
         self.overlap = bool(getattr(scheduler, "enable_overlap", False))
         self.handles: dict[str, int] = {}
-        self.reqs: dict[str, Any] = {}
         self.seen: set[str] = set()
         self.preempted: set[str] = set()
         self.in_flight = InFlight(self._send_terminal)  # what steps in flight hold; ends waiting for them
@@ -256,7 +255,6 @@ class SGLangAdapter:
         if handle is None:  # a request we did not see arrive (retried, disaggregated, ...)
             ids = getattr(req, "origin_input_ids", None)
             handle = self._arrive(rid, len(ids) if ids is not None else 0, "", "", None, None)
-        self.reqs[rid] = req
         return handle
 
     def terminal(self, req: Any, aborted: bool | None = None) -> None:
@@ -281,7 +279,6 @@ class SGLangAdapter:
 
     def _send_terminal(self, rid: str, event: tuple[bool, str, int, int]) -> None:
         handle = self.handles.pop(rid, 0)
-        self.reqs.pop(rid, None)
         self.seen.discard(rid)
         self.preempted.discard(rid)
         if not handle or self.recorder is None:
@@ -367,7 +364,6 @@ class SGLangAdapter:
             return None
         if min(context) < 0:
             return None
-        self.reqs.update(zip(rids, reqs, strict=True))
         b = self._last = _Batch(list(reqs), handles, rids)
         self.in_flight.hold_batch(b)
         read = StepRead(StepKind.DECODE, "DECODE", prefill=0, decode=1, peer_tokens=peer, batch=b)
