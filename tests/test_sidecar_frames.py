@@ -699,10 +699,12 @@ def test_encode_varint_is_the_protobuf_varint(value: int) -> None:
     assert pb.Heartbeat.FromString(_tag(2, 0) + encode_varint(value)).dropped_frames == value
 
 
-def _packed_body(n: int = 2, n_peer: int = 1, version: int = 1, claim: int | None = None) -> bytes:
+def _packed_body(
+    n: int = 2, n_peer: int = 1, version: int = 1, claim: int | None = None, flags: int = 1, reserved: int = 0
+) -> bytes:
     """A packed step body with ``n`` entries; ``claim``: the entry count its header states."""
     stated = n if claim is None else claim
-    head = wire.PACKED_HEADER.pack(version, 1, 0, 2, stated, n_peer, 9, 8, 1_000, 2_000, 1_000, 1)
+    head = wire.PACKED_HEADER.pack(version, flags, reserved, 2, stated, n_peer, 9, 8, 1_000, 2_000, 1_000, 1)
     return head + bytes(4 * (4 * n + n_peer))
 
 
@@ -730,6 +732,9 @@ def test_packed_steps_decode_and_v1_recorders_are_still_accepted():
         (_packed_body()[:-4], "column_mismatch"),  # fewer bytes than the counts say
         (_packed_body() + b"\0\0\0\0", "column_mismatch"),  # more
         (_packed_body(n=1, claim=2**32 - 1), "column_mismatch"),  # a hostile count
+        (_packed_body(flags=1 | wire.PACKED_REPEAT, reserved=1), "malformed"),  # a repeat never expanded
+        (_packed_body(flags=0x81), "malformed"),  # a flag this sidecar does not know
+        (_packed_body(reserved=7), "malformed"),
     ],
 )
 def test_packed_steps_whose_bytes_disagree_with_their_header_are_refused(body: bytes, reason: str):

@@ -388,10 +388,19 @@ def _parse_packed_step(buf: bytes, start: int, end: int) -> Step:
     size = end - start
     if size < _PACKED.size:
         raise _malformed(f"a packed step is {size} bytes, shorter than its {_PACKED.size}-byte header")
-    version, flags, _, kind, n, n_peer, seq, gstep, t0, t1, dev, source = _PACKED.unpack_from(buf, start)
+    version, flags, reserved, kind, n, n_peer, seq, gstep, t0, t1, dev, source = _PACKED.unpack_from(
+        buf, start
+    )
     if version != _PACKED_VERSION:
         raise _malformed(
             f"a packed step has layout version {version}; this sidecar reads version {_PACKED_VERSION}"
+        )
+    if flags & ~1 or reserved:
+        # Bit 1 marks a repeat step, which only the recorder's shipper reads: it expands every
+        # one into the full step before sending, so one here was never expanded.
+        raise _malformed(
+            f"a packed step has flags {flags:#x} and reserved field {reserved} (this sidecar knows "
+            "bit 0 only, and 0 there); a repeat step (bit 1) must be expanded by the shipper"
         )
     want = _PACKED.size + 16 * n + 4 * n_peer
     if size != want:
