@@ -491,7 +491,7 @@ class VllmRecording:
                 global_step=snap.global_step,
             )
             self._in_flight.release_batch(snap.batch)
-            self._finished_since()
+            self._finished_since(snap.req_ids)
             return
         self.recorder.step_end(
             token,
@@ -524,25 +524,25 @@ class VllmRecording:
                 global_step=snap.global_step,
             )
         self._in_flight.release_batch(batch)
-        self._finished_since()
+        self._finished_since(batch.ids)
 
     def _after_step(self, snap: _Snapshot) -> None:
         self._in_flight.release_ids(snap.req_ids)
-        self._finished_since()
+        self._finished_since(snap.req_ids)
         # A request that finished while another step of it is still in flight is deferred
         # by _terminal; it is sent when that step is recorded.
 
-    def _finished_since(self) -> None:
+    def _finished_since(self, step_ids: list[str]) -> None:
         """Report the requests update_from_output just finished.
 
         vLLM adds each request it frees to ``Scheduler.finished_req_ids`` (cleared at the
         next schedule), so this looks at the few that finished, not at every request of
-        the step; without that set (another vLLM), every live request is asked.
+        the step; without that set (another vLLM), each request of the step is asked.
         """
         sched = self.scheduler_ref()
         finished = getattr(sched, "finished_req_ids", None)
         reqs = self._reqs
-        ids: Iterable[str] = list(finished) if isinstance(finished, set) else list(reqs)
+        ids: Iterable[str] = list(finished) if isinstance(finished, set) else step_ids
         for rid in ids:
             req = reqs.get(rid)
             if req is not None and req.is_finished():
