@@ -91,7 +91,8 @@ class RecorderStats:
     shipper_cpu_ns: int  # CPU time of the shipper thread (time.thread_time_ns)
     timer_fallbacks: int  # steps that wanted CUDA timing but were timed on the CPU
     errors: int  # bad arguments / internal failures (each kind logged once)
-    steps: int = 0  # step_end calls
+    steps: int = 0  # step_end and step_repeat calls
+    repeat_steps: int = 0  # of them, recorded as repeats (no columns; the shipper expands them)
     live_requests: int = 0  # arrived, not yet finished/aborted
     address: str = ""
     shipper: str = "thread"  # where the shipping runs: "process" (its own) or "thread" (the engine's)
@@ -157,6 +158,7 @@ class Recorder:
         self._base_seq = -1
         self._base_n = 0
         self._base_mark = -1
+        self._repeats = 0
         self._closed = False
         self._enabled = False
         self._cuda = False
@@ -361,6 +363,7 @@ class Recorder:
                 shipper="process" if ps is not None else "thread",
                 shipper_pid=None if ps is None else ps.pid,
                 shipper_restarts=0 if ps is None else ps.restarts,
+                repeat_steps=self._repeats,
             )
         except Exception as exc:  # pragma: no cover - defensive
             self._errors.report("stats", exc)
@@ -586,6 +589,7 @@ class Recorder:
             else:
                 self._put_thread((REPEAT, seq, dev, body, perf - start_perf))
             self._base_seq = seq
+            self._repeats += 1
         except Exception as exc:
             self._lost_step(dev, "bad step_repeat arguments", exc)
         return True

@@ -61,7 +61,7 @@ def test_repeats_reach_the_sidecar_as_the_full_steps_they_stand_for(server, ship
         assert delivered(rec, server)
         st = rec.stats()
     assert results == [True] * 4
-    assert st.dropped_steps == 0 and st.errors == 0 and st.steps == 5
+    assert st.dropped_steps == 0 and st.errors == 0 and st.steps == 5 and st.repeat_steps == 4
     steps = server.of("step")
     assert [s.seq for s in steps] == [0, 1, 2, 3, 4]
     D = int(StepKind.DECODE)
@@ -100,7 +100,7 @@ def test_a_repeat_needs_the_step_right_before_it(server, shipper):
         assert rec.step_repeat(tok) is True
         assert delivered(rec, server)
         st = rec.stats()
-    assert st.steps == 4 and st.dropped_steps == 1
+    assert st.steps == 4 and st.dropped_steps == 1 and st.repeat_steps == 1
     steps = server.of("step")
     assert [(s.seq, list(s.context_tokens)) for s in steps] == [(0, [9]), (2, [11]), (3, [12])]
 
