@@ -497,7 +497,7 @@ class Recorder:
                 ps.put_step(dev, payload, perf - start_perf, perf)
             else:  # the append drops the oldest items, never this one: the mark is taken after it
                 self._put_thread((STEP, seq, dev, payload, perf - start_perf))
-                mark = self._shipper.chain_breaks
+                mark = self._shipper.chain_mark()
             self._base_seq = seq
             self._base_n = n
             self._base_mark = mark
@@ -541,9 +541,11 @@ class Recorder:
         try:
             if self._base_seq != self._seq - 1 or not self._enabled:
                 return False
-            ps = self._ps
-            mark = ps.chain_mark() if ps is not None else self._shipper.chain_breaks
-            if mark != self._base_mark or type(decode_tokens) is not int or not 0 <= decode_tokens <= 0xFFFF:
+            if (
+                self._shipper.chain_mark() != self._base_mark
+                or type(decode_tokens) is not int
+                or not 0 <= decode_tokens <= 0xFFFF
+            ):
                 return False
         except Exception:
             return False
@@ -584,6 +586,7 @@ class Recorder:
                 self._lost_step(dev, "invalid step record dropped", exc)
                 return True
             body = head + peer if n_peer else head
+            ps = self._ps
             if ps is not None:
                 ps.put_step(dev, body, perf - start_perf, perf, _REPEAT_RECORD)
             else:
@@ -903,7 +906,7 @@ class Recorder:
         return os.environ.get(TOKEN_ENV, "").strip()
 
     def _tls_context(self, path: str) -> Any:
-        """An ssl context verifying the sidecar against the CA bundle at ``path`` (None: plain TCP)."""
+        """An ssl context verifying the sidecar against the CA bundle at ``path`` (empty: plain TCP)."""
         if not path:
             return None
         import ssl

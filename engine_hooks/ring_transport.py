@@ -225,10 +225,7 @@ class ProcessShipper:
     def update_hello(self, fields: dict[str, Any]) -> None:
         """New hello fields (a device name learnt late): the shipper process's next connections use them."""
         with self._lock:
-            if self._pending:
-                self._pending.append((_READY, shm_ring.HELLO, marshal.dumps(fields)))
-            else:
-                self._write_record(shm_ring.HELLO, marshal.dumps(fields))
+            self._put_record(shm_ring.HELLO, marshal.dumps(fields))
 
     def _wake(self) -> None:
         try:
@@ -249,6 +246,14 @@ class ProcessShipper:
     def count_dropped(self, steps: int = 0, events: int = 0) -> None:
         with self._lock:
             self._count(steps, events)
+
+    def _put_record(self, rtype: int, payload: bytes) -> bool:
+        """A finished record, in order behind any CUDA step still pending (lock held)."""
+        if self._pending:
+            self._pending.append((_READY, rtype, payload))
+            self._service()
+            return True
+        return self._write_record(rtype, payload)
 
     def _write_record(self, rtype: int, payload: bytes) -> bool:
         if self._writer.write(rtype, payload):
@@ -429,10 +434,7 @@ class ProcessShipper:
             self._mark_id += 1
             mark = self._mark_id
             payload = _U64.pack(mark)
-            if self._pending:
-                self._pending.append((_READY, shm_ring.MARK, payload))
-                self._service()
-            elif not self._write_record(shm_ring.MARK, payload):
+            if not self._put_record(shm_ring.MARK, payload):
                 return False
         self._wake()
         pause = 0.0005

@@ -309,6 +309,10 @@ class Shipper:
         self.add_ring_bytes(-item_bytes(old))
         self._lost_item(old)
 
+    def chain_mark(self) -> int:
+        """Moves whenever a step was lost before this shipper expanded what follows it."""
+        return self.chain_breaks
+
     def count_dropped(self, steps: int = 0, events: int = 0) -> None:
         with self._drop_lock:
             self.dropped_steps += steps

@@ -103,7 +103,7 @@ def put(mm: mmap.mmap, field: int, value: int) -> None:
 
 
 class RingWriter:
-    """The producer's side. Callers serialise ``reserve``/``commit`` pairs themselves."""
+    """The producer's side. Callers serialise their writes themselves (one producer)."""
 
     __slots__ = ("mm", "capacity", "pos")
 
@@ -112,37 +112,26 @@ class RingWriter:
         self.capacity = get(mm, CAPACITY)
         self.pos = get(mm, WRITE_POS)
 
-    def reserve(self, size: int) -> int:
-        """Byte offset in ``mm`` where a record of ``size`` bytes goes, or -1 if the ring is full.
-
-        The caller writes the record there (head included) and then calls ``commit``.
-        """
-        cap = self.capacity
-        pos = self.pos
-        off = pos % cap
-        pad = cap - off if off + size > cap else 0
-        if pos + pad + size - _U64.unpack_from(self.mm, READ_POS)[0] > cap or size > cap:
-            return -1
-        if pad:
-            if pad >= 4:
-                self.mm[HEADER_SIZE + off : HEADER_SIZE + off + 4] = _WRAP
-            self.pos = pos + pad
-            return HEADER_SIZE
-        return HEADER_SIZE + off
-
-    def commit(self, size: int) -> None:
-        self.pos += size
-        _U64.pack_into(self.mm, WRITE_POS, self.pos)
-
     def write(self, rtype: int, payload: bytes) -> bool:
         """Write one record whole; False (nothing written) when the ring is full."""
+        mm = self.mm
+        cap = self.capacity
         size = RECORD_HEAD_SIZE + len(payload)
-        at = self.reserve(size)
-        if at < 0:
+        pos = self.pos
+        off = pos % cap
+        pad = cap - off if off + size > cap else 0  # it does not fit before the end: start at 0
+        if pos + pad + size - _U64.unpack_from(mm, READ_POS)[0] > cap or size > cap:
             return False
-        RECORD_HEAD.pack_into(self.mm, at, size, rtype)
-        self.mm[at + RECORD_HEAD_SIZE : at + size] = payload
-        self.commit(size)
+        if pad:
+            if pad >= 4:
+                mm[HEADER_SIZE + off : HEADER_SIZE + off + 4] = _WRAP
+            pos += pad
+            off = 0
+        at = HEADER_SIZE + off
+        RECORD_HEAD.pack_into(mm, at, size, rtype)
+        mm[at + RECORD_HEAD_SIZE : at + size] = payload
+        self.pos = pos + size
+        _U64.pack_into(mm, WRITE_POS, self.pos)
         return True
 
     def unread(self) -> list[int]:

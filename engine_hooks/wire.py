@@ -634,7 +634,6 @@ PACKED_HEADER = struct.Struct("<BBHiIIQQqqqi")
 PACKED_DEVICE_OFFSET = 48  # device_time_ns, then timer_source: what a CUDA step fills in late
 _PACKED_DEVICE = struct.Struct("<qi")
 _PACKED_TAG = _tag(FRAME_PACKED_STEP, _LEN)
-_SEQ = struct.Struct("<Q")
 _PACKED_PREFIXES: dict[int, bytes] = {}
 BIG_ENDIAN = _BIG_ENDIAN
 
@@ -660,16 +659,7 @@ def wrap_packed(body: bytes, device_time_ns: int, timer_source: int) -> bytes:
     The shipper calls this once the step's events have resolved; raises struct.error when
     the device time does not fit int64.
     """
-    off = PACKED_DEVICE_OFFSET
-    view = memoryview(body)
-    return b"".join(
-        (
-            packed_prefix(len(body)),
-            view[:off],
-            _PACKED_DEVICE.pack(device_time_ns, timer_source),
-            view[off + _PACKED_DEVICE.size :],
-        )
-    )
+    return packed_prefix(len(body)) + fill_device(body, device_time_ns, timer_source)
 
 
 def fill_device(body: bytes | memoryview, device_time_ns: int, timer_source: int) -> bytes:
@@ -740,7 +730,7 @@ def _body_offset(frame: bytes) -> int:
 
 def repeat_seq(body: bytes | memoryview) -> int:
     """The seq a repeat body (or any packed body) carries."""
-    return int(_SEQ.unpack_from(body, 16)[0])
+    return int(PACKED_HEADER.unpack_from(body)[6])
 
 
 def expand_repeat(base_frame: bytes, body: bytes | memoryview) -> bytes:
@@ -752,8 +742,7 @@ def expand_repeat(base_frame: bytes, body: bytes | memoryview) -> bytes:
     """
     off = _body_offset(base_frame)
     _, _, _, _, n, base_peer, base_seq = PACKED_HEADER.unpack_from(base_frame, off)[:7]
-    head = PACKED_HEADER.unpack(bytes(body[: PACKED_HEADER.size]))
-    version, flags, per, _kind, n_rep, n_peer, seq = head[:7]
+    version, flags, per, _kind, n_rep, n_peer, seq = PACKED_HEADER.unpack_from(body)[:7]
     if version != PACKED_VERSION or not flags & PACKED_REPEAT:
         raise ValueError(f"not a repeat body (version {version}, flags {flags})")
     if len(body) != PACKED_HEADER.size + 4 * n_peer:
