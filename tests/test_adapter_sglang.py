@@ -376,7 +376,7 @@ def test_hooks_never_raise_and_forget_a_step_whose_forward_raised(monkeypatch) -
 
     with pytest.raises(RuntimeError, match="out of memory"):
         sg_hooks.around_run_batch(boom, sched, good)
-    assert ad.inflight == {}
+    assert ad.in_flight.counts == {}
     r.finished_reason = types.SimpleNamespace(to_json=lambda: {"type": "abort"})
     sg_hooks.around_process_batch_result(lambda s, b, res: None, sched, good, None)
     assert ad.recorder.flush(5.0)
@@ -437,7 +437,7 @@ def test_an_unchanged_decode_batch_is_a_repeat_and_a_finish_waits_for_it(monkeyp
     x.finished_reason = types.SimpleNamespace(to_json=lambda: {"type": "stop"})
     sg_hooks.around_process_batch_result(lambda s, b, r: None, sched, batch(x, y), None)
     ad = sched.__dict__["_enginetime"]
-    assert "x" in ad.deferred  # the delayed repeat still holds x
+    assert "x" in ad.in_flight.deferred  # the delayed repeat still holds x
     sg_hooks.around_launch_batch_sample_if_needed(lambda s, r: None, sched, res)
     step(batch(y, z))  # changed, z never scheduled before: the general path (SCHEDULED for z)
     step(batch(y, z))  # repeat
@@ -450,7 +450,12 @@ def test_an_unchanged_decode_batch_is_a_repeat_and_a_finish_waits_for_it(monkeyp
         sg_hooks.around_run_batch(boom, sched, batch(y, z))
     z.finished_reason = types.SimpleNamespace(to_json=lambda: {"type": "stop"})
     sg_hooks.around_process_batch_result(lambda s, b, r: None, sched, batch(y, z), None)
-    assert ad.repeats == 3 and ad.decode_reads == 2 and ad.deferred == {} and ad.in_flight.batches == []
+    assert (
+        ad.repeats == 3
+        and ad.decode_reads == 2
+        and ad.in_flight.deferred == {}
+        and ad.in_flight.batches == []
+    )
     assert ad.recorder.flush(5.0)
     ad.recorder.close()
     sink.close()

@@ -186,8 +186,6 @@ class SGLangAdapter:
         self.seen: set[str] = set()
         self.preempted: set[str] = set()
         self.in_flight = InFlight(self._send_terminal)  # what steps in flight hold; ends waiting for them
-        self.inflight = self.in_flight.counts  # requests held one by one
-        self.deferred = self.in_flight.deferred  # FINISHED/ABORTED waiting for a step
         self.pending: dict[int, _Pending] = {}
         self.pinned_elsewhere = 0
         self._last: _Batch | None = None  # the last batch read in full
@@ -305,9 +303,9 @@ class SGLangAdapter:
         rec = self.recorder
         if rec is None:
             return None
+        stream = getattr(scheduler, "forward_stream", None) if self.overlap else None
         reqs = getattr(batch, "reqs", None)
         if type(reqs) is list and reqs and mode_name(batch) == "DECODE":
-            stream = getattr(scheduler, "forward_stream", None) if self.overlap else None
             last = self._last
             peer = int_list(getattr(batch, "global_num_tokens", None))
             # The steady decode step: the same requests, in the same order, as the last batch
@@ -324,7 +322,7 @@ class SGLangAdapter:
             return None
         reqs_read = read.reqs
         wall = time.time_ns()
-        for req in read.reqs:
+        for req in reqs_read:
             rid = req.rid
             handle = self.handle_of(req)
             read.handles.append(handle)
@@ -342,7 +340,6 @@ class SGLangAdapter:
         read.reqs = []  # the step holds handles and ids from here on, not the requests
         if reqs_read:
             read.batch = self._last = _Batch(reqs_read, read.handles, read.rids)
-        stream = getattr(scheduler, "forward_stream", None) if self.overlap else None
         return read, rec.step_begin(stream)
 
     def _decode_read(self, reqs: list[Any], peer: list[int] | None) -> StepRead | None:
@@ -413,19 +410,6 @@ class SGLangAdapter:
             return
         self._emitted = read.batch
         handles = read.handles
-        if read.held:
-            rec.step_end(
-                stopped,
-                kind=StepKind.DECODE,
-                handles=handles,
-                prefill_tokens=0,
-                decode_tokens=1,
-                context_tokens=read.context,
-                global_step=global_step,
-                peer_tokens=read.peer_tokens,
-            )
-            self.in_flight.release_batch(read.batch)
-            return
         rec.step_end(
             stopped,
             kind=read.kind if handles else StepKind.IDLE,
@@ -436,7 +420,14 @@ class SGLangAdapter:
             global_step=global_step,
             peer_tokens=read.peer_tokens,
         )
-        self.in_flight.release_ids(read.rids)
+        self._release(read)
+
+    def _release(self, read: StepRead | _RepeatRead) -> None:
+        """The step was recorded or forgotten: it no longer holds its requests."""
+        if isinstance(read, StepRead) and not read.held:
+            self.in_flight.release_ids(read.rids)
+        else:  # a repeat, or a decode batch read in C: held by its batch
+            self.in_flight.release_batch(read.batch)
 
     def _emit_repeat(self, rec: Recorder, read: _RepeatRead, stopped: Any, global_step: int | None) -> None:
         same = read.batch
@@ -458,17 +449,14 @@ class SGLangAdapter:
                 global_step=global_step,
                 peer_tokens=read.peer_tokens,
             )
-        self.in_flight.release_batch(same)
+        self._release(read)
 
     def abort(self, pre: tuple[StepRead | _RepeatRead, Any]) -> None:
         """The forward raised: give the clock back and forget the step (it never ran)."""
         read, token = pre
         if self.recorder is not None:
             self.recorder.step_abort(token)
-        if isinstance(read, _RepeatRead) or read.held:
-            self.in_flight.release_batch(read.batch)
-            return
-        self.in_flight.release_ids(read.rids)
+        self._release(read)
 
     def after_process(self, batch: Any) -> None:
         reqs = getattr(batch, "reqs", None) or ()

@@ -102,8 +102,8 @@ class _Snapshot:
         self.held = False  # its requests are held in flight by ``batch``, not one by one
         self.req_ids: list[str] = []
         self.handles: list[int] = []
-        self.prefill: list[int] = []
-        self.decode: list[int] = []
+        self.prefill: list[int] | int = []  # an int: every entry's value
+        self.decode: list[int] | int = []
         self.context: list[int] = []
         self.kind = StepKind.UNSPECIFIED
         self.wall = wall
@@ -332,6 +332,9 @@ class VllmRecording:
         snap = _Snapshot(output, wall, perf, self.global_step())
         n_prefill = n_decode = 0
         exact = True
+        prefill: list[int] = []
+        decode: list[int] = []
+        snap.prefill, snap.decode = prefill, decode
         for rid, n in num_scheduled.items():
             req = requests.get(rid)
             handle = self._handles.get(rid)
@@ -358,8 +361,8 @@ class VllmRecording:
                 exact = False
             snap.req_ids.append(rid)
             snap.handles.append(handle)
-            snap.prefill.append(p)
-            snap.decode.append(d)
+            prefill.append(p)
+            decode.append(d)
             snap.context.append(start)
             self._in_flight.hold_id(rid)
             if handle:
@@ -394,8 +397,10 @@ class VllmRecording:
         last = self._last
         snap = _Snapshot(output, wall, perf, self.global_step())
         snap.kind = StepKind.DECODE
+        snap.held = True
         if last is not None and last.exact and ids == last.ids:
             snap.batch = last
+            snap.req_ids = last.ids
             snap.repeat = True
         else:
             if ids != cached.req_ids or not self._decoding.issuperset(ids):
@@ -406,9 +411,9 @@ class VllmRecording:
             handles: list[int] = got  # type: ignore[assignment]  # no None left
             snap.req_ids = ids
             snap.handles = handles
+            snap.prefill, snap.decode = 0, 1
             snap.context = list(map(int, cached.num_computed_tokens))
             snap.batch = self._last = _Batch(ids, handles, True)
-            snap.held = True
             self.decode_reads += 1
         self._in_flight.hold_batch(snap.batch)
         self._keep(snap)
@@ -480,19 +485,6 @@ class VllmRecording:
             self._record_repeat(snap, token)
             return
         self._emitted = snap.batch
-        if snap.held and snap.batch is not None:
-            self.recorder.step_end(
-                token,
-                kind=StepKind.DECODE,
-                handles=snap.handles,
-                prefill_tokens=0,
-                decode_tokens=1,
-                context_tokens=snap.context,
-                global_step=snap.global_step,
-            )
-            self._in_flight.release_batch(snap.batch)
-            self._finished_since(snap.req_ids)
-            return
         self.recorder.step_end(
             token,
             kind=snap.kind,
@@ -523,11 +515,10 @@ class VllmRecording:
                 context_tokens=[int(computed.get(rid, 0)) for rid in batch.ids],
                 global_step=snap.global_step,
             )
-        self._in_flight.release_batch(batch)
-        self._finished_since(batch.ids)
+        self._after_step(snap)
 
     def _after_step(self, snap: _Snapshot) -> None:
-        self._in_flight.release_ids(snap.req_ids)
+        self._unhold(snap)
         self._finished_since(snap.req_ids)
         # A request that finished while another step of it is still in flight is deferred
         # by _terminal; it is sent when that step is recorded.
@@ -552,10 +543,14 @@ class VllmRecording:
         dev = self._device.pop(id(snap.output), None)
         if dev is not None:
             self.recorder.step_abort(dev[1])
-        if (snap.repeat or snap.held) and snap.batch is not None:
+        self._unhold(snap)
+
+    def _unhold(self, snap: _Snapshot) -> None:
+        """The step was recorded or forgotten: it no longer holds its requests."""
+        if snap.held and snap.batch is not None:
             self._in_flight.release_batch(snap.batch)
-            return
-        self._in_flight.release_ids(snap.req_ids)
+        else:
+            self._in_flight.release_ids(snap.req_ids)
 
     # ------------------------------------------------------------------ lifecycle
 
