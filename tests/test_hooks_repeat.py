@@ -16,9 +16,9 @@ import time
 import pytest
 import test_hooks_recorder as hooks_recorder
 from test_hooks_recorder import delivered
+from test_hooks_timers import FakeGpu, engine_thread_passes, fake_timer, gpu_step
 
-from enginetime.engine_hooks import Recorder, StepKind, wire
-from enginetime.engine_hooks.timers import CpuTimer
+from enginetime.engine_hooks import Recorder, StepKind, TimerSource, wire
 
 sockdir = hooks_recorder.sockdir
 server = hooks_recorder.server
@@ -206,47 +206,24 @@ def test_a_new_shipper_process_gets_a_full_step_before_any_repeat(server):
 
 @pytest.mark.parametrize("shipper", SHIPPERS)
 def test_a_repeat_timed_with_cuda_events_gets_its_device_time(server, shipper):
-    """A repeat's device time arrives later, as a step's does (fake GPU events)."""
-
-    class FakeCuda(CpuTimer):
-        """Event pairs resolving to 7 ms, ready only after the engine thread's next pass."""
-
-        def __init__(self) -> None:
-            self.ready_calls = 0
-
-        def begin(self, stream=None):
-            return object()
-
-        def end(self, dev, stream=None):
-            pass
-
-        def ready(self, dev):
-            self.ready_calls += 1
-            return self.ready_calls > 1
-
-        def resolve(self, dev):
-            return 7_000_000
-
-        def release(self, dev):
-            pass
-
-    with Recorder("eng-rep6", address=server.address, timer="cpu", shipper=shipper) as rec:
-        rec._timer = FakeCuda()
-        rec._cuda = True
-        if rec._ps is not None:
-            rec._ps._timer = rec._timer
-        else:
-            rec._shipper._timer = rec._timer
+    """A repeat's device time arrives later, as a step's does: in order, once its events are
+    done on the (fake) GPU, never by waiting for it."""
+    gpu = FakeGpu()
+    with Recorder("eng-rep6", address=server.address, timer=fake_timer(gpu), shipper=shipper) as rec:
         h = rec.request_arrived("r")
+        gpu_step(rec, gpu, 3_000_000, handles=[h])  # context 10, decode 1
         tok = rec.step_begin()
-        rec.step_end(
-            tok, kind=StepKind.DECODE, handles=[h], prefill_tokens=0, decode_tokens=1, context_tokens=[5]
-        )
-        assert rec.step_repeat(rec.step_begin()) is True
-        rec.step_begin()  # the engine thread passes: pending CUDA steps are written
+        gpu.launch(7_000_000)
+        assert rec.step_repeat(tok) is True
+        assert rec.flush(0.2) is False  # the GPU has finished neither step: nothing is sent yet
+        gpu.run_all()
+        engine_thread_passes(rec)
         assert delivered(rec, server)
     steps = server.of("step")
-    assert [(list(s.context_tokens), s.device_time_ns) for s in steps] == [([5], 7_000_000), ([6], 7_000_000)]
+    assert [(list(s.context_tokens), s.device_time_ns, s.timer_source) for s in steps] == [
+        ([10], 3_000_000, TimerSource.CUDA_EVENT),
+        ([11], 7_000_000, TimerSource.CUDA_EVENT),
+    ]
 
 
 def _step_frame(context: list[int]) -> bytes:

@@ -86,13 +86,14 @@ class FakeEvent:
         raise AssertionError("the hooks must never synchronize with the device")
 
 
-def fake_timer(gpu: FakeGpu, **kw) -> CudaEventTimer:
+def fake_timer(gpu: FakeGpu, device_name: str | None = "FakeGPU", **kw) -> CudaEventTimer:
+    """A CUDA-event timer on the fake GPU (``device_name`` None: learnt at the first step)."""
     return CudaEventTimer(
         event_factory=lambda: FakeEvent(gpu),
         is_capturing=lambda: gpu.capturing,
         current_device=lambda: gpu.device,
         set_device=gpu.set_device,
-        device_name="FakeGPU",
+        device_name=device_name,
         **kw,
     )
 
@@ -372,12 +373,7 @@ def test_a_device_name_learnt_at_the_first_step_is_in_every_later_hello(sockdir,
     monkeypatch.setattr(timers, "_cuda_device_name", lambda index: f"FakeGPU-{index}")
     gpu = FakeGpu()
     gpu.device = 3
-    timer = CudaEventTimer(
-        event_factory=lambda: FakeEvent(gpu),
-        is_capturing=lambda: gpu.capturing,
-        current_device=lambda: gpu.device,
-        set_device=gpu.set_device,
-    )
+    timer = fake_timer(gpu, device_name=None)
     srv = FrameServer.unix(sockdir).start()
     try:
         with Recorder("eng-name", address=srv.address, timer=timer, shipper=shipper) as rec:
