@@ -21,6 +21,11 @@ Run: ``.venv/bin/python bench/bench_advise.py [--rate 300000] [--seconds 8]``
 ``--slices 0,0.0005 --repeat 2`` runs the sidecar with each ``--ingest-slice`` in turn
 (0: each read of ingest fed to the ledger whole, as before slicing; alternated, ``--repeat``
 rounds) and prints each run and all runs of a setting pooled.
+
+``--pin`` runs the caller (this process) on the first CPU and everything on the server's
+side (the sidecar with all its threads, the pusher, the floor server) on the others, as a
+session server on another host (or other cores) calls a sidecar: on a 2-core machine the
+caller otherwise competes with the ingest work it is measured under.
 """
 
 from __future__ import annotations
@@ -95,6 +100,22 @@ def advise_on(client: AccountingClient) -> Callable[[random.Random], object]:
     return advise
 
 
+def pinned(cpus: set[int] | None, target: Callable[..., None], *args: object) -> None:
+    """Child process: run ``target(*args)`` on ``cpus`` (None: wherever the OS puts it)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    target(*args)
+
+
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Move every thread of a running process (the sidecar's gRPC and ingest threads) onto ``cpus``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # a thread that ended meanwhile
+            pass
+
+
 def floor_server(port, stop) -> None:
     """Child process: a gRPC server answering Advise with a fixed 8-shard answer and nothing else.
 
@@ -144,11 +165,15 @@ def run(args, slice_s: float, rate: float) -> dict[str, list[float] | int]:
     sidecar = launcher.start_sidecar("--log-level", "warning", "--ingest-slice", f"{slice_s:g}")
     ctx = mp.get_context("spawn")
     ready, go = ctx.Event(), ctx.Event()
+    server_cpus = args.server_cpus
+    if server_cpus:
+        pin_process(sidecar.proc.pid, server_cpus)
     child = ctx.Process(
-        target=paced_pusher, args=(sidecar.socket_path, groups, rate, ready, go, args.cadence)
+        target=pinned,
+        args=(server_cpus, paced_pusher, sidecar.socket_path, groups, rate, ready, go, args.cadence),
     )
     port, stop = ctx.Value("i", 0), ctx.Event()
-    floor = ctx.Process(target=floor_server, args=(port, stop))
+    floor = ctx.Process(target=pinned, args=(server_cpus, floor_server, port, stop))
     floor.start()
     child.start()
 
@@ -248,7 +273,20 @@ def main() -> int:
         help=f"seconds between one shard's writes, as a recorder's shipper (default {SHIPPER_CADENCE_S:g}); "
         "0: four steps of every shard written at once",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the caller (this process) on the first CPU, the sidecar, the pusher and the floor server "
+        "on the others (a session server on other cores or another host)",
+    )
     args = parser.parse_args()
+    args.server_cpus = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            parser.error("--pin needs at least 2 CPUs")
+        os.sched_setaffinity(0, {cpus[0]})  # before the client's gRPC threads start: they inherit it
+        args.server_cpus = set(cpus[1:])
 
     slices = [float(x) for x in args.slices.split(",")]
     rates = [float(x) for x in args.rate.split(",")]
@@ -262,6 +300,12 @@ def main() -> int:
     print(
         f"bench_advise: {SHARDS} shards x batch {BATCH} LOCKSTEP ({how}), loopback gRPC, blocking client, "
         f"{pace}"
+        + (
+            f"; caller on CPU {min(os.sched_getaffinity(0))}, "
+            f"sidecar, pusher and floor on {sorted(args.server_cpus)}"
+            if args.server_cpus
+            else ""
+        )
     )
     for (rate, sl), rs in runs.items():
         setting = f"--ingest-slice {sl:g}"
