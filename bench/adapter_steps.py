@@ -14,7 +14,9 @@ timed on the calling thread from the first hook of the step to the last:
 "unchanged": a decode batch of the same requests as the step before, which the
 adapters record as a repeat; "changed": every step one request leaves and another
 joins, so the batch is read in full each time (the cost before repeat steps, and of
-any step whose batch changed).
+any step whose batch changed). vLLM also "mixed": the unchanged decodes plus a new
+request's whole 100-token prompt in one schedule, the step vLLM's chunked prefill makes
+whenever a request arrives (its decodes are read in C, the new request one by one).
 """
 
 from __future__ import annotations
@@ -71,20 +73,25 @@ class VReq:
         return False
 
 
-def _time_blocks(rec: Recorder, steps: int, step: Callable[[bool, int, int], Callable[[], None]]) -> dict:
-    """Median µs of ``step``'s timed part, blocks of 100 steps unchanged / changed in turn.
+def _time_blocks(
+    rec: Recorder,
+    steps: int,
+    step: Callable[[str, int, int], Callable[[], None]],
+    labels: tuple[str, ...] = ("unchanged", "changed"),
+) -> dict:
+    """Median µs of ``step``'s timed part, blocks of 100 steps of each label in turn.
 
-    ``step(unchanged, i, n)`` prepares step ``n`` (untimed: what the engine does between
+    ``step(label, i, n)`` prepares step ``n`` (untimed: what the engine does between
     hooks) and returns the hooks' calls, which are timed. The first two steps of a block
     change over from the other kind and are not counted.
     """
-    out: dict[str, list[int]] = {"unchanged": [], "changed": []}
+    out: dict[str, list[int]] = {label: [] for label in labels}
     perf = time.perf_counter_ns
     done = 0
     while done < steps:
         for label, times in out.items():
             for i in range(100):
-                hooks = step(label == "unchanged", i, done)
+                hooks = step(label, i, done)
                 t0 = perf()
                 hooks()
                 t1 = perf()
@@ -111,8 +118,8 @@ def sglang_steps(address: str, batch: int, steps: int) -> dict[str, float]:
         b = SimpleNamespace(forward_mode=decode, reqs=reqs[1:], global_num_tokens=None, spec_info=None)
         rec.flush(10)
 
-        def step(unchanged: bool, i: int, n: int) -> Callable[[], None]:
-            bt = a if unchanged or i % 2 else b
+        def step(label: str, i: int, n: int) -> Callable[[], None]:
+            bt = a if label == "unchanged" or i % 2 else b
             bt.forward_iter = n
 
             def hooks() -> None:
@@ -132,6 +139,9 @@ def vllm_steps(address: str, batch: int, steps: int) -> dict[str, float]:
     rec = Recorder("bench-vllm", address=address, timer="cpu", engine_kind="bench")
     try:
         requests = {f"v{batch}-{i}": VReq(f"v{batch}-{i}") for i in range(batch + 1)}
+        arrivals = [VReq(f"v{batch}-new-{i}") for i in range(steps)]  # one per mixed step
+        for r in arrivals:
+            r.num_computed_tokens, r.num_tokens, r.num_output_tokens = 0, 100, 0
         sched: Any = _Holder()
         sched.requests = requests
         sched.vllm_config = None
@@ -143,14 +153,22 @@ def vllm_steps(address: str, batch: int, steps: int) -> dict[str, float]:
         a_ids, b_ids = ids[:batch], ids[1:]
         rec.flush(10)
 
-        def step(unchanged: bool, i: int, n: int) -> Callable[[], None]:
-            run = a_ids if unchanged or i % 2 else b_ids
+        def step(label: str, i: int, n: int) -> Callable[[], None]:
+            run = a_ids if label != "changed" or i % 2 else b_ids
             for r in requests.values():  # what the engine computed meanwhile
                 r.num_computed_tokens += 1
                 r.num_tokens += 1
+            scheduled = dict.fromkeys(run, 1)
+            new_reqs = []
+            if label == "mixed":  # a new request's whole 100-token prompt rides with the decodes
+                new = arrivals[n]
+                requests[new.request_id] = new
+                vr.on_add_request(new.request_id)
+                scheduled[new.request_id] = 100
+                new_reqs = [SimpleNamespace(req_id=new.request_id, num_computed_tokens=0)]
             output = SimpleNamespace(
-                num_scheduled_tokens=dict.fromkeys(run, 1),
-                scheduled_new_reqs=[],
+                num_scheduled_tokens=scheduled,
+                scheduled_new_reqs=new_reqs,
                 preempted_req_ids=set(),
                 scheduled_cached_reqs=SimpleNamespace(
                     req_ids=run,
@@ -165,6 +183,7 @@ def vllm_steps(address: str, batch: int, steps: int) -> dict[str, float]:
 
             return hooks
 
-        return _time_blocks(rec, steps, step) | {"repeats": vr.repeats}
+        labels = ("unchanged", "changed", "mixed")
+        return _time_blocks(rec, steps, step, labels) | {"repeats": vr.repeats}
     finally:
         rec.close()

@@ -732,16 +732,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"{'batch':>6} {'SGLang unchanged':>17} {'SGLang changed':>15} "
-            f"{'vLLM unchanged':>15} {'vLLM changed':>13}"
+            f"{'vLLM unchanged':>15} {'vLLM changed':>13} {'vLLM mixed':>11}"
         )
         for batch, sg, vl in adapters:
             print(
                 f"{batch:>6} {sg['unchanged']:>17.2f} {sg['changed']:>15.2f} {vl['unchanged']:>15.2f} "
-                f"{vl['changed']:>13.2f}"
+                f"{vl['changed']:>13.2f} {vl['mixed']:>11.2f}"
             )
         print(
             "(unchanged: a decode batch of the same requests as the step before, recorded as a repeat; "
-            "changed: one request leaves and one joins every step, so the batch is read in full)"
+            "changed: one request leaves and one joins every step, so the batch is read in full; "
+            "mixed: the decodes plus a new request's 100-token prompt, vLLM's chunked-prefill step)"
         )
     try:
         sidecar, address = start_sidecar(tmp, args.sidecar_nice, cpus=sidecar_cpus)

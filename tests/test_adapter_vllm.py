@@ -75,6 +75,9 @@ def _check_run(result: dict, frames: list, *, expect_preemption: bool) -> None:
     assert result["repeats"] >= 40, (tag, result["repeats"])  # 66-67 of the 84-87 steps
     # Decode schedules that changed (a request finished) were read in C, contexts as below.
     assert result["decode_reads"] >= 1, (tag, result["decode_reads"])
+    # So were the running decodes of a schedule that also took a new request's prompt (the
+    # default chunked-prefill "mixed" step): vLLM lists its running requests first.
+    assert result["mixed_reads"] >= 1, (tag, result["mixed_reads"])
     assert result["flushed"], tag
     hello = frames[0]
     assert isinstance(hello, Hello) and hello.engine_kind == "vllm" and hello.engine_version == VLLM_VERSION
@@ -379,3 +382,120 @@ def test_recording_never_raises_into_the_scheduler() -> None:
     assert [f.kind for f in frames if isinstance(f, Step)] == [StepKind.PREFILL]
     kinds = [f.kind for f in frames if isinstance(f, Event)]
     assert kinds == [EventKind.ARRIVED, EventKind.SCHEDULED, EventKind.FINISHED]
+
+
+def test_mixed_schedules_record_what_the_per_request_path_records() -> None:
+    """A schedule whose running decodes lead it (then a prompt still in chunks, new
+    prompts, a speculative decode, requests the adapter never saw) has its decode head
+    read in C; every step must equal, entry by entry, what the per-request path records
+    for the same schedules, and the simulator's truth. Stand-ins shaped like vLLM's
+    objects (the real scheduler runs in the e2e tests above)."""
+    import random
+
+    from enginetime.engine_hooks.vllm import recording as vrec
+
+    rng = random.Random(7)
+    sims: dict[str, types.SimpleNamespace] = {}
+    sched = _FakeScheduler(sims)
+    sched.vllm_config = None
+    sched.finished_req_ids = set()
+    sockdir = tempfile.mkdtemp(dir="/tmp", prefix="et-vm-")
+    sinks = []
+    for i in range(2):
+        d = Path(sockdir) / str(i)
+        d.mkdir()
+        sinks.append(engine_envs.IngestSink(str(d)))
+    recs = [Recorder(f"mixed-{i}", address=s.address, timer="cpu") for i, s in enumerate(sinks)]
+    fast, slow = (vrec.VllmRecording(sched, recorder=r) for r in recs)
+    slow._decoding_head = lambda *_: None  # the per-request path, for comparison
+    running: list[str] = []
+    truth: list[dict[str, tuple[int, int, int]]] = []
+    n_new = 0
+    for _ in range(240):
+        if n_new < 60 and (not running or rng.random() < 0.35):  # a new prompt, sometimes long
+            rid = f"r{n_new}"
+            n_new += 1
+            # 129: a 128-token chunk, then a 1-token one (one token scheduled, still prompt)
+            sims[rid] = _req(rid, rng.choice([5, 40, 129, 300]))
+            for rec in (fast, slow):
+                rec.on_add_request(rid)
+            running.append(rid)
+        sched_tokens: dict[str, int] = {}
+        cached_ids, cached_computed, new = [], [], {}
+        budget = 128
+        for rid in running:
+            r = sims[rid]
+            if r.num_computed_tokens < r.num_prompt_tokens:  # prompt (chunked by the budget)
+                n = min(budget, r.num_prompt_tokens - r.num_computed_tokens)
+                if n <= 0:
+                    continue
+                budget -= n
+            else:  # decode, sometimes with a speculative token
+                n = 2 if rng.random() < 0.05 else 1
+            sched_tokens[rid] = n
+            if r.num_computed_tokens == 0 and not getattr(r, "seen", False):
+                new[rid] = 0
+                r.seen = True
+            else:
+                cached_ids.append(rid)
+                cached_computed.append(r.num_computed_tokens)
+        # vLLM's order: the running (cached) requests first, the new ones after them; now and
+        # then another order (another vLLM), which must be read entry by entry.
+        head = cached_ids[::-1] if rng.random() < 0.1 else cached_ids
+        order = head + [rid for rid in sched_tokens if rid in new]
+        out = types.SimpleNamespace(
+            num_scheduled_tokens={rid: sched_tokens[rid] for rid in order},
+            scheduled_new_reqs=[
+                types.SimpleNamespace(req_id=rid, num_computed_tokens=c) for rid, c in new.items()
+            ],
+            scheduled_cached_reqs=types.SimpleNamespace(
+                req_ids=cached_ids, num_computed_tokens=cached_computed, resumed_req_ids=set()
+            ),
+            preempted_req_ids=set(),
+        )
+        want = {}
+        for rid, n in sched_tokens.items():
+            r = sims[rid]
+            p = min(n, max(0, r.num_prompt_tokens - r.num_computed_tokens))
+            want[rid] = (p, n - p, r.num_computed_tokens)
+        if want:  # (an empty schedule runs nothing and records nothing)
+            truth.append(want)
+        for rec in (fast, slow):
+            rec.on_schedule(out)
+        sched.finished_req_ids = set()
+        for rid, n in sched_tokens.items():  # the device ran: what it computed and sampled
+            r = sims[rid]
+            decoding = r.num_computed_tokens >= r.num_prompt_tokens
+            r.num_computed_tokens += n
+            if r.num_computed_tokens >= r.num_prompt_tokens:  # a prompt's last chunk samples 1 token,
+                r.num_output_tokens += n if decoding else 1  # a decode each (speculative ones accepted)
+                r.num_tokens = r.num_prompt_tokens + r.num_output_tokens
+            if r.num_output_tokens >= 20 or (r.num_output_tokens and rng.random() < 0.03):
+                r.status.name = "FINISHED_LENGTH_CAPPED"
+                sched.finished_req_ids.add(rid)
+                running.remove(rid)
+        for rec in (fast, slow):
+            rec.on_update(out)
+    for r in recs:
+        assert r.flush(10)
+        r.close()
+    got = []
+    for sink in sinks:
+        frames = sink.frames()[0]
+        sink.close()
+        ids = {e.handle: e.request_id for e in frames if isinstance(e, Event) and e.kind == EventKind.ARRIVED}
+        got.append(
+            [
+                {
+                    ids[int(h)]: (int(p), int(d), int(c))
+                    for h, p, d, c in zip(
+                        st.handles, st.prefill_tokens, st.decode_tokens, st.context_tokens, strict=True
+                    )
+                }
+                for st in frames
+                if isinstance(st, Step)
+            ]
+        )
+    assert got[1] == truth, "the per-request path against the simulator"
+    assert got[0] == truth, "the decode head read in C against the simulator"
+    assert fast.mixed_reads >= 30 and slow.mixed_reads == 0, (fast.mixed_reads, slow.mixed_reads)

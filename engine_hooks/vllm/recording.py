@@ -38,6 +38,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable
+from itertools import compress, count, filterfalse, islice, repeat
 from typing import Any
 
 from ..adapter_common import AdapterSettings, Guard, HeldBatch, InFlight, traceparent_of
@@ -199,6 +200,7 @@ class VllmRecording:
         self._decoding: set[str] = set()  # requests past their prompt: a 1-token step is a decode
         self.repeats = 0  # steps recorded as repeats (nothing read per request)
         self.decode_reads = 0  # decode schedules read in C (map over the requests)
+        self.mixed_reads = 0  # schedules whose running decodes were read in C, new requests after them
         self.unpaired = 0  # snapshots evicted without an update (counted, not raised)
         with _ACTIVE_LOCK:
             _ACTIVE[:] = [r for r in _ACTIVE if r() is not None]
@@ -327,15 +329,29 @@ class VllmRecording:
             first_time.add(nr.req_id)
         cached = output.scheduled_cached_reqs
         resumed = getattr(cached, "resumed_req_ids", None) or ()
-        for rid, computed in zip(cached.req_ids, cached.num_computed_tokens, strict=False):
-            before[rid] = int(computed)
         snap = _Snapshot(output, wall, perf, self.global_step())
         n_prefill = n_decode = 0
         exact = True
-        prefill: list[int] = []
-        decode: list[int] = []
+        entries: Iterable[tuple[str, int]] = num_scheduled.items()
+        head = self._decoding_head(num_scheduled, cached)
+        h = 0
+        if head is not None:
+            # The running decodes, read in C (as _decode_snapshot reads them); the entries
+            # after them go through the loop below, held with them as one batch.
+            snap.req_ids, snap.handles, snap.context = head
+            h = n_decode = len(snap.handles)
+            prefill: list[int] = [0] * h
+            decode: list[int] = [1] * h
+            snap.held = True
+            entries = islice(entries, h, None)
+            self.mixed_reads += 1
+        else:
+            prefill, decode = [], []
+        for rid, computed in islice(zip(cached.req_ids, cached.num_computed_tokens, strict=False), h, None):
+            before[rid] = int(computed)
         snap.prefill, snap.decode = prefill, decode
-        for rid, n in num_scheduled.items():
+        hold = not snap.held
+        for rid, n in entries:
             req = requests.get(rid)
             handle = self._handles.get(rid)
             if handle is None:
@@ -364,7 +380,8 @@ class VllmRecording:
             prefill.append(p)
             decode.append(d)
             snap.context.append(start)
-            self._in_flight.hold_id(rid)
+            if hold:
+                self._in_flight.hold_id(rid)
             if handle:
                 if rid in first_time and rid not in self._preempted:
                     rec.request_scheduled(handle, cached_tokens=start, time_ns=wall)
@@ -375,7 +392,41 @@ class VllmRecording:
             StepKind.MIXED if n_prefill and n_decode else StepKind.PREFILL if n_prefill else StepKind.DECODE
         )
         snap.batch = self._last = _Batch(snap.req_ids, snap.handles, exact)
+        if snap.held:
+            self._in_flight.hold_batch(snap.batch)
         self._keep(snap)
+
+    def _decoding_head(
+        self, num_scheduled: dict[str, int], cached: Any
+    ) -> tuple[list[str], list[int], list[int]] | None:
+        """(ids, handles, contexts) of the running decodes that lead a schedule, else None.
+
+        vLLM schedules its running requests first, in the order of the cached requests'
+        lists (decodes, then the one still prefilling its prompt in chunks, which was
+        admitted last), then the waiting ones (new prompts, resumed requests): with chunked
+        prefill the usual "mixed" step. The leading run of cached requests that each decode
+        one token past their prompt is read in C, as a decode-only schedule is; the entries
+        after it, one by one. Finding where that run ends is C iterators stopping at the
+        first entry that does not qualify. None: no such run (the schedule is read entry by
+        entry).
+        """
+        ids = cached.req_ids
+        k = len(ids)
+        if not k:
+            return None
+        # The first cached request scheduled other than one token (a prompt chunk, a
+        # recompute, speculative tokens; none at all), or not decoding yet, ends the head.
+        h = next(compress(count(), map((1).__ne__, map(num_scheduled.get, ids, repeat(0)))), k)
+        if h and not self._decoding.issuperset(ids[:h]):
+            h = ids.index(next(filterfalse(self._decoding.__contains__, ids[:h])))
+        if not h:
+            return None
+        head = ids[:h] if h < k else list(ids)
+        got = list(map(self._handles.get, head))
+        if None in got or list(islice(num_scheduled, h)) != head:  # (not in the scheduled order)
+            return None
+        handles: list[int] = got  # type: ignore[assignment]  # no None left
+        return head, handles, list(map(int, islice(cached.num_computed_tokens, h)))
 
     def _decode_snapshot(self, output: Any, num_scheduled: dict[str, int], wall: int, perf: int) -> bool:
         """A decode-only schedule, read in C; True when it was one (its snapshot is kept).

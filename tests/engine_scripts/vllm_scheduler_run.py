@@ -263,6 +263,7 @@ def main() -> int:
                 "unpaired": recording.unpaired,
                 "repeats": recording.repeats,
                 "decode_reads": recording.decode_reads,
+                "mixed_reads": recording.mixed_reads,
                 "patched": sorted(et_worker.patched),
                 "worker_timing": recording.worker_timing,
                 "external": {internal: getattr(req, "_enginetime_external_id", None)},
