@@ -139,7 +139,8 @@ def vllm_steps(address: str, batch: int, steps: int) -> dict[str, float]:
     rec = Recorder("bench-vllm", address=address, timer="cpu", engine_kind="bench")
     try:
         requests = {f"v{batch}-{i}": VReq(f"v{batch}-{i}") for i in range(batch + 1)}
-        arrivals = [VReq(f"v{batch}-new-{i}") for i in range(steps)]  # one per mixed step
+        # One per mixed step (_time_blocks runs whole blocks of 100 of each label: up to 300 more).
+        arrivals = [VReq(f"v{batch}-new-{i}") for i in range(steps + 300)]
         for r in arrivals:
             r.num_computed_tokens, r.num_tokens, r.num_output_tokens = 0, 100, 0
         sched: Any = _Holder()
