@@ -287,35 +287,6 @@ def spin_work() -> Callable[[float], None]:
     return spin
 
 
-class _Tokens:
-    """An engine's own per-request state, updated after every step (``--engine-update``)."""
-
-    __slots__ = ("n",)
-
-    def __init__(self) -> None:
-        self.n = 0
-
-
-def with_engine_update(work: Callable[[float], None], batch: int) -> Callable[[float], None]:
-    """``work``, then the engine's own Python over the batch, as every engine runs after its wait.
-
-    After the device work an engine walks its batch in Python (SGLang's
-    ``process_batch_result``, vLLM's ``update_from_output``: each request's new token,
-    its stop conditions): here one attribute update per request. It runs in every step,
-    with hooks and without, so the ratio is the hooks' share on top of it; without it, the
-    first Python after an idle wait (the hooks, in a hooked step) pays the interpreter's
-    way back into the caches, ~2 µs here, which a real engine pays either way.
-    """
-    owned = [_Tokens() for _ in range(batch)]
-
-    def step_work(seconds: float) -> None:
-        work(seconds)
-        for t in owned:
-            t.n += 1
-
-    return step_work
-
-
 def run_engine_loop(
     address: str,
     batch: int,
@@ -654,12 +625,6 @@ def main(argv: list[str] | None = None) -> int:
         "variants: columns with the shipper process, repeat, columns with the shipper thread)",
     )
     parser.add_argument("--block-steps", type=int, default=250, help="steps per engine-loop block")
-    parser.add_argument(
-        "--engine-update",
-        action="store_true",
-        help="after its wait, every step of the engine loop (hooked or not) also walks its batch in "
-        "Python, as an engine updates each request's tokens: the hooks' share on top of that",
-    )
     parser.add_argument("--tight-seconds", type=float, default=20.0, help="length of each tight loop")
     parser.add_argument("--skip-micro", action="store_true", help="skip the engine-thread cost table")
     parser.add_argument(
@@ -794,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.blocks,
                 args.block_steps,
                 args.work_ms / 1e3,
-                with_engine_update(work, b) if args.engine_update else work,
+                work,
             ).values()
         ]
         breakdown = None
@@ -819,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.breakdown_rounds,
                     args.block_steps,
                     args.work_ms / 1e3,
-                    with_engine_update(work, 256) if args.engine_update else work,
+                    work,
                 )
             finally:
                 assert drain.stdin is not None
@@ -840,8 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     tight_dead = _tight_in_child("unix:" + os.path.join(tmp, "nobody.sock"), 256, args.tight_seconds)
     print(
         f"\nengine-shaped loop: {args.work_ms:g} ms of GIL-releasing work "
-        f"({'time.sleep' if args.work_kind == 'sleep' else 'SHA-256, spinning'}) per step"
-        f"{', then the engine walks its batch in Python' if args.engine_update else ''}, "
+        f"({'time.sleep' if args.work_kind == 'sleep' else 'SHA-256, spinning'}) per step, "
         f"live sidecar, {args.blocks} blocks of {args.block_steps} steps, with hooks (each variant in turn) "
         "and without, alternating"
     )
