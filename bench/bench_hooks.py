@@ -251,6 +251,27 @@ def start_sidecar(
     raise SystemExit("bench: the sidecar did not listen within 60 s")
 
 
+#: ``--pin``: the CPUs the shipper processes are moved to (the sidecar's), off the engine loop's.
+SHIPPER_CPUS: set[int] | None = None
+
+
+def placed(rec: Recorder) -> Recorder:
+    """With ``--pin``, move ``rec``'s shipper process (every thread) off the engine loop's CPU.
+
+    A shipper process inherits the engine process's CPU mask. An engine pinned to a NUMA
+    node's cores leaves it several to run on; this bench pins its engine loop to one CPU,
+    and without this the shipper would share exactly the engine thread's core.
+    """
+    pid = rec.stats().shipper_pid
+    if SHIPPER_CPUS and pid:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                os.sched_setaffinity(int(tid), SHIPPER_CPUS)
+            except OSError:  # a thread that ended meanwhile
+                pass
+    return rec
+
+
 def _p99(values: list[int]) -> float:
     s = sorted(values)
     return s[int(0.99 * (len(s) - 1))]
@@ -310,8 +331,8 @@ def run_engine_loop(
     closer to 1 than that are not resolved.
     """
     recs = {
-        variant: Recorder(
-            f"bench-loop-{variant}", address=address, timer="cpu", engine_kind="bench", shipper=mode
+        variant: placed(
+            Recorder(f"bench-loop-{variant}", address=address, timer="cpu", engine_kind="bench", shipper=mode)
         )
         for variant, (mode, _) in LOOP_VARIANTS.items()
     }
@@ -446,13 +467,15 @@ def run_breakdown(
     for name, address in addresses.items():
         threaded = name != "hooks, no thread"
         shipper = "thread" if name in ("hooks, no thread", "hooks, sidecar, shipper thread") else "process"
-        rec = Recorder(
-            f"bench-{name}",
-            address=address,
-            timer="cpu",
-            engine_kind="bench",
-            start=threaded,
-            shipper=shipper,
+        rec = placed(
+            Recorder(
+                f"bench-{name}",
+                address=address,
+                timer="cpu",
+                engine_kind="bench",
+                start=threaded,
+                shipper=shipper,
+            )
         )
         handles = [rec.request_arrived(f"bd{batch}-{i}", prompt_tokens=100) for i in range(batch)]
         recs[name] = (rec, [Req(h, 1, 1000 + i) for i, h in enumerate(handles)])
@@ -633,8 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pin",
         action="store_true",
-        help="run this process (the engine loop and its shipper) on CPU 0 and the sidecars on the "
-        "other CPUs, as a deployment that pins the sidecar away from the engine's cores",
+        help="run the engine loop (this process, and a shipper thread) on CPU 0 and the sidecars and the "
+        "shipper processes on the other CPUs, as a deployment that keeps them off the engine's cores",
     )
     parser.add_argument(
         "--sidecar-nice",
@@ -667,9 +690,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--pin needs at least 2 CPUs")
         os.sched_setaffinity(0, {cpus[0]})  # before any thread starts: they inherit it
         sidecar_cpus = set(cpus[1:])
+        global SHIPPER_CPUS
+        SHIPPER_CPUS = sidecar_cpus
     tmp = tempfile.mkdtemp(dir="/tmp", prefix="et-bench-")
     started = time.monotonic()
-    pinned = f", engine loop on CPU {cpus[0]}, sidecar on {sorted(sidecar_cpus)}" if sidecar_cpus else ""
+    pinned = (
+        f", engine loop on CPU {cpus[0]}, sidecar and shipper processes on {sorted(sidecar_cpus)}"
+        if sidecar_cpus
+        else ""
+    )
     print(
         f"enginetime hooks bench, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, CPU timer{pinned}"
     )
