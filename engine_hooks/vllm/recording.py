@@ -200,7 +200,7 @@ class VllmRecording:
         self._decoding: set[str] = set()  # requests past their prompt: a 1-token step is a decode
         self.repeats = 0  # steps recorded as repeats (nothing read per request)
         self.decode_reads = 0  # decode schedules read in C (map over the requests)
-        self.mixed_reads = 0  # schedules whose running decodes were read in C, new requests after them
+        self.mixed_reads = 0  # schedules read in C up to their first non-decode, the rest one by one
         self.unpaired = 0  # snapshots evicted without an update (counted, not raised)
         with _ACTIVE_LOCK:
             _ACTIVE[:] = [r for r in _ACTIVE if r() is not None]
