@@ -22,10 +22,13 @@ Run: ``.venv/bin/python bench/bench_advise.py [--rate 300000] [--seconds 8]``
 (0: each read of ingest fed to the ledger whole, as before slicing; alternated, ``--repeat``
 rounds) and prints each run and all runs of a setting pooled.
 
-``--pin`` runs the caller (this process) on the first CPU and everything on the server's
-side (the sidecar with all its threads, the pusher, the floor server) on the others, as a
-session server on another host (or other cores) calls a sidecar: on a 2-core machine the
-caller otherwise competes with the ingest work it is measured under.
+``--pin caller`` runs the caller (this process) on the first CPU and everything on the
+server's side (the sidecar with all its threads, the pusher, the floor server) on the
+others, as a session server on another host (or other cores) calls a sidecar: on a 2-core
+machine the caller otherwise competes with the ingest work it is measured under.
+``--pin sidecar`` gives the sidecar the last CPU to itself and runs the rest on the others,
+as a deployment that reserves a core for the sidecar: its ingest work still competes with
+its calls (in its own process), nothing else does.
 """
 
 from __future__ import annotations
@@ -165,15 +168,14 @@ def run(args, slice_s: float, rate: float) -> dict[str, list[float] | int]:
     sidecar = launcher.start_sidecar("--log-level", "warning", "--ingest-slice", f"{slice_s:g}")
     ctx = mp.get_context("spawn")
     ready, go = ctx.Event(), ctx.Event()
-    server_cpus = args.server_cpus
-    if server_cpus:
-        pin_process(sidecar.proc.pid, server_cpus)
+    if args.sidecar_cpus:
+        pin_process(sidecar.proc.pid, args.sidecar_cpus)
     child = ctx.Process(
         target=pinned,
-        args=(server_cpus, paced_pusher, sidecar.socket_path, groups, rate, ready, go, args.cadence),
+        args=(args.helper_cpus, paced_pusher, sidecar.socket_path, groups, rate, ready, go, args.cadence),
     )
     port, stop = ctx.Value("i", 0), ctx.Event()
-    floor = ctx.Process(target=pinned, args=(server_cpus, floor_server, port, stop))
+    floor = ctx.Process(target=pinned, args=(args.helper_cpus, floor_server, port, stop))
     floor.start()
     child.start()
 
@@ -275,18 +277,27 @@ def main() -> int:
     )
     parser.add_argument(
         "--pin",
-        action="store_true",
-        help="the caller (this process) on the first CPU, the sidecar, the pusher and the floor server "
-        "on the others (a session server on other cores or another host)",
+        choices=("caller", "sidecar"),
+        help="caller: the caller (this process) alone on the first CPU, the sidecar, the pusher and the "
+        "floor server on the others (a session server on another host); sidecar: the sidecar (every "
+        "thread) alone on the last CPU, the rest on the others (a sidecar given a core of its own)",
     )
     args = parser.parse_args()
-    args.server_cpus = None
+    args.sidecar_cpus = args.helper_cpus = None  # None: wherever the OS puts them
+    placement = ""
     if args.pin:
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:
             parser.error("--pin needs at least 2 CPUs")
-        os.sched_setaffinity(0, {cpus[0]})  # before the client's gRPC threads start: they inherit it
-        args.server_cpus = set(cpus[1:])
+        if args.pin == "caller":
+            caller, args.sidecar_cpus = {cpus[0]}, set(cpus[1:])
+            args.helper_cpus = args.sidecar_cpus
+            placement = f"; caller on CPU {cpus[0]}, sidecar, pusher and floor on {cpus[1:]}"
+        else:
+            args.sidecar_cpus, caller = {cpus[-1]}, set(cpus[:-1])
+            args.helper_cpus = caller
+            placement = f"; sidecar alone on CPU {cpus[-1]}, caller, pusher and floor on {cpus[:-1]}"
+        os.sched_setaffinity(0, caller)  # before the client's gRPC threads start: they inherit it
 
     slices = [float(x) for x in args.slices.split(",")]
     rates = [float(x) for x in args.rate.split(",")]
@@ -299,13 +310,7 @@ def main() -> int:
     how = f"each shard writes every {args.cadence * 1e3:g} ms" if args.cadence > 0 else "bursts of 4 steps"
     print(
         f"bench_advise: {SHARDS} shards x batch {BATCH} LOCKSTEP ({how}), loopback gRPC, blocking client, "
-        f"{pace}"
-        + (
-            f"; caller on CPU {min(os.sched_getaffinity(0))}, "
-            f"sidecar, pusher and floor on {sorted(args.server_cpus)}"
-            if args.server_cpus
-            else ""
-        )
+        f"{pace}{placement}"
     )
     for (rate, sl), rs in runs.items():
         setting = f"--ingest-slice {sl:g}"
