@@ -38,7 +38,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable
-from itertools import compress, count, filterfalse, islice, repeat
+from itertools import compress, count, filterfalse, islice
 from typing import Any
 
 from ..adapter_common import AdapterSettings, Guard, HeldBatch, InFlight, traceparent_of
@@ -406,24 +406,30 @@ class VllmRecording:
         admitted last), then the waiting ones (new prompts, resumed requests): with chunked
         prefill the usual "mixed" step. The leading run of cached requests that each decode
         one token past their prompt is read in C, as a decode-only schedule is; the entries
-        after it, one by one. Finding where that run ends is C iterators stopping at the
-        first entry that does not qualify. None: no such run (the schedule is read entry by
-        entry).
+        after it, one by one. Where that run ends is found in C: one list compare when every
+        cached request is one, else iterators stopping at the first entry that does not
+        qualify. None: no such run (the schedule is read entry by entry).
         """
         ids = cached.req_ids
         k = len(ids)
         if not k:
             return None
-        # The first cached request scheduled other than one token (a prompt chunk, a
-        # recompute, speculative tokens; none at all), or not decoding yet, ends the head.
-        h = next(compress(count(), map((1).__ne__, map(num_scheduled.get, ids, repeat(0)))), k)
-        if h and not self._decoding.issuperset(ids[:h]):
-            h = ids.index(next(filterfalse(self._decoding.__contains__, ids[:h])))
+        # The first entry scheduled other than one token (a prompt chunk, a recompute,
+        # speculative tokens), or past the cached requests, ends the head; so does the first
+        # not decoding yet. The head must be the cached requests' first ones, in order.
+        counts = list(islice(num_scheduled.values(), k))  # (the common case, all ones: one compare)
+        h = k if counts == [1] * k else next(compress(count(), map((1).__ne__, counts)), len(counts))
+        front = ids if h == k else ids[:h]
+        if h and not self._decoding.issuperset(front):
+            h = ids.index(next(filterfalse(self._decoding.__contains__, front)))
+            front = ids[:h]
         if not h:
             return None
-        head = ids[:h] if h < k else list(ids)
+        head = list(islice(num_scheduled, h))
+        if head != front:  # not in the scheduled order
+            return None
         got = list(map(self._handles.get, head))
-        if None in got or list(islice(num_scheduled, h)) != head:  # (not in the scheduled order)
+        if None in got:
             return None
         handles: list[int] = got  # type: ignore[assignment]  # no None left
         return head, handles, list(map(int, islice(cached.num_computed_tokens, h)))
