@@ -45,6 +45,7 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_getrequest import BATCH, SHARDS, SHIPPER_CADENCE_S, paced_pusher, percentiles  # noqa: E402
+from pinning import pin_process  # noqa: E402
 
 from enginetime.clients import AccountingClient, RequestNotFound  # noqa: E402
 from enginetime.sidecar import launcher  # noqa: E402
@@ -108,15 +109,6 @@ def pinned(cpus: set[int] | None, target: Callable[..., None], *args: object) ->
     if cpus:
         os.sched_setaffinity(0, cpus)
     target(*args)
-
-
-def pin_process(pid: int, cpus: set[int]) -> None:
-    """Move every thread of a running process (the sidecar's gRPC and ingest threads) onto ``cpus``."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except OSError:  # a thread that ended meanwhile
-            pass
 
 
 def floor_server(port, stop) -> None:

@@ -53,6 +53,7 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from adapter_steps import sglang_steps, vllm_steps  # noqa: E402
+from pinning import pin_process  # noqa: E402
 
 from enginetime.engine_hooks import Recorder, StepKind  # noqa: E402
 
@@ -264,11 +265,7 @@ def placed(rec: Recorder) -> Recorder:
     """
     pid = rec.stats().shipper_pid
     if SHIPPER_CPUS and pid:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                os.sched_setaffinity(int(tid), SHIPPER_CPUS)
-            except OSError:  # a thread that ended meanwhile
-                pass
+        pin_process(pid, SHIPPER_CPUS)
     return rec
 
 
