@@ -462,12 +462,8 @@ class Recorder:
                     cols = b"".join(
                         (u32(handles), u32(prefill_tokens), u32(decode_tokens), u32(context_tokens))
                     )
-                if peer_tokens is None:
-                    n_peer = 0
-                    peer: Any = b""
-                else:
-                    peer = wire.u32_column(peer_tokens)
-                    n_peer = len(peer)
+                peer: Any = b"" if peer_tokens is None else wire.u32_column(peer_tokens)
+                n_peer = len(peer)
                 head = _pack_header(
                     1,
                     0 if global_step is None else 1,
@@ -562,12 +558,8 @@ class Recorder:
                 if dev is not None:
                     self._timer.end(dev)
             try:
-                if peer_tokens is None:
-                    n_peer = 0
-                    peer: Any = b""
-                else:
-                    peer = wire.u32_column(peer_tokens)
-                    n_peer = len(peer)
+                peer: Any = b"" if peer_tokens is None else wire.u32_column(peer_tokens)
+                n_peer = len(peer)
                 head = _pack_header(
                     1,
                     (0 if global_step is None else 1) | _REPEAT_FLAG,
