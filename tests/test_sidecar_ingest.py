@@ -564,6 +564,117 @@ def test_a_unary_call_being_served_holds_ingest_between_its_awaits() -> None:
     assert loose >= gaps, loose  # unwired, slices ran during every wait
 
 
+_MID_SLICE_CLIENT = """
+import os, sys, time, grpc
+target, go_fd, ready_fd = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with grpc.insecure_channel(target) as channel:
+    call = channel.unary_unary("/probe.Probe/Look")
+    call(b"warm-up", timeout=30)  # connected before the backlog: the timed call only travels
+    os.write(ready_fd, b"r")
+    os.read(go_fd, 1)
+    t = time.perf_counter()
+    call(b"timed", timeout=30)
+    print(time.perf_counter() - t)
+"""
+
+
+@pytest.mark.e2e
+def test_a_call_arriving_mid_slice_is_served_before_the_slice_ends() -> None:
+    """A slice of ledger work can be long (a large --ingest-slice, a big group, a backlog); a
+    call that arrives while one runs must not wait for all of it. The slice looks between
+    frames and between the phases of a lockstep group's attribution for a call waiting (gRPC's
+    completion queue waking the loop) and stops there. Here one slice may run 10 s over a
+    backlog of 200 lockstep groups; a client in its own process sends its call when the 10th
+    group is attributed: the handler runs with most of the backlog still to do, and the rest
+    is then attributed in full."""
+
+    groups = 200
+
+    async def scenario() -> tuple[int, bool, int, int, float]:
+        go_r, go_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+
+        class Signalling(Ledger):
+            def on_step(self, key, step, pause=None) -> None:  # type: ignore[no-untyped-def]
+                super().on_step(key, step, pause)
+                if self.counters.lockstep_groups == 10 and not fired:
+                    fired.append(True)
+                    os.write(go_w, b"g")  # the client sends now, mid-slice
+
+        fired: list[bool] = []
+        ledger = Signalling(LedgerConfig(lockstep_wait_s=5.0))
+        sockdir = short_socket_dir()
+        server = IngestServer(ledger, f"unix:{sockdir}/i.sock", slice_s=10.0)
+        guard = ApiGuard()
+        server.calls_in_flight = guard.unary_in_flight
+        await server.start()
+        seen: list[tuple[int, bool]] = []
+
+        async def look(request: bytes, context) -> bytes:
+            if request == b"timed":
+                seen.append((ledger.counters.lockstep_groups, bool(server._queue) or ledger.parked))
+            return b""
+
+        api = grpc.aio.server(interceptors=[guard])
+        api.add_generic_rpc_handlers(
+            [
+                grpc.method_handlers_generic_handler(
+                    "probe.Probe", {"Look": grpc.unary_unary_rpc_method_handler(look)}
+                )
+            ]
+        )
+        port = api.add_insecure_port("127.0.0.1:0")
+        await api.start()
+        client = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _MID_SLICE_CLIENT,
+            f"127.0.0.1:{port}",
+            str(go_r),
+            str(ready_w),
+            pass_fds=(go_r, ready_w),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, os.read, ready_r, 1) == b"r"
+            burst = _lockstep_burst(shards=4, groups=groups, batch=64)
+            writers = []
+            for setup, _ in burst:
+                _, w = await asyncio.open_unix_connection(f"{sockdir}/i.sock")
+                w.write(setup)
+                writers.append(w)
+            assert await poll_async(lambda: ledger.counters.events >= 4 * 64, 30)
+            # The whole backlog in the kernel's buffers first, so that one slice can take it all.
+            for conn in server._connections:
+                conn.transport.pause_reading()
+            for w, (_, steps) in zip(writers, burst, strict=True):
+                w.write(steps)
+                await w.drain()
+            await asyncio.sleep(0.2)
+            for conn in server._connections:
+                conn.transport.resume_reading()
+            out, _ = await asyncio.wait_for(client.communicate(), 60)
+            assert await poll_async(lambda: ledger.counters.steps >= 4 * groups and not server._queue, 60)
+            for w in writers:
+                w.close()
+            at, work_left = seen[0]
+            return at, work_left, server.counters.cut_short, ledger.counters.steps, float(out)
+        finally:
+            if client.returncode is None:
+                client.kill()
+            await api.stop(0)
+            await server.close()
+            for fd in (go_r, go_w, ready_r, ready_w):
+                os.close(fd)
+            shutil.rmtree(sockdir, ignore_errors=True)
+
+    at, work_left, cut_short, steps, latency = asyncio.run(scenario())
+    assert work_left and at < groups // 2, (at, work_left, latency)
+    assert cut_short >= 1
+    assert steps == 4 * groups  # and nothing was lost by stopping
+
+
 def test_an_engine_that_left_makes_room_for_a_new_engine_id() -> None:
     """At --max-engines a new engine id is admitted by forgetting the engine that left longest
     ago (no shard connected), with the requests it still held; an engine with a shard

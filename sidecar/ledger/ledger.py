@@ -76,7 +76,7 @@ import operator
 import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -221,6 +221,9 @@ class Ledger:
         self._storms = StormTracker(self._cols, cfg.storm_threshold_s * 1e9)
         self._version = 0
         self._stamp_base = 1
+        #: The rest of lockstep groups' attribution that ``on_step(pause=...)`` stopped between
+        #: two phases (``resume``); every mutating entry point finishes it first (``_settle``).
+        self._parked: Iterator[None] | None = None
         # Scratch passed from _blame to _track_storms within one _attribute call:
         # shard position -> (the victims waiting for it, their shard numbers).
         self._wait_victims: dict[int, tuple[np.ndarray, set[int]]] = {}
@@ -236,6 +239,8 @@ class Ledger:
     # =====================================================================================
     def connect(self, hello: Hello) -> ShardKey:
         """First frame of a connection: register (or re-register) the shard it speaks for."""
+        if self._parked is not None:
+            self.resume()
         if not hello.engine_id:
             raise ValueError(
                 "EngineHello has no engine_id: set ENGINETIME engine id in the hooks (e.g. the "
@@ -310,6 +315,8 @@ class Ledger:
         state = self._model_state
         if state is None:
             return
+        if self._parked is not None:
+            self.resume()
         out = {}
         for eng in self._engines.values():
             for shard in eng.shards.values():
@@ -325,6 +332,8 @@ class Ledger:
         self._state_saved_ns = self._clock()
 
     def disconnect(self, key: ShardKey) -> None:
+        if self._parked is not None:
+            self.resume()
         shard = self._shards.get(key)
         if shard is None:
             return
@@ -382,6 +391,8 @@ class Ledger:
         not lock later ones out, and an engine that is connected is never forgotten. ``keep``
         (the newcomer's own engine id, when it reconnects with a new shard) is not forgotten.
         """
+        if self._parked is not None:
+            self.resume()
         idle = [e for e in self._engines.values() if e.left_ns and not e.expected() and e.engine_id != keep]
         if not idle:
             return None
@@ -434,6 +445,8 @@ class Ledger:
     # heartbeats and events
     # =====================================================================================
     def on_heartbeat(self, key: ShardKey, beat: Beat) -> None:
+        if self._parked is not None:
+            self.resume()
         shard = self._shard(key)
         shard.dropped_frames = int(beat.dropped_frames)
         total = max(int(beat.dropped_frames), int(beat.dropped_steps) + int(beat.dropped_events))
@@ -443,6 +456,8 @@ class Ledger:
         shard.drops_seen = max(shard.drops_seen, total)
 
     def on_event(self, key: ShardKey, ev: Event) -> None:
+        if self._parked is not None:
+            self.resume()
         shard = self._shard(key)
         self.counters.events += 1
         if (
@@ -768,7 +783,19 @@ class Ledger:
     # =====================================================================================
     # steps
     # =====================================================================================
-    def on_step(self, key: ShardKey, step: Step) -> None:
+    def on_step(self, key: ShardKey, step: Step, pause: Callable[[], bool] | None = None) -> None:
+        """Attribute ``step`` (INDEPENDENT) or add it to its lockstep group, attributing the groups
+        it completes.
+
+        With ``pause``, the attribution of completed groups may stop between two of its phases
+        when ``pause()`` is true (``parked``; ``resume`` goes on): a group of 8 x 256 entries
+        is ~0.7 ms of work, and ingest's slices use this to let a unary call in before the
+        rest of it. A parked group changed nothing a reader sees before its accounting phase,
+        which runs whole; the shard and model aggregates follow in a phase of their own
+        (``_phases``). Without ``pause`` everything is attributed before this returns.
+        """
+        if self._parked is not None:
+            self.resume()
         shard = self._shard(key)
         n = step.handles.size
         if not (
@@ -802,14 +829,43 @@ class Ledger:
                 if late:
                     self.counters.late_steps += 1
                     self._attribute(eng, [(shard, step)], complete=False, lockstep=True)
+                if ready and pause is not None:
+                    self._parked = self._groups(eng, ready)
+                    self.resume(pause)
+                    return
                 for group, timed_out in ready:
                     self._attribute_group(eng, group, timed_out)
         else:
             self._attribute(eng, [(shard, step)], complete=True, lockstep=eng.coupling == Coupling.LOCKSTEP)
         self._enforce_bound()
 
+    @property
+    def parked(self) -> bool:
+        """Attribution stopped between two phases by ``on_step``'s ``pause`` (``resume`` it)."""
+        return self._parked is not None
+
+    def resume(self, pause: Callable[[], bool] | None = None) -> bool:
+        """Go on with parked attribution, stopping again between phases when ``pause()`` is
+        true; True when nothing is left parked. At least one phase runs per call."""
+        work = self._parked
+        if work is None:
+            return True
+        self._parked = None  # what it calls must not resume it again
+        for _ in work:
+            if pause is not None and pause():
+                self._parked = work
+                return False
+        return True
+
+    def _groups(self, eng: EngineState, ready: list[tuple[Group, bool]]) -> Iterator[None]:
+        for group, timed_out in ready:
+            yield from self._group_phases(eng, group, timed_out)
+        self._enforce_bound()
+
     def tick(self, now_ns: int | None = None) -> None:
         """Attribute LOCKSTEP groups whose wait expired; expire finished requests past retention."""
+        if self._parked is not None:
+            self.resume()
         now = self._clock() if now_ns is None else int(now_ns)
         for eng in self._engines.values():
             if eng.join.pending:
@@ -828,12 +884,18 @@ class Ledger:
 
     def flush(self) -> None:
         """Attribute every pending LOCKSTEP group now (tests, shutdown)."""
+        if self._parked is not None:
+            self.resume()
         for eng in self._engines.values():
             for group, timed_out in eng.join.flush():
                 self._attribute_group(eng, group, timed_out)
         self._enforce_bound()
 
     def _attribute_group(self, eng: EngineState, group: Group, timed_out: bool) -> None:
+        for _ in self._group_phases(eng, group, timed_out):
+            pass
+
+    def _group_phases(self, eng: EngineState, group: Group, timed_out: bool) -> Iterator[None]:
         self.counters.lockstep_groups += 1
         if timed_out:
             self.counters.lockstep_timeouts += 1
@@ -843,7 +905,7 @@ class Ledger:
         # A group that lacks only shards which never connected (or left) still measures its
         # critical shard's own work, unless peer_tokens say an absent shard was heavier.
         fit_ok = complete or (not timed_out and eng.expected() <= got.keys())
-        self._attribute(eng, parts, complete, lockstep=True, fit_ok=fit_ok)
+        yield from self._phases(eng, parts, complete, lockstep=True, fit_ok=fit_ok)
 
     def _resolve(self, shard: ShardState, step: Step) -> np.ndarray:
         """Slots of a step's handles; unknown handles become partial requests.
@@ -894,8 +956,28 @@ class Ledger:
         ``complete``: every shard of the engine is in ``parts``; ``fit_ok``: the critical
         step may be fed to the cost model (defaults to ``complete``).
         """
+        for _ in self._phases(eng, parts, complete, lockstep, fit_ok):
+            pass
+
+    def _phases(
+        self,
+        eng: EngineState,
+        parts: list[tuple[ShardState, Step]],
+        complete: bool,
+        lockstep: bool,
+        fit_ok: bool | None = None,
+    ) -> Iterator[None]:
+        """``_attribute`` in four phases, each yielding to let ``on_step``'s ``pause`` stop it.
+
+        1. gather and 2. predict and divide change nothing a reader sees (a step's unknown
+        handles become partial requests, as they would anyway); 3. every per-request figure
+        of the group, whole; 4. what the group adds to its shards, the storms and the cost
+        model. Nothing else runs in the ledger between them (``_settle``), so the result is
+        the same as the phases run back to back.
+        """
         model = eng.model if lockstep else parts[0][0].model
         batch, base = self._gather(parts)
+        yield
         pred = predict(batch, model)
         if lockstep and complete:
             pred = reprice_prefill(batch, pred, eng.slowdown.factor)
@@ -906,6 +988,7 @@ class Ledger:
             if missing is not None:
                 critical, crit_shard = -1, missing
         div = divide(batch, pred, critical, eng.tie_factor if lockstep and complete else None)
+        yield
         if div.uncharged:
             for j in np.flatnonzero(div.wait > 0.0):
                 parts[j][0].unattributed_ns += float(div.wait[j])
@@ -919,6 +1002,7 @@ class Ledger:
         excluded = self._excluded(parts, batch, base)
         caused = self._blame(parts, batch, pred, div, excluded, critical, crit_shard)
         self._cols.caused[batch.slots] += caused
+        yield
         self._track_storms(parts, batch, pred, excluded, caused)
         self._shard_stats(parts, batch, pred)
         self.counters.steps += batch.m

@@ -39,7 +39,18 @@ class IngestSink(Protocol):
 
     def disconnect(self, key: ShardKey) -> None: ...
 
-    def on_step(self, key: ShardKey, step: Step) -> None: ...
+    def on_step(self, key: ShardKey, step: Step, pause: Callable[[], bool] | None = None) -> None:
+        """With ``pause``, the groups it completes may be left ``parked`` between phases."""
+        ...
+
+    @property
+    def parked(self) -> bool:
+        """Attribution that ``on_step``'s ``pause`` stopped waits for ``resume``."""
+        ...
+
+    def resume(self, pause: Callable[[], bool] | None = None) -> bool:
+        """Go on with parked attribution; True when none is left."""
+        ...
 
     def on_event(self, key: ShardKey, ev: Event) -> None: ...
 
