@@ -49,7 +49,7 @@ class _Interrupting:
         led = self.led
         look = self.parked_groups % self.look_every == 0
         before = _reader_view(led, self.engine_id) if look else None
-        led.on_step(key, step, pause=lambda: True)
+        led.on_step(key, step, pause=lambda _b: True)
         if not led.parked:
             return  # the step waits in the lockstep join: nothing attributed yet
         self.parked_groups += 1
@@ -57,11 +57,11 @@ class _Interrupting:
             self.looks += 1
             # After gather, then after predict and divide: a reader sees the ledger as before.
             same = _reader_view(led, self.engine_id) == before
-            led.resume(lambda: True)
+            led.resume(lambda _b: True)
             same = same and _reader_view(led, self.engine_id) == before
             self.unchanged_looks += same
         else:
-            led.resume(lambda: True)
+            led.resume(lambda _b: True)
         # Left parked: the next record's on_event/on_step (or flush) must finish it first.
 
     def flush(self) -> None:
@@ -105,7 +105,7 @@ def _parked_last_step(nxt: str) -> tuple[Sim, int, int]:
     sim.now += d
     for k, h in ((0, 1), (1, 2)):
         st = sim.make_step(k, [(h, 0, 1, 110)], d, start, sim.gs)
-        sim.ledger.on_step(sim.keys[k], st, pause=lambda: True)
+        sim.ledger.on_step(sim.keys[k], st, pause=lambda _b: True)
     assert sim.ledger.parked, nxt
     return sim, *before
 
@@ -145,8 +145,8 @@ def test_resume_stops_at_each_phase_boundary_and_ends_with_nothing_parked() -> N
     sim, a_steps, _ = _parked_last_step("resume")
     led = sim.ledger
     phases = 1  # on_step ran the first
-    while not led.resume(lambda: True):
+    while not led.resume(lambda _b: True):
         phases += 1
     assert phases == 3  # four phases: the last one's resume returns True
     assert not led.parked and led.get("a").steps == a_steps + 1
-    assert led.resume() and led.resume(lambda: True)  # nothing parked: nothing to do
+    assert led.resume() and led.resume(lambda _b: True)  # nothing parked: nothing to do

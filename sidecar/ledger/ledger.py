@@ -223,7 +223,7 @@ class Ledger:
         self._stamp_base = 1
         #: The rest of lockstep groups' attribution that ``on_step(pause=...)`` stopped between
         #: two phases (``resume``); every mutating entry point finishes it first (``_settle``).
-        self._parked: Iterator[None] | None = None
+        self._parked: Iterator[bool] | None = None
         # Scratch passed from _blame to _track_storms within one _attribute call:
         # shard position -> (the victims waiting for it, their shard numbers).
         self._wait_victims: dict[int, tuple[np.ndarray, set[int]]] = {}
@@ -783,16 +783,19 @@ class Ledger:
     # =====================================================================================
     # steps
     # =====================================================================================
-    def on_step(self, key: ShardKey, step: Step, pause: Callable[[], bool] | None = None) -> None:
+    def on_step(self, key: ShardKey, step: Step, pause: Callable[[bool], bool] | None = None) -> None:
         """Attribute ``step`` (INDEPENDENT) or add it to its lockstep group, attributing the groups
         it completes.
 
         With ``pause``, the attribution of completed groups may stop between two of its phases
-        when ``pause()`` is true (``parked``; ``resume`` goes on): a group of 8 x 256 entries
-        is ~0.7 ms of work, and ingest's slices use this to let a unary call in before the
-        rest of it. A parked group changed nothing a reader sees before its accounting phase,
-        which runs whole; the shard and model aggregates follow in a phase of their own
-        (``_phases``). Without ``pause`` everything is attributed before this returns.
+        when ``pause(True)`` is true (``parked``; ``resume`` goes on): a group of 8 x 256
+        entries is ~0.7 ms of work, and ingest's slices use this to let a unary call in before
+        the rest of it. A parked group changed nothing a reader sees before its accounting
+        phase, which runs whole; the shard and model aggregates follow in a phase of their own
+        (``_phases``). Within a phase, between its parts (~0.1 ms each), ``pause(False)`` is
+        called too and its answer ignored: the caller may give up the CPU there (to other
+        threads of the process) but not the ledger. Without ``pause`` everything is
+        attributed before this returns.
         """
         if self._parked is not None:
             self.resume()
@@ -844,20 +847,20 @@ class Ledger:
         """Attribution stopped between two phases by ``on_step``'s ``pause`` (``resume`` it)."""
         return self._parked is not None
 
-    def resume(self, pause: Callable[[], bool] | None = None) -> bool:
-        """Go on with parked attribution, stopping again between phases when ``pause()`` is
-        true; True when nothing is left parked. At least one phase runs per call."""
+    def resume(self, pause: Callable[[bool], bool] | None = None) -> bool:
+        """Go on with parked attribution, stopping again between phases when ``pause(True)``
+        is true; True when nothing is left parked. At least one phase runs per call."""
         work = self._parked
         if work is None:
             return True
         self._parked = None  # what it calls must not resume it again
-        for _ in work:
-            if pause is not None and pause():
+        for boundary in work:
+            if pause is not None and pause(boundary) and boundary:
                 self._parked = work
                 return False
         return True
 
-    def _groups(self, eng: EngineState, ready: list[tuple[Group, bool]]) -> Iterator[None]:
+    def _groups(self, eng: EngineState, ready: list[tuple[Group, bool]]) -> Iterator[bool]:
         for group, timed_out in ready:
             yield from self._group_phases(eng, group, timed_out)
         self._enforce_bound()
@@ -895,7 +898,7 @@ class Ledger:
         for _ in self._group_phases(eng, group, timed_out):
             pass
 
-    def _group_phases(self, eng: EngineState, group: Group, timed_out: bool) -> Iterator[None]:
+    def _group_phases(self, eng: EngineState, group: Group, timed_out: bool) -> Iterator[bool]:
         self.counters.lockstep_groups += 1
         if timed_out:
             self.counters.lockstep_timeouts += 1
@@ -966,18 +969,21 @@ class Ledger:
         complete: bool,
         lockstep: bool,
         fit_ok: bool | None = None,
-    ) -> Iterator[None]:
-        """``_attribute`` in four phases, each yielding to let ``on_step``'s ``pause`` stop it.
+    ) -> Iterator[bool]:
+        """``_attribute`` in four phases; each ends with ``yield True``, where ``on_step``'s
+        ``pause`` may stop it, and their parts end with ``yield False`` (no stop there).
 
         1. gather and 2. predict and divide change nothing a reader sees (a step's unknown
         handles become partial requests, as they would anyway); 3. every per-request figure
         of the group, whole; 4. what the group adds to its shards, the storms and the cost
-        model. Nothing else runs in the ledger between them (``_settle``), so the result is
-        the same as the phases run back to back.
+        model. Nothing else runs in the ledger between them (every other entry point first
+        finishes parked work), so the result is the same as the phases run back to back.
         """
         model = eng.model if lockstep else parts[0][0].model
-        batch, base = self._gather(parts)
-        yield
+        slots = [self._resolve(sh, st) for sh, st in parts]
+        yield False
+        batch, base = self._gather(parts, slots)
+        yield True
         pred = predict(batch, model)
         if lockstep and complete:
             pred = reprice_prefill(batch, pred, eng.slowdown.factor)
@@ -987,8 +993,9 @@ class Ledger:
             missing = self._missing_critical(eng, parts, crit_shard)
             if missing is not None:
                 critical, crit_shard = -1, missing
+        yield False
         div = divide(batch, pred, critical, eng.tie_factor if lockstep and complete else None)
-        yield
+        yield True
         if div.uncharged:
             for j in np.flatnonzero(div.wait > 0.0):
                 parts[j][0].unattributed_ns += float(div.wait[j])
@@ -999,12 +1006,14 @@ class Ledger:
         self._set_stepped_running(batch.slots)
         self._version += 1
         self._accumulate(batch, div)
+        yield False
         excluded = self._excluded(parts, batch, base)
         caused = self._blame(parts, batch, pred, div, excluded, critical, crit_shard)
         self._cols.caused[batch.slots] += caused
-        yield
+        yield True
         self._track_storms(parts, batch, pred, excluded, caused)
         self._shard_stats(parts, batch, pred)
+        yield False
         self.counters.steps += batch.m
         self.counters.entries += batch.slots.size
         for sh, st in parts:
@@ -1035,8 +1044,8 @@ class Ledger:
                 if model.observe(x, y):
                     self.counters.model_fits += 1
 
-    def _gather(self, parts: list[tuple[ShardState, Step]]) -> tuple[Batch, int]:
-        """Concatenate the steps' columns, resolve slots, drop duplicate handles.
+    def _gather(self, parts: list[tuple[ShardState, Step]], resolved: list[np.ndarray]) -> tuple[Batch, int]:
+        """Concatenate the steps' columns and their ``resolved`` slots, drop duplicate handles.
 
         Returns the batch and the stamp base: after this, ``stamp[slot] >= base`` marks
         exactly the slots in the batch (used to find excluded victims).
@@ -1045,10 +1054,10 @@ class Ledger:
         counts = np.fromiter((st.handles.size for _, st in parts), dtype=np.int64, count=m)
         if m == 1:
             st0 = parts[0][1]
-            slots = self._resolve(parts[0][0], st0)
+            slots = resolved[0]
             p_raw, q_raw, c_raw = st0.prefill_tokens, st0.decode_tokens, st0.context_tokens
         else:
-            slots = np.concatenate([self._resolve(sh, st) for sh, st in parts])
+            slots = np.concatenate(resolved)
             p_raw = np.concatenate([st.prefill_tokens for _, st in parts])
             q_raw = np.concatenate([st.decode_tokens for _, st in parts])
             c_raw = np.concatenate([st.context_tokens for _, st in parts])

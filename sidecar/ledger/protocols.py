@@ -39,7 +39,7 @@ class IngestSink(Protocol):
 
     def disconnect(self, key: ShardKey) -> None: ...
 
-    def on_step(self, key: ShardKey, step: Step, pause: Callable[[], bool] | None = None) -> None:
+    def on_step(self, key: ShardKey, step: Step, pause: Callable[[bool], bool] | None = None) -> None:
         """With ``pause``, the groups it completes may be left ``parked`` between phases."""
         ...
 
@@ -48,7 +48,7 @@ class IngestSink(Protocol):
         """Attribution that ``on_step``'s ``pause`` stopped waits for ``resume``."""
         ...
 
-    def resume(self, pause: Callable[[], bool] | None = None) -> bool:
+    def resume(self, pause: Callable[[bool], bool] | None = None) -> bool:
         """Go on with parked attribution; True when none is left."""
         ...
 
