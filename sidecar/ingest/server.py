@@ -3,7 +3,8 @@
 One asyncio protocol per connection queues what it reads; a pump decodes it
 (sidecar.ingest.frames) and feeds the ledger in the order it arrived, in slices
 of at most ``slice_s`` per loop callback so gRPC calls are served between them
-(``DISPATCH_SLICE_S`` says why). Nothing here waits on a
+(``DISPATCH_SLICE_S`` says why); a slice ends sooner, between frames or between the
+phases of a lockstep group's attribution, when a call waits (``slice_over``). Nothing here waits on a
 gRPC client: subscribers are served by the fan-out from ledger snapshots, so
 a slow or stuck reader cannot back-pressure an engine.
 

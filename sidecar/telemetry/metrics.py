@@ -261,6 +261,11 @@ class _StateCollector(Collector):
             "Times a ready stretch of ingest work waited for a unary gRPC call being served.",
             ing.deferred,
         )
+        yield counter(
+            "enginetime_ingest_cut_short",
+            "Stretches of ingest work that ended early because a gRPC call (or other loop work) was waiting.",
+            ing.cut_short,
+        )
         yield counter("enginetime_ingest_frames", "Ingest frames accepted.", ing.frames)
         yield counter("enginetime_ingest_bytes", "Ingest bytes received.", ing.bytes)
         yield counter("enginetime_ingest_connections", "Ingest connections accepted.", ing.connections)
