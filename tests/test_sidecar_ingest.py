@@ -501,6 +501,22 @@ def test_a_callers_chain_of_loop_steps_runs_between_two_ingest_slices() -> None:
     assert flood_steps > 100  # and the flood itself kept running meanwhile
 
 
+async def _probe_server(guard: ApiGuard, method: str, handler) -> tuple[grpc.aio.Server, int]:  # type: ignore[no-untyped-def]
+    """A started grpc.aio server on this loop with the API guard and one unary method
+    ``/probe.Probe/<method>``; returns it and its port."""
+    api = grpc.aio.server(interceptors=[guard])
+    api.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "probe.Probe", {method: grpc.unary_unary_rpc_method_handler(handler)}
+            )
+        ]
+    )
+    port = api.add_insecure_port("127.0.0.1:0")
+    await api.start()
+    return api, port
+
+
 def test_a_unary_call_being_served_holds_ingest_between_its_awaits() -> None:
     """Between two steps of a call the loop's run queue can be empty (the call waits on gRPC's
     threads), so yielding to ready callbacks does not protect it: the API guard's count of
@@ -530,16 +546,7 @@ def test_a_unary_call_being_served_holds_ingest_between_its_awaits() -> None:
             during.append(server.counters.slices - before)
             return str(time.perf_counter() - began).encode()
 
-        api = grpc.aio.server(interceptors=[guard])
-        api.add_generic_rpc_handlers(
-            [
-                grpc.method_handlers_generic_handler(
-                    "probe.Probe", {"Hold": grpc.unary_unary_rpc_method_handler(handler)}
-                )
-            ]
-        )
-        port = api.add_insecure_port("127.0.0.1:0")
-        await api.start()
+        api, port = await _probe_server(guard, "Hold", handler)
         try:
             writers = await _queued_burst(server, ledger, sockdir, groups=300)
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -615,16 +622,7 @@ def test_a_call_arriving_mid_slice_is_served_before_the_slice_ends() -> None:
                 seen.append((ledger.counters.lockstep_groups, bool(server._queue) or ledger.parked))
             return b""
 
-        api = grpc.aio.server(interceptors=[guard])
-        api.add_generic_rpc_handlers(
-            [
-                grpc.method_handlers_generic_handler(
-                    "probe.Probe", {"Look": grpc.unary_unary_rpc_method_handler(look)}
-                )
-            ]
-        )
-        port = api.add_insecure_port("127.0.0.1:0")
-        await api.start()
+        api, port = await _probe_server(guard, "Look", look)
         client = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",

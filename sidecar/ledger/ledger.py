@@ -224,7 +224,7 @@ class Ledger:
         #: The rest of lockstep groups' attribution that ``on_step(pause=...)`` stopped between
         #: two phases (``resume``); every mutating entry point finishes it first (``_settle``).
         self._parked: Iterator[bool] | None = None
-        # Scratch passed from _blame to _track_storms within one _attribute call:
+        # Scratch passed from _blame to _track_storms within one attribution (_phases):
         # shard position -> (the victims waiting for it, their shard numbers).
         self._wait_victims: dict[int, tuple[np.ndarray, set[int]]] = {}
         self._wait_ns = int(cfg.lockstep_wait_s * 1e9)
@@ -826,12 +826,12 @@ class Ledger:
         if eng.lockstep:
             if step.global_step is None:
                 self.counters.unjoined_steps += 1
-                self._attribute(eng, [(shard, step)], complete=False, lockstep=True)
+                _run_through(self._phases(eng, [(shard, step)], complete=False, lockstep=True))
             else:
                 ready, late = eng.join.add(shard, step, self._clock())
                 if late:
                     self.counters.late_steps += 1
-                    self._attribute(eng, [(shard, step)], complete=False, lockstep=True)
+                    _run_through(self._phases(eng, [(shard, step)], complete=False, lockstep=True))
                 if ready and pause is not None:
                     self._parked = self._groups(eng, ready)
                     self.resume(pause)
@@ -839,7 +839,8 @@ class Ledger:
                 for group, timed_out in ready:
                     self._attribute_group(eng, group, timed_out)
         else:
-            self._attribute(eng, [(shard, step)], complete=True, lockstep=eng.coupling == Coupling.LOCKSTEP)
+            lockstep = eng.coupling == Coupling.LOCKSTEP
+            _run_through(self._phases(eng, [(shard, step)], complete=True, lockstep=lockstep))
         self._enforce_bound()
 
     @property
@@ -895,8 +896,7 @@ class Ledger:
         self._enforce_bound()
 
     def _attribute_group(self, eng: EngineState, group: Group, timed_out: bool) -> None:
-        for _ in self._group_phases(eng, group, timed_out):
-            pass
+        _run_through(self._group_phases(eng, group, timed_out))
 
     def _group_phases(self, eng: EngineState, group: Group, timed_out: bool) -> Iterator[bool]:
         self.counters.lockstep_groups += 1
@@ -946,22 +946,6 @@ class Ledger:
                 slots[i] = found
         return slots
 
-    def _attribute(
-        self,
-        eng: EngineState,
-        parts: list[tuple[ShardState, Step]],
-        complete: bool,
-        lockstep: bool,
-        fit_ok: bool | None = None,
-    ) -> None:
-        """Attribute one step (INDEPENDENT) or one lockstep group of steps (see module docstring).
-
-        ``complete``: every shard of the engine is in ``parts``; ``fit_ok``: the critical
-        step may be fed to the cost model (defaults to ``complete``).
-        """
-        for _ in self._phases(eng, parts, complete, lockstep, fit_ok):
-            pass
-
     def _phases(
         self,
         eng: EngineState,
@@ -970,8 +954,12 @@ class Ledger:
         lockstep: bool,
         fit_ok: bool | None = None,
     ) -> Iterator[bool]:
-        """``_attribute`` in four phases; each ends with ``yield True``, where ``on_step``'s
-        ``pause`` may stop it, and their parts end with ``yield False`` (no stop there).
+        """Attribute one step (INDEPENDENT) or one lockstep group of steps (see module docstring).
+
+        ``complete``: every shard of the engine is in ``parts``; ``fit_ok``: the critical
+        step may be fed to the cost model (defaults to ``complete``). ``_run_through`` runs
+        it whole; it comes in four phases, each ending with ``yield True``, where
+        ``on_step``'s ``pause`` may stop it, their parts with ``yield False`` (no stop there).
 
         1. gather and 2. predict and divide change nothing a reader sees (a step's unknown
         handles become partial requests, as they would anyway); 3. every per-request figure
@@ -1774,6 +1762,12 @@ class Ledger:
 
 
 __all__ = ["Ledger", "LedgerConfig", "LedgerCounters", "ShardKey"]
+
+
+def _run_through(work: Iterator[bool]) -> None:
+    """Run attribution phases (``Ledger._phases``) to the end without stopping."""
+    for _ in work:
+        pass
 
 
 def _seq(seq: int | None) -> int:
