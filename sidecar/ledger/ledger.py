@@ -222,7 +222,8 @@ class Ledger:
         self._version = 0
         self._stamp_base = 1
         #: The rest of lockstep groups' attribution that ``on_step(pause=...)`` stopped between
-        #: two phases (``resume``); every mutating entry point finishes it first (``_settle``).
+        #: two phases (``resume``); every other entry point that changes the ledger resumes it
+        #: to the end first, so nothing runs between two phases of a group.
         self._parked: Iterator[bool] | None = None
         # Scratch passed from _blame to _track_storms within one attribution (_phases):
         # shard position -> (the victims waiting for it, their shard numbers).
