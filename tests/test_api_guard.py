@@ -128,10 +128,52 @@ def test_a_call_whose_end_is_never_reported_expires(monkeypatch) -> None:
     monkeypatch.setattr(auth, "STALE_CALL_S", 0.05)
     guard = ApiGuard()
     ctx = Context()
-    guard._unary_started(ctx)
+    guard._unary_started(guard._unary_arrived(), ctx)
     assert guard.unary_in_flight() == 1
     time.sleep(0.06)
     assert guard.unary_in_flight() == 0
     assert guard.counters.stale_calls == 1
     ctx.callback(ctx)  # a late report changes nothing
     assert guard.unary_in_flight() == 0
+
+
+def test_a_call_counts_from_its_start_not_from_its_handler() -> None:
+    """Between the interceptor (the RPC starts) and the handler, gRPC reads the request on its
+    own threads and the loop may have nothing ready: ingest must already see the call then,
+    or it starts a slice the call waits for. Health checks and refused calls never count."""
+
+    class Context:
+        def add_done_callback(self, callback) -> None:
+            self.callback = callback
+
+    class Details:
+        def __init__(self, method: str, metadata=()) -> None:
+            self.method = method
+            self.invocation_metadata = metadata
+
+    async def behavior(request: bytes, context) -> bytes:
+        return b"ok"
+
+    plain = grpc.unary_unary_rpc_method_handler(behavior)
+
+    async def continuation(details):
+        return plain
+
+    async def scenario() -> list[int]:
+        guard = ApiGuard(token="s3cret")
+        seen = []
+        await guard.intercept_service(continuation, Details("/grpc.health.v1.Health/Check"))
+        await guard.intercept_service(continuation, Details(f"/{SERVICE}/Peek"))  # no token: refused
+        seen.append(guard.unary_in_flight())
+        handler = await guard.intercept_service(
+            continuation, Details(f"/{SERVICE}/Peek", (("authorization", "Bearer s3cret"),))
+        )
+        seen.append(guard.unary_in_flight())  # started: counted before any handler runs
+        ctx = Context()
+        assert await handler.unary_unary(b"", ctx) == b"ok"
+        seen.append(guard.unary_in_flight())  # served, the RPC not ended yet
+        ctx.callback(ctx)  # gRPC reports the end
+        seen.append(guard.unary_in_flight())
+        return seen
+
+    assert asyncio.run(scenario()) == [0, 1, 1, 0]

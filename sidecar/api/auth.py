@@ -118,7 +118,8 @@ class ApiGuard(grpc.aio.ServerInterceptor):
         self._tokens = itertools.count()
 
     def unary_in_flight(self) -> int:
-        """Unary calls between their handler's start and the end of the RPC (reply sent)."""
+        """Unary calls between their start (this interceptor, before their request message is
+        read) and the end of the RPC (reply sent)."""
         calls = self._unary
         if calls:
             oldest = next(iter(calls))
@@ -127,9 +128,17 @@ class ApiGuard(grpc.aio.ServerInterceptor):
                 self.counters.stale_calls += 1
         return len(calls)
 
-    def _unary_started(self, context) -> None:
+    def _unary_arrived(self) -> int:
+        """Count a unary call from its start. Between this and its handler, gRPC reads the
+        request message on its own threads: a slice of ingest started in that gap (the loop
+        has nothing else ready) was one the call then waited for (0.2-0.4 ms, measured)."""
         token = next(self._tokens)
         self._unary[token] = time.perf_counter()
+        return token
+
+    def _unary_started(self, token: int, context) -> None:
+        """The handler runs: the count ends with the RPC (a call whose message never came
+        expires after ``STALE_CALL_S``)."""
         try:
             context.add_done_callback(lambda _ctx: self._unary.pop(token, None))
         except Exception:  # a context without done callbacks: do not count it
@@ -199,9 +208,10 @@ class ApiGuard(grpc.aio.ServerInterceptor):
         behavior = handler.unary_unary
         assert behavior is not None  # _checked wraps unary-unary handlers only
         guard = self
+        token = self._unary_arrived()  # called per RPC, as it starts
 
         async def unary(request, context):
-            guard._unary_started(context)
+            guard._unary_started(token, context)
             if type(request) is _BadBody:
                 await guard._refuse_bad_body(request, method, context)
             return await behavior(request, context)
