@@ -959,18 +959,20 @@ class Ledger:
 
         ``complete``: every shard of the engine is in ``parts``; ``fit_ok``: the critical
         step may be fed to the cost model (defaults to ``complete``). ``_run_through`` runs
-        it whole; it comes in four phases, each ending with ``yield True``, where
-        ``on_step``'s ``pause`` may stop it, their parts with ``yield False`` (no stop there).
+        it whole; ``yield True`` marks where ``on_step``'s ``pause`` may stop it (~0.1 ms
+        apart at 8 x 256 entries), ``yield False`` a point inside the per-request phase,
+        where it may not.
 
-        1. gather and 2. predict and divide change nothing a reader sees (a step's unknown
-        handles become partial requests, as they would anyway); 3. every per-request figure
-        of the group, whole; 4. what the group adds to its shards, the storms and the cost
-        model. Nothing else runs in the ledger between them (every other entry point first
-        finishes parked work), so the result is the same as the phases run back to back.
+        Resolving handles, gathering, predicting and dividing change nothing a reader sees
+        (a step's unknown handles become partial requests, as they would anyway); then every
+        per-request figure of the group, whole (~0.25 ms); then what the group adds to its
+        shards and storms, and to the cost model. Nothing else runs in the ledger between
+        them (every other entry point first finishes parked work), so the result is the same
+        as the phases run back to back.
         """
         model = eng.model if lockstep else parts[0][0].model
         slots = [self._resolve(sh, st) for sh, st in parts]
-        yield False
+        yield True
         batch, base = self._gather(parts, slots)
         yield True
         pred = predict(batch, model)
@@ -982,7 +984,7 @@ class Ledger:
             missing = self._missing_critical(eng, parts, crit_shard)
             if missing is not None:
                 critical, crit_shard = -1, missing
-        yield False
+        yield True
         div = divide(batch, pred, critical, eng.tie_factor if lockstep and complete else None)
         yield True
         if div.uncharged:
@@ -1002,7 +1004,7 @@ class Ledger:
         yield True
         self._track_storms(parts, batch, pred, excluded, caused)
         self._shard_stats(parts, batch, pred)
-        yield False
+        yield True
         self.counters.steps += batch.m
         self.counters.entries += batch.slots.size
         for sh, st in parts:
