@@ -4,7 +4,7 @@ One asyncio protocol per connection queues what it reads; a pump decodes it
 (sidecar.ingest.frames) and feeds the ledger in the order it arrived, in slices
 of at most ``slice_s`` per loop callback so gRPC calls are served between them
 (``DISPATCH_SLICE_S`` says why); a slice ends sooner, between frames or between the
-phases of a lockstep group's attribution, when a call waits (``slice_over``). Nothing here waits on a
+parts of a lockstep group's attribution, when a call waits (``slice_over``). Nothing here waits on a
 gRPC client: subscribers are served by the fan-out from ledger snapshots, so
 a slow or stuck reader cannot back-pressure an engine.
 
@@ -333,7 +333,7 @@ class _Connection(asyncio.Protocol):
     def _dispatch(self, frames: list, pos: int) -> int:
         """Feed ``frames[pos:]`` to the ledger until the slice is over (``slice_over``); return the
         position of the first frame not fed (``len(frames)`` when all were, or the connection
-        closed). A step whose group the ledger parked between phases counts as fed."""
+        closed). A step whose group the ledger parked between parts counts as fed."""
         srv = self.server
         ledger = srv.ledger
         counters = srv.counters
@@ -605,11 +605,12 @@ class IngestServer:
         """The running slice should end now: its time is up, or (looked at every
         ``LOOK_EVERY_S``) a unary call is being served or some other loop work waits: a
         readable socket that is not ours, such as gRPC's completion queue waking the loop
-        for a call that just arrived. Ending between two frames, or between two phases of a
+        for a call that just arrived. Ending between two frames, or between two parts of a
         lockstep group's attribution (``Ledger.on_step``'s ``pause``), such a call waits for
-        one phase (~0.2 ms at 8 x 256 entries), not for the slice. The ledger also asks
-        within a phase (``boundary`` False), where it cannot stop: the answer is kept for
-        the next boundary, and the look's yield of the CPU (below) still helps.
+        one part of it (~0.1 ms, the per-request accounting ~0.25 ms at 8 x 256 entries), not
+        for the slice. The ledger also asks inside the accounting (``boundary`` False), where
+        it cannot stop: the answer is kept for the next stop, and the look's yield of the
+        CPU (below) still helps.
 
         Each look first yields the CPU (``sched_yield``): the call only reaches the loop once
         gRPC's own threads have read it, and where they share a core with this thread (a

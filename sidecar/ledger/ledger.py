@@ -788,15 +788,14 @@ class Ledger:
         """Attribute ``step`` (INDEPENDENT) or add it to its lockstep group, attributing the groups
         it completes.
 
-        With ``pause``, the attribution of completed groups may stop between two of its phases
-        when ``pause(True)`` is true (``parked``; ``resume`` goes on): a group of 8 x 256
-        entries is ~0.7 ms of work, and ingest's slices use this to let a unary call in before
-        the rest of it. A parked group changed nothing a reader sees before its accounting
-        phase, which runs whole; the shard and model aggregates follow in a phase of their own
-        (``_phases``). Within a phase, between its parts (~0.1 ms each), ``pause(False)`` is
-        called too and its answer ignored: the caller may give up the CPU there (to other
-        threads of the process) but not the ledger. Without ``pause`` everything is
-        attributed before this returns.
+        With ``pause``, the attribution of completed groups may stop after any of its parts
+        (~0.1 ms apart) when ``pause(True)`` is true (``parked``; ``resume`` goes on): a group
+        of 8 x 256 entries is ~0.7 ms of work, and ingest's slices use this to let a unary
+        call in before the rest of it. A parked group changed nothing a reader sees before its
+        accounting part, which runs whole; the shard and model aggregates follow (``_phases``).
+        Inside the accounting ``pause(False)`` is called too and its answer ignored: the
+        caller may give up the CPU there (to other threads of the process) but not the
+        ledger. Without ``pause`` everything is attributed before this returns.
         """
         if self._parked is not None:
             self.resume()
@@ -851,7 +850,7 @@ class Ledger:
 
     def resume(self, pause: Callable[[bool], bool] | None = None) -> bool:
         """Go on with parked attribution, stopping again between phases when ``pause(True)``
-        is true; True when nothing is left parked. At least one phase runs per call."""
+        is true; True when nothing is left parked. At least one part runs per call."""
         work = self._parked
         if work is None:
             return True
