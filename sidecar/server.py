@@ -388,7 +388,11 @@ class Sidecar:
                 # Time is only as late as the oldest record still queued in ingest: a lockstep
                 # group's wait must not run out while its stragglers sit in that queue.
                 fed_until = self.ingest.fed_until_ns()
-                self.ledger.tick(None if fed_until is None else min(fed_until, time.time_ns()))
+                # A group parked for a call is ingest's to finish, part by part; ticking now
+                # would finish it in one go, in the call's way. Parked work lasts at most
+                # until ingest's next slice: the tick comes PUBLISH_PERIOD_S later.
+                if not self.ledger.parked:
+                    self.ledger.tick(None if fed_until is None else min(fed_until, time.time_ns()))
                 if self.finished is not None:
                     self.finished.pump()
                 self.fanout.publish()

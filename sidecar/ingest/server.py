@@ -4,7 +4,7 @@ One asyncio protocol per connection queues what it reads; a pump decodes it
 (sidecar.ingest.frames) and feeds the ledger in the order it arrived, in slices
 of at most ``slice_s`` per loop callback so gRPC calls are served between them
 (``DISPATCH_SLICE_S`` says why); a slice ends sooner, between frames or between the
-parts of a lockstep group's attribution, when a call waits (``slice_over``). Nothing here waits on a
+parts of a lockstep group's attribution, when a call waits (``call_waiting``). Nothing here waits on a
 gRPC client: subscribers are served by the fan-out from ledger snapshots, so
 a slow or stuck reader cannot back-pressure an engine.
 
@@ -351,7 +351,7 @@ class _Connection(asyncio.Protocol):
             t = type(frame)
             try:
                 if t is Step:
-                    ledger.on_step(key, frame, stop)
+                    ledger.on_step(key, frame, srv.call_waiting)
                     counters.steps += 1
                     counters.entries += len(frame.handles)
                     if ledger.live_requests(key) > srv.limits.max_live_per_shard:
@@ -601,16 +601,23 @@ class IngestServer:
         if self._queue or self.ledger.parked:
             self._pump_handle = loop.call_soon(self._pump)
 
-    def slice_over(self, boundary: bool = True) -> bool:
-        """The running slice should end now: its time is up, or (looked at every
-        ``LOOK_EVERY_S``) a unary call is being served or some other loop work waits: a
-        readable socket that is not ours, such as gRPC's completion queue waking the loop
-        for a call that just arrived. Ending between two frames, or between two parts of a
-        lockstep group's attribution (``Ledger.on_step``'s ``pause``), such a call waits for
-        one part of it (~0.1 ms, the per-request accounting ~0.25 ms at 8 x 256 entries), not
-        for the slice. The ledger also asks inside the accounting (``boundary`` False), where
-        it cannot stop: the answer is kept for the next stop, and the look's yield of the
-        CPU (below) still helps.
+    def slice_over(self) -> bool:
+        """The running slice should end now, before the next frame: its time is up, or a call
+        waits (``call_waiting``)."""
+        return self._over or time.perf_counter() >= self._deadline or self.call_waiting()
+
+    def call_waiting(self, boundary: bool = True) -> bool:
+        """A unary call is being served or some other loop work waits, looked at every
+        ``LOOK_EVERY_S`` of work: a readable socket that is not ours, such as gRPC's
+        completion queue waking the loop for a call that just arrived.
+
+        This is the ledger's ``pause`` (``Ledger.on_step``): a lockstep group's attribution
+        (~0.7 ms at 8 x 256 entries) stops after its current part for a waiting call, which
+        then waits ~0.1 ms (the per-request accounting: ~0.25 ms), not for the slice. Only
+        for a call: a slice whose time is up finishes its group, as ticks and disconnects
+        would otherwise finish it in one go. The ledger also asks inside the accounting
+        (``boundary`` False), where it cannot stop: the answer is kept for the next stop,
+        and the look's yield of the CPU (below) still helps.
 
         Each look first yields the CPU (``sched_yield``): the call only reaches the loop once
         gRPC's own threads have read it, and where they share a core with this thread (a
@@ -620,11 +627,10 @@ class IngestServer:
         """
         if self._over:
             return True
+        if not self._look:
+            return False
         now = time.perf_counter()
-        if now >= self._deadline:
-            self._over = True
-            return True
-        if not self._look or now < self._next_look:
+        if now < self._next_look:
             return False
         self._next_look = now + LOOK_EVERY_S
         os.sched_yield()
@@ -646,7 +652,7 @@ class IngestServer:
         self._next_look = time.perf_counter() + LOOK_EVERY_S
         stop = self.slice_over
         ledger = self.ledger
-        if ledger.parked and not ledger.resume(stop):
+        if ledger.parked and not ledger.resume(self.call_waiting):
             return
         queue = self._queue
         while queue:
