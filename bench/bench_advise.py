@@ -204,13 +204,19 @@ def run(args, slice_s: float, rate: float) -> dict[str, list[float] | int]:
                 done = threading.Event()
                 threading.Thread(target=lambda: (child.join(), done.set()), daemon=True).start()
                 half = time.monotonic() + args.seconds / 2
+                # At least 300 calls of each kind, or what a quarter of the loaded phase holds at
+                # the call rate: more than the pusher's load lasts would be measured without it
+                # (and once it disconnected, Advise has no shard to advise on).
+                least = (
+                    max(20, min(300, int(args.seconds * args.call_rate / 4))) if args.call_rate > 0 else 300
+                )
                 loaded_adv, loaded_floor = measure(
                     [advise, floor_advise],
                     lambda: time.monotonic() > half or done.is_set(),
-                    300,
+                    least,
                     args.call_rate,
                 )
-                (loaded_get,) = measure([get], done.is_set, 300, args.call_rate)
+                (loaded_get,) = measure([get], done.is_set, least, args.call_rate)
             steps = sum(s.steps for s in client.get_shards("bench"))
     finally:
         stop.set()
