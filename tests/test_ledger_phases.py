@@ -155,9 +155,9 @@ def test_resume_stops_at_each_phase_boundary_and_ends_with_nothing_parked() -> N
     stops = 1  # on_step ran the first part
     while not led.resume(lambda _b: True):
         stops += 1
-    # Seven parts stop-able after each (handles, gather, predict, divide, accounting, shard
-    # stats and storms, model): six stops, the last resume returns True. Never inside the
-    # accounting, which a reader sees whole.
-    assert stops == 6
+    # Eight parts, stop-able after each (handles, gather, predict, divide, accounting, shard
+    # stats and storms, the step into the model, the model's refit when due): seven stops,
+    # the last resume returns True. Never inside the accounting, which a reader sees whole.
+    assert stops == 7
     assert not led.parked and led.get("a").steps == a_steps + 1
     assert led.resume() and led.resume(lambda _b: True)  # nothing parked: nothing to do

@@ -189,6 +189,20 @@ def _fit_trimmed(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
     return beta
 
 
+_warm = False
+
+
+def warm_up() -> None:
+    """Run one tiny fit, once per process: numpy's first linear solve costs ~15 ms (loading
+    and initialising LAPACK), which would otherwise land on the first refit, under load."""
+    global _warm
+    if _warm:
+        return
+    _warm = True
+    x = np.array([[1.0, 1.0, 0.0, 2.0, 1.0], [1.0, 2.0, 1.0, 1.0, 3.0], [1.0, 3.0, 2.0, 4.0, 2.0]] * 3)
+    fit_nnls_ridge(x, x @ np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
+
+
 def step_features(p: np.ndarray, q: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Feature vector [1, Σp, Σp(c+p/2), n_decode, Σ_decode c] of one batch (float64).
 
@@ -274,6 +288,12 @@ class CostModel:
     # ---- learning ----------------------------------------------------------------------
     def observe(self, x: np.ndarray, d_ns: float) -> bool:
         """Add one step (features x, measured duration d_ns); refit when due. Returns True on refit."""
+        self.record(x, d_ns)
+        return self.fit_if_due()
+
+    def record(self, x: np.ndarray, d_ns: float) -> None:
+        """``observe``'s first half: add the step to the window (the ledger runs the second,
+        ``fit_if_due``, as a part of its own: a refit is ~1 ms, too long in one go)."""
         i = self._pos
         if self._n == self.window:
             old = self._x[i]
@@ -287,6 +307,9 @@ class CostModel:
         self._sum_tok += x[1] + x[3]
         self._pos = (i + 1) % self.window
         self._since_fit += 1
+
+    def fit_if_due(self) -> bool:
+        """``observe``'s second half: refit when due (True when it did), else the cold fit."""
         due = self._since_fit >= self.refit_every or (self.beta is None and self._n >= MIN_OBSERVATIONS)
         if due and self.refit():
             return True

@@ -96,7 +96,7 @@ from enginetime.sidecar.ledger.attribution import (
     reprice_prefill,
     step_scalars,
 )
-from enginetime.sidecar.ledger.costmodel import CostModel, step_features
+from enginetime.sidecar.ledger.costmodel import CostModel, step_features, warm_up
 from enginetime.sidecar.ledger.join import Group
 from enginetime.sidecar.ledger.modelstate import ModelStateFile, dump_model, model_key
 from enginetime.sidecar.ledger.shards import EngineState, ShardState, append_in_window
@@ -234,6 +234,7 @@ class Ledger:
         self._model_state = ModelStateFile(cfg.model_state_path) if cfg.model_state_path else None
         self._state_every_ns = int(cfg.model_state_interval_s * 1e9)
         self._state_saved_ns = clock()
+        warm_up()
 
     # =====================================================================================
     # connections
@@ -1031,7 +1032,9 @@ class Ledger:
                             if float(pred.pf_sum[div.top_set].sum()) <= 0.0:
                                 eng.slowdown.observe(ratio * eng.noise.factor(k_top))
                     y *= eng.tie_factor(k_top)
-                if model.observe(x, y):
+                model.record(x, y)
+                yield True  # a refit is ~1 ms (every refit_every groups): a part of its own
+                if model.fit_if_due():
                     self.counters.model_fits += 1
 
     def _gather(self, parts: list[tuple[ShardState, Step]], resolved: list[np.ndarray]) -> tuple[Batch, int]:
