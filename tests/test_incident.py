@@ -136,6 +136,13 @@ def test_mixed_policy_shortens_the_same_shard_stall(run):
     assert n_mixed["blame"][0]["request_id"] == STORM_RID and n_mixed["blame"][0]["same_shard"]
 
 
+def _timeline(pol: dict) -> str:
+    """The policies run in full (pytest cuts a long dict short): when the storm was sent and how
+    long it took, and each trajectory's wall and engine time, tell a storm that missed the
+    trajectories from a server that did not kill."""
+    return json.dumps(pol, indent=1)
+
+
 def test_two_session_servers_wall_clock_kills_the_longest_the_guard_only_the_runaway(run):
     report = run("lockstep")
     pol = report["policies"]
@@ -146,7 +153,7 @@ def test_two_session_servers_wall_clock_kills_the_longest_the_guard_only_the_run
     # The wall-clock read timeout kills every trajectory the storm caught, and they are the longest ones.
     wall_killed = [r["max_new_tokens"] for r in wall["killed"]]
     wall_ok = [r["max_new_tokens"] for r in wall["completed"]]
-    assert len(wall_killed) >= 3 and wall_ok, pol
+    assert len(wall_killed) >= 3 and wall_ok, _timeline(pol)
     assert min(wall_killed) > max(wall_ok), pol
     for r in wall["killed"]:
         assert r["reason"] == "read_timeout" and r["http_status"] == 504
