@@ -172,15 +172,15 @@ def test_orca_stream_cost_report_and_storm_warning(sidecar) -> None:
                 eng.group({**DECODERS, 0: [*DECODERS[0], (50, min(CHUNK, BIG - start), 0, start)]})
             started = next(big)
             assert started.phase == InterferencePhase.STARTED
+
             # A report is served before ingest the sidecar has queued (calls never wait for it), so
             # the last chunks may not be attributed yet: wait for the report that has seen them all.
+            def settled() -> orca_load_report_pb2.OrcaLoadReport | None:
+                report = reports(channel, 1, 0.2)[0][1]
+                return report if report.named_metrics["enginetime.predicted_stall_seconds"] == 0 else None
+
             during = wait_until(
-                lambda: (
-                    (r := reports(channel, 1, 0.2)[0][1]).named_metrics["enginetime.predicted_stall_seconds"]
-                    == 0
-                    and r
-                ),
-                message="the predicted stall never fell to 0 once every chunk of the prefill had run",
+                settled, message="the predicted stall never fell to 0 once every chunk of the prefill had run"
             )
             assert during.named_metrics["enginetime.storm_active"] == 1
             assert during.named_metrics["enginetime.storm_stall_seconds"] >= 1.0
