@@ -219,17 +219,35 @@ def advice_from_pb(m: pb.Advice) -> Advice:
     for a in m.shards:
         pf, st = _dur_ns(a.predicted_prefill), _dur_ns(a.predicted_stall)
         shards.append(ShardAdvice(a.shard, a.cached_tokens, pf / 1e9, pf, st / 1e9, st, a.active_requests))
-    return Advice(m.recommended_shard, m.reason, tuple(shards), m.storm_active, m.calibrated)
+    return Advice(
+        m.recommended_shard, m.reason, tuple(shards), m.storm_active, m.calibrated, m.after_request_seen
+    )
 
 
-def advise_request(engine_id: str, session_id: str, prompt_tokens: int) -> pb.AdviseRequest:
+def advise_request(
+    engine_id: str,
+    session_id: str,
+    prompt_tokens: int,
+    after_request_id: str = "",
+    max_wait: float | None = None,
+) -> pb.AdviseRequest:
     if not engine_id:
         raise ValueError("engine_id is empty: name the engine the turn is for (get_shards() lists them)")
     if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or prompt_tokens <= 0:
         raise ValueError(
             f"prompt_tokens must be a positive int (the turn's whole prompt), got {prompt_tokens!r}"
         )
-    return pb.AdviseRequest(engine_id=engine_id, session_id=session_id, prompt_tokens=prompt_tokens)
+    req = pb.AdviseRequest(
+        engine_id=engine_id,
+        session_id=session_id,
+        prompt_tokens=prompt_tokens,
+        after_request_id=after_request_id,
+    )
+    if max_wait is not None:
+        if not after_request_id:
+            raise ValueError("max_wait needs after_request_id: it bounds the wait for that request's end")
+        req.max_wait.CopyFrom(duration_from_seconds(max_wait, "max_wait"))
+    return req
 
 
 def interference_from_pb(m: pb.InterferenceEvent) -> InterferenceEvent:

@@ -213,13 +213,23 @@ class AsyncAccountingClient(BaseClient):
         return resp.report
 
     async def advise(
-        self, *, engine_id: str, session_id: str = "", prompt_tokens: int, timeout: float | None = None
+        self,
+        *,
+        engine_id: str,
+        session_id: str = "",
+        prompt_tokens: int,
+        after_request_id: str = "",
+        max_wait: float | None = None,
+        timeout: float | None = None,
     ) -> Advice:
         """Where to send ``session_id``'s next turn of ``prompt_tokens`` on ``engine_id``, and why.
 
         Send the turn to ``advice.recommended_shard`` (SGLang: ``routed_dp_rank``).
+        ``after_request_id``: the session's previous turn; the sidecar answers once it has
+        seen that request end (the engine's hooks report a few ms behind the engine), or
+        after ``max_wait`` seconds (default 0.25, at most 2) with ``after_request_seen`` False.
         """
-        req = cv.advise_request(engine_id, session_id, prompt_tokens)
+        req = cv.advise_request(engine_id, session_id, prompt_tokens, after_request_id, max_wait)
         resp = await self._unary("Advise", req, timeout)
         return cv.advice_from_pb(resp.advice)
 

@@ -292,6 +292,9 @@ class Advice:
     storm_active: bool
     #: The sidecar's cost model is calibrated (predictions are real time, not token guesses).
     calibrated: bool
+    #: ``after_request_id`` was given and the sidecar had seen that request end before it
+    #: advised; False when it had not within ``max_wait`` (the advice may not know that turn).
+    after_request_seen: bool = False
 
     def shard(self, number: int) -> ShardAdvice:
         """The entry of shard ``number`` (KeyError when that shard is not connected)."""

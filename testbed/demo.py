@@ -605,7 +605,10 @@ class Scenario:
         def turn() -> None:
             prompt = len(session.history) + cfg.turn_tokens
             box["advice"] = self.acct.advise(
-                engine_id=engine_id, session_id=session.session_id, prompt_tokens=prompt
+                engine_id=engine_id,
+                session_id=session.session_id,
+                prompt_tokens=prompt,
+                after_request_id=session.turns[-1].rid if session.turns else "",
             )
             box["turn"] = driver.run_turn(session, cfg.turn_tokens, max_new_tokens=8, rid=ADVISED_RID)
 

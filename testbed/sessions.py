@@ -9,8 +9,10 @@ is the routing policy's choice:
 * ``round-robin`` — turn t of session s goes to shard (s + t) mod N: turns migrate,
   and a migrated turn prefills its whole history from scratch (the incident).
 * ``advised`` — each turn goes where the sidecar's ``Advise`` says (``advisor``: a
-  callable of session id and prompt length returning a shard, e.g.
-  ``advisor_for(client, engine_id)``): the shard it estimates holds the session's prefix.
+  callable of session id, prompt length and the previous turn's request id returning a
+  shard, e.g. ``advisor_for(client, engine_id)``): the shard it estimates holds the
+  session's prefix. The previous turn's id makes the sidecar answer only once it has seen
+  that turn end (the hooks report a few ms behind the engine's response).
 
 Works against the testbed or a real SGLang server (``routed_dp_rank`` pins the shard).
 """
@@ -27,16 +29,20 @@ import httpx
 
 ROUTINGS = ("round-robin", "sticky", "advised")
 
-#: (session id, prompt tokens) -> shard: where ``advised`` routing sends a turn.
-Advisor = Callable[[str, int], int]
+#: (session id, prompt tokens, previous turn's request id or "") -> shard: where ``advised``
+#: routing sends a turn.
+Advisor = Callable[[str, int, str], int]
 
 
 def advisor_for(client, engine_id: str) -> Advisor:
     """An ``Advisor`` asking a sidecar (an ``AccountingClient``) about ``engine_id``."""
 
-    def advise(session_id: str, prompt_tokens: int) -> int:
+    def advise(session_id: str, prompt_tokens: int, after_request_id: str = "") -> int:
         return client.advise(
-            engine_id=engine_id, session_id=session_id, prompt_tokens=prompt_tokens
+            engine_id=engine_id,
+            session_id=session_id,
+            prompt_tokens=prompt_tokens,
+            after_request_id=after_request_id,
         ).recommended_shard
 
     return advise
@@ -143,7 +149,8 @@ class SessionDriver:
     def route(self, session: Session, prompt_tokens: int = 0) -> int:
         turn = len(session.turns)
         if self.routing == "advised" and self.advisor is not None and prompt_tokens > 0:
-            return self.advisor(session.session_id, prompt_tokens)
+            previous = session.turns[-1].rid if session.turns else ""
+            return self.advisor(session.session_id, prompt_tokens, previous)
         if self.routing == "sticky" and session.last_shard is not None:
             return session.last_shard
         return (session.index + turn) % self.num_shards

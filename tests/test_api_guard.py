@@ -34,6 +34,15 @@ async def _serve(guard: ApiGuard, release: asyncio.Event) -> tuple[grpc.aio.Serv
         await asyncio.sleep(2.0)
         return b""
 
+    async def wait(request: bytes, context) -> bytes:
+        """The count before, while and after waiting for ingest (``request``: seconds to wait)."""
+        seen = [guard.unary_in_flight()]
+        with auth.waiting_for_ingest():
+            seen.append(guard.unary_in_flight())
+            await asyncio.sleep(float(request or b"0"))
+        seen.append(guard.unary_in_flight())
+        return ",".join(map(str, seen)).encode()
+
     async def parse(request: pb.AdviseRequest, context) -> pb.AdviseResponse:
         return pb.AdviseResponse()
 
@@ -46,6 +55,7 @@ async def _serve(guard: ApiGuard, release: asyncio.Event) -> tuple[grpc.aio.Serv
             "Peek": raw(peek),
             "Fail": raw(fail),
             "Slow": raw(slow),
+            "Wait": raw(wait),
             "Parse": grpc.unary_unary_rpc_method_handler(
                 parse,
                 request_deserializer=pb.AdviseRequest.FromString,
@@ -177,3 +187,36 @@ def test_a_call_counts_from_its_start_not_from_its_handler() -> None:
         return seen
 
     assert asyncio.run(scenario()) == [0, 1, 1, 0]
+
+
+def test_a_call_waiting_for_ingest_does_not_count_while_it_waits() -> None:
+    """Advise's ``after_request_id`` waits for ingest to record a request's end; counted in
+    flight meanwhile, it would hold back the ingest it waits for. It counts again once the
+    wait is over, and a call cancelled during the wait (its deadline) does not come back."""
+
+    async def scenario() -> tuple[bytes, grpc.StatusCode | None, bool]:
+        guard = ApiGuard()
+        server, port = await _serve(guard, asyncio.Event())
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_unary(f"/{SERVICE}/Wait")
+                seen = await call(b"0.01", timeout=5)
+                code = None
+                try:
+                    await call(b"2", timeout=0.2)
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                drained = await poll_async(lambda: guard.unary_in_flight() == 0, 0.5, 0.002)
+                await asyncio.sleep(0.05)  # nothing puts the cancelled call back
+                return (
+                    seen,
+                    code,
+                    drained and guard.unary_in_flight() == 0 and guard.counters.stale_calls == 0,
+                )
+        finally:
+            await server.stop(0)
+
+    seen, code, drained = asyncio.run(scenario())
+    assert seen == b"1,0,1"
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert drained

@@ -11,18 +11,22 @@ One grpc.aio server interceptor does both:
 
 It also counts the unary calls being served (``unary_in_flight``): ingest holds its next
 slice of ledger work while one is, so a call that started runs to its reply without
-waiting for ledger work at each of its awaits (``IngestServer._pump``).
+waiting for ledger work at each of its awaits (``IngestServer._pump``). A call that waits
+*for* ingest (Advise's ``after_request_id``) steps out of that count while it waits
+(``waiting_for_ingest``): counted, it would hold back the very work it waits for.
 
 TLS and mTLS are the server's credentials (``server_credentials``), not an interceptor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +43,30 @@ BAD_REQUEST = "bad_request"
 #: A unary call still counted in flight after this long lost its done callback (it should
 #: not happen): it stops holding ingest back and is counted in ``ApiGuardCounters.stale_calls``.
 STALE_CALL_S = 1.0
+
+
+#: The unary call the current task serves: (its guard, its in-flight token); set by ApiGuard.
+_SERVING: ContextVar[tuple[ApiGuard, int] | None] = ContextVar("enginetime_unary_call", default=None)
+
+
+@contextlib.contextmanager
+def waiting_for_ingest() -> Iterator[None]:
+    """Within the block, the unary call this task serves does not count as in flight.
+
+    Ingest holds its ledger work back while a unary call is in flight; a call that awaits
+    something ingest must do first (a request's end) would otherwise wait for itself until
+    its in-flight entry expired (``STALE_CALL_S``). It counts again from the block's normal
+    end; an RPC cancelled in the block (its deadline passed) is not counted again.
+    """
+    serving = _SERVING.get()
+    if serving is None:  # not under an ApiGuard (a test calling the servicer directly)
+        yield
+        return
+    guard, token = serving
+    counted = guard._unary.pop(token, None) is not None
+    yield
+    if counted:
+        guard._unary[token] = time.perf_counter()
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +240,7 @@ class ApiGuard(grpc.aio.ServerInterceptor):
 
         async def unary(request, context):
             guard._unary_started(token, context)
+            _SERVING.set((guard, token))
             if type(request) is _BadBody:
                 await guard._refuse_bad_body(request, method, context)
             return await behavior(request, context)

@@ -17,6 +17,8 @@ Behaviour worth knowing as a client:
   opaque, bound to the filter, and INVALID_ARGUMENT when it does not fit.
 - StreamInterference(shard=N) passes storms whose aggressor ran on shard N or
   whose victims include shard N.
+- Advise with ``after_request_id`` first waits, bounded by ``max_wait``, until the
+  ledger has recorded that request's end (``endwaits``); the advice says whether it had.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import NoReturn
 import grpc
 
 from enginetime.sidecar.api import convert, orca
+from enginetime.sidecar.api.endwaits import DEFAULT_WAIT_S, MAX_WAIT_S, EndWaits
 from enginetime.sidecar.api.fanout import FanOut, InterferenceFilter, RequestSubscriber
 from enginetime.sidecar.config import LedgerConfig
 from enginetime.sidecar.ingest.limits import MAX_TEXT_BYTES, clip_text, quote
@@ -92,6 +95,8 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
         self.storm_threshold_ns = int(config.storm_threshold_s * 1e9)
         #: Ids longer than this were stored clipped (ingest's --max-text-bytes); look them up alike.
         self.max_text_bytes = max_text_bytes
+        #: Advise's after_request_id: waits for a request's end, bounded (endwaits).
+        self.end_waits = EndWaits(ledger)
 
     # -- unary ------------------------------------------------------------------------------
 
@@ -164,6 +169,17 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "prompt_tokens is 0: pass the turn's whole prompt length in tokens (history included)",
             )
+        after = clip_text(request.after_request_id, self.max_text_bytes)
+        seen = False
+        if after:
+            wait_s = DEFAULT_WAIT_S
+            if request.HasField("max_wait"):
+                ns = convert.duration_ns(request.max_wait)
+                if ns < 0:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_wait must not be negative")
+                if ns > 0:
+                    wait_s = min(ns / 1e9, MAX_WAIT_S)
+            seen = await self.end_waits.wait_ended(after, engine_id, wait_s)
         try:
             view = self.ledger.advise(
                 engine_id, clip_text(request.session_id, self.max_text_bytes), request.prompt_tokens
@@ -180,7 +196,15 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
             await _abort(
                 context, grpc.StatusCode.FAILED_PRECONDITION, f"{exc}; wait for its recorders to reconnect"
             )
-        return pb.AdviseResponse(advice=convert.advice_to_proto(view))
+        msg = convert.advice_to_proto(view)
+        if after:
+            msg.after_request_seen = seen
+            if not seen:
+                msg.reason += (
+                    f" (request {quote(after)} had not ended here when this advice was made: it may "
+                    "not know that turn yet; the engine's hooks may lag, or the id is not this engine's)"
+                )
+        return pb.AdviseResponse(advice=msg)
 
     # -- streams ----------------------------------------------------------------------------
 

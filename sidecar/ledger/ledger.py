@@ -695,6 +695,17 @@ class Ledger:
             raise AmbiguousRequestError(request_id, list(held))
         return next(iter(held.values()))
 
+    def request_end(self, request_id: str, engine_id: str) -> tuple[int, bool] | None:
+        """``(key, ended)`` for ``engine_id``'s request ``request_id``; None when not held.
+
+        ``key`` is what terminal listeners are called with, so a caller waiting for the
+        request to end (Advise's ``after_request_id``) can wait for that one key.
+        """
+        req = self.find(request_id, engine_id)
+        if req is None or req.slot < 0:
+            return None
+        return req.rid, int(self._cols.state[req.slot]) in _TERMINAL
+
     def engines_holding(self, request_id: str) -> list[str]:
         """Engines holding a request with this id (sorted)."""
         return sorted(self._by_engine_id.get(request_id, ()))

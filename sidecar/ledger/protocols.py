@@ -84,6 +84,12 @@ class AccountingReader(Protocol):
         """Where a session's next turn should run; KeyError for an unknown engine."""
         ...
 
+    def request_end(self, request_id: str, engine_id: str) -> tuple[int, bool] | None:
+        """(its key, whether it ended) for a held request; None when not held. O(1)."""
+        ...
+
+    def add_terminal_listener(self, listener: Callable[[int], None]) -> None: ...
+
 
 class ChangeFeed(Protocol):
     """What the fan-out reads: requests by slot, what changed since the last take, wire bytes.

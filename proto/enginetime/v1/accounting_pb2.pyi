@@ -359,14 +359,18 @@ class StreamInterferenceResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[InterferenceEvent, _Mapping]] = ...) -> None: ...
 
 class AdviseRequest(_message.Message):
-    __slots__ = ("engine_id", "session_id", "prompt_tokens")
+    __slots__ = ("engine_id", "session_id", "prompt_tokens", "after_request_id", "max_wait")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    AFTER_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     session_id: str
     prompt_tokens: int
-    def __init__(self, engine_id: _Optional[str] = ..., session_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+    after_request_id: str
+    max_wait: _duration_pb2.Duration
+    def __init__(self, engine_id: _Optional[str] = ..., session_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., after_request_id: _Optional[str] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ShardAdvice(_message.Message):
     __slots__ = ("shard", "cached_tokens", "predicted_prefill", "predicted_stall", "active_requests")
@@ -383,18 +387,20 @@ class ShardAdvice(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., predicted_prefill: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., predicted_stall: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., active_requests: _Optional[int] = ...) -> None: ...
 
 class Advice(_message.Message):
-    __slots__ = ("recommended_shard", "reason", "shards", "storm_active", "calibrated")
+    __slots__ = ("recommended_shard", "reason", "shards", "storm_active", "calibrated", "after_request_seen")
     RECOMMENDED_SHARD_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     STORM_ACTIVE_FIELD_NUMBER: _ClassVar[int]
     CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    AFTER_REQUEST_SEEN_FIELD_NUMBER: _ClassVar[int]
     recommended_shard: int
     reason: str
     shards: _containers.RepeatedCompositeFieldContainer[ShardAdvice]
     storm_active: bool
     calibrated: bool
-    def __init__(self, recommended_shard: _Optional[int] = ..., reason: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardAdvice, _Mapping]]] = ..., storm_active: bool = ..., calibrated: bool = ...) -> None: ...
+    after_request_seen: bool
+    def __init__(self, recommended_shard: _Optional[int] = ..., reason: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardAdvice, _Mapping]]] = ..., storm_active: bool = ..., calibrated: bool = ..., after_request_seen: bool = ...) -> None: ...
 
 class AdviseResponse(_message.Message):
     __slots__ = ("advice",)
