@@ -326,6 +326,11 @@ def test_advise_after_request_answers_once_that_turn_has_ended(module_sidecar) -
             assert time.monotonic() - started >= 0.2
             assert not blind.after_request_seen
             assert "had not ended here" in blind.reason
+            # An engine it could never advise on fails at once, not after max_wait.
+            started = time.monotonic()
+            with pytest.raises(EnginetimeError, match="NOT_FOUND.*not known"):
+                client.advise(engine_id="nope", prompt_tokens=10, after_request_id="wait-turn0", max_wait=2.0)
+            assert time.monotonic() - started < 1.5
             # Without after_request_id nothing is claimed.
             assert not client.advise(
                 engine_id="adv-wait", session_id="wait-s", prompt_tokens=3100

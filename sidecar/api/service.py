@@ -39,6 +39,7 @@ from enginetime.sidecar.api.endwaits import DEFAULT_WAIT_S, MAX_WAIT_S, EndWaits
 from enginetime.sidecar.api.fanout import FanOut, InterferenceFilter, RequestSubscriber
 from enginetime.sidecar.config import LedgerConfig
 from enginetime.sidecar.ingest.limits import MAX_TEXT_BYTES, clip_text, quote
+from enginetime.sidecar.ledger.advice import AdviceView
 from enginetime.sidecar.ledger.protocols import AccountingReader
 from enginetime.sidecar.ledger.views import AmbiguousRequestError, RequestQuery, RequestState, RequestView
 from enginetime.v1 import accounting_pb2 as pb
@@ -169,6 +170,7 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "prompt_tokens is 0: pass the turn's whole prompt length in tokens (history included)",
             )
+        session_id = clip_text(request.session_id, self.max_text_bytes)
         after = clip_text(request.after_request_id, self.max_text_bytes)
         seen = False
         if after:
@@ -179,11 +181,26 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_wait must not be negative")
                 if ns > 0:
                     wait_s = min(ns / 1e9, MAX_WAIT_S)
+            ended = self.ledger.request_end(after, engine_id)
+            if ended is None or not ended[1]:
+                # About to wait: an engine it could never advise on fails now, not after max_wait.
+                await self._advice(engine_id, session_id, request.prompt_tokens, context)
             seen = await self.end_waits.wait_ended(after, engine_id, wait_s)
+        view = await self._advice(engine_id, session_id, request.prompt_tokens, context)
+        msg = convert.advice_to_proto(view)
+        if after:
+            msg.after_request_seen = seen
+            if not seen:
+                msg.reason += (
+                    f" (request {quote(after)} had not ended here when this advice was made: it may "
+                    "not know that turn yet; the engine's hooks may lag, or the id is not this engine's)"
+                )
+        return pb.AdviseResponse(advice=msg)
+
+    async def _advice(self, engine_id: str, session_id: str, prompt_tokens: int, context) -> AdviceView:
+        """``Ledger.advise``, or the call aborted with what to do instead."""
         try:
-            view = self.ledger.advise(
-                engine_id, clip_text(request.session_id, self.max_text_bytes), request.prompt_tokens
-            )
+            return self.ledger.advise(engine_id, session_id, prompt_tokens)
         except KeyError:
             await _abort(
                 context,
@@ -196,15 +213,6 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
             await _abort(
                 context, grpc.StatusCode.FAILED_PRECONDITION, f"{exc}; wait for its recorders to reconnect"
             )
-        msg = convert.advice_to_proto(view)
-        if after:
-            msg.after_request_seen = seen
-            if not seen:
-                msg.reason += (
-                    f" (request {quote(after)} had not ended here when this advice was made: it may "
-                    "not know that turn yet; the engine's hooks may lag, or the id is not this engine's)"
-                )
-        return pb.AdviseResponse(advice=msg)
 
     # -- streams ----------------------------------------------------------------------------
 
