@@ -608,7 +608,7 @@ class Scenario:
                 engine_id=engine_id,
                 session_id=session.session_id,
                 prompt_tokens=prompt,
-                after_request_id=session.turns[-1].rid if session.turns else "",
+                after_request_id=session.last_rid,
             )
             box["turn"] = driver.run_turn(session, cfg.turn_tokens, max_new_tokens=8, rid=ADVISED_RID)
 

@@ -78,6 +78,11 @@ class Session:
     def last_shard(self) -> int | None:
         return self.turns[-1].shard if self.turns else None
 
+    @property
+    def last_rid(self) -> str:
+        """The previous turn's request id ("" before the first): Advise's ``after_request_id``."""
+        return self.turns[-1].rid if self.turns else ""
+
 
 class SessionDriver:
     """Drives TITO sessions against one server. Thread-safe: sessions may run concurrently."""
@@ -149,8 +154,7 @@ class SessionDriver:
     def route(self, session: Session, prompt_tokens: int = 0) -> int:
         turn = len(session.turns)
         if self.routing == "advised" and self.advisor is not None and prompt_tokens > 0:
-            previous = session.turns[-1].rid if session.turns else ""
-            return self.advisor(session.session_id, prompt_tokens, previous)
+            return self.advisor(session.session_id, prompt_tokens, session.last_rid)
         if self.routing == "sticky" and session.last_shard is not None:
             return session.last_shard
         return (session.index + turn) % self.num_shards

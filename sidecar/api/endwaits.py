@@ -9,8 +9,8 @@ the call first waits for that request's end, as the ledger records it:
 
 * a request the ledger holds: a future for its key, resolved by the ledger's terminal
   listener (O(1) per request end: one dict lookup when nobody waits);
-* a request not seen yet (its arrival is still in a socket buffer): looked up again at
-  each fan-out publish (every 25 ms) until it appears.
+* a request not seen yet (its arrival is still in a socket buffer): looked up again
+  every ``PUBLISH_PERIOD_S`` (25 ms, the fan-out's period) until it appears.
 
 The wait is bounded by the caller's ``max_wait`` (capped at ``MAX_WAIT_S``) and by
 ``max_waiters`` calls at once (``wait_ended`` answers False without waiting beyond that);
@@ -43,9 +43,6 @@ class EndWaits:
         self.max_waiters = max_waiters
         self._by_key: dict[int, list[asyncio.Future[None]]] = {}
         self.waiting = 0
-        #: Calls answered without their request's end: max_wait ran out, or too many waited.
-        self.timed_out = 0
-        self.refused = 0
         ledger.add_terminal_listener(self._on_terminal)
 
     def _on_terminal(self, key: int) -> None:
@@ -61,11 +58,7 @@ class EndWaits:
         found = self.ledger.request_end(request_id, engine_id)
         if found is not None and found[1]:
             return True
-        if timeout_s <= 0:
-            self.timed_out += 1
-            return False
-        if self.waiting >= self.max_waiters:
-            self.refused += 1
+        if timeout_s <= 0 or self.waiting >= self.max_waiters:
             return False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -75,7 +68,6 @@ class EndWaits:
                 while True:
                     left = deadline - loop.time()
                     if left <= 0:
-                        self.timed_out += 1
                         return False
                     if found is None:
                         # Not arrived yet: look again after the next publish.
@@ -97,8 +89,6 @@ class EndWaits:
                 async with asyncio.timeout(timeout_s):
                     await fut
         finally:
-            if not fut.done():
-                fut.cancel()
             left = self._by_key.get(key)
             if left is not None:
                 with contextlib.suppress(ValueError):

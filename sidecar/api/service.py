@@ -174,13 +174,7 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
         after = clip_text(request.after_request_id, self.max_text_bytes)
         seen = False
         if after:
-            wait_s = DEFAULT_WAIT_S
-            if request.HasField("max_wait"):
-                ns = convert.duration_ns(request.max_wait)
-                if ns < 0:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_wait must not be negative")
-                if ns > 0:
-                    wait_s = min(ns / 1e9, MAX_WAIT_S)
+            wait_s = min(await self._seconds(context, request, "max_wait", DEFAULT_WAIT_S), MAX_WAIT_S)
             ended = self.ledger.request_end(after, engine_id)
             if ended is None or not ended[1]:
                 # About to wait: an engine it could never advise on fails now, not after max_wait.
@@ -396,14 +390,16 @@ class AccountingService(pb_grpc.AccountingServiceServicer):
             ) from None
 
     async def _interval(self, context, request, field: str) -> float:
+        return max(await self._seconds(context, request, field, DEFAULT_INTERVAL_S), MIN_INTERVAL_S)
+
+    async def _seconds(self, context, request, field: str, default: float) -> float:
+        """A Duration field in seconds: ``default`` when unset or zero; INVALID_ARGUMENT when negative."""
         if not request.HasField(field):
-            return DEFAULT_INTERVAL_S
+            return default
         ns = convert.duration_ns(getattr(request, field))
         if ns < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} must not be negative")
-        if ns == 0:
-            return DEFAULT_INTERVAL_S
-        return max(ns / 1e9, MIN_INTERVAL_S)
+        return ns / 1e9 if ns else default
 
     def _not_found(self, rid: str, engine_id: str = "") -> str:
         if engine_id:
